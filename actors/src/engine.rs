@@ -1,0 +1,237 @@
+//! The `Engine` trait: the ordered key-value store under one shard, and the
+//! `EngineFactory` that opens, lists and destroys engines on a volume.
+//!
+//! Contract (RocksDB with its WAL on is the model, see `RocksEngine` in
+//! `attache-runtime`):
+//! - `write` applies a [`WriteBatch`] atomically: after a crash either every
+//!   operation of the batch is there or none is.
+//! - With `sync = true`, `write` returns only once the batch is durable on the
+//!   volume (WAL fsync). A write acknowledged to a client always used `sync`.
+//! - A write is visible to `get`/`scan` once `write` has returned, never before
+//!   it is durable when it was synced.
+//! - Keys are compared as unsigned bytes (memcmp order).
+//!
+//! Implementations: `MemEngine` (this crate, for fast tests), `RocksEngine`
+//! (`attache-runtime`), `SimEngine` (`attache-sim`, a log on a simulated volume).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// One operation of a [`WriteBatch`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchOp {
+    /// Sets `key` to `value`.
+    Put { key: Vec<u8>, value: Vec<u8> },
+    /// Removes `key` (a no-op when absent).
+    Delete { key: Vec<u8> },
+}
+
+/// Operations applied atomically, in order (a later op on the same key wins).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteBatch {
+    ops: Vec<BatchOp>,
+    bytes: usize,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a put of `key` -> `value`.
+    pub fn put(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        let (key, value) = (key.into(), value.into());
+        self.bytes += key.len() + value.len();
+        self.ops.push(BatchOp::Put { key, value });
+    }
+
+    /// Adds a delete of `key`.
+    pub fn delete(&mut self, key: impl Into<Vec<u8>>) {
+        let key = key.into();
+        self.bytes += key.len();
+        self.ops.push(BatchOp::Delete { key });
+    }
+
+    /// The operations, in order.
+    pub fn ops(&self) -> &[BatchOp] {
+        &self.ops
+    }
+
+    /// Takes the operations out.
+    pub fn into_ops(self) -> Vec<BatchOp> {
+        self.ops
+    }
+
+    /// Number of operations.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether the batch has no operation.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Sum of key and value lengths, in bytes.
+    pub fn byte_size(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// Counters an engine keeps since it was opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineStats {
+    /// Live keys (exact for `MemEngine`/`SimEngine`, RocksDB's estimate otherwise).
+    pub keys: u64,
+    /// Key and value bytes written by `write`.
+    pub bytes_written: u64,
+    /// Key and value bytes returned by `get`, `multi_get` and `scan`.
+    pub bytes_read: u64,
+    /// Batch operations written.
+    pub ops_written: u64,
+    /// Keys looked up plus entries scanned.
+    pub ops_read: u64,
+}
+
+/// Lock-free counters behind [`EngineStats`], shared by the implementations.
+#[derive(Debug, Default)]
+pub struct EngineCounters {
+    bytes_written: AtomicU64,
+    bytes_read: AtomicU64,
+    ops_written: AtomicU64,
+    ops_read: AtomicU64,
+}
+
+impl EngineCounters {
+    /// Counts a written batch.
+    pub fn wrote(&self, batch: &WriteBatch) {
+        self.bytes_written
+            .fetch_add(batch.byte_size() as u64, Ordering::Relaxed);
+        self.ops_written
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Counts `ops` reads that returned `bytes` bytes.
+    pub fn read(&self, ops: u64, bytes: u64) {
+        self.ops_read.fetch_add(ops, Ordering::Relaxed);
+        self.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A snapshot of the counters, with `keys` filled in by the caller.
+    pub fn snapshot(&self, keys: u64) -> EngineStats {
+        EngineStats {
+            keys,
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+            ops_written: self.ops_written.load(Ordering::Relaxed),
+            ops_read: self.ops_read.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// What went wrong in an engine.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum EngineError {
+    /// The volume failed the I/O (detached, full, device error).
+    #[error("volume I/O error: {0}")]
+    Io(String),
+    /// Stored data could not be decoded.
+    #[error("corrupt data: {0}")]
+    Corruption(String),
+    /// The volume rejected the write because a newer epoch holds it (storage fencing).
+    #[error("write fenced: {0}")]
+    Fenced(String),
+    /// The engine was opened read-only.
+    #[error("engine is read-only")]
+    ReadOnly,
+    /// No engine exists at that path (open without create).
+    #[error("no engine at {0}")]
+    NotFound(String),
+    /// Another process or holder has the engine open read-write.
+    #[error("engine is locked by another holder: {0}")]
+    Locked(String),
+    /// The engine was closed.
+    #[error("engine is closed")]
+    Closed,
+}
+
+/// A scan result: key/value pairs in key order.
+pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// An ordered, durable key-value store (see the module docs for the contract).
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// Applies `batch` atomically; with `sync`, returns once it is durable.
+    ///
+    /// Errors: `Io`, `Fenced`, `ReadOnly`, `Closed`.
+    async fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError>;
+
+    /// Puts one key (a one-op batch).
+    async fn put(&self, key: &[u8], value: &[u8], sync: bool) -> Result<(), EngineError> {
+        let mut batch = WriteBatch::new();
+        batch.put(key, value);
+        self.write(batch, sync).await
+    }
+
+    /// Deletes one key (a one-op batch).
+    async fn delete(&self, key: &[u8], sync: bool) -> Result<(), EngineError> {
+        let mut batch = WriteBatch::new();
+        batch.delete(key);
+        self.write(batch, sync).await
+    }
+
+    /// The value of `key`, if any.
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError>;
+
+    /// The values of `keys`, in the same order.
+    async fn multi_get(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, EngineError>;
+
+    /// Up to `limit` pairs with `start <= key < end` (`end = None`: no upper
+    /// bound), in key order.
+    async fn scan(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<KvPairs, EngineError>;
+
+    /// Approximate bytes the engine occupies on its volume.
+    async fn approximate_size(&self) -> Result<u64, EngineError>;
+
+    /// Counters since open.
+    fn stats(&self) -> EngineStats;
+
+    /// Closes the engine: later calls fail with `Closed`. Idempotent.
+    async fn close(&self);
+}
+
+/// How to open an engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpenMode {
+    /// Read-write; with `create`, make the engine when absent.
+    ReadWrite { create: bool },
+    /// Read-only view (a backup's view of the primary's engine).
+    ReadOnly,
+}
+
+/// Opens, lists and destroys engines under directories of a volume.
+#[async_trait]
+pub trait EngineFactory: Send + Sync + 'static {
+    /// Opens the engine at `path`.
+    ///
+    /// Errors: `NotFound` (absent and not `create`), `Locked` (another
+    /// read-write holder), `Io`, `Corruption` (recovery failed).
+    async fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn Engine>, EngineError>;
+
+    /// Whether an engine exists at `path`.
+    async fn exists(&self, path: &Path) -> Result<bool, EngineError>;
+
+    /// Removes the engine at `path` and all its files. The engine must be
+    /// closed. A no-op when absent.
+    async fn destroy(&self, path: &Path) -> Result<(), EngineError>;
+}

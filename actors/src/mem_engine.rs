@@ -1,0 +1,184 @@
+//! `MemEngine`: the [`Engine`] contract in memory, for fast tests.
+//!
+//! Data lives in the [`MemEngineFactory`], keyed by path, so closing and
+//! reopening an engine (or reopening it after its shard actor stopped) finds
+//! the data again, as on a volume. It cannot model a crash; `SimEngine` in
+//! `attache-sim` does. Writes are durable and visible when `write` returns.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use crate::engine::{
+    BatchOp, Engine, EngineCounters, EngineError, EngineFactory, EngineStats, KvPairs, OpenMode,
+    WriteBatch,
+};
+
+type Tree = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// Holds every `MemEngine`'s data by path; clones share it.
+#[derive(Clone, Default, Debug)]
+pub struct MemEngineFactory {
+    stores: Arc<Mutex<BTreeMap<PathBuf, Arc<Mutex<Tree>>>>>,
+}
+
+impl MemEngineFactory {
+    /// An empty factory.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl EngineFactory for MemEngineFactory {
+    async fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn Engine>, EngineError> {
+        let mut stores = self.stores.lock().expect("mem engine factory lock");
+        let tree = match (stores.get(path), mode) {
+            (Some(tree), _) => tree.clone(),
+            (None, OpenMode::ReadWrite { create: true }) => {
+                let tree = Arc::new(Mutex::new(Tree::new()));
+                stores.insert(path.to_path_buf(), tree.clone());
+                tree
+            }
+            (None, _) => return Err(EngineError::NotFound(path.display().to_string())),
+        };
+        Ok(Arc::new(MemEngine {
+            tree,
+            read_only: mode == OpenMode::ReadOnly,
+            closed: AtomicBool::new(false),
+            counters: EngineCounters::default(),
+        }))
+    }
+
+    async fn exists(&self, path: &Path) -> Result<bool, EngineError> {
+        Ok(self
+            .stores
+            .lock()
+            .expect("mem engine factory lock")
+            .contains_key(path))
+    }
+
+    async fn destroy(&self, path: &Path) -> Result<(), EngineError> {
+        self.stores
+            .lock()
+            .expect("mem engine factory lock")
+            .remove(path);
+        Ok(())
+    }
+}
+
+/// An in-memory engine; see the module docs.
+#[derive(Debug)]
+pub struct MemEngine {
+    tree: Arc<Mutex<Tree>>,
+    read_only: bool,
+    closed: AtomicBool,
+    counters: EngineCounters,
+}
+
+impl MemEngine {
+    fn tree(&self) -> Result<std::sync::MutexGuard<'_, Tree>, EngineError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(EngineError::Closed);
+        }
+        Ok(self.tree.lock().expect("mem engine lock"))
+    }
+}
+
+/// Applies a batch to an ordered map, in order; shared by in-memory engines.
+pub fn apply_batch(tree: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: &WriteBatch) {
+    for op in batch.ops() {
+        match op {
+            BatchOp::Put { key, value } => {
+                tree.insert(key.clone(), value.clone());
+            }
+            BatchOp::Delete { key } => {
+                tree.remove(key);
+            }
+        }
+    }
+}
+
+/// Up to `limit` pairs of `tree` in `[start, end)`; shared by in-memory engines.
+pub fn scan_tree(
+    tree: &BTreeMap<Vec<u8>, Vec<u8>>,
+    start: &[u8],
+    end: Option<&[u8]>,
+    limit: usize,
+) -> KvPairs {
+    let upper = match end {
+        Some(end) if end <= start => return Vec::new(),
+        Some(end) => Bound::Excluded(end.to_vec()),
+        None => Bound::Unbounded,
+    };
+    tree.range((Bound::Included(start.to_vec()), upper))
+        .take(limit)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+#[async_trait]
+impl Engine for MemEngine {
+    async fn write(&self, batch: WriteBatch, _sync: bool) -> Result<(), EngineError> {
+        if self.read_only {
+            return Err(EngineError::ReadOnly);
+        }
+        apply_batch(&mut *self.tree()?, &batch);
+        self.counters.wrote(&batch);
+        Ok(())
+    }
+
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        let value = self.tree()?.get(key).cloned();
+        self.counters.read(
+            1,
+            value.as_ref().map_or(0, |v| (key.len() + v.len()) as u64),
+        );
+        Ok(value)
+    }
+
+    async fn multi_get(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+        let tree = self.tree()?;
+        let values: Vec<_> = keys.iter().map(|k| tree.get(k).cloned()).collect();
+        let bytes = keys
+            .iter()
+            .zip(&values)
+            .map(|(k, v)| v.as_ref().map_or(0, |v| k.len() + v.len()) as u64)
+            .sum();
+        self.counters.read(keys.len() as u64, bytes);
+        Ok(values)
+    }
+
+    async fn scan(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<KvPairs, EngineError> {
+        let pairs = scan_tree(&*self.tree()?, start, end, limit);
+        let bytes = pairs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
+        self.counters.read(pairs.len() as u64, bytes);
+        Ok(pairs)
+    }
+
+    async fn approximate_size(&self) -> Result<u64, EngineError> {
+        Ok(self
+            .tree()?
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum())
+    }
+
+    fn stats(&self) -> EngineStats {
+        let keys = self.tree.lock().expect("mem engine lock").len() as u64;
+        self.counters.snapshot(keys)
+    }
+
+    async fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+}

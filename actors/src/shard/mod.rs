@@ -1,0 +1,667 @@
+//! The `Shard` actor: one shard's engine, state, owner and size limit, and its
+//! group commit.
+//!
+//! Every request names a client id, checked against the shard's owner. Writes
+//! are staged in the actor and acknowledged by a deferred reply once the group
+//! commit that covers them is durable: while one group's synced write is in
+//! flight, new writes are staged for the next group, so concurrent writers
+//! share one WAL sync each (group commit, as in RocksDB's write groups and
+//! PostgreSQL's commit_delay). Reads go to the engine outside the actor and see
+//! only durable, committed data.
+//!
+//! The order of checks on a request, so a rejected request changes nothing:
+//! arguments (`INVALID_ARGUMENT`), owner (`PERMISSION_DENIED`), state
+//! (`NOT_FOUND` when deleted, `FAILED_PRECONDITION` when read-only), size
+//! (`RESOURCE_EXHAUSTED`).
+
+pub mod commit;
+pub mod layout;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::actor::{Actor, Context, Handler, Message, Reply};
+use crate::engine::{Engine, EngineError, EngineStats};
+use crate::error::AttacheError;
+use crate::limits::Limits;
+use commit::StagedOp;
+use layout::{IndexEntry, ShardMeta, ShardState};
+
+/// A shard id: unique across the cluster, allocated in increasing order.
+pub type ShardId = u64;
+
+/// What callers learn about a shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    /// The shard id.
+    pub shard_id: ShardId,
+    /// The owning client id.
+    pub owner: String,
+    /// Lifecycle state.
+    pub state: ShardState,
+    /// Size limit, bytes.
+    pub size_limit: u64,
+}
+
+/// A shard's statistics.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStats {
+    /// Id, owner, state and limit.
+    pub info: ShardInfo,
+    /// Live bytes (keys, values, index entries), as counted against the limit.
+    pub live_bytes: u64,
+    /// Live keys.
+    pub live_keys: u64,
+    /// Engine counters since the shard was opened on this node.
+    pub engine: EngineStats,
+    /// Group commits (synced engine writes) since open.
+    pub group_commits: u64,
+    /// Staged operations those group commits carried.
+    pub committed_ops: u64,
+}
+
+/// One entry of a put or batch put.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutEntry {
+    /// Key, 1 byte to `Limits::max_key_bytes`.
+    pub key: Vec<u8>,
+    /// Value, up to `Limits::max_value_bytes`.
+    pub value: Vec<u8>,
+    /// Secondary index entries pointing at `key`.
+    pub indexes: Vec<IndexEntry>,
+}
+
+/// A hit of an index scan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexHit {
+    /// The indexed value.
+    pub value: Vec<u8>,
+    /// The primary key it points at.
+    pub key: Vec<u8>,
+}
+
+/// A request to one shard; the shard manager routes it by shard id.
+pub trait ShardOp: Message<Reply = Result<<Self as ShardOp>::Ok, AttacheError>> {
+    /// What the request yields on success.
+    type Ok: Send + 'static;
+    /// The client id the request claims.
+    fn client_id(&self) -> &str;
+}
+
+macro_rules! shard_messages {
+    ($($(#[$doc:meta])* $name:ident { $($(#[$fdoc:meta])* $field:ident : $ty:ty),* $(,)? } -> $reply:ty;)*) => {$(
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct $name { $($(#[$fdoc])* pub $field: $ty),* }
+        impl Message for $name { type Reply = Result<$reply, AttacheError>; }
+        impl ShardOp for $name {
+            type Ok = $reply;
+            fn client_id(&self) -> &str { &self.client_id }
+        }
+    )*};
+}
+
+shard_messages! {
+    /// Puts one key with its index entries; acknowledged once durable.
+    Put { client_id: String, entry: PutEntry } -> ();
+    /// Puts many keys atomically: all or none; acknowledged once durable.
+    BatchPut { client_id: String, entries: Vec<PutEntry> } -> ();
+    /// Removes one key and its index entries; acknowledged once durable.
+    DeleteKey { client_id: String, key: Vec<u8> } -> ();
+    /// Reads one key.
+    Get { client_id: String, key: Vec<u8> } -> Option<Vec<u8>>;
+    /// Reads many keys; answers in request order.
+    BatchGet { client_id: String, keys: Vec<Vec<u8>> } -> Vec<Option<Vec<u8>>>;
+    /// Reads up to `limit` pairs with `start <= key < end` (empty `end`: no
+    /// bound; `limit` 0: the page limit).
+    Scan { client_id: String, start: Vec<u8>, end: Vec<u8>, limit: u32 } -> Vec<(Vec<u8>, Vec<u8>)>;
+    /// Reads up to `limit` entries of index `name` whose value starts with
+    /// `value_prefix`, after the hit `after` (for paging).
+    ScanIndex { client_id: String, name: String, value_prefix: Vec<u8>, after: Option<IndexHit>, limit: u32 } -> Vec<IndexHit>;
+    /// Makes the shard read-only; acknowledged once durable. Idempotent.
+    Close { client_id: String } -> ShardInfo;
+    /// Marks the shard deleted; acknowledged once durable. The shard manager
+    /// then removes its data.
+    MarkDeleted { client_id: String } -> ShardInfo;
+    /// Statistics.
+    Stats { client_id: String } -> ShardStats;
+}
+
+/// Stops taking requests, lets the group commit in flight finish, and closes
+/// the engine; replies once the engine is closed. Requests after it get
+/// `UNAVAILABLE`. Sent by the shard manager before it stops a shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shutdown;
+
+impl Message for Shutdown {
+    type Reply = ();
+}
+
+/// The outcome of one group commit, sent by the commit task to its shard.
+struct Committed {
+    result: Result<ShardMeta, EngineError>,
+    ops: usize,
+}
+
+impl Message for Committed {
+    type Reply = ();
+}
+
+type Waiter = oneshot::Sender<Result<(), AttacheError>>;
+
+/// One shard; see the module docs.
+pub struct Shard {
+    engine: Arc<dyn Engine>,
+    /// Meta as last committed.
+    meta: ShardMeta,
+    /// The state requests see: ahead of `meta.state` while a close or delete is staged.
+    state: ShardState,
+    limits: Limits,
+    staged: Vec<StagedOp>,
+    staged_bytes: u64,
+    waiters: Vec<Waiter>,
+    committing: bool,
+    group_commits: u64,
+    committed_ops: u64,
+    /// Set by [`Shutdown`]; its waiters are answered once the engine is closed.
+    shutdown: Option<Vec<oneshot::Sender<()>>>,
+}
+
+impl Shard {
+    /// A shard actor over an open `engine` whose committed meta is `meta`.
+    pub fn new(engine: Arc<dyn Engine>, meta: ShardMeta, limits: Limits) -> Self {
+        Shard {
+            engine,
+            state: meta.state,
+            meta,
+            limits,
+            staged: Vec::new(),
+            staged_bytes: 0,
+            waiters: Vec::new(),
+            committing: false,
+            group_commits: 0,
+            committed_ops: 0,
+            shutdown: None,
+        }
+    }
+
+    /// Reads the meta of the shard stored in `engine`.
+    ///
+    /// Errors: `Ok(None)` when the engine holds no meta (a create that never
+    /// completed); engine errors otherwise.
+    pub async fn load_meta(engine: &dyn Engine) -> Result<Option<ShardMeta>, EngineError> {
+        engine
+            .get(layout::META_KEY)
+            .await?
+            .map(|b| ShardMeta::decode(&b))
+            .transpose()
+    }
+
+    /// Writes the meta of a new shard to `engine`, synced.
+    pub async fn init_meta(engine: &dyn Engine, meta: &ShardMeta) -> Result<(), EngineError> {
+        engine.put(layout::META_KEY, &meta.encode(), true).await
+    }
+
+    fn info(&self) -> ShardInfo {
+        ShardInfo {
+            shard_id: self.meta.shard_id,
+            owner: self.meta.owner.clone(),
+            state: self.state,
+            size_limit: self.meta.size_limit,
+        }
+    }
+
+    fn check_owner(&self, client_id: &str) -> Result<(), AttacheError> {
+        if client_id != self.meta.owner {
+            return Err(AttacheError::PermissionDenied(format!(
+                "client {client_id:?} does not own shard {}: use the client id that created it",
+                self.meta.shard_id
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_readable(&self, client_id: &str) -> Result<(), AttacheError> {
+        if self.shutdown.is_some() {
+            return Err(AttacheError::unavailable(format!(
+                "shard {} is shutting down on this node; retry",
+                self.meta.shard_id
+            )));
+        }
+        self.check_owner(client_id)?;
+        if self.state == ShardState::Deleted {
+            return Err(AttacheError::NotFound(format!(
+                "shard {} was deleted",
+                self.meta.shard_id
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self, client_id: &str) -> Result<(), AttacheError> {
+        self.check_readable(client_id)?;
+        if self.state == ShardState::ReadOnly {
+            return Err(AttacheError::FailedPrecondition(format!(
+                "shard {} is closed (read-only) and takes no more writes: create a new shard",
+                self.meta.shard_id
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_entry(&self, entry: &PutEntry) -> Result<(), AttacheError> {
+        self.limits.check_key(&entry.key)?;
+        self.limits.check_value(&entry.value)?;
+        if entry.indexes.len() > self.limits.max_indexes_per_put {
+            return Err(AttacheError::InvalidArgument(format!(
+                "put has {} index entries, over the limit of {}",
+                entry.indexes.len(),
+                self.limits.max_indexes_per_put
+            )));
+        }
+        for idx in &entry.indexes {
+            self.limits.check_index(&idx.name, &idx.value)?;
+        }
+        Ok(())
+    }
+
+    fn check_room(&self, ops: &[StagedOp]) -> Result<(), AttacheError> {
+        let need: u64 = ops.iter().map(StagedOp::max_added_bytes).sum();
+        let used = self.meta.live_bytes + self.staged_bytes;
+        if used + need > self.meta.size_limit {
+            return Err(AttacheError::ResourceExhausted(format!(
+                "shard {} is full: {used} of {} bytes used and this write adds up to {need}: \
+                 close it and write to a new shard",
+                self.meta.shard_id, self.meta.size_limit
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stages `ops` for the next group commit and returns the deferred ack.
+    fn stage(
+        &mut self,
+        ops: Vec<StagedOp>,
+        ctx: &Context<Self>,
+    ) -> Reply<Result<(), AttacheError>> {
+        let (tx, rx) = oneshot::channel();
+        self.staged_bytes += ops.iter().map(StagedOp::max_added_bytes).sum::<u64>();
+        self.staged.extend(ops);
+        self.waiters.push(tx);
+        if !self.committing {
+            self.start_commit(ctx);
+        }
+        let shard_id = self.meta.shard_id;
+        Reply::later(async move {
+            rx.await.unwrap_or_else(|_| {
+                Err(AttacheError::unavailable(format!(
+                    "shard {shard_id} stopped before its write committed; retry"
+                )))
+            })
+        })
+    }
+
+    /// Starts a group commit of everything staged. One at a time per shard.
+    fn start_commit(&mut self, ctx: &Context<Self>) {
+        assert!(
+            !self.committing,
+            "at most one group commit in flight per shard"
+        );
+        if self.staged.is_empty() {
+            return;
+        }
+        self.committing = true;
+        let ops = std::mem::take(&mut self.staged);
+        let waiters = std::mem::take(&mut self.waiters);
+        self.staged_bytes = 0;
+        let engine = self.engine.clone();
+        let meta = self.meta.clone();
+        let me = ctx.address();
+        let shard_id = meta.shard_id;
+        ctx.host().spawn_detached(async move {
+            let result = commit::apply_group(&*engine, &meta, &ops).await;
+            let ack = result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| write_error(shard_id, e));
+            for w in waiters {
+                let _ = w.send(ack.clone());
+            }
+            me.do_send(Committed {
+                result,
+                ops: ops.len(),
+            });
+        });
+    }
+}
+
+/// What a client sees when a shard's write failed in its engine.
+fn write_error(shard_id: ShardId, e: &EngineError) -> AttacheError {
+    match e {
+        EngineError::Corruption(_) => AttacheError::Internal(format!("shard {shard_id}: {e}")),
+        _ => AttacheError::unavailable(format!("shard {shard_id} could not write: {e}; retry")),
+    }
+}
+
+/// What a client sees when a shard's read failed in its engine.
+fn read_error(shard_id: ShardId, e: EngineError) -> AttacheError {
+    match e {
+        EngineError::Closed => {
+            AttacheError::unavailable(format!("shard {shard_id} is closing; retry"))
+        }
+        EngineError::Corruption(_) => AttacheError::Internal(format!("shard {shard_id}: {e}")),
+        _ => AttacheError::unavailable(format!("shard {shard_id} could not read: {e}; retry")),
+    }
+}
+
+impl Actor for Shard {
+    fn name(&self) -> String {
+        format!("shard-{}", self.meta.shard_id)
+    }
+
+    async fn stopped(&mut self) {
+        self.engine.close().await;
+    }
+}
+
+impl Handler<Committed> for Shard {
+    async fn handle(&mut self, msg: Committed, ctx: &Context<Self>) -> Reply<()> {
+        assert!(self.committing, "a commit completed that was never started");
+        self.committing = false;
+        match msg.result {
+            Ok(meta) => {
+                assert_eq!(meta.shard_id, self.meta.shard_id);
+                self.meta = meta;
+                self.group_commits += 1;
+                self.committed_ops += msg.ops as u64;
+            }
+            Err(e) => {
+                tracing::warn!(shard = self.meta.shard_id, error = %e, "group commit failed");
+                // The failed group's state change did not land; later staged ones still may.
+                self.state = self.staged.iter().fold(self.meta.state, |s, op| match op {
+                    StagedOp::SetState(next) => *next,
+                    _ => s,
+                });
+            }
+        }
+        self.start_commit(ctx);
+        if !self.committing {
+            if let Some(waiters) = self.shutdown.take() {
+                self.engine.close().await;
+                for w in waiters {
+                    let _ = w.send(());
+                }
+                self.shutdown = Some(Vec::new());
+            }
+        }
+        Reply::now(())
+    }
+}
+
+impl Handler<Shutdown> for Shard {
+    async fn handle(&mut self, _msg: Shutdown, _ctx: &Context<Self>) -> Reply<()> {
+        if !self.committing {
+            self.engine.close().await;
+            self.shutdown = Some(Vec::new());
+            return Reply::now(());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.shutdown.get_or_insert_with(Vec::new).push(tx);
+        Reply::later(async move {
+            let _ = rx.await;
+        })
+    }
+}
+
+impl Handler<Put> for Shard {
+    async fn handle(&mut self, msg: Put, ctx: &Context<Self>) -> Reply<Result<(), AttacheError>> {
+        let Put { client_id, entry } = msg;
+        let ops = match self
+            .check_entry(&entry)
+            .and_then(|_| self.check_writable(&client_id))
+        {
+            Ok(()) => vec![StagedOp::Put {
+                key: entry.key,
+                value: entry.value,
+                indexes: entry.indexes,
+            }],
+            Err(e) => return Reply::now(Err(e)),
+        };
+        if let Err(e) = self.check_room(&ops) {
+            return Reply::now(Err(e));
+        }
+        self.stage(ops, ctx)
+    }
+}
+
+impl Handler<BatchPut> for Shard {
+    async fn handle(
+        &mut self,
+        msg: BatchPut,
+        ctx: &Context<Self>,
+    ) -> Reply<Result<(), AttacheError>> {
+        let bytes = msg
+            .entries
+            .iter()
+            .map(|e| e.key.len() + e.value.len())
+            .sum();
+        let checked = self
+            .limits
+            .check_batch(msg.entries.len(), bytes)
+            .and_then(|_| msg.entries.iter().try_for_each(|e| self.check_entry(e)))
+            .and_then(|_| self.check_writable(&msg.client_id));
+        if let Err(e) = checked {
+            return Reply::now(Err(e));
+        }
+        let ops: Vec<StagedOp> = msg
+            .entries
+            .into_iter()
+            .map(|e| StagedOp::Put {
+                key: e.key,
+                value: e.value,
+                indexes: e.indexes,
+            })
+            .collect();
+        if let Err(e) = self.check_room(&ops) {
+            return Reply::now(Err(e));
+        }
+        self.stage(ops, ctx)
+    }
+}
+
+impl Handler<DeleteKey> for Shard {
+    async fn handle(
+        &mut self,
+        msg: DeleteKey,
+        ctx: &Context<Self>,
+    ) -> Reply<Result<(), AttacheError>> {
+        if let Err(e) = self
+            .limits
+            .check_key(&msg.key)
+            .and_then(|_| self.check_writable(&msg.client_id))
+        {
+            return Reply::now(Err(e));
+        }
+        self.stage(vec![StagedOp::Delete { key: msg.key }], ctx)
+    }
+}
+
+impl Handler<Get> for Shard {
+    async fn handle(
+        &mut self,
+        msg: Get,
+        _ctx: &Context<Self>,
+    ) -> Reply<Result<Option<Vec<u8>>, AttacheError>> {
+        if let Err(e) = self
+            .limits
+            .check_key(&msg.key)
+            .and_then(|_| self.check_readable(&msg.client_id))
+        {
+            return Reply::now(Err(e));
+        }
+        let (engine, shard_id) = (self.engine.clone(), self.meta.shard_id);
+        Reply::later(async move {
+            let record = engine
+                .get(&layout::data_key(&msg.key))
+                .await
+                .map_err(|e| read_error(shard_id, e))?;
+            record
+                .map(|r| layout::record_value(&r))
+                .transpose()
+                .map_err(|e| read_error(shard_id, e))
+        })
+    }
+}
+
+impl Handler<BatchGet> for Shard {
+    async fn handle(
+        &mut self,
+        msg: BatchGet,
+        _ctx: &Context<Self>,
+    ) -> Reply<Result<Vec<Option<Vec<u8>>>, AttacheError>> {
+        let checked = self
+            .limits
+            .check_batch(msg.keys.len(), 0)
+            .and_then(|_| msg.keys.iter().try_for_each(|k| self.limits.check_key(k)))
+            .and_then(|_| self.check_readable(&msg.client_id));
+        if let Err(e) = checked {
+            return Reply::now(Err(e));
+        }
+        let (engine, shard_id) = (self.engine.clone(), self.meta.shard_id);
+        Reply::later(async move {
+            let keys = msg.keys.iter().map(|k| layout::data_key(k)).collect();
+            let records = engine
+                .multi_get(keys)
+                .await
+                .map_err(|e| read_error(shard_id, e))?;
+            records
+                .into_iter()
+                .map(|r| r.map(|r| layout::record_value(&r)).transpose())
+                .collect::<Result<_, _>>()
+                .map_err(|e| read_error(shard_id, e))
+        })
+    }
+}
+
+impl Handler<Scan> for Shard {
+    async fn handle(
+        &mut self,
+        msg: Scan,
+        _ctx: &Context<Self>,
+    ) -> Reply<Result<Vec<(Vec<u8>, Vec<u8>)>, AttacheError>> {
+        if let Err(e) = self.check_readable(&msg.client_id) {
+            return Reply::now(Err(e));
+        }
+        let limit = self.limits.scan_page(msg.limit);
+        let (engine, shard_id) = (self.engine.clone(), self.meta.shard_id);
+        Reply::later(async move {
+            let (start, end) = layout::data_range(&msg.start, &msg.end);
+            let pairs = engine
+                .scan(&start, Some(&end), limit)
+                .await
+                .map_err(|e| read_error(shard_id, e))?;
+            pairs
+                .into_iter()
+                .map(|(k, r)| Ok((layout::user_key(&k).to_vec(), layout::record_value(&r)?)))
+                .collect::<Result<_, _>>()
+                .map_err(|e| read_error(shard_id, e))
+        })
+    }
+}
+
+impl Handler<ScanIndex> for Shard {
+    async fn handle(
+        &mut self,
+        msg: ScanIndex,
+        _ctx: &Context<Self>,
+    ) -> Reply<Result<Vec<IndexHit>, AttacheError>> {
+        let checked = self
+            .limits
+            .check_index(&msg.name, &msg.value_prefix)
+            .and_then(|_| self.check_readable(&msg.client_id));
+        if let Err(e) = checked {
+            return Reply::now(Err(e));
+        }
+        let limit = self.limits.scan_page(msg.limit);
+        let (engine, shard_id) = (self.engine.clone(), self.meta.shard_id);
+        Reply::later(async move {
+            let prefix = layout::index_prefix(&msg.name, &msg.value_prefix);
+            let start = match &msg.after {
+                // The smallest key after the last hit's key.
+                Some(hit) => {
+                    let mut k = layout::index_key(&msg.name, &hit.value, &hit.key);
+                    k.push(0);
+                    k.max(prefix.clone())
+                }
+                None => prefix.clone(),
+            };
+            let end = layout::prefix_end(&prefix);
+            let pairs = engine
+                .scan(&start, end.as_deref(), limit)
+                .await
+                .map_err(|e| read_error(shard_id, e))?;
+            pairs
+                .iter()
+                .map(|(k, _)| {
+                    let (value, key) = layout::split_index_key(&msg.name, k)?;
+                    Ok(IndexHit { value, key })
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| read_error(shard_id, e))
+        })
+    }
+}
+
+impl Handler<Close> for Shard {
+    async fn handle(
+        &mut self,
+        msg: Close,
+        ctx: &Context<Self>,
+    ) -> Reply<Result<ShardInfo, AttacheError>> {
+        if let Err(e) = self.check_readable(&msg.client_id) {
+            return Reply::now(Err(e));
+        }
+        if self.state == ShardState::ReadOnly {
+            return Reply::now(Ok(self.info()));
+        }
+        self.state = ShardState::ReadOnly;
+        let info = self.info();
+        let ack = self.stage(vec![StagedOp::SetState(ShardState::ReadOnly)], ctx);
+        ack.map(move |r| r.map(|_| info))
+    }
+}
+
+impl Handler<MarkDeleted> for Shard {
+    async fn handle(
+        &mut self,
+        msg: MarkDeleted,
+        ctx: &Context<Self>,
+    ) -> Reply<Result<ShardInfo, AttacheError>> {
+        if let Err(e) = self.check_readable(&msg.client_id) {
+            return Reply::now(Err(e));
+        }
+        self.state = ShardState::Deleted;
+        let info = self.info();
+        let ack = self.stage(vec![StagedOp::SetState(ShardState::Deleted)], ctx);
+        ack.map(move |r| r.map(|_| info))
+    }
+}
+
+impl Handler<Stats> for Shard {
+    async fn handle(
+        &mut self,
+        msg: Stats,
+        _ctx: &Context<Self>,
+    ) -> Reply<Result<ShardStats, AttacheError>> {
+        Reply::now(self.check_readable(&msg.client_id).map(|_| ShardStats {
+            info: self.info(),
+            live_bytes: self.meta.live_bytes,
+            live_keys: self.meta.live_keys,
+            engine: self.engine.stats(),
+            group_commits: self.group_commits,
+            committed_ops: self.committed_ops,
+        }))
+    }
+}

@@ -1,0 +1,370 @@
+//! The `ShardManager` actor: the shards on one volume.
+//!
+//! It creates, opens, closes and deletes shards, and routes requests to them
+//! by shard id. A shard's data lives at `{volume_root}/{volume_id}/shard-{id}/`.
+//! Shards are opened lazily: the first request for a shard that exists on the
+//! volume but is not open yet opens it (after a restart or a failover).
+//!
+//! Routing keeps order: the manager enqueues a request in the shard's mailbox
+//! before it takes its next message, and waits for the reply outside itself,
+//! so two requests from one caller reach the shard in the order sent.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::actor::{Actor, Addr, Context, Handler, Message, Reply};
+use crate::engine::{EngineError, EngineFactory, OpenMode};
+use crate::error::AttacheError;
+use crate::limits::{Limits, DEFAULT_SHARD_SIZE_LIMIT};
+use crate::shard::layout::{ShardMeta, ShardState};
+use crate::shard::{MarkDeleted, Shard, ShardId, ShardInfo, ShardOp, Shutdown};
+
+/// How a shard manager is set up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardManagerConfig {
+    /// The volume's id; also its directory name under `volume_root`.
+    pub volume_id: String,
+    /// Where volumes are mounted (`/` on a real node, a directory in `attache dev`).
+    pub volume_root: PathBuf,
+    /// Request limits.
+    pub limits: Limits,
+    /// Size limit of a new shard when the request names none, bytes.
+    pub default_size_limit: u64,
+    /// Mailbox capacity of each shard actor, messages.
+    pub shard_mailbox: usize,
+}
+
+impl ShardManagerConfig {
+    /// A config with default limits for `volume_id` under `volume_root`.
+    pub fn new(volume_id: impl Into<String>, volume_root: impl Into<PathBuf>) -> Self {
+        ShardManagerConfig {
+            volume_id: volume_id.into(),
+            volume_root: volume_root.into(),
+            limits: Limits::default(),
+            default_size_limit: DEFAULT_SHARD_SIZE_LIMIT,
+            shard_mailbox: crate::actor::DEFAULT_MAILBOX_CAPACITY,
+        }
+    }
+
+    /// `{volume_root}/{volume_id}/shard-{shard_id}`.
+    pub fn shard_path(&self, shard_id: ShardId) -> PathBuf {
+        self.volume_root
+            .join(&self.volume_id)
+            .join(format!("shard-{shard_id}"))
+    }
+}
+
+/// Creates a shard owned by `client_id` with id `shard_id` (allocated by the
+/// metadata store) and a size limit in bytes (`None`: the default).
+///
+/// Errors: `InvalidArgument` (bad client id or zero limit), `AlreadyExists`,
+/// `Unavailable` (volume I/O).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateShard {
+    pub shard_id: ShardId,
+    pub client_id: String,
+    pub size_limit: Option<u64>,
+}
+
+impl Message for CreateShard {
+    type Reply = Result<ShardInfo, AttacheError>;
+}
+
+/// Deletes a shard and all its data; the shard id is never reused.
+///
+/// Errors: `NotFound`, `PermissionDenied`, `Unavailable`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteShard {
+    pub shard_id: ShardId,
+    pub client_id: String,
+}
+
+impl Message for DeleteShard {
+    type Reply = Result<ShardInfo, AttacheError>;
+}
+
+/// A shard request routed by shard id. Errors: `NotFound` for an unknown
+/// shard, else those of the request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Routed<M> {
+    pub shard_id: ShardId,
+    pub op: M,
+}
+
+impl<M: ShardOp> Message for Routed<M> {
+    type Reply = M::Reply;
+}
+
+/// The ids of the shards open on this manager, ascending.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListOpenShards;
+
+impl Message for ListOpenShards {
+    type Reply = Vec<ShardId>;
+}
+
+/// Shuts every open shard down (in-flight group commits finish, engines
+/// close); replies when done. Requests after it get `UNAVAILABLE`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownShards;
+
+impl Message for ShutdownShards {
+    type Reply = ();
+}
+
+/// The shards of one volume; see the module docs.
+pub struct ShardManager {
+    cfg: ShardManagerConfig,
+    factory: Arc<dyn EngineFactory>,
+    shards: BTreeMap<ShardId, Addr<Shard>>,
+    shut_down: bool,
+}
+
+fn volume_error(cfg: &ShardManagerConfig, what: &str, e: EngineError) -> AttacheError {
+    match e {
+        EngineError::Corruption(_) => {
+            AttacheError::Internal(format!("volume {}: {what}: {e}", cfg.volume_id))
+        }
+        _ => AttacheError::unavailable(format!("volume {}: {what}: {e}; retry", cfg.volume_id)),
+    }
+}
+
+impl ShardManager {
+    /// A manager for the volume in `cfg`, opening engines with `factory`.
+    pub fn new(cfg: ShardManagerConfig, factory: Arc<dyn EngineFactory>) -> Self {
+        ShardManager {
+            cfg,
+            factory,
+            shards: BTreeMap::new(),
+            shut_down: false,
+        }
+    }
+
+    fn not_found(shard_id: ShardId) -> AttacheError {
+        AttacheError::NotFound(format!(
+            "shard {shard_id} does not exist: check the id NewShard returned"
+        ))
+    }
+
+    fn check_up(&self) -> Result<(), AttacheError> {
+        if self.shut_down {
+            return Err(AttacheError::unavailable(format!(
+                "volume {} is shutting down on this node; retry",
+                self.cfg.volume_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// The open shard `shard_id`, opening it from the volume when needed.
+    async fn shard(
+        &mut self,
+        shard_id: ShardId,
+        ctx: &Context<Self>,
+    ) -> Result<Addr<Shard>, AttacheError> {
+        self.check_up()?;
+        if let Some(addr) = self.shards.get(&shard_id) {
+            return Ok(addr.clone());
+        }
+        let path = self.cfg.shard_path(shard_id);
+        let cfg = &self.cfg;
+        if !self
+            .factory
+            .exists(&path)
+            .await
+            .map_err(|e| volume_error(cfg, "list shards", e))?
+        {
+            return Err(Self::not_found(shard_id));
+        }
+        let engine = self
+            .factory
+            .open(&path, OpenMode::ReadWrite { create: false })
+            .await
+            .map_err(|e| volume_error(cfg, &format!("open shard {shard_id}"), e))?;
+        let meta = match Shard::load_meta(&*engine).await {
+            Ok(Some(meta)) if meta.state != ShardState::Deleted => meta,
+            Ok(_) => {
+                // A create that never finished, or a delete that did not finish removing the data.
+                engine.close().await;
+                tracing::info!(
+                    shard_id,
+                    "removing the remains of a shard that was deleted or never created"
+                );
+                self.factory
+                    .destroy(&path)
+                    .await
+                    .map_err(|e| volume_error(cfg, "remove shard", e))?;
+                return Err(Self::not_found(shard_id));
+            }
+            Err(e) => {
+                engine.close().await;
+                return Err(volume_error(cfg, &format!("read shard {shard_id}"), e));
+            }
+        };
+        assert_eq!(
+            meta.shard_id,
+            shard_id,
+            "shard directory {} holds another shard's meta",
+            path.display()
+        );
+        let addr = ctx.host().spawn(
+            Shard::new(engine, meta, self.cfg.limits.clone()),
+            self.cfg.shard_mailbox,
+        );
+        self.shards.insert(shard_id, addr.clone());
+        Ok(addr)
+    }
+}
+
+impl Actor for ShardManager {
+    fn name(&self) -> String {
+        format!("shard-manager-{}", self.cfg.volume_id)
+    }
+
+    async fn stopped(&mut self) {
+        for (_, addr) in std::mem::take(&mut self.shards) {
+            let _ = addr.send(Shutdown).await;
+            addr.stop();
+        }
+    }
+}
+
+impl Handler<CreateShard> for ShardManager {
+    async fn handle(
+        &mut self,
+        msg: CreateShard,
+        ctx: &Context<Self>,
+    ) -> Reply<Result<ShardInfo, AttacheError>> {
+        Reply::now(self.create(msg, ctx).await)
+    }
+}
+
+impl ShardManager {
+    async fn create(
+        &mut self,
+        msg: CreateShard,
+        ctx: &Context<Self>,
+    ) -> Result<ShardInfo, AttacheError> {
+        self.cfg.limits.check_client_id(&msg.client_id)?;
+        let size_limit = msg.size_limit.unwrap_or(self.cfg.default_size_limit);
+        if size_limit == 0 {
+            return Err(AttacheError::InvalidArgument(
+                "size limit must be positive (bytes); omit it for the default".into(),
+            ));
+        }
+        self.check_up()?;
+        let path = self.cfg.shard_path(msg.shard_id);
+        let cfg = &self.cfg;
+        if self.shards.contains_key(&msg.shard_id)
+            || self
+                .factory
+                .exists(&path)
+                .await
+                .map_err(|e| volume_error(cfg, "list shards", e))?
+        {
+            return Err(AttacheError::AlreadyExists(format!(
+                "shard {} exists already on volume {}",
+                msg.shard_id, cfg.volume_id
+            )));
+        }
+        let engine = self
+            .factory
+            .open(&path, OpenMode::ReadWrite { create: true })
+            .await
+            .map_err(|e| volume_error(cfg, &format!("create shard {}", msg.shard_id), e))?;
+        let meta = ShardMeta::new(msg.shard_id, msg.client_id, size_limit);
+        if let Err(e) = Shard::init_meta(&*engine, &meta).await {
+            engine.close().await;
+            return Err(volume_error(
+                cfg,
+                &format!("create shard {}", msg.shard_id),
+                e,
+            ));
+        }
+        tracing::info!(shard_id = meta.shard_id, owner = %meta.owner, size_limit, volume = %cfg.volume_id, "created shard");
+        let info = ShardInfo {
+            shard_id: meta.shard_id,
+            owner: meta.owner.clone(),
+            state: meta.state,
+            size_limit,
+        };
+        let addr = ctx.host().spawn(
+            Shard::new(engine, meta, self.cfg.limits.clone()),
+            self.cfg.shard_mailbox,
+        );
+        self.shards.insert(msg.shard_id, addr);
+        Ok(info)
+    }
+
+    async fn delete(
+        &mut self,
+        msg: DeleteShard,
+        ctx: &Context<Self>,
+    ) -> Result<ShardInfo, AttacheError> {
+        let addr = self.shard(msg.shard_id, ctx).await?;
+        let info = addr
+            .send(MarkDeleted {
+                client_id: msg.client_id,
+            })
+            .await??;
+        // The delete is durable: from here on the shard is gone, whatever happens to its files.
+        self.shards.remove(&msg.shard_id);
+        let _ = addr.send(Shutdown).await;
+        addr.stop();
+        let path = self.cfg.shard_path(msg.shard_id);
+        if let Err(e) = self.factory.destroy(&path).await {
+            // The next open of the shard finds it marked deleted and removes it then.
+            tracing::warn!(shard_id = msg.shard_id, error = %e, "could not remove a deleted shard's files yet");
+        }
+        tracing::info!(shard_id = msg.shard_id, "deleted shard");
+        Ok(info)
+    }
+}
+
+impl Handler<DeleteShard> for ShardManager {
+    async fn handle(
+        &mut self,
+        msg: DeleteShard,
+        ctx: &Context<Self>,
+    ) -> Reply<Result<ShardInfo, AttacheError>> {
+        Reply::now(self.delete(msg, ctx).await)
+    }
+}
+
+impl<M: ShardOp> Handler<Routed<M>> for ShardManager
+where
+    Shard: Handler<M>,
+{
+    async fn handle(&mut self, msg: Routed<M>, ctx: &Context<Self>) -> Reply<M::Reply> {
+        let addr = match self.shard(msg.shard_id, ctx).await {
+            Ok(addr) => addr,
+            Err(e) => return Reply::now(Err(e)),
+        };
+        match addr.enqueue(msg.op).await {
+            Ok(pending) => {
+                Reply::later(async move { pending.await.unwrap_or_else(|e| Err(e.into())) })
+            }
+            Err(e) => Reply::now(Err(e.into())),
+        }
+    }
+}
+
+impl Handler<ListOpenShards> for ShardManager {
+    async fn handle(&mut self, _msg: ListOpenShards, _ctx: &Context<Self>) -> Reply<Vec<ShardId>> {
+        Reply::now(self.shards.keys().copied().collect())
+    }
+}
+
+impl Handler<ShutdownShards> for ShardManager {
+    async fn handle(&mut self, _msg: ShutdownShards, _ctx: &Context<Self>) -> Reply<()> {
+        self.shut_down = true;
+        let shards = std::mem::take(&mut self.shards);
+        let pending: Vec<_> = shards.values().map(|addr| addr.send(Shutdown)).collect();
+        futures::future::join_all(pending).await;
+        shards.values().for_each(Addr::stop);
+        Reply::now(())
+    }
+}
