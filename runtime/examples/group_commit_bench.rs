@@ -1,0 +1,154 @@
+//! Durable puts per second for one shard, with 1, 16 and 128 concurrent
+//! writers, next to raw RocksDB in the same run doing one synced put per write
+//! and synced batches of 100. Keys are 16 bytes, values 100 bytes. Every figure
+//! counts only acknowledged (WAL-synced) writes.
+//!
+//! Run: `cargo run -p attache-runtime --example group_commit_bench [-- --scale 2]`
+//! (the workspace's one profile optimizes dependencies and RocksDB; see
+//! DEVELOPERS.md). `--scale` multiplies the number of writes per case.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use attache_actors::shard::{Put, PutEntry};
+use attache_actors::shard_manager::{
+    CreateShard, Routed, ShardManager, ShardManagerConfig, ShutdownShards,
+};
+use attache_actors::HostHandle;
+use attache_runtime::{ActixHost, RocksEngineFactory};
+
+const VALUE: [u8; 100] = [b'v'; 100];
+
+fn key(i: u64) -> Vec<u8> {
+    format!("{i:016}").into_bytes()
+}
+
+struct Row {
+    case: String,
+    puts: u64,
+    secs: f64,
+}
+
+impl Row {
+    fn rate(&self) -> f64 {
+        self.puts as f64 / self.secs
+    }
+}
+
+fn raw_rocksdb(dir: &std::path::Path, puts: u64, batch: u64) -> Row {
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    let db = rocksdb::DB::open(&opts, dir).unwrap();
+    let mut wo = rocksdb::WriteOptions::default();
+    wo.set_sync(true);
+    let start = Instant::now();
+    let mut i = 0;
+    while i < puts {
+        let mut wb = rocksdb::WriteBatch::default();
+        for _ in 0..batch {
+            wb.put(key(i), VALUE);
+            i += 1;
+        }
+        db.write_opt(wb, &wo).unwrap();
+    }
+    let case = if batch == 1 {
+        "raw RocksDB, one synced put per write".into()
+    } else {
+        format!("raw RocksDB, synced batches of {batch}")
+    };
+    Row {
+        case,
+        puts,
+        secs: start.elapsed().as_secs_f64(),
+    }
+}
+
+async fn shard_writers(
+    host: &HostHandle,
+    dir: &std::path::Path,
+    writers: u64,
+    per_writer: u64,
+) -> Row {
+    let cfg = ShardManagerConfig::new("bench", dir);
+    let mgr = host.spawn(
+        ShardManager::new(cfg, Arc::new(RocksEngineFactory::new())),
+        4096,
+    );
+    mgr.send(CreateShard {
+        shard_id: 1,
+        client_id: "bench".into(),
+        size_limit: None,
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let start = Instant::now();
+    let tasks = (0..writers).map(|w| {
+        let mgr = mgr.clone();
+        async move {
+            for i in 0..per_writer {
+                let entry = PutEntry {
+                    key: key(w * per_writer + i),
+                    value: VALUE.to_vec(),
+                    indexes: vec![],
+                };
+                let put = Put {
+                    client_id: "bench".into(),
+                    entry,
+                };
+                mgr.send(Routed {
+                    shard_id: 1,
+                    op: put,
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            }
+        }
+    });
+    futures::future::join_all(tasks).await;
+    let secs = start.elapsed().as_secs_f64();
+    mgr.send(ShutdownShards).await.unwrap();
+    mgr.stop();
+    Row {
+        case: format!("Attaché shard, {writers} concurrent writers"),
+        puts: writers * per_writer,
+        secs,
+    }
+}
+
+fn main() {
+    let scale: u64 = std::env::args()
+        .skip_while(|a| a != "--scale")
+        .nth(1)
+        .map(|s| s.parse().expect("--scale takes a whole number"))
+        .unwrap_or(1);
+    let root = tempfile::tempdir().unwrap();
+    let mut rows = vec![
+        raw_rocksdb(&root.path().join("raw-1"), 1000 * scale, 1),
+        raw_rocksdb(&root.path().join("raw-100"), 50_000 * scale, 100),
+    ];
+    actix_rt::System::new().block_on(async {
+        let host = HostHandle::new(ActixHost::new(2));
+        for (writers, per_writer) in [(1, 1000), (16, 500), (128, 400)] {
+            let dir = root.path().join(format!("shard-{writers}"));
+            rows.push(shard_writers(&host, &dir, writers, per_writer * scale).await);
+        }
+    });
+    let baseline = rows[1].rate();
+    println!("durable puts/s, 16-byte keys, 100-byte values, one shard (temp dir on this machine's disk)");
+    println!(
+        "{:<44} {:>8} {:>8} {:>10} {:>16}",
+        "case", "puts", "seconds", "puts/s", "vs synced batch"
+    );
+    for row in &rows {
+        println!(
+            "{:<44} {:>8} {:>8.2} {:>10.0} {:>15.2}x",
+            row.case,
+            row.puts,
+            row.secs,
+            row.rate(),
+            row.rate() / baseline
+        );
+    }
+}

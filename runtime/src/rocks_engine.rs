@@ -1,0 +1,275 @@
+//! `RocksEngine`: the [`Engine`] contract on RocksDB, with its WAL on.
+//!
+//! Every call runs on tokio's blocking pool (`spawn_blocking`), so an fsync
+//! never stalls the actix arbiter that runs the shard actors. A synced write
+//! uses RocksDB's `WriteOptions::set_sync(true)`: RocksDB fsyncs the WAL
+//! before the write returns and before it is visible to readers, so a write
+//! acknowledged to a client survives a crash of the process or the machine.
+//! RocksDB's LOCK file keeps a second read-write holder out of a shard.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use attache_actors::engine::{
+    BatchOp, Engine, EngineCounters, EngineError, EngineFactory, EngineStats, KvPairs, OpenMode,
+    WriteBatch,
+};
+use rocksdb::{Direction, ErrorKind, IteratorMode, Options, ReadOptions, WriteOptions, DB};
+
+/// How long `close` waits for calls still in flight to let go of the DB.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
+fn engine_error(path: &Path, e: rocksdb::Error) -> EngineError {
+    let msg = format!("{}: {}", path.display(), e.as_ref());
+    match e.kind() {
+        ErrorKind::Corruption => EngineError::Corruption(msg),
+        ErrorKind::IOError if msg.contains("lock") || msg.contains("LOCK") => {
+            EngineError::Locked(msg)
+        }
+        _ => EngineError::Io(msg),
+    }
+}
+
+/// Opens RocksDB engines; see the module docs.
+#[derive(Clone, Debug, Default)]
+pub struct RocksEngineFactory {
+    _private: (),
+}
+
+impl RocksEngineFactory {
+    /// A factory with Attaché's RocksDB options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn options(create: bool) -> Options {
+        let mut opts = Options::default();
+        opts.create_if_missing(create);
+        opts.create_missing_column_families(create);
+        opts.set_max_background_jobs(2);
+        opts.set_keep_log_file_num(4);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("RocksDB call panicked")
+}
+
+#[async_trait]
+impl EngineFactory for RocksEngineFactory {
+    async fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn Engine>, EngineError> {
+        let path = path.to_path_buf();
+        blocking(move || {
+            let db = match mode {
+                OpenMode::ReadWrite { create } => {
+                    if create {
+                        std::fs::create_dir_all(&path)
+                            .map_err(|e| EngineError::Io(format!("{}: {e}", path.display())))?;
+                    } else if !path.join("CURRENT").exists() {
+                        return Err(EngineError::NotFound(path.display().to_string()));
+                    }
+                    DB::open(&Self::options(create), &path)
+                }
+                OpenMode::ReadOnly => {
+                    if !path.join("CURRENT").exists() {
+                        return Err(EngineError::NotFound(path.display().to_string()));
+                    }
+                    DB::open_for_read_only(&Self::options(false), &path, false)
+                }
+            }
+            .map_err(|e| engine_error(&path, e))?;
+            let engine: Arc<dyn Engine> = Arc::new(RocksEngine {
+                db: RwLock::new(Some(Arc::new(db))),
+                path,
+                read_only: mode == OpenMode::ReadOnly,
+                counters: Arc::new(EngineCounters::default()),
+            });
+            Ok(engine)
+        })
+        .await
+    }
+
+    async fn exists(&self, path: &Path) -> Result<bool, EngineError> {
+        Ok(path.join("CURRENT").exists())
+    }
+
+    async fn destroy(&self, path: &Path) -> Result<(), EngineError> {
+        let path = path.to_path_buf();
+        blocking(move || {
+            if !path.exists() {
+                return Ok(());
+            }
+            DB::destroy(&Self::options(false), &path).map_err(|e| engine_error(&path, e))?;
+            match std::fs::remove_dir_all(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(EngineError::Io(format!("{}: {e}", path.display())))
+                }
+                _ => Ok(()),
+            }
+        })
+        .await
+    }
+}
+
+/// One RocksDB database; see the module docs.
+pub struct RocksEngine {
+    db: RwLock<Option<Arc<DB>>>,
+    path: PathBuf,
+    read_only: bool,
+    counters: Arc<EngineCounters>,
+}
+
+impl RocksEngine {
+    fn db(&self) -> Result<Arc<DB>, EngineError> {
+        self.db
+            .read()
+            .expect("rocks engine lock")
+            .clone()
+            .ok_or(EngineError::Closed)
+    }
+}
+
+#[async_trait]
+impl Engine for RocksEngine {
+    async fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
+        if self.read_only {
+            return Err(EngineError::ReadOnly);
+        }
+        let (db, path, counters) = (self.db()?, self.path.clone(), self.counters.clone());
+        blocking(move || {
+            let mut rb = rocksdb::WriteBatch::default();
+            for op in batch.ops() {
+                match op {
+                    BatchOp::Put { key, value } => rb.put(key, value),
+                    BatchOp::Delete { key } => rb.delete(key),
+                }
+            }
+            let mut wo = WriteOptions::default();
+            wo.set_sync(sync);
+            db.write_opt(rb, &wo).map_err(|e| engine_error(&path, e))?;
+            counters.wrote(&batch);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+        let (db, path, counters, key) = (
+            self.db()?,
+            self.path.clone(),
+            self.counters.clone(),
+            key.to_vec(),
+        );
+        blocking(move || {
+            let value = db.get(&key).map_err(|e| engine_error(&path, e))?;
+            counters.read(
+                1,
+                value.as_ref().map_or(0, |v| (key.len() + v.len()) as u64),
+            );
+            Ok(value)
+        })
+        .await
+    }
+
+    async fn multi_get(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+        let (db, path, counters) = (self.db()?, self.path.clone(), self.counters.clone());
+        blocking(move || {
+            let values = db
+                .multi_get(&keys)
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| engine_error(&path, e))?;
+            let bytes = keys
+                .iter()
+                .zip(&values)
+                .map(|(k, v)| v.as_ref().map_or(0, |v| k.len() + v.len()) as u64)
+                .sum();
+            counters.read(keys.len() as u64, bytes);
+            Ok(values)
+        })
+        .await
+    }
+
+    async fn scan(
+        &self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<KvPairs, EngineError> {
+        let (db, path, counters) = (self.db()?, self.path.clone(), self.counters.clone());
+        let (start, end) = (start.to_vec(), end.map(<[u8]>::to_vec));
+        blocking(move || {
+            if end.as_ref().is_some_and(|end| *end <= start) {
+                return Ok(Vec::new());
+            }
+            let mut ro = ReadOptions::default();
+            if let Some(end) = end {
+                ro.set_iterate_upper_bound(end);
+            }
+            let mut pairs = Vec::new();
+            let mut bytes = 0;
+            for item in db
+                .iterator_opt(IteratorMode::From(&start, Direction::Forward), ro)
+                .take(limit)
+            {
+                let (k, v) = item.map_err(|e| engine_error(&path, e))?;
+                bytes += (k.len() + v.len()) as u64;
+                pairs.push((k.into_vec(), v.into_vec()));
+            }
+            counters.read(pairs.len() as u64, bytes);
+            Ok(pairs)
+        })
+        .await
+    }
+
+    async fn approximate_size(&self) -> Result<u64, EngineError> {
+        let (db, path) = (self.db()?, self.path.clone());
+        blocking(move || {
+            let prop = |name: &str| db.property_int_value(name).map(Option::unwrap_or_default);
+            Ok(
+                prop("rocksdb.total-sst-files-size").map_err(|e| engine_error(&path, e))?
+                    + prop("rocksdb.cur-size-all-mem-tables")
+                        .map_err(|e| engine_error(&path, e))?,
+            )
+        })
+        .await
+    }
+
+    fn stats(&self) -> EngineStats {
+        let keys = self
+            .db
+            .read()
+            .expect("rocks engine lock")
+            .as_ref()
+            .and_then(|db| {
+                db.property_int_value("rocksdb.estimate-num-keys")
+                    .ok()
+                    .flatten()
+            })
+            .unwrap_or(0);
+        self.counters.snapshot(keys)
+    }
+
+    async fn close(&self) {
+        let Some(db) = self.db.write().expect("rocks engine lock").take() else {
+            return;
+        };
+        let weak = Arc::downgrade(&db);
+        drop(db);
+        // Calls in flight hold the DB; it closes (and releases its LOCK) when the last one ends.
+        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        while weak.strong_count() > 0 {
+            if tokio::time::Instant::now() > deadline {
+                tracing::warn!(path = %self.path.display(), "RocksDB still in use {CLOSE_WAIT:?} after close");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
