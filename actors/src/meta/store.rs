@@ -1,0 +1,396 @@
+//! The `MetadataStore` actor: Attaché's domain operations on a
+//! [`MetadataBackend`].
+//!
+//! Layout (values are JSON so `etcdctl get` shows them readably):
+//! - `/attache/ids/shard`, `/attache/ids/node` -> [`IdCounter`]: the last id
+//!   allocated and the token of the allocation that took it;
+//! - `/attache/shards/{id:020}` -> [`ShardRecord`] (shard -> volume, owner, state);
+//! - `/attache/volumes/{volume_id}` -> [`VolumeRecord`], the owner record:
+//!   the primary node and its epoch (the fencing token);
+//! - `/attache/nodes/{id:020}` -> [`NodeRecord`], attached to the node's lease,
+//!   so it vanishes when the node stops renewing it.
+//!
+//! Ids are allocated by compare-and-swap on the counter's mod revision; a
+//! volume is claimed by compare-and-swap on the owner record's mod revision,
+//! bumping the epoch. A CAS whose outcome is unknown (timeout) is not
+//! repeated blindly: the counter carries a random token per attempt, and the
+//! owner record names the claimant, so a re-read tells whether it landed.
+//! Reads and idempotent writes go through [`retry`]. The actor keeps no state
+//! besides its backend handle: every call runs outside it, concurrently.
+
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::actor::{Actor, Context, Handler, Message, Reply};
+use crate::meta::backend::{
+    Compare, CompareOp, KeyValue, LeaseId, MetaError, MetadataBackend, Revision, Txn, TxnOp,
+};
+use crate::meta::retry::{retry, Jitter, RetryPolicy};
+use crate::shard::layout::ShardState;
+use crate::shard::ShardId;
+
+/// A node id, allocated by the metadata store and kept in the node's data dir.
+pub type NodeId = u64;
+
+/// Key prefix of every Attaché key.
+pub const ROOT: &str = "/attache/";
+/// Most CAS rounds an allocation tries under contention before giving up.
+const MAX_CAS_ROUNDS: u32 = 1000;
+
+/// The value of an id counter key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdCounter {
+    /// The last id allocated.
+    pub last: u64,
+    /// Random token of the allocation that took `last`.
+    pub token: u64,
+}
+
+/// Where a shard lives and who owns it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    pub shard_id: ShardId,
+    pub client_id: String,
+    pub volume_id: String,
+    pub state: ShardState,
+    /// Bytes.
+    pub size_limit: u64,
+}
+
+/// The owner record of a volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub volume_id: String,
+    /// The node that holds the volume read-write.
+    pub primary: NodeId,
+    /// The fencing token: bumped by every takeover, never reused.
+    pub epoch: u64,
+}
+
+/// A live node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node_id: NodeId,
+    /// gRPC address clients reach the node at, `host:port`.
+    pub address: String,
+    /// Cloud instance id (EC2), empty when none.
+    pub instance_id: String,
+    /// The volumes the node has attached (as primary or backup).
+    pub volumes: Vec<String>,
+}
+
+/// Key of a shard's record.
+pub fn shard_key(id: ShardId) -> String {
+    format!("{ROOT}shards/{id:020}")
+}
+
+/// Key of a volume's owner record.
+pub fn volume_key(volume_id: &str) -> String {
+    format!("{ROOT}volumes/{volume_id}")
+}
+
+/// Key of a node's liveness record.
+pub fn node_key(id: NodeId) -> String {
+    format!("{ROOT}nodes/{id:020}")
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("plain records serialize")
+}
+
+fn from_json<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, MetaError> {
+    serde_json::from_slice(&kv.value).map_err(|e| {
+        MetaError::Storage(format!(
+            "malformed record at {}: {e}",
+            String::from_utf8_lossy(&kv.key)
+        ))
+    })
+}
+
+/// The metadata store actor; see the module docs.
+pub struct MetadataStore {
+    ops: MetaOps,
+}
+
+/// The domain operations, callable outside the actor (they hold no state).
+#[derive(Clone)]
+pub struct MetaOps {
+    backend: Arc<dyn MetadataBackend>,
+    policy: RetryPolicy,
+    jitter: Jitter,
+}
+
+impl MetadataStore {
+    /// The actor over `ops`.
+    pub fn new(ops: MetaOps) -> Self {
+        MetadataStore { ops }
+    }
+}
+
+impl MetaOps {
+    /// A handle on the domain operations over `backend`.
+    pub fn new(backend: Arc<dyn MetadataBackend>, policy: RetryPolicy, seed: u64) -> Self {
+        MetaOps {
+            backend,
+            policy,
+            jitter: Jitter::new(seed),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn MetadataBackend> {
+        &self.backend
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, MetaError> {
+        retry(&self.policy, &self.jitter, "get", || {
+            self.backend.get(key.as_bytes())
+        })
+        .await
+    }
+
+    async fn range<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, MetaError> {
+        let resp = retry(&self.policy, &self.jitter, "range", || {
+            self.backend.range(prefix.as_bytes())
+        })
+        .await?;
+        resp.kvs.iter().map(from_json).collect()
+    }
+
+    /// Allocates the next id of counter `name`: unique and greater than every
+    /// id allocated before, across nodes and restarts of the store.
+    ///
+    /// Errors: transient errors past the retry policy; `Unavailable` after
+    /// [`MAX_CAS_ROUNDS`] lost races.
+    pub async fn allocate_id(&self, name: &str) -> Result<u64, MetaError> {
+        let key = format!("{ROOT}ids/{name}");
+        for _ in 0..MAX_CAS_ROUNDS {
+            let current = self.get(&key).await?;
+            let (last, rev) = match &current {
+                Some(kv) => (from_json::<IdCounter>(kv)?.last, kv.mod_revision),
+                None => (0, 0),
+            };
+            let token = self.jitter.token();
+            let next = IdCounter {
+                last: last + 1,
+                token,
+            };
+            let txn = Txn {
+                compare: vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)],
+                success: vec![TxnOp::Put {
+                    key: key.clone().into_bytes(),
+                    value: to_json(&next),
+                    lease: 0,
+                }],
+                failure: vec![],
+            };
+            match self.backend.txn(txn).await {
+                Ok(resp) if resp.succeeded => return Ok(next.last),
+                Ok(_) => continue,
+                Err(e) if e.is_transient() => {
+                    // The CAS may have landed: only the token tells.
+                    if let Some(kv) = self.get(&key).await? {
+                        if from_json::<IdCounter>(&kv)? == next {
+                            return Ok(next.last);
+                        }
+                    }
+                    tokio::time::sleep(self.jitter.below(self.policy.cap(1))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(MetaError::Unavailable(format!(
+            "could not allocate a {name} id: {MAX_CAS_ROUNDS} lost races"
+        )))
+    }
+
+    /// Creates a shard's record. Errors: `Invalid` when the id is taken.
+    pub async fn register_shard(&self, record: &ShardRecord) -> Result<(), MetaError> {
+        let key = shard_key(record.shard_id);
+        let txn = Txn {
+            compare: vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)],
+            success: vec![TxnOp::Put {
+                key: key.clone().into_bytes(),
+                value: to_json(record),
+                lease: 0,
+            }],
+            failure: vec![TxnOp::Get {
+                key: key.into_bytes(),
+            }],
+        };
+        // Safe to repeat: a repeat that finds our own record has succeeded.
+        let resp = retry(&self.policy, &self.jitter, "register shard", || {
+            self.backend.txn(txn.clone())
+        })
+        .await?;
+        let ours = |kv: &Option<KeyValue>| kv.as_ref().map(from_json::<ShardRecord>).transpose();
+        if resp.succeeded || ours(&resp.gets[0])?.as_ref() == Some(record) {
+            return Ok(());
+        }
+        Err(MetaError::Invalid(format!(
+            "shard id {} is registered already",
+            record.shard_id
+        )))
+    }
+
+    /// A shard's record.
+    pub async fn shard(&self, id: ShardId) -> Result<Option<ShardRecord>, MetaError> {
+        self.get(&shard_key(id))
+            .await?
+            .as_ref()
+            .map(from_json)
+            .transpose()
+    }
+
+    /// Sets a shard record's state (idempotent).
+    pub async fn set_shard_state(&self, id: ShardId, state: ShardState) -> Result<(), MetaError> {
+        let Some(mut record) = self.shard(id).await? else {
+            return Err(MetaError::Invalid(format!("shard {id} has no record")));
+        };
+        record.state = state;
+        let (key, value) = (shard_key(id), to_json(&record));
+        retry(&self.policy, &self.jitter, "set shard state", || {
+            self.backend.put(key.as_bytes(), &value, 0)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Every shard record, by id; only `client_id`'s when given.
+    pub async fn shards(&self, client_id: Option<&str>) -> Result<Vec<ShardRecord>, MetaError> {
+        let all: Vec<ShardRecord> = self.range(&format!("{ROOT}shards/")).await?;
+        Ok(all
+            .into_iter()
+            .filter(|r| client_id.is_none_or(|c| r.client_id == c))
+            .collect())
+    }
+
+    /// A volume's owner record with its mod revision (for a CAS).
+    pub async fn volume(
+        &self,
+        volume_id: &str,
+    ) -> Result<Option<(VolumeRecord, Revision)>, MetaError> {
+        match self.get(&volume_key(volume_id)).await? {
+            Some(kv) => Ok(Some((from_json(&kv)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// Every volume's owner record.
+    pub async fn volumes(&self) -> Result<Vec<VolumeRecord>, MetaError> {
+        self.range(&format!("{ROOT}volumes/")).await
+    }
+
+    /// Makes `node` the primary of `volume_id` if the owner record is still at
+    /// `expected` (its mod revision; 0: no record yet), with the epoch one above
+    /// the record's (1 for a new record). Returns `Ok(Ok(record))` when won,
+    /// `Ok(Err(current))` when another claim got there first.
+    pub async fn claim_volume(
+        &self,
+        volume_id: &str,
+        node: NodeId,
+        expected: Option<&(VolumeRecord, Revision)>,
+    ) -> Result<Result<VolumeRecord, Option<(VolumeRecord, Revision)>>, MetaError> {
+        let key = volume_key(volume_id);
+        let (epoch, rev) = expected.map_or((0, 0), |(r, rev)| (r.epoch, *rev));
+        let claim = VolumeRecord {
+            volume_id: volume_id.to_string(),
+            primary: node,
+            epoch: epoch + 1,
+        };
+        let txn = Txn {
+            compare: vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)],
+            success: vec![TxnOp::Put {
+                key: key.clone().into_bytes(),
+                value: to_json(&claim),
+                lease: 0,
+            }],
+            failure: vec![],
+        };
+        match self.backend.txn(txn).await {
+            Ok(resp) if resp.succeeded => Ok(Ok(claim)),
+            Ok(_) => Ok(Err(self.volume(volume_id).await?)),
+            Err(e) if e.is_transient() => {
+                // Unknown outcome: the record names its claimant and epoch.
+                let current = self.volume(volume_id).await?;
+                match current {
+                    Some((record, _)) if record == claim => Ok(Ok(claim)),
+                    other => Ok(Err(other)),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Grants a node lease of `ttl_ms` milliseconds.
+    pub async fn grant_lease(&self, ttl_ms: u64) -> Result<LeaseId, MetaError> {
+        self.backend.lease_grant(ttl_ms).await
+    }
+
+    /// Renews a lease; returns its TTL in ms. Errors: `LeaseNotFound` once expired.
+    pub async fn keep_alive(&self, lease: LeaseId) -> Result<u64, MetaError> {
+        self.backend.lease_keep_alive(lease).await
+    }
+
+    /// Publishes a node's liveness record under its lease.
+    pub async fn register_node(
+        &self,
+        record: &NodeRecord,
+        lease: LeaseId,
+    ) -> Result<(), MetaError> {
+        let value = to_json(record);
+        let key = node_key(record.node_id);
+        retry(&self.policy, &self.jitter, "register node", || {
+            self.backend.put(key.as_bytes(), &value, lease)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The nodes whose lease is live, by id.
+    pub async fn live_nodes(&self) -> Result<Vec<NodeRecord>, MetaError> {
+        self.range(&format!("{ROOT}nodes/")).await
+    }
+}
+
+impl Actor for MetadataStore {
+    fn name(&self) -> String {
+        "metadata-store".into()
+    }
+}
+
+macro_rules! meta_messages {
+    ($($(#[$doc:meta])* $name:ident { $($field:ident : $ty:ty),* } -> $reply:ty => |$ops:ident, $msg:ident| $body:expr;)*) => {$(
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct $name { $(pub $field: $ty),* }
+        impl Message for $name { type Reply = Result<$reply, MetaError>; }
+        impl Handler<$name> for MetadataStore {
+            async fn handle(&mut self, $msg: $name, _ctx: &Context<Self>) -> Reply<Result<$reply, MetaError>> {
+                let $ops = self.ops.clone();
+                Reply::later(async move { $body })
+            }
+        }
+    )*};
+}
+
+meta_messages! {
+    /// Allocates a shard id (unique, increasing).
+    AllocateShardId {} -> ShardId => |ops, _m| ops.allocate_id("shard").await;
+    /// Allocates a node id (unique, increasing).
+    AllocateNodeId {} -> NodeId => |ops, _m| ops.allocate_id("node").await;
+    /// Creates a shard's record.
+    RegisterShard { record: ShardRecord } -> () => |ops, m| ops.register_shard(&m.record).await;
+    /// Looks a shard up.
+    LookupShard { shard_id: ShardId } -> Option<ShardRecord> => |ops, m| ops.shard(m.shard_id).await;
+    /// Sets a shard's state.
+    SetShardState { shard_id: ShardId, state: ShardState } -> () => |ops, m| ops.set_shard_state(m.shard_id, m.state).await;
+    /// Lists shards, of one client when given.
+    ListShards { client_id: Option<String> } -> Vec<ShardRecord> => |ops, m| ops.shards(m.client_id.as_deref()).await;
+    /// Lists volume owner records.
+    ListVolumes {} -> Vec<VolumeRecord> => |ops, _m| ops.volumes().await;
+    /// Lists live nodes.
+    ListLiveNodes {} -> Vec<NodeRecord> => |ops, _m| ops.live_nodes().await;
+}

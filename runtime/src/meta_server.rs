@@ -1,0 +1,59 @@
+//! `attache meta`: the embedded metadata store (persisted in `--data-dir`)
+//! served over gRPC, so several `attache node` processes share one store
+//! (`--metadata grpc://HOST:PORT`). Stops cleanly on SIGINT/SIGTERM: every
+//! acknowledged change is already synced to its log.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use attache_actors::meta::remote::MetadataServer;
+use clap::Args;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::LogArgs;
+use crate::serve::{open_metadata, shutdown_signal};
+use crate::telemetry::init_logging;
+
+/// `attache meta` flags.
+#[derive(Args, Clone, Debug)]
+pub struct MetaArgs {
+    /// gRPC listen address; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:7300", env = "ATTACHE_META_LISTEN")]
+    pub listen: SocketAddr,
+    /// Where the metadata log lives.
+    #[arg(long, default_value = "attache-meta", env = "ATTACHE_META_DIR")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+/// Runs the metadata server until SIGINT/SIGTERM.
+pub fn run(args: MetaArgs) -> anyhow::Result<()> {
+    init_logging(
+        args.log.log_format.unwrap_or_default(),
+        args.log.log_level.as_deref().unwrap_or("info"),
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let backend = open_metadata(&format!("embedded:{}", args.data_dir.display())).await?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let local = listener.local_addr()?;
+        println!(
+            "attache: metadata store serving gRPC on {local} (data in {})",
+            args.data_dir.display()
+        );
+        tonic::transport::Server::builder()
+            .add_service(MetadataServer::new(backend).into_server())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+            .await
+            .context("metadata gRPC server failed")?;
+        println!("attache: metadata store stopped");
+        Ok(())
+    })
+}

@@ -1,0 +1,232 @@
+//! The metadata conformance suite (`attache_actors::meta::conformance`)
+//! against the three backends: embedded (file log), embedded over gRPC (an
+//! in-process `attache meta` server), and a real etcd server started here on
+//! free loopback ports (Debian's `etcd-server`; set `ATTACHE_ETCD_BIN` to use
+//! another binary).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use attache_actors::meta::conformance::{self, Harness};
+use attache_actors::meta::embedded::EmbeddedBackend;
+use attache_actors::meta::remote::{MetadataServer, RemoteBackend};
+use attache_actors::meta::MetadataBackend;
+use attache_runtime::etcd::EtcdBackend;
+use attache_runtime::files::FileMetaLog;
+use tokio_stream::wrappers::TcpListenerStream;
+
+struct Embedded {
+    dir: PathBuf,
+    backend: Arc<dyn MetadataBackend>,
+}
+
+impl Embedded {
+    async fn open(dir: &Path) -> Self {
+        let backend = EmbeddedBackend::open(Arc::new(FileMetaLog::new(dir)))
+            .await
+            .unwrap();
+        Embedded {
+            dir: dir.to_path_buf(),
+            backend,
+        }
+    }
+}
+
+#[async_trait]
+impl Harness for Embedded {
+    fn backend(&self) -> Arc<dyn MetadataBackend> {
+        self.backend.clone()
+    }
+    async fn restart(&mut self) {
+        *self = Embedded::open(&self.dir).await;
+    }
+    fn lease_ttl_ms(&self) -> u64 {
+        300
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_backend_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = Embedded::open(dir.path()).await;
+    conformance::run_all(&mut h, "/conformance").await;
+}
+
+/// An `attache meta` server in this process, restartable.
+struct OverGrpc {
+    dir: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    addr: SocketAddr,
+}
+
+impl OverGrpc {
+    async fn start(dir: &Path) -> Self {
+        let backend: Arc<dyn MetadataBackend> =
+            EmbeddedBackend::open(Arc::new(FileMetaLog::new(dir)))
+                .await
+                .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(MetadataServer::new(backend).into_server())
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        OverGrpc {
+            dir: dir.to_path_buf(),
+            stop: Some(stop),
+            server: Some(server),
+            addr,
+        }
+    }
+}
+
+#[async_trait]
+impl Harness for OverGrpc {
+    fn backend(&self) -> Arc<dyn MetadataBackend> {
+        Arc::new(RemoteBackend::new(format!("http://{}", self.addr)))
+    }
+    async fn restart(&mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.server.take().unwrap().await.unwrap();
+        *self = OverGrpc::start(&self.dir).await;
+    }
+    fn lease_ttl_ms(&self) -> u64 {
+        300
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_backend_over_grpc_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut h = OverGrpc::start(dir.path()).await;
+    conformance::run_all(&mut h, "/conformance").await;
+    let _ = h.stop.take().unwrap().send(());
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An etcd server on free loopback ports, in a temporary data dir.
+struct Etcd {
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    child: Child,
+}
+
+impl Etcd {
+    fn binary() -> String {
+        std::env::var("ATTACHE_ETCD_BIN").unwrap_or_else(|_| "etcd".into())
+    }
+
+    fn spawn(dir: &Path, client_port: u16, peer_port: u16) -> Child {
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        Command::new(Self::binary())
+            .args(["--name", "attache-test", "--data-dir"])
+            .arg(dir)
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("attache-test={peer}"), "--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start etcd ({e}): install it (apt-get install etcd-server) or set ATTACHE_ETCD_BIN")
+            })
+    }
+
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (client_port, peer_port) = (free_port(), free_port());
+        let child = Self::spawn(dir.path(), client_port, peer_port);
+        let etcd = Etcd {
+            dir,
+            client_port,
+            peer_port,
+            child,
+        };
+        etcd.wait_ready().await;
+        etcd
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(b) = EtcdBackend::connect(&[self.endpoint()]).await {
+                if b.get(b"/ready").await.is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not answer on {} within 30 s",
+                self.endpoint()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct EtcdHarness {
+    etcd: Etcd,
+    backend: Arc<dyn MetadataBackend>,
+}
+
+#[async_trait]
+impl Harness for EtcdHarness {
+    fn backend(&self) -> Arc<dyn MetadataBackend> {
+        self.backend.clone()
+    }
+    async fn restart(&mut self) {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.etcd.child.id() as i32, libc::SIGTERM) };
+        self.etcd.child.wait().unwrap();
+        self.etcd.child = Etcd::spawn(
+            self.etcd.dir.path(),
+            self.etcd.client_port,
+            self.etcd.peer_port,
+        );
+        self.etcd.wait_ready().await;
+        self.backend = Arc::new(EtcdBackend::connect(&[self.etcd.endpoint()]).await.unwrap());
+    }
+    fn lease_ttl_ms(&self) -> u64 {
+        // etcd's minimum TTL with default election timeouts is 2 s.
+        2000
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_backend_conforms() {
+    let etcd = Etcd::start().await;
+    let backend = Arc::new(EtcdBackend::connect(&[etcd.endpoint()]).await.unwrap());
+    let mut h = EtcdHarness { etcd, backend };
+    conformance::run_all(&mut h, "/conformance").await;
+}
