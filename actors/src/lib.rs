@@ -12,10 +12,15 @@ pub mod codec;
 pub mod engine;
 pub mod error;
 pub mod limits;
+pub mod local_store;
 pub mod mem_engine;
+pub mod meta;
+pub mod node;
+pub mod service;
 pub mod shard;
 pub mod shard_manager;
 pub mod testkit;
+pub mod volume;
 
 pub use actor::{Actor, Addr, Context, Handler, HostHandle, Message, Reply};
 pub use engine::{Engine, EngineError, EngineFactory};

@@ -1,1 +1,59 @@
-fn main() {}
+//! `attache`: the Attaché binary.
+//!
+//! - `attache dev`: one process with an embedded metadata store and one node
+//!   serving local directories as volumes (data under `./attache-data`).
+//! - `attache node`: one storage node (flags > environment > `--config` YAML).
+//! - `attache meta`: the embedded metadata store, served over gRPC to nodes.
+//! - `attache client ...`: every API operation, `load` and `dump`.
+
+use attache_runtime::{client_cli, config, meta_server, serve};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "attache",
+    version,
+    about = "Attaché: a sharded key-value service on multi-attach block volumes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a local cluster in one process: embedded metadata and one node
+    /// serving directories under --data-dir as volumes.
+    Dev(serve::DevArgs),
+    /// Run one storage node.
+    Node(Box<config::NodeArgs>),
+    /// Serve the embedded metadata store over gRPC.
+    Meta(meta_server::MetaArgs),
+    /// Call a node's API.
+    Client(client_cli::ClientArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Dev(args) => {
+            let data = args.data_dir.display().to_string();
+            serve::run_node(args.settings(), move |addr| {
+                println!("attache: dev cluster ready; data in {data}. Try:");
+                println!("  attache client --addr {addr} new-shard --client-id me");
+                println!("Stop with Ctrl-C.");
+            })
+        }
+        Cmd::Node(args) => serve::run_node(args.resolve()?, |_| {}),
+        Cmd::Meta(args) => meta_server::run(args),
+        Cmd::Client(args) => {
+            attache_runtime::telemetry::init_logging(
+                attache_runtime::telemetry::LogFormat::Human,
+                "warn",
+            );
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(client_cli::run(args))
+        }
+    }
+}

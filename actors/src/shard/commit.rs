@@ -89,7 +89,8 @@ fn remove_record(
 }
 
 /// Writes `ops` on top of the shard whose committed meta is `meta`, as one
-/// synced batch, and returns the new meta.
+/// synced batch, and returns the new meta and the bytes written (keys and
+/// values of the engine batch).
 ///
 /// Errors: those of the engine's `multi_get` and `write`; on error nothing of
 /// the group was written.
@@ -97,7 +98,7 @@ pub async fn apply_group(
     engine: &dyn Engine,
     meta: &ShardMeta,
     ops: &[StagedOp],
-) -> Result<ShardMeta, EngineError> {
+) -> Result<(ShardMeta, u64), EngineError> {
     let keys: BTreeSet<Vec<u8>> = ops
         .iter()
         .filter_map(|op| match op {
@@ -150,8 +151,9 @@ pub async fn apply_group(
         }
     }
     batch.put(META_KEY, meta.encode());
+    let bytes = batch.byte_size() as u64;
     engine.write(batch, true).await?;
-    Ok(meta)
+    Ok((meta, bytes))
 }
 
 #[cfg(test)]
@@ -195,7 +197,7 @@ mod tests {
             ],
         ];
         for ops in groups {
-            meta = apply_group(&*engine, &meta, &ops).await.unwrap();
+            meta = apply_group(&*engine, &meta, &ops).await.unwrap().0;
             let all = engine.scan(b"", None, usize::MAX).await.unwrap();
             let stored: u64 = all
                 .iter()
@@ -230,6 +232,6 @@ mod tests {
         let after = apply_group(&*engine, &meta, std::slice::from_ref(&op))
             .await
             .unwrap();
-        assert_eq!(after.live_bytes, op.max_added_bytes());
+        assert_eq!(after.0.live_bytes, op.max_added_bytes());
     }
 }

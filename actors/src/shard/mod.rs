@@ -141,7 +141,7 @@ impl Message for Shutdown {
 
 /// The outcome of one group commit, sent by the commit task to its shard.
 struct Committed {
-    result: Result<ShardMeta, EngineError>,
+    result: Result<(ShardMeta, u64), EngineError>,
     ops: usize,
 }
 
@@ -345,6 +345,14 @@ fn write_error(shard_id: ShardId, e: &EngineError) -> AttacheError {
     }
 }
 
+/// Counts a read of `ops` keys or entries returning `bytes` bytes.
+fn count_read(shard_id: ShardId, ops: usize, bytes: usize) {
+    let shard = shard_id.to_string();
+    metrics::counter!("attache_shard_ops_read_total", "shard" => shard.clone())
+        .increment(ops as u64);
+    metrics::counter!("attache_shard_bytes_read_total", "shard" => shard).increment(bytes as u64);
+}
+
 /// What a client sees when a shard's read failed in its engine.
 fn read_error(shard_id: ShardId, e: EngineError) -> AttacheError {
     match e {
@@ -371,8 +379,16 @@ impl Handler<Committed> for Shard {
         assert!(self.committing, "a commit completed that was never started");
         self.committing = false;
         match msg.result {
-            Ok(meta) => {
+            Ok((meta, bytes)) => {
                 assert_eq!(meta.shard_id, self.meta.shard_id);
+                let shard = meta.shard_id.to_string();
+                metrics::histogram!("attache_group_commit_ops").record(msg.ops as f64);
+                metrics::counter!("attache_shard_ops_written_total", "shard" => shard.clone())
+                    .increment(msg.ops as u64);
+                metrics::counter!("attache_shard_bytes_written_total", "shard" => shard.clone())
+                    .increment(bytes);
+                metrics::gauge!("attache_shard_live_bytes", "shard" => shard)
+                    .set(meta.live_bytes as f64);
                 self.meta = meta;
                 self.group_commits += 1;
                 self.committed_ops += msg.ops as u64;
@@ -536,11 +552,17 @@ impl Handler<BatchGet> for Shard {
                 .multi_get(keys)
                 .await
                 .map_err(|e| read_error(shard_id, e))?;
-            records
+            let values: Vec<Option<Vec<u8>>> = records
                 .into_iter()
                 .map(|r| r.map(|r| layout::record_value(&r)).transpose())
                 .collect::<Result<_, _>>()
-                .map_err(|e| read_error(shard_id, e))
+                .map_err(|e| read_error(shard_id, e))?;
+            count_read(
+                shard_id,
+                values.len(),
+                values.iter().flatten().map(Vec::len).sum(),
+            );
+            Ok(values)
         })
     }
 }
@@ -562,11 +584,17 @@ impl Handler<Scan> for Shard {
                 .scan(&start, Some(&end), limit)
                 .await
                 .map_err(|e| read_error(shard_id, e))?;
-            pairs
+            let pairs: Vec<(Vec<u8>, Vec<u8>)> = pairs
                 .into_iter()
                 .map(|(k, r)| Ok((layout::user_key(&k).to_vec(), layout::record_value(&r)?)))
                 .collect::<Result<_, _>>()
-                .map_err(|e| read_error(shard_id, e))
+                .map_err(|e| read_error(shard_id, e))?;
+            count_read(
+                shard_id,
+                pairs.len(),
+                pairs.iter().map(|(k, v)| k.len() + v.len()).sum(),
+            );
+            Ok(pairs)
         })
     }
 }

@@ -1,0 +1,558 @@
+//! The gRPC service (`proto/attache.proto`), written once for both builds:
+//! tonic in production, madsim-tonic in the simulation. Handlers are thin:
+//! they turn a request into a message to the `Node` and the reply into a
+//! response; errors become gRPC status codes (see [`status`]).
+
+use std::pin::Pin;
+
+use futures::{stream, Stream, StreamExt};
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use crate::actor::Addr;
+use crate::error::AttacheError;
+use crate::node::{
+    CloseShardCall, DeleteShardCall, GetClusterStatus, ListClientShards, NewShard, Node,
+    PlacedShard, ShardCall,
+};
+use crate::shard::layout::{IndexEntry, ShardState};
+use crate::shard::{self, PutEntry};
+
+/// Generated protobuf messages and gRPC stubs of `attache.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    tonic::include_proto!("attache.v1");
+}
+
+use proto::attache_server::Attache;
+
+/// The trailer key that names the primary's address on `UNAVAILABLE`.
+pub const PRIMARY_HINT: &str = "attache-primary";
+
+/// Maps an error to its gRPC status; `UNAVAILABLE` carries the primary hint
+/// in the [`PRIMARY_HINT`] metadata entry.
+pub fn status(e: AttacheError) -> Status {
+    match e {
+        AttacheError::InvalidArgument(m) => Status::invalid_argument(m),
+        AttacheError::NotFound(m) => Status::not_found(m),
+        AttacheError::AlreadyExists(m) => Status::already_exists(m),
+        AttacheError::PermissionDenied(m) => Status::permission_denied(m),
+        AttacheError::FailedPrecondition(m) => Status::failed_precondition(m),
+        AttacheError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        AttacheError::Unavailable {
+            message,
+            primary_hint,
+        } => {
+            let mut s = Status::unavailable(message);
+            if let Some(hint) = primary_hint.and_then(|h| h.parse().ok()) {
+                s.metadata_mut().insert(PRIMARY_HINT, hint);
+            }
+            s
+        }
+        AttacheError::Internal(m) => Status::internal(m),
+    }
+}
+
+/// The primary hint of an `UNAVAILABLE` status, if it has one.
+pub fn primary_hint(s: &Status) -> Option<String> {
+    s.metadata()
+        .get(PRIMARY_HINT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+fn proto_state(s: ShardState) -> i32 {
+    match s {
+        ShardState::Active => proto::ShardState::Active as i32,
+        ShardState::ReadOnly => proto::ShardState::ReadOnly as i32,
+        ShardState::Deleted => proto::ShardState::Deleted as i32,
+    }
+}
+
+fn proto_info(p: PlacedShard) -> proto::ShardInfo {
+    proto::ShardInfo {
+        shard_id: p.info.shard_id,
+        client_id: p.info.owner,
+        state: proto_state(p.info.state),
+        size_limit_bytes: p.info.size_limit,
+        volume_id: p.volume_id,
+    }
+}
+
+fn indexes(v: Vec<proto::IndexEntry>) -> Vec<IndexEntry> {
+    v.into_iter()
+        .map(|i| IndexEntry {
+            name: i.name,
+            value: i.value,
+        })
+        .collect()
+}
+
+/// The tonic server wrapper of [`AttacheService`] (madsim-tonic's has an
+/// interceptor parameter more).
+#[cfg(not(madsim))]
+pub type Server = proto::attache_server::AttacheServer<AttacheService>;
+/// The tonic server wrapper of [`AttacheService`] (madsim-tonic's has an
+/// interceptor parameter more).
+#[cfg(madsim)]
+pub type Server =
+    proto::attache_server::AttacheServer<AttacheService, tonic::codegen::IdentityInterceptor>;
+
+/// A server-streaming response.
+pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// The service; one per node.
+#[derive(Clone)]
+pub struct AttacheService {
+    node: Addr<Node>,
+}
+
+impl AttacheService {
+    /// The service in front of `node`.
+    pub fn new(node: Addr<Node>) -> Self {
+        AttacheService { node }
+    }
+
+    /// The tonic server wrapper, with message size limits that fit the
+    /// largest batch `Limits` allows (`max_bytes`, plus framing).
+    pub fn into_server(self, max_bytes: usize) -> Server {
+        proto::attache_server::AttacheServer::new(self)
+            .max_decoding_message_size(2 * max_bytes + (1 << 20))
+            .max_encoding_message_size(max_bytes + (1 << 20))
+    }
+
+    /// Sends `op` for shard `shard_id` through the node, timing it as `method`.
+    async fn call<M>(&self, method: &'static str, shard_id: u64, op: M) -> Result<M::Ok, Status>
+    where
+        M: shard::ShardOp,
+        Node: crate::actor::Handler<ShardCall<M>>,
+    {
+        timed(method, async {
+            self.node.send(ShardCall { shard_id, op }).await?
+        })
+        .await
+    }
+}
+
+/// Runs `fut`, recording its latency and errors under `method`.
+async fn timed<T>(
+    method: &'static str,
+    fut: impl std::future::Future<Output = Result<T, AttacheError>>,
+) -> Result<T, Status> {
+    let start = Instant::now();
+    let result = fut.await;
+    metrics::histogram!("attache_request_duration_seconds", "method" => method)
+        .record(start.elapsed().as_secs_f64());
+    if result.is_err() {
+        metrics::counter!("attache_request_errors_total", "method" => method).increment(1);
+    }
+    result.map_err(status)
+}
+
+/// Entries a scan stream asks a shard for at a time.
+const SCAN_PAGE: u64 = 1000;
+
+/// Streams pages: `first` (fetched already, so its errors become the call's
+/// status), then `next(cursor, want)` until a short page or `limit` items in
+/// all (0: no limit). `cursor` is the last item of the previous page.
+fn pages<T, R, F, Fut>(
+    first: Vec<T>,
+    limit: u64,
+    wrap: fn(Vec<T>) -> R,
+    next: F,
+) -> ResponseStream<R>
+where
+    T: Clone + Send + 'static,
+    R: Send + 'static,
+    F: Fn(T, u32) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Vec<T>, Status>> + Send + 'static,
+{
+    let mut remaining = if limit == 0 { u64::MAX } else { limit };
+    let want = remaining.min(SCAN_PAGE);
+    let more = first.len() as u64 == want && remaining > want;
+    remaining -= first.len() as u64;
+    let cursor = if more { first.last().cloned() } else { None };
+    let head = stream::iter((!first.is_empty()).then(|| Ok(wrap(first))));
+    let tail = stream::unfold(
+        (cursor, remaining, next),
+        move |(cursor, remaining, next)| async move {
+            let cursor = cursor?;
+            let want = remaining.min(SCAN_PAGE);
+            match next(cursor, want as u32).await {
+                Err(e) => Some((Err(e), (None, 0, next))),
+                Ok(page) if page.is_empty() => None,
+                Ok(page) => {
+                    let more = page.len() as u64 == want && remaining > want;
+                    let cursor = if more { page.last().cloned() } else { None };
+                    Some((
+                        Ok(wrap(page)),
+                        (cursor, remaining - want.min(remaining), next),
+                    ))
+                }
+            }
+        },
+    );
+    Box::pin(head.chain(tail))
+}
+
+/// The smallest key after `key`.
+fn successor(key: &[u8]) -> Vec<u8> {
+    let mut k = key.to_vec();
+    k.push(0);
+    k
+}
+
+#[tonic::async_trait]
+impl Attache for AttacheService {
+    type BatchGetStream = ResponseStream<proto::GetResponse>;
+    type ScanStream = ResponseStream<proto::ScanResponse>;
+    type ScanIndexStream = ResponseStream<proto::ScanIndexResponse>;
+
+    async fn new_shard(
+        &self,
+        req: Request<proto::NewShardRequest>,
+    ) -> Result<Response<proto::ShardInfo>, Status> {
+        let r = req.into_inner();
+        let size_limit = (r.size_limit_bytes > 0).then_some(r.size_limit_bytes);
+        let placed = timed("new_shard", async {
+            self.node
+                .send(NewShard {
+                    client_id: r.client_id,
+                    size_limit,
+                })
+                .await?
+        })
+        .await?;
+        Ok(Response::new(proto_info(placed)))
+    }
+
+    async fn close_shard(
+        &self,
+        req: Request<proto::ShardRef>,
+    ) -> Result<Response<proto::ShardInfo>, Status> {
+        let r = req.into_inner();
+        let call = CloseShardCall {
+            shard_id: r.shard_id,
+            client_id: r.client_id,
+        };
+        let placed = timed("close_shard", async { self.node.send(call).await? }).await?;
+        Ok(Response::new(proto_info(placed)))
+    }
+
+    async fn delete_shard(
+        &self,
+        req: Request<proto::ShardRef>,
+    ) -> Result<Response<proto::ShardInfo>, Status> {
+        let r = req.into_inner();
+        let call = DeleteShardCall {
+            shard_id: r.shard_id,
+            client_id: r.client_id,
+        };
+        let mut placed = timed("delete_shard", async { self.node.send(call).await? }).await?;
+        placed.info.state = ShardState::Deleted;
+        Ok(Response::new(proto_info(placed)))
+    }
+
+    async fn put(
+        &self,
+        req: Request<proto::PutRequest>,
+    ) -> Result<Response<proto::WriteResponse>, Status> {
+        let r = req.into_inner();
+        let entry = PutEntry {
+            key: r.key,
+            value: r.value,
+            indexes: indexes(r.indexes),
+        };
+        self.call(
+            "put",
+            r.shard_id,
+            shard::Put {
+                client_id: r.client_id,
+                entry,
+            },
+        )
+        .await?;
+        Ok(Response::new(proto::WriteResponse {}))
+    }
+
+    async fn batch_put(
+        &self,
+        req: Request<proto::BatchPutRequest>,
+    ) -> Result<Response<proto::WriteResponse>, Status> {
+        let r = req.into_inner();
+        let entries = r
+            .entries
+            .into_iter()
+            .map(|e| PutEntry {
+                key: e.key,
+                value: e.value,
+                indexes: indexes(e.indexes),
+            })
+            .collect();
+        self.call(
+            "batch_put",
+            r.shard_id,
+            shard::BatchPut {
+                client_id: r.client_id,
+                entries,
+            },
+        )
+        .await?;
+        Ok(Response::new(proto::WriteResponse {}))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<proto::DeleteRequest>,
+    ) -> Result<Response<proto::WriteResponse>, Status> {
+        let r = req.into_inner();
+        self.call(
+            "delete",
+            r.shard_id,
+            shard::DeleteKey {
+                client_id: r.client_id,
+                key: r.key,
+            },
+        )
+        .await?;
+        Ok(Response::new(proto::WriteResponse {}))
+    }
+
+    async fn get(
+        &self,
+        req: Request<proto::GetRequest>,
+    ) -> Result<Response<proto::GetResponse>, Status> {
+        let r = req.into_inner();
+        let value = self
+            .call(
+                "get",
+                r.shard_id,
+                shard::Get {
+                    client_id: r.client_id,
+                    key: r.key.clone(),
+                },
+            )
+            .await?;
+        Ok(Response::new(proto::GetResponse {
+            key: r.key,
+            found: value.is_some(),
+            value: value.unwrap_or_default(),
+            max_staleness_ms: 0,
+        }))
+    }
+
+    async fn batch_get(
+        &self,
+        req: Request<proto::BatchGetRequest>,
+    ) -> Result<Response<Self::BatchGetStream>, Status> {
+        let r = req.into_inner();
+        let keys = r.keys.clone();
+        let values = self
+            .call(
+                "batch_get",
+                r.shard_id,
+                shard::BatchGet {
+                    client_id: r.client_id,
+                    keys: r.keys,
+                },
+            )
+            .await?;
+        let responses = keys.into_iter().zip(values).map(|(key, value)| {
+            Ok(proto::GetResponse {
+                key,
+                found: value.is_some(),
+                value: value.unwrap_or_default(),
+                max_staleness_ms: 0,
+            })
+        });
+        Ok(Response::new(Box::pin(stream::iter(
+            responses.collect::<Vec<_>>(),
+        ))))
+    }
+
+    async fn scan(
+        &self,
+        req: Request<proto::ScanRequest>,
+    ) -> Result<Response<Self::ScanStream>, Status> {
+        let r = req.into_inner();
+        let (shard_id, client_id, end) = (r.shard_id, r.client_id, r.end);
+        let want = if r.limit == 0 {
+            SCAN_PAGE
+        } else {
+            r.limit.min(SCAN_PAGE)
+        } as u32;
+        let op = shard::Scan {
+            client_id: client_id.clone(),
+            start: r.start,
+            end: end.clone(),
+            limit: want,
+        };
+        let first = self.call("scan", shard_id, op).await?;
+        let service = self.clone();
+        let next = move |(last, _): (Vec<u8>, Vec<u8>), limit| {
+            let op = shard::Scan {
+                client_id: client_id.clone(),
+                start: successor(&last),
+                end: end.clone(),
+                limit,
+            };
+            let service = service.clone();
+            async move { service.call("scan", shard_id, op).await }
+        };
+        let wrap = |page: Vec<(Vec<u8>, Vec<u8>)>| proto::ScanResponse {
+            entries: page
+                .into_iter()
+                .map(|(key, value)| proto::KeyValue { key, value })
+                .collect(),
+        };
+        Ok(Response::new(pages(first, r.limit, wrap, next)))
+    }
+
+    async fn scan_index(
+        &self,
+        req: Request<proto::ScanIndexRequest>,
+    ) -> Result<Response<Self::ScanIndexStream>, Status> {
+        let r = req.into_inner();
+        let (shard_id, client_id, name, prefix) = (r.shard_id, r.client_id, r.name, r.value_prefix);
+        let want = if r.limit == 0 {
+            SCAN_PAGE
+        } else {
+            r.limit.min(SCAN_PAGE)
+        } as u32;
+        let op = shard::ScanIndex {
+            client_id: client_id.clone(),
+            name: name.clone(),
+            value_prefix: prefix.clone(),
+            after: None,
+            limit: want,
+        };
+        let first = self.call("scan_index", shard_id, op).await?;
+        let service = self.clone();
+        let next = move |last: shard::IndexHit, limit| {
+            let op = shard::ScanIndex {
+                client_id: client_id.clone(),
+                name: name.clone(),
+                value_prefix: prefix.clone(),
+                after: Some(last),
+                limit,
+            };
+            let service = service.clone();
+            async move { service.call("scan_index", shard_id, op).await }
+        };
+        let wrap = |page: Vec<shard::IndexHit>| proto::ScanIndexResponse {
+            hits: page
+                .into_iter()
+                .map(|h| proto::IndexHit {
+                    value: h.value,
+                    key: h.key,
+                })
+                .collect(),
+        };
+        Ok(Response::new(pages(first, r.limit, wrap, next)))
+    }
+
+    async fn shard_stats(
+        &self,
+        req: Request<proto::ShardRef>,
+    ) -> Result<Response<proto::ShardStatsResponse>, Status> {
+        let r = req.into_inner();
+        let shard_id = r.shard_id;
+        let s = self
+            .call(
+                "shard_stats",
+                shard_id,
+                shard::Stats {
+                    client_id: r.client_id,
+                },
+            )
+            .await?;
+        let volume_id = self
+            .node
+            .send(crate::node::VolumeOf { shard_id })
+            .await
+            .map_err(|e| status(e.into()))?
+            .map_err(status)?;
+        Ok(Response::new(proto::ShardStatsResponse {
+            info: Some(proto_info(PlacedShard {
+                info: s.info,
+                volume_id,
+            })),
+            live_bytes: s.live_bytes,
+            live_keys: s.live_keys,
+            bytes_written: s.engine.bytes_written,
+            bytes_read: s.engine.bytes_read,
+            ops_written: s.engine.ops_written,
+            ops_read: s.engine.ops_read,
+            group_commits: s.group_commits,
+            committed_ops: s.committed_ops,
+        }))
+    }
+
+    async fn list_shards(
+        &self,
+        req: Request<proto::ListShardsRequest>,
+    ) -> Result<Response<proto::ListShardsResponse>, Status> {
+        let r = req.into_inner();
+        let records = timed("list_shards", async {
+            self.node
+                .send(ListClientShards {
+                    client_id: r.client_id,
+                })
+                .await?
+        })
+        .await?;
+        let shards = records
+            .into_iter()
+            .map(|r| proto::ShardInfo {
+                shard_id: r.shard_id,
+                client_id: r.client_id,
+                state: proto_state(r.state),
+                size_limit_bytes: r.size_limit,
+                volume_id: r.volume_id,
+            })
+            .collect();
+        Ok(Response::new(proto::ListShardsResponse { shards }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: Request<proto::ClusterStatusRequest>,
+    ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
+        let c = timed("cluster_status", async {
+            self.node.send(GetClusterStatus).await?
+        })
+        .await?;
+        let address = |id| {
+            c.nodes
+                .iter()
+                .find(|n| n.node_id == id)
+                .map(|n| n.address.clone())
+                .unwrap_or_default()
+        };
+        let nodes = c
+            .nodes
+            .iter()
+            .map(|n| proto::NodeStatus {
+                node_id: n.node_id,
+                address: n.address.clone(),
+                live: true,
+            })
+            .collect();
+        let volumes = c
+            .volumes
+            .iter()
+            .map(|v| proto::VolumeStatus {
+                volume_id: v.volume_id.clone(),
+                primary_node_id: v.primary,
+                primary_address: address(v.primary),
+                epoch: v.epoch,
+                backup_node_ids: c.backups.get(&v.volume_id).cloned().unwrap_or_default(),
+                shards: c.shards.get(&v.volume_id).copied().unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(proto::ClusterStatusResponse {
+            nodes,
+            volumes,
+        }))
+    }
+}

@@ -1,0 +1,18 @@
+//! Production wiring for Attaché: the actix host, the RocksDB engine, file
+//! stores, the etcd metadata backend, configuration, telemetry, the server
+//! commands and the command-line client of the `attache` binary.
+
+pub mod actix_host;
+pub mod client;
+pub mod client_cli;
+pub mod config;
+pub mod etcd;
+pub mod files;
+pub mod meta_server;
+pub mod records;
+pub mod rocks_engine;
+pub mod serve;
+pub mod telemetry;
+
+pub use actix_host::ActixHost;
+pub use rocks_engine::{RocksEngine, RocksEngineFactory};

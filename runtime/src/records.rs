@@ -1,0 +1,187 @@
+//! Record files for `attache client load` and `dump`.
+//!
+//! - TSV: one `key<TAB>value` per line. In keys and values, `\` is written
+//!   `\\`, tab `\t`, newline `\n`, carriage return `\r`, and a byte that is
+//!   not part of valid UTF-8 `\xNN`; so any bytes round-trip.
+//! - JSON lines: one object per line, `{"key": "...", "value": "..."}` for
+//!   UTF-8 data, `key_base64` / `value_base64` (standard alphabet) otherwise.
+
+use base64::Engine as _;
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+/// A record file format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// `key<TAB>value` lines with backslash escapes.
+    Tsv,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+impl Format {
+    /// The format a file name suggests: `.jsonl`/`.json`/`.ndjson` are JSON lines, anything else TSV.
+    pub fn from_path(path: &std::path::Path) -> Format {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("jsonl" | "json" | "ndjson") => Format::Jsonl,
+            _ => Format::Tsv,
+        }
+    }
+}
+
+fn escape(bytes: &[u8], out: &mut String) {
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\t' => out.push_str("\\t"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+}
+
+fn unescape(field: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut chars = field.char_indices();
+    while let Some((i, c)) = chars.next() {
+        if c != '\\' {
+            let mut buf = [0; 4];
+            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            continue;
+        }
+        match chars.next() {
+            Some((_, '\\')) => out.push(b'\\'),
+            Some((_, 't')) => out.push(b'\t'),
+            Some((_, 'n')) => out.push(b'\n'),
+            Some((_, 'r')) => out.push(b'\r'),
+            Some((_, 'x')) => {
+                let hex: String = chars.by_ref().take(2).map(|(_, c)| c).collect();
+                let byte = u8::from_str_radix(&hex, 16)
+                    .map_err(|_| format!("bad escape \\x{hex} at column {}", i + 1))?;
+                out.push(byte);
+            }
+            Some((_, c)) => return Err(format!("unknown escape \\{c} at column {}", i + 1)),
+            None => return Err("line ends with a lone backslash".into()),
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct JsonRecord {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_base64: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value_base64: Option<String>,
+}
+
+fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+fn json_field(
+    text: Option<String>,
+    b64_text: Option<String>,
+    what: &str,
+) -> Result<Vec<u8>, String> {
+    match (text, b64_text) {
+        (Some(t), None) => Ok(t.into_bytes()),
+        (None, Some(b)) => b64()
+            .decode(b)
+            .map_err(|e| format!("{what}_base64 is not base64: {e}")),
+        (None, None) => Err(format!("missing \"{what}\" (or \"{what}_base64\")")),
+        (Some(_), Some(_)) => Err(format!("give \"{what}\" or \"{what}_base64\", not both")),
+    }
+}
+
+/// Parses one line (without its newline) into (key, value).
+///
+/// Errors: a message saying what is wrong with the line.
+pub fn parse_line(format: Format, line: &str) -> Result<(Vec<u8>, Vec<u8>), String> {
+    match format {
+        Format::Tsv => {
+            let (k, v) = line
+                .split_once('\t')
+                .ok_or("no tab between key and value")?;
+            Ok((unescape(k)?, unescape(v)?))
+        }
+        Format::Jsonl => {
+            let r: JsonRecord =
+                serde_json::from_str(line).map_err(|e| format!("not a JSON record: {e}"))?;
+            Ok((
+                json_field(r.key, r.key_base64, "key")?,
+                json_field(r.value, r.value_base64, "value")?,
+            ))
+        }
+    }
+}
+
+/// Formats one record as a line (without its newline).
+pub fn format_line(format: Format, key: &[u8], value: &[u8]) -> String {
+    match format {
+        Format::Tsv => {
+            let mut out = String::with_capacity(key.len() + value.len() + 1);
+            escape(key, &mut out);
+            out.push('\t');
+            escape(value, &mut out);
+            out
+        }
+        Format::Jsonl => {
+            let mut r = JsonRecord::default();
+            match std::str::from_utf8(key) {
+                Ok(k) => r.key = Some(k.to_string()),
+                Err(_) => r.key_base64 = Some(b64().encode(key)),
+            }
+            match std::str::from_utf8(value) {
+                Ok(v) => r.value = Some(v.to_string()),
+                Err(_) => r.value_base64 = Some(b64().encode(value)),
+            }
+            serde_json::to_string(&r).expect("records serialize")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_bytes_round_trip(key in proptest::collection::vec(any::<u8>(), 1..40),
+                                value in proptest::collection::vec(any::<u8>(), 0..80)) {
+            for f in [Format::Tsv, Format::Jsonl] {
+                let line = format_line(f, &key, &value);
+                prop_assert!(!line.contains('\n'));
+                prop_assert_eq!(parse_line(f, &line).unwrap(), (key.clone(), value.clone()));
+            }
+        }
+    }
+
+    #[test]
+    fn bad_lines_say_what_is_wrong() {
+        assert!(parse_line(Format::Tsv, "no-tab")
+            .unwrap_err()
+            .contains("no tab"));
+        assert!(parse_line(Format::Tsv, "a\\q\tb")
+            .unwrap_err()
+            .contains("unknown escape"));
+        assert!(parse_line(Format::Jsonl, "{\"key\":\"a\"}")
+            .unwrap_err()
+            .contains("value"));
+        assert_eq!(
+            parse_line(Format::Jsonl, "{\"key\":\"a\",\"value\":\"b\"}").unwrap(),
+            (b"a".to_vec(), b"b".to_vec())
+        );
+    }
+}

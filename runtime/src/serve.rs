@@ -1,0 +1,175 @@
+//! Running a node process: `attache node` and `attache dev`.
+//!
+//! The actors run on actix arbiters ([`ActixHost`]); the gRPC server and the
+//! metrics endpoint run on the actix system's tokio runtime. On SIGINT or
+//! SIGTERM the server stops taking connections and lets in-flight requests
+//! finish, then the node shuts down: group commits in flight complete,
+//! engines close, the lease is revoked. Nothing acknowledged is lost.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use attache_actors::meta::embedded::EmbeddedBackend;
+use attache_actors::meta::retry::RetryPolicy;
+use attache_actors::meta::{MetaOps, MetadataBackend};
+use attache_actors::node::{Node, ShutdownNode, WaitReady};
+use attache_actors::service::AttacheService;
+use attache_actors::HostHandle;
+use clap::Args;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::{LogArgs, NodeSettings, DEFAULT_LISTEN};
+use crate::files::{FileLocalStore, FileMetaLog};
+use crate::telemetry::{init_logging, serve_metrics};
+use crate::{ActixHost, RocksEngineFactory};
+
+/// Flags of `attache dev`.
+#[derive(Args, Clone, Debug)]
+pub struct DevArgs {
+    /// Where everything lives: `meta/` (metadata), `node-N/` (node dirs),
+    /// `volumes/vol-N/` (directories standing in for volumes).
+    #[arg(long, default_value = "attache-data", env = "ATTACHE_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// gRPC listen address; port 0 picks a free port.
+    #[arg(long, default_value = DEFAULT_LISTEN, env = "ATTACHE_LISTEN")]
+    pub listen: SocketAddr,
+    /// How many volumes (local directories) the node serves.
+    #[arg(long, default_value_t = 2)]
+    pub volumes: usize,
+    /// Prometheus endpoint address (`/metrics`); off when absent.
+    #[arg(long, env = "ATTACHE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Node lease TTL in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub lease_ttl_ms: u64,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl DevArgs {
+    /// The settings of the one node `attache dev` runs.
+    pub fn settings(self) -> NodeSettings {
+        let volumes = (1..=self.volumes.max(1))
+            .map(|i| format!("vol-{i}"))
+            .collect();
+        let mut node = attache_actors::node::NodeConfig::new(
+            String::new(),
+            self.data_dir.join("volumes"),
+            volumes,
+        );
+        node.lease_ttl_ms = self.lease_ttl_ms;
+        NodeSettings {
+            data_dir: self.data_dir.join("node-1"),
+            listen: self.listen,
+            advertise: None,
+            metrics_listen: self.metrics_listen,
+            metadata: format!("embedded:{}", self.data_dir.join("meta").display()),
+            region: None,
+            threads: crate::config::default_threads(),
+            log_format: self.log.log_format.unwrap_or_default(),
+            log_level: self.log.log_level.unwrap_or_else(|| "info".into()),
+            node,
+        }
+    }
+}
+
+/// Opens the metadata backend named by `spec` (see `--metadata`).
+///
+/// Errors: an unknown scheme, or the backend cannot be opened.
+pub async fn open_metadata(spec: &str) -> anyhow::Result<Arc<dyn MetadataBackend>> {
+    if let Some(dir) = spec.strip_prefix("embedded:") {
+        let dir = Path::new(dir);
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create metadata dir {}", dir.display()))?;
+        let lock = crate::files::lock_dir(dir)?;
+        let backend = EmbeddedBackend::open(Arc::new(FileMetaLog::new(dir))).await?;
+        // The lock lives as long as the process: one writer per metadata dir.
+        std::mem::forget(lock);
+        return Ok(backend);
+    }
+    if let Some(addr) = spec.strip_prefix("grpc://") {
+        return Ok(Arc::new(attache_actors::meta::remote::RemoteBackend::new(
+            format!("http://{addr}"),
+        )));
+    }
+    if let Some(endpoints) = spec.strip_prefix("etcd://") {
+        let endpoints: Vec<String> = endpoints.split(',').map(str::to_string).collect();
+        return Ok(Arc::new(
+            crate::etcd::EtcdBackend::connect(&endpoints).await?,
+        ));
+    }
+    anyhow::bail!("unknown metadata store {spec:?}: use embedded:DIR, grpc://HOST:PORT or etcd://HOST:PORT[,HOST:PORT]")
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown signal received");
+}
+
+/// A seed for retry jitter; production needs no replay, only spread.
+fn jitter_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+/// Runs one node until SIGINT/SIGTERM. `banner` prints extra lines once it serves.
+pub fn run_node(s: NodeSettings, banner: impl FnOnce(&str) + Send + 'static) -> anyhow::Result<()> {
+    init_logging(s.log_format, &s.log_level);
+    actix_rt::System::new().block_on(async move {
+        if let Some(addr) = s.metrics_listen {
+            serve_metrics(addr).with_context(|| format!("cannot serve metrics on {addr}"))?;
+        }
+        let listener = tokio::net::TcpListener::bind(s.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", s.listen))?;
+        let local = listener.local_addr()?;
+        let mut cfg = s.node.clone();
+        cfg.advertise_addr = s.advertise.clone().unwrap_or_else(|| local.to_string());
+        let backend = open_metadata(&s.metadata).await?;
+        let meta = MetaOps::new(backend, RetryPolicy::default(), jitter_seed());
+        let host = HostHandle::new(ActixHost::new(s.threads));
+        let limits = cfg.limits.clone();
+        let node = host.spawn(
+            Node::new(
+                cfg,
+                meta,
+                Arc::new(FileLocalStore::new(&s.data_dir)),
+                Arc::new(RocksEngineFactory::new()),
+            ),
+            4096,
+        );
+        let record = node
+            .send(WaitReady)
+            .await?
+            .context("node start-up failed")?;
+        println!(
+            "attache: node {} serving gRPC on {local} (volumes: {})",
+            record.node_id,
+            record.volumes.join(", ")
+        );
+        if let Some(addr) = s.metrics_listen {
+            println!("attache: metrics on http://{addr}/metrics");
+        }
+        banner(&local.to_string());
+        let service = AttacheService::new(node.clone()).into_server(limits.max_batch_bytes);
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+            .await
+            .context("gRPC server failed")?;
+        node.send(ShutdownNode).await?;
+        node.stop();
+        println!("attache: node {} stopped", record.node_id);
+        Ok(())
+    })
+}

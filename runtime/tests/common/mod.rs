@@ -1,0 +1,110 @@
+//! Helpers for tests that run the real `attache` binary: start a process,
+//! wait for the line that says where it listens, stop or kill it.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use attache_actors::service::proto::attache_client::AttacheClient;
+use tonic::transport::Channel;
+
+/// A running `attache` process.
+pub struct Proc {
+    pub child: Child,
+    /// The address it printed (`... on ADDR ...`).
+    pub addr: String,
+    /// Every stdout line it printed after the address line.
+    pub lines: mpsc::Receiver<String>,
+}
+
+/// Starts `attache` with `args` and waits (up to 120 s) for a stdout line
+/// containing `marker` followed by an address.
+pub fn start(args: &[&str], marker: &str) -> Proc {
+    let child = Command::new(env!("CARGO_BIN_EXE_attache"))
+        .args(args)
+        .env("ATTACHE_LOG_LEVEL", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start attache");
+    let (tx, rx) = mpsc::channel();
+    // From here on, Drop kills and reaps the child whatever happens.
+    let mut proc = Proc {
+        child,
+        addr: String::new(),
+        lines: rx,
+    };
+    let stdout = proc.child.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = proc
+            .lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("attache {args:?} printed no {marker:?} line in 120 s"));
+        if let Some(rest) = line.split(marker).nth(1) {
+            proc.addr = rest.split_whitespace().next().unwrap().to_string();
+            return proc;
+        }
+    }
+}
+
+/// Starts `attache dev` on a free port with its data in `dir`.
+pub fn start_dev(dir: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    start(&args, "serving gRPC on ")
+}
+
+impl Proc {
+    /// Sends `signal` and waits for the exit status (up to 60 s).
+    pub fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "attache did not exit within 60 s of signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A gRPC client of this process.
+    pub async fn client(&self) -> AttacheClient<Channel> {
+        let ch = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        AttacheClient::new(ch)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
