@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use attache_actors::engine::{
-    BatchOp, Engine, EngineCounters, EngineError, EngineFactory, EngineStats, KvPairs, OpenMode,
-    WriteBatch,
+    BatchOp, BuildBatch, Engine, EngineCounters, EngineError, EngineFactory, EngineStats, KvPairs,
+    OpenMode, WriteBatch,
 };
 use rocksdb::{Direction, ErrorKind, IteratorMode, Options, ReadOptions, WriteOptions, DB};
 
@@ -135,6 +135,49 @@ impl RocksEngine {
     }
 }
 
+/// Writes `batch` to `db` (on the calling thread: callers are on the blocking pool).
+fn write_now(
+    db: &DB,
+    path: &Path,
+    counters: &EngineCounters,
+    batch: &WriteBatch,
+    sync: bool,
+) -> Result<(), EngineError> {
+    let mut rb = rocksdb::WriteBatch::default();
+    for op in batch.ops() {
+        match op {
+            BatchOp::Put { key, value } => rb.put(key, value),
+            BatchOp::Delete { key } => rb.delete(key),
+        }
+    }
+    let mut wo = WriteOptions::default();
+    wo.set_sync(sync);
+    db.write_opt(rb, &wo).map_err(|e| engine_error(path, e))?;
+    counters.wrote(batch);
+    Ok(())
+}
+
+/// Reads `keys` from `db` (on the calling thread).
+fn multi_get_now(
+    db: &DB,
+    path: &Path,
+    counters: &EngineCounters,
+    keys: &[Vec<u8>],
+) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+    let values = db
+        .multi_get(keys)
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| engine_error(path, e))?;
+    let bytes = keys
+        .iter()
+        .zip(&values)
+        .map(|(k, v)| v.as_ref().map_or(0, |v| k.len() + v.len()) as u64)
+        .sum();
+    counters.read(keys.len() as u64, bytes);
+    Ok(values)
+}
+
 #[async_trait]
 impl Engine for RocksEngine {
     async fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
@@ -142,19 +185,28 @@ impl Engine for RocksEngine {
             return Err(EngineError::ReadOnly);
         }
         let (db, path, counters) = (self.db()?, self.path.clone(), self.counters.clone());
+        blocking(move || write_now(&db, &path, &counters, &batch, sync)).await
+    }
+
+    /// One trip to the blocking pool for the read and the write.
+    async fn read_then_write(
+        &self,
+        keys: Vec<Vec<u8>>,
+        build: BuildBatch,
+        sync: bool,
+    ) -> Result<(), EngineError> {
+        if self.read_only {
+            return Err(EngineError::ReadOnly);
+        }
+        let (db, path, counters) = (self.db()?, self.path.clone(), self.counters.clone());
         blocking(move || {
-            let mut rb = rocksdb::WriteBatch::default();
-            for op in batch.ops() {
-                match op {
-                    BatchOp::Put { key, value } => rb.put(key, value),
-                    BatchOp::Delete { key } => rb.delete(key),
-                }
-            }
-            let mut wo = WriteOptions::default();
-            wo.set_sync(sync);
-            db.write_opt(rb, &wo).map_err(|e| engine_error(&path, e))?;
-            counters.wrote(&batch);
-            Ok(())
+            let values = if keys.is_empty() {
+                Vec::new()
+            } else {
+                multi_get_now(&db, &path, &counters, &keys)?
+            };
+            let batch = build(keys, values)?;
+            write_now(&db, &path, &counters, &batch, sync)
         })
         .await
     }
@@ -179,21 +231,7 @@ impl Engine for RocksEngine {
 
     async fn multi_get(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
         let (db, path, counters) = (self.db()?, self.path.clone(), self.counters.clone());
-        blocking(move || {
-            let values = db
-                .multi_get(&keys)
-                .into_iter()
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| engine_error(&path, e))?;
-            let bytes = keys
-                .iter()
-                .zip(&values)
-                .map(|(k, v)| v.as_ref().map_or(0, |v| k.len() + v.len()) as u64)
-                .sum();
-            counters.read(keys.len() as u64, bytes);
-            Ok(values)
-        })
-        .await
+        blocking(move || multi_get_now(&db, &path, &counters, &keys)).await
     }
 
     async fn scan(

@@ -7,8 +7,9 @@
 //! entries and the live byte count exact without a read on the request path.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
-use crate::engine::{Engine, EngineError, WriteBatch};
+use crate::engine::{BuildBatch, Engine, EngineError, WriteBatch};
 use crate::shard::layout::{self, IndexEntry, ShardMeta, ShardState, META_KEY};
 
 /// A write accepted by the shard and waiting for its group's sync.
@@ -88,17 +89,8 @@ fn remove_record(
     Ok(())
 }
 
-/// Writes `ops` on top of the shard whose committed meta is `meta`, as one
-/// synced batch, and returns the new meta and the bytes written (keys and
-/// values of the engine batch).
-///
-/// Errors: those of the engine's `multi_get` and `write`; on error nothing of
-/// the group was written.
-pub async fn apply_group(
-    engine: &dyn Engine,
-    meta: &ShardMeta,
-    ops: &[StagedOp],
-) -> Result<(ShardMeta, u64), EngineError> {
+/// The engine keys of the records `ops` replace, sorted and without repeats.
+fn group_keys(ops: &[StagedOp]) -> Vec<Vec<u8>> {
     let keys: BTreeSet<Vec<u8>> = ops
         .iter()
         .filter_map(|op| match op {
@@ -106,14 +98,19 @@ pub async fn apply_group(
             StagedOp::SetState(_) => None,
         })
         .collect();
-    let keys: Vec<Vec<u8>> = keys.into_iter().collect();
-    let olds = if keys.is_empty() {
-        Vec::new()
-    } else {
-        engine.multi_get(keys.clone()).await?
-    };
-    let mut current: BTreeMap<Vec<u8>, Option<Vec<u8>>> = keys.into_iter().zip(olds).collect();
+    keys.into_iter().collect()
+}
 
+/// The engine batch of `ops` over records `olds` (the current values of
+/// `keys`), and the meta after it.
+fn build_group(
+    meta: &ShardMeta,
+    ops: &[StagedOp],
+    keys: Vec<Vec<u8>>,
+    olds: Vec<Option<Vec<u8>>>,
+) -> Result<(WriteBatch, ShardMeta), EngineError> {
+    assert_eq!(keys.len(), olds.len(), "one current value per key read");
+    let mut current: BTreeMap<Vec<u8>, Option<Vec<u8>>> = keys.into_iter().zip(olds).collect();
     let mut meta = meta.clone();
     let mut batch = WriteBatch::new();
     for op in ops {
@@ -151,9 +148,32 @@ pub async fn apply_group(
         }
     }
     batch.put(META_KEY, meta.encode());
-    let bytes = batch.byte_size() as u64;
-    engine.write(batch, true).await?;
-    Ok((meta, bytes))
+    Ok((batch, meta))
+}
+
+/// Writes `ops` on top of the shard whose committed meta is `meta`, as one
+/// synced batch, and returns the new meta and the bytes written (keys and
+/// values of the engine batch). The records the group replaces are read and
+/// the batch written in one engine call (`Engine::read_then_write`).
+///
+/// Errors: those of the engine's read and write; on error nothing of the
+/// group was written.
+pub async fn apply_group(
+    engine: &dyn Engine,
+    meta: &ShardMeta,
+    ops: Arc<Vec<StagedOp>>,
+) -> Result<(ShardMeta, u64), EngineError> {
+    let keys = group_keys(&ops);
+    let out = Arc::new(Mutex::new(None));
+    let (slot, meta) = (out.clone(), meta.clone());
+    let build: BuildBatch = Box::new(move |keys, olds| {
+        let (batch, after) = build_group(&meta, &ops, keys, olds)?;
+        *slot.lock().expect("commit slot") = Some((after, batch.byte_size() as u64));
+        Ok(batch)
+    });
+    engine.read_then_write(keys, build, true).await?;
+    let result = out.lock().expect("commit slot").take();
+    Ok(result.expect("a successful write built its batch"))
 }
 
 #[cfg(test)]
@@ -197,7 +217,10 @@ mod tests {
             ],
         ];
         for ops in groups {
-            meta = apply_group(&*engine, &meta, &ops).await.unwrap().0;
+            meta = apply_group(&*engine, &meta, Arc::new(ops.clone()))
+                .await
+                .unwrap()
+                .0;
             let all = engine.scan(b"", None, usize::MAX).await.unwrap();
             let stored: u64 = all
                 .iter()
@@ -229,7 +252,7 @@ mod tests {
             .unwrap();
         let meta = ShardMeta::new(1, "c".into(), 1 << 20);
         let op = put("key", "value", &[("n", "v\0"), ("m", "w")]);
-        let after = apply_group(&*engine, &meta, std::slice::from_ref(&op))
+        let after = apply_group(&*engine, &meta, Arc::new(vec![op.clone()]))
             .await
             .unwrap();
         assert_eq!(after.0.live_bytes, op.max_added_bytes());

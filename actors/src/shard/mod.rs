@@ -313,7 +313,7 @@ impl Shard {
             return;
         }
         self.committing = true;
-        let ops = std::mem::take(&mut self.staged);
+        let ops = Arc::new(std::mem::take(&mut self.staged));
         let waiters = std::mem::take(&mut self.waiters);
         self.staged_bytes = 0;
         let engine = self.engine.clone();
@@ -321,7 +321,8 @@ impl Shard {
         let me = ctx.address();
         let shard_id = meta.shard_id;
         ctx.host().spawn_detached(async move {
-            let result = commit::apply_group(&*engine, &meta, &ops).await;
+            let count = ops.len();
+            let result = commit::apply_group(&*engine, &meta, ops).await;
             let ack = result
                 .as_ref()
                 .map(|_| ())
@@ -329,10 +330,7 @@ impl Shard {
             for w in waiters {
                 let _ = w.send(ack.clone());
             }
-            me.do_send(Committed {
-                result,
-                ops: ops.len(),
-            });
+            me.do_send(Committed { result, ops: count });
         });
     }
 }
