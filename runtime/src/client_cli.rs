@@ -177,10 +177,10 @@ fn print_info(json: bool, i: &proto::ShardInfo) {
     }
 }
 
+/// Bytes for the terminal: UTF-8 as is; tabs, line breaks, backslashes and
+/// other bytes escaped as in `tsv-escaped`.
 fn text(bytes: &[u8]) -> String {
-    records::format_line(Format::Tsv, bytes, b"")
-        .trim_end_matches('\t')
-        .to_string()
+    records::escaped(bytes)
 }
 
 fn parse_index(s: &str) -> anyhow::Result<proto::IndexEntry> {
@@ -193,9 +193,30 @@ fn parse_index(s: &str) -> anyhow::Result<proto::IndexEntry> {
     })
 }
 
-/// Exit status of a client command that failed with a gRPC status.
+/// A client command's error for a gRPC status: the canonical code name and
+/// the server's message, e.g. `NOT_FOUND: shard 9 does not exist: ...`.
 fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}: {}", s.code().description(), s.message())
+    use tonic::Code::*;
+    let code = match s.code() {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    };
+    anyhow::anyhow!("{code}: {}", s.message())
 }
 
 /// Runs a client command.
@@ -377,7 +398,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                             json!({"key": text(&kv.key), "value": text(&kv.value)})
                         );
                     } else {
-                        println!("{}", records::format_line(Format::Tsv, &kv.key, &kv.value));
+                        println!("{}\t{}", text(&kv.key), text(&kv.value));
                     }
                 }
             }
@@ -545,7 +566,9 @@ async fn load(
     pb.set_style(ProgressStyle::with_template(
         "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} {msg}",
     )?);
-    let mut lines = BufReader::new(file).lines().enumerate();
+    let mut reader = BufReader::new(file);
+    let mut line_no = 0usize;
+    let mut line = Vec::new();
     let mut parse_error = None;
     // Batches are parsed lazily, as the pipeline asks for them.
     let batches = std::iter::from_fn(|| {
@@ -554,15 +577,19 @@ async fn load(
         }
         let (mut entries, mut bytes, mut read) = (Vec::new(), 0, 0u64);
         while entries.len() < batch && bytes < LOAD_BATCH_BYTES {
-            let Some((n, line)) = lines.next() else { break };
-            let line = match line {
-                Ok(l) => l,
+            line.clear();
+            line_no += 1;
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) => break,
+                Ok(n) => read += n as u64,
                 Err(e) => {
-                    parse_error = Some(format!("line {}: {e}", n + 1));
+                    parse_error = Some(format!("{}:{line_no}: {e}", path.display()));
                     return None;
                 }
-            };
-            read += line.len() as u64 + 1;
+            }
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
             if line.is_empty() {
                 continue;
             }
@@ -576,7 +603,7 @@ async fn load(
                     });
                 }
                 Err(e) => {
-                    parse_error = Some(format!("{}:{}: {e}", path.display(), n + 1));
+                    parse_error = Some(format!("{}:{line_no}: {e}", path.display()));
                     return None;
                 }
             }
@@ -684,7 +711,10 @@ async fn dump(
     while let Some(page) = stream.next().await {
         let page = page.map_err(status_error)?;
         for kv in &page.entries {
-            writeln!(w, "{}", records::format_line(format, &kv.key, &kv.value))?;
+            let line =
+                records::format_line(format, &kv.key, &kv.value).map_err(|e| anyhow::anyhow!(e))?;
+            w.write_all(&line)?;
+            w.write_all(b"\n")?;
         }
         n += page.entries.len() as u64;
         pb.set_position(n);

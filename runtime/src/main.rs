@@ -33,8 +33,18 @@ enum Cmd {
     Client(client_cli::ClientArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+fn main() -> std::process::ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
         Cmd::Dev(args) => {
             let data = args.data_dir.display().to_string();
             serve::run_node(args.settings(), move |addr| {

@@ -1,8 +1,13 @@
 //! Record files for `attache client load` and `dump`.
 //!
-//! - TSV: one `key<TAB>value` per line. In keys and values, `\` is written
-//!   `\\`, tab `\t`, newline `\n`, carriage return `\r`, and a byte that is
-//!   not part of valid UTF-8 `\xNN`; so any bytes round-trip.
+//! - TSV (`tsv`): one `key<TAB>value` per line, bytes as they are: the key is
+//!   everything before the first tab, the value everything after it. A record
+//!   whose key holds a tab or newline, or whose value holds a newline, cannot
+//!   be written this way; `dump` says so and names the escaped formats.
+//! - Escaped TSV (`tsv-escaped`, like PostgreSQL's COPY text format): in keys
+//!   and values `\` is written `\\`, tab `\t`, newline `\n`, carriage return
+//!   `\r`, and a byte that is not part of valid UTF-8 `\xNN`; any bytes
+//!   round-trip.
 //! - JSON lines: one object per line, `{"key": "...", "value": "..."}` for
 //!   UTF-8 data, `key_base64` / `value_base64` (standard alphabet) otherwise.
 
@@ -13,8 +18,10 @@ use serde::{Deserialize, Serialize};
 /// A record file format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
-    /// `key<TAB>value` lines with backslash escapes.
+    /// `key<TAB>value` lines, bytes as they are.
     Tsv,
+    /// `key<TAB>value` lines with backslash escapes.
+    TsvEscaped,
     /// One JSON object per line.
     Jsonl,
 }
@@ -107,9 +114,19 @@ fn json_field(
 /// Parses one line (without its newline) into (key, value).
 ///
 /// Errors: a message saying what is wrong with the line.
-pub fn parse_line(format: Format, line: &str) -> Result<(Vec<u8>, Vec<u8>), String> {
+pub fn parse_line(format: Format, line: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
     match format {
         Format::Tsv => {
+            let tab = line
+                .iter()
+                .position(|&b| b == b'\t')
+                .ok_or("no tab between key and value")?;
+            Ok((line[..tab].to_vec(), line[tab + 1..].to_vec()))
+        }
+        Format::TsvEscaped => {
+            let line =
+                std::str::from_utf8(line).map_err(|e| format!("escaped TSV must be UTF-8: {e}"))?;
             let (k, v) = line
                 .split_once('\t')
                 .ok_or("no tab between key and value")?;
@@ -117,7 +134,7 @@ pub fn parse_line(format: Format, line: &str) -> Result<(Vec<u8>, Vec<u8>), Stri
         }
         Format::Jsonl => {
             let r: JsonRecord =
-                serde_json::from_str(line).map_err(|e| format!("not a JSON record: {e}"))?;
+                serde_json::from_slice(line).map_err(|e| format!("not a JSON record: {e}"))?;
             Ok((
                 json_field(r.key, r.key_base64, "key")?,
                 json_field(r.value, r.value_base64, "value")?,
@@ -127,14 +144,34 @@ pub fn parse_line(format: Format, line: &str) -> Result<(Vec<u8>, Vec<u8>), Stri
 }
 
 /// Formats one record as a line (without its newline).
-pub fn format_line(format: Format, key: &[u8], value: &[u8]) -> String {
+///
+/// Errors: for `tsv`, a key with a tab or newline, or a value with a newline
+/// or ending in a carriage return, which that format cannot hold.
+pub fn format_line(format: Format, key: &[u8], value: &[u8]) -> Result<Vec<u8>, String> {
     match format {
         Format::Tsv => {
+            if key.contains(&b'\t')
+                || key.contains(&b'\n')
+                || value.contains(&b'\n')
+                || value.ends_with(b"\r")
+            {
+                return Err(format!(
+                    "record {} holds a tab or line break that plain TSV cannot hold: use --format tsv-escaped or jsonl",
+                    escaped(key)
+                ));
+            }
+            let mut out = Vec::with_capacity(key.len() + value.len() + 1);
+            out.extend_from_slice(key);
+            out.push(b'\t');
+            out.extend_from_slice(value);
+            Ok(out)
+        }
+        Format::TsvEscaped => {
             let mut out = String::with_capacity(key.len() + value.len() + 1);
             escape(key, &mut out);
             out.push('\t');
             escape(value, &mut out);
-            out
+            Ok(out.into_bytes())
         }
         Format::Jsonl => {
             let mut r = JsonRecord::default();
@@ -146,9 +183,16 @@ pub fn format_line(format: Format, key: &[u8], value: &[u8]) -> String {
                 Ok(v) => r.value = Some(v.to_string()),
                 Err(_) => r.value_base64 = Some(b64().encode(value)),
             }
-            serde_json::to_string(&r).expect("records serialize")
+            Ok(serde_json::to_vec(&r).expect("records serialize"))
         }
     }
+}
+
+/// `bytes` with the escapes of `tsv-escaped`, for messages and terminal output.
+pub fn escaped(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    escape(bytes, &mut out);
+    out
 }
 
 #[cfg(test)]
@@ -160,28 +204,52 @@ mod tests {
         #[test]
         fn any_bytes_round_trip(key in proptest::collection::vec(any::<u8>(), 1..40),
                                 value in proptest::collection::vec(any::<u8>(), 0..80)) {
-            for f in [Format::Tsv, Format::Jsonl] {
-                let line = format_line(f, &key, &value);
-                prop_assert!(!line.contains('\n'));
-                prop_assert_eq!(parse_line(f, &line).unwrap(), (key.clone(), value.clone()));
+            for f in [Format::Tsv, Format::TsvEscaped, Format::Jsonl] {
+                match format_line(f, &key, &value) {
+                    Ok(line) => {
+                        prop_assert!(!line.contains(&b'\n'));
+                        prop_assert_eq!(parse_line(f, &line).unwrap(), (key.clone(), value.clone()));
+                    }
+                    Err(e) => prop_assert!(f == Format::Tsv && e.contains("tsv-escaped"), "{f:?}: {e}"),
+                }
             }
         }
     }
 
     #[test]
     fn bad_lines_say_what_is_wrong() {
-        assert!(parse_line(Format::Tsv, "no-tab")
+        assert!(parse_line(Format::Tsv, b"no-tab")
             .unwrap_err()
             .contains("no tab"));
-        assert!(parse_line(Format::Tsv, "a\\q\tb")
+        assert!(parse_line(Format::TsvEscaped, b"a\\q\tb")
             .unwrap_err()
             .contains("unknown escape"));
-        assert!(parse_line(Format::Jsonl, "{\"key\":\"a\"}")
+        assert!(parse_line(Format::Jsonl, br#"{"key":"a"}"#)
             .unwrap_err()
             .contains("value"));
         assert_eq!(
-            parse_line(Format::Jsonl, "{\"key\":\"a\",\"value\":\"b\"}").unwrap(),
+            parse_line(Format::Jsonl, br#"{"key":"a","value":"b"}"#).unwrap(),
             (b"a".to_vec(), b"b".to_vec())
         );
+    }
+
+    #[test]
+    fn plain_tsv_keeps_backslashes_and_escaped_tsv_reads_them() {
+        let line = b"/lib/systemd/system-systemd\\x2dcryptsetup.slice\tsystemd";
+        assert_eq!(
+            parse_line(Format::Tsv, line).unwrap().0,
+            b"/lib/systemd/system-systemd\\x2dcryptsetup.slice"
+        );
+        assert_eq!(
+            parse_line(Format::TsvEscaped, line).unwrap().0,
+            b"/lib/systemd/system-systemd-cryptsetup.slice"
+        );
+        assert_eq!(
+            parse_line(Format::Tsv, b"k\tv\tw\r").unwrap(),
+            (b"k".to_vec(), b"v\tw".to_vec())
+        );
+        assert!(format_line(Format::Tsv, b"k", b"a\nb")
+            .unwrap_err()
+            .contains("tsv-escaped"));
     }
 }
