@@ -14,4 +14,4 @@ CARGO_TARGET_DIR="$target" cargo test --workspace --all-targets
 CARGO_TARGET_DIR="$target" cargo test --workspace --doc
 
 echo "== simulation build: RUSTFLAGS=--cfg madsim"
-RUSTFLAGS="--cfg madsim" CARGO_TARGET_DIR="$target/madsim" cargo test -p attache-actors -p attache-sim
+RUSTFLAGS="--cfg madsim" CARGO_TARGET_DIR="$target/madsim" cargo test -p attache-actors -p attache-faults -p attache-sim

@@ -61,11 +61,7 @@ pub trait Message: Send + 'static {
 pub trait Handler<M: Message>: Actor {
     /// Handles `msg`. The actor takes no other message until the returned
     /// future completes; a [`Reply::later`] reply completes outside the actor.
-    fn handle(
-        &mut self,
-        msg: M,
-        ctx: &Context<Self>,
-    ) -> impl Future<Output = Reply<M::Reply>> + Send;
+    fn handle(&mut self, msg: M, ctx: &Context<Self>) -> impl Future<Output = Reply<M::Reply>> + Send;
 }
 
 /// A handler's answer: now, or later from a future that runs outside the actor.
@@ -185,10 +181,7 @@ impl HostHandle {
         let host = self.clone();
         let name = actor.name();
         let make: CellFactory = Box::new(move |mailbox: Arc<dyn Mailbox>| {
-            let ctx = Context {
-                addr: Addr::from_mailbox(mailbox),
-                host,
-            };
+            let ctx = Context { addr: Addr::from_mailbox(mailbox), host };
             Box::new(Cell { actor, ctx }) as Box<dyn ActorCell>
         });
         Addr::from_mailbox(self.0.spawn_cell(name, capacity, make))
@@ -232,10 +225,7 @@ pub struct Addr<A> {
 
 impl<A> Clone for Addr<A> {
     fn clone(&self) -> Self {
-        Addr {
-            mailbox: self.mailbox.clone(),
-            _actor: PhantomData,
-        }
+        Addr { mailbox: self.mailbox.clone(), _actor: PhantomData }
     }
 }
 
@@ -247,10 +237,7 @@ impl<A> fmt::Debug for Addr<A> {
 
 impl<A: Actor> Addr<A> {
     fn from_mailbox(mailbox: Arc<dyn Mailbox>) -> Self {
-        Addr {
-            mailbox,
-            _actor: PhantomData,
-        }
+        Addr { mailbox, _actor: PhantomData }
     }
 
     /// Sends `msg` and waits for the reply. Waits first while the mailbox is
@@ -313,23 +300,14 @@ pub struct PendingReply<T>(oneshot::Receiver<T>);
 impl<T> Future for PendingReply<T> {
     type Output = Result<T, MailboxError>;
 
-    fn poll(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        Pin::new(&mut self.0)
-            .poll(cx)
-            .map(|r| r.map_err(|_| MailboxError::Closed))
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx).map(|r| r.map_err(|_| MailboxError::Closed))
     }
 }
 
 /// A message with its reply channel, typed by the actor that handles it.
 trait Envelope<A: Actor>: Send {
-    fn handle<'a>(
-        self: Box<Self>,
-        act: &'a mut A,
-        ctx: &'a Context<A>,
-    ) -> BoxFuture<'a, Option<Detached>>;
+    fn handle<'a>(self: Box<Self>, act: &'a mut A, ctx: &'a Context<A>) -> BoxFuture<'a, Option<Detached>>;
 }
 
 struct Envelope1<M: Message> {
@@ -342,11 +320,7 @@ where
     A: Handler<M>,
     M: Message,
 {
-    fn handle<'a>(
-        self: Box<Self>,
-        act: &'a mut A,
-        ctx: &'a Context<A>,
-    ) -> BoxFuture<'a, Option<Detached>> {
+    fn handle<'a>(self: Box<Self>, act: &'a mut A, ctx: &'a Context<A>) -> BoxFuture<'a, Option<Detached>> {
         let Envelope1 { msg, tx } = *self;
         Box::pin(async move {
             match act.handle(msg, ctx).await.0 {

@@ -110,10 +110,8 @@ pub struct EngineCounters {
 impl EngineCounters {
     /// Counts a written batch.
     pub fn wrote(&self, batch: &WriteBatch) {
-        self.bytes_written
-            .fetch_add(batch.byte_size() as u64, Ordering::Relaxed);
-        self.ops_written
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.bytes_written.fetch_add(batch.byte_size() as u64, Ordering::Relaxed);
+        self.ops_written.fetch_add(batch.len() as u64, Ordering::Relaxed);
     }
 
     /// Counts `ops` reads that returned `bytes` bytes.
@@ -162,8 +160,7 @@ pub enum EngineError {
 
 /// Builds a batch from keys and their current values (`None`: absent); an
 /// error aborts the write.
-pub type BuildBatch =
-    Box<dyn FnOnce(Vec<Vec<u8>>, Vec<Option<Vec<u8>>>) -> Result<WriteBatch, EngineError> + Send>;
+pub type BuildBatch = Box<dyn FnOnce(Vec<Vec<u8>>, Vec<Option<Vec<u8>>>) -> Result<WriteBatch, EngineError> + Send>;
 
 /// A scan result: key/value pairs in key order.
 pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
@@ -197,17 +194,8 @@ pub trait Engine: Send + Sync + 'static {
     /// group commit in flight at a time).
     ///
     /// Errors: those of `multi_get`, `build` and `write`; on error nothing is written.
-    async fn read_then_write(
-        &self,
-        keys: Vec<Vec<u8>>,
-        build: BuildBatch,
-        sync: bool,
-    ) -> Result<(), EngineError> {
-        let values = if keys.is_empty() {
-            Vec::new()
-        } else {
-            self.multi_get(keys.clone()).await?
-        };
+    async fn read_then_write(&self, keys: Vec<Vec<u8>>, build: BuildBatch, sync: bool) -> Result<(), EngineError> {
+        let values = if keys.is_empty() { Vec::new() } else { self.multi_get(keys.clone()).await? };
         let batch = build(keys, values)?;
         self.write(batch, sync).await
     }
@@ -220,12 +208,7 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Up to `limit` pairs with `start <= key < end` (`end = None`: no upper
     /// bound), in key order.
-    async fn scan(
-        &self,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<KvPairs, EngineError>;
+    async fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, EngineError>;
 
     /// Approximate bytes the engine occupies on its volume.
     async fn approximate_size(&self) -> Result<u64, EngineError>;

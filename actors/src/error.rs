@@ -42,10 +42,7 @@ pub enum AttacheError {
 impl AttacheError {
     /// An `Unavailable` error without a primary hint.
     pub fn unavailable(message: impl Into<String>) -> Self {
-        AttacheError::Unavailable {
-            message: message.into(),
-            primary_hint: None,
-        }
+        AttacheError::Unavailable { message: message.into(), primary_hint: None }
     }
 
     /// Whether a client may retry the same request (possibly elsewhere).

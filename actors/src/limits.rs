@@ -53,9 +53,7 @@ impl Limits {
     /// Checks a key. Errors: `InvalidArgument` when empty or over `max_key_bytes`.
     pub fn check_key(&self, key: &[u8]) -> Result<(), AttacheError> {
         if key.is_empty() {
-            return Err(invalid(
-                "key is empty: every key needs at least one byte".into(),
-            ));
+            return Err(invalid("key is empty: every key needs at least one byte".into()));
         }
         if key.len() > self.max_key_bytes {
             return Err(invalid(format!(
@@ -82,10 +80,7 @@ impl Limits {
     /// Checks an index entry's name and value.
     pub fn check_index(&self, name: &str, value: &[u8]) -> Result<(), AttacheError> {
         if name.is_empty() || name.len() > self.max_index_name_bytes {
-            return Err(invalid(format!(
-                "index name {name:?} must be 1 to {} bytes long",
-                self.max_index_name_bytes
-            )));
+            return Err(invalid(format!("index name {name:?} must be 1 to {} bytes long", self.max_index_name_bytes)));
         }
         if value.len() > self.max_index_value_bytes {
             return Err(invalid(format!(

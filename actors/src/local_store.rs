@@ -29,10 +29,7 @@ impl LocalStore for MemLocalStore {
     }
 
     async fn write(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
-        self.0
-            .lock()
-            .expect("local store lock")
-            .insert(name.to_string(), bytes.to_vec());
+        self.0.lock().expect("local store lock").insert(name.to_string(), bytes.to_vec());
         Ok(())
     }
 }

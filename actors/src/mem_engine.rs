@@ -14,8 +14,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 
 use crate::engine::{
-    BatchOp, Engine, EngineCounters, EngineError, EngineFactory, EngineStats, KvPairs, OpenMode,
-    WriteBatch,
+    BatchOp, Engine, EngineCounters, EngineError, EngineFactory, EngineStats, KvPairs, OpenMode, WriteBatch,
 };
 
 type Tree = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -55,18 +54,11 @@ impl EngineFactory for MemEngineFactory {
     }
 
     async fn exists(&self, path: &Path) -> Result<bool, EngineError> {
-        Ok(self
-            .stores
-            .lock()
-            .expect("mem engine factory lock")
-            .contains_key(path))
+        Ok(self.stores.lock().expect("mem engine factory lock").contains_key(path))
     }
 
     async fn destroy(&self, path: &Path) -> Result<(), EngineError> {
-        self.stores
-            .lock()
-            .expect("mem engine factory lock")
-            .remove(path);
+        self.stores.lock().expect("mem engine factory lock").remove(path);
         Ok(())
     }
 }
@@ -104,21 +96,13 @@ pub fn apply_batch(tree: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: &WriteBatch) {
 }
 
 /// Up to `limit` pairs of `tree` in `[start, end)`; shared by in-memory engines.
-pub fn scan_tree(
-    tree: &BTreeMap<Vec<u8>, Vec<u8>>,
-    start: &[u8],
-    end: Option<&[u8]>,
-    limit: usize,
-) -> KvPairs {
+pub fn scan_tree(tree: &BTreeMap<Vec<u8>, Vec<u8>>, start: &[u8], end: Option<&[u8]>, limit: usize) -> KvPairs {
     let upper = match end {
         Some(end) if end <= start => return Vec::new(),
         Some(end) => Bound::Excluded(end.to_vec()),
         None => Bound::Unbounded,
     };
-    tree.range((Bound::Included(start.to_vec()), upper))
-        .take(limit)
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+    tree.range((Bound::Included(start.to_vec()), upper)).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 #[async_trait]
@@ -134,31 +118,19 @@ impl Engine for MemEngine {
 
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
         let value = self.tree()?.get(key).cloned();
-        self.counters.read(
-            1,
-            value.as_ref().map_or(0, |v| (key.len() + v.len()) as u64),
-        );
+        self.counters.read(1, value.as_ref().map_or(0, |v| (key.len() + v.len()) as u64));
         Ok(value)
     }
 
     async fn multi_get(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
         let tree = self.tree()?;
         let values: Vec<_> = keys.iter().map(|k| tree.get(k).cloned()).collect();
-        let bytes = keys
-            .iter()
-            .zip(&values)
-            .map(|(k, v)| v.as_ref().map_or(0, |v| k.len() + v.len()) as u64)
-            .sum();
+        let bytes = keys.iter().zip(&values).map(|(k, v)| v.as_ref().map_or(0, |v| k.len() + v.len()) as u64).sum();
         self.counters.read(keys.len() as u64, bytes);
         Ok(values)
     }
 
-    async fn scan(
-        &self,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<KvPairs, EngineError> {
+    async fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, EngineError> {
         let pairs = scan_tree(&*self.tree()?, start, end, limit);
         let bytes = pairs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
         self.counters.read(pairs.len() as u64, bytes);
@@ -166,11 +138,7 @@ impl Engine for MemEngine {
     }
 
     async fn approximate_size(&self) -> Result<u64, EngineError> {
-        Ok(self
-            .tree()?
-            .iter()
-            .map(|(k, v)| (k.len() + v.len()) as u64)
-            .sum())
+        Ok(self.tree()?.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum())
     }
 
     fn stats(&self) -> EngineStats {

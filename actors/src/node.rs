@@ -19,26 +19,28 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
-use tokio::time::Duration;
+use tokio::time::{Duration, Instant};
 
 use crate::actor::{Actor, Addr, Context, Handler, Message, Reply};
 use crate::engine::EngineFactory;
 use crate::error::AttacheError;
+use crate::lease::{LeaseGate, LeaseTiming};
 use crate::limits::{Limits, DEFAULT_SHARD_SIZE_LIMIT};
 use crate::local_store::LocalStore;
 use crate::meta::backend::{LeaseId, MetaError};
 use crate::meta::retry::{retry, RetryPolicy};
 use crate::meta::store::{MetaOps, NodeId, NodeRecord, ShardRecord, VolumeRecord};
+use crate::provider::VolumeProvider;
 use crate::shard::layout::ShardState;
 use crate::shard::{Close, ShardId, ShardInfo, ShardOp};
 use crate::shard_manager::{CreateShard, DeleteShard, Routed, ShardManager, ShardManagerConfig};
-use crate::volume::{Role, StopVolume, VolumeManager};
+use crate::volume::{FailoverTiming, Role, StopVolume, VolumeManager, VolumeParts};
 
 /// The file in the node's data dir that holds its id.
 pub const NODE_ID_FILE: &str = "node-id";
 
 /// How a node is set up.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeConfig {
     /// Address clients reach this node's gRPC service at (`host:port`), given
     /// to other nodes' clients as a primary hint.
@@ -60,15 +62,15 @@ pub struct NodeConfig {
     pub default_size_limit: u64,
     /// How long start-up waits for the metadata store, ms.
     pub metadata_wait_ms: u64,
+    /// Clock error bound and margin of the lease gate.
+    pub lease: LeaseTiming,
+    /// When backups take a volume over.
+    pub failover: FailoverTiming,
 }
 
 impl NodeConfig {
     /// A config with defaults for `volumes` under `volume_root`, reachable at `advertise_addr`.
-    pub fn new(
-        advertise_addr: impl Into<String>,
-        volume_root: impl Into<PathBuf>,
-        volumes: Vec<String>,
-    ) -> Self {
+    pub fn new(advertise_addr: impl Into<String>, volume_root: impl Into<PathBuf>, volumes: Vec<String>) -> Self {
         NodeConfig {
             advertise_addr: advertise_addr.into(),
             node_id: None,
@@ -79,6 +81,8 @@ impl NodeConfig {
             limits: Limits::default(),
             default_size_limit: DEFAULT_SHARD_SIZE_LIMIT,
             metadata_wait_ms: 30_000,
+            lease: LeaseTiming::default(),
+            failover: FailoverTiming::default(),
         }
     }
 }
@@ -99,12 +103,28 @@ struct VolumeSlot {
     placed: u64,
 }
 
+/// What a node sees the outside world through.
+pub struct NodeParts {
+    /// The metadata store.
+    pub meta: MetaOps,
+    /// The node's own data dir (node id).
+    pub local: Arc<dyn LocalStore>,
+    /// Opens shard engines on volumes.
+    pub factory: Arc<dyn EngineFactory>,
+    /// Attaches and fences volumes.
+    pub provider: Arc<dyn VolumeProvider>,
+    /// The lease gate, shared with the shards (and, in the simulation, with the fault injector).
+    pub gate: Arc<LeaseGate>,
+}
+
 /// The node; see the module docs.
 pub struct Node {
     cfg: NodeConfig,
     meta: MetaOps,
     local: Arc<dyn LocalStore>,
     factory: Arc<dyn EngineFactory>,
+    provider: Arc<dyn VolumeProvider>,
+    gate: Arc<LeaseGate>,
     node_id: Option<NodeId>,
     lease: LeaseId,
     startup_error: Option<AttacheError>,
@@ -122,19 +142,16 @@ fn meta_unavailable(e: MetaError) -> AttacheError {
 }
 
 impl Node {
-    /// A node that will start up on `meta`, keeping its id in `local` and
-    /// opening shard engines with `factory`.
-    pub fn new(
-        cfg: NodeConfig,
-        meta: MetaOps,
-        local: Arc<dyn LocalStore>,
-        factory: Arc<dyn EngineFactory>,
-    ) -> Self {
+    /// A node that will start up with `parts`.
+    pub fn new(cfg: NodeConfig, parts: NodeParts) -> Self {
+        let NodeParts { meta, local, factory, provider, gate } = parts;
         Node {
             cfg,
             meta,
             local,
             factory,
+            provider,
+            gate,
             node_id: None,
             lease: 0,
             startup_error: None,
@@ -159,8 +176,8 @@ impl Node {
             return Some(Err(e.clone()));
         }
         let record = self.record()?;
-        let settled = self.volumes.len() == self.cfg.volumes.len()
-            && self.volumes.values().all(|v| v.role != Role::Unknown);
+        let settled =
+            self.volumes.len() == self.cfg.volumes.len() && self.volumes.values().all(|v| v.role != Role::Unknown);
         settled.then_some(Ok(record))
     }
 
@@ -175,15 +192,13 @@ impl Node {
     /// The node id from the data dir, else a new one from the metadata store,
     /// persisted before use.
     async fn node_id(&self) -> Result<NodeId, AttacheError> {
-        let stored = self
-            .local
-            .read(NODE_ID_FILE)
-            .await
-            .map_err(AttacheError::Internal)?;
+        let stored = self.local.read(NODE_ID_FILE).await.map_err(AttacheError::Internal)?;
         if let Some(bytes) = stored {
             let text = String::from_utf8_lossy(&bytes);
             let id: NodeId = text.trim().parse().map_err(|_| {
-                AttacheError::Internal(format!("{NODE_ID_FILE} in the data dir holds {text:?}, not a node id: fix or remove it"))
+                AttacheError::Internal(format!(
+                    "{NODE_ID_FILE} in the data dir holds {text:?}, not a node id: fix or remove it"
+                ))
             })?;
             return match self.cfg.node_id {
                 Some(wanted) if wanted != id => Err(AttacheError::InvalidArgument(format!(
@@ -194,45 +209,28 @@ impl Node {
         }
         let id = match self.cfg.node_id {
             Some(id) => id,
-            None => self
-                .meta
-                .allocate_id("node")
-                .await
-                .map_err(meta_unavailable)?,
+            None => self.meta.allocate_id("node").await.map_err(meta_unavailable)?,
         };
-        self.local
-            .write(NODE_ID_FILE, format!("{id}\n").as_bytes())
-            .await
-            .map_err(AttacheError::Internal)?;
+        self.local.write(NODE_ID_FILE, format!("{id}\n").as_bytes()).await.map_err(AttacheError::Internal)?;
         tracing::info!(node_id = id, "allocated node id");
         Ok(id)
     }
 
     async fn start(&mut self, ctx: &Context<Self>) -> Result<(), AttacheError> {
         // The metadata store must be reachable before anything else.
-        let wait = RetryPolicy {
-            max_attempts: u32::MAX,
-            deadline_ms: self.cfg.metadata_wait_ms,
-            ..RetryPolicy::default()
-        };
+        let wait =
+            RetryPolicy { max_attempts: u32::MAX, deadline_ms: self.cfg.metadata_wait_ms, ..RetryPolicy::default() };
         let jitter = crate::meta::retry::Jitter::new(0);
-        retry(&wait, &jitter, "reach metadata store", || {
-            self.meta.backend().get(b"/attache/")
-        })
-        .await
-        .map_err(meta_unavailable)?;
+        retry(&wait, &jitter, "reach metadata store", || self.meta.backend().get(b"/attache/"))
+            .await
+            .map_err(meta_unavailable)?;
         let node_id = self.node_id().await?;
         self.node_id = Some(node_id);
-        self.lease = self
-            .meta
-            .grant_lease(self.cfg.lease_ttl_ms)
-            .await
-            .map_err(meta_unavailable)?;
+        let sent = Instant::now();
+        self.lease = self.meta.grant_lease(self.cfg.lease_ttl_ms).await.map_err(meta_unavailable)?;
         let record = self.record().expect("node id set");
-        self.meta
-            .register_node(&record, self.lease)
-            .await
-            .map_err(meta_unavailable)?;
+        self.meta.register_node(&record, self.lease).await.map_err(meta_unavailable)?;
+        self.gate.renewed(sent, self.cfg.lease_ttl_ms);
         tracing::info!(node_id, lease = self.lease, address = %record.address, "node registered");
         self.spawn_heartbeat(ctx);
         let placed = self.meta.shards(None).await.map_err(meta_unavailable)?;
@@ -240,34 +238,25 @@ impl Node {
             let mut vcfg = ShardManagerConfig::new(volume_id.clone(), self.cfg.volume_root.clone());
             vcfg.limits = self.cfg.limits.clone();
             vcfg.default_size_limit = self.cfg.default_size_limit;
-            let vm = VolumeManager::new(
-                vcfg,
-                node_id,
-                self.factory.clone(),
-                self.meta.clone(),
-                ctx.address(),
-            );
-            let count = placed
-                .iter()
-                .filter(|r| r.volume_id == volume_id && r.state != ShardState::Deleted)
-                .count();
+            let parts = VolumeParts {
+                factory: self.factory.clone(),
+                provider: self.provider.clone(),
+                gate: self.gate.clone(),
+                meta: self.meta.clone(),
+                timing: self.cfg.failover.clone(),
+            };
+            let vm = VolumeManager::new(vcfg, node_id, parts, ctx.address());
+            let count = placed.iter().filter(|r| r.volume_id == volume_id && r.state != ShardState::Deleted).count();
             let manager = ctx.host().spawn(vm, 64);
-            self.volumes.insert(
-                volume_id,
-                VolumeSlot {
-                    manager,
-                    role: Role::Unknown,
-                    shards: None,
-                    placed: count as u64,
-                },
-            );
+            self.volumes
+                .insert(volume_id, VolumeSlot { manager, role: Role::Unknown, shards: None, placed: count as u64 });
         }
         Ok(())
     }
 
     /// Renews the lease every third of its TTL, from a task outside the actor.
     fn spawn_heartbeat(&self, ctx: &Context<Self>) {
-        let (meta, lease, me) = (self.meta.clone(), self.lease, ctx.address());
+        let (meta, lease, me, gate) = (self.meta.clone(), self.lease, ctx.address(), self.gate.clone());
         let period = Duration::from_millis(self.cfg.lease_ttl_ms / 3);
         ctx.host().spawn_detached(async move {
             loop {
@@ -275,9 +264,11 @@ impl Node {
                 if me.is_closed() {
                     return;
                 }
+                let sent = Instant::now();
                 match meta.keep_alive(lease).await {
-                    Ok(_) => {}
+                    Ok(ttl) => gate.renewed(sent, ttl),
                     Err(MetaError::LeaseNotFound(_)) => {
+                        gate.close();
                         me.do_send(LeaseLost { lease });
                         return;
                     }
@@ -293,19 +284,16 @@ impl Node {
             return Ok(v.clone());
         }
         match self.meta.shard(shard_id).await.map_err(meta_unavailable)? {
-            Some(ShardRecord {
-                state: ShardState::Deleted,
-                ..
-            }) => Err(AttacheError::NotFound(format!(
-                "shard {shard_id} was deleted"
-            ))),
+            Some(ShardRecord { state: ShardState::Deleted, .. }) => {
+                Err(AttacheError::NotFound(format!("shard {shard_id} was deleted")))
+            }
             Some(record) => {
                 self.routes.insert(shard_id, record.volume_id.clone());
                 Ok(record.volume_id)
             }
-            None => Err(AttacheError::NotFound(format!(
-                "shard {shard_id} does not exist: check the id NewShard returned"
-            ))),
+            None => {
+                Err(AttacheError::NotFound(format!("shard {shard_id} does not exist: check the id NewShard returned")))
+            }
         }
     }
 
@@ -325,29 +313,19 @@ impl Node {
             Some(addr) => format!("this node is not the primary for volume {volume_id}; the primary is at {addr}"),
             None => format!("this node is not the primary for volume {volume_id} and no primary is known yet; retry"),
         };
-        AttacheError::Unavailable {
-            message,
-            primary_hint: hint,
-        }
+        AttacheError::Unavailable { message, primary_hint: hint }
     }
 
     /// The shard manager serving `shard_id` here, or why there is none.
-    async fn shard_manager(
-        &mut self,
-        shard_id: ShardId,
-    ) -> Result<(String, Addr<ShardManager>), AttacheError> {
+    async fn shard_manager(&mut self, shard_id: ShardId) -> Result<(String, Addr<ShardManager>), AttacheError> {
         if self.stopping {
-            return Err(AttacheError::unavailable(
-                "this node is shutting down; retry on another node",
-            ));
+            return Err(AttacheError::unavailable("this node is shutting down; retry on another node"));
         }
         let volume_id = self.volume_of(shard_id).await?;
         match self.volumes.get(&volume_id) {
-            Some(VolumeSlot {
-                role: Role::Primary { .. },
-                shards: Some(shards),
-                ..
-            }) => Ok((volume_id, shards.clone())),
+            Some(VolumeSlot { role: Role::Primary { .. }, shards: Some(shards), .. }) => {
+                Ok((volume_id, shards.clone()))
+            }
             _ => Err(self.not_primary(&volume_id).await),
         }
     }
@@ -379,20 +357,13 @@ impl Message for WaitReady {
 }
 
 impl Handler<WaitReady> for Node {
-    async fn handle(
-        &mut self,
-        _msg: WaitReady,
-        _ctx: &Context<Self>,
-    ) -> Reply<Result<NodeRecord, AttacheError>> {
+    async fn handle(&mut self, _msg: WaitReady, _ctx: &Context<Self>) -> Reply<Result<NodeRecord, AttacheError>> {
         if let Some(result) = self.ready() {
             return Reply::now(result);
         }
         let (tx, rx) = oneshot::channel();
         self.ready_waiters.push(tx);
-        Reply::later(async move {
-            rx.await
-                .unwrap_or_else(|_| Err(AttacheError::unavailable("node stopped")))
-        })
+        Reply::later(async move { rx.await.unwrap_or_else(|_| Err(AttacheError::unavailable("node stopped"))) })
     }
 }
 
@@ -434,12 +405,15 @@ impl Handler<LeaseLost> for Node {
             return Reply::now(());
         }
         tracing::warn!(lease = msg.lease, "node lease expired; registering again");
+        let sent = Instant::now();
         match self.meta.grant_lease(self.cfg.lease_ttl_ms).await {
             Ok(lease) => {
                 self.lease = lease;
                 if let Some(record) = self.record() {
-                    if let Err(e) = self.meta.register_node(&record, lease).await {
-                        tracing::warn!(error = %e, "could not publish the node record");
+                    match self.meta.register_node(&record, lease).await {
+                        // Writes resume only once the node is visible as live again.
+                        Ok(()) => self.gate.renewed(sent, self.cfg.lease_ttl_ms),
+                        Err(e) => tracing::warn!(error = %e, "could not publish the node record"),
                     }
                 }
                 self.spawn_heartbeat(ctx);
@@ -478,16 +452,8 @@ where
             Ok((_, shards)) => shards,
             Err(e) => return Reply::now(Err(e)),
         };
-        match shards
-            .enqueue(Routed {
-                shard_id: msg.shard_id,
-                op: msg.op,
-            })
-            .await
-        {
-            Ok(pending) => {
-                Reply::later(async move { pending.await.unwrap_or_else(|e| Err(e.into())) })
-            }
+        match shards.enqueue(Routed { shard_id: msg.shard_id, op: msg.op }).await {
+            Ok(pending) => Reply::later(async move { pending.await.unwrap_or_else(|e| Err(e.into())) }),
             Err(e) => Reply::now(Err(e.into())),
         }
     }
@@ -504,11 +470,7 @@ impl Message for VolumeOf {
 }
 
 impl Handler<VolumeOf> for Node {
-    async fn handle(
-        &mut self,
-        msg: VolumeOf,
-        _ctx: &Context<Self>,
-    ) -> Reply<Result<String, AttacheError>> {
+    async fn handle(&mut self, msg: VolumeOf, _ctx: &Context<Self>) -> Reply<Result<String, AttacheError>> {
         Reply::now(self.volume_of(msg.shard_id).await)
     }
 }
@@ -527,11 +489,7 @@ impl Message for NewShard {
 }
 
 impl Handler<NewShard> for Node {
-    async fn handle(
-        &mut self,
-        msg: NewShard,
-        _ctx: &Context<Self>,
-    ) -> Reply<Result<PlacedShard, AttacheError>> {
+    async fn handle(&mut self, msg: NewShard, _ctx: &Context<Self>) -> Reply<Result<PlacedShard, AttacheError>> {
         if let Err(e) = self.cfg.limits.check_client_id(&msg.client_id) {
             return Reply::now(Err(e));
         }
@@ -541,9 +499,7 @@ impl Handler<NewShard> for Node {
             )));
         }
         if self.stopping {
-            return Reply::now(Err(AttacheError::unavailable(
-                "this node is shutting down; retry on another node",
-            )));
+            return Reply::now(Err(AttacheError::unavailable("this node is shutting down; retry on another node")));
         }
         let target = self
             .volumes
@@ -574,16 +530,9 @@ impl Handler<NewShard> for Node {
                 size_limit,
             };
             // Registered first: a shard's data never exists without its record.
-            meta.register_shard(&record)
-                .await
-                .map_err(meta_unavailable)?;
-            let created = shards
-                .send(CreateShard {
-                    shard_id,
-                    client_id: msg.client_id,
-                    size_limit: Some(size_limit),
-                })
-                .await;
+            meta.register_shard(&record).await.map_err(meta_unavailable)?;
+            let created =
+                shards.send(CreateShard { shard_id, client_id: msg.client_id, size_limit: Some(size_limit) }).await;
             match created.unwrap_or_else(|e| Err(e.into())) {
                 Ok(info) => Ok(PlacedShard { info, volume_id }),
                 Err(e) => {
@@ -662,14 +611,8 @@ impl Handler<ListClientShards> for Node {
         }
         let meta = self.meta.clone();
         Reply::later(async move {
-            let records = meta
-                .shards(Some(&msg.client_id))
-                .await
-                .map_err(meta_unavailable)?;
-            Ok(records
-                .into_iter()
-                .filter(|r| r.state != ShardState::Deleted)
-                .collect())
+            let records = meta.shards(Some(&msg.client_id)).await.map_err(meta_unavailable)?;
+            Ok(records.into_iter().filter(|r| r.state != ShardState::Deleted).collect())
         })
     }
 }
@@ -711,17 +654,10 @@ impl Handler<GetClusterStatus> for Node {
             }
             let mut backups: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
             for v in &volumes {
-                let attached = nodes
-                    .iter()
-                    .filter(|n| n.node_id != v.primary && n.volumes.contains(&v.volume_id));
+                let attached = nodes.iter().filter(|n| n.node_id != v.primary && n.volumes.contains(&v.volume_id));
                 backups.insert(v.volume_id.clone(), attached.map(|n| n.node_id).collect());
             }
-            Ok(ClusterStatus {
-                nodes,
-                volumes,
-                shards,
-                backups,
-            })
+            Ok(ClusterStatus { nodes, volumes, shards, backups })
         })
     }
 }
@@ -738,6 +674,7 @@ impl Message for ShutdownNode {
 impl Handler<ShutdownNode> for Node {
     async fn handle(&mut self, _msg: ShutdownNode, _ctx: &Context<Self>) -> Reply<()> {
         self.stopping = true;
+        let _ = &self.provider;
         for (volume_id, slot) in &self.volumes {
             if slot.manager.send(StopVolume).await.is_err() {
                 tracing::warn!(volume = %volume_id, "volume manager was gone at shutdown");

@@ -12,8 +12,7 @@ use tonic::{Request, Response, Status};
 use crate::actor::Addr;
 use crate::error::AttacheError;
 use crate::node::{
-    CloseShardCall, DeleteShardCall, GetClusterStatus, ListClientShards, NewShard, Node,
-    PlacedShard, ShardCall,
+    CloseShardCall, DeleteShardCall, GetClusterStatus, ListClientShards, NewShard, Node, PlacedShard, ShardCall,
 };
 use crate::shard::layout::{IndexEntry, ShardState};
 use crate::shard::{self, PutEntry};
@@ -39,10 +38,7 @@ pub fn status(e: AttacheError) -> Status {
         AttacheError::PermissionDenied(m) => Status::permission_denied(m),
         AttacheError::FailedPrecondition(m) => Status::failed_precondition(m),
         AttacheError::ResourceExhausted(m) => Status::resource_exhausted(m),
-        AttacheError::Unavailable {
-            message,
-            primary_hint,
-        } => {
+        AttacheError::Unavailable { message, primary_hint } => {
             let mut s = Status::unavailable(message);
             if let Some(hint) = primary_hint.and_then(|h| h.parse().ok()) {
                 s.metadata_mut().insert(PRIMARY_HINT, hint);
@@ -55,10 +51,7 @@ pub fn status(e: AttacheError) -> Status {
 
 /// The primary hint of an `UNAVAILABLE` status, if it has one.
 pub fn primary_hint(s: &Status) -> Option<String> {
-    s.metadata()
-        .get(PRIMARY_HINT)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+    s.metadata().get(PRIMARY_HINT).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
 fn proto_state(s: ShardState) -> i32 {
@@ -80,12 +73,7 @@ fn proto_info(p: PlacedShard) -> proto::ShardInfo {
 }
 
 fn indexes(v: Vec<proto::IndexEntry>) -> Vec<IndexEntry> {
-    v.into_iter()
-        .map(|i| IndexEntry {
-            name: i.name,
-            value: i.value,
-        })
-        .collect()
+    v.into_iter().map(|i| IndexEntry { name: i.name, value: i.value }).collect()
 }
 
 /// The tonic server wrapper of [`AttacheService`] (madsim-tonic's has an
@@ -95,8 +83,7 @@ pub type Server = proto::attache_server::AttacheServer<AttacheService>;
 /// The tonic server wrapper of [`AttacheService`] (madsim-tonic's has an
 /// interceptor parameter more).
 #[cfg(madsim)]
-pub type Server =
-    proto::attache_server::AttacheServer<AttacheService, tonic::codegen::IdentityInterceptor>;
+pub type Server = proto::attache_server::AttacheServer<AttacheService, tonic::codegen::IdentityInterceptor>;
 
 /// A server-streaming response.
 pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -127,10 +114,7 @@ impl AttacheService {
         M: shard::ShardOp,
         Node: crate::actor::Handler<ShardCall<M>>,
     {
-        timed(method, async {
-            self.node.send(ShardCall { shard_id, op }).await?
-        })
-        .await
+        timed(method, async { self.node.send(ShardCall { shard_id, op }).await? }).await
     }
 }
 
@@ -141,8 +125,7 @@ async fn timed<T>(
 ) -> Result<T, Status> {
     let start = Instant::now();
     let result = fut.await;
-    metrics::histogram!("attache_request_duration_seconds", "method" => method)
-        .record(start.elapsed().as_secs_f64());
+    metrics::histogram!("attache_request_duration_seconds", "method" => method).record(start.elapsed().as_secs_f64());
     if result.is_err() {
         metrics::counter!("attache_request_errors_total", "method" => method).increment(1);
     }
@@ -155,12 +138,7 @@ const SCAN_PAGE: u64 = 1000;
 /// Streams pages: `first` (fetched already, so its errors become the call's
 /// status), then `next(cursor, want)` until a short page or `limit` items in
 /// all (0: no limit). `cursor` is the last item of the previous page.
-fn pages<T, R, F, Fut>(
-    first: Vec<T>,
-    limit: u64,
-    wrap: fn(Vec<T>) -> R,
-    next: F,
-) -> ResponseStream<R>
+fn pages<T, R, F, Fut>(first: Vec<T>, limit: u64, wrap: fn(Vec<T>) -> R, next: F) -> ResponseStream<R>
 where
     T: Clone + Send + 'static,
     R: Send + 'static,
@@ -173,25 +151,19 @@ where
     remaining -= first.len() as u64;
     let cursor = if more { first.last().cloned() } else { None };
     let head = stream::iter((!first.is_empty()).then(|| Ok(wrap(first))));
-    let tail = stream::unfold(
-        (cursor, remaining, next),
-        move |(cursor, remaining, next)| async move {
-            let cursor = cursor?;
-            let want = remaining.min(SCAN_PAGE);
-            match next(cursor, want as u32).await {
-                Err(e) => Some((Err(e), (None, 0, next))),
-                Ok(page) if page.is_empty() => None,
-                Ok(page) => {
-                    let more = page.len() as u64 == want && remaining > want;
-                    let cursor = if more { page.last().cloned() } else { None };
-                    Some((
-                        Ok(wrap(page)),
-                        (cursor, remaining - want.min(remaining), next),
-                    ))
-                }
+    let tail = stream::unfold((cursor, remaining, next), move |(cursor, remaining, next)| async move {
+        let cursor = cursor?;
+        let want = remaining.min(SCAN_PAGE);
+        match next(cursor, want as u32).await {
+            Err(e) => Some((Err(e), (None, 0, next))),
+            Ok(page) if page.is_empty() => None,
+            Ok(page) => {
+                let more = page.len() as u64 == want && remaining > want;
+                let cursor = if more { page.last().cloned() } else { None };
+                Some((Ok(wrap(page)), (cursor, remaining - want.min(remaining), next)))
             }
-        },
-    );
+        }
+    });
     Box::pin(head.chain(tail))
 }
 
@@ -208,131 +180,57 @@ impl Attache for AttacheService {
     type ScanStream = ResponseStream<proto::ScanResponse>;
     type ScanIndexStream = ResponseStream<proto::ScanIndexResponse>;
 
-    async fn new_shard(
-        &self,
-        req: Request<proto::NewShardRequest>,
-    ) -> Result<Response<proto::ShardInfo>, Status> {
+    async fn new_shard(&self, req: Request<proto::NewShardRequest>) -> Result<Response<proto::ShardInfo>, Status> {
         let r = req.into_inner();
         let size_limit = (r.size_limit_bytes > 0).then_some(r.size_limit_bytes);
-        let placed = timed("new_shard", async {
-            self.node
-                .send(NewShard {
-                    client_id: r.client_id,
-                    size_limit,
-                })
-                .await?
-        })
-        .await?;
+        let placed =
+            timed("new_shard", async { self.node.send(NewShard { client_id: r.client_id, size_limit }).await? })
+                .await?;
         Ok(Response::new(proto_info(placed)))
     }
 
-    async fn close_shard(
-        &self,
-        req: Request<proto::ShardRef>,
-    ) -> Result<Response<proto::ShardInfo>, Status> {
+    async fn close_shard(&self, req: Request<proto::ShardRef>) -> Result<Response<proto::ShardInfo>, Status> {
         let r = req.into_inner();
-        let call = CloseShardCall {
-            shard_id: r.shard_id,
-            client_id: r.client_id,
-        };
+        let call = CloseShardCall { shard_id: r.shard_id, client_id: r.client_id };
         let placed = timed("close_shard", async { self.node.send(call).await? }).await?;
         Ok(Response::new(proto_info(placed)))
     }
 
-    async fn delete_shard(
-        &self,
-        req: Request<proto::ShardRef>,
-    ) -> Result<Response<proto::ShardInfo>, Status> {
+    async fn delete_shard(&self, req: Request<proto::ShardRef>) -> Result<Response<proto::ShardInfo>, Status> {
         let r = req.into_inner();
-        let call = DeleteShardCall {
-            shard_id: r.shard_id,
-            client_id: r.client_id,
-        };
+        let call = DeleteShardCall { shard_id: r.shard_id, client_id: r.client_id };
         let mut placed = timed("delete_shard", async { self.node.send(call).await? }).await?;
         placed.info.state = ShardState::Deleted;
         Ok(Response::new(proto_info(placed)))
     }
 
-    async fn put(
-        &self,
-        req: Request<proto::PutRequest>,
-    ) -> Result<Response<proto::WriteResponse>, Status> {
+    async fn put(&self, req: Request<proto::PutRequest>) -> Result<Response<proto::WriteResponse>, Status> {
         let r = req.into_inner();
-        let entry = PutEntry {
-            key: r.key,
-            value: r.value,
-            indexes: indexes(r.indexes),
-        };
-        self.call(
-            "put",
-            r.shard_id,
-            shard::Put {
-                client_id: r.client_id,
-                entry,
-            },
-        )
-        .await?;
+        let entry = PutEntry { key: r.key, value: r.value, indexes: indexes(r.indexes) };
+        self.call("put", r.shard_id, shard::Put { client_id: r.client_id, entry }).await?;
         Ok(Response::new(proto::WriteResponse {}))
     }
 
-    async fn batch_put(
-        &self,
-        req: Request<proto::BatchPutRequest>,
-    ) -> Result<Response<proto::WriteResponse>, Status> {
+    async fn batch_put(&self, req: Request<proto::BatchPutRequest>) -> Result<Response<proto::WriteResponse>, Status> {
         let r = req.into_inner();
         let entries = r
             .entries
             .into_iter()
-            .map(|e| PutEntry {
-                key: e.key,
-                value: e.value,
-                indexes: indexes(e.indexes),
-            })
+            .map(|e| PutEntry { key: e.key, value: e.value, indexes: indexes(e.indexes) })
             .collect();
-        self.call(
-            "batch_put",
-            r.shard_id,
-            shard::BatchPut {
-                client_id: r.client_id,
-                entries,
-            },
-        )
-        .await?;
+        self.call("batch_put", r.shard_id, shard::BatchPut { client_id: r.client_id, entries }).await?;
         Ok(Response::new(proto::WriteResponse {}))
     }
 
-    async fn delete(
-        &self,
-        req: Request<proto::DeleteRequest>,
-    ) -> Result<Response<proto::WriteResponse>, Status> {
+    async fn delete(&self, req: Request<proto::DeleteRequest>) -> Result<Response<proto::WriteResponse>, Status> {
         let r = req.into_inner();
-        self.call(
-            "delete",
-            r.shard_id,
-            shard::DeleteKey {
-                client_id: r.client_id,
-                key: r.key,
-            },
-        )
-        .await?;
+        self.call("delete", r.shard_id, shard::DeleteKey { client_id: r.client_id, key: r.key }).await?;
         Ok(Response::new(proto::WriteResponse {}))
     }
 
-    async fn get(
-        &self,
-        req: Request<proto::GetRequest>,
-    ) -> Result<Response<proto::GetResponse>, Status> {
+    async fn get(&self, req: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
         let r = req.into_inner();
-        let value = self
-            .call(
-                "get",
-                r.shard_id,
-                shard::Get {
-                    client_id: r.client_id,
-                    key: r.key.clone(),
-                },
-            )
-            .await?;
+        let value = self.call("get", r.shard_id, shard::Get { client_id: r.client_id, key: r.key.clone() }).await?;
         Ok(Response::new(proto::GetResponse {
             key: r.key,
             found: value.is_some(),
@@ -341,22 +239,11 @@ impl Attache for AttacheService {
         }))
     }
 
-    async fn batch_get(
-        &self,
-        req: Request<proto::BatchGetRequest>,
-    ) -> Result<Response<Self::BatchGetStream>, Status> {
+    async fn batch_get(&self, req: Request<proto::BatchGetRequest>) -> Result<Response<Self::BatchGetStream>, Status> {
         let r = req.into_inner();
         let keys = r.keys.clone();
-        let values = self
-            .call(
-                "batch_get",
-                r.shard_id,
-                shard::BatchGet {
-                    client_id: r.client_id,
-                    keys: r.keys,
-                },
-            )
-            .await?;
+        let values =
+            self.call("batch_get", r.shard_id, shard::BatchGet { client_id: r.client_id, keys: r.keys }).await?;
         let responses = keys.into_iter().zip(values).map(|(key, value)| {
             Ok(proto::GetResponse {
                 key,
@@ -365,45 +252,23 @@ impl Attache for AttacheService {
                 max_staleness_ms: 0,
             })
         });
-        Ok(Response::new(Box::pin(stream::iter(
-            responses.collect::<Vec<_>>(),
-        ))))
+        Ok(Response::new(Box::pin(stream::iter(responses.collect::<Vec<_>>()))))
     }
 
-    async fn scan(
-        &self,
-        req: Request<proto::ScanRequest>,
-    ) -> Result<Response<Self::ScanStream>, Status> {
+    async fn scan(&self, req: Request<proto::ScanRequest>) -> Result<Response<Self::ScanStream>, Status> {
         let r = req.into_inner();
         let (shard_id, client_id, end) = (r.shard_id, r.client_id, r.end);
-        let want = if r.limit == 0 {
-            SCAN_PAGE
-        } else {
-            r.limit.min(SCAN_PAGE)
-        } as u32;
-        let op = shard::Scan {
-            client_id: client_id.clone(),
-            start: r.start,
-            end: end.clone(),
-            limit: want,
-        };
+        let want = if r.limit == 0 { SCAN_PAGE } else { r.limit.min(SCAN_PAGE) } as u32;
+        let op = shard::Scan { client_id: client_id.clone(), start: r.start, end: end.clone(), limit: want };
         let first = self.call("scan", shard_id, op).await?;
         let service = self.clone();
         let next = move |(last, _): (Vec<u8>, Vec<u8>), limit| {
-            let op = shard::Scan {
-                client_id: client_id.clone(),
-                start: successor(&last),
-                end: end.clone(),
-                limit,
-            };
+            let op = shard::Scan { client_id: client_id.clone(), start: successor(&last), end: end.clone(), limit };
             let service = service.clone();
             async move { service.call("scan", shard_id, op).await }
         };
         let wrap = |page: Vec<(Vec<u8>, Vec<u8>)>| proto::ScanResponse {
-            entries: page
-                .into_iter()
-                .map(|(key, value)| proto::KeyValue { key, value })
-                .collect(),
+            entries: page.into_iter().map(|(key, value)| proto::KeyValue { key, value }).collect(),
         };
         Ok(Response::new(pages(first, r.limit, wrap, next)))
     }
@@ -414,11 +279,7 @@ impl Attache for AttacheService {
     ) -> Result<Response<Self::ScanIndexStream>, Status> {
         let r = req.into_inner();
         let (shard_id, client_id, name, prefix) = (r.shard_id, r.client_id, r.name, r.value_prefix);
-        let want = if r.limit == 0 {
-            SCAN_PAGE
-        } else {
-            r.limit.min(SCAN_PAGE)
-        } as u32;
+        let want = if r.limit == 0 { SCAN_PAGE } else { r.limit.min(SCAN_PAGE) } as u32;
         let op = shard::ScanIndex {
             client_id: client_id.clone(),
             name: name.clone(),
@@ -440,43 +301,19 @@ impl Attache for AttacheService {
             async move { service.call("scan_index", shard_id, op).await }
         };
         let wrap = |page: Vec<shard::IndexHit>| proto::ScanIndexResponse {
-            hits: page
-                .into_iter()
-                .map(|h| proto::IndexHit {
-                    value: h.value,
-                    key: h.key,
-                })
-                .collect(),
+            hits: page.into_iter().map(|h| proto::IndexHit { value: h.value, key: h.key }).collect(),
         };
         Ok(Response::new(pages(first, r.limit, wrap, next)))
     }
 
-    async fn shard_stats(
-        &self,
-        req: Request<proto::ShardRef>,
-    ) -> Result<Response<proto::ShardStatsResponse>, Status> {
+    async fn shard_stats(&self, req: Request<proto::ShardRef>) -> Result<Response<proto::ShardStatsResponse>, Status> {
         let r = req.into_inner();
         let shard_id = r.shard_id;
-        let s = self
-            .call(
-                "shard_stats",
-                shard_id,
-                shard::Stats {
-                    client_id: r.client_id,
-                },
-            )
-            .await?;
-        let volume_id = self
-            .node
-            .send(crate::node::VolumeOf { shard_id })
-            .await
-            .map_err(|e| status(e.into()))?
-            .map_err(status)?;
+        let s = self.call("shard_stats", shard_id, shard::Stats { client_id: r.client_id }).await?;
+        let volume_id =
+            self.node.send(crate::node::VolumeOf { shard_id }).await.map_err(|e| status(e.into()))?.map_err(status)?;
         Ok(Response::new(proto::ShardStatsResponse {
-            info: Some(proto_info(PlacedShard {
-                info: s.info,
-                volume_id,
-            })),
+            info: Some(proto_info(PlacedShard { info: s.info, volume_id })),
             live_bytes: s.live_bytes,
             live_keys: s.live_keys,
             bytes_written: s.engine.bytes_written,
@@ -493,14 +330,8 @@ impl Attache for AttacheService {
         req: Request<proto::ListShardsRequest>,
     ) -> Result<Response<proto::ListShardsResponse>, Status> {
         let r = req.into_inner();
-        let records = timed("list_shards", async {
-            self.node
-                .send(ListClientShards {
-                    client_id: r.client_id,
-                })
-                .await?
-        })
-        .await?;
+        let records =
+            timed("list_shards", async { self.node.send(ListClientShards { client_id: r.client_id }).await? }).await?;
         let shards = records
             .into_iter()
             .map(|r| proto::ShardInfo {
@@ -518,25 +349,12 @@ impl Attache for AttacheService {
         &self,
         _req: Request<proto::ClusterStatusRequest>,
     ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
-        let c = timed("cluster_status", async {
-            self.node.send(GetClusterStatus).await?
-        })
-        .await?;
-        let address = |id| {
-            c.nodes
-                .iter()
-                .find(|n| n.node_id == id)
-                .map(|n| n.address.clone())
-                .unwrap_or_default()
-        };
+        let c = timed("cluster_status", async { self.node.send(GetClusterStatus).await? }).await?;
+        let address = |id| c.nodes.iter().find(|n| n.node_id == id).map(|n| n.address.clone()).unwrap_or_default();
         let nodes = c
             .nodes
             .iter()
-            .map(|n| proto::NodeStatus {
-                node_id: n.node_id,
-                address: n.address.clone(),
-                live: true,
-            })
+            .map(|n| proto::NodeStatus { node_id: n.node_id, address: n.address.clone(), live: true })
             .collect();
         let volumes = c
             .volumes
@@ -550,9 +368,6 @@ impl Attache for AttacheService {
                 shards: c.shards.get(&v.volume_id).copied().unwrap_or(0),
             })
             .collect();
-        Ok(Response::new(proto::ClusterStatusResponse {
-            nodes,
-            volumes,
-        }))
+        Ok(Response::new(proto::ClusterStatusResponse { nodes, volumes }))
     }
 }

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::actor::{Actor, Addr, Context, Handler, Message, Reply};
 use crate::engine::{EngineError, EngineFactory, OpenMode};
 use crate::error::AttacheError;
+use crate::lease::LeaseGate;
 use crate::limits::{Limits, DEFAULT_SHARD_SIZE_LIMIT};
 use crate::shard::layout::{ShardMeta, ShardState};
 use crate::shard::{MarkDeleted, Shard, ShardId, ShardInfo, ShardOp, Shutdown};
@@ -51,9 +52,7 @@ impl ShardManagerConfig {
 
     /// `{volume_root}/{volume_id}/shard-{shard_id}`.
     pub fn shard_path(&self, shard_id: ShardId) -> PathBuf {
-        self.volume_root
-            .join(&self.volume_id)
-            .join(format!("shard-{shard_id}"))
+        self.volume_root.join(&self.volume_id).join(format!("shard-{shard_id}"))
     }
 }
 
@@ -119,34 +118,27 @@ impl Message for ShutdownShards {
 pub struct ShardManager {
     cfg: ShardManagerConfig,
     factory: Arc<dyn EngineFactory>,
+    gate: Arc<LeaseGate>,
     shards: BTreeMap<ShardId, Addr<Shard>>,
     shut_down: bool,
 }
 
 fn volume_error(cfg: &ShardManagerConfig, what: &str, e: EngineError) -> AttacheError {
     match e {
-        EngineError::Corruption(_) => {
-            AttacheError::Internal(format!("volume {}: {what}: {e}", cfg.volume_id))
-        }
+        EngineError::Corruption(_) => AttacheError::Internal(format!("volume {}: {what}: {e}", cfg.volume_id)),
         _ => AttacheError::unavailable(format!("volume {}: {what}: {e}; retry", cfg.volume_id)),
     }
 }
 
 impl ShardManager {
-    /// A manager for the volume in `cfg`, opening engines with `factory`.
-    pub fn new(cfg: ShardManagerConfig, factory: Arc<dyn EngineFactory>) -> Self {
-        ShardManager {
-            cfg,
-            factory,
-            shards: BTreeMap::new(),
-            shut_down: false,
-        }
+    /// A manager for the volume in `cfg`, opening engines with `factory`;
+    /// its shards write only while `gate` is open.
+    pub fn new(cfg: ShardManagerConfig, factory: Arc<dyn EngineFactory>, gate: Arc<LeaseGate>) -> Self {
+        ShardManager { cfg, factory, gate, shards: BTreeMap::new(), shut_down: false }
     }
 
     fn not_found(shard_id: ShardId) -> AttacheError {
-        AttacheError::NotFound(format!(
-            "shard {shard_id} does not exist: check the id NewShard returned"
-        ))
+        AttacheError::NotFound(format!("shard {shard_id} does not exist: check the id NewShard returned"))
     }
 
     fn check_up(&self) -> Result<(), AttacheError> {
@@ -160,23 +152,14 @@ impl ShardManager {
     }
 
     /// The open shard `shard_id`, opening it from the volume when needed.
-    async fn shard(
-        &mut self,
-        shard_id: ShardId,
-        ctx: &Context<Self>,
-    ) -> Result<Addr<Shard>, AttacheError> {
+    async fn shard(&mut self, shard_id: ShardId, ctx: &Context<Self>) -> Result<Addr<Shard>, AttacheError> {
         self.check_up()?;
         if let Some(addr) = self.shards.get(&shard_id) {
             return Ok(addr.clone());
         }
         let path = self.cfg.shard_path(shard_id);
         let cfg = &self.cfg;
-        if !self
-            .factory
-            .exists(&path)
-            .await
-            .map_err(|e| volume_error(cfg, "list shards", e))?
-        {
+        if !self.factory.exists(&path).await.map_err(|e| volume_error(cfg, "list shards", e))? {
             return Err(Self::not_found(shard_id));
         }
         let engine = self
@@ -189,14 +172,8 @@ impl ShardManager {
             Ok(_) => {
                 // A create that never finished, or a delete that did not finish removing the data.
                 engine.close().await;
-                tracing::info!(
-                    shard_id,
-                    "removing the remains of a shard that was deleted or never created"
-                );
-                self.factory
-                    .destroy(&path)
-                    .await
-                    .map_err(|e| volume_error(cfg, "remove shard", e))?;
+                tracing::info!(shard_id, "removing the remains of a shard that was deleted or never created");
+                self.factory.destroy(&path).await.map_err(|e| volume_error(cfg, "remove shard", e))?;
                 return Err(Self::not_found(shard_id));
             }
             Err(e) => {
@@ -204,16 +181,10 @@ impl ShardManager {
                 return Err(volume_error(cfg, &format!("read shard {shard_id}"), e));
             }
         };
-        assert_eq!(
-            meta.shard_id,
-            shard_id,
-            "shard directory {} holds another shard's meta",
-            path.display()
-        );
-        let addr = ctx.host().spawn(
-            Shard::new(engine, meta, self.cfg.limits.clone()),
-            self.cfg.shard_mailbox,
-        );
+        assert_eq!(meta.shard_id, shard_id, "shard directory {} holds another shard's meta", path.display());
+        let addr = ctx
+            .host()
+            .spawn(Shard::new(engine, meta, self.cfg.limits.clone(), self.gate.clone()), self.cfg.shard_mailbox);
         self.shards.insert(shard_id, addr.clone());
         Ok(addr)
     }
@@ -233,21 +204,13 @@ impl Actor for ShardManager {
 }
 
 impl Handler<CreateShard> for ShardManager {
-    async fn handle(
-        &mut self,
-        msg: CreateShard,
-        ctx: &Context<Self>,
-    ) -> Reply<Result<ShardInfo, AttacheError>> {
+    async fn handle(&mut self, msg: CreateShard, ctx: &Context<Self>) -> Reply<Result<ShardInfo, AttacheError>> {
         Reply::now(self.create(msg, ctx).await)
     }
 }
 
 impl ShardManager {
-    async fn create(
-        &mut self,
-        msg: CreateShard,
-        ctx: &Context<Self>,
-    ) -> Result<ShardInfo, AttacheError> {
+    async fn create(&mut self, msg: CreateShard, ctx: &Context<Self>) -> Result<ShardInfo, AttacheError> {
         self.cfg.limits.check_client_id(&msg.client_id)?;
         let size_limit = msg.size_limit.unwrap_or(self.cfg.default_size_limit);
         if size_limit == 0 {
@@ -259,11 +222,7 @@ impl ShardManager {
         let path = self.cfg.shard_path(msg.shard_id);
         let cfg = &self.cfg;
         if self.shards.contains_key(&msg.shard_id)
-            || self
-                .factory
-                .exists(&path)
-                .await
-                .map_err(|e| volume_error(cfg, "list shards", e))?
+            || self.factory.exists(&path).await.map_err(|e| volume_error(cfg, "list shards", e))?
         {
             return Err(AttacheError::AlreadyExists(format!(
                 "shard {} exists already on volume {}",
@@ -278,38 +237,20 @@ impl ShardManager {
         let meta = ShardMeta::new(msg.shard_id, msg.client_id, size_limit);
         if let Err(e) = Shard::init_meta(&*engine, &meta).await {
             engine.close().await;
-            return Err(volume_error(
-                cfg,
-                &format!("create shard {}", msg.shard_id),
-                e,
-            ));
+            return Err(volume_error(cfg, &format!("create shard {}", msg.shard_id), e));
         }
         tracing::info!(shard_id = meta.shard_id, owner = %meta.owner, size_limit, volume = %cfg.volume_id, "created shard");
-        let info = ShardInfo {
-            shard_id: meta.shard_id,
-            owner: meta.owner.clone(),
-            state: meta.state,
-            size_limit,
-        };
-        let addr = ctx.host().spawn(
-            Shard::new(engine, meta, self.cfg.limits.clone()),
-            self.cfg.shard_mailbox,
-        );
+        let info = ShardInfo { shard_id: meta.shard_id, owner: meta.owner.clone(), state: meta.state, size_limit };
+        let addr = ctx
+            .host()
+            .spawn(Shard::new(engine, meta, self.cfg.limits.clone(), self.gate.clone()), self.cfg.shard_mailbox);
         self.shards.insert(msg.shard_id, addr);
         Ok(info)
     }
 
-    async fn delete(
-        &mut self,
-        msg: DeleteShard,
-        ctx: &Context<Self>,
-    ) -> Result<ShardInfo, AttacheError> {
+    async fn delete(&mut self, msg: DeleteShard, ctx: &Context<Self>) -> Result<ShardInfo, AttacheError> {
         let addr = self.shard(msg.shard_id, ctx).await?;
-        let info = addr
-            .send(MarkDeleted {
-                client_id: msg.client_id,
-            })
-            .await??;
+        let info = addr.send(MarkDeleted { client_id: msg.client_id }).await??;
         // The delete is durable: from here on the shard is gone, whatever happens to its files.
         self.shards.remove(&msg.shard_id);
         let _ = addr.send(Shutdown).await;
@@ -325,11 +266,7 @@ impl ShardManager {
 }
 
 impl Handler<DeleteShard> for ShardManager {
-    async fn handle(
-        &mut self,
-        msg: DeleteShard,
-        ctx: &Context<Self>,
-    ) -> Reply<Result<ShardInfo, AttacheError>> {
+    async fn handle(&mut self, msg: DeleteShard, ctx: &Context<Self>) -> Reply<Result<ShardInfo, AttacheError>> {
         Reply::now(self.delete(msg, ctx).await)
     }
 }
@@ -344,9 +281,7 @@ where
             Err(e) => return Reply::now(Err(e)),
         };
         match addr.enqueue(msg.op).await {
-            Ok(pending) => {
-                Reply::later(async move { pending.await.unwrap_or_else(|e| Err(e.into())) })
-            }
+            Ok(pending) => Reply::later(async move { pending.await.unwrap_or_else(|e| Err(e.into())) }),
             Err(e) => Reply::now(Err(e.into())),
         }
     }

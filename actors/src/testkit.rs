@@ -14,12 +14,8 @@ use crate::actor::{Addr, HostHandle};
 use crate::engine::EngineFactory;
 use crate::error::AttacheError;
 use crate::shard::layout::{IndexEntry, ShardState};
-use crate::shard::{
-    BatchGet, BatchPut, Close, Get, IndexHit, Put, PutEntry, Scan, ScanIndex, ShardId, Stats,
-};
-use crate::shard_manager::{
-    CreateShard, DeleteShard, Routed, ShardManager, ShardManagerConfig, ShutdownShards,
-};
+use crate::shard::{BatchGet, BatchPut, Close, Get, IndexHit, Put, PutEntry, Scan, ScanIndex, ShardId, Stats};
+use crate::shard_manager::{CreateShard, DeleteShard, Routed, ShardManager, ShardManagerConfig, ShutdownShards};
 
 /// Writers in the concurrent-put step.
 pub const WRITERS: usize = 64;
@@ -28,29 +24,16 @@ pub const PUTS_PER_WRITER: usize = 20;
 
 const OWNER: &str = "alice";
 
-fn entry(key: &str, value: &str) -> PutEntry {
-    PutEntry {
-        key: key.into(),
-        value: value.into(),
-        indexes: Vec::new(),
-    }
+fn open_gate() -> Arc<crate::lease::LeaseGate> {
+    Arc::new(crate::lease::LeaseGate::always_open())
 }
 
-async fn put(
-    mgr: &Addr<ShardManager>,
-    shard_id: ShardId,
-    client: &str,
-    e: PutEntry,
-) -> Result<(), AttacheError> {
-    mgr.send(Routed {
-        shard_id,
-        op: Put {
-            client_id: client.into(),
-            entry: e,
-        },
-    })
-    .await
-    .expect("manager alive")
+fn entry(key: &str, value: &str) -> PutEntry {
+    PutEntry { key: key.into(), value: value.into(), indexes: Vec::new() }
+}
+
+async fn put(mgr: &Addr<ShardManager>, shard_id: ShardId, client: &str, e: PutEntry) -> Result<(), AttacheError> {
+    mgr.send(Routed { shard_id, op: Put { client_id: client.into(), entry: e } }).await.expect("manager alive")
 }
 
 async fn get(
@@ -59,15 +42,7 @@ async fn get(
     client: &str,
     key: &str,
 ) -> Result<Option<Vec<u8>>, AttacheError> {
-    mgr.send(Routed {
-        shard_id,
-        op: Get {
-            client_id: client.into(),
-            key: key.into(),
-        },
-    })
-    .await
-    .expect("manager alive")
+    mgr.send(Routed { shard_id, op: Get { client_id: client.into(), key: key.into() } }).await.expect("manager alive")
 }
 
 /// Runs the storage scenario on `host` over engines from `factory` under
@@ -76,84 +51,35 @@ async fn get(
 /// arguments and a full shard rejected without effect; close (writes rejected,
 /// reads served); delete (gone, files removed); restart of the manager (data
 /// still there).
-pub async fn storage_scenario(
-    host: &HostHandle,
-    factory: Arc<dyn EngineFactory>,
-    volume_root: PathBuf,
-) {
+pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>, volume_root: PathBuf) {
     let mut cfg = ShardManagerConfig::new("vol-1", volume_root);
     cfg.limits.max_value_bytes = 64 << 10;
-    let mgr = host.spawn(ShardManager::new(cfg.clone(), factory.clone()), 256);
+    let mgr = host.spawn(ShardManager::new(cfg.clone(), factory.clone(), open_gate()), 256);
 
     // Create, and create again.
-    let info = mgr
-        .send(CreateShard {
-            shard_id: 1,
-            client_id: OWNER.into(),
-            size_limit: None,
-        })
-        .await
-        .unwrap()
-        .unwrap();
+    let info = mgr.send(CreateShard { shard_id: 1, client_id: OWNER.into(), size_limit: None }).await.unwrap().unwrap();
     assert_eq!((info.shard_id, info.state), (1, ShardState::Active));
-    let again = mgr
-        .send(CreateShard {
-            shard_id: 1,
-            client_id: OWNER.into(),
-            size_limit: None,
-        })
-        .await
-        .unwrap();
-    assert!(
-        matches!(again, Err(AttacheError::AlreadyExists(_))),
-        "second create of shard 1: {again:?}"
-    );
-    let bad = mgr
-        .send(CreateShard {
-            shard_id: 9,
-            client_id: String::new(),
-            size_limit: None,
-        })
-        .await
-        .unwrap();
-    assert!(
-        matches!(bad, Err(AttacheError::InvalidArgument(_))),
-        "empty client id: {bad:?}"
-    );
+    let again = mgr.send(CreateShard { shard_id: 1, client_id: OWNER.into(), size_limit: None }).await.unwrap();
+    assert!(matches!(again, Err(AttacheError::AlreadyExists(_))), "second create of shard 1: {again:?}");
+    let bad = mgr.send(CreateShard { shard_id: 9, client_id: String::new(), size_limit: None }).await.unwrap();
+    assert!(matches!(bad, Err(AttacheError::InvalidArgument(_))), "empty client id: {bad:?}");
 
     // Concurrent writers: every put acknowledged, fewer syncs than puts.
     let writes = (0..WRITERS).map(|w| {
         let mgr = mgr.clone();
         async move {
             for i in 0..PUTS_PER_WRITER {
-                put(
-                    &mgr,
-                    1,
-                    OWNER,
-                    entry(&format!("w{w:02}-k{i:03}"), &format!("v-{w}-{i}")),
-                )
-                .await
-                .expect("put acknowledged");
+                put(&mgr, 1, OWNER, entry(&format!("w{w:02}-k{i:03}"), &format!("v-{w}-{i}")))
+                    .await
+                    .expect("put acknowledged");
             }
         }
     });
     join_all(writes).await;
-    let stats = mgr
-        .send(Routed {
-            shard_id: 1,
-            op: Stats {
-                client_id: OWNER.into(),
-            },
-        })
-        .await
-        .unwrap()
-        .unwrap();
+    let stats = mgr.send(Routed { shard_id: 1, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
     let puts = (WRITERS * PUTS_PER_WRITER) as u64;
     assert_eq!(stats.live_keys, puts);
-    assert!(
-        stats.committed_ops >= puts,
-        "every put went through a group commit: {stats:?}"
-    );
+    assert!(stats.committed_ops >= puts, "every put went through a group commit: {stats:?}");
     assert!(
         stats.group_commits < stats.committed_ops,
         "{WRITERS} concurrent writers shared syncs: {} group commits for {} ops",
@@ -164,46 +90,23 @@ pub async fn storage_scenario(
     // Reads see every acknowledged write.
     for w in [0, WRITERS / 2, WRITERS - 1] {
         for i in [0, PUTS_PER_WRITER - 1] {
-            let v = get(&mgr, 1, OWNER, &format!("w{w:02}-k{i:03}"))
-                .await
-                .unwrap();
+            let v = get(&mgr, 1, OWNER, &format!("w{w:02}-k{i:03}")).await.unwrap();
             assert_eq!(v, Some(format!("v-{w}-{i}").into_bytes()));
         }
     }
     assert_eq!(get(&mgr, 1, OWNER, "absent").await.unwrap(), None);
     let keys = vec![b"w01-k001".to_vec(), b"nope".to_vec(), b"w63-k019".to_vec()];
-    let got = mgr
-        .send(Routed {
-            shard_id: 1,
-            op: BatchGet {
-                client_id: OWNER.into(),
-                keys,
-            },
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        got,
-        vec![Some(b"v-1-1".to_vec()), None, Some(b"v-63-19".to_vec())]
-    );
+    let got = mgr.send(Routed { shard_id: 1, op: BatchGet { client_id: OWNER.into(), keys } }).await.unwrap().unwrap();
+    assert_eq!(got, vec![Some(b"v-1-1".to_vec()), None, Some(b"v-63-19".to_vec())]);
 
     // Scans: a bounded range, and a limit.
     let scan = |start: &str, end: &str, limit| Routed {
         shard_id: 1,
-        op: Scan {
-            client_id: OWNER.into(),
-            start: start.into(),
-            end: end.into(),
-            limit,
-        },
+        op: Scan { client_id: OWNER.into(), start: start.into(), end: end.into(), limit },
     };
     let page = mgr.send(scan("w05-", "w06-", 0)).await.unwrap().unwrap();
     assert_eq!(page.len(), PUTS_PER_WRITER);
-    assert!(
-        page.windows(2).all(|p| p[0].0 < p[1].0),
-        "scan is in key order"
-    );
+    assert!(page.windows(2).all(|p| p[0].0 < p[1].0), "scan is in key order");
     assert_eq!(page[0], (b"w05-k000".to_vec(), b"v-5-0".to_vec()));
     let limited = mgr.send(scan("", "", 7)).await.unwrap().unwrap();
     assert_eq!(limited.len(), 7);
@@ -212,313 +115,93 @@ pub async fn storage_scenario(
     let with_color = |key: &str, color: &str| PutEntry {
         key: key.into(),
         value: b"p".to_vec(),
-        indexes: vec![IndexEntry {
-            name: "color".into(),
-            value: color.into(),
-        }],
+        indexes: vec![IndexEntry { name: "color".into(), value: color.into() }],
     };
     put(&mgr, 1, OWNER, with_color("pen", "red")).await.unwrap();
-    put(&mgr, 1, OWNER, with_color("cap", "reddish"))
-        .await
-        .unwrap();
-    put(&mgr, 1, OWNER, with_color("ink", "blue"))
-        .await
-        .unwrap();
-    put(&mgr, 1, OWNER, with_color("ink", "rose"))
-        .await
-        .unwrap();
+    put(&mgr, 1, OWNER, with_color("cap", "reddish")).await.unwrap();
+    put(&mgr, 1, OWNER, with_color("ink", "blue")).await.unwrap();
+    put(&mgr, 1, OWNER, with_color("ink", "rose")).await.unwrap();
     let scan_index = |prefix: &str, after: Option<IndexHit>| Routed {
         shard_id: 1,
-        op: ScanIndex {
-            client_id: OWNER.into(),
-            name: "color".into(),
-            value_prefix: prefix.into(),
-            after,
-            limit: 0,
-        },
+        op: ScanIndex { client_id: OWNER.into(), name: "color".into(), value_prefix: prefix.into(), after, limit: 0 },
     };
     let hits = mgr.send(scan_index("r", None)).await.unwrap().unwrap();
-    let found: Vec<(&[u8], &[u8])> = hits
-        .iter()
-        .map(|h| (h.value.as_slice(), h.key.as_slice()))
-        .collect();
-    assert_eq!(
-        found,
-        vec![
-            (&b"red"[..], &b"pen"[..]),
-            (b"reddish", b"cap"),
-            (b"rose", b"ink")
-        ]
-    );
-    assert!(
-        mgr.send(scan_index("blue", None))
-            .await
-            .unwrap()
-            .unwrap()
-            .is_empty(),
-        "overwrite removed ink's old entry"
-    );
-    let rest = mgr
-        .send(scan_index("r", Some(hits[0].clone())))
-        .await
-        .unwrap()
-        .unwrap();
+    let found: Vec<(&[u8], &[u8])> = hits.iter().map(|h| (h.value.as_slice(), h.key.as_slice())).collect();
+    assert_eq!(found, vec![(&b"red"[..], &b"pen"[..]), (b"reddish", b"cap"), (b"rose", b"ink")]);
+    assert!(mgr.send(scan_index("blue", None)).await.unwrap().unwrap().is_empty(), "overwrite removed ink's old entry");
+    let rest = mgr.send(scan_index("r", Some(hits[0].clone()))).await.unwrap().unwrap();
     assert_eq!(rest, hits[1..].to_vec(), "paging after a hit");
 
     // An atomic batch.
     let batch: Vec<PutEntry> = (0..10).map(|i| entry(&format!("batch-{i}"), "b")).collect();
-    mgr.send(Routed {
-        shard_id: 1,
-        op: BatchPut {
-            client_id: OWNER.into(),
-            entries: batch,
-        },
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert_eq!(
-        get(&mgr, 1, OWNER, "batch-9").await.unwrap(),
-        Some(b"b".to_vec())
-    );
+    mgr.send(Routed { shard_id: 1, op: BatchPut { client_id: OWNER.into(), entries: batch } }).await.unwrap().unwrap();
+    assert_eq!(get(&mgr, 1, OWNER, "batch-9").await.unwrap(), Some(b"b".to_vec()));
 
     // Rejected requests change nothing.
-    let before = mgr
-        .send(Routed {
-            shard_id: 1,
-            op: Stats {
-                client_id: OWNER.into(),
-            },
-        })
-        .await
-        .unwrap()
-        .unwrap();
+    let before = mgr.send(Routed { shard_id: 1, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
     let denied = put(&mgr, 1, "mallory", entry("evil", "x")).await;
-    assert!(
-        matches!(denied, Err(AttacheError::PermissionDenied(_))),
-        "wrong client put: {denied:?}"
-    );
+    assert!(matches!(denied, Err(AttacheError::PermissionDenied(_))), "wrong client put: {denied:?}");
     let denied = get(&mgr, 1, "mallory", "w00-k000").await;
-    assert!(
-        matches!(denied, Err(AttacheError::PermissionDenied(_))),
-        "wrong client get: {denied:?}"
-    );
+    assert!(matches!(denied, Err(AttacheError::PermissionDenied(_))), "wrong client get: {denied:?}");
     let empty = put(&mgr, 1, OWNER, entry("", "x")).await;
-    assert!(
-        matches!(empty, Err(AttacheError::InvalidArgument(_))),
-        "empty key: {empty:?}"
-    );
-    let big = put(
-        &mgr,
-        1,
-        OWNER,
-        PutEntry {
-            key: b"big".to_vec(),
-            value: vec![0; (64 << 10) + 1],
-            indexes: vec![],
-        },
-    )
-    .await;
-    assert!(
-        matches!(big, Err(AttacheError::InvalidArgument(_))),
-        "value over limit: {big:?}"
-    );
+    assert!(matches!(empty, Err(AttacheError::InvalidArgument(_))), "empty key: {empty:?}");
+    let big =
+        put(&mgr, 1, OWNER, PutEntry { key: b"big".to_vec(), value: vec![0; (64 << 10) + 1], indexes: vec![] }).await;
+    assert!(matches!(big, Err(AttacheError::InvalidArgument(_))), "value over limit: {big:?}");
     let mixed = vec![entry("good", "1"), entry("", "2")];
-    let mixed = mgr
-        .send(Routed {
-            shard_id: 1,
-            op: BatchPut {
-                client_id: OWNER.into(),
-                entries: mixed,
-            },
-        })
-        .await
-        .unwrap();
-    assert!(
-        matches!(mixed, Err(AttacheError::InvalidArgument(_))),
-        "batch with an empty key: {mixed:?}"
-    );
-    assert_eq!(
-        get(&mgr, 1, OWNER, "good").await.unwrap(),
-        None,
-        "a rejected batch wrote nothing"
-    );
+    let mixed =
+        mgr.send(Routed { shard_id: 1, op: BatchPut { client_id: OWNER.into(), entries: mixed } }).await.unwrap();
+    assert!(matches!(mixed, Err(AttacheError::InvalidArgument(_))), "batch with an empty key: {mixed:?}");
+    assert_eq!(get(&mgr, 1, OWNER, "good").await.unwrap(), None, "a rejected batch wrote nothing");
     let unknown = get(&mgr, 99, OWNER, "k").await;
-    assert!(
-        matches!(unknown, Err(AttacheError::NotFound(_))),
-        "unknown shard: {unknown:?}"
-    );
-    let after = mgr
-        .send(Routed {
-            shard_id: 1,
-            op: Stats {
-                client_id: OWNER.into(),
-            },
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (after.live_keys, after.live_bytes),
-        (before.live_keys, before.live_bytes)
-    );
+    assert!(matches!(unknown, Err(AttacheError::NotFound(_))), "unknown shard: {unknown:?}");
+    let after = mgr.send(Routed { shard_id: 1, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
+    assert_eq!((after.live_keys, after.live_bytes), (before.live_keys, before.live_bytes));
 
     // A full shard rejects the write that would exceed its limit, and only that.
-    mgr.send(CreateShard {
-        shard_id: 2,
-        client_id: OWNER.into(),
-        size_limit: Some(4096),
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    mgr.send(CreateShard { shard_id: 2, client_id: OWNER.into(), size_limit: Some(4096) }).await.unwrap().unwrap();
     let mut accepted = 0;
     let full = loop {
-        match put(
-            &mgr,
-            2,
-            OWNER,
-            entry(&format!("fill-{accepted:04}"), &"x".repeat(100)),
-        )
-        .await
-        {
+        match put(&mgr, 2, OWNER, entry(&format!("fill-{accepted:04}"), &"x".repeat(100))).await {
             Ok(()) => accepted += 1,
             Err(e) => break e,
         }
-        assert!(
-            accepted < 100,
-            "a 4096-byte shard took 100 puts of 100 bytes"
-        );
+        assert!(accepted < 100, "a 4096-byte shard took 100 puts of 100 bytes");
     };
-    assert!(
-        matches!(full, AttacheError::ResourceExhausted(_)),
-        "full shard: {full:?}"
-    );
-    assert!(
-        accepted >= 30,
-        "a 4096-byte shard holds at least 30 puts of ~110 bytes, took {accepted}"
-    );
-    assert_eq!(
-        get(&mgr, 2, OWNER, &format!("fill-{accepted:04}"))
-            .await
-            .unwrap(),
-        None
-    );
-    let stats2 = mgr
-        .send(Routed {
-            shard_id: 2,
-            op: Stats {
-                client_id: OWNER.into(),
-            },
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        stats2.live_bytes <= 4096 && stats2.live_keys == accepted,
-        "{stats2:?}"
-    );
+    assert!(matches!(full, AttacheError::ResourceExhausted(_)), "full shard: {full:?}");
+    assert!(accepted >= 30, "a 4096-byte shard holds at least 30 puts of ~110 bytes, took {accepted}");
+    assert_eq!(get(&mgr, 2, OWNER, &format!("fill-{accepted:04}")).await.unwrap(), None);
+    let stats2 = mgr.send(Routed { shard_id: 2, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
+    assert!(stats2.live_bytes <= 4096 && stats2.live_keys == accepted, "{stats2:?}");
 
     // Close: writes rejected, reads served, close is idempotent.
-    let closed = mgr
-        .send(Routed {
-            shard_id: 1,
-            op: Close {
-                client_id: OWNER.into(),
-            },
-        })
-        .await
-        .unwrap()
-        .unwrap();
+    let closed = mgr.send(Routed { shard_id: 1, op: Close { client_id: OWNER.into() } }).await.unwrap().unwrap();
     assert_eq!(closed.state, ShardState::ReadOnly);
     let rejected = put(&mgr, 1, OWNER, entry("late", "x")).await;
-    assert!(
-        matches!(rejected, Err(AttacheError::FailedPrecondition(_))),
-        "put to closed shard: {rejected:?}"
-    );
-    assert_eq!(
-        get(&mgr, 1, OWNER, "w00-k000").await.unwrap(),
-        Some(b"v-0-0".to_vec())
-    );
-    mgr.send(Routed {
-        shard_id: 1,
-        op: Close {
-            client_id: OWNER.into(),
-        },
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    assert!(matches!(rejected, Err(AttacheError::FailedPrecondition(_))), "put to closed shard: {rejected:?}");
+    assert_eq!(get(&mgr, 1, OWNER, "w00-k000").await.unwrap(), Some(b"v-0-0".to_vec()));
+    mgr.send(Routed { shard_id: 1, op: Close { client_id: OWNER.into() } }).await.unwrap().unwrap();
 
     // Delete: only by the owner; then gone, files removed.
-    let denied = mgr
-        .send(DeleteShard {
-            shard_id: 1,
-            client_id: "mallory".into(),
-        })
-        .await
-        .unwrap();
-    assert!(
-        matches!(denied, Err(AttacheError::PermissionDenied(_))),
-        "delete by another client: {denied:?}"
-    );
-    mgr.send(DeleteShard {
-        shard_id: 1,
-        client_id: OWNER.into(),
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let denied = mgr.send(DeleteShard { shard_id: 1, client_id: "mallory".into() }).await.unwrap();
+    assert!(matches!(denied, Err(AttacheError::PermissionDenied(_))), "delete by another client: {denied:?}");
+    mgr.send(DeleteShard { shard_id: 1, client_id: OWNER.into() }).await.unwrap().unwrap();
     let gone = get(&mgr, 1, OWNER, "w00-k000").await;
-    assert!(
-        matches!(gone, Err(AttacheError::NotFound(_))),
-        "get from deleted shard: {gone:?}"
-    );
-    assert!(
-        !factory.exists(&cfg.shard_path(1)).await.unwrap(),
-        "deleted shard's files are removed"
-    );
-    let gone = mgr
-        .send(DeleteShard {
-            shard_id: 1,
-            client_id: OWNER.into(),
-        })
-        .await
-        .unwrap();
-    assert!(
-        matches!(gone, Err(AttacheError::NotFound(_))),
-        "second delete: {gone:?}"
-    );
+    assert!(matches!(gone, Err(AttacheError::NotFound(_))), "get from deleted shard: {gone:?}");
+    assert!(!factory.exists(&cfg.shard_path(1)).await.unwrap(), "deleted shard's files are removed");
+    let gone = mgr.send(DeleteShard { shard_id: 1, client_id: OWNER.into() }).await.unwrap();
+    assert!(matches!(gone, Err(AttacheError::NotFound(_))), "second delete: {gone:?}");
 
     // Restart the manager: shard 2 opens again from the volume with its data, state and limit.
     mgr.send(ShutdownShards).await.unwrap();
     let after_shutdown = get(&mgr, 2, OWNER, "fill-0000").await;
-    assert!(
-        matches!(after_shutdown, Err(AttacheError::Unavailable { .. })),
-        "after shutdown: {after_shutdown:?}"
-    );
+    assert!(matches!(after_shutdown, Err(AttacheError::Unavailable { .. })), "after shutdown: {after_shutdown:?}");
     mgr.stop();
-    let mgr = host.spawn(ShardManager::new(cfg, factory), 256);
+    let mgr = host.spawn(ShardManager::new(cfg, factory, open_gate()), 256);
+    assert_eq!(get(&mgr, 2, OWNER, "fill-0000").await.unwrap(), Some("x".repeat(100).into_bytes()));
+    let reopened = mgr.send(Routed { shard_id: 2, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
     assert_eq!(
-        get(&mgr, 2, OWNER, "fill-0000").await.unwrap(),
-        Some("x".repeat(100).into_bytes())
-    );
-    let reopened = mgr
-        .send(Routed {
-            shard_id: 2,
-            op: Stats {
-                client_id: OWNER.into(),
-            },
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        (
-            reopened.live_keys,
-            reopened.live_bytes,
-            reopened.info.size_limit
-        ),
+        (reopened.live_keys, reopened.live_bytes, reopened.info.size_limit),
         (accepted, stats2.live_bytes, 4096)
     );
     mgr.send(ShutdownShards).await.unwrap();

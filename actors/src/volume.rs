@@ -1,21 +1,40 @@
 //! The `VolumeManager` actor: one attached volume, its role on this node
-//! (primary read-write, or backup) and its epoch, the fencing token.
+//! (primary read-write, or backup), its epoch (the fencing token), and
+//! failover.
 //!
-//! Becoming primary is a compare-and-swap on the volume's owner record in the
-//! metadata store that bumps the epoch (`MetaOps::claim_volume`); a node that
-//! restarts and finds itself named as primary claims again, so every opening
-//! of a volume read-write has an epoch of its own. As primary it runs the
-//! volume's `ShardManager`; it reports every role change to its node, which
-//! routes requests accordingly.
+//! Every `poll_ms` it compares the volume's owner record in the metadata
+//! store with what it is doing, and acts:
+//! - no record, or the record names this node but not at the epoch it
+//!   serves (a restart): claim;
+//! - the record names another node: be a backup (stepping down first if this
+//!   node was primary: someone took over). When that node's liveness record
+//!   is gone (its lease expired) or the record is vacant, wait
+//!   `takeover_delay_ms` more (the old primary's lease gate has closed by
+//!   then, see `lease`) plus `rank_delay_ms` for each live backup ranked
+//!   before this node (rank: ascending node id, a deterministic rule), then
+//!   claim;
+//! - the volume is no longer attached to this node (EBS detach): step down
+//!   and vacate the record, so a backup takes over at once.
+//!
+//! A claim is a compare-and-swap on the record's revision that bumps the
+//! epoch (layer 1), then the storage fence at that epoch (layer 3: preempts
+//! the old holder's reservation), then the shards are opened read-write
+//! (their logs replayed) and served. Every role change is reported to the
+//! node, which routes requests accordingly. Failovers are counted in the
+//! `attache_failovers_total` metric.
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use tokio::time::{Duration, Instant};
 
 use crate::actor::{Actor, Addr, Context, Handler, Message, Reply};
-use crate::engine::EngineFactory;
+use crate::engine::{EngineError, EngineFactory};
+use crate::lease::LeaseGate;
 use crate::meta::store::{MetaOps, NodeId, VolumeRecord};
+use crate::meta::Revision;
 use crate::node::{Node, VolumeRoleChanged};
+use crate::provider::VolumeProvider;
 use crate::shard_manager::{ShardManager, ShardManagerConfig, ShutdownShards};
 
 /// A volume's role on this node.
@@ -25,10 +44,29 @@ pub enum Role {
     Unknown,
     /// This node holds the volume read-write at `epoch`.
     Primary { epoch: u64 },
-    /// Another node is primary at `epoch`.
+    /// Another node (0: none, the record is vacant) is primary at `epoch`.
     Backup { primary: NodeId, epoch: u64 },
+    /// The volume is not attached to this node.
+    Detached,
     /// Stopped: no longer serving this volume.
     Stopped,
+}
+
+/// Failover timing, ms.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverTiming {
+    /// How often the owner record is checked.
+    pub poll_ms: u64,
+    /// How long after the primary's lease is gone before a backup claims.
+    pub takeover_delay_ms: u64,
+    /// Extra wait per backup ranked before this node.
+    pub rank_delay_ms: u64,
+}
+
+impl Default for FailoverTiming {
+    fn default() -> Self {
+        FailoverTiming { poll_ms: 500, takeover_delay_ms: 500, rank_delay_ms: 1_000 }
+    }
 }
 
 /// The volume manager; see the module docs.
@@ -36,89 +74,190 @@ pub struct VolumeManager {
     cfg: ShardManagerConfig,
     node_id: NodeId,
     factory: Arc<dyn EngineFactory>,
+    provider: Arc<dyn VolumeProvider>,
+    gate: Arc<LeaseGate>,
     meta: MetaOps,
     node: Addr<Node>,
+    timing: FailoverTiming,
     role: Role,
     shards: Option<Addr<ShardManager>>,
+    /// Since when the primary named by the record has looked gone (or the record vacant).
+    gone_since: Option<Instant>,
+    stopped: bool,
+}
+
+/// The parts a volume manager is built from.
+pub struct VolumeParts {
+    pub factory: Arc<dyn EngineFactory>,
+    pub provider: Arc<dyn VolumeProvider>,
+    pub gate: Arc<LeaseGate>,
+    pub meta: MetaOps,
+    pub timing: FailoverTiming,
+}
+
+/// Periodic check, sent by the manager's own timer.
+struct Tick;
+
+impl Message for Tick {
+    type Reply = ();
 }
 
 impl VolumeManager {
     /// A manager of volume `cfg.volume_id` for node `node_id`.
-    pub fn new(
-        cfg: ShardManagerConfig,
-        node_id: NodeId,
-        factory: Arc<dyn EngineFactory>,
-        meta: MetaOps,
-        node: Addr<Node>,
-    ) -> Self {
+    pub fn new(cfg: ShardManagerConfig, node_id: NodeId, parts: VolumeParts, node: Addr<Node>) -> Self {
         VolumeManager {
             cfg,
             node_id,
-            factory,
-            meta,
+            factory: parts.factory,
+            provider: parts.provider,
+            gate: parts.gate,
+            meta: parts.meta,
             node,
+            timing: parts.timing,
             role: Role::Unknown,
             shards: None,
+            gone_since: None,
+            stopped: false,
         }
     }
 
-    fn report(&self) {
-        self.node.do_send(VolumeRoleChanged {
-            volume_id: self.cfg.volume_id.clone(),
-            role: self.role.clone(),
-            shards: self.shards.clone(),
-        });
+    fn volume(&self) -> &str {
+        &self.cfg.volume_id
     }
 
-    /// Decides the role from the owner record: claims the volume when nobody
-    /// holds it or the record names this node.
-    async fn settle(&mut self, ctx: &Context<Self>) {
-        let current = match self.meta.volume(&self.cfg.volume_id).await {
-            Ok(current) => current,
+    fn set_role(&mut self, role: Role) {
+        if role != self.role {
+            tracing::info!(volume = %self.cfg.volume_id, from = ?self.role, to = ?role, "volume role change");
+            self.role = role;
+            self.node.do_send(VolumeRoleChanged {
+                volume_id: self.cfg.volume_id.clone(),
+                role: self.role.clone(),
+                shards: self.shards.clone(),
+            });
+        }
+    }
+
+    /// Stops serving the volume's shards (in-flight group commits finish).
+    async fn close_shards(&mut self) {
+        if let Some(shards) = self.shards.take() {
+            let _ = shards.send(ShutdownShards).await;
+            shards.stop();
+        }
+    }
+
+    /// Claims the volume: CAS on the owner record (epoch + 1), storage fence, open shards.
+    async fn claim(&mut self, current: Option<&(VolumeRecord, Revision)>, ctx: &Context<Self>) {
+        let takeover = current.is_some_and(|(r, _)| r.primary != self.node_id);
+        let won = match self.meta.claim_volume(self.volume(), self.node_id, current).await {
+            Ok(Ok(record)) => record,
+            Ok(Err(other)) => {
+                tracing::info!(volume = %self.volume(), current = ?other.as_ref().map(|o| &o.0), "lost the claim race");
+                return;
+            }
             Err(e) => {
-                tracing::warn!(volume = %self.cfg.volume_id, error = %e, "cannot read the volume's owner record");
+                tracing::warn!(volume = %self.volume(), error = %e, "claim failed");
                 return;
             }
         };
-        let claim = match &current {
-            None => true,
-            Some((record, _)) => record.primary == self.node_id,
-        };
-        if !claim {
-            let (VolumeRecord { primary, epoch, .. }, _) =
-                current.expect("a record names another primary");
-            self.role = Role::Backup { primary, epoch };
-            self.report();
+        match self.provider.acquire(self.volume(), won.epoch).await {
+            Ok(()) => {}
+            Err(EngineError::Fenced(m)) => {
+                // A newer epoch holds the volume: this claim is already stale.
+                tracing::warn!(volume = %self.volume(), epoch = won.epoch, reason = %m, "storage fence refused a stale claim");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(volume = %self.volume(), error = %e, "cannot take the storage fence; vacating");
+                let _ = self.meta.vacate_volume(self.volume(), self.node_id, won.epoch).await;
+                return;
+            }
+        }
+        let manager = ShardManager::new(self.cfg.clone(), self.factory.clone(), self.gate.clone());
+        self.shards = Some(ctx.host().spawn(manager, crate::actor::DEFAULT_MAILBOX_CAPACITY));
+        if takeover {
+            metrics::counter!("attache_failovers_total", "volume" => self.cfg.volume_id.clone()).increment(1);
+        }
+        tracing::info!(volume = %self.volume(), epoch = won.epoch, takeover, "primary for volume");
+        self.gone_since = None;
+        self.set_role(Role::Primary { epoch: won.epoch });
+    }
+
+    /// Steps down from primary; vacates the record when `vacate` (this node gives the volume up).
+    async fn step_down(&mut self, vacate: bool, why: &str) {
+        let Role::Primary { epoch } = self.role else { return };
+        tracing::warn!(volume = %self.volume(), epoch, why, "stepping down");
+        self.close_shards().await;
+        if vacate {
+            if let Err(e) = self.meta.vacate_volume(self.volume(), self.node_id, epoch).await {
+                tracing::warn!(volume = %self.volume(), error = %e, "could not vacate the owner record");
+            }
+        }
+        self.set_role(Role::Unknown);
+    }
+
+    /// Whether this node may claim now that the primary looks gone (or, with
+    /// `old_primary` 0, vacated the volume: then no lease needs to run out).
+    async fn my_turn(&mut self, old_primary: NodeId) -> bool {
+        let since = *self.gone_since.get_or_insert_with(Instant::now);
+        let Ok(nodes) = self.meta.live_nodes().await else { return false };
+        let volume = self.cfg.volume_id.clone();
+        let mut ranked: Vec<NodeId> = nodes
+            .iter()
+            .filter(|n| n.node_id != old_primary && n.volumes.contains(&volume))
+            .map(|n| n.node_id)
+            .collect();
+        ranked.sort_unstable();
+        let rank = ranked.iter().position(|&id| id == self.node_id).unwrap_or(ranked.len()) as u64;
+        let lease_wait = if old_primary == 0 { 0 } else { self.timing.takeover_delay_ms };
+        let wait = lease_wait + rank * self.timing.rank_delay_ms;
+        since.elapsed() >= Duration::from_millis(wait)
+    }
+
+    /// One check of the owner record; see the module docs.
+    async fn check(&mut self, ctx: &Context<Self>) {
+        if self.stopped {
             return;
         }
-        match self
-            .meta
-            .claim_volume(&self.cfg.volume_id, self.node_id, current.as_ref())
-            .await
-        {
-            Ok(Ok(record)) => {
-                tracing::info!(volume = %self.cfg.volume_id, epoch = record.epoch, "primary for volume");
-                let manager = ShardManager::new(self.cfg.clone(), self.factory.clone());
-                self.shards = Some(
-                    ctx.host()
-                        .spawn(manager, crate::actor::DEFAULT_MAILBOX_CAPACITY),
-                );
-                self.role = Role::Primary {
-                    epoch: record.epoch,
-                };
+        if !self.provider.is_attached(self.volume()).await {
+            if matches!(self.role, Role::Primary { .. }) {
+                self.step_down(true, "the volume was detached from this node").await;
             }
-            Ok(Err(Some((record, _)))) => {
-                self.role = Role::Backup {
-                    primary: record.primary,
-                    epoch: record.epoch,
-                }
-            }
-            Ok(Err(None)) => self.role = Role::Unknown,
+            self.set_role(Role::Detached);
+            return;
+        }
+        let current = match self.meta.volume(self.volume()).await {
+            Ok(current) => current,
             Err(e) => {
-                tracing::warn!(volume = %self.cfg.volume_id, error = %e, "claim of volume failed")
+                // Keep the role: a primary serves while its lease gate allows.
+                tracing::debug!(volume = %self.volume(), error = %e, "owner record unreadable");
+                return;
+            }
+        };
+        let Some((record, rev)) = current.clone() else {
+            return self.claim(None, ctx).await;
+        };
+        if record.primary == self.node_id {
+            match self.role {
+                Role::Primary { epoch } if epoch == record.epoch => {}
+                Role::Primary { .. } => self.step_down(false, "the owner record moved to another epoch").await,
+                _ => self.claim(Some(&(record, rev)), ctx).await,
+            }
+            return;
+        }
+        if matches!(self.role, Role::Primary { .. }) {
+            self.step_down(false, "another node took the volume over").await;
+        }
+        let gone = record.primary == 0 || matches!(self.meta.node(record.primary).await, Ok(None));
+        if !gone {
+            self.gone_since = None;
+        } else if self.my_turn(record.primary).await {
+            tracing::info!(volume = %self.volume(), old = record.primary, epoch = record.epoch, "primary is gone; taking over");
+            self.claim(Some(&(record.clone(), rev)), ctx).await;
+            if matches!(self.role, Role::Primary { .. }) {
+                return;
             }
         }
-        self.report();
+        self.set_role(Role::Backup { primary: record.primary, epoch: record.epoch });
     }
 }
 
@@ -128,12 +267,39 @@ impl Actor for VolumeManager {
     }
 
     async fn started(&mut self, ctx: &Context<Self>) {
-        self.settle(ctx).await;
+        if let Err(e) = self.provider.attach(self.volume()).await {
+            tracing::warn!(volume = %self.volume(), error = %e, "cannot attach the volume");
+        }
+        self.check(ctx).await;
+        if self.role == Role::Unknown {
+            // Report once, so the node's start-up does not wait for the metadata store forever.
+            self.node.do_send(VolumeRoleChanged {
+                volume_id: self.cfg.volume_id.clone(),
+                role: Role::Unknown,
+                shards: None,
+            });
+        }
+        let me = ctx.address();
+        let period = Duration::from_millis(self.timing.poll_ms);
+        ctx.host().spawn_detached(async move {
+            while !me.is_closed() {
+                tokio::time::sleep(period).await;
+                me.do_send(Tick);
+            }
+        });
+    }
+}
+
+impl Handler<Tick> for VolumeManager {
+    async fn handle(&mut self, _msg: Tick, ctx: &Context<Self>) -> Reply<()> {
+        self.check(ctx).await;
+        Reply::now(())
     }
 }
 
 /// Steps down: shuts the volume's shards down (in-flight writes finish) and
-/// stops serving it. Replies when done.
+/// stops serving it; as primary, vacates the owner record so a backup takes
+/// over at once. Replies when done.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StopVolume;
 
@@ -143,12 +309,10 @@ impl Message for StopVolume {
 
 impl Handler<StopVolume> for VolumeManager {
     async fn handle(&mut self, _msg: StopVolume, _ctx: &Context<Self>) -> Reply<()> {
-        if let Some(shards) = self.shards.take() {
-            let _ = shards.send(ShutdownShards).await;
-            shards.stop();
-        }
-        self.role = Role::Stopped;
-        self.report();
+        self.stopped = true;
+        self.step_down(true, "node shutting down").await;
+        self.close_shards().await;
+        self.set_role(Role::Stopped);
         Reply::now(())
     }
 }

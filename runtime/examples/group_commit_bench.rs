@@ -10,10 +10,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use attache_actors::lease::LeaseGate;
 use attache_actors::shard::{Put, PutEntry, Stats};
-use attache_actors::shard_manager::{
-    CreateShard, Routed, ShardManager, ShardManagerConfig, ShutdownShards,
-};
+use attache_actors::shard_manager::{CreateShard, Routed, ShardManager, ShardManagerConfig, ShutdownShards};
 use attache_actors::HostHandle;
 use attache_runtime::{ActixHost, RocksEngineFactory};
 
@@ -58,78 +57,32 @@ fn raw_rocksdb(dir: &std::path::Path, puts: u64, batch: u64) -> Row {
     } else {
         format!("raw RocksDB, synced batches of {batch}")
     };
-    Row {
-        case,
-        puts,
-        secs: start.elapsed().as_secs_f64(),
-        per_sync: batch as f64,
-    }
+    Row { case, puts, secs: start.elapsed().as_secs_f64(), per_sync: batch as f64 }
 }
 
-async fn shard_writers(
-    host: &HostHandle,
-    dir: &std::path::Path,
-    writers: u64,
-    per_writer: u64,
-) -> Row {
+async fn shard_writers(host: &HostHandle, dir: &std::path::Path, writers: u64, per_writer: u64) -> Row {
     let cfg = ShardManagerConfig::new("bench", dir);
-    let mgr = host.spawn(
-        ShardManager::new(cfg, Arc::new(RocksEngineFactory::new())),
-        4096,
-    );
-    mgr.send(CreateShard {
-        shard_id: 1,
-        client_id: "bench".into(),
-        size_limit: None,
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let mgr = host
+        .spawn(ShardManager::new(cfg, Arc::new(RocksEngineFactory::new()), Arc::new(LeaseGate::always_open())), 4096);
+    mgr.send(CreateShard { shard_id: 1, client_id: "bench".into(), size_limit: None }).await.unwrap().unwrap();
     let start = Instant::now();
     let tasks = (0..writers).map(|w| {
         let mgr = mgr.clone();
         async move {
             for i in 0..per_writer {
-                let entry = PutEntry {
-                    key: key(w * per_writer + i),
-                    value: VALUE.to_vec(),
-                    indexes: vec![],
-                };
-                let put = Put {
-                    client_id: "bench".into(),
-                    entry,
-                };
-                mgr.send(Routed {
-                    shard_id: 1,
-                    op: put,
-                })
-                .await
-                .unwrap()
-                .unwrap();
+                let entry = PutEntry { key: key(w * per_writer + i), value: VALUE.to_vec(), indexes: vec![] };
+                let put = Put { client_id: "bench".into(), entry };
+                mgr.send(Routed { shard_id: 1, op: put }).await.unwrap().unwrap();
             }
         }
     });
     futures::future::join_all(tasks).await;
     let secs = start.elapsed().as_secs_f64();
-    let stats = mgr
-        .send(Routed {
-            shard_id: 1,
-            op: Stats {
-                client_id: "bench".into(),
-            },
-        })
-        .await
-        .unwrap()
-        .unwrap();
+    let stats = mgr.send(Routed { shard_id: 1, op: Stats { client_id: "bench".into() } }).await.unwrap().unwrap();
     let per_sync = stats.committed_ops as f64 / stats.group_commits.max(1) as f64;
     mgr.send(ShutdownShards).await.unwrap();
     mgr.stop();
-    Row {
-        case: format!("Attaché shard, {writers} concurrent writers"),
-        puts: writers * per_writer,
-        secs,
-        per_sync,
-    }
+    Row { case: format!("Attaché shard, {writers} concurrent writers"), puts: writers * per_writer, secs, per_sync }
 }
 
 fn main() {

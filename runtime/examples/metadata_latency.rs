@@ -23,11 +23,7 @@ fn percentiles(mut v: Vec<Duration>) -> (f64, f64, f64) {
     (at(0.50), at(0.99), v.last().unwrap().as_secs_f64() * 1e6)
 }
 
-async fn measure(
-    name: &str,
-    b: &dyn MetadataBackend,
-    ops: usize,
-) -> (String, (f64, f64, f64), (f64, f64, f64)) {
+async fn measure(name: &str, b: &dyn MetadataBackend, ops: usize) -> (String, (f64, f64, f64), (f64, f64, f64)) {
     let key = b"/bench/counter".to_vec();
     b.put(&key, b"0", 0).await.unwrap();
     let mut gets = Vec::with_capacity(ops);
@@ -41,11 +37,7 @@ async fn measure(
     for i in 0..ops {
         let txn = Txn {
             compare: vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)],
-            success: vec![TxnOp::Put {
-                key: key.clone(),
-                value: i.to_string().into_bytes(),
-                lease: 0,
-            }],
+            success: vec![TxnOp::Put { key: key.clone(), value: i.to_string().into_bytes(), lease: 0 }],
             failure: vec![],
         };
         let t = Instant::now();
@@ -58,33 +50,22 @@ async fn measure(
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let ops: usize = std::env::args()
-        .skip_while(|a| a != "--ops")
-        .nth(1)
-        .map_or(1000, |s| s.parse().expect("--ops N"));
+    let ops: usize = std::env::args().skip_while(|a| a != "--ops").nth(1).map_or(1000, |s| s.parse().expect("--ops N"));
     let dir = tempfile::tempdir().unwrap();
     let mut rows = Vec::new();
 
     let embedded: Arc<dyn MetadataBackend> =
-        EmbeddedBackend::open(Arc::new(FileMetaLog::new(&dir.path().join("e"))))
-            .await
-            .unwrap();
+        EmbeddedBackend::open(Arc::new(FileMetaLog::new(&dir.path().join("e")))).await.unwrap();
     rows.push(measure("embedded (in process)", &*embedded, ops).await);
 
     std::fs::create_dir_all(dir.path().join("g")).unwrap();
     let served: Arc<dyn MetadataBackend> =
-        EmbeddedBackend::open(Arc::new(FileMetaLog::new(&dir.path().join("g"))))
-            .await
-            .unwrap();
+        EmbeddedBackend::open(Arc::new(FileMetaLog::new(&dir.path().join("g")))).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
@@ -97,31 +78,13 @@ async fn main() {
 
     let etcd_bin = std::env::var("ATTACHE_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
     let (cp, pp) = (free_port(), free_port());
-    let (client, peer) = (
-        format!("http://127.0.0.1:{cp}"),
-        format!("http://127.0.0.1:{pp}"),
-    );
+    let (client, peer) = (format!("http://127.0.0.1:{cp}"), format!("http://127.0.0.1:{pp}"));
     let etcd = Command::new(&etcd_bin)
         .args(["--name", "bench", "--data-dir"])
         .arg(dir.path().join("etcd"))
-        .args([
-            "--listen-client-urls",
-            &client,
-            "--advertise-client-urls",
-            &client,
-        ])
-        .args([
-            "--listen-peer-urls",
-            &peer,
-            "--initial-advertise-peer-urls",
-            &peer,
-        ])
-        .args([
-            "--initial-cluster",
-            &format!("bench={peer}"),
-            "--log-level",
-            "error",
-        ])
+        .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+        .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+        .args(["--initial-cluster", &format!("bench={peer}"), "--log-level", "error"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn();
@@ -146,17 +109,12 @@ async fn main() {
         }
     }
 
-    println!(
-        "metadata latency, {ops} sequential calls each, microseconds (this machine, temp dir)"
-    );
+    println!("metadata latency, {ops} sequential calls each, microseconds (this machine, temp dir)");
     println!(
         "{:<36} {:>9} {:>9} {:>9}   {:>9} {:>9} {:>9}",
         "backend", "get p50", "get p99", "get max", "CAS p50", "CAS p99", "CAS max"
     );
     for (name, g, c) in &rows {
-        println!(
-            "{name:<36} {:>9.0} {:>9.0} {:>9.0}   {:>9.0} {:>9.0} {:>9.0}",
-            g.0, g.1, g.2, c.0, c.1, c.2
-        );
+        println!("{name:<36} {:>9.0} {:>9.0} {:>9.0}   {:>9.0} {:>9.0} {:>9.0}", g.0, g.1, g.2, c.0, c.1, c.2);
     }
 }

@@ -15,9 +15,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use actix::{ActorFutureExt, WrapFuture};
-use attache_actors::actor::{
-    ActorCell, CellFactory, Detached, Host, Letter, Mailbox, MailboxError,
-};
+use attache_actors::actor::{ActorCell, CellFactory, Detached, Host, Letter, Mailbox, MailboxError};
 use futures::future::BoxFuture;
 
 /// The actix host; see the module docs.
@@ -30,13 +28,8 @@ impl ActixHost {
     /// A host with `threads` arbiter threads (at least one). Must be called
     /// inside a running `actix_rt::System`.
     pub fn new(threads: usize) -> Self {
-        let arbiters = (0..threads.max(1))
-            .map(|_| Arbiter::new().handle())
-            .collect();
-        ActixHost {
-            arbiters,
-            next: AtomicUsize::new(0),
-        }
+        let arbiters = (0..threads.max(1)).map(|_| Arbiter::new().handle()).collect();
+        ActixHost { arbiters, next: AtomicUsize::new(0) }
     }
 
     fn arbiter(&self) -> &ArbiterHandle {
@@ -76,10 +69,7 @@ impl actix::Actor for ActixCell {
             cell.started().await;
             cell
         };
-        ctx.wait(
-            fut.into_actor(self)
-                .map(|cell, act, _| act.cell = Some(cell)),
-        );
+        ctx.wait(fut.into_actor(self).map(|cell, act, _| act.cell = Some(cell)));
     }
 }
 
@@ -144,17 +134,11 @@ impl Mailbox for ActixMailbox {
 
 impl Host for ActixHost {
     fn spawn_cell(&self, name: String, capacity: usize, make: CellFactory) -> Arc<dyn Mailbox> {
-        let addr = ActixCell::start_in_arbiter(
-            self.arbiter(),
-            move |ctx: &mut actix::Context<ActixCell>| {
-                let cell = make(Arc::new(ActixMailbox(ctx.address())));
-                tracing::trace!(actor = %name, "started on actix");
-                ActixCell {
-                    cell: Some(cell),
-                    capacity,
-                }
-            },
-        );
+        let addr = ActixCell::start_in_arbiter(self.arbiter(), move |ctx: &mut actix::Context<ActixCell>| {
+            let cell = make(Arc::new(ActixMailbox(ctx.address())));
+            tracing::trace!(actor = %name, "started on actix");
+            ActixCell { cell: Some(cell), capacity }
+        });
         Arc::new(ActixMailbox(addr))
     }
 

@@ -45,11 +45,7 @@ pub struct Client {
 
 /// A channel to `addr` (`host:port` or a URL) with connect and request timeouts.
 pub fn channel(addr: &str) -> anyhow::Result<Channel> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
+    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
     Ok(Endpoint::from_shared(url)?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(60))
@@ -57,19 +53,13 @@ pub fn channel(addr: &str) -> anyhow::Result<Channel> {
 }
 
 fn client(channel: Channel) -> AttacheClient<Channel> {
-    AttacheClient::new(channel)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20)
+    AttacheClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
 }
 
 impl Client {
     /// A client of the node at `addr`.
     pub fn new(addr: &str, retry: RetrySettings) -> anyhow::Result<Self> {
-        Ok(Client {
-            addr: addr.to_string(),
-            inner: client(channel(addr)?),
-            retry,
-        })
+        Ok(Client { addr: addr.to_string(), inner: client(channel(addr)?), retry })
     }
 
     /// The address calls currently go to.
@@ -99,13 +89,8 @@ impl Client {
                             }
                         }
                     }
-                    let cap = self
-                        .retry
-                        .initial
-                        .saturating_mul(1 << attempt.min(16))
-                        .min(self.retry.max);
-                    let sleep =
-                        Duration::from_millis(rand::rng().random_range(0..=cap.as_millis() as u64));
+                    let cap = self.retry.initial.saturating_mul(1 << attempt.min(16)).min(self.retry.max);
+                    let sleep = Duration::from_millis(rand::rng().random_range(0..=cap.as_millis() as u64));
                     if start.elapsed() + sleep > self.retry.deadline {
                         return Err(status);
                     }
@@ -123,8 +108,6 @@ impl Client {
         F: FnOnce(AttacheClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        call(self.inner.clone())
-            .await
-            .map(tonic::Response::into_inner)
+        call(self.inner.clone()).await.map(tonic::Response::into_inner)
     }
 }

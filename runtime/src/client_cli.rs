@@ -184,13 +184,8 @@ fn text(bytes: &[u8]) -> String {
 }
 
 fn parse_index(s: &str) -> anyhow::Result<proto::IndexEntry> {
-    let (name, value) = s
-        .split_once('=')
-        .with_context(|| format!("--index {s:?}: expected NAME=VALUE"))?;
-    Ok(proto::IndexEntry {
-        name: name.into(),
-        value: value.as_bytes().to_vec(),
-    })
+    let (name, value) = s.split_once('=').with_context(|| format!("--index {s:?}: expected NAME=VALUE"))?;
+    Ok(proto::IndexEntry { name: name.into(), value: value.as_bytes().to_vec() })
 }
 
 /// A client command's error for a gRPC status: the canonical code name and
@@ -221,32 +216,17 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
 
 /// Runs a client command.
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
-    let retry = RetrySettings {
-        deadline: std::time::Duration::from_secs(args.retry_secs),
-        ..RetrySettings::default()
-    };
+    let retry = RetrySettings { deadline: std::time::Duration::from_secs(args.retry_secs), ..RetrySettings::default() };
     let mut c = Client::new(&args.addr, retry)?;
     let json = args.json;
     match args.cmd {
-        ClientCmd::NewShard {
-            client_id,
-            size_limit,
-        } => {
-            let req = proto::NewShardRequest {
-                client_id,
-                size_limit_bytes: size_limit.unwrap_or(0),
-            };
-            let info = c
-                .once(|mut c| async move { c.new_shard(req).await })
-                .await
-                .map_err(status_error)?;
+        ClientCmd::NewShard { client_id, size_limit } => {
+            let req = proto::NewShardRequest { client_id, size_limit_bytes: size_limit.unwrap_or(0) };
+            let info = c.once(|mut c| async move { c.new_shard(req).await }).await.map_err(status_error)?;
             print_info(json, &info);
         }
         ClientCmd::CloseShard(sel) => {
-            let req = proto::ShardRef {
-                shard_id: sel.shard,
-                client_id: sel.client_id,
-            };
+            let req = proto::ShardRef { shard_id: sel.shard, client_id: sel.client_id };
             let info = c
                 .retrying(|mut c| {
                     let r = req.clone();
@@ -257,10 +237,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             print_info(json, &info);
         }
         ClientCmd::DeleteShard(sel) => {
-            let req = proto::ShardRef {
-                shard_id: sel.shard,
-                client_id: sel.client_id,
-            };
+            let req = proto::ShardRef { shard_id: sel.shard, client_id: sel.client_id };
             let info = c
                 .retrying(|mut c| {
                     let r = req.clone();
@@ -270,16 +247,8 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 .map_err(status_error)?;
             print_info(json, &info);
         }
-        ClientCmd::Put {
-            sel,
-            key,
-            value,
-            indexes,
-        } => {
-            let indexes = indexes
-                .iter()
-                .map(|s| parse_index(s))
-                .collect::<anyhow::Result<_>>()?;
+        ClientCmd::Put { sel, key, value, indexes } => {
+            let indexes = indexes.iter().map(|s| parse_index(s)).collect::<anyhow::Result<_>>()?;
             let req = proto::PutRequest {
                 shard_id: sel.shard,
                 client_id: sel.client_id,
@@ -300,12 +269,8 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             }
         }
         ClientCmd::Get { sel, key } => {
-            let req = proto::GetRequest {
-                shard_id: sel.shard,
-                client_id: sel.client_id,
-                key: key.into(),
-                consistency: 0,
-            };
+            let req =
+                proto::GetRequest { shard_id: sel.shard, client_id: sel.client_id, key: key.into(), consistency: 0 };
             let r = c
                 .retrying(|mut c| {
                     let r = req.clone();
@@ -323,11 +288,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             }
         }
         ClientCmd::Delete { sel, key } => {
-            let req = proto::DeleteRequest {
-                shard_id: sel.shard,
-                client_id: sel.client_id,
-                key: key.into(),
-            };
+            let req = proto::DeleteRequest { shard_id: sel.shard, client_id: sel.client_id, key: key.into() };
             c.retrying(|mut c| {
                 let r = req.clone();
                 async move { c.delete(r).await }
@@ -354,8 +315,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(status_error)?;
-            let results: Vec<proto::GetResponse> =
-                stream.try_collect().await.map_err(status_error)?;
+            let results: Vec<proto::GetResponse> = stream.try_collect().await.map_err(status_error)?;
             for r in results {
                 if json {
                     println!(
@@ -369,12 +329,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        ClientCmd::Scan {
-            sel,
-            start,
-            end,
-            limit,
-        } => {
+        ClientCmd::Scan { sel, start, end, limit } => {
             let req = proto::ScanRequest {
                 shard_id: sel.shard,
                 client_id: sel.client_id,
@@ -393,22 +348,14 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             while let Some(page) = stream.next().await {
                 for kv in page.map_err(status_error)?.entries {
                     if json {
-                        println!(
-                            "{}",
-                            json!({"key": text(&kv.key), "value": text(&kv.value)})
-                        );
+                        println!("{}", json!({"key": text(&kv.key), "value": text(&kv.value)}));
                     } else {
                         println!("{}\t{}", text(&kv.key), text(&kv.value));
                     }
                 }
             }
         }
-        ClientCmd::ScanIndex {
-            sel,
-            name,
-            prefix,
-            limit,
-        } => {
+        ClientCmd::ScanIndex { sel, name, prefix, limit } => {
             let req = proto::ScanIndexRequest {
                 shard_id: sel.shard,
                 client_id: sel.client_id,
@@ -426,10 +373,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             while let Some(page) = stream.next().await {
                 for hit in page.map_err(status_error)?.hits {
                     if json {
-                        println!(
-                            "{}",
-                            json!({"value": text(&hit.value), "key": text(&hit.key)})
-                        );
+                        println!("{}", json!({"value": text(&hit.value), "key": text(&hit.key)}));
                     } else {
                         println!("{}\t{}", text(&hit.value), text(&hit.key));
                     }
@@ -437,10 +381,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             }
         }
         ClientCmd::Stats(sel) => {
-            let req = proto::ShardRef {
-                shard_id: sel.shard,
-                client_id: sel.client_id,
-            };
+            let req = proto::ShardRef { shard_id: sel.shard, client_id: sel.client_id };
             let s = c
                 .retrying(|mut c| {
                     let r = req.clone();
@@ -458,18 +399,12 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 );
             } else {
                 print_info(false, &info);
-                println!(
-                    "  keys {}  live bytes {} of {}",
-                    s.live_keys, s.live_bytes, info.size_limit_bytes
-                );
+                println!("  keys {}  live bytes {} of {}", s.live_keys, s.live_bytes, info.size_limit_bytes);
                 println!(
                     "  since open: {} ops / {} bytes written, {} ops / {} bytes read",
                     s.ops_written, s.bytes_written, s.ops_read, s.bytes_read
                 );
-                println!(
-                    "  group commits {} carrying {} writes",
-                    s.group_commits, s.committed_ops
-                );
+                println!("  group commits {} carrying {} writes", s.group_commits, s.committed_ops);
             }
         }
         ClientCmd::ListShards { client_id } => {
@@ -487,9 +422,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         }
         ClientCmd::Status => {
             let r = c
-                .retrying(
-                    |mut c| async move { c.cluster_status(proto::ClusterStatusRequest {}).await },
-                )
+                .retrying(|mut c| async move { c.cluster_status(proto::ClusterStatusRequest {}).await })
                 .await
                 .map_err(status_error)?;
             if json {
@@ -504,26 +437,16 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             } else {
                 println!("nodes:");
                 for n in &r.nodes {
-                    println!(
-                        "  node {}  {}  {}",
-                        n.node_id,
-                        n.address,
-                        if n.live { "live" } else { "down" }
-                    );
+                    println!("  node {}  {}  {}", n.node_id, n.address, if n.live { "live" } else { "down" });
                 }
                 println!("volumes:");
                 for v in &r.volumes {
-                    let backups: Vec<String> =
-                        v.backup_node_ids.iter().map(u64::to_string).collect();
+                    let backups: Vec<String> = v.backup_node_ids.iter().map(u64::to_string).collect();
                     println!(
                         "  {}  primary node {} ({})  epoch {}  backups [{}]  shards {}",
                         v.volume_id,
                         v.primary_node_id,
-                        if v.primary_address.is_empty() {
-                            "down"
-                        } else {
-                            &v.primary_address
-                        },
+                        if v.primary_address.is_empty() { "down" } else { &v.primary_address },
                         v.epoch,
                         backups.join(", "),
                         v.shards
@@ -531,13 +454,9 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        ClientCmd::Load {
-            sel,
-            file,
-            format,
-            batch,
-            concurrency,
-        } => load(c, sel, file, format, batch, concurrency, json).await?,
+        ClientCmd::Load { sel, file, format, batch, concurrency } => {
+            load(c, sel, file, format, batch, concurrency, json).await?
+        }
         ClientCmd::Dump { sel, out, format } => dump(&mut c, sel, out, format, json).await?,
     }
     Ok(())
@@ -555,10 +474,7 @@ async fn load(
     concurrency: usize,
     json: bool,
 ) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        batch > 0 && concurrency > 0,
-        "--batch and --concurrency must be positive"
-    );
+    anyhow::ensure!(batch > 0 && concurrency > 0, "--batch and --concurrency must be positive");
     let format = format.unwrap_or_else(|| Format::from_path(&path));
     let file = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
     let size = file.metadata()?.len();
@@ -596,11 +512,7 @@ async fn load(
             match records::parse_line(format, &line) {
                 Ok((key, value)) => {
                     bytes += key.len() + value.len();
-                    entries.push(proto::Entry {
-                        key,
-                        value,
-                        indexes: vec![],
-                    });
+                    entries.push(proto::Entry { key, value, indexes: vec![] });
                 }
                 Err(e) => {
                     parse_error = Some(format!("{}:{line_no}: {e}", path.display()));
@@ -615,13 +527,8 @@ async fn load(
     let (shard_id, client_id) = (sel.shard, sel.client_id);
     let mut results = futures::stream::iter(batches)
         .map(|(entries, read)| {
-            let mut c =
-                Client::new(c.addr(), RetrySettings::default()).expect("address checked at start");
-            let req = proto::BatchPutRequest {
-                shard_id,
-                client_id: client_id.clone(),
-                entries,
-            };
+            let mut c = Client::new(c.addr(), RetrySettings::default()).expect("address checked at start");
+            let req = proto::BatchPutRequest { shard_id, client_id: client_id.clone(), entries };
             let n = req.entries.len() as u64;
             async move {
                 c.retrying(|mut c| {
@@ -642,10 +549,7 @@ async fn load(
             }
             Err(s) => {
                 pb.abandon();
-                anyhow::bail!(
-                    "{}; {acked} records were acknowledged before it",
-                    status_error(s)
-                );
+                anyhow::bail!("{}; {acked} records were acknowledged before it", status_error(s));
             }
         }
     }
@@ -657,40 +561,22 @@ async fn load(
     pb.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     if json {
-        println!(
-            "{}",
-            json!({"records": acked, "seconds": secs, "records_per_sec": acked as f64 / secs})
-        );
+        println!("{}", json!({"records": acked, "seconds": secs, "records_per_sec": acked as f64 / secs}));
     } else {
-        println!(
-            "loaded {acked} records in {secs:.2} s ({:.0} records/s)",
-            acked as f64 / secs
-        );
+        println!("loaded {acked} records in {secs:.2} s ({:.0} records/s)", acked as f64 / secs);
     }
     Ok(())
 }
 
-async fn dump(
-    c: &mut Client,
-    sel: ShardSel,
-    out: Option<PathBuf>,
-    format: Format,
-    json: bool,
-) -> anyhow::Result<()> {
+async fn dump(c: &mut Client, sel: ShardSel, out: Option<PathBuf>, format: Format, json: bool) -> anyhow::Result<()> {
     let mut w: Box<dyn Write> = match &out {
-        Some(path) => Box::new(BufWriter::new(
-            File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
-        )),
+        Some(path) => {
+            Box::new(BufWriter::new(File::create(path).with_context(|| format!("cannot create {}", path.display()))?))
+        }
         None => Box::new(BufWriter::new(std::io::stdout().lock())),
     };
-    let pb = if out.is_some() {
-        ProgressBar::new_spinner()
-    } else {
-        ProgressBar::hidden()
-    };
-    pb.set_style(ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {pos} records {per_sec}",
-    )?);
+    let pb = if out.is_some() { ProgressBar::new_spinner() } else { ProgressBar::hidden() };
+    pb.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {pos} records {per_sec}")?);
     let start = Instant::now();
     let req = proto::ScanRequest {
         shard_id: sel.shard,
@@ -711,8 +597,7 @@ async fn dump(
     while let Some(page) = stream.next().await {
         let page = page.map_err(status_error)?;
         for kv in &page.entries {
-            let line =
-                records::format_line(format, &kv.key, &kv.value).map_err(|e| anyhow::anyhow!(e))?;
+            let line = records::format_line(format, &kv.key, &kv.value).map_err(|e| anyhow::anyhow!(e))?;
             w.write_all(&line)?;
             w.write_all(b"\n")?;
         }
@@ -724,15 +609,9 @@ async fn dump(
     let secs = start.elapsed().as_secs_f64();
     if out.is_some() {
         if json {
-            println!(
-                "{}",
-                json!({"records": n, "seconds": secs, "records_per_sec": n as f64 / secs})
-            );
+            println!("{}", json!({"records": n, "seconds": secs, "records_per_sec": n as f64 / secs}));
         } else {
-            println!(
-                "dumped {n} records in {secs:.2} s ({:.0} records/s)",
-                n as f64 / secs
-            );
+            println!("dumped {n} records in {secs:.2} s ({:.0} records/s)", n as f64 / secs);
         }
     }
     Ok(())

@@ -129,58 +129,39 @@ impl NodeArgs {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read config file {}", path.display()))?;
-                serde_yaml::from_str(&text)
-                    .with_context(|| format!("invalid config file {}", path.display()))?
+                serde_yaml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?
             }
             None => FileConfig::default(),
         };
         let volumes = self.volumes.or(file.volumes).unwrap_or_default();
-        anyhow::ensure!(!volumes.is_empty(), "no volumes configured: pass --volumes vol-1,vol-2 or set `volumes:` in the config file");
-        let data_dir = self
-            .data_dir
-            .or(file.data_dir)
-            .unwrap_or_else(|| "attache-node".into());
+        anyhow::ensure!(
+            !volumes.is_empty(),
+            "no volumes configured: pass --volumes vol-1,vol-2 or set `volumes:` in the config file"
+        );
+        let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(|| "attache-node".into());
         let metadata = self.metadata.or(file.metadata).context(
             "no metadata store configured: pass --metadata embedded:DIR, grpc://HOST:PORT or etcd://HOST:PORT",
         )?;
         let mut node = NodeConfig::new(
             String::new(),
-            self.volume_root
-                .or(file.volume_root)
-                .unwrap_or_else(|| "/".into()),
+            self.volume_root.or(file.volume_root).unwrap_or_else(|| "/".into()),
             volumes,
         );
         node.instance_id = self.instance_id.or(file.instance_id).unwrap_or_default();
         node.node_id = self.node_id.or(file.node_id);
-        node.lease_ttl_ms = self
-            .lease_ttl_ms
-            .or(file.lease_ttl_ms)
-            .unwrap_or(node.lease_ttl_ms);
-        node.default_size_limit = self
-            .shard_size_limit
-            .or(file.shard_size_limit)
-            .unwrap_or(DEFAULT_SHARD_SIZE_LIMIT);
+        node.lease_ttl_ms = self.lease_ttl_ms.or(file.lease_ttl_ms).unwrap_or(node.lease_ttl_ms);
+        node.default_size_limit = self.shard_size_limit.or(file.shard_size_limit).unwrap_or(DEFAULT_SHARD_SIZE_LIMIT);
         node.limits = file.limits.unwrap_or_default();
         Ok(NodeSettings {
             data_dir,
-            listen: self
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            listen: self.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
             advertise: self.advertise.or(file.advertise),
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             metadata,
             region: self.region.or(file.region),
-            threads: self
-                .threads
-                .or(file.threads)
-                .unwrap_or_else(default_threads),
+            threads: self.threads.or(file.threads).unwrap_or_else(default_threads),
             log_format: self.log.log_format.or(file.log_format).unwrap_or_default(),
-            log_level: self
-                .log
-                .log_level
-                .or(file.log_level)
-                .unwrap_or_else(|| "info".into()),
+            log_level: self.log.log_level.or(file.log_level).unwrap_or_else(|| "info".into()),
             node,
         })
     }
@@ -188,9 +169,7 @@ impl NodeArgs {
 
 /// One actor thread per CPU.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
 }
 
 #[cfg(test)]
@@ -209,23 +188,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.yaml");
         std::fs::write(&path, "volumes: [a, b]\nlisten: 127.0.0.1:9000\nmetadata: embedded:/tmp/m\nlease_ttl_ms: 900\nlimits:\n  max_key_bytes: 64\n").unwrap();
-        let cli = Cli::try_parse_from([
-            "x",
-            "--config",
-            path.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:9001",
-        ])
-        .unwrap();
+        let cli = Cli::try_parse_from(["x", "--config", path.to_str().unwrap(), "--listen", "127.0.0.1:9001"]).unwrap();
         let s = cli.node.resolve().unwrap();
         assert_eq!(s.listen, "127.0.0.1:9001".parse().unwrap());
         assert_eq!(s.node.volumes, vec!["a", "b"]);
         assert_eq!(s.node.lease_ttl_ms, 900);
         assert_eq!(s.node.limits.max_key_bytes, 64);
-        assert_eq!(
-            s.node.limits.max_value_bytes,
-            Limits::default().max_value_bytes
-        );
+        assert_eq!(s.node.limits.max_value_bytes, Limits::default().max_value_bytes);
     }
 
     #[test]
@@ -237,11 +206,6 @@ mod tests {
         let err = cli.node.resolve().unwrap_err();
         assert!(format!("{err:#}").contains("volumez"), "{err:#}");
         let cli = Cli::try_parse_from(["x", "--metadata", "embedded:/tmp/x"]).unwrap();
-        assert!(cli
-            .node
-            .resolve()
-            .unwrap_err()
-            .to_string()
-            .contains("no volumes"));
+        assert!(cli.node.resolve().unwrap_err().to_string().contains("no volumes"));
     }
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use attache_actors::meta::backend::{
-    Compare, CompareOp, CompareTarget, KeyValue, LeaseId, MetaError, MetadataBackend,
-    RangeResponse, Revision, Txn, TxnOp, TxnResponse, WatchEvent, WatchStream,
+    Compare, CompareOp, CompareTarget, KeyValue, LeaseId, MetaError, MetadataBackend, RangeResponse, Revision, Txn,
+    TxnOp, TxnResponse, WatchEvent, WatchStream,
 };
 use etcd_client as etcd;
 use futures::StreamExt;
@@ -31,12 +31,8 @@ impl EtcdBackend {
     ///
     /// Errors: `Unavailable` when no endpoint answers.
     pub async fn connect(endpoints: &[String]) -> Result<Self, MetaError> {
-        let opts = etcd::ConnectOptions::new()
-            .with_connect_timeout(CALL_TIMEOUT)
-            .with_timeout(CALL_TIMEOUT);
-        let client = etcd::Client::connect(endpoints, Some(opts))
-            .await
-            .map_err(error)?;
+        let opts = etcd::ConnectOptions::new().with_connect_timeout(CALL_TIMEOUT).with_timeout(CALL_TIMEOUT);
+        let client = etcd::Client::connect(endpoints, Some(opts)).await.map_err(error)?;
         Ok(EtcdBackend { client })
     }
 }
@@ -48,10 +44,7 @@ fn error(e: etcd::Error) -> MetaError {
             tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
                 MetaError::Invalid(s.message().to_string())
             }
-            tonic::Code::OutOfRange => MetaError::Compacted {
-                requested: 0,
-                oldest: 0,
-            },
+            tonic::Code::OutOfRange => MetaError::Compacted { requested: 0, oldest: 0 },
             _ => MetaError::Unavailable(format!("etcd: {}: {}", s.code(), s.message())),
         },
         e => MetaError::Unavailable(format!("etcd: {e}")),
@@ -60,12 +53,8 @@ fn error(e: etcd::Error) -> MetaError {
 
 fn lease_error(lease: LeaseId, e: etcd::Error) -> MetaError {
     match &e {
-        etcd::Error::GRpcStatus(s) if s.code() == tonic::Code::NotFound => {
-            MetaError::LeaseNotFound(lease)
-        }
-        etcd::Error::LeaseKeepAliveError(m) if m.contains("not found") => {
-            MetaError::LeaseNotFound(lease)
-        }
+        etcd::Error::GRpcStatus(s) if s.code() == tonic::Code::NotFound => MetaError::LeaseNotFound(lease),
+        etcd::Error::LeaseKeepAliveError(m) if m.contains("not found") => MetaError::LeaseNotFound(lease),
         _ => error(e),
     }
 }
@@ -112,17 +101,10 @@ fn op(o: &TxnOp) -> etcd::TxnOp {
     }
 }
 
-async fn timed<T>(
-    what: &str,
-    fut: impl std::future::Future<Output = Result<T, MetaError>>,
-) -> Result<T, MetaError> {
+async fn timed<T>(what: &str, fut: impl std::future::Future<Output = Result<T, MetaError>>) -> Result<T, MetaError> {
     tokio::time::timeout(CALL_TIMEOUT, fut)
         .await
-        .unwrap_or_else(|_| {
-            Err(MetaError::Timeout(format!(
-                "etcd {what} took over {CALL_TIMEOUT:?}"
-            )))
-        })
+        .unwrap_or_else(|_| Err(MetaError::Timeout(format!("etcd {what} took over {CALL_TIMEOUT:?}"))))
 }
 
 #[async_trait]
@@ -140,25 +122,14 @@ impl MetadataBackend for EtcdBackend {
         } else {
             etcd::GetOptions::new().with_prefix()
         };
-        let resp = timed("range", async {
-            c.get(prefix, Some(opts)).await.map_err(error)
-        })
-        .await?;
-        Ok(RangeResponse {
-            kvs: resp.kvs().iter().map(kv).collect(),
-            revision: revision(resp.header()),
-        })
+        let resp = timed("range", async { c.get(prefix, Some(opts)).await.map_err(error) }).await?;
+        Ok(RangeResponse { kvs: resp.kvs().iter().map(kv).collect(), revision: revision(resp.header()) })
     }
 
     async fn put(&self, key: &[u8], value: &[u8], lease: LeaseId) -> Result<Revision, MetaError> {
         let mut c = self.client.clone();
         let opts = (lease != 0).then(|| etcd::PutOptions::new().with_lease(lease));
-        let resp = timed("put", async {
-            c.put(key, value, opts)
-                .await
-                .map_err(|e| lease_error(lease, e))
-        })
-        .await?;
+        let resp = timed("put", async { c.put(key, value, opts).await.map_err(|e| lease_error(lease, e)) }).await?;
         Ok(revision(resp.header()))
     }
 
@@ -169,25 +140,16 @@ impl MetadataBackend for EtcdBackend {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, MetaError> {
-        let lease = txn
-            .success
-            .iter()
-            .chain(&txn.failure)
-            .find_map(|o| match o {
-                TxnOp::Put { lease, .. } if *lease != 0 => Some(*lease),
-                _ => None,
-            });
+        let lease = txn.success.iter().chain(&txn.failure).find_map(|o| match o {
+            TxnOp::Put { lease, .. } if *lease != 0 => Some(*lease),
+            _ => None,
+        });
         let t = etcd::Txn::new()
             .when(txn.compare.iter().map(compare).collect::<Vec<_>>())
             .and_then(txn.success.iter().map(op).collect::<Vec<_>>())
             .or_else(txn.failure.iter().map(op).collect::<Vec<_>>());
         let mut c = self.client.clone();
-        let resp = timed("txn", async {
-            c.txn(t)
-                .await
-                .map_err(|e| lease_error(lease.unwrap_or(0), e))
-        })
-        .await?;
+        let resp = timed("txn", async { c.txn(t).await.map_err(|e| lease_error(lease.unwrap_or(0), e)) }).await?;
         let gets = resp
             .op_responses()
             .into_iter()
@@ -196,11 +158,7 @@ impl MetadataBackend for EtcdBackend {
                 _ => None,
             })
             .collect();
-        Ok(TxnResponse {
-            succeeded: resp.succeeded(),
-            revision: revision(resp.header()),
-            gets,
-        })
+        Ok(TxnResponse { succeeded: resp.succeeded(), revision: revision(resp.header()), gets })
     }
 
     async fn lease_grant(&self, ttl_ms: u64) -> Result<LeaseId, MetaError> {
@@ -209,24 +167,15 @@ impl MetadataBackend for EtcdBackend {
         }
         let secs = ttl_ms.div_ceil(1000) as i64;
         let mut c = self.client.clone();
-        let resp = timed("lease grant", async {
-            c.lease_grant(secs, None).await.map_err(error)
-        })
-        .await?;
+        let resp = timed("lease grant", async { c.lease_grant(secs, None).await.map_err(error) }).await?;
         Ok(resp.id())
     }
 
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<u64, MetaError> {
         let mut c = self.client.clone();
         timed("lease keep-alive", async {
-            let (mut keeper, mut stream) = c
-                .lease_keep_alive(lease)
-                .await
-                .map_err(|e| lease_error(lease, e))?;
-            keeper
-                .keep_alive()
-                .await
-                .map_err(|e| lease_error(lease, e))?;
+            let (mut keeper, mut stream) = c.lease_keep_alive(lease).await.map_err(|e| lease_error(lease, e))?;
+            keeper.keep_alive().await.map_err(|e| lease_error(lease, e))?;
             match stream.message().await.map_err(|e| lease_error(lease, e))? {
                 Some(resp) if resp.ttl() > 0 => Ok(resp.ttl() as u64 * 1000),
                 _ => Err(MetaError::LeaseNotFound(lease)),
@@ -237,13 +186,7 @@ impl MetadataBackend for EtcdBackend {
 
     async fn lease_revoke(&self, lease: LeaseId) -> Result<(), MetaError> {
         let mut c = self.client.clone();
-        timed("lease revoke", async {
-            c.lease_revoke(lease)
-                .await
-                .map(drop)
-                .map_err(|e| lease_error(lease, e))
-        })
-        .await
+        timed("lease revoke", async { c.lease_revoke(lease).await.map(drop).map_err(|e| lease_error(lease, e)) }).await
     }
 
     async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, MetaError> {
@@ -256,23 +199,16 @@ impl MetadataBackend for EtcdBackend {
             opts = opts.with_start_revision(from);
         }
         let mut c = self.client.clone();
-        let stream = timed("watch", async {
-            c.watch(prefix, Some(opts)).await.map_err(error)
-        })
-        .await?;
+        let stream = timed("watch", async { c.watch(prefix, Some(opts)).await.map_err(error) }).await?;
         let events = stream.flat_map(move |resp| {
             let items: Vec<Result<WatchEvent, MetaError>> = match resp {
                 Err(e) => vec![Err(error(e))],
                 Ok(r) if r.compact_revision() > 0 => {
-                    vec![Err(MetaError::Compacted {
-                        requested: from,
-                        oldest: r.compact_revision(),
-                    })]
+                    vec![Err(MetaError::Compacted { requested: from, oldest: r.compact_revision() })]
                 }
-                Ok(r) if r.canceled() => vec![Err(MetaError::Unavailable(format!(
-                    "etcd watch canceled: {}",
-                    r.cancel_reason()
-                )))],
+                Ok(r) if r.canceled() => {
+                    vec![Err(MetaError::Unavailable(format!("etcd watch canceled: {}", r.cancel_reason())))]
+                }
                 Ok(r) => r
                     .events()
                     .iter()
@@ -280,10 +216,9 @@ impl MetadataBackend for EtcdBackend {
                         let k = e.kv()?;
                         Some(Ok(match e.event_type() {
                             etcd::EventType::Put => WatchEvent::Put(kv(k)),
-                            etcd::EventType::Delete => WatchEvent::Delete {
-                                key: k.key().to_vec(),
-                                mod_revision: k.mod_revision(),
-                            },
+                            etcd::EventType::Delete => {
+                                WatchEvent::Delete { key: k.key().to_vec(), mod_revision: k.mod_revision() }
+                            }
                         }))
                     })
                     .collect(),

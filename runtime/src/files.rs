@@ -31,9 +31,7 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f)
-        .await
-        .expect("file I/O task panicked")
+    tokio::task::spawn_blocking(f).await.expect("file I/O task panicked")
 }
 
 /// A node's data directory.
@@ -63,10 +61,7 @@ impl LocalStore for FileLocalStore {
 
     async fn write(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
         let (path, bytes) = (self.dir.join(name), bytes.to_vec());
-        blocking(move || {
-            replace_file(&path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))
-        })
-        .await
+        blocking(move || replace_file(&path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))).await
     }
 }
 
@@ -79,9 +74,7 @@ pub struct FileMetaLog {
 impl FileMetaLog {
     /// The log at `dir/metadata.log`.
     pub fn new(dir: &Path) -> Self {
-        FileMetaLog {
-            path: dir.join("metadata.log"),
-        }
+        FileMetaLog { path: dir.join("metadata.log") }
     }
 }
 
@@ -104,11 +97,7 @@ impl MetaLog for FileMetaLog {
     async fn append(&self, bytes: &[u8]) -> Result<(), MetaError> {
         let (path, bytes) = (self.path.clone(), bytes.to_vec());
         blocking(move || {
-            let mut f = OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(&path)
-                .map_err(|e| storage(&path, e))?;
+            let mut f = OpenOptions::new().append(true).create(true).open(&path).map_err(|e| storage(&path, e))?;
             f.write_all(&bytes).map_err(|e| storage(&path, e))?;
             f.sync_data().map_err(|e| storage(&path, e))
         })
@@ -119,6 +108,18 @@ impl MetaLog for FileMetaLog {
         let (path, bytes) = (self.path.clone(), bytes.to_vec());
         blocking(move || replace_file(&path, &bytes).map_err(|e| storage(&path, e))).await
     }
+}
+
+/// Takes an exclusive advisory lock (`flock`) on `path`, waiting for it; held
+/// while the returned file is open.
+pub fn lock_file(path: &Path) -> std::io::Result<File> {
+    use std::os::fd::AsRawFd;
+    let file = OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+    // SAFETY: flock on a file descriptor we own; no memory is shared.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 /// Takes an exclusive advisory lock (`flock`) on `dir/LOCK`, held while the

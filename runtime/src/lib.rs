@@ -8,6 +8,7 @@ pub mod client_cli;
 pub mod config;
 pub mod etcd;
 pub mod files;
+pub mod local_volumes;
 pub mod meta_server;
 pub mod records;
 pub mod rocks_engine;

@@ -10,11 +10,7 @@ use attache_runtime::{client_cli, config, meta_server, serve};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "attache",
-    version,
-    about = "Attaché: a sharded key-value service on multi-attach block volumes"
-)]
+#[command(name = "attache", version, about = "Attaché: a sharded key-value service on multi-attach block volumes")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -56,13 +52,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Node(args) => serve::run_node(args.resolve()?, |_| {}),
         Cmd::Meta(args) => meta_server::run(args),
         Cmd::Client(args) => {
-            attache_runtime::telemetry::init_logging(
-                attache_runtime::telemetry::LogFormat::Human,
-                "warn",
-            );
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            attache_runtime::telemetry::init_logging(attache_runtime::telemetry::LogFormat::Human, "warn");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(client_cli::run(args))
         }
     }

@@ -30,24 +30,15 @@ pub struct MetaArgs {
 
 /// Runs the metadata server until SIGINT/SIGTERM.
 pub fn run(args: MetaArgs) -> anyhow::Result<()> {
-    init_logging(
-        args.log.log_format.unwrap_or_default(),
-        args.log.log_level.as_deref().unwrap_or("info"),
-    );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    init_logging(args.log.log_format.unwrap_or_default(), args.log.log_level.as_deref().unwrap_or("info"));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let backend = open_metadata(&format!("embedded:{}", args.data_dir.display())).await?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let local = listener.local_addr()?;
-        println!(
-            "attache: metadata store serving gRPC on {local} (data in {})",
-            args.data_dir.display()
-        );
+        println!("attache: metadata store serving gRPC on {local} (data in {})", args.data_dir.display());
         tonic::transport::Server::builder()
             .add_service(MetadataServer::new(backend).into_server())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())

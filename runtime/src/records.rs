@@ -69,8 +69,8 @@ fn unescape(field: &str) -> Result<Vec<u8>, String> {
             Some((_, 'r')) => out.push(b'\r'),
             Some((_, 'x')) => {
                 let hex: String = chars.by_ref().take(2).map(|(_, c)| c).collect();
-                let byte = u8::from_str_radix(&hex, 16)
-                    .map_err(|_| format!("bad escape \\x{hex} at column {}", i + 1))?;
+                let byte =
+                    u8::from_str_radix(&hex, 16).map_err(|_| format!("bad escape \\x{hex} at column {}", i + 1))?;
                 out.push(byte);
             }
             Some((_, c)) => return Err(format!("unknown escape \\{c} at column {}", i + 1)),
@@ -96,16 +96,10 @@ fn b64() -> base64::engine::GeneralPurpose {
     base64::engine::general_purpose::STANDARD
 }
 
-fn json_field(
-    text: Option<String>,
-    b64_text: Option<String>,
-    what: &str,
-) -> Result<Vec<u8>, String> {
+fn json_field(text: Option<String>, b64_text: Option<String>, what: &str) -> Result<Vec<u8>, String> {
     match (text, b64_text) {
         (Some(t), None) => Ok(t.into_bytes()),
-        (None, Some(b)) => b64()
-            .decode(b)
-            .map_err(|e| format!("{what}_base64 is not base64: {e}")),
+        (None, Some(b)) => b64().decode(b).map_err(|e| format!("{what}_base64 is not base64: {e}")),
         (None, None) => Err(format!("missing \"{what}\" (or \"{what}_base64\")")),
         (Some(_), Some(_)) => Err(format!("give \"{what}\" or \"{what}_base64\", not both")),
     }
@@ -118,27 +112,17 @@ pub fn parse_line(format: Format, line: &[u8]) -> Result<(Vec<u8>, Vec<u8>), Str
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     match format {
         Format::Tsv => {
-            let tab = line
-                .iter()
-                .position(|&b| b == b'\t')
-                .ok_or("no tab between key and value")?;
+            let tab = line.iter().position(|&b| b == b'\t').ok_or("no tab between key and value")?;
             Ok((line[..tab].to_vec(), line[tab + 1..].to_vec()))
         }
         Format::TsvEscaped => {
-            let line =
-                std::str::from_utf8(line).map_err(|e| format!("escaped TSV must be UTF-8: {e}"))?;
-            let (k, v) = line
-                .split_once('\t')
-                .ok_or("no tab between key and value")?;
+            let line = std::str::from_utf8(line).map_err(|e| format!("escaped TSV must be UTF-8: {e}"))?;
+            let (k, v) = line.split_once('\t').ok_or("no tab between key and value")?;
             Ok((unescape(k)?, unescape(v)?))
         }
         Format::Jsonl => {
-            let r: JsonRecord =
-                serde_json::from_slice(line).map_err(|e| format!("not a JSON record: {e}"))?;
-            Ok((
-                json_field(r.key, r.key_base64, "key")?,
-                json_field(r.value, r.value_base64, "value")?,
-            ))
+            let r: JsonRecord = serde_json::from_slice(line).map_err(|e| format!("not a JSON record: {e}"))?;
+            Ok((json_field(r.key, r.key_base64, "key")?, json_field(r.value, r.value_base64, "value")?))
         }
     }
 }
@@ -150,11 +134,7 @@ pub fn parse_line(format: Format, line: &[u8]) -> Result<(Vec<u8>, Vec<u8>), Str
 pub fn format_line(format: Format, key: &[u8], value: &[u8]) -> Result<Vec<u8>, String> {
     match format {
         Format::Tsv => {
-            if key.contains(&b'\t')
-                || key.contains(&b'\n')
-                || value.contains(&b'\n')
-                || value.ends_with(b"\r")
-            {
+            if key.contains(&b'\t') || key.contains(&b'\n') || value.contains(&b'\n') || value.ends_with(b"\r") {
                 return Err(format!(
                     "record {} holds a tab or line break that plain TSV cannot hold: use --format tsv-escaped or jsonl",
                     escaped(key)
@@ -218,38 +198,18 @@ mod tests {
 
     #[test]
     fn bad_lines_say_what_is_wrong() {
-        assert!(parse_line(Format::Tsv, b"no-tab")
-            .unwrap_err()
-            .contains("no tab"));
-        assert!(parse_line(Format::TsvEscaped, b"a\\q\tb")
-            .unwrap_err()
-            .contains("unknown escape"));
-        assert!(parse_line(Format::Jsonl, br#"{"key":"a"}"#)
-            .unwrap_err()
-            .contains("value"));
-        assert_eq!(
-            parse_line(Format::Jsonl, br#"{"key":"a","value":"b"}"#).unwrap(),
-            (b"a".to_vec(), b"b".to_vec())
-        );
+        assert!(parse_line(Format::Tsv, b"no-tab").unwrap_err().contains("no tab"));
+        assert!(parse_line(Format::TsvEscaped, b"a\\q\tb").unwrap_err().contains("unknown escape"));
+        assert!(parse_line(Format::Jsonl, br#"{"key":"a"}"#).unwrap_err().contains("value"));
+        assert_eq!(parse_line(Format::Jsonl, br#"{"key":"a","value":"b"}"#).unwrap(), (b"a".to_vec(), b"b".to_vec()));
     }
 
     #[test]
     fn plain_tsv_keeps_backslashes_and_escaped_tsv_reads_them() {
         let line = b"/lib/systemd/system-systemd\\x2dcryptsetup.slice\tsystemd";
-        assert_eq!(
-            parse_line(Format::Tsv, line).unwrap().0,
-            b"/lib/systemd/system-systemd\\x2dcryptsetup.slice"
-        );
-        assert_eq!(
-            parse_line(Format::TsvEscaped, line).unwrap().0,
-            b"/lib/systemd/system-systemd-cryptsetup.slice"
-        );
-        assert_eq!(
-            parse_line(Format::Tsv, b"k\tv\tw\r").unwrap(),
-            (b"k".to_vec(), b"v\tw".to_vec())
-        );
-        assert!(format_line(Format::Tsv, b"k", b"a\nb")
-            .unwrap_err()
-            .contains("tsv-escaped"));
+        assert_eq!(parse_line(Format::Tsv, line).unwrap().0, b"/lib/systemd/system-systemd\\x2dcryptsetup.slice");
+        assert_eq!(parse_line(Format::TsvEscaped, line).unwrap().0, b"/lib/systemd/system-systemd-cryptsetup.slice");
+        assert_eq!(parse_line(Format::Tsv, b"k\tv\tw\r").unwrap(), (b"k".to_vec(), b"v\tw".to_vec()));
+        assert!(format_line(Format::Tsv, b"k", b"a\nb").unwrap_err().contains("tsv-escaped"));
     }
 }

@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use attache_actors::engine::{
-    BatchOp, BuildBatch, Engine, EngineCounters, EngineError, EngineFactory, EngineStats, KvPairs,
-    OpenMode, WriteBatch,
+    BatchOp, BuildBatch, Engine, EngineCounters, EngineError, EngineFactory, EngineStats, KvPairs, OpenMode, WriteBatch,
 };
 use rocksdb::{Direction, ErrorKind, IteratorMode, Options, ReadOptions, WriteOptions, DB};
 
@@ -25,9 +24,7 @@ fn engine_error(path: &Path, e: rocksdb::Error) -> EngineError {
     let msg = format!("{}: {}", path.display(), e.as_ref());
     match e.kind() {
         ErrorKind::Corruption => EngineError::Corruption(msg),
-        ErrorKind::IOError if msg.contains("lock") || msg.contains("LOCK") => {
-            EngineError::Locked(msg)
-        }
+        ErrorKind::IOError if msg.contains("lock") || msg.contains("LOCK") => EngineError::Locked(msg),
         _ => EngineError::Io(msg),
     }
 }
@@ -56,14 +53,41 @@ impl RocksEngineFactory {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f)
-        .await
-        .expect("RocksDB call panicked")
+    tokio::task::spawn_blocking(f).await.expect("RocksDB call panicked")
 }
 
-#[async_trait]
-impl EngineFactory for RocksEngineFactory {
-    async fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn Engine>, EngineError> {
+/// A storage fence on a local directory: the epoch a writer holds, checked
+/// against the volume's epoch file before every write batch (see `LocalVolumes`).
+#[derive(Clone, Debug)]
+pub struct Fence {
+    /// The volume's epoch file.
+    pub file: PathBuf,
+    /// The epoch this engine writes at.
+    pub epoch: u64,
+}
+
+impl Fence {
+    /// Errors: `Fenced` when the volume's epoch file names another epoch.
+    pub fn check(&self) -> Result<(), EngineError> {
+        let text = std::fs::read_to_string(&self.file)
+            .map_err(|e| EngineError::Io(format!("{}: {e}", self.file.display())))?;
+        match text.trim().parse::<u64>() {
+            Ok(e) if e == self.epoch => Ok(()),
+            Ok(e) => Err(EngineError::Fenced(format!("volume epoch is {e}, this writer's is {}", self.epoch))),
+            Err(_) => Err(EngineError::Corruption(format!("{} holds {text:?}, not an epoch", self.file.display()))),
+        }
+    }
+}
+
+impl RocksEngineFactory {
+    /// Opens the engine at `path`; with a `fence`, every write batch first
+    /// checks it. Errors: as `EngineFactory::open`.
+    pub async fn open_fenced(
+        &self,
+        path: &Path,
+        mode: OpenMode,
+        fence: Option<Fence>,
+    ) -> Result<Arc<dyn Engine>, EngineError> {
         let path = path.to_path_buf();
         blocking(move || {
             let db = match mode {
@@ -89,10 +113,18 @@ impl EngineFactory for RocksEngineFactory {
                 path,
                 read_only: mode == OpenMode::ReadOnly,
                 counters: Arc::new(EngineCounters::default()),
+                fence,
             });
             Ok(engine)
         })
         .await
+    }
+}
+
+#[async_trait]
+impl EngineFactory for RocksEngineFactory {
+    async fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn Engine>, EngineError> {
+        self.open_fenced(path, mode, None).await
     }
 
     async fn exists(&self, path: &Path) -> Result<bool, EngineError> {
@@ -123,26 +155,28 @@ pub struct RocksEngine {
     path: PathBuf,
     read_only: bool,
     counters: Arc<EngineCounters>,
+    fence: Option<Fence>,
 }
 
 impl RocksEngine {
     fn db(&self) -> Result<Arc<DB>, EngineError> {
-        self.db
-            .read()
-            .expect("rocks engine lock")
-            .clone()
-            .ok_or(EngineError::Closed)
+        self.db.read().expect("rocks engine lock").clone().ok_or(EngineError::Closed)
     }
 }
 
-/// Writes `batch` to `db` (on the calling thread: callers are on the blocking pool).
+/// Writes `batch` to `db` (on the calling thread: callers are on the blocking
+/// pool), after checking the fence.
 fn write_now(
     db: &DB,
     path: &Path,
     counters: &EngineCounters,
+    fence: Option<&Fence>,
     batch: &WriteBatch,
     sync: bool,
 ) -> Result<(), EngineError> {
+    if let Some(f) = fence {
+        f.check()?;
+    }
     let mut rb = rocksdb::WriteBatch::default();
     for op in batch.ops() {
         match op {
@@ -164,16 +198,8 @@ fn multi_get_now(
     counters: &EngineCounters,
     keys: &[Vec<u8>],
 ) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
-    let values = db
-        .multi_get(keys)
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| engine_error(path, e))?;
-    let bytes = keys
-        .iter()
-        .zip(&values)
-        .map(|(k, v)| v.as_ref().map_or(0, |v| k.len() + v.len()) as u64)
-        .sum();
+    let values = db.multi_get(keys).into_iter().collect::<Result<Vec<_>, _>>().map_err(|e| engine_error(path, e))?;
+    let bytes = keys.iter().zip(&values).map(|(k, v)| v.as_ref().map_or(0, |v| k.len() + v.len()) as u64).sum();
     counters.read(keys.len() as u64, bytes);
     Ok(values)
 }
@@ -184,46 +210,29 @@ impl Engine for RocksEngine {
         if self.read_only {
             return Err(EngineError::ReadOnly);
         }
-        let (db, path, counters) = (self.db()?, self.path.clone(), self.counters.clone());
-        blocking(move || write_now(&db, &path, &counters, &batch, sync)).await
+        let (db, path, counters, fence) = (self.db()?, self.path.clone(), self.counters.clone(), self.fence.clone());
+        blocking(move || write_now(&db, &path, &counters, fence.as_ref(), &batch, sync)).await
     }
 
     /// One trip to the blocking pool for the read and the write.
-    async fn read_then_write(
-        &self,
-        keys: Vec<Vec<u8>>,
-        build: BuildBatch,
-        sync: bool,
-    ) -> Result<(), EngineError> {
+    async fn read_then_write(&self, keys: Vec<Vec<u8>>, build: BuildBatch, sync: bool) -> Result<(), EngineError> {
         if self.read_only {
             return Err(EngineError::ReadOnly);
         }
-        let (db, path, counters) = (self.db()?, self.path.clone(), self.counters.clone());
+        let (db, path, counters, fence) = (self.db()?, self.path.clone(), self.counters.clone(), self.fence.clone());
         blocking(move || {
-            let values = if keys.is_empty() {
-                Vec::new()
-            } else {
-                multi_get_now(&db, &path, &counters, &keys)?
-            };
+            let values = if keys.is_empty() { Vec::new() } else { multi_get_now(&db, &path, &counters, &keys)? };
             let batch = build(keys, values)?;
-            write_now(&db, &path, &counters, &batch, sync)
+            write_now(&db, &path, &counters, fence.as_ref(), &batch, sync)
         })
         .await
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
-        let (db, path, counters, key) = (
-            self.db()?,
-            self.path.clone(),
-            self.counters.clone(),
-            key.to_vec(),
-        );
+        let (db, path, counters, key) = (self.db()?, self.path.clone(), self.counters.clone(), key.to_vec());
         blocking(move || {
             let value = db.get(&key).map_err(|e| engine_error(&path, e))?;
-            counters.read(
-                1,
-                value.as_ref().map_or(0, |v| (key.len() + v.len()) as u64),
-            );
+            counters.read(1, value.as_ref().map_or(0, |v| (key.len() + v.len()) as u64));
             Ok(value)
         })
         .await
@@ -234,12 +243,7 @@ impl Engine for RocksEngine {
         blocking(move || multi_get_now(&db, &path, &counters, &keys)).await
     }
 
-    async fn scan(
-        &self,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<KvPairs, EngineError> {
+    async fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, EngineError> {
         let (db, path, counters) = (self.db()?, self.path.clone(), self.counters.clone());
         let (start, end) = (start.to_vec(), end.map(<[u8]>::to_vec));
         blocking(move || {
@@ -252,10 +256,7 @@ impl Engine for RocksEngine {
             }
             let mut pairs = Vec::new();
             let mut bytes = 0;
-            for item in db
-                .iterator_opt(IteratorMode::From(&start, Direction::Forward), ro)
-                .take(limit)
-            {
+            for item in db.iterator_opt(IteratorMode::From(&start, Direction::Forward), ro).take(limit) {
                 let (k, v) = item.map_err(|e| engine_error(&path, e))?;
                 bytes += (k.len() + v.len()) as u64;
                 pairs.push((k.into_vec(), v.into_vec()));
@@ -270,11 +271,8 @@ impl Engine for RocksEngine {
         let (db, path) = (self.db()?, self.path.clone());
         blocking(move || {
             let prop = |name: &str| db.property_int_value(name).map(Option::unwrap_or_default);
-            Ok(
-                prop("rocksdb.total-sst-files-size").map_err(|e| engine_error(&path, e))?
-                    + prop("rocksdb.cur-size-all-mem-tables")
-                        .map_err(|e| engine_error(&path, e))?,
-            )
+            Ok(prop("rocksdb.total-sst-files-size").map_err(|e| engine_error(&path, e))?
+                + prop("rocksdb.cur-size-all-mem-tables").map_err(|e| engine_error(&path, e))?)
         })
         .await
     }
@@ -285,11 +283,7 @@ impl Engine for RocksEngine {
             .read()
             .expect("rocks engine lock")
             .as_ref()
-            .and_then(|db| {
-                db.property_int_value("rocksdb.estimate-num-keys")
-                    .ok()
-                    .flatten()
-            })
+            .and_then(|db| db.property_int_value("rocksdb.estimate-num-keys").ok().flatten())
             .unwrap_or(0);
         self.counters.snapshot(keys)
     }

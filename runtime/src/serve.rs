@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use attache_actors::lease::LeaseGate;
 use attache_actors::meta::embedded::EmbeddedBackend;
 use attache_actors::meta::retry::RetryPolicy;
 use attache_actors::meta::{MetaOps, MetadataBackend};
-use attache_actors::node::{Node, ShutdownNode, WaitReady};
+use attache_actors::node::{Node, NodeParts, ShutdownNode, WaitReady};
 use attache_actors::service::AttacheService;
 use attache_actors::HostHandle;
 use clap::Args;
@@ -22,8 +23,9 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::{LogArgs, NodeSettings, DEFAULT_LISTEN};
 use crate::files::{FileLocalStore, FileMetaLog};
+use crate::local_volumes::LocalVolumes;
 use crate::telemetry::{init_logging, serve_metrics};
-use crate::{ActixHost, RocksEngineFactory};
+use crate::ActixHost;
 
 /// Flags of `attache dev`.
 #[derive(Args, Clone, Debug)]
@@ -51,14 +53,8 @@ pub struct DevArgs {
 impl DevArgs {
     /// The settings of the one node `attache dev` runs.
     pub fn settings(self) -> NodeSettings {
-        let volumes = (1..=self.volumes.max(1))
-            .map(|i| format!("vol-{i}"))
-            .collect();
-        let mut node = attache_actors::node::NodeConfig::new(
-            String::new(),
-            self.data_dir.join("volumes"),
-            volumes,
-        );
+        let volumes = (1..=self.volumes.max(1)).map(|i| format!("vol-{i}")).collect();
+        let mut node = attache_actors::node::NodeConfig::new(String::new(), self.data_dir.join("volumes"), volumes);
         node.lease_ttl_ms = self.lease_ttl_ms;
         NodeSettings {
             data_dir: self.data_dir.join("node-1"),
@@ -81,8 +77,7 @@ impl DevArgs {
 pub async fn open_metadata(spec: &str) -> anyhow::Result<Arc<dyn MetadataBackend>> {
     if let Some(dir) = spec.strip_prefix("embedded:") {
         let dir = Path::new(dir);
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create metadata dir {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create metadata dir {}", dir.display()))?;
         let lock = crate::files::lock_dir(dir)?;
         let backend = EmbeddedBackend::open(Arc::new(FileMetaLog::new(dir))).await?;
         // The lock lives as long as the process: one writer per metadata dir.
@@ -90,15 +85,11 @@ pub async fn open_metadata(spec: &str) -> anyhow::Result<Arc<dyn MetadataBackend
         return Ok(backend);
     }
     if let Some(addr) = spec.strip_prefix("grpc://") {
-        return Ok(Arc::new(attache_actors::meta::remote::RemoteBackend::new(
-            format!("http://{addr}"),
-        )));
+        return Ok(Arc::new(attache_actors::meta::remote::RemoteBackend::new(format!("http://{addr}"))));
     }
     if let Some(endpoints) = spec.strip_prefix("etcd://") {
         let endpoints: Vec<String> = endpoints.split(',').map(str::to_string).collect();
-        return Ok(Arc::new(
-            crate::etcd::EtcdBackend::connect(&endpoints).await?,
-        ));
+        return Ok(Arc::new(crate::etcd::EtcdBackend::connect(&endpoints).await?));
     }
     anyhow::bail!("unknown metadata store {spec:?}: use embedded:DIR, grpc://HOST:PORT or etcd://HOST:PORT[,HOST:PORT]")
 }
@@ -116,9 +107,7 @@ pub async fn shutdown_signal() {
 
 /// A seed for retry jitter; production needs no replay, only spread.
 fn jitter_seed() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     nanos ^ (u64::from(std::process::id()) << 32)
 }
 
@@ -129,9 +118,8 @@ pub fn run_node(s: NodeSettings, banner: impl FnOnce(&str) + Send + 'static) -> 
         if let Some(addr) = s.metrics_listen {
             serve_metrics(addr).with_context(|| format!("cannot serve metrics on {addr}"))?;
         }
-        let listener = tokio::net::TcpListener::bind(s.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", s.listen))?;
+        let listener =
+            tokio::net::TcpListener::bind(s.listen).await.with_context(|| format!("cannot listen on {}", s.listen))?;
         let local = listener.local_addr()?;
         let mut cfg = s.node.clone();
         cfg.advertise_addr = s.advertise.clone().unwrap_or_else(|| local.to_string());
@@ -139,24 +127,17 @@ pub fn run_node(s: NodeSettings, banner: impl FnOnce(&str) + Send + 'static) -> 
         let meta = MetaOps::new(backend, RetryPolicy::default(), jitter_seed());
         let host = HostHandle::new(ActixHost::new(s.threads));
         let limits = cfg.limits.clone();
-        let node = host.spawn(
-            Node::new(
-                cfg,
-                meta,
-                Arc::new(FileLocalStore::new(&s.data_dir)),
-                Arc::new(RocksEngineFactory::new()),
-            ),
-            4096,
-        );
-        let record = node
-            .send(WaitReady)
-            .await?
-            .context("node start-up failed")?;
-        println!(
-            "attache: node {} serving gRPC on {local} (volumes: {})",
-            record.node_id,
-            record.volumes.join(", ")
-        );
+        let volumes = Arc::new(LocalVolumes::new(cfg.volume_root.clone()));
+        let parts = NodeParts {
+            meta,
+            local: Arc::new(FileLocalStore::new(&s.data_dir)),
+            factory: volumes.clone(),
+            provider: volumes,
+            gate: Arc::new(LeaseGate::new(cfg.lease.clone())),
+        };
+        let node = host.spawn(Node::new(cfg, parts), 4096);
+        let record = node.send(WaitReady).await?.context("node start-up failed")?;
+        println!("attache: node {} serving gRPC on {local} (volumes: {})", record.node_id, record.volumes.join(", "));
         if let Some(addr) = s.metrics_listen {
             println!("attache: metrics on http://{addr}/metrics");
         }

@@ -11,10 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use attache_actors::error::AttacheError;
+use attache_actors::lease::LeaseGate;
 use attache_actors::shard::{Get, Put, PutEntry};
-use attache_actors::shard_manager::{
-    CreateShard, Routed, ShardManager, ShardManagerConfig, ShutdownShards,
-};
+use attache_actors::shard_manager::{CreateShard, Routed, ShardManager, ShardManagerConfig, ShutdownShards};
 use attache_actors::{Addr, HostHandle};
 use attache_runtime::{ActixHost, RocksEngineFactory};
 
@@ -27,10 +26,7 @@ const CLIENT: &str = "crash-test";
 
 fn manager(host: &HostHandle, dir: &Path) -> Addr<ShardManager> {
     let cfg = ShardManagerConfig::new("vol-crash", dir);
-    host.spawn(
-        ShardManager::new(cfg, Arc::new(RocksEngineFactory::new())),
-        1024,
-    )
+    host.spawn(ShardManager::new(cfg, Arc::new(RocksEngineFactory::new()), Arc::new(LeaseGate::always_open())), 1024)
 }
 
 /// The child: writes until killed. Run only by `sigkill_loses_no_acknowledged_write`.
@@ -42,15 +38,7 @@ fn crash_child() {
     actix_rt::System::new().block_on(async move {
         let host = HostHandle::new(ActixHost::new(2));
         let mgr = manager(&host, dir.as_ref());
-        match mgr
-            .send(CreateShard {
-                shard_id: 1,
-                client_id: CLIENT.into(),
-                size_limit: None,
-            })
-            .await
-            .unwrap()
-        {
+        match mgr.send(CreateShard { shard_id: 1, client_id: CLIENT.into(), size_limit: None }).await.unwrap() {
             Ok(_) | Err(AttacheError::AlreadyExists(_)) => {}
             Err(e) => panic!("create shard: {e}"),
         }
@@ -63,19 +51,9 @@ fn crash_child() {
                     let value = format!("value-of-{key}");
                     let put = Put {
                         client_id: CLIENT.into(),
-                        entry: PutEntry {
-                            key: key.clone().into(),
-                            value: value.into(),
-                            indexes: vec![],
-                        },
+                        entry: PutEntry { key: key.clone().into(), value: value.into(), indexes: vec![] },
                     };
-                    mgr.send(Routed {
-                        shard_id: 1,
-                        op: put,
-                    })
-                    .await
-                    .unwrap()
-                    .expect("put");
+                    mgr.send(Routed { shard_id: 1, op: put }).await.unwrap().expect("put");
                     println!("ACK {key}");
                 }
             }
@@ -90,13 +68,7 @@ fn sigkill_loses_no_acknowledged_write() {
     let mut acked: Vec<String> = Vec::new();
     for round in 0..ROUNDS {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "crash_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["--ignored", "--exact", "crash_child", "--nocapture", "--test-threads=1"])
             .env(CHILD_DIR, dir.path())
             .env(CHILD_ROUND, round.to_string())
             .stdout(Stdio::piped())
@@ -107,14 +79,8 @@ fn sigkill_loses_no_acknowledged_write() {
         let deadline = Instant::now() + Duration::from_secs(120);
         let mut this_round = 0;
         while this_round < ACKS_BEFORE_KILL {
-            assert!(
-                Instant::now() < deadline,
-                "round {round}: only {this_round} acks in 120 s"
-            );
-            let line = lines
-                .next()
-                .expect("child exited before it was killed")
-                .unwrap();
+            assert!(Instant::now() < deadline, "round {round}: only {this_round} acks in 120 s");
+            let line = lines.next().expect("child exited before it was killed").unwrap();
             if let Some(key) = line.strip_prefix("ACK ") {
                 acked.push(key.to_string());
                 this_round += 1;
@@ -123,34 +89,17 @@ fn sigkill_loses_no_acknowledged_write() {
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         // Lines already in the pipe were acknowledged before the kill.
-        acked.extend(
-            lines
-                .map_while(Result::ok)
-                .filter_map(|l| l.strip_prefix("ACK ").map(str::to_string)),
-        );
+        acked.extend(lines.map_while(Result::ok).filter_map(|l| l.strip_prefix("ACK ").map(str::to_string)));
     }
-    eprintln!(
-        "{} writes acknowledged across {ROUNDS} SIGKILLs",
-        acked.len()
-    );
+    eprintln!("{} writes acknowledged across {ROUNDS} SIGKILLs", acked.len());
 
     let missing: BTreeMap<String, Option<Vec<u8>>> = actix_rt::System::new().block_on(async {
         let host = HostHandle::new(ActixHost::new(1));
         let mgr = manager(&host, dir.path());
         let mut missing = BTreeMap::new();
         for key in &acked {
-            let get = Get {
-                client_id: CLIENT.into(),
-                key: key.clone().into(),
-            };
-            let got = mgr
-                .send(Routed {
-                    shard_id: 1,
-                    op: get,
-                })
-                .await
-                .unwrap()
-                .unwrap();
+            let get = Get { client_id: CLIENT.into(), key: key.clone().into() };
+            let got = mgr.send(Routed { shard_id: 1, op: get }).await.unwrap().unwrap();
             if got.as_deref() != Some(format!("value-of-{key}").as_bytes()) {
                 missing.insert(key.clone(), got);
             }

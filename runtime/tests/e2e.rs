@@ -17,64 +17,27 @@ use tonic::Code;
 type C = AttacheClient<Channel>;
 
 async fn new_shard(c: &mut C, client: &str, limit: u64) -> ShardInfo {
-    c.new_shard(NewShardRequest {
-        client_id: client.into(),
-        size_limit_bytes: limit,
-    })
-    .await
-    .unwrap()
-    .into_inner()
+    c.new_shard(NewShardRequest { client_id: client.into(), size_limit_bytes: limit }).await.unwrap().into_inner()
 }
 
-async fn put(
-    c: &mut C,
-    shard: u64,
-    client: &str,
-    key: &[u8],
-    value: &[u8],
-) -> Result<(), tonic::Status> {
-    let req = PutRequest {
-        shard_id: shard,
-        client_id: client.into(),
-        key: key.into(),
-        value: value.into(),
-        indexes: vec![],
-    };
+async fn put(c: &mut C, shard: u64, client: &str, key: &[u8], value: &[u8]) -> Result<(), tonic::Status> {
+    let req =
+        PutRequest { shard_id: shard, client_id: client.into(), key: key.into(), value: value.into(), indexes: vec![] };
     c.put(req).await.map(drop)
 }
 
-async fn get(
-    c: &mut C,
-    shard: u64,
-    client: &str,
-    key: &[u8],
-) -> Result<Option<Vec<u8>>, tonic::Status> {
-    let req = GetRequest {
-        shard_id: shard,
-        client_id: client.into(),
-        key: key.into(),
-        consistency: 0,
-    };
+async fn get(c: &mut C, shard: u64, client: &str, key: &[u8]) -> Result<Option<Vec<u8>>, tonic::Status> {
+    let req = GetRequest { shard_id: shard, client_id: client.into(), key: key.into(), consistency: 0 };
     let r = c.get(req).await?.into_inner();
     Ok(r.found.then_some(r.value))
 }
 
 async fn stats(c: &mut C, shard: u64, client: &str) -> ShardStatsResponse {
-    c.shard_stats(ShardRef {
-        shard_id: shard,
-        client_id: client.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
+    c.shard_stats(ShardRef { shard_id: shard, client_id: client.into() }).await.unwrap().into_inner()
 }
 
 fn entry(k: &str, v: &str) -> Entry {
-    Entry {
-        key: k.into(),
-        value: v.into(),
-        indexes: vec![],
-    }
+    Entry { key: k.into(), value: v.into(), indexes: vec![] }
 }
 
 #[track_caller]
@@ -82,10 +45,7 @@ fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, what
     match r {
         Err(s) => {
             assert_eq!(s.code(), code, "{what}: {s:?}");
-            assert!(
-                !s.message().is_empty(),
-                "{what}: the status says what is wrong"
-            );
+            assert!(!s.message().is_empty(), "{what}: the status says what is wrong");
         }
         Ok(v) => panic!("{what}: expected {code:?}, got {v:?}"),
     }
@@ -112,46 +72,21 @@ async fn every_operation_and_every_error() {
         client_id: "alice".into(),
         key: b"k1".to_vec(),
         value: b"v1".to_vec(),
-        indexes: vec![IndexEntry {
-            name: "color".into(),
-            value: b"red".to_vec(),
-        }],
+        indexes: vec![IndexEntry { name: "color".into(), value: b"red".to_vec() }],
     };
     c.put(req).await.unwrap();
-    assert_eq!(
-        get(&mut c, s, "alice", b"k1").await.unwrap(),
-        Some(b"v1".to_vec())
-    );
+    assert_eq!(get(&mut c, s, "alice", b"k1").await.unwrap(), Some(b"v1".to_vec()));
     assert_eq!(get(&mut c, s, "alice", b"nope").await.unwrap(), None);
     put(&mut c, s, "alice", b"gone", b"x").await.unwrap();
-    c.delete(DeleteRequest {
-        shard_id: s,
-        client_id: "alice".into(),
-        key: b"gone".to_vec(),
-    })
-    .await
-    .unwrap();
+    c.delete(DeleteRequest { shard_id: s, client_id: "alice".into(), key: b"gone".to_vec() }).await.unwrap();
     assert_eq!(get(&mut c, s, "alice", b"gone").await.unwrap(), None);
 
     // BatchPut (atomic), BatchGet (streamed, in request order).
-    let entries: Vec<Entry> = (0..2500)
-        .map(|i| entry(&format!("b{i:05}"), &format!("v{i}")))
-        .collect();
-    c.batch_put(BatchPutRequest {
-        shard_id: s,
-        client_id: "alice".into(),
-        entries,
-    })
-    .await
-    .unwrap();
+    let entries: Vec<Entry> = (0..2500).map(|i| entry(&format!("b{i:05}"), &format!("v{i}"))).collect();
+    c.batch_put(BatchPutRequest { shard_id: s, client_id: "alice".into(), entries }).await.unwrap();
     let keys = vec![b"b00002".to_vec(), b"missing".to_vec(), b"b02499".to_vec()];
     let got: Vec<GetResponse> = c
-        .batch_get(BatchGetRequest {
-            shard_id: s,
-            client_id: "alice".into(),
-            keys,
-            consistency: 0,
-        })
+        .batch_get(BatchGetRequest { shard_id: s, client_id: "alice".into(), keys, consistency: 0 })
         .await
         .unwrap()
         .into_inner()
@@ -159,14 +94,7 @@ async fn every_operation_and_every_error() {
         .await
         .unwrap();
     let got: Vec<(bool, Vec<u8>)> = got.into_iter().map(|r| (r.found, r.value)).collect();
-    assert_eq!(
-        got,
-        vec![
-            (true, b"v2".to_vec()),
-            (false, vec![]),
-            (true, b"v2499".to_vec())
-        ]
-    );
+    assert_eq!(got, vec![(true, b"v2".to_vec()), (false, vec![]), (true, b"v2499".to_vec())]);
 
     // Scan: all 2501 keys across pages, in order; a range; a limit.
     let scan = |start: &str, end: &str, limit| ScanRequest {
@@ -177,34 +105,14 @@ async fn every_operation_and_every_error() {
         limit,
         consistency: 0,
     };
-    let pages: Vec<ScanResponse> = c
-        .scan(scan("", "", 0))
-        .await
-        .unwrap()
-        .into_inner()
-        .try_collect()
-        .await
-        .unwrap();
+    let pages: Vec<ScanResponse> = c.scan(scan("", "", 0)).await.unwrap().into_inner().try_collect().await.unwrap();
     let all: Vec<KeyValue> = pages.into_iter().flat_map(|p| p.entries).collect();
     assert_eq!(all.len(), 2501);
     assert!(all.windows(2).all(|w| w[0].key < w[1].key));
-    let pages: Vec<ScanResponse> = c
-        .scan(scan("b00010", "b00020", 0))
-        .await
-        .unwrap()
-        .into_inner()
-        .try_collect()
-        .await
-        .unwrap();
+    let pages: Vec<ScanResponse> =
+        c.scan(scan("b00010", "b00020", 0)).await.unwrap().into_inner().try_collect().await.unwrap();
     assert_eq!(pages.iter().map(|p| p.entries.len()).sum::<usize>(), 10);
-    let pages: Vec<ScanResponse> = c
-        .scan(scan("", "", 1500))
-        .await
-        .unwrap()
-        .into_inner()
-        .try_collect()
-        .await
-        .unwrap();
+    let pages: Vec<ScanResponse> = c.scan(scan("", "", 1500)).await.unwrap().into_inner().try_collect().await.unwrap();
     assert_eq!(pages.iter().map(|p| p.entries.len()).sum::<usize>(), 1500);
 
     // ScanIndex.
@@ -215,132 +123,46 @@ async fn every_operation_and_every_error() {
         value_prefix: b"re".to_vec(),
         limit: 0,
     };
-    let hits: Vec<ScanIndexResponse> = c
-        .scan_index(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .try_collect()
-        .await
-        .unwrap();
+    let hits: Vec<ScanIndexResponse> = c.scan_index(req).await.unwrap().into_inner().try_collect().await.unwrap();
     let hits: Vec<IndexHit> = hits.into_iter().flat_map(|h| h.hits).collect();
-    assert_eq!(
-        hits,
-        vec![IndexHit {
-            value: b"red".to_vec(),
-            key: b"k1".to_vec()
-        }]
-    );
+    assert_eq!(hits, vec![IndexHit { value: b"red".to_vec(), key: b"k1".to_vec() }]);
 
     // ShardStats, ListShards, ClusterStatus.
     let st = stats(&mut c, s, "alice").await;
     assert_eq!(st.live_keys, 2501);
     assert!(st.group_commits >= 3 && st.committed_ops >= 2503, "{st:?}");
-    let list = c
-        .list_shards(ListShardsRequest {
-            client_id: "alice".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        list.shards.iter().map(|s| s.shard_id).collect::<Vec<_>>(),
-        vec![a.shard_id, small.shard_id]
-    );
-    let status = c
-        .cluster_status(ClusterStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let list = c.list_shards(ListShardsRequest { client_id: "alice".into() }).await.unwrap().into_inner();
+    assert_eq!(list.shards.iter().map(|s| s.shard_id).collect::<Vec<_>>(), vec![a.shard_id, small.shard_id]);
+    let status = c.cluster_status(ClusterStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.nodes.len(), 1);
     assert_eq!(status.volumes.len(), 2);
-    assert!(status
-        .volumes
-        .iter()
-        .all(|v| v.primary_node_id == status.nodes[0].node_id && v.epoch >= 1));
+    assert!(status.volumes.iter().all(|v| v.primary_node_id == status.nodes[0].node_id && v.epoch >= 1));
 
     // Every error: right code, and nothing changed.
     let before = stats(&mut c, s, "alice").await;
-    assert_code(
-        put(&mut c, s, "alice", b"", b"x").await,
-        Code::InvalidArgument,
-        "empty key",
-    );
-    assert_code(
-        put(&mut c, s, "alice", &[b'k'; 4097], b"x").await,
-        Code::InvalidArgument,
-        "key over 4 KiB",
-    );
+    assert_code(put(&mut c, s, "alice", b"", b"x").await, Code::InvalidArgument, "empty key");
+    assert_code(put(&mut c, s, "alice", &[b'k'; 4097], b"x").await, Code::InvalidArgument, "key over 4 KiB");
     assert_code(
         put(&mut c, s, "alice", b"big", &vec![0; (1 << 20) + 1]).await,
         Code::InvalidArgument,
         "value over 1 MiB",
     );
     let too_many: Vec<Entry> = (0..10_001).map(|i| entry(&format!("t{i}"), "x")).collect();
-    let r = c
-        .batch_put(BatchPutRequest {
-            shard_id: s,
-            client_id: "alice".into(),
-            entries: too_many,
-        })
-        .await;
+    let r = c.batch_put(BatchPutRequest { shard_id: s, client_id: "alice".into(), entries: too_many }).await;
     assert_code(r, Code::InvalidArgument, "batch over 10,000 entries");
-    let too_big: Vec<Entry> = (0..17)
-        .map(|i| Entry {
-            key: format!("t{i}").into(),
-            value: vec![1; 1 << 20],
-            indexes: vec![],
-        })
-        .collect();
-    let r = c
-        .batch_put(BatchPutRequest {
-            shard_id: s,
-            client_id: "alice".into(),
-            entries: too_big,
-        })
-        .await;
+    let too_big: Vec<Entry> =
+        (0..17).map(|i| Entry { key: format!("t{i}").into(), value: vec![1; 1 << 20], indexes: vec![] }).collect();
+    let r = c.batch_put(BatchPutRequest { shard_id: s, client_id: "alice".into(), entries: too_big }).await;
     assert_code(r, Code::InvalidArgument, "batch over 16 MiB");
-    let r = c
-        .batch_put(BatchPutRequest {
-            shard_id: s,
-            client_id: "alice".into(),
-            entries: vec![],
-        })
-        .await;
+    let r = c.batch_put(BatchPutRequest { shard_id: s, client_id: "alice".into(), entries: vec![] }).await;
     assert_code(r, Code::InvalidArgument, "empty batch");
-    let r = c
-        .new_shard(NewShardRequest {
-            client_id: String::new(),
-            size_limit_bytes: 0,
-        })
-        .await;
+    let r = c.new_shard(NewShardRequest { client_id: String::new(), size_limit_bytes: 0 }).await;
     assert_code(r, Code::InvalidArgument, "empty client id");
-    assert_code(
-        put(&mut c, 999_999, "alice", b"k", b"v").await,
-        Code::NotFound,
-        "unknown shard",
-    );
-    assert_code(
-        get(&mut c, 999_999, "alice", b"k").await,
-        Code::NotFound,
-        "get from unknown shard",
-    );
-    assert_code(
-        put(&mut c, s, "mallory", b"k1", b"evil").await,
-        Code::PermissionDenied,
-        "put by another client",
-    );
-    assert_code(
-        get(&mut c, s, "mallory", b"k1").await,
-        Code::PermissionDenied,
-        "get by another client",
-    );
-    let r = c
-        .delete_shard(ShardRef {
-            shard_id: s,
-            client_id: "mallory".into(),
-        })
-        .await;
+    assert_code(put(&mut c, 999_999, "alice", b"k", b"v").await, Code::NotFound, "unknown shard");
+    assert_code(get(&mut c, 999_999, "alice", b"k").await, Code::NotFound, "get from unknown shard");
+    assert_code(put(&mut c, s, "mallory", b"k1", b"evil").await, Code::PermissionDenied, "put by another client");
+    assert_code(get(&mut c, s, "mallory", b"k1").await, Code::PermissionDenied, "get by another client");
+    let r = c.delete_shard(ShardRef { shard_id: s, client_id: "mallory".into() }).await;
     assert_code(r, Code::PermissionDenied, "delete by another client");
     let after = stats(&mut c, s, "alice").await;
     assert_eq!(
@@ -348,99 +170,37 @@ async fn every_operation_and_every_error() {
         (before.live_keys, before.live_bytes),
         "rejected requests changed nothing"
     );
-    assert_eq!(
-        get(&mut c, s, "alice", b"k1").await.unwrap(),
-        Some(b"v1".to_vec())
-    );
+    assert_eq!(get(&mut c, s, "alice", b"k1").await.unwrap(), Some(b"v1".to_vec()));
     assert_eq!(get(&mut c, s, "alice", b"t0").await.unwrap(), None);
 
     // The size limit.
     let mut n = 0;
     let full = loop {
-        match put(
-            &mut c,
-            small.shard_id,
-            "alice",
-            format!("f{n:03}").as_bytes(),
-            &[7; 100],
-        )
-        .await
-        {
+        match put(&mut c, small.shard_id, "alice", format!("f{n:03}").as_bytes(), &[7; 100]).await {
             Ok(()) => n += 1,
             Err(e) => break e,
         }
         assert!(n < 100, "a 2048-byte shard took 100 puts of 100 bytes");
     };
     assert_eq!(full.code(), Code::ResourceExhausted, "{full:?}");
-    assert_eq!(
-        get(
-            &mut c,
-            small.shard_id,
-            "alice",
-            format!("f{n:03}").as_bytes()
-        )
-        .await
-        .unwrap(),
-        None
-    );
+    assert_eq!(get(&mut c, small.shard_id, "alice", format!("f{n:03}").as_bytes()).await.unwrap(), None);
     assert_eq!(stats(&mut c, small.shard_id, "alice").await.live_keys, n);
 
     // Close: writes rejected, reads served; delete: gone.
-    let closed = c
-        .close_shard(ShardRef {
-            shard_id: s,
-            client_id: "alice".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let closed = c.close_shard(ShardRef { shard_id: s, client_id: "alice".into() }).await.unwrap().into_inner();
     assert_eq!(closed.state, ShardState::ReadOnly as i32);
-    assert_code(
-        put(&mut c, s, "alice", b"late", b"x").await,
-        Code::FailedPrecondition,
-        "put to a closed shard",
-    );
+    assert_code(put(&mut c, s, "alice", b"late", b"x").await, Code::FailedPrecondition, "put to a closed shard");
     assert_eq!(get(&mut c, s, "alice", b"late").await.unwrap(), None);
-    assert_eq!(
-        get(&mut c, s, "alice", b"k1").await.unwrap(),
-        Some(b"v1".to_vec())
-    );
-    let deleted = c
-        .delete_shard(ShardRef {
-            shard_id: s,
-            client_id: "alice".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    assert_eq!(get(&mut c, s, "alice", b"k1").await.unwrap(), Some(b"v1".to_vec()));
+    let deleted = c.delete_shard(ShardRef { shard_id: s, client_id: "alice".into() }).await.unwrap().into_inner();
     assert_eq!(deleted.state, ShardState::Deleted as i32);
-    assert_code(
-        get(&mut c, s, "alice", b"k1").await,
-        Code::NotFound,
-        "get from a deleted shard",
-    );
-    assert_code(
-        put(&mut c, s, "alice", b"k1", b"x").await,
-        Code::NotFound,
-        "put to a deleted shard",
-    );
-    let list = c
-        .list_shards(ListShardsRequest {
-            client_id: "alice".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        list.shards.iter().map(|s| s.shard_id).collect::<Vec<_>>(),
-        vec![small.shard_id]
-    );
+    assert_code(get(&mut c, s, "alice", b"k1").await, Code::NotFound, "get from a deleted shard");
+    assert_code(put(&mut c, s, "alice", b"k1", b"x").await, Code::NotFound, "put to a deleted shard");
+    let list = c.list_shards(ListShardsRequest { client_id: "alice".into() }).await.unwrap().into_inner();
+    assert_eq!(list.shards.iter().map(|s| s.shard_id).collect::<Vec<_>>(), vec![small.shard_id]);
 
     // Still serving.
-    assert_eq!(
-        get(&mut c, small.shard_id, "alice", b"f000").await.unwrap(),
-        Some(vec![7; 100])
-    );
+    assert_eq!(get(&mut c, small.shard_id, "alice", b"f000").await.unwrap(), Some(vec![7; 100]));
 }
 
 /// Loads batches from 4 concurrent loaders until `kill` acked batches, then
@@ -457,32 +217,13 @@ async fn load_until_signal(
             let acked = acked.clone();
             let addr = p.addr.clone();
             tokio::spawn(async move {
-                let ch = Channel::from_shared(format!("http://{addr}"))
-                    .unwrap()
-                    .connect()
-                    .await
-                    .unwrap();
+                let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
                 let mut c = AttacheClient::new(ch);
                 for b in 0..10_000 {
-                    let keys: Vec<Vec<u8>> = (0..200)
-                        .map(|i| format!("l{l}-b{b:05}-{i:03}").into_bytes())
-                        .collect();
-                    let entries = keys
-                        .iter()
-                        .map(|k| Entry {
-                            key: k.clone(),
-                            value: k.repeat(3),
-                            indexes: vec![],
-                        })
-                        .collect();
-                    match c
-                        .batch_put(BatchPutRequest {
-                            shard_id: shard,
-                            client_id: "loader".into(),
-                            entries,
-                        })
-                        .await
-                    {
+                    let keys: Vec<Vec<u8>> = (0..200).map(|i| format!("l{l}-b{b:05}-{i:03}").into_bytes()).collect();
+                    let entries =
+                        keys.iter().map(|k| Entry { key: k.clone(), value: k.repeat(3), indexes: vec![] }).collect();
+                    match c.batch_put(BatchPutRequest { shard_id: shard, client_id: "loader".into(), entries }).await {
                         Ok(_) => acked.lock().unwrap().extend(keys),
                         Err(_) => return,
                     }
@@ -506,26 +247,10 @@ async fn load_until_signal(
 /// Every acknowledged key is present with its value.
 async fn check_all_present(c: &mut C, shard: u64, keys: &[Vec<u8>]) {
     for chunk in keys.chunks(5000) {
-        let req = BatchGetRequest {
-            shard_id: shard,
-            client_id: "loader".into(),
-            keys: chunk.to_vec(),
-            consistency: 0,
-        };
-        let got: Vec<GetResponse> = c
-            .batch_get(req)
-            .await
-            .unwrap()
-            .into_inner()
-            .try_collect()
-            .await
-            .unwrap();
+        let req = BatchGetRequest { shard_id: shard, client_id: "loader".into(), keys: chunk.to_vec(), consistency: 0 };
+        let got: Vec<GetResponse> = c.batch_get(req).await.unwrap().into_inner().try_collect().await.unwrap();
         for r in got {
-            assert!(
-                r.found,
-                "acknowledged key {} lost",
-                String::from_utf8_lossy(&r.key)
-            );
+            assert!(r.found, "acknowledged key {} lost", String::from_utf8_lossy(&r.key));
             assert_eq!(r.value, r.key.repeat(3));
         }
     }
@@ -542,17 +267,8 @@ async fn sigkill_during_load_loses_no_acknowledged_record() {
     let mut c = p.client().await;
     check_all_present(&mut c, shard, &acked).await;
     let st = stats(&mut c, shard, "loader").await;
-    assert!(
-        st.live_keys >= acked.len() as u64,
-        "{} keys for {} acknowledged",
-        st.live_keys,
-        acked.len()
-    );
-    eprintln!(
-        "SIGKILL: {} acknowledged records, {} present after restart",
-        acked.len(),
-        st.live_keys
-    );
+    assert!(st.live_keys >= acked.len() as u64, "{} keys for {} acknowledged", st.live_keys, acked.len());
+    eprintln!("SIGKILL: {} acknowledged records, {} present after restart", acked.len(), st.live_keys);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,13 +26,8 @@ struct Embedded {
 
 impl Embedded {
     async fn open(dir: &Path) -> Self {
-        let backend = EmbeddedBackend::open(Arc::new(FileMetaLog::new(dir)))
-            .await
-            .unwrap();
-        Embedded {
-            dir: dir.to_path_buf(),
-            backend,
-        }
+        let backend = EmbeddedBackend::open(Arc::new(FileMetaLog::new(dir))).await.unwrap();
+        Embedded { dir: dir.to_path_buf(), backend }
     }
 }
 
@@ -66,10 +61,7 @@ struct OverGrpc {
 
 impl OverGrpc {
     async fn start(dir: &Path) -> Self {
-        let backend: Arc<dyn MetadataBackend> =
-            EmbeddedBackend::open(Arc::new(FileMetaLog::new(dir)))
-                .await
-                .unwrap();
+        let backend: Arc<dyn MetadataBackend> = EmbeddedBackend::open(Arc::new(FileMetaLog::new(dir))).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -82,12 +74,7 @@ impl OverGrpc {
                 .await
                 .unwrap();
         });
-        OverGrpc {
-            dir: dir.to_path_buf(),
-            stop: Some(stop),
-            server: Some(server),
-            addr,
-        }
+        OverGrpc { dir: dir.to_path_buf(), stop: Some(stop), server: Some(server), addr }
     }
 }
 
@@ -115,11 +102,7 @@ async fn embedded_backend_over_grpc_conforms() {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// An etcd server on free loopback ports, in a temporary data dir.
@@ -156,12 +139,7 @@ impl Etcd {
         let dir = tempfile::tempdir().unwrap();
         let (client_port, peer_port) = (free_port(), free_port());
         let child = Self::spawn(dir.path(), client_port, peer_port);
-        let etcd = Etcd {
-            dir,
-            client_port,
-            peer_port,
-            child,
-        };
+        let etcd = Etcd { dir, client_port, peer_port, child };
         etcd.wait_ready().await;
         etcd
     }
@@ -174,11 +152,7 @@ impl Etcd {
                     return;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not answer on {} within 30 s",
-                self.endpoint()
-            );
+            assert!(Instant::now() < deadline, "etcd did not answer on {} within 30 s", self.endpoint());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -209,11 +183,7 @@ impl Harness for EtcdHarness {
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(self.etcd.child.id() as i32, libc::SIGTERM) };
         self.etcd.child.wait().unwrap();
-        self.etcd.child = Etcd::spawn(
-            self.etcd.dir.path(),
-            self.etcd.client_port,
-            self.etcd.peer_port,
-        );
+        self.etcd.child = Etcd::spawn(self.etcd.dir.path(), self.etcd.client_port, self.etcd.peer_port);
         self.etcd.wait_ready().await;
         self.backend = Arc::new(EtcdBackend::connect(&[self.etcd.endpoint()]).await.unwrap());
     }

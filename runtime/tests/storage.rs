@@ -11,10 +11,5 @@ use attache_runtime::{ActixHost, RocksEngineFactory};
 async fn storage_scenario_on_actix_with_rocksdb() {
     let dir = tempfile::tempdir().unwrap();
     let host = HostHandle::new(ActixHost::new(2));
-    testkit::storage_scenario(
-        &host,
-        Arc::new(RocksEngineFactory::new()),
-        dir.path().to_path_buf(),
-    )
-    .await;
+    testkit::storage_scenario(&host, Arc::new(RocksEngineFactory::new()), dir.path().to_path_buf()).await;
 }

@@ -15,13 +15,7 @@ async fn two_nodes_share_one_metadata_store() {
     let root = dir.path();
     let meta_dir = root.join("meta");
     let meta = common::start(
-        &[
-            "meta",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            meta_dir.to_str().unwrap(),
-        ],
+        &["meta", "--listen", "127.0.0.1:0", "--data-dir", meta_dir.to_str().unwrap()],
         "serving gRPC on ",
     );
     let metadata = format!("grpc://{}", meta.addr);
@@ -53,49 +47,20 @@ async fn two_nodes_share_one_metadata_store() {
     let mut created = Vec::new();
     for i in 0..6 {
         let c = if i % 2 == 0 { &mut ca } else { &mut cb };
-        let info = c
-            .new_shard(NewShardRequest {
-                client_id: "app".into(),
-                size_limit_bytes: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let info =
+            c.new_shard(NewShardRequest { client_id: "app".into(), size_limit_bytes: 0 }).await.unwrap().into_inner();
         created.push(info);
     }
     let ids: Vec<u64> = created.iter().map(|s| s.shard_id).collect();
-    assert!(
-        ids.windows(2).all(|w| w[0] < w[1]),
-        "ids increase across nodes: {ids:?}"
-    );
-    assert!(created
-        .iter()
-        .step_by(2)
-        .all(|s| s.volume_id.starts_with("vol-a")));
-    assert!(created
-        .iter()
-        .skip(1)
-        .step_by(2)
-        .all(|s| s.volume_id == "vol-b1"));
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase across nodes: {ids:?}");
+    assert!(created.iter().step_by(2).all(|s| s.volume_id.starts_with("vol-a")));
+    assert!(created.iter().skip(1).step_by(2).all(|s| s.volume_id == "vol-b1"));
 
     // Both nodes see every shard through the metadata store.
     for c in [&mut ca, &mut cb] {
-        let list = c
-            .list_shards(ListShardsRequest {
-                client_id: "app".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            list.shards.iter().map(|s| s.shard_id).collect::<Vec<_>>(),
-            ids
-        );
-        let status = c
-            .cluster_status(ClusterStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
+        let list = c.list_shards(ListShardsRequest { client_id: "app".into() }).await.unwrap().into_inner();
+        assert_eq!(list.shards.iter().map(|s| s.shard_id).collect::<Vec<_>>(), ids);
+        let status = c.cluster_status(ClusterStatusRequest {}).await.unwrap().into_inner();
         assert_eq!(status.nodes.len(), 2);
         assert_eq!(status.volumes.len(), 3);
     }
@@ -112,16 +77,7 @@ async fn two_nodes_share_one_metadata_store() {
     ca.put(put(on_a)).await.unwrap();
     let err = cb.put(put(on_a)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert_eq!(
-        primary_hint(&err).as_deref(),
-        Some(a.addr.as_str()),
-        "the hint names node a"
-    );
-    let get = GetRequest {
-        shard_id: on_a,
-        client_id: "app".into(),
-        key: b"k".to_vec(),
-        consistency: 0,
-    };
+    assert_eq!(primary_hint(&err).as_deref(), Some(a.addr.as_str()), "the hint names node a");
+    let get = GetRequest { shard_id: on_a, client_id: "app".into(), key: b"k".to_vec(), consistency: 0 };
     assert_eq!(ca.get(get).await.unwrap().into_inner().value, b"v");
 }

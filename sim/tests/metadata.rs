@@ -25,9 +25,7 @@ impl Harness for Mem {
         self.backend.clone()
     }
     async fn restart(&mut self) {
-        self.backend = EmbeddedBackend::open(Arc::new(self.log.clone()))
-            .await
-            .unwrap();
+        self.backend = EmbeddedBackend::open(Arc::new(self.log.clone())).await.unwrap();
     }
     fn lease_ttl_ms(&self) -> u64 {
         300
@@ -53,9 +51,7 @@ struct Flaky {
 
 impl Flaky {
     fn should_fail(&self) -> bool {
-        self.fail
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
+        self.fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
     }
 }
 
@@ -98,24 +94,12 @@ impl MetadataBackend for Flaky {
 }
 
 async fn flaky(fail: u32, error: MetaError, apply: bool) -> Arc<Flaky> {
-    let inner = EmbeddedBackend::open(Arc::new(MemMetaLog::default()))
-        .await
-        .unwrap();
-    Arc::new(Flaky {
-        inner,
-        fail: AtomicU32::new(fail),
-        error,
-        apply,
-    })
+    let inner = EmbeddedBackend::open(Arc::new(MemMetaLog::default())).await.unwrap();
+    Arc::new(Flaky { inner, fail: AtomicU32::new(fail), error, apply })
 }
 
 fn policy() -> RetryPolicy {
-    RetryPolicy {
-        initial_backoff_ms: 100,
-        max_backoff_ms: 1_000,
-        max_attempts: 6,
-        deadline_ms: 10_000,
-    }
+    RetryPolicy { initial_backoff_ms: 100, max_backoff_ms: 1_000, max_attempts: 6, deadline_ms: 10_000 }
 }
 
 #[tokio::test]
@@ -125,11 +109,7 @@ async fn transient_errors_are_retried_with_bounded_backoff() {
     let got = retry(&policy(), &Jitter::new(1), "get", || b.get(b"k")).await;
     assert_eq!(got, Ok(None), "the fourth attempt succeeds");
     // Three sleeps, each at most its cap: 100 + 200 + 400 ms.
-    assert!(
-        start.elapsed() <= Duration::from_millis(700),
-        "{:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() <= Duration::from_millis(700), "{:?}", start.elapsed());
 }
 
 #[tokio::test]
@@ -138,39 +118,22 @@ async fn retries_stop_after_max_attempts() {
     let calls_before = b.fail.load(Ordering::SeqCst);
     let got = retry(&policy(), &Jitter::new(2), "get", || b.get(b"k")).await;
     assert_eq!(got, Err(MetaError::Timeout("slow".into())));
-    assert_eq!(
-        calls_before - b.fail.load(Ordering::SeqCst),
-        6,
-        "exactly max_attempts calls"
-    );
+    assert_eq!(calls_before - b.fail.load(Ordering::SeqCst), 6, "exactly max_attempts calls");
 }
 
 #[tokio::test]
 async fn retries_stop_at_the_deadline() {
     let b = flaky(100, MetaError::Unavailable("down".into()), false).await;
-    let tight = RetryPolicy {
-        deadline_ms: 250,
-        max_attempts: 1000,
-        ..policy()
-    };
+    let tight = RetryPolicy { deadline_ms: 250, max_attempts: 1000, ..policy() };
     let start = Instant::now();
-    assert!(retry(&tight, &Jitter::new(3), "get", || b.get(b"k"))
-        .await
-        .is_err());
-    assert!(
-        start.elapsed() <= Duration::from_millis(250),
-        "{:?}",
-        start.elapsed()
-    );
+    assert!(retry(&tight, &Jitter::new(3), "get", || b.get(b"k")).await.is_err());
+    assert!(start.elapsed() <= Duration::from_millis(250), "{:?}", start.elapsed());
 }
 
 #[tokio::test]
 async fn permanent_errors_are_not_retried() {
     let b = flaky(5, MetaError::Invalid("bad".into()), false).await;
-    assert_eq!(
-        retry(&policy(), &Jitter::new(4), "get", || b.get(b"k")).await,
-        Err(MetaError::Invalid("bad".into()))
-    );
+    assert_eq!(retry(&policy(), &Jitter::new(4), "get", || b.get(b"k")).await, Err(MetaError::Invalid("bad".into())));
     assert_eq!(b.fail.load(Ordering::SeqCst), 4, "one call only");
 }
 
@@ -180,14 +143,6 @@ async fn permanent_errors_are_not_retried() {
 async fn an_allocation_whose_cas_timed_out_is_re_read_not_repeated() {
     let b = flaky(1, MetaError::Timeout("lost reply".into()), true).await;
     let ops = MetaOps::new(b.clone(), policy(), 5);
-    assert_eq!(
-        ops.allocate_id("shard").await.unwrap(),
-        1,
-        "the landed CAS counts"
-    );
-    assert_eq!(
-        ops.allocate_id("shard").await.unwrap(),
-        2,
-        "no id was skipped"
-    );
+    assert_eq!(ops.allocate_id("shard").await.unwrap(), 1, "the landed CAS counts");
+    assert_eq!(ops.allocate_id("shard").await.unwrap(), 2, "no id was skipped");
 }

@@ -72,29 +72,17 @@ pub struct Compare {
 impl Compare {
     /// `key`'s mod revision equals `rev` (0: the key does not exist).
     pub fn mod_revision(key: impl Into<Vec<u8>>, op: CompareOp, rev: Revision) -> Self {
-        Compare {
-            key: key.into(),
-            op,
-            target: CompareTarget::ModRevision(rev),
-        }
+        Compare { key: key.into(), op, target: CompareTarget::ModRevision(rev) }
     }
 
     /// `key`'s create revision compared with `rev` (0: the key does not exist).
     pub fn create_revision(key: impl Into<Vec<u8>>, op: CompareOp, rev: Revision) -> Self {
-        Compare {
-            key: key.into(),
-            op,
-            target: CompareTarget::CreateRevision(rev),
-        }
+        Compare { key: key.into(), op, target: CompareTarget::CreateRevision(rev) }
     }
 
     /// `key`'s value compared with `value` (false for a missing key).
     pub fn value(key: impl Into<Vec<u8>>, op: CompareOp, value: impl Into<Vec<u8>>) -> Self {
-        Compare {
-            key: key.into(),
-            op,
-            target: CompareTarget::Value(value.into()),
-        }
+        Compare { key: key.into(), op, target: CompareTarget::Value(value.into()) }
     }
 }
 
@@ -102,11 +90,7 @@ impl Compare {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TxnOp {
     /// Put `key` = `value`, attached to `lease` (0: none).
-    Put {
-        key: Vec<u8>,
-        value: Vec<u8>,
-        lease: LeaseId,
-    },
+    Put { key: Vec<u8>, value: Vec<u8>, lease: LeaseId },
     /// Delete `key`.
     Delete { key: Vec<u8> },
     /// Read `key` (as of the transaction's revision, after its earlier writes).
@@ -145,10 +129,7 @@ pub enum WatchEvent {
     /// A put; `kv` is the key as written.
     Put(KeyValue),
     /// A delete of `key` at `mod_revision`.
-    Delete {
-        key: Vec<u8>,
-        mod_revision: Revision,
-    },
+    Delete { key: Vec<u8>, mod_revision: Revision },
 }
 
 impl WatchEvent {
@@ -186,10 +167,7 @@ pub enum MetaError {
     LeaseNotFound(LeaseId),
     /// The watch asked for history that was compacted away.
     #[error("revision {requested} is compacted (oldest kept: {oldest})")]
-    Compacted {
-        requested: Revision,
-        oldest: Revision,
-    },
+    Compacted { requested: Revision, oldest: Revision },
     /// The request is malformed.
     #[error("invalid metadata request: {0}")]
     Invalid(String),

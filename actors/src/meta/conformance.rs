@@ -13,9 +13,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use tokio::time::{sleep, timeout, Duration, Instant};
 
-use crate::meta::backend::{
-    Compare, CompareOp, MetaError, MetadataBackend, Txn, TxnOp, WatchEvent,
-};
+use crate::meta::backend::{Compare, CompareOp, MetaError, MetadataBackend, Txn, TxnOp, WatchEvent};
 use crate::meta::retry::RetryPolicy;
 use crate::meta::store::MetaOps;
 
@@ -53,15 +51,7 @@ pub async fn revisions_grow(h: &mut dyn Harness, prefix: &str) {
     let r3 = b.put(&key(prefix, "b"), b"1", 0).await.unwrap();
     assert!(r1 < r2 && r2 < r3, "revisions grow: {r1} {r2} {r3}");
     let a = b.get(&key(prefix, "a")).await.unwrap().expect("a exists");
-    assert_eq!(
-        (
-            a.create_revision,
-            a.mod_revision,
-            a.version,
-            a.value.as_slice()
-        ),
-        (r1, r2, 2, &b"2"[..])
-    );
+    assert_eq!((a.create_revision, a.mod_revision, a.version, a.value.as_slice()), (r1, r2, 2, &b"2"[..]));
     let range = b.range(prefix.as_bytes()).await.unwrap();
     assert_eq!(range.kvs.len(), 2);
     assert!(range.revision >= r3);
@@ -79,11 +69,7 @@ pub async fn stale_cas_changes_nothing(h: &mut dyn Harness, prefix: &str) {
     let r1 = b.put(&k, b"v1", 0).await.unwrap();
     let cas = |rev, value: &str| Txn {
         compare: vec![Compare::mod_revision(k.clone(), CompareOp::Equal, rev)],
-        success: vec![TxnOp::Put {
-            key: k.clone(),
-            value: value.into(),
-            lease: 0,
-        }],
+        success: vec![TxnOp::Put { key: k.clone(), value: value.into(), lease: 0 }],
         failure: vec![TxnOp::Get { key: k.clone() }],
     };
     let won = b.txn(cas(r1, "v2")).await.unwrap();
@@ -93,32 +79,14 @@ pub async fn stale_cas_changes_nothing(h: &mut dyn Harness, prefix: &str) {
     let current = lost.gets[0].clone().expect("failure branch read the key");
     assert_eq!(current.value, b"v2");
     assert_eq!(current.mod_revision, won.revision);
-    assert_eq!(
-        b.get(&k).await.unwrap().unwrap(),
-        current,
-        "the lost CAS changed nothing"
-    );
+    assert_eq!(b.get(&k).await.unwrap().unwrap(), current, "the lost CAS changed nothing");
     let create = Txn {
-        compare: vec![Compare::create_revision(
-            key(prefix, "new"),
-            CompareOp::Equal,
-            0,
-        )],
-        success: vec![TxnOp::Put {
-            key: key(prefix, "new"),
-            value: b"n".to_vec(),
-            lease: 0,
-        }],
+        compare: vec![Compare::create_revision(key(prefix, "new"), CompareOp::Equal, 0)],
+        success: vec![TxnOp::Put { key: key(prefix, "new"), value: b"n".to_vec(), lease: 0 }],
         failure: vec![],
     };
-    assert!(
-        b.txn(create.clone()).await.unwrap().succeeded,
-        "create-if-absent on a missing key"
-    );
-    assert!(
-        !b.txn(create).await.unwrap().succeeded,
-        "create-if-absent on an existing key"
-    );
+    assert!(b.txn(create.clone()).await.unwrap().succeeded, "create-if-absent on a missing key");
+    assert!(!b.txn(create).await.unwrap().succeeded, "create-if-absent on an existing key");
 }
 
 /// Keys attached to a lease vanish when it expires; a kept-alive lease lives.
@@ -140,30 +108,13 @@ pub async fn lease_expiry_removes_keys(h: &mut dyn Harness, prefix: &str) {
         b.lease_keep_alive(kept).await.unwrap();
         sleep(Duration::from_millis(ttl / 4)).await;
     }
-    assert!(
-        b.get(&key(prefix, "kept")).await.unwrap().is_some(),
-        "a kept-alive lease keeps its key"
-    );
-    assert!(
-        b.get(&key(prefix, "plain")).await.unwrap().is_some(),
-        "a key without lease stays"
-    );
-    assert_eq!(
-        b.lease_keep_alive(short).await,
-        Err(MetaError::LeaseNotFound(short))
-    );
+    assert!(b.get(&key(prefix, "kept")).await.unwrap().is_some(), "a kept-alive lease keeps its key");
+    assert!(b.get(&key(prefix, "plain")).await.unwrap().is_some(), "a key without lease stays");
+    assert_eq!(b.lease_keep_alive(short).await, Err(MetaError::LeaseNotFound(short)));
     let put = b.put(&key(prefix, "late"), b"x", short).await;
-    assert_eq!(
-        put,
-        Err(MetaError::LeaseNotFound(short)),
-        "a put under an expired lease is refused"
-    );
+    assert_eq!(put, Err(MetaError::LeaseNotFound(short)), "a put under an expired lease is refused");
     b.lease_revoke(kept).await.unwrap();
-    assert_eq!(
-        b.get(&key(prefix, "kept")).await.unwrap(),
-        None,
-        "revoke deletes the lease's keys"
-    );
+    assert_eq!(b.get(&key(prefix, "kept")).await.unwrap(), None, "revoke deletes the lease's keys");
 }
 
 /// A watch from a revision delivers every later change under the prefix, in order.
@@ -176,10 +127,7 @@ pub async fn watch_delivers_every_change_in_order(h: &mut dyn Harness, prefix: &
         let rev = b.put(&k, format!("{i}").as_bytes(), 0).await.unwrap();
         expected.push((k, rev, true));
         if i % 7 == 6 {
-            let (_, rev) = b
-                .delete(&key(prefix, &format!("k{}", i % 5)))
-                .await
-                .unwrap();
+            let (_, rev) = b.delete(&key(prefix, &format!("k{}", i % 5))).await.unwrap();
             expected.push((key(prefix, &format!("k{}", i % 5)), rev, false));
         }
     }
@@ -190,19 +138,14 @@ pub async fn watch_delivers_every_change_in_order(h: &mut dyn Harness, prefix: &
     expected.push((key(prefix, "live"), live, true));
     let mut seen = Vec::new();
     while seen.len() < expected.len() {
-        let event = timeout(Duration::from_secs(10), stream.next())
-            .await
-            .expect("watch event within 10 s");
+        let event = timeout(Duration::from_secs(10), stream.next()).await.expect("watch event within 10 s");
         let event = event.expect("watch stream open").expect("no watch error");
         seen.push(match event {
             WatchEvent::Put(kv) => (kv.key, kv.mod_revision, true),
             WatchEvent::Delete { key, mod_revision } => (key, mod_revision, false),
         });
     }
-    assert_eq!(
-        seen, expected,
-        "every change under the prefix, in revision order"
-    );
+    assert_eq!(seen, expected, "every change under the prefix, in revision order");
 }
 
 /// Eight concurrent allocators get unique, increasing ids, also across a restart.
@@ -215,11 +158,7 @@ pub async fn concurrent_allocators_get_unique_increasing_ids(h: &mut dyn Harness
             let ops = MetaOps::new(backend, RetryPolicy::default(), seed);
             let mut ids = Vec::with_capacity(EACH);
             for _ in 0..EACH {
-                ids.push(
-                    ops.allocate_id(&counter)
-                        .await
-                        .expect("allocation succeeds"),
-                );
+                ids.push(ops.allocate_id(&counter).await.expect("allocation succeeds"));
             }
             ids
         }
@@ -227,10 +166,7 @@ pub async fn concurrent_allocators_get_unique_increasing_ids(h: &mut dyn Harness
     let runs = futures::future::join_all((0..ALLOCATORS).map(|i| allocate(h.backend(), i))).await;
     let mut all = BTreeSet::new();
     for ids in &runs {
-        assert!(
-            ids.windows(2).all(|w| w[0] < w[1]),
-            "one allocator's ids increase: {ids:?}"
-        );
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "one allocator's ids increase: {ids:?}");
         for id in ids {
             assert!(all.insert(*id), "id {id} allocated twice");
         }
@@ -239,11 +175,7 @@ pub async fn concurrent_allocators_get_unique_increasing_ids(h: &mut dyn Harness
     let max = *all.last().unwrap();
     h.restart().await;
     let after = allocate(h.backend(), 99).await;
-    assert!(
-        after[0] > max,
-        "ids after a restart ({}) exceed those before ({max})",
-        after[0]
-    );
+    assert!(after[0] > max, "ids after a restart ({}) exceed those before ({max})", after[0]);
 }
 
 /// Acknowledged writes survive a restart of the store.
@@ -251,14 +183,7 @@ pub async fn restart_loses_nothing_acknowledged(h: &mut dyn Harness, prefix: &st
     let b = h.backend();
     let mut last = 0;
     for i in 0..100 {
-        last = b
-            .put(
-                &key(prefix, &format!("{i:03}")),
-                format!("v{i}").as_bytes(),
-                0,
-            )
-            .await
-            .unwrap();
+        last = b.put(&key(prefix, &format!("{i:03}")), format!("v{i}").as_bytes(), 0).await.unwrap();
     }
     b.delete(&key(prefix, "050")).await.unwrap();
     h.restart().await;
@@ -267,9 +192,7 @@ pub async fn restart_loses_nothing_acknowledged(h: &mut dyn Harness, prefix: &st
     assert_eq!(range.kvs.len(), 99, "99 keys after the restart");
     assert!(range.revision > last, "the revision did not go back");
     for kv in &range.kvs {
-        let i: usize = String::from_utf8_lossy(&kv.key[prefix.len()..])
-            .parse()
-            .unwrap();
+        let i: usize = String::from_utf8_lossy(&kv.key[prefix.len()..]).parse().unwrap();
         assert_eq!(kv.value, format!("v{i}").into_bytes());
     }
     assert!(b.put(&key(prefix, "after"), b"x", 0).await.unwrap() > range.revision);

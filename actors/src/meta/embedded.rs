@@ -21,8 +21,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::codec;
 use crate::meta::backend::{
-    KeyValue, LeaseId, MetaError, MetadataBackend, RangeResponse, Revision, Txn, TxnOp,
-    TxnResponse, WatchEvent, WatchStream,
+    KeyValue, LeaseId, MetaError, MetadataBackend, RangeResponse, Revision, Txn, TxnOp, TxnResponse, WatchEvent,
+    WatchStream,
 };
 use crate::meta::state::{Record, StateMachine};
 
@@ -54,10 +54,7 @@ impl MetaLog for MemMetaLog {
     }
 
     async fn append(&self, bytes: &[u8]) -> Result<(), MetaError> {
-        self.0
-            .lock()
-            .expect("mem log lock")
-            .extend_from_slice(bytes);
+        self.0.lock().expect("mem log lock").extend_from_slice(bytes);
         Ok(())
     }
 
@@ -71,10 +68,7 @@ impl MetaLog for MemMetaLog {
 fn frame(records: &[Record]) -> Vec<u8> {
     let mut out = Vec::new();
     for r in records {
-        let payload = codec::encode(r);
-        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        out.extend_from_slice(&crc32fast::hash(&payload).to_be_bytes());
-        out.extend_from_slice(&payload);
+        codec::frame(&mut out, &codec::encode(r));
     }
     out
 }
@@ -82,31 +76,19 @@ fn frame(records: &[Record]) -> Vec<u8> {
 /// Parses framed records; stops at the first incomplete or corrupt one.
 /// Returns the records and whether the whole input was valid.
 pub fn parse_log(bytes: &[u8]) -> (Vec<Record>, bool) {
-    let mut records = Vec::new();
-    let mut rest = bytes;
-    while rest.len() >= 8 {
-        let len = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_be_bytes(rest[4..8].try_into().expect("4 bytes"));
-        let Some(payload) = rest.get(8..8 + len) else {
-            return (records, false);
-        };
-        if crc32fast::hash(payload) != crc {
-            return (records, false);
-        }
-        match codec::decode::<Record>(payload, "metadata log record") {
+    let (payloads, valid) = codec::frames(bytes);
+    let mut records = Vec::with_capacity(payloads.len());
+    for p in payloads {
+        match codec::decode::<Record>(p, "metadata log record") {
             Ok(r) => records.push(r),
             Err(_) => return (records, false),
         }
-        rest = &rest[8 + len..];
     }
-    (records, rest.is_empty())
+    (records, valid == bytes.len())
 }
 
 /// A live watch: its key prefix and where its events go.
-type Watcher = (
-    Vec<u8>,
-    mpsc::UnboundedSender<Result<WatchEvent, MetaError>>,
-);
+type Watcher = (Vec<u8>, mpsc::UnboundedSender<Result<WatchEvent, MetaError>>);
 
 struct Inner {
     sm: StateMachine,
@@ -129,10 +111,7 @@ impl EmbeddedBackend {
         let bytes = log.load().await?;
         let (records, clean) = parse_log(&bytes);
         if !clean {
-            tracing::warn!(
-                records = records.len(),
-                "metadata log ends in a torn or corrupt record; dropping it"
-            );
+            tracing::warn!(records = records.len(), "metadata log ends in a torn or corrupt record; dropping it");
         }
         let mut sm = StateMachine::default();
         let now = Instant::now();
@@ -140,19 +119,10 @@ impl EmbeddedBackend {
             sm.apply(r, now);
         }
         // Compact on open: this also cuts off a torn tail before anything is appended after it.
-        log.replace(&frame(&[Record::Snapshot(sm.snapshot())]))
-            .await?;
-        tracing::info!(
-            revision = sm.revision(),
-            records = records.len(),
-            "metadata store recovered"
-        );
+        log.replace(&frame(&[Record::Snapshot(sm.snapshot())])).await?;
+        tracing::info!(revision = sm.revision(), records = records.len(), "metadata store recovered");
         let backend = Arc::new(EmbeddedBackend {
-            inner: Mutex::new(Inner {
-                sm,
-                watchers: Vec::new(),
-                records_since_snapshot: 0,
-            }),
+            inner: Mutex::new(Inner { sm, watchers: Vec::new(), records_since_snapshot: 0 }),
             log,
         });
         let weak = Arc::downgrade(&backend);
@@ -170,16 +140,12 @@ impl EmbeddedBackend {
         for r in &records {
             let events = inner.sm.apply(r, now);
             for e in events {
-                inner.watchers.retain(|(prefix, tx)| {
-                    !e.key().starts_with(prefix) || tx.send(Ok(e.clone())).is_ok()
-                });
+                inner.watchers.retain(|(prefix, tx)| !e.key().starts_with(prefix) || tx.send(Ok(e.clone())).is_ok());
             }
         }
         inner.records_since_snapshot += records.len();
         if inner.records_since_snapshot >= COMPACT_AFTER_RECORDS {
-            self.log
-                .replace(&frame(&[Record::Snapshot(inner.sm.snapshot())]))
-                .await?;
+            self.log.replace(&frame(&[Record::Snapshot(inner.sm.snapshot())])).await?;
             inner.records_since_snapshot = 0;
         }
         Ok(())
@@ -216,44 +182,31 @@ impl MetadataBackend for EmbeddedBackend {
     }
 
     async fn put(&self, key: &[u8], value: &[u8], lease: LeaseId) -> Result<Revision, MetaError> {
-        let txn = Txn {
-            success: vec![TxnOp::Put {
-                key: key.to_vec(),
-                value: value.to_vec(),
-                lease,
-            }],
-            ..Default::default()
-        };
+        let txn =
+            Txn { success: vec![TxnOp::Put { key: key.to_vec(), value: value.to_vec(), lease }], ..Default::default() };
         Ok(self.txn(txn).await?.revision)
     }
 
     async fn delete(&self, key: &[u8]) -> Result<(bool, Revision), MetaError> {
-        let txn = Txn {
-            success: vec![TxnOp::Delete { key: key.to_vec() }],
-            ..Default::default()
-        };
+        let txn = Txn { success: vec![TxnOp::Delete { key: key.to_vec() }], ..Default::default() };
         let mut inner = self.lock().await?;
         let before = inner.sm.revision();
         let (resp, record) = inner.sm.plan_txn(&txn)?;
-        self.commit(&mut inner, record.into_iter().collect())
-            .await?;
+        self.commit(&mut inner, record.into_iter().collect()).await?;
         Ok((resp.revision > before, resp.revision))
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, MetaError> {
         let mut inner = self.lock().await?;
         let (resp, record) = inner.sm.plan_txn(&txn)?;
-        self.commit(&mut inner, record.into_iter().collect())
-            .await?;
+        self.commit(&mut inner, record.into_iter().collect()).await?;
         Ok(resp)
     }
 
     async fn lease_grant(&self, ttl_ms: u64) -> Result<LeaseId, MetaError> {
         let mut inner = self.lock().await?;
         let record = inner.sm.grant(ttl_ms)?;
-        let Record::LeaseGrant { id, .. } = record else {
-            unreachable!("grant makes a LeaseGrant")
-        };
+        let Record::LeaseGrant { id, .. } = record else { unreachable!("grant makes a LeaseGrant") };
         self.commit(&mut inner, vec![record]).await?;
         Ok(id)
     }
@@ -267,17 +220,12 @@ impl MetadataBackend for EmbeddedBackend {
         if inner.sm.lease_ttl(lease).is_none() {
             return Err(MetaError::LeaseNotFound(lease));
         }
-        self.commit(&mut inner, vec![Record::LeaseEnd { id: lease }])
-            .await
+        self.commit(&mut inner, vec![Record::LeaseEnd { id: lease }]).await
     }
 
     async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, MetaError> {
         let mut inner = self.lock().await?;
-        let from = if from <= 0 {
-            inner.sm.revision() + 1
-        } else {
-            from
-        };
+        let from = if from <= 0 { inner.sm.revision() + 1 } else { from };
         let past = inner.sm.history_since(prefix, from)?;
         let (tx, rx) = mpsc::unbounded_channel();
         for e in past {
@@ -294,16 +242,10 @@ mod tests {
 
     #[test]
     fn torn_tail_is_dropped() {
-        let records = vec![
-            Record::LeaseGrant { id: 1, ttl_ms: 10 },
-            Record::LeaseEnd { id: 1 },
-        ];
+        let records = vec![Record::LeaseGrant { id: 1, ttl_ms: 10 }, Record::LeaseEnd { id: 1 }];
         let bytes = frame(&records);
         assert_eq!(parse_log(&bytes), (records.clone(), true));
-        assert_eq!(
-            parse_log(&bytes[..bytes.len() - 1]),
-            (records[..1].to_vec(), false)
-        );
+        assert_eq!(parse_log(&bytes[..bytes.len() - 1]), (records[..1].to_vec(), false));
         let mut corrupt = bytes.clone();
         *corrupt.last_mut().unwrap() ^= 0xff;
         assert_eq!(parse_log(&corrupt), (records[..1].to_vec(), false));

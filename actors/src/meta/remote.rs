@@ -16,8 +16,8 @@ use tokio::time::Duration;
 use tonic::{Request, Response, Status};
 
 use crate::meta::backend::{
-    Compare, CompareOp, CompareTarget, KeyValue, LeaseId, MetaError, MetadataBackend,
-    RangeResponse, Revision, Txn, TxnOp, TxnResponse, WatchEvent, WatchStream,
+    Compare, CompareOp, CompareTarget, KeyValue, LeaseId, MetaError, MetadataBackend, RangeResponse, Revision, Txn,
+    TxnOp, TxnResponse, WatchEvent, WatchStream,
 };
 
 /// Generated protobuf messages and gRPC stubs of `attache.meta.v1`.
@@ -89,20 +89,11 @@ fn op_to(op: TxnOp) -> proto::TxnOp {
 
 fn op_from(op: proto::TxnOp) -> Result<TxnOp, MetaError> {
     use proto::txn_op::Op;
-    Ok(
-        match op
-            .op
-            .ok_or_else(|| MetaError::Invalid("txn op without an operation".into()))?
-        {
-            Op::Put(p) => TxnOp::Put {
-                key: p.key,
-                value: p.value,
-                lease: p.lease,
-            },
-            Op::Delete(k) => TxnOp::Delete { key: k.key },
-            Op::Get(k) => TxnOp::Get { key: k.key },
-        },
-    )
+    Ok(match op.op.ok_or_else(|| MetaError::Invalid("txn op without an operation".into()))? {
+        Op::Put(p) => TxnOp::Put { key: p.key, value: p.value, lease: p.lease },
+        Op::Delete(k) => TxnOp::Delete { key: k.key },
+        Op::Get(k) => TxnOp::Get { key: k.key },
+    })
 }
 
 fn compare_to(c: Compare) -> proto::Compare {
@@ -119,66 +110,43 @@ fn compare_to(c: Compare) -> proto::Compare {
         CompareTarget::CreateRevision(r) => Target::CreateRevision(r),
         CompareTarget::Version(v) => Target::Version(v),
     };
-    proto::Compare {
-        key: c.key,
-        op: op as i32,
-        target: Some(target),
-    }
+    proto::Compare { key: c.key, op: op as i32, target: Some(target) }
 }
 
 fn compare_from(c: proto::Compare) -> Result<Compare, MetaError> {
     use proto::compare::{Op, Target};
-    let op = match Op::try_from(c.op)
-        .map_err(|_| MetaError::Invalid(format!("unknown compare op {}", c.op)))?
-    {
+    let op = match Op::try_from(c.op).map_err(|_| MetaError::Invalid(format!("unknown compare op {}", c.op)))? {
         Op::Equal => CompareOp::Equal,
         Op::NotEqual => CompareOp::NotEqual,
         Op::Less => CompareOp::Less,
         Op::Greater => CompareOp::Greater,
     };
-    let target = match c
-        .target
-        .ok_or_else(|| MetaError::Invalid("compare without a target".into()))?
-    {
+    let target = match c.target.ok_or_else(|| MetaError::Invalid("compare without a target".into()))? {
         Target::Value(v) => CompareTarget::Value(v),
         Target::ModRevision(r) => CompareTarget::ModRevision(r),
         Target::CreateRevision(r) => CompareTarget::CreateRevision(r),
         Target::Version(v) => CompareTarget::Version(v),
     };
-    Ok(Compare {
-        key: c.key,
-        op,
-        target,
-    })
+    Ok(Compare { key: c.key, op, target })
 }
 
 fn event_to(e: WatchEvent) -> proto::WatchEvent {
     use proto::watch_event::Event;
     let event = match e {
         WatchEvent::Put(kv) => Event::Put(kv_to(kv)),
-        WatchEvent::Delete { key, mod_revision } => Event::Delete(proto::KeyValue {
-            key,
-            mod_revision,
-            ..Default::default()
-        }),
+        WatchEvent::Delete { key, mod_revision } => {
+            Event::Delete(proto::KeyValue { key, mod_revision, ..Default::default() })
+        }
     };
     proto::WatchEvent { event: Some(event) }
 }
 
 fn event_from(e: proto::WatchEvent) -> Result<WatchEvent, MetaError> {
     use proto::watch_event::Event;
-    Ok(
-        match e
-            .event
-            .ok_or_else(|| MetaError::Invalid("watch event without a change".into()))?
-        {
-            Event::Put(kv) => WatchEvent::Put(kv_from(kv)),
-            Event::Delete(kv) => WatchEvent::Delete {
-                key: kv.key,
-                mod_revision: kv.mod_revision,
-            },
-        },
-    )
+    Ok(match e.event.ok_or_else(|| MetaError::Invalid("watch event without a change".into()))? {
+        Event::Put(kv) => WatchEvent::Put(kv_from(kv)),
+        Event::Delete(kv) => WatchEvent::Delete { key: kv.key, mod_revision: kv.mod_revision },
+    })
 }
 
 /// Serves a backend over gRPC.
@@ -199,8 +167,7 @@ impl MetadataServer {
 pub type Server = proto::metadata_server::MetadataServer<MetadataServer>;
 /// The tonic server wrapper of [`MetadataServer`].
 #[cfg(madsim)]
-pub type Server =
-    proto::metadata_server::MetadataServer<MetadataServer, tonic::codegen::IdentityInterceptor>;
+pub type Server = proto::metadata_server::MetadataServer<MetadataServer, tonic::codegen::IdentityInterceptor>;
 
 impl MetadataServer {
     /// The tonic service.
@@ -213,46 +180,26 @@ type Reply<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl Metadata for MetadataServer {
-    type WatchStream =
-        std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::WatchEvent, Status>> + Send>>;
+    type WatchStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::WatchEvent, Status>> + Send>>;
 
     async fn get(&self, req: Request<proto::KeyRequest>) -> Reply<proto::GetResponse> {
-        let kv = self
-            .backend
-            .get(&req.into_inner().key)
-            .await
-            .map_err(to_status)?;
+        let kv = self.backend.get(&req.into_inner().key).await.map_err(to_status)?;
         Ok(Response::new(proto::GetResponse { kv: kv.map(kv_to) }))
     }
 
     async fn range(&self, req: Request<proto::KeyRequest>) -> Reply<proto::RangeResponse> {
-        let r = self
-            .backend
-            .range(&req.into_inner().key)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(proto::RangeResponse {
-            kvs: r.kvs.into_iter().map(kv_to).collect(),
-            revision: r.revision,
-        }))
+        let r = self.backend.range(&req.into_inner().key).await.map_err(to_status)?;
+        Ok(Response::new(proto::RangeResponse { kvs: r.kvs.into_iter().map(kv_to).collect(), revision: r.revision }))
     }
 
     async fn put(&self, req: Request<proto::PutRequest>) -> Reply<proto::RevisionResponse> {
         let p = req.into_inner();
-        let revision = self
-            .backend
-            .put(&p.key, &p.value, p.lease)
-            .await
-            .map_err(to_status)?;
+        let revision = self.backend.put(&p.key, &p.value, p.lease).await.map_err(to_status)?;
         Ok(Response::new(proto::RevisionResponse { revision }))
     }
 
     async fn delete(&self, req: Request<proto::KeyRequest>) -> Reply<proto::DeleteResponse> {
-        let (deleted, revision) = self
-            .backend
-            .delete(&req.into_inner().key)
-            .await
-            .map_err(to_status)?;
+        let (deleted, revision) = self.backend.delete(&req.into_inner().key).await.map_err(to_status)?;
         Ok(Response::new(proto::DeleteResponse { deleted, revision }))
     }
 
@@ -260,82 +207,36 @@ impl Metadata for MetadataServer {
         let t = req.into_inner();
         let txn = (|| {
             Ok::<_, MetaError>(Txn {
-                compare: t
-                    .compare
-                    .into_iter()
-                    .map(compare_from)
-                    .collect::<Result<_, _>>()?,
-                success: t
-                    .success
-                    .into_iter()
-                    .map(op_from)
-                    .collect::<Result<_, _>>()?,
-                failure: t
-                    .failure
-                    .into_iter()
-                    .map(op_from)
-                    .collect::<Result<_, _>>()?,
+                compare: t.compare.into_iter().map(compare_from).collect::<Result<_, _>>()?,
+                success: t.success.into_iter().map(op_from).collect::<Result<_, _>>()?,
+                failure: t.failure.into_iter().map(op_from).collect::<Result<_, _>>()?,
             })
         })()
         .map_err(to_status)?;
         let r = self.backend.txn(txn).await.map_err(to_status)?;
-        let gets = r
-            .gets
-            .into_iter()
-            .map(|kv| proto::MaybeKeyValue { kv: kv.map(kv_to) })
-            .collect();
-        Ok(Response::new(proto::TxnResponse {
-            succeeded: r.succeeded,
-            revision: r.revision,
-            gets,
-        }))
+        let gets = r.gets.into_iter().map(|kv| proto::MaybeKeyValue { kv: kv.map(kv_to) }).collect();
+        Ok(Response::new(proto::TxnResponse { succeeded: r.succeeded, revision: r.revision, gets }))
     }
 
-    async fn lease_grant(
-        &self,
-        req: Request<proto::LeaseGrantRequest>,
-    ) -> Reply<proto::LeaseResponse> {
-        let lease = self
-            .backend
-            .lease_grant(req.into_inner().ttl_ms)
-            .await
-            .map_err(to_status)?;
+    async fn lease_grant(&self, req: Request<proto::LeaseGrantRequest>) -> Reply<proto::LeaseResponse> {
+        let lease = self.backend.lease_grant(req.into_inner().ttl_ms).await.map_err(to_status)?;
         Ok(Response::new(proto::LeaseResponse { lease }))
     }
 
-    async fn lease_keep_alive(
-        &self,
-        req: Request<proto::LeaseResponse>,
-    ) -> Reply<proto::LeaseKeepAliveResponse> {
-        let ttl_ms = self
-            .backend
-            .lease_keep_alive(req.into_inner().lease)
-            .await
-            .map_err(to_status)?;
+    async fn lease_keep_alive(&self, req: Request<proto::LeaseResponse>) -> Reply<proto::LeaseKeepAliveResponse> {
+        let ttl_ms = self.backend.lease_keep_alive(req.into_inner().lease).await.map_err(to_status)?;
         Ok(Response::new(proto::LeaseKeepAliveResponse { ttl_ms }))
     }
 
-    async fn lease_revoke(
-        &self,
-        req: Request<proto::LeaseResponse>,
-    ) -> Reply<proto::RevisionResponse> {
-        self.backend
-            .lease_revoke(req.into_inner().lease)
-            .await
-            .map_err(to_status)?;
+    async fn lease_revoke(&self, req: Request<proto::LeaseResponse>) -> Reply<proto::RevisionResponse> {
+        self.backend.lease_revoke(req.into_inner().lease).await.map_err(to_status)?;
         Ok(Response::new(proto::RevisionResponse { revision: 0 }))
     }
 
     async fn watch(&self, req: Request<proto::WatchRequest>) -> Reply<Self::WatchStream> {
         let w = req.into_inner();
-        let stream = self
-            .backend
-            .watch(&w.prefix, w.from_revision)
-            .await
-            .map_err(to_status)?;
-        Ok(Response::new(Box::pin(
-            stream.map(|e| e.map(event_to).map_err(to_status)),
-        )))
+        let stream = self.backend.watch(&w.prefix, w.from_revision).await.map_err(to_status)?;
+        Ok(Response::new(Box::pin(stream.map(|e| e.map(event_to).map_err(to_status)))))
     }
 }
 
@@ -349,10 +250,7 @@ pub struct RemoteBackend {
 impl RemoteBackend {
     /// A backend calling `endpoint` (`http://host:port`); connects lazily.
     pub fn new(endpoint: impl Into<String>) -> Self {
-        RemoteBackend {
-            endpoint: endpoint.into(),
-            client: Arc::new(tokio::sync::OnceCell::new()),
-        }
+        RemoteBackend { endpoint: endpoint.into(), client: Arc::new(tokio::sync::OnceCell::new()) }
     }
 
     async fn client(&self) -> Result<MetadataClient<tonic::transport::Channel>, MetaError> {
@@ -360,9 +258,7 @@ impl RemoteBackend {
             .client
             .get_or_try_init(|| async {
                 let endpoint = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
-                    .map_err(|e| {
-                        MetaError::Invalid(format!("bad metadata endpoint {}: {e}", self.endpoint))
-                    })?;
+                    .map_err(|e| MetaError::Invalid(format!("bad metadata endpoint {}: {e}", self.endpoint)))?;
                 Ok::<_, MetaError>(MetadataClient::new(endpoint.connect_lazy()))
             })
             .await?;
@@ -379,9 +275,7 @@ impl RemoteBackend {
         match tokio::time::timeout(CALL_TIMEOUT, f(client)).await {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
             Ok(Err(status)) => Err(from_status(status)),
-            Err(_) => Err(MetaError::Timeout(format!(
-                "{what} took over {CALL_TIMEOUT:?}"
-            ))),
+            Err(_) => Err(MetaError::Timeout(format!("{what} took over {CALL_TIMEOUT:?}"))),
         }
     }
 }
@@ -390,43 +284,23 @@ impl RemoteBackend {
 impl MetadataBackend for RemoteBackend {
     async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, MetaError> {
         let req = proto::KeyRequest { key: key.to_vec() };
-        Ok(self
-            .call("get", |mut c| async move { c.get(req).await })
-            .await?
-            .kv
-            .map(kv_from))
+        Ok(self.call("get", |mut c| async move { c.get(req).await }).await?.kv.map(kv_from))
     }
 
     async fn range(&self, prefix: &[u8]) -> Result<RangeResponse, MetaError> {
-        let req = proto::KeyRequest {
-            key: prefix.to_vec(),
-        };
-        let r = self
-            .call("range", |mut c| async move { c.range(req).await })
-            .await?;
-        Ok(RangeResponse {
-            kvs: r.kvs.into_iter().map(kv_from).collect(),
-            revision: r.revision,
-        })
+        let req = proto::KeyRequest { key: prefix.to_vec() };
+        let r = self.call("range", |mut c| async move { c.range(req).await }).await?;
+        Ok(RangeResponse { kvs: r.kvs.into_iter().map(kv_from).collect(), revision: r.revision })
     }
 
     async fn put(&self, key: &[u8], value: &[u8], lease: LeaseId) -> Result<Revision, MetaError> {
-        let req = proto::PutRequest {
-            key: key.to_vec(),
-            value: value.to_vec(),
-            lease,
-        };
-        Ok(self
-            .call("put", |mut c| async move { c.put(req).await })
-            .await?
-            .revision)
+        let req = proto::PutRequest { key: key.to_vec(), value: value.to_vec(), lease };
+        Ok(self.call("put", |mut c| async move { c.put(req).await }).await?.revision)
     }
 
     async fn delete(&self, key: &[u8]) -> Result<(bool, Revision), MetaError> {
         let req = proto::KeyRequest { key: key.to_vec() };
-        let r = self
-            .call("delete", |mut c| async move { c.delete(req).await })
-            .await?;
+        let r = self.call("delete", |mut c| async move { c.delete(req).await }).await?;
         Ok((r.deleted, r.revision))
     }
 
@@ -436,9 +310,7 @@ impl MetadataBackend for RemoteBackend {
             success: txn.success.into_iter().map(op_to).collect(),
             failure: txn.failure.into_iter().map(op_to).collect(),
         };
-        let r = self
-            .call("txn", |mut c| async move { c.txn(req).await })
-            .await?;
+        let r = self.call("txn", |mut c| async move { c.txn(req).await }).await?;
         Ok(TxnResponse {
             succeeded: r.succeeded,
             revision: r.revision,
@@ -448,45 +320,23 @@ impl MetadataBackend for RemoteBackend {
 
     async fn lease_grant(&self, ttl_ms: u64) -> Result<LeaseId, MetaError> {
         let req = proto::LeaseGrantRequest { ttl_ms };
-        Ok(self
-            .call(
-                "lease grant",
-                |mut c| async move { c.lease_grant(req).await },
-            )
-            .await?
-            .lease)
+        Ok(self.call("lease grant", |mut c| async move { c.lease_grant(req).await }).await?.lease)
     }
 
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<u64, MetaError> {
         let req = proto::LeaseResponse { lease };
-        Ok(self
-            .call("lease keep-alive", |mut c| async move {
-                c.lease_keep_alive(req).await
-            })
-            .await?
-            .ttl_ms)
+        Ok(self.call("lease keep-alive", |mut c| async move { c.lease_keep_alive(req).await }).await?.ttl_ms)
     }
 
     async fn lease_revoke(&self, lease: LeaseId) -> Result<(), MetaError> {
         let req = proto::LeaseResponse { lease };
-        self.call(
-            "lease revoke",
-            |mut c| async move { c.lease_revoke(req).await },
-        )
-        .await?;
+        self.call("lease revoke", |mut c| async move { c.lease_revoke(req).await }).await?;
         Ok(())
     }
 
     async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, MetaError> {
-        let req = proto::WatchRequest {
-            prefix: prefix.to_vec(),
-            from_revision: from,
-        };
-        let stream = self
-            .call("watch", |mut c| async move { c.watch(req).await })
-            .await?;
-        Ok(Box::pin(
-            stream.map(|e| e.map_err(from_status).and_then(event_from)),
-        ))
+        let req = proto::WatchRequest { prefix: prefix.to_vec(), from_revision: from };
+        let stream = self.call("watch", |mut c| async move { c.watch(req).await }).await?;
+        Ok(Box::pin(stream.map(|e| e.map_err(from_status).and_then(event_from))))
     }
 }

@@ -35,21 +35,14 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy {
-            initial_backoff_ms: 20,
-            max_backoff_ms: 1_000,
-            max_attempts: 8,
-            deadline_ms: 5_000,
-        }
+        RetryPolicy { initial_backoff_ms: 20, max_backoff_ms: 1_000, max_attempts: 8, deadline_ms: 5_000 }
     }
 }
 
 impl RetryPolicy {
     /// The backoff cap before attempt `attempt` (1-based count of retries so far).
     pub fn cap(&self, attempt: u32) -> Duration {
-        let exp = self
-            .initial_backoff_ms
-            .saturating_mul(1u64 << attempt.saturating_sub(1).min(32));
+        let exp = self.initial_backoff_ms.saturating_mul(1u64 << attempt.saturating_sub(1).min(32));
         Duration::from_millis(exp.min(self.max_backoff_ms))
     }
 }
@@ -78,12 +71,7 @@ impl Jitter {
 
 /// Runs `op` until it succeeds, fails with a non-transient error, or the
 /// policy gives up; returns the last result.
-pub async fn retry<T, F, Fut>(
-    policy: &RetryPolicy,
-    jitter: &Jitter,
-    what: &str,
-    mut op: F,
-) -> Result<T, MetaError>
+pub async fn retry<T, F, Fut>(policy: &RetryPolicy, jitter: &Jitter, what: &str, mut op: F) -> Result<T, MetaError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, MetaError>>,
@@ -113,12 +101,7 @@ mod tests {
 
     #[test]
     fn caps_grow_exponentially_to_the_max() {
-        let p = RetryPolicy {
-            initial_backoff_ms: 10,
-            max_backoff_ms: 100,
-            max_attempts: 10,
-            deadline_ms: 1000,
-        };
+        let p = RetryPolicy { initial_backoff_ms: 10, max_backoff_ms: 100, max_attempts: 10, deadline_ms: 1000 };
         let caps: Vec<u64> = (1..=6).map(|a| p.cap(a).as_millis() as u64).collect();
         assert_eq!(caps, vec![10, 20, 40, 80, 100, 100]);
     }

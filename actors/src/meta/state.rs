@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use tokio::time::{Duration, Instant};
 
 use crate::meta::backend::{
-    CompareOp, CompareTarget, KeyValue, LeaseId, MetaError, RangeResponse, Revision, Txn, TxnOp,
-    TxnResponse, WatchEvent,
+    CompareOp, CompareTarget, KeyValue, LeaseId, MetaError, RangeResponse, Revision, Txn, TxnOp, TxnResponse,
+    WatchEvent,
 };
 
 /// Most watch events kept for watches that start in the past.
@@ -22,14 +22,8 @@ pub const HISTORY_EVENTS: usize = 10_000;
 /// One write to the keys.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mutation {
-    Put {
-        key: Vec<u8>,
-        value: Vec<u8>,
-        lease: LeaseId,
-    },
-    Delete {
-        key: Vec<u8>,
-    },
+    Put { key: Vec<u8>, value: Vec<u8>, lease: LeaseId },
+    Delete { key: Vec<u8> },
 }
 
 /// A logged change. Applying the same records in the same order always gives
@@ -97,13 +91,7 @@ fn compare_ord<T: Ord>(a: T, op: CompareOp, b: T) -> bool {
     }
 }
 
-fn put_kv(
-    existing: Option<&KeyValue>,
-    key: &[u8],
-    value: &[u8],
-    lease: LeaseId,
-    rev: Revision,
-) -> KeyValue {
+fn put_kv(existing: Option<&KeyValue>, key: &[u8], value: &[u8], lease: LeaseId, rev: Revision) -> KeyValue {
     KeyValue {
         key: key.to_vec(),
         value: value.to_vec(),
@@ -133,10 +121,7 @@ impl StateMachine {
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(_, kv)| kv.clone())
             .collect();
-        RangeResponse {
-            kvs,
-            revision: self.revision,
-        }
+        RangeResponse { kvs, revision: self.revision }
     }
 
     /// The TTL of a live lease, ms.
@@ -146,10 +131,7 @@ impl StateMachine {
 
     /// Pushes a live lease's expiry to `now + ttl`; returns the TTL.
     pub fn keep_alive(&mut self, id: LeaseId, now: Instant) -> Result<u64, MetaError> {
-        let lease = self
-            .leases
-            .get_mut(&id)
-            .ok_or(MetaError::LeaseNotFound(id))?;
+        let lease = self.leases.get_mut(&id).ok_or(MetaError::LeaseNotFound(id))?;
         lease.expires_at = now + Duration::from_millis(lease.ttl_ms);
         Ok(lease.ttl_ms)
     }
@@ -159,19 +141,12 @@ impl StateMachine {
         if ttl_ms == 0 {
             return Err(MetaError::Invalid("lease TTL must be positive".into()));
         }
-        Ok(Record::LeaseGrant {
-            id: self.next_lease,
-            ttl_ms,
-        })
+        Ok(Record::LeaseGrant { id: self.next_lease, ttl_ms })
     }
 
     /// The records that end every lease expired at `now`, in lease id order.
     pub fn expired(&self, now: Instant) -> Vec<Record> {
-        self.leases
-            .iter()
-            .filter(|(_, l)| l.expires_at <= now)
-            .map(|(&id, _)| Record::LeaseEnd { id })
-            .collect()
+        self.leases.iter().filter(|(_, l)| l.expires_at <= now).map(|(&id, _)| Record::LeaseEnd { id }).collect()
     }
 
     /// Plans `txn`: its response as it will be once `record` (if any) is applied.
@@ -184,15 +159,9 @@ impl StateMachine {
             match (&c.target, kv) {
                 (CompareTarget::Value(_), None) => false,
                 (CompareTarget::Value(v), Some(kv)) => compare_ord(&kv.value, c.op, v),
-                (CompareTarget::ModRevision(r), kv) => {
-                    compare_ord(kv.map_or(0, |kv| kv.mod_revision), c.op, *r)
-                }
-                (CompareTarget::CreateRevision(r), kv) => {
-                    compare_ord(kv.map_or(0, |kv| kv.create_revision), c.op, *r)
-                }
-                (CompareTarget::Version(v), kv) => {
-                    compare_ord(kv.map_or(0, |kv| kv.version), c.op, *v)
-                }
+                (CompareTarget::ModRevision(r), kv) => compare_ord(kv.map_or(0, |kv| kv.mod_revision), c.op, *r),
+                (CompareTarget::CreateRevision(r), kv) => compare_ord(kv.map_or(0, |kv| kv.create_revision), c.op, *r),
+                (CompareTarget::Version(v), kv) => compare_ord(kv.map_or(0, |kv| kv.version), c.op, *v),
             }
         });
         let ops = if holds { &txn.success } else { &txn.failure };
@@ -208,57 +177,31 @@ impl StateMachine {
                         return Err(MetaError::LeaseNotFound(*lease));
                     }
                     if !written.insert(key) {
-                        return Err(MetaError::Invalid(
-                            "duplicate key given in txn request".into(),
-                        ));
+                        return Err(MetaError::Invalid("duplicate key given in txn request".into()));
                     }
-                    let current = overlay
-                        .get(key.as_slice())
-                        .cloned()
-                        .unwrap_or_else(|| self.kv.get(key).cloned());
+                    let current = overlay.get(key.as_slice()).cloned().unwrap_or_else(|| self.kv.get(key).cloned());
                     overlay.insert(key, Some(put_kv(current.as_ref(), key, value, *lease, rev)));
-                    mutations.push(Mutation::Put {
-                        key: key.clone(),
-                        value: value.clone(),
-                        lease: *lease,
-                    });
+                    mutations.push(Mutation::Put { key: key.clone(), value: value.clone(), lease: *lease });
                 }
                 TxnOp::Delete { key } => {
                     if !written.insert(key) {
-                        return Err(MetaError::Invalid(
-                            "duplicate key given in txn request".into(),
-                        ));
+                        return Err(MetaError::Invalid("duplicate key given in txn request".into()));
                     }
-                    let exists = overlay
-                        .get(key.as_slice())
-                        .cloned()
-                        .unwrap_or_else(|| self.kv.get(key).cloned())
-                        .is_some();
+                    let exists =
+                        overlay.get(key.as_slice()).cloned().unwrap_or_else(|| self.kv.get(key).cloned()).is_some();
                     overlay.insert(key, None);
                     if exists {
                         mutations.push(Mutation::Delete { key: key.clone() });
                     }
                 }
                 TxnOp::Get { key } => {
-                    gets.push(
-                        overlay
-                            .get(key.as_slice())
-                            .cloned()
-                            .unwrap_or_else(|| self.kv.get(key).cloned()),
-                    );
+                    gets.push(overlay.get(key.as_slice()).cloned().unwrap_or_else(|| self.kv.get(key).cloned()));
                 }
             }
         }
         let record = (!mutations.is_empty()).then_some(Record::Write { ops: mutations });
         let revision = if record.is_some() { rev } else { self.revision };
-        Ok((
-            TxnResponse {
-                succeeded: holds,
-                revision,
-                gets,
-            },
-            record,
-        ))
+        Ok((TxnResponse { succeeded: holds, revision, gets }, record))
     }
 
     /// Applies `record` at `now` (for lease expiry times); returns the watch
@@ -282,14 +225,7 @@ impl StateMachine {
             Record::LeaseGrant { id, ttl_ms } => {
                 assert!(*id >= self.next_lease, "lease ids increase");
                 let expires_at = now + Duration::from_millis(*ttl_ms);
-                self.leases.insert(
-                    *id,
-                    Lease {
-                        ttl_ms: *ttl_ms,
-                        expires_at,
-                        keys: BTreeSet::new(),
-                    },
-                );
+                self.leases.insert(*id, Lease { ttl_ms: *ttl_ms, expires_at, keys: BTreeSet::new() });
                 self.next_lease = id + 1;
                 Vec::new()
             }
@@ -298,11 +234,7 @@ impl StateMachine {
                     return Vec::new();
                 };
                 let rev = self.revision + 1;
-                let events: Vec<_> = lease
-                    .keys
-                    .iter()
-                    .filter_map(|k| self.delete_at(k, rev))
-                    .collect();
+                let events: Vec<_> = lease.keys.iter().filter_map(|k| self.delete_at(k, rev)).collect();
                 if !events.is_empty() {
                     self.revision = rev;
                 }
@@ -315,14 +247,7 @@ impl StateMachine {
                 self.next_lease = snap.next_lease;
                 for &(id, ttl_ms) in &snap.leases {
                     let expires_at = now + Duration::from_millis(ttl_ms);
-                    self.leases.insert(
-                        id,
-                        Lease {
-                            ttl_ms,
-                            expires_at,
-                            keys: BTreeSet::new(),
-                        },
-                    );
+                    self.leases.insert(id, Lease { ttl_ms, expires_at, keys: BTreeSet::new() });
                 }
                 for kv in &snap.kvs {
                     if kv.lease != 0 {
@@ -347,13 +272,7 @@ impl StateMachine {
         events
     }
 
-    fn put_at(
-        &mut self,
-        key: &[u8],
-        value: &[u8],
-        lease: LeaseId,
-        rev: Revision,
-    ) -> Option<WatchEvent> {
+    fn put_at(&mut self, key: &[u8], value: &[u8], lease: LeaseId, rev: Revision) -> Option<WatchEvent> {
         let kv = put_kv(self.kv.get(key), key, value, lease, rev);
         if let Some(old) = self.kv.get(key) {
             if old.lease != 0 && old.lease != lease {
@@ -363,11 +282,7 @@ impl StateMachine {
             }
         }
         if lease != 0 {
-            self.leases
-                .get_mut(&lease)
-                .expect("puts name live leases: checked when planned")
-                .keys
-                .insert(key.to_vec());
+            self.leases.get_mut(&lease).expect("puts name live leases: checked when planned").keys.insert(key.to_vec());
         }
         self.kv.insert(key.to_vec(), kv.clone());
         Some(WatchEvent::Put(kv))
@@ -380,32 +295,17 @@ impl StateMachine {
                 l.keys.remove(key);
             }
         }
-        Some(WatchEvent::Delete {
-            key: key.to_vec(),
-            mod_revision: rev,
-        })
+        Some(WatchEvent::Delete { key: key.to_vec(), mod_revision: rev })
     }
 
     /// Events under `prefix` at revisions `>= from`, from the history.
     ///
     /// Errors: `Compacted` when `from` is at or below the compacted revision.
-    pub fn history_since(
-        &self,
-        prefix: &[u8],
-        from: Revision,
-    ) -> Result<Vec<WatchEvent>, MetaError> {
+    pub fn history_since(&self, prefix: &[u8], from: Revision) -> Result<Vec<WatchEvent>, MetaError> {
         if from <= self.compacted {
-            return Err(MetaError::Compacted {
-                requested: from,
-                oldest: self.compacted + 1,
-            });
+            return Err(MetaError::Compacted { requested: from, oldest: self.compacted + 1 });
         }
-        Ok(self
-            .history
-            .iter()
-            .filter(|e| e.revision() >= from && e.key().starts_with(prefix))
-            .cloned()
-            .collect())
+        Ok(self.history.iter().filter(|e| e.revision() >= from && e.key().starts_with(prefix)).cloned().collect())
     }
 
     /// The persistent state, for a compacted log.
@@ -425,11 +325,7 @@ mod tests {
     use crate::meta::backend::Compare;
 
     fn put(key: &str, value: &str) -> TxnOp {
-        TxnOp::Put {
-            key: key.into(),
-            value: value.into(),
-            lease: 0,
-        }
+        TxnOp::Put { key: key.into(), value: value.into(), lease: 0 }
     }
 
     fn run(sm: &mut StateMachine, txn: Txn) -> TxnResponse {
@@ -444,21 +340,9 @@ mod tests {
     fn revisions_versions_and_compares() {
         let mut sm = StateMachine::default();
         assert_eq!(sm.revision(), 1);
-        let r = run(
-            &mut sm,
-            Txn {
-                success: vec![put("a", "1")],
-                ..Default::default()
-            },
-        );
+        let r = run(&mut sm, Txn { success: vec![put("a", "1")], ..Default::default() });
         assert_eq!((r.succeeded, r.revision), (true, 2));
-        run(
-            &mut sm,
-            Txn {
-                success: vec![put("a", "2")],
-                ..Default::default()
-            },
-        );
+        run(&mut sm, Txn { success: vec![put("a", "2")], ..Default::default() });
         let a = sm.get(b"a").unwrap();
         assert_eq!((a.create_revision, a.mod_revision, a.version), (2, 3, 2));
         // A stale CAS fails and changes nothing.
@@ -472,16 +356,10 @@ mod tests {
         assert_eq!(r.revision, 3);
         assert_eq!(r.gets, vec![Some(a.clone())]);
         // Value compare on a missing key is false whatever the operator.
-        let missing = Txn {
-            compare: vec![Compare::value("zz", CompareOp::NotEqual, "q")],
-            ..Default::default()
-        };
+        let missing = Txn { compare: vec![Compare::value("zz", CompareOp::NotEqual, "q")], ..Default::default() };
         assert!(!run(&mut sm, missing).succeeded);
         // Duplicate writes to one key are rejected.
-        let dup = Txn {
-            success: vec![put("b", "1"), put("b", "2")],
-            ..Default::default()
-        };
+        let dup = Txn { success: vec![put("b", "1"), put("b", "2")], ..Default::default() };
         assert!(matches!(sm.plan_txn(&dup), Err(MetaError::Invalid(_))));
     }
 
@@ -491,21 +369,11 @@ mod tests {
         let now = Instant::now();
         let grant = sm.grant(100).unwrap();
         sm.apply(&grant, now);
-        let Record::LeaseGrant { id, .. } = grant else {
-            unreachable!()
-        };
+        let Record::LeaseGrant { id, .. } = grant else { unreachable!() };
         let txn = Txn {
             success: vec![
-                TxnOp::Put {
-                    key: "n/1".into(),
-                    value: vec![],
-                    lease: id,
-                },
-                TxnOp::Put {
-                    key: "n/2".into(),
-                    value: vec![],
-                    lease: id,
-                },
+                TxnOp::Put { key: "n/1".into(), value: vec![], lease: id },
+                TxnOp::Put { key: "n/2".into(), value: vec![], lease: id },
             ],
             ..Default::default()
         };
@@ -518,14 +386,7 @@ mod tests {
         assert!(events.iter().all(|e| e.revision() == 3));
         assert!(sm.range(b"n/").kvs.is_empty());
         assert_eq!(sm.keep_alive(id, now), Err(MetaError::LeaseNotFound(id)));
-        let bad = Txn {
-            success: vec![TxnOp::Put {
-                key: "x".into(),
-                value: vec![],
-                lease: id,
-            }],
-            ..Default::default()
-        };
+        let bad = Txn { success: vec![TxnOp::Put { key: "x".into(), value: vec![], lease: id }], ..Default::default() };
         assert_eq!(sm.plan_txn(&bad).unwrap_err(), MetaError::LeaseNotFound(id));
     }
 
@@ -538,14 +399,7 @@ mod tests {
         run(
             &mut sm,
             Txn {
-                success: vec![
-                    put("k", "v"),
-                    TxnOp::Put {
-                        key: "l".into(),
-                        value: vec![],
-                        lease: 1,
-                    },
-                ],
+                success: vec![put("k", "v"), TxnOp::Put { key: "l".into(), value: vec![], lease: 1 }],
                 ..Default::default()
             },
         );
@@ -553,16 +407,8 @@ mod tests {
         let mut restored = StateMachine::default();
         restored.apply(&Record::Snapshot(snap.clone()), now);
         assert_eq!(restored.snapshot(), snap);
-        assert!(matches!(
-            restored.history_since(b"", 2),
-            Err(MetaError::Compacted { .. })
-        ));
-        assert_eq!(
-            restored
-                .history_since(b"", restored.revision() + 1)
-                .unwrap(),
-            vec![]
-        );
+        assert!(matches!(restored.history_since(b"", 2), Err(MetaError::Compacted { .. })));
+        assert_eq!(restored.history_since(b"", restored.revision() + 1).unwrap(), vec![]);
         // The lease still owns its key after the restore.
         let end = restored.expired(now + Duration::from_secs(6));
         restored.apply(&end[0], now);

@@ -24,9 +24,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::actor::{Actor, Context, Handler, Message, Reply};
-use crate::meta::backend::{
-    Compare, CompareOp, KeyValue, LeaseId, MetaError, MetadataBackend, Revision, Txn, TxnOp,
-};
+use crate::meta::backend::{Compare, CompareOp, KeyValue, LeaseId, MetaError, MetadataBackend, Revision, Txn, TxnOp};
 use crate::meta::retry::{retry, Jitter, RetryPolicy};
 use crate::shard::layout::ShardState;
 use crate::shard::ShardId;
@@ -63,7 +61,8 @@ pub struct ShardRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
     pub volume_id: String,
-    /// The node that holds the volume read-write.
+    /// The node that holds the volume read-write; 0 when vacant (its primary
+    /// stepped down and nobody claimed it yet).
     pub primary: NodeId,
     /// The fencing token: bumped by every takeover, never reused.
     pub epoch: u64,
@@ -101,12 +100,8 @@ fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 fn from_json<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, MetaError> {
-    serde_json::from_slice(&kv.value).map_err(|e| {
-        MetaError::Storage(format!(
-            "malformed record at {}: {e}",
-            String::from_utf8_lossy(&kv.key)
-        ))
-    })
+    serde_json::from_slice(&kv.value)
+        .map_err(|e| MetaError::Storage(format!("malformed record at {}: {e}", String::from_utf8_lossy(&kv.key))))
 }
 
 /// The metadata store actor; see the module docs.
@@ -132,11 +127,7 @@ impl MetadataStore {
 impl MetaOps {
     /// A handle on the domain operations over `backend`.
     pub fn new(backend: Arc<dyn MetadataBackend>, policy: RetryPolicy, seed: u64) -> Self {
-        MetaOps {
-            backend,
-            policy,
-            jitter: Jitter::new(seed),
-        }
+        MetaOps { backend, policy, jitter: Jitter::new(seed) }
     }
 
     /// The backend.
@@ -145,17 +136,11 @@ impl MetaOps {
     }
 
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, MetaError> {
-        retry(&self.policy, &self.jitter, "get", || {
-            self.backend.get(key.as_bytes())
-        })
-        .await
+        retry(&self.policy, &self.jitter, "get", || self.backend.get(key.as_bytes())).await
     }
 
     async fn range<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<T>, MetaError> {
-        let resp = retry(&self.policy, &self.jitter, "range", || {
-            self.backend.range(prefix.as_bytes())
-        })
-        .await?;
+        let resp = retry(&self.policy, &self.jitter, "range", || self.backend.range(prefix.as_bytes())).await?;
         resp.kvs.iter().map(from_json).collect()
     }
 
@@ -173,17 +158,10 @@ impl MetaOps {
                 None => (0, 0),
             };
             let token = self.jitter.token();
-            let next = IdCounter {
-                last: last + 1,
-                token,
-            };
+            let next = IdCounter { last: last + 1, token };
             let txn = Txn {
                 compare: vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)],
-                success: vec![TxnOp::Put {
-                    key: key.clone().into_bytes(),
-                    value: to_json(&next),
-                    lease: 0,
-                }],
+                success: vec![TxnOp::Put { key: key.clone().into_bytes(), value: to_json(&next), lease: 0 }],
                 failure: vec![],
             };
             match self.backend.txn(txn).await {
@@ -201,9 +179,7 @@ impl MetaOps {
                 Err(e) => return Err(e),
             }
         }
-        Err(MetaError::Unavailable(format!(
-            "could not allocate a {name} id: {MAX_CAS_ROUNDS} lost races"
-        )))
+        Err(MetaError::Unavailable(format!("could not allocate a {name} id: {MAX_CAS_ROUNDS} lost races")))
     }
 
     /// Creates a shard's record. Errors: `Invalid` when the id is taken.
@@ -211,37 +187,21 @@ impl MetaOps {
         let key = shard_key(record.shard_id);
         let txn = Txn {
             compare: vec![Compare::create_revision(key.clone(), CompareOp::Equal, 0)],
-            success: vec![TxnOp::Put {
-                key: key.clone().into_bytes(),
-                value: to_json(record),
-                lease: 0,
-            }],
-            failure: vec![TxnOp::Get {
-                key: key.into_bytes(),
-            }],
+            success: vec![TxnOp::Put { key: key.clone().into_bytes(), value: to_json(record), lease: 0 }],
+            failure: vec![TxnOp::Get { key: key.into_bytes() }],
         };
         // Safe to repeat: a repeat that finds our own record has succeeded.
-        let resp = retry(&self.policy, &self.jitter, "register shard", || {
-            self.backend.txn(txn.clone())
-        })
-        .await?;
+        let resp = retry(&self.policy, &self.jitter, "register shard", || self.backend.txn(txn.clone())).await?;
         let ours = |kv: &Option<KeyValue>| kv.as_ref().map(from_json::<ShardRecord>).transpose();
         if resp.succeeded || ours(&resp.gets[0])?.as_ref() == Some(record) {
             return Ok(());
         }
-        Err(MetaError::Invalid(format!(
-            "shard id {} is registered already",
-            record.shard_id
-        )))
+        Err(MetaError::Invalid(format!("shard id {} is registered already", record.shard_id)))
     }
 
     /// A shard's record.
     pub async fn shard(&self, id: ShardId) -> Result<Option<ShardRecord>, MetaError> {
-        self.get(&shard_key(id))
-            .await?
-            .as_ref()
-            .map(from_json)
-            .transpose()
+        self.get(&shard_key(id)).await?.as_ref().map(from_json).transpose()
     }
 
     /// Sets a shard record's state (idempotent).
@@ -251,27 +211,18 @@ impl MetaOps {
         };
         record.state = state;
         let (key, value) = (shard_key(id), to_json(&record));
-        retry(&self.policy, &self.jitter, "set shard state", || {
-            self.backend.put(key.as_bytes(), &value, 0)
-        })
-        .await?;
+        retry(&self.policy, &self.jitter, "set shard state", || self.backend.put(key.as_bytes(), &value, 0)).await?;
         Ok(())
     }
 
     /// Every shard record, by id; only `client_id`'s when given.
     pub async fn shards(&self, client_id: Option<&str>) -> Result<Vec<ShardRecord>, MetaError> {
         let all: Vec<ShardRecord> = self.range(&format!("{ROOT}shards/")).await?;
-        Ok(all
-            .into_iter()
-            .filter(|r| client_id.is_none_or(|c| r.client_id == c))
-            .collect())
+        Ok(all.into_iter().filter(|r| client_id.is_none_or(|c| r.client_id == c)).collect())
     }
 
     /// A volume's owner record with its mod revision (for a CAS).
-    pub async fn volume(
-        &self,
-        volume_id: &str,
-    ) -> Result<Option<(VolumeRecord, Revision)>, MetaError> {
+    pub async fn volume(&self, volume_id: &str) -> Result<Option<(VolumeRecord, Revision)>, MetaError> {
         match self.get(&volume_key(volume_id)).await? {
             Some(kv) => Ok(Some((from_json(&kv)?, kv.mod_revision))),
             None => Ok(None),
@@ -295,18 +246,10 @@ impl MetaOps {
     ) -> Result<Result<VolumeRecord, Option<(VolumeRecord, Revision)>>, MetaError> {
         let key = volume_key(volume_id);
         let (epoch, rev) = expected.map_or((0, 0), |(r, rev)| (r.epoch, *rev));
-        let claim = VolumeRecord {
-            volume_id: volume_id.to_string(),
-            primary: node,
-            epoch: epoch + 1,
-        };
+        let claim = VolumeRecord { volume_id: volume_id.to_string(), primary: node, epoch: epoch + 1 };
         let txn = Txn {
             compare: vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)],
-            success: vec![TxnOp::Put {
-                key: key.clone().into_bytes(),
-                value: to_json(&claim),
-                lease: 0,
-            }],
+            success: vec![TxnOp::Put { key: key.clone().into_bytes(), value: to_json(&claim), lease: 0 }],
             failure: vec![],
         };
         match self.backend.txn(txn).await {
@@ -324,6 +267,29 @@ impl MetaOps {
         }
     }
 
+    /// Marks `volume_id` as having no primary, if `node` still holds it at
+    /// `epoch` (the epoch stays, so the next claim bumps it). Returns whether
+    /// the record was vacated.
+    pub async fn vacate_volume(&self, volume_id: &str, node: NodeId, epoch: u64) -> Result<bool, MetaError> {
+        let Some((record, rev)) = self.volume(volume_id).await? else { return Ok(false) };
+        if record.primary != node || record.epoch != epoch {
+            return Ok(false);
+        }
+        let key = volume_key(volume_id);
+        let vacant = VolumeRecord { volume_id: volume_id.to_string(), primary: 0, epoch };
+        let txn = Txn {
+            compare: vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)],
+            success: vec![TxnOp::Put { key: key.into_bytes(), value: to_json(&vacant), lease: 0 }],
+            failure: vec![],
+        };
+        Ok(self.backend.txn(txn).await?.succeeded)
+    }
+
+    /// A node's liveness record; `None` once its lease expired.
+    pub async fn node(&self, id: NodeId) -> Result<Option<NodeRecord>, MetaError> {
+        self.get(&node_key(id)).await?.as_ref().map(from_json).transpose()
+    }
+
     /// Grants a node lease of `ttl_ms` milliseconds.
     pub async fn grant_lease(&self, ttl_ms: u64) -> Result<LeaseId, MetaError> {
         self.backend.lease_grant(ttl_ms).await
@@ -335,17 +301,10 @@ impl MetaOps {
     }
 
     /// Publishes a node's liveness record under its lease.
-    pub async fn register_node(
-        &self,
-        record: &NodeRecord,
-        lease: LeaseId,
-    ) -> Result<(), MetaError> {
+    pub async fn register_node(&self, record: &NodeRecord, lease: LeaseId) -> Result<(), MetaError> {
         let value = to_json(record);
         let key = node_key(record.node_id);
-        retry(&self.policy, &self.jitter, "register node", || {
-            self.backend.put(key.as_bytes(), &value, lease)
-        })
-        .await?;
+        retry(&self.policy, &self.jitter, "register node", || self.backend.put(key.as_bytes(), &value, lease)).await?;
         Ok(())
     }
 

@@ -16,11 +16,7 @@ use crate::shard::layout::{self, IndexEntry, ShardMeta, ShardState, META_KEY};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StagedOp {
     /// Put `key` -> `value` with secondary index entries.
-    Put {
-        key: Vec<u8>,
-        value: Vec<u8>,
-        indexes: Vec<IndexEntry>,
-    },
+    Put { key: Vec<u8>, value: Vec<u8>, indexes: Vec<IndexEntry> },
     /// Remove `key` and its index entries.
     Delete { key: Vec<u8> },
     /// Change the shard's state (close, delete).
@@ -32,22 +28,10 @@ impl StagedOp {
     /// before any replaced record is subtracted.
     pub fn max_added_bytes(&self) -> u64 {
         match self {
-            StagedOp::Put {
-                key,
-                value,
-                indexes,
-            } => {
-                let record = 1
-                    + value.len()
-                    + if indexes.is_empty() {
-                        0
-                    } else {
-                        4 + crate::codec::encode(indexes).len()
-                    };
-                let index_bytes: usize = indexes
-                    .iter()
-                    .map(|i| index_key_len(&i.name, &i.value, key))
-                    .sum();
+            StagedOp::Put { key, value, indexes } => {
+                let record =
+                    1 + value.len() + if indexes.is_empty() { 0 } else { 4 + crate::codec::encode(indexes).len() };
+                let index_bytes: usize = indexes.iter().map(|i| index_key_len(&i.name, &i.value, key)).sum();
                 (1 + key.len() + record + index_bytes) as u64
             }
             StagedOp::Delete { .. } | StagedOp::SetState(_) => 0,
@@ -61,19 +45,15 @@ fn index_key_len(name: &str, value: &[u8], pk: &[u8]) -> usize {
 }
 
 fn take_bytes(meta: &mut ShardMeta, bytes: usize) {
-    meta.live_bytes = meta.live_bytes.checked_sub(bytes as u64).expect(
-        "live bytes never go below zero: every removed entry was counted when it was written",
-    );
+    meta.live_bytes = meta
+        .live_bytes
+        .checked_sub(bytes as u64)
+        .expect("live bytes never go below zero: every removed entry was counted when it was written");
 }
 
 /// Removes the record `old` stored under `dk` (and its index entries) from the
 /// batch and the live counts.
-fn remove_record(
-    batch: &mut WriteBatch,
-    meta: &mut ShardMeta,
-    dk: &[u8],
-    old: &[u8],
-) -> Result<(), EngineError> {
+fn remove_record(batch: &mut WriteBatch, meta: &mut ShardMeta, dk: &[u8], old: &[u8]) -> Result<(), EngineError> {
     let (_, old_indexes) = layout::decode_record(old)?;
     let pk = layout::user_key(dk);
     for idx in &old_indexes {
@@ -82,10 +62,7 @@ fn remove_record(
         batch.delete(ik);
     }
     take_bytes(meta, dk.len() + old.len());
-    meta.live_keys = meta
-        .live_keys
-        .checked_sub(1)
-        .expect("a stored record was counted as a live key");
+    meta.live_keys = meta.live_keys.checked_sub(1).expect("a stored record was counted as a live key");
     Ok(())
 }
 
@@ -115,11 +92,7 @@ fn build_group(
     let mut batch = WriteBatch::new();
     for op in ops {
         match op {
-            StagedOp::Put {
-                key,
-                value,
-                indexes,
-            } => {
+            StagedOp::Put { key, value, indexes } => {
                 let dk = layout::data_key(key);
                 let slot = current.get_mut(&dk).expect("every staged key was read");
                 if let Some(old) = slot.take() {
@@ -188,10 +161,7 @@ mod tests {
             value: value.into(),
             indexes: idx
                 .iter()
-                .map(|(n, v)| IndexEntry {
-                    name: n.to_string(),
-                    value: v.as_bytes().to_vec(),
-                })
+                .map(|(n, v)| IndexEntry { name: n.to_string(), value: v.as_bytes().to_vec() })
                 .collect(),
         }
     }
@@ -200,33 +170,18 @@ mod tests {
     /// through overwrites, index changes and deletes.
     #[tokio::test]
     async fn live_bytes_track_engine_contents() {
-        let engine = MemEngineFactory::new()
-            .open("/v/s".as_ref(), OpenMode::ReadWrite { create: true })
-            .await
-            .unwrap();
+        let engine = MemEngineFactory::new().open("/v/s".as_ref(), OpenMode::ReadWrite { create: true }).await.unwrap();
         let mut meta = ShardMeta::new(1, "c".into(), 1 << 20);
         let groups = vec![
             vec![put("a", "1", &[("x", "p")]), put("b", "22", &[])],
-            vec![
-                put("a", "333", &[("x", "q"), ("y", "r")]),
-                put("a", "4", &[("x", "q")]),
-            ],
-            vec![
-                StagedOp::Delete { key: "b".into() },
-                StagedOp::Delete { key: "zz".into() },
-            ],
+            vec![put("a", "333", &[("x", "q"), ("y", "r")]), put("a", "4", &[("x", "q")])],
+            vec![StagedOp::Delete { key: "b".into() }, StagedOp::Delete { key: "zz".into() }],
         ];
         for ops in groups {
-            meta = apply_group(&*engine, &meta, Arc::new(ops.clone()))
-                .await
-                .unwrap()
-                .0;
+            meta = apply_group(&*engine, &meta, Arc::new(ops.clone())).await.unwrap().0;
             let all = engine.scan(b"", None, usize::MAX).await.unwrap();
-            let stored: u64 = all
-                .iter()
-                .filter(|(k, _)| k.as_slice() != META_KEY)
-                .map(|(k, v)| (k.len() + v.len()) as u64)
-                .sum();
+            let stored: u64 =
+                all.iter().filter(|(k, _)| k.as_slice() != META_KEY).map(|(k, v)| (k.len() + v.len()) as u64).sum();
             assert_eq!(meta.live_bytes, stored);
             for op in &ops {
                 if let StagedOp::Put { .. } = op {
@@ -237,24 +192,16 @@ mod tests {
         assert_eq!(meta.live_keys, 1);
         let idx = engine.scan(b"i", Some(b"j"), 10).await.unwrap();
         assert_eq!(idx.len(), 1, "only a's current entry x=q is left: {idx:?}");
-        assert_eq!(
-            layout::split_index_key("x", &idx[0].0).unwrap(),
-            (b"q".to_vec(), b"a".to_vec())
-        );
+        assert_eq!(layout::split_index_key("x", &idx[0].0).unwrap(), (b"q".to_vec(), b"a".to_vec()));
     }
 
     /// The staging estimate never undercounts what a put adds.
     #[tokio::test]
     async fn max_added_bytes_is_exact_for_new_keys() {
-        let engine = MemEngineFactory::new()
-            .open("/v/s".as_ref(), OpenMode::ReadWrite { create: true })
-            .await
-            .unwrap();
+        let engine = MemEngineFactory::new().open("/v/s".as_ref(), OpenMode::ReadWrite { create: true }).await.unwrap();
         let meta = ShardMeta::new(1, "c".into(), 1 << 20);
         let op = put("key", "value", &[("n", "v\0"), ("m", "w")]);
-        let after = apply_group(&*engine, &meta, Arc::new(vec![op.clone()]))
-            .await
-            .unwrap();
+        let after = apply_group(&*engine, &meta, Arc::new(vec![op.clone()])).await.unwrap();
         assert_eq!(after.0.live_bytes, op.max_added_bytes());
     }
 }

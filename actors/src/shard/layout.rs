@@ -68,15 +68,7 @@ pub struct ShardMeta {
 impl ShardMeta {
     /// Meta of a new, empty, active shard.
     pub fn new(shard_id: u64, owner: String, size_limit: u64) -> Self {
-        ShardMeta {
-            version: 1,
-            shard_id,
-            owner,
-            state: ShardState::Active,
-            size_limit,
-            live_bytes: 0,
-            live_keys: 0,
-        }
+        ShardMeta { version: 1, shard_id, owner, state: ShardState::Active, size_limit, live_bytes: 0, live_keys: 0 }
     }
 
     /// Encoded form, for the engine.
@@ -110,11 +102,7 @@ pub fn data_key(key: &[u8]) -> Vec<u8> {
 /// The engine key range `[start, end)` of user keys `[start, end)`; an empty
 /// `end` means no upper bound.
 pub fn data_range(start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
-    let upper = if end.is_empty() {
-        vec![DATA_TAG + 1]
-    } else {
-        data_key(end)
-    };
+    let upper = if end.is_empty() { vec![DATA_TAG + 1] } else { data_key(end) };
     (data_key(start), upper)
 }
 
@@ -137,10 +125,7 @@ const VALUE_END: [u8; 2] = [0x00, 0x01];
 
 /// Prefix of every index entry of `name` whose value starts with `value_prefix`.
 pub fn index_prefix(name: &str, value_prefix: &[u8]) -> Vec<u8> {
-    assert!(
-        name.len() <= u16::MAX as usize,
-        "index names are checked against Limits first"
-    );
+    assert!(name.len() <= u16::MAX as usize, "index names are checked against Limits first");
     let mut k = Vec::with_capacity(5 + name.len() + value_prefix.len());
     k.push(INDEX_TAG);
     k.extend_from_slice(&(name.len() as u16).to_be_bytes());
@@ -218,8 +203,7 @@ pub fn decode_record(record: &[u8]) -> Result<(&[u8], Vec<IndexEntry>), EngineEr
             if rest.len() < 4 + n {
                 return Err(bad("index list runs past the end"));
             }
-            let indexes =
-                codec::decode(&rest[4..4 + n], "index entries").map_err(EngineError::Corruption)?;
+            let indexes = codec::decode(&rest[4..4 + n], "index entries").map_err(EngineError::Corruption)?;
             Ok((&rest[4 + n..], indexes))
         }
         Some((tag, _)) => Err(bad(&format!("unknown tag {tag}"))),

@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 use crate::actor::{Actor, Context, Handler, Message, Reply};
 use crate::engine::{Engine, EngineError, EngineStats};
 use crate::error::AttacheError;
+use crate::lease::LeaseGate;
 use crate::limits::Limits;
 use commit::StagedOp;
 use layout::{IndexEntry, ShardMeta, ShardState};
@@ -154,6 +155,8 @@ type Waiter = oneshot::Sender<Result<(), AttacheError>>;
 /// One shard; see the module docs.
 pub struct Shard {
     engine: Arc<dyn Engine>,
+    /// Writes go to the engine only while this node's lease is certainly valid.
+    gate: Arc<LeaseGate>,
     /// Meta as last committed.
     meta: ShardMeta,
     /// The state requests see: ahead of `meta.state` while a close or delete is staged.
@@ -170,10 +173,12 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// A shard actor over an open `engine` whose committed meta is `meta`.
-    pub fn new(engine: Arc<dyn Engine>, meta: ShardMeta, limits: Limits) -> Self {
+    /// A shard actor over an open `engine` whose committed meta is `meta`,
+    /// writing only while `gate` is open.
+    pub fn new(engine: Arc<dyn Engine>, meta: ShardMeta, limits: Limits, gate: Arc<LeaseGate>) -> Self {
         Shard {
             engine,
+            gate,
             state: meta.state,
             meta,
             limits,
@@ -192,11 +197,7 @@ impl Shard {
     /// Errors: `Ok(None)` when the engine holds no meta (a create that never
     /// completed); engine errors otherwise.
     pub async fn load_meta(engine: &dyn Engine) -> Result<Option<ShardMeta>, EngineError> {
-        engine
-            .get(layout::META_KEY)
-            .await?
-            .map(|b| ShardMeta::decode(&b))
-            .transpose()
+        engine.get(layout::META_KEY).await?.map(|b| ShardMeta::decode(&b)).transpose()
     }
 
     /// Writes the meta of a new shard to `engine`, synced.
@@ -232,16 +233,19 @@ impl Shard {
         }
         self.check_owner(client_id)?;
         if self.state == ShardState::Deleted {
-            return Err(AttacheError::NotFound(format!(
-                "shard {} was deleted",
-                self.meta.shard_id
-            )));
+            return Err(AttacheError::NotFound(format!("shard {} was deleted", self.meta.shard_id)));
         }
         Ok(())
     }
 
     fn check_writable(&self, client_id: &str) -> Result<(), AttacheError> {
         self.check_readable(client_id)?;
+        if !self.gate.is_open() {
+            return Err(AttacheError::unavailable(format!(
+                "shard {}: this node's lease may have expired, so it takes no writes; retry (another node may take over)",
+                self.meta.shard_id
+            )));
+        }
         if self.state == ShardState::ReadOnly {
             return Err(AttacheError::FailedPrecondition(format!(
                 "shard {} is closed (read-only) and takes no more writes: create a new shard",
@@ -281,11 +285,7 @@ impl Shard {
     }
 
     /// Stages `ops` for the next group commit and returns the deferred ack.
-    fn stage(
-        &mut self,
-        ops: Vec<StagedOp>,
-        ctx: &Context<Self>,
-    ) -> Reply<Result<(), AttacheError>> {
+    fn stage(&mut self, ops: Vec<StagedOp>, ctx: &Context<Self>) -> Reply<Result<(), AttacheError>> {
         let (tx, rx) = oneshot::channel();
         self.staged_bytes += ops.iter().map(StagedOp::max_added_bytes).sum::<u64>();
         self.staged.extend(ops);
@@ -296,19 +296,14 @@ impl Shard {
         let shard_id = self.meta.shard_id;
         Reply::later(async move {
             rx.await.unwrap_or_else(|_| {
-                Err(AttacheError::unavailable(format!(
-                    "shard {shard_id} stopped before its write committed; retry"
-                )))
+                Err(AttacheError::unavailable(format!("shard {shard_id} stopped before its write committed; retry")))
             })
         })
     }
 
     /// Starts a group commit of everything staged. One at a time per shard.
     fn start_commit(&mut self, ctx: &Context<Self>) {
-        assert!(
-            !self.committing,
-            "at most one group commit in flight per shard"
-        );
+        assert!(!self.committing, "at most one group commit in flight per shard");
         if self.staged.is_empty() {
             return;
         }
@@ -320,13 +315,16 @@ impl Shard {
         let meta = self.meta.clone();
         let me = ctx.address();
         let shard_id = meta.shard_id;
+        let gate = self.gate.clone();
         ctx.host().spawn_detached(async move {
             let count = ops.len();
-            let result = commit::apply_group(&*engine, &meta, ops).await;
-            let ack = result
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| write_error(shard_id, e));
+            // The last moment to check the lease before the write goes to the volume.
+            let result = if gate.is_open() {
+                commit::apply_group(&*engine, &meta, ops).await
+            } else {
+                Err(EngineError::Fenced("this node's lease may have expired; it does not write".into()))
+            };
+            let ack = result.as_ref().map(|_| ()).map_err(|e| write_error(shard_id, e));
             for w in waiters {
                 let _ = w.send(ack.clone());
             }
@@ -346,17 +344,14 @@ fn write_error(shard_id: ShardId, e: &EngineError) -> AttacheError {
 /// Counts a read of `ops` keys or entries returning `bytes` bytes.
 fn count_read(shard_id: ShardId, ops: usize, bytes: usize) {
     let shard = shard_id.to_string();
-    metrics::counter!("attache_shard_ops_read_total", "shard" => shard.clone())
-        .increment(ops as u64);
+    metrics::counter!("attache_shard_ops_read_total", "shard" => shard.clone()).increment(ops as u64);
     metrics::counter!("attache_shard_bytes_read_total", "shard" => shard).increment(bytes as u64);
 }
 
 /// What a client sees when a shard's read failed in its engine.
 fn read_error(shard_id: ShardId, e: EngineError) -> AttacheError {
     match e {
-        EngineError::Closed => {
-            AttacheError::unavailable(format!("shard {shard_id} is closing; retry"))
-        }
+        EngineError::Closed => AttacheError::unavailable(format!("shard {shard_id} is closing; retry")),
         EngineError::Corruption(_) => AttacheError::Internal(format!("shard {shard_id}: {e}")),
         _ => AttacheError::unavailable(format!("shard {shard_id} could not read: {e}; retry")),
     }
@@ -383,10 +378,8 @@ impl Handler<Committed> for Shard {
                 metrics::histogram!("attache_group_commit_ops").record(msg.ops as f64);
                 metrics::counter!("attache_shard_ops_written_total", "shard" => shard.clone())
                     .increment(msg.ops as u64);
-                metrics::counter!("attache_shard_bytes_written_total", "shard" => shard.clone())
-                    .increment(bytes);
-                metrics::gauge!("attache_shard_live_bytes", "shard" => shard)
-                    .set(meta.live_bytes as f64);
+                metrics::counter!("attache_shard_bytes_written_total", "shard" => shard.clone()).increment(bytes);
+                metrics::gauge!("attache_shard_live_bytes", "shard" => shard).set(meta.live_bytes as f64);
                 self.meta = meta;
                 self.group_commits += 1;
                 self.committed_ops += msg.ops as u64;
@@ -432,15 +425,8 @@ impl Handler<Shutdown> for Shard {
 impl Handler<Put> for Shard {
     async fn handle(&mut self, msg: Put, ctx: &Context<Self>) -> Reply<Result<(), AttacheError>> {
         let Put { client_id, entry } = msg;
-        let ops = match self
-            .check_entry(&entry)
-            .and_then(|_| self.check_writable(&client_id))
-        {
-            Ok(()) => vec![StagedOp::Put {
-                key: entry.key,
-                value: entry.value,
-                indexes: entry.indexes,
-            }],
+        let ops = match self.check_entry(&entry).and_then(|_| self.check_writable(&client_id)) {
+            Ok(()) => vec![StagedOp::Put { key: entry.key, value: entry.value, indexes: entry.indexes }],
             Err(e) => return Reply::now(Err(e)),
         };
         if let Err(e) = self.check_room(&ops) {
@@ -451,16 +437,8 @@ impl Handler<Put> for Shard {
 }
 
 impl Handler<BatchPut> for Shard {
-    async fn handle(
-        &mut self,
-        msg: BatchPut,
-        ctx: &Context<Self>,
-    ) -> Reply<Result<(), AttacheError>> {
-        let bytes = msg
-            .entries
-            .iter()
-            .map(|e| e.key.len() + e.value.len())
-            .sum();
+    async fn handle(&mut self, msg: BatchPut, ctx: &Context<Self>) -> Reply<Result<(), AttacheError>> {
+        let bytes = msg.entries.iter().map(|e| e.key.len() + e.value.len()).sum();
         let checked = self
             .limits
             .check_batch(msg.entries.len(), bytes)
@@ -469,15 +447,8 @@ impl Handler<BatchPut> for Shard {
         if let Err(e) = checked {
             return Reply::now(Err(e));
         }
-        let ops: Vec<StagedOp> = msg
-            .entries
-            .into_iter()
-            .map(|e| StagedOp::Put {
-                key: e.key,
-                value: e.value,
-                indexes: e.indexes,
-            })
-            .collect();
+        let ops: Vec<StagedOp> =
+            msg.entries.into_iter().map(|e| StagedOp::Put { key: e.key, value: e.value, indexes: e.indexes }).collect();
         if let Err(e) = self.check_room(&ops) {
             return Reply::now(Err(e));
         }
@@ -486,16 +457,8 @@ impl Handler<BatchPut> for Shard {
 }
 
 impl Handler<DeleteKey> for Shard {
-    async fn handle(
-        &mut self,
-        msg: DeleteKey,
-        ctx: &Context<Self>,
-    ) -> Reply<Result<(), AttacheError>> {
-        if let Err(e) = self
-            .limits
-            .check_key(&msg.key)
-            .and_then(|_| self.check_writable(&msg.client_id))
-        {
+    async fn handle(&mut self, msg: DeleteKey, ctx: &Context<Self>) -> Reply<Result<(), AttacheError>> {
+        if let Err(e) = self.limits.check_key(&msg.key).and_then(|_| self.check_writable(&msg.client_id)) {
             return Reply::now(Err(e));
         }
         self.stage(vec![StagedOp::Delete { key: msg.key }], ctx)
@@ -503,28 +466,14 @@ impl Handler<DeleteKey> for Shard {
 }
 
 impl Handler<Get> for Shard {
-    async fn handle(
-        &mut self,
-        msg: Get,
-        _ctx: &Context<Self>,
-    ) -> Reply<Result<Option<Vec<u8>>, AttacheError>> {
-        if let Err(e) = self
-            .limits
-            .check_key(&msg.key)
-            .and_then(|_| self.check_readable(&msg.client_id))
-        {
+    async fn handle(&mut self, msg: Get, _ctx: &Context<Self>) -> Reply<Result<Option<Vec<u8>>, AttacheError>> {
+        if let Err(e) = self.limits.check_key(&msg.key).and_then(|_| self.check_readable(&msg.client_id)) {
             return Reply::now(Err(e));
         }
         let (engine, shard_id) = (self.engine.clone(), self.meta.shard_id);
         Reply::later(async move {
-            let record = engine
-                .get(&layout::data_key(&msg.key))
-                .await
-                .map_err(|e| read_error(shard_id, e))?;
-            record
-                .map(|r| layout::record_value(&r))
-                .transpose()
-                .map_err(|e| read_error(shard_id, e))
+            let record = engine.get(&layout::data_key(&msg.key)).await.map_err(|e| read_error(shard_id, e))?;
+            record.map(|r| layout::record_value(&r)).transpose().map_err(|e| read_error(shard_id, e))
         })
     }
 }
@@ -546,20 +495,13 @@ impl Handler<BatchGet> for Shard {
         let (engine, shard_id) = (self.engine.clone(), self.meta.shard_id);
         Reply::later(async move {
             let keys = msg.keys.iter().map(|k| layout::data_key(k)).collect();
-            let records = engine
-                .multi_get(keys)
-                .await
-                .map_err(|e| read_error(shard_id, e))?;
+            let records = engine.multi_get(keys).await.map_err(|e| read_error(shard_id, e))?;
             let values: Vec<Option<Vec<u8>>> = records
                 .into_iter()
                 .map(|r| r.map(|r| layout::record_value(&r)).transpose())
                 .collect::<Result<_, _>>()
                 .map_err(|e| read_error(shard_id, e))?;
-            count_read(
-                shard_id,
-                values.len(),
-                values.iter().flatten().map(Vec::len).sum(),
-            );
+            count_read(shard_id, values.len(), values.iter().flatten().map(Vec::len).sum());
             Ok(values)
         })
     }
@@ -578,35 +520,22 @@ impl Handler<Scan> for Shard {
         let (engine, shard_id) = (self.engine.clone(), self.meta.shard_id);
         Reply::later(async move {
             let (start, end) = layout::data_range(&msg.start, &msg.end);
-            let pairs = engine
-                .scan(&start, Some(&end), limit)
-                .await
-                .map_err(|e| read_error(shard_id, e))?;
+            let pairs = engine.scan(&start, Some(&end), limit).await.map_err(|e| read_error(shard_id, e))?;
             let pairs: Vec<(Vec<u8>, Vec<u8>)> = pairs
                 .into_iter()
                 .map(|(k, r)| Ok((layout::user_key(&k).to_vec(), layout::record_value(&r)?)))
                 .collect::<Result<_, _>>()
                 .map_err(|e| read_error(shard_id, e))?;
-            count_read(
-                shard_id,
-                pairs.len(),
-                pairs.iter().map(|(k, v)| k.len() + v.len()).sum(),
-            );
+            count_read(shard_id, pairs.len(), pairs.iter().map(|(k, v)| k.len() + v.len()).sum());
             Ok(pairs)
         })
     }
 }
 
 impl Handler<ScanIndex> for Shard {
-    async fn handle(
-        &mut self,
-        msg: ScanIndex,
-        _ctx: &Context<Self>,
-    ) -> Reply<Result<Vec<IndexHit>, AttacheError>> {
-        let checked = self
-            .limits
-            .check_index(&msg.name, &msg.value_prefix)
-            .and_then(|_| self.check_readable(&msg.client_id));
+    async fn handle(&mut self, msg: ScanIndex, _ctx: &Context<Self>) -> Reply<Result<Vec<IndexHit>, AttacheError>> {
+        let checked =
+            self.limits.check_index(&msg.name, &msg.value_prefix).and_then(|_| self.check_readable(&msg.client_id));
         if let Err(e) = checked {
             return Reply::now(Err(e));
         }
@@ -624,10 +553,7 @@ impl Handler<ScanIndex> for Shard {
                 None => prefix.clone(),
             };
             let end = layout::prefix_end(&prefix);
-            let pairs = engine
-                .scan(&start, end.as_deref(), limit)
-                .await
-                .map_err(|e| read_error(shard_id, e))?;
+            let pairs = engine.scan(&start, end.as_deref(), limit).await.map_err(|e| read_error(shard_id, e))?;
             pairs
                 .iter()
                 .map(|(k, _)| {
@@ -641,11 +567,7 @@ impl Handler<ScanIndex> for Shard {
 }
 
 impl Handler<Close> for Shard {
-    async fn handle(
-        &mut self,
-        msg: Close,
-        ctx: &Context<Self>,
-    ) -> Reply<Result<ShardInfo, AttacheError>> {
+    async fn handle(&mut self, msg: Close, ctx: &Context<Self>) -> Reply<Result<ShardInfo, AttacheError>> {
         if let Err(e) = self.check_readable(&msg.client_id) {
             return Reply::now(Err(e));
         }
@@ -660,11 +582,7 @@ impl Handler<Close> for Shard {
 }
 
 impl Handler<MarkDeleted> for Shard {
-    async fn handle(
-        &mut self,
-        msg: MarkDeleted,
-        ctx: &Context<Self>,
-    ) -> Reply<Result<ShardInfo, AttacheError>> {
+    async fn handle(&mut self, msg: MarkDeleted, ctx: &Context<Self>) -> Reply<Result<ShardInfo, AttacheError>> {
         if let Err(e) = self.check_readable(&msg.client_id) {
             return Reply::now(Err(e));
         }
@@ -676,11 +594,7 @@ impl Handler<MarkDeleted> for Shard {
 }
 
 impl Handler<Stats> for Shard {
-    async fn handle(
-        &mut self,
-        msg: Stats,
-        _ctx: &Context<Self>,
-    ) -> Reply<Result<ShardStats, AttacheError>> {
+    async fn handle(&mut self, msg: Stats, _ctx: &Context<Self>) -> Reply<Result<ShardStats, AttacheError>> {
         Reply::now(self.check_readable(&msg.client_id).map(|_| ShardStats {
             info: self.info(),
             live_bytes: self.meta.live_bytes,

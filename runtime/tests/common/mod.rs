@@ -33,11 +33,7 @@ pub fn start(args: &[&str], marker: &str) -> Proc {
         .expect("start attache");
     let (tx, rx) = mpsc::channel();
     // From here on, Drop kills and reaps the child whatever happens.
-    let mut proc = Proc {
-        child,
-        addr: String::new(),
-        lines: rx,
-    };
+    let mut proc = Proc { child, addr: String::new(), lines: rx };
     let stdout = proc.child.stdout.take().expect("piped stdout");
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -62,13 +58,7 @@ pub fn start(args: &[&str], marker: &str) -> Proc {
 
 /// Starts `attache dev` on a free port with its data in `dir`.
 pub fn start_dev(dir: &Path, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "dev",
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir.to_str().unwrap(),
-    ];
+    let mut args = vec!["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()];
     args.extend_from_slice(extra);
     start(&args, "serving gRPC on ")
 }
@@ -83,21 +73,14 @@ impl Proc {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "attache did not exit within 60 s of signal {signal}"
-            );
+            assert!(std::time::Instant::now() < deadline, "attache did not exit within 60 s of signal {signal}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// A gRPC client of this process.
     pub async fn client(&self) -> AttacheClient<Channel> {
-        let ch = Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let ch = Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap();
         AttacheClient::new(ch)
     }
 }

@@ -1,0 +1,34 @@
+//! `VolumeProvider`: how a node attaches volumes and takes the storage-level
+//! write fence on one (the third fencing layer in DESIGN.md).
+//!
+//! On real io2 multi-attach the fence is an NVMe reservation: the new
+//! primary registers its key and preempts the old holder, after which the
+//! device rejects the old holder's writes. The simulation models exactly that
+//! in `SimEbs`; the local-directory provider (`attache-runtime`) keeps an
+//! epoch file in the volume that every write batch checks. An AWS provider
+//! (attach/detach through the EC2 API, reservations through NVMe) fits the
+//! same calls.
+
+use async_trait::async_trait;
+
+use crate::engine::EngineError;
+
+/// Attachment and fencing of volumes, for one node.
+#[async_trait]
+pub trait VolumeProvider: Send + Sync + 'static {
+    /// Attaches `volume` to this node (idempotent). Errors: `Io` (no such
+    /// volume, or too many attachments: io2 allows 16).
+    async fn attach(&self, volume: &str) -> Result<(), EngineError>;
+
+    /// Whether `volume` is attached to this node now.
+    async fn is_attached(&self, volume: &str) -> bool;
+
+    /// Takes the write fence on `volume` at `epoch`, preempting any holder of
+    /// a lower epoch: once this returns, the volume rejects writes from any
+    /// other holder. Errors: `Fenced` when a holder of a higher epoch exists
+    /// (this node's claim is stale), `Io` when not attached.
+    async fn acquire(&self, volume: &str, epoch: u64) -> Result<(), EngineError>;
+
+    /// The epoch this node holds the fence at on `volume`, if any.
+    fn held_epoch(&self, volume: &str) -> Option<u64>;
+}

@@ -1,0 +1,325 @@
+//! The fault vocabulary of Attaché's simulation and chaos tests, and fault
+//! schedules: scripted (read from a scenario file) or drawn at random from a
+//! seed with `rand_chacha`, within rates and limits.
+//!
+//! A fault names nodes and volumes by the names the cluster gives them
+//! (`node-1`, `vol-2`, `meta`); this crate knows nothing about how a fault is
+//! applied. Times are milliseconds of simulated time since the run started.
+
+use std::collections::BTreeSet;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// One fault.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Fault {
+    /// The volume is detached from the node: I/O fails, unsynced writes are lost.
+    EbsDetach { volume: String, node: String },
+    /// The volume is attached to the node again.
+    EbsReattach { volume: String, node: String },
+    /// The node's process dies: memory and unsynced writes are lost.
+    NodeCrash { node: String },
+    /// The node's process starts again (its start-up runs from the beginning).
+    NodeRestart { node: String },
+    /// The node's process stops running (a long GC pause, SIGSTOP) but keeps
+    /// its state and its connections.
+    NodePause { node: String },
+    /// The paused node runs again.
+    NodeResume { node: String },
+    /// Messages from every node of `from` to every node of `to` are lost;
+    /// with `both`, the other way too.
+    Partition { from: Vec<String>, to: Vec<String>, both: bool },
+    /// The node can neither send nor receive.
+    Isolate { node: String },
+    /// Every partition and isolation ends.
+    Heal,
+    /// The node's I/O on the volume takes `ms` milliseconds more, for `for_ms`.
+    DiskStall { volume: String, node: String, ms: u64, for_ms: u64 },
+    /// The metadata store answers nobody for `for_ms` milliseconds.
+    MetadataUnavailable { for_ms: u64 },
+    /// The node's clock runs fast or slow by up to `ppm` parts per million
+    /// (bounded; the lease logic accounts for it).
+    ClockJitter { node: String, ppm: i64 },
+}
+
+impl Fault {
+    /// A short name for summaries, such as `node_crash`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::EbsDetach { .. } => "ebs_detach",
+            Fault::EbsReattach { .. } => "ebs_reattach",
+            Fault::NodeCrash { .. } => "node_crash",
+            Fault::NodeRestart { .. } => "node_restart",
+            Fault::NodePause { .. } => "node_pause",
+            Fault::NodeResume { .. } => "node_resume",
+            Fault::Partition { .. } => "partition",
+            Fault::Isolate { .. } => "isolate",
+            Fault::Heal => "heal",
+            Fault::DiskStall { .. } => "disk_stall",
+            Fault::MetadataUnavailable { .. } => "metadata_unavailable",
+            Fault::ClockJitter { .. } => "clock_jitter",
+        }
+    }
+
+    /// Whether this fault ends a disruption (restart, resume, reattach, heal)
+    /// rather than starting one.
+    pub fn is_repair(&self) -> bool {
+        matches!(self, Fault::EbsReattach { .. } | Fault::NodeRestart { .. } | Fault::NodeResume { .. } | Fault::Heal)
+    }
+}
+
+/// A fault at a time.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Scheduled {
+    /// Simulated milliseconds since the run started.
+    pub at_ms: u64,
+    /// The fault.
+    #[serde(flatten)]
+    pub fault: Fault,
+}
+
+/// Faults in time order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    pub faults: Vec<Scheduled>,
+}
+
+impl Schedule {
+    /// A schedule of `faults`, sorted by time (stable for equal times).
+    pub fn new(mut faults: Vec<Scheduled>) -> Self {
+        faults.sort_by_key(|f| f.at_ms);
+        Schedule { faults }
+    }
+
+    /// When the last fault of the schedule happens, ms (0 when none).
+    pub fn last_at_ms(&self) -> u64 {
+        self.faults.last().map_or(0, |f| f.at_ms)
+    }
+}
+
+/// How often each kind of fault is drawn, in faults per simulated minute,
+/// and the limits a random schedule keeps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RandomRates {
+    pub node_crash: f64,
+    pub node_pause: f64,
+    pub ebs_detach: f64,
+    pub partition: f64,
+    pub isolate: f64,
+    pub disk_stall: f64,
+    pub metadata_unavailable: f64,
+    pub clock_jitter: f64,
+    /// Shortest and longest disruption (crash to restart, pause to resume,
+    /// detach to reattach, partition to heal), ms.
+    pub min_outage_ms: u64,
+    pub max_outage_ms: u64,
+    /// Most storage nodes disrupted at once.
+    pub max_concurrent: usize,
+    /// Largest clock rate error, parts per million.
+    pub max_clock_ppm: i64,
+}
+
+impl Default for RandomRates {
+    fn default() -> Self {
+        RandomRates {
+            node_crash: 2.0,
+            node_pause: 1.0,
+            ebs_detach: 1.0,
+            partition: 2.0,
+            isolate: 1.0,
+            disk_stall: 1.0,
+            metadata_unavailable: 0.5,
+            clock_jitter: 0.5,
+            min_outage_ms: 500,
+            max_outage_ms: 8_000,
+            max_concurrent: 1,
+            max_clock_ppm: 500,
+        }
+    }
+}
+
+/// Names a random schedule may pick from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topology {
+    /// Storage nodes.
+    pub nodes: Vec<String>,
+    /// Volumes.
+    pub volumes: Vec<String>,
+    /// The metadata node.
+    pub meta: String,
+}
+
+/// Draws a schedule for a run of `duration_ms` from `seed`: faults arrive as
+/// Poisson processes at the given rates during `[start_ms, end_ms)`, each
+/// disruption is repaired after a random outage, and at most
+/// `max_concurrent` nodes are disrupted at once. Every disruption is repaired
+/// by `end_ms`, and the schedule ends with a `Heal`.
+pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms: u64, end_ms: u64) -> Schedule {
+    assert!(start_ms < end_ms, "an empty fault window");
+    assert!(rates.min_outage_ms <= rates.max_outage_ms, "min outage above max outage");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let kinds: [(&str, f64); 8] = [
+        ("node_crash", rates.node_crash),
+        ("node_pause", rates.node_pause),
+        ("ebs_detach", rates.ebs_detach),
+        ("partition", rates.partition),
+        ("isolate", rates.isolate),
+        ("disk_stall", rates.disk_stall),
+        ("metadata_unavailable", rates.metadata_unavailable),
+        ("clock_jitter", rates.clock_jitter),
+    ];
+    let total: f64 = kinds.iter().map(|k| k.1).sum();
+    let mut out = Vec::new();
+    if total <= 0.0 || topo.nodes.is_empty() {
+        out.push(Scheduled { at_ms: end_ms, fault: Fault::Heal });
+        return Schedule::new(out);
+    }
+    // Busy intervals per node, so at most `max_concurrent` overlap.
+    let mut busy: Vec<(u64, u64, String)> = Vec::new();
+    let mut t = start_ms as f64;
+    loop {
+        // Exponential inter-arrival at `total` faults per minute.
+        let u: f64 = rng.random_range(f64::EPSILON..1.0);
+        t += -u.ln() / total * 60_000.0;
+        let at = t as u64;
+        if at >= end_ms {
+            break;
+        }
+        let mut pick = rng.random_range(0.0..total);
+        let kind = kinds.iter().find(|k| {
+            pick -= k.1;
+            pick < 0.0
+        });
+        let kind = kind.map_or("node_crash", |k| k.0);
+        let outage = rng.random_range(rates.min_outage_ms..=rates.max_outage_ms);
+        let until = (at + outage).min(end_ms.saturating_sub(1)).max(at + 1);
+        let node = topo.nodes[rng.random_range(0..topo.nodes.len())].clone();
+        let overlapping: BTreeSet<&String> = busy.iter().filter(|b| b.0 < until && at < b.1).map(|b| &b.2).collect();
+        if overlapping.contains(&node) || overlapping.len() >= rates.max_concurrent.max(1) {
+            continue;
+        }
+        // Drawn for every fault, used by those that name a volume, so the
+        // sequence of draws does not depend on the kind.
+        let volume = topo.volumes.get(rng.random_range(0..topo.volumes.len().max(1))).cloned().unwrap_or_default();
+        let (start, repair) = match kind {
+            "node_crash" => (Fault::NodeCrash { node: node.clone() }, Fault::NodeRestart { node: node.clone() }),
+            "node_pause" => (Fault::NodePause { node: node.clone() }, Fault::NodeResume { node: node.clone() }),
+            "ebs_detach" => {
+                let volume = volume.clone();
+                (
+                    Fault::EbsDetach { volume: volume.clone(), node: node.clone() },
+                    Fault::EbsReattach { volume, node: node.clone() },
+                )
+            }
+            "partition" => {
+                let both = rng.random_bool(0.5);
+                let to = if rng.random_bool(0.5) {
+                    vec![topo.meta.clone()]
+                } else {
+                    topo.nodes.iter().filter(|n| **n != node).cloned().collect()
+                };
+                (Fault::Partition { from: vec![node.clone()], to, both }, Fault::Heal)
+            }
+            "isolate" => (Fault::Isolate { node: node.clone() }, Fault::Heal),
+            "disk_stall" => {
+                let ms = rng.random_range(50..=2_000);
+                out.push(Scheduled {
+                    at_ms: at,
+                    fault: Fault::DiskStall { volume, node: node.clone(), ms, for_ms: until - at },
+                });
+                busy.push((at, until, node));
+                continue;
+            }
+            "metadata_unavailable" => {
+                out.push(Scheduled { at_ms: at, fault: Fault::MetadataUnavailable { for_ms: until - at } });
+                busy.push((at, until, topo.meta.clone()));
+                continue;
+            }
+            _ => {
+                let ppm = rng.random_range(-rates.max_clock_ppm..=rates.max_clock_ppm);
+                out.push(Scheduled { at_ms: at, fault: Fault::ClockJitter { node: node.clone(), ppm } });
+                continue;
+            }
+        };
+        out.push(Scheduled { at_ms: at, fault: start });
+        out.push(Scheduled { at_ms: until, fault: repair });
+        busy.push((at, until, node));
+    }
+    out.push(Scheduled { at_ms: end_ms, fault: Fault::Heal });
+    Schedule::new(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topo() -> Topology {
+        Topology {
+            nodes: vec!["node-1".into(), "node-2".into(), "node-3".into()],
+            volumes: vec!["vol-1".into(), "vol-2".into()],
+            meta: "meta".into(),
+        }
+    }
+
+    #[test]
+    fn same_seed_same_schedule_and_every_disruption_is_repaired() {
+        let rates = RandomRates { node_crash: 6.0, partition: 6.0, ..RandomRates::default() };
+        for seed in 0..50 {
+            let a = random_schedule(seed, &rates, &topo(), 1_000, 40_000);
+            assert_eq!(a, random_schedule(seed, &rates, &topo(), 1_000, 40_000));
+            assert!(a.faults.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+            assert_eq!(a.faults.last().unwrap().fault, Fault::Heal);
+            assert!(a.faults.iter().all(|f| f.at_ms >= 1_000 && f.at_ms <= 40_000));
+            let crashes = a.faults.iter().filter(|f| matches!(f.fault, Fault::NodeCrash { .. })).count();
+            let restarts = a.faults.iter().filter(|f| matches!(f.fault, Fault::NodeRestart { .. })).count();
+            assert_eq!(crashes, restarts, "seed {seed}: every crash is followed by a restart");
+        }
+        assert_ne!(random_schedule(1, &rates, &topo(), 0, 60_000), random_schedule(2, &rates, &topo(), 0, 60_000));
+    }
+
+    #[test]
+    fn at_most_max_concurrent_nodes_are_down() {
+        let rates = RandomRates { node_crash: 30.0, node_pause: 30.0, ..RandomRates::default() };
+        let s = random_schedule(7, &rates, &topo(), 0, 60_000);
+        let mut down = BTreeSet::new();
+        for f in &s.faults {
+            match &f.fault {
+                Fault::NodeCrash { node } | Fault::NodePause { node } => {
+                    down.insert(node.clone());
+                }
+                Fault::NodeRestart { node } | Fault::NodeResume { node } => {
+                    down.remove(node);
+                }
+                _ => {}
+            }
+            assert!(down.len() <= 1, "{down:?} down at {}", f.at_ms);
+        }
+    }
+
+    #[test]
+    fn scripted_faults_read_from_toml() {
+        #[derive(Deserialize)]
+        struct File {
+            faults: Vec<Scheduled>,
+        }
+        let text = r#"
+            [[faults]]
+            at_ms = 5000
+            type = "node_crash"
+            node = "node-1"
+            [[faults]]
+            at_ms = 9000
+            type = "partition"
+            from = ["node-2"]
+            to = ["meta"]
+            both = true
+        "#;
+        let f: File = toml::from_str(text).unwrap();
+        assert_eq!(f.faults[0].fault, Fault::NodeCrash { node: "node-1".into() });
+        assert_eq!(f.faults[1].fault.kind(), "partition");
+    }
+}

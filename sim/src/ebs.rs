@@ -1,0 +1,383 @@
+//! `SimEbs`: simulated block volumes with EBS io2 multi-attach semantics, as
+//! the simulation's storage fault model.
+//!
+//! - A volume can be attached to at most 16 nodes at once (io2 limit).
+//! - Data is a set of append-only files per volume. An append lands in the
+//!   writing node's pending buffer (its page cache); `sync` makes it durable.
+//!   A node that crashes, or whose volume is detached, loses its pending
+//!   appends; with torn writes on, a crash may keep a random prefix of the
+//!   last append of a file (a torn sector), which readers must detect.
+//! - Reservations in the NVMe style: `reserve(volume, node, key)` registers
+//!   and preempts any holder with a lower key; from then on the volume
+//!   rejects appends and syncs from every other node (`Fenced`). Keys are
+//!   epochs. A sim-only switch turns this fencing off, to show the
+//!   single-writer checker catches what it would let through.
+//! - I/O latency and per-node stalls come from the simulated clock.
+//! - Every durable write is recorded (time, volume, node, epoch) for the
+//!   single-writer checker.
+//!
+//! State lives outside the simulated nodes, so it survives their crashes and
+//! restarts, as a volume survives its instances.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use attache_actors::engine::EngineError;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tokio::time::{Duration, Instant};
+
+/// The io2 multi-attach limit.
+pub const MAX_ATTACHMENTS: usize = 16;
+
+/// How the volumes behave.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EbsConfig {
+    /// Latency of an append, µs.
+    pub append_us: u64,
+    /// Latency of a sync (fsync), µs: the base and a random extra up to `sync_jitter_us`.
+    pub sync_us: u64,
+    pub sync_jitter_us: u64,
+    /// Whether a crash may leave a torn prefix of the last unsynced append.
+    pub torn_writes: bool,
+    /// Storage fencing by reservation (off only to prove the checkers catch its absence).
+    pub fencing: bool,
+}
+
+impl Default for EbsConfig {
+    fn default() -> Self {
+        EbsConfig { append_us: 20, sync_us: 500, sync_jitter_us: 1_500, torn_writes: true, fencing: true }
+    }
+}
+
+/// One durable write, for the single-writer checker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRecord {
+    /// Simulated ms since the volumes were created.
+    pub at_ms: u64,
+    pub volume: String,
+    pub node: String,
+    /// The writer's epoch (fencing token) for the volume.
+    pub epoch: u64,
+    pub bytes: usize,
+}
+
+#[derive(Default)]
+struct File {
+    durable: Vec<u8>,
+    /// Unsynced appends, in order, by writing node.
+    pending: Vec<(String, Vec<u8>)>,
+}
+
+#[derive(Default)]
+struct Volume {
+    attached: Vec<String>,
+    holder: Option<(String, u64)>,
+    files: BTreeMap<String, File>,
+    /// Per node: extra latency (µs) until a time.
+    stalls: BTreeMap<String, (Instant, u64)>,
+}
+
+struct Ebs {
+    cfg: EbsConfig,
+    start: Instant,
+    volumes: BTreeMap<String, Volume>,
+    syncs: Vec<SyncRecord>,
+    rng: ChaCha8Rng,
+}
+
+/// Shared handle on all volumes; clones share them.
+#[derive(Clone)]
+pub struct SimEbs(Arc<Mutex<Ebs>>);
+
+fn io(msg: String) -> EngineError {
+    EngineError::Io(msg)
+}
+
+impl SimEbs {
+    /// Volumes named `volumes`, none attached, behaving as `cfg`; `seed`
+    /// drives latency jitter and torn-write lengths.
+    pub fn new(volumes: &[String], cfg: EbsConfig, seed: u64) -> Self {
+        let volumes = volumes.iter().map(|v| (v.clone(), Volume::default())).collect();
+        SimEbs(Arc::new(Mutex::new(Ebs {
+            cfg,
+            start: Instant::now(),
+            volumes,
+            syncs: Vec::new(),
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        })))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ebs> {
+        self.0.lock().expect("sim ebs lock")
+    }
+
+    /// Attaches `volume` to `node`. Errors: unknown volume, or 16 attachments already.
+    pub fn attach(&self, volume: &str, node: &str) -> Result<(), EngineError> {
+        let mut ebs = self.lock();
+        let v = ebs.volumes.get_mut(volume).ok_or_else(|| io(format!("no volume {volume}")))?;
+        if v.attached.iter().any(|n| n == node) {
+            return Ok(());
+        }
+        if v.attached.len() >= MAX_ATTACHMENTS {
+            return Err(io(format!("volume {volume} is attached to {MAX_ATTACHMENTS} instances already")));
+        }
+        v.attached.push(node.to_string());
+        Ok(())
+    }
+
+    /// Detaches `volume` from `node`; the node's unsynced appends to it are lost.
+    pub fn detach(&self, volume: &str, node: &str) {
+        let mut ebs = self.lock();
+        if let Some(v) = ebs.volumes.get_mut(volume) {
+            v.attached.retain(|n| n != node);
+            for f in v.files.values_mut() {
+                f.pending.retain(|(n, _)| n != node);
+            }
+        }
+    }
+
+    /// Whether `volume` is attached to `node`.
+    pub fn is_attached(&self, volume: &str, node: &str) -> bool {
+        self.lock().volumes.get(volume).is_some_and(|v| v.attached.iter().any(|n| n == node))
+    }
+
+    /// Registers `node` with `key` and preempts the holder if its key is lower.
+    /// Errors: not attached; `Fenced` when the holder's key is higher.
+    pub fn reserve(&self, volume: &str, node: &str, key: u64) -> Result<(), EngineError> {
+        let mut ebs = self.lock();
+        let v = ebs.volumes.get_mut(volume).ok_or_else(|| io(format!("no volume {volume}")))?;
+        if !v.attached.iter().any(|n| n == node) {
+            return Err(io(format!("volume {volume} is not attached to {node}")));
+        }
+        match &v.holder {
+            Some((holder, k)) if *k > key => {
+                Err(EngineError::Fenced(format!("volume {volume} is reserved by {holder} at epoch {k} > {key}")))
+            }
+            _ => {
+                v.holder = Some((node.to_string(), key));
+                Ok(())
+            }
+        }
+    }
+
+    /// The reservation holder of `volume` and its key.
+    pub fn holder(&self, volume: &str) -> Option<(String, u64)> {
+        self.lock().volumes.get(volume).and_then(|v| v.holder.clone())
+    }
+
+    /// Checks that `node` may write `volume`.
+    fn check_write(ebs: &Ebs, volume: &str, node: &str) -> Result<(), EngineError> {
+        let v = ebs.volumes.get(volume).ok_or_else(|| io(format!("no volume {volume}")))?;
+        if !v.attached.iter().any(|n| n == node) {
+            return Err(io(format!("volume {volume} is not attached to {node}")));
+        }
+        match &v.holder {
+            Some((holder, key)) if ebs.cfg.fencing && holder != node => Err(EngineError::Fenced(format!(
+                "volume {volume} is reserved by {holder} (epoch {key}); {node}'s write is rejected"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The latency of an operation of `base` µs by `node` on `volume`, stalls included.
+    fn latency(&self, volume: &str, node: &str, base: u64, jitter: u64) -> Duration {
+        let mut ebs = self.lock();
+        let extra = if jitter > 0 { ebs.rng.random_range(0..=jitter) } else { 0 };
+        let now = Instant::now();
+        let stall = ebs
+            .volumes
+            .get(volume)
+            .and_then(|v| v.stalls.get(node))
+            .filter(|(until, _)| *until > now)
+            .map_or(0, |(_, us)| *us);
+        Duration::from_micros(base + extra + stall)
+    }
+
+    /// Makes `node`'s I/O on `volume` take `extra` more until `for_`.
+    pub fn stall(&self, volume: &str, node: &str, extra: Duration, for_: Duration) {
+        let mut ebs = self.lock();
+        if let Some(v) = ebs.volumes.get_mut(volume) {
+            v.stalls.insert(node.to_string(), (Instant::now() + for_, extra.as_micros() as u64));
+        }
+    }
+
+    /// Appends `bytes` to `path` on `volume` as `node` (unsynced).
+    pub async fn append(&self, volume: &str, node: &str, path: &str, bytes: &[u8]) -> Result<(), EngineError> {
+        let cfg_us = self.lock().cfg.append_us;
+        tokio::time::sleep(self.latency(volume, node, cfg_us, 0)).await;
+        let mut ebs = self.lock();
+        Self::check_write(&ebs, volume, node)?;
+        let v = ebs.volumes.get_mut(volume).expect("checked");
+        v.files.entry(path.to_string()).or_default().pending.push((node.to_string(), bytes.to_vec()));
+        Ok(())
+    }
+
+    /// Makes `node`'s appends to `path` durable, recording the write at `epoch`.
+    /// Errors: not attached (the appends were lost), `Fenced`.
+    pub async fn sync(&self, volume: &str, node: &str, path: &str, epoch: u64) -> Result<(), EngineError> {
+        let (base, jitter) = {
+            let ebs = self.lock();
+            (ebs.cfg.sync_us, ebs.cfg.sync_jitter_us)
+        };
+        tokio::time::sleep(self.latency(volume, node, base, jitter)).await;
+        let mut ebs = self.lock();
+        Self::check_write(&ebs, volume, node)?;
+        let at_ms = ebs.start.elapsed().as_millis() as u64;
+        let v = ebs.volumes.get_mut(volume).expect("checked");
+        let Some(f) = v.files.get_mut(path) else { return Ok(()) };
+        let mut bytes = 0;
+        let mut kept = Vec::new();
+        for (n, data) in f.pending.drain(..) {
+            if n == node {
+                bytes += data.len();
+                f.durable.extend_from_slice(&data);
+            } else {
+                kept.push((n, data));
+            }
+        }
+        f.pending = kept;
+        if bytes > 0 {
+            ebs.syncs.push(SyncRecord { at_ms, volume: volume.to_string(), node: node.to_string(), epoch, bytes });
+        }
+        Ok(())
+    }
+
+    /// What `node` reads from `path`: the durable bytes, then its own pending
+    /// appends. Errors: not attached. A missing file reads as `None`.
+    pub async fn read(&self, volume: &str, node: &str, path: &str) -> Result<Option<Vec<u8>>, EngineError> {
+        let base = self.lock().cfg.append_us;
+        tokio::time::sleep(self.latency(volume, node, base, 0)).await;
+        let ebs = self.lock();
+        let v = ebs.volumes.get(volume).ok_or_else(|| io(format!("no volume {volume}")))?;
+        if !v.attached.iter().any(|n| n == node) {
+            return Err(io(format!("volume {volume} is not attached to {node}")));
+        }
+        Ok(v.files.get(path).map(|f| {
+            let mut out = f.durable.clone();
+            for (_, data) in f.pending.iter().filter(|(n, _)| n == node) {
+                out.extend_from_slice(data);
+            }
+            out
+        }))
+    }
+
+    /// Creates `path` empty if absent (durably, as a directory entry).
+    pub fn create(&self, volume: &str, node: &str, path: &str) -> Result<(), EngineError> {
+        let mut ebs = self.lock();
+        Self::check_write(&ebs, volume, node)?;
+        ebs.volumes.get_mut(volume).expect("checked").files.entry(path.to_string()).or_default();
+        Ok(())
+    }
+
+    /// Cuts `path`'s durable bytes to `len` (dropping a torn tail) and its pending appends.
+    pub fn truncate(&self, volume: &str, node: &str, path: &str, len: usize) -> Result<(), EngineError> {
+        let mut ebs = self.lock();
+        Self::check_write(&ebs, volume, node)?;
+        if let Some(f) = ebs.volumes.get_mut(volume).expect("checked").files.get_mut(path) {
+            f.durable.truncate(len);
+            f.pending.clear();
+        }
+        Ok(())
+    }
+
+    /// Whether `path` exists on `volume`.
+    pub fn exists(&self, volume: &str, path: &str) -> bool {
+        self.lock().volumes.get(volume).is_some_and(|v| v.files.contains_key(path))
+    }
+
+    /// Removes every file under `prefix` on `volume`.
+    pub fn remove_prefix(&self, volume: &str, node: &str, prefix: &str) -> Result<(), EngineError> {
+        let mut ebs = self.lock();
+        Self::check_write(&ebs, volume, node)?;
+        ebs.volumes.get_mut(volume).expect("checked").files.retain(|p, _| !p.starts_with(prefix));
+        Ok(())
+    }
+
+    /// `node` crashed: its pending appends are lost, except that with torn
+    /// writes on, a random prefix of a file's last pending append may survive.
+    pub fn crash(&self, node: &str) {
+        let mut ebs = self.lock();
+        let torn = ebs.cfg.torn_writes;
+        let Ebs { volumes, rng, .. } = &mut *ebs;
+        for v in volumes.values_mut() {
+            for f in v.files.values_mut() {
+                let last = f.pending.iter().rposition(|(n, _)| n == node);
+                if let (true, Some(i)) = (torn, last) {
+                    let data = &f.pending[i].1;
+                    if rng.random_bool(0.5) && !data.is_empty() {
+                        let cut = rng.random_range(0..data.len());
+                        let prefix = data[..cut].to_vec();
+                        f.durable.extend_from_slice(&prefix);
+                    }
+                }
+                f.pending.retain(|(n, _)| n != node);
+            }
+        }
+    }
+
+    /// Every durable write so far, in time order.
+    pub fn syncs(&self) -> Vec<SyncRecord> {
+        self.lock().syncs.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ebs(fencing: bool) -> SimEbs {
+        let e = SimEbs::new(&["v".into()], EbsConfig { fencing, torn_writes: false, ..EbsConfig::default() }, 1);
+        e.attach("v", "a").unwrap();
+        e.attach("v", "b").unwrap();
+        e
+    }
+
+    #[tokio::test]
+    async fn unsynced_appends_are_lost_on_crash_and_detach() {
+        let e = ebs(true);
+        e.append("v", "a", "f", b"one").await.unwrap();
+        e.sync("v", "a", "f", 1).await.unwrap();
+        e.append("v", "a", "f", b"two").await.unwrap();
+        assert_eq!(e.read("v", "a", "f").await.unwrap().unwrap(), b"onetwo", "a node reads its own pending append");
+        assert_eq!(e.read("v", "b", "f").await.unwrap().unwrap(), b"one", "others read durable bytes only");
+        e.crash("a");
+        assert_eq!(e.read("v", "a", "f").await.unwrap().unwrap(), b"one");
+        e.append("v", "a", "f", b"three").await.unwrap();
+        e.detach("v", "a");
+        assert!(e.sync("v", "a", "f", 1).await.is_err(), "a detached node cannot sync");
+        assert_eq!(e.read("v", "b", "f").await.unwrap().unwrap(), b"one");
+        assert_eq!(e.syncs().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_preempted_holder_cannot_write() {
+        let e = ebs(true);
+        e.reserve("v", "a", 1).unwrap();
+        e.append("v", "a", "f", b"x").await.unwrap();
+        e.reserve("v", "b", 2).unwrap();
+        assert!(matches!(e.sync("v", "a", "f", 1).await, Err(EngineError::Fenced(_))));
+        assert!(matches!(e.append("v", "a", "f", b"y").await, Err(EngineError::Fenced(_))));
+        assert!(matches!(e.reserve("v", "a", 1), Err(EngineError::Fenced(_))), "a stale key cannot preempt");
+        e.append("v", "b", "f", b"z").await.unwrap();
+        e.sync("v", "b", "f", 2).await.unwrap();
+        // Without fencing, the old holder's write lands.
+        let off = ebs(false);
+        off.reserve("v", "b", 2).unwrap();
+        off.append("v", "a", "f", b"late").await.unwrap();
+        off.sync("v", "a", "f", 1).await.unwrap();
+        assert_eq!(off.syncs()[0].epoch, 1);
+    }
+
+    #[test]
+    fn at_most_sixteen_attachments() {
+        let e = SimEbs::new(&["v".into()], EbsConfig::default(), 1);
+        for i in 0..MAX_ATTACHMENTS {
+            e.attach("v", &format!("n{i}")).unwrap();
+        }
+        assert!(e.attach("v", "one-too-many").is_err());
+        e.attach("v", "n0").unwrap();
+    }
+}
