@@ -116,8 +116,9 @@ impl std::error::Error for MailboxError {}
 
 /// What travels through a host's mailbox: a type-erased message, or the stop signal.
 pub enum Letter {
-    /// A `Box<dyn Envelope<A>>` for the cell's actor type `A`.
-    Message(Box<dyn Any + Send>),
+    /// A `Box<dyn Envelope<A>>` for the cell's actor type `A`, with the
+    /// message's type name (for traces).
+    Message(Box<dyn Any + Send>, &'static str),
     /// Stop after the letters ahead of this one.
     Stop,
 }
@@ -266,7 +267,7 @@ impl<A: Actor> Addr<A> {
     {
         let (tx, rx) = oneshot::channel();
         let env: Box<dyn Envelope<A>> = Box::new(Envelope1 { msg, tx });
-        self.mailbox.send(Letter::Message(Box::new(env))).await?;
+        self.mailbox.send(Letter::Message(Box::new(env), short_type_name::<M>())).await?;
         Ok(PendingReply(rx))
     }
 
@@ -279,7 +280,7 @@ impl<A: Actor> Addr<A> {
     {
         let (tx, _rx) = oneshot::channel();
         let env: Box<dyn Envelope<A>> = Box::new(Envelope1 { msg, tx });
-        self.mailbox.do_send(Letter::Message(Box::new(env)));
+        self.mailbox.do_send(Letter::Message(Box::new(env), short_type_name::<M>()));
     }
 
     /// Asks the actor to stop after the messages already in its mailbox.
@@ -303,6 +304,14 @@ impl<T> Future for PendingReply<T> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         Pin::new(&mut self.0).poll(cx).map(|r| r.map_err(|_| MailboxError::Closed))
     }
+}
+
+/// `M`'s type name without its module path (`Routed<Put>`, `Tick`).
+fn short_type_name<M>() -> &'static str {
+    let full = std::any::type_name::<M>();
+    let generic = full.find('<').unwrap_or(full.len());
+    let start = full[..generic].rfind("::").map_or(0, |i| i + 2);
+    &full[start..]
 }
 
 /// A message with its reply channel, typed by the actor that handles it.

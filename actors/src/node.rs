@@ -54,6 +54,9 @@ pub struct NodeConfig {
     pub volume_root: PathBuf,
     /// The volumes this node attaches.
     pub volumes: Vec<String>,
+    /// The volumes this node claims first when nobody holds them yet (its
+    /// "home" volumes); others wait for their home node. Default: all.
+    pub home_volumes: Vec<String>,
     /// Node lease TTL, ms.
     pub lease_ttl_ms: u64,
     /// Request limits.
@@ -76,6 +79,7 @@ impl NodeConfig {
             node_id: None,
             instance_id: String::new(),
             volume_root: volume_root.into(),
+            home_volumes: volumes.clone(),
             volumes,
             lease_ttl_ms: 5_000,
             limits: Limits::default(),
@@ -244,6 +248,7 @@ impl Node {
                 gate: self.gate.clone(),
                 meta: self.meta.clone(),
                 timing: self.cfg.failover.clone(),
+                home: self.cfg.home_volumes.contains(&volume_id),
             };
             let vm = VolumeManager::new(vcfg, node_id, parts, ctx.address());
             let count = placed.iter().filter(|r| r.volume_id == volume_id && r.state != ShardState::Deleted).count();

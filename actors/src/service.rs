@@ -28,9 +28,27 @@ use proto::attache_server::Attache;
 /// The trailer key that names the primary's address on `UNAVAILABLE`.
 pub const PRIMARY_HINT: &str = "attache-primary";
 
+/// The metadata key every status the service itself returns carries: the
+/// request reached the service and was rejected, so it had no effect. A
+/// status without it came from the transport (the request may or may not
+/// have been applied).
+pub const REJECTED: &str = "attache-rejected";
+
 /// Maps an error to its gRPC status; `UNAVAILABLE` carries the primary hint
-/// in the [`PRIMARY_HINT`] metadata entry.
+/// in the [`PRIMARY_HINT`] metadata entry; every status carries [`REJECTED`].
 pub fn status(e: AttacheError) -> Status {
+    let mut s = status_of(e);
+    s.metadata_mut().insert(REJECTED, tonic::metadata::MetadataValue::from_static("1"));
+    s
+}
+
+/// Whether `s` came from the service (a rejection with no effect) rather than
+/// the transport.
+pub fn is_rejection(s: &Status) -> bool {
+    s.metadata().contains_key(REJECTED)
+}
+
+fn status_of(e: AttacheError) -> Status {
     match e {
         AttacheError::InvalidArgument(m) => Status::invalid_argument(m),
         AttacheError::NotFound(m) => Status::not_found(m),

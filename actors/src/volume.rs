@@ -79,6 +79,9 @@ pub struct VolumeManager {
     meta: MetaOps,
     node: Addr<Node>,
     timing: FailoverTiming,
+    /// Whether this node is the volume's home: it claims the volume first
+    /// when nobody holds it yet (spreads primaries over nodes).
+    home: bool,
     role: Role,
     shards: Option<Addr<ShardManager>>,
     /// Since when the primary named by the record has looked gone (or the record vacant).
@@ -93,6 +96,8 @@ pub struct VolumeParts {
     pub gate: Arc<LeaseGate>,
     pub meta: MetaOps,
     pub timing: FailoverTiming,
+    /// Whether this node is the volume's home (see `VolumeManager`).
+    pub home: bool,
 }
 
 /// Periodic check, sent by the manager's own timer.
@@ -114,6 +119,7 @@ impl VolumeManager {
             meta: parts.meta,
             node,
             timing: parts.timing,
+            home: parts.home,
             role: Role::Unknown,
             shards: None,
             gone_since: None,
@@ -234,7 +240,16 @@ impl VolumeManager {
             }
         };
         let Some((record, rev)) = current.clone() else {
-            return self.claim(None, ctx).await;
+            // A volume nobody ever held: its home node claims it at once,
+            // others only if the home node does not within the takeover delay.
+            let waited = self.gone_since.get_or_insert_with(Instant::now).elapsed();
+            if self.home || waited >= Duration::from_millis(self.timing.takeover_delay_ms + self.timing.rank_delay_ms) {
+                self.claim(None, ctx).await;
+            }
+            if self.role == Role::Unknown {
+                self.set_role(Role::Backup { primary: 0, epoch: 0 });
+            }
+            return;
         };
         if record.primary == self.node_id {
             match self.role {

@@ -90,7 +90,7 @@ impl actix::Handler<LetterMsg> for ActixCell {
                     ctx.stop();
                 }),
             )),
-            Letter::Message(letter) => AtomicResponse::new(Box::pin(
+            Letter::Message(letter, _) => AtomicResponse::new(Box::pin(
                 async move {
                     let detached = cell.handle(letter).await;
                     (cell, detached)

@@ -224,7 +224,13 @@ impl SimEbs {
         };
         tokio::time::sleep(self.latency(volume, node, base, jitter)).await;
         let mut ebs = self.lock();
-        Self::check_write(&ebs, volume, node)?;
+        if let Err(e) = Self::check_write(&ebs, volume, node) {
+            // The device rejected (or lost) the writes: they never become durable.
+            if let Some(f) = ebs.volumes.get_mut(volume).and_then(|v| v.files.get_mut(path)) {
+                f.pending.retain(|(n, _)| n != node);
+            }
+            return Err(e);
+        }
         let at_ms = ebs.start.elapsed().as_millis() as u64;
         let v = ebs.volumes.get_mut(volume).expect("checked");
         let Some(f) = v.files.get_mut(path) else { return Ok(()) };
@@ -359,6 +365,7 @@ mod tests {
         e.append("v", "a", "f", b"x").await.unwrap();
         e.reserve("v", "b", 2).unwrap();
         assert!(matches!(e.sync("v", "a", "f", 1).await, Err(EngineError::Fenced(_))));
+        assert_eq!(e.read("v", "a", "f").await.unwrap().unwrap(), b"", "a rejected append is gone");
         assert!(matches!(e.append("v", "a", "f", b"y").await, Err(EngineError::Fenced(_))));
         assert!(matches!(e.reserve("v", "a", 1), Err(EngineError::Fenced(_))), "a stale key cannot preempt");
         e.append("v", "b", "f", b"z").await.unwrap();

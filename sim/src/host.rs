@@ -54,7 +54,8 @@ impl Host for TaskHost {
             while let Some(letter) = rx.recv().await {
                 match letter {
                     Letter::Stop => break,
-                    Letter::Message(msg) => {
+                    Letter::Message(msg, what) => {
+                        tracing::trace!(actor = %name, msg = what, "handle");
                         if let Some(detached) = cell.handle(msg).await {
                             tokio::spawn(detached);
                         }

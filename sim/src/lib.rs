@@ -3,8 +3,18 @@
 //! `RUSTFLAGS="--cfg madsim"`, the simulated cluster, workload, checkers and
 //! runner.
 
+pub mod check;
+#[cfg(madsim)]
+pub mod cluster;
 pub mod ebs;
 pub mod engine;
+pub mod history;
 pub mod host;
+pub mod report;
+#[cfg(madsim)]
+pub mod run;
+pub mod scenario;
+#[cfg(madsim)]
+pub mod workload;
 
 pub use host::TaskHost;

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs the deterministic simulation runner (attache-sim) in the madsim build:
+# RUSTFLAGS="--cfg madsim" and its own target dir, so it never rebuilds the
+# normal build. Arguments go to attache-sim, e.g.
+#   scripts/sim.sh run --all-scenarios --seeds 0..100
+#   scripts/sim.sh replay --scenario scenarios/primary-crash.toml --seed 17
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target="${CARGO_TARGET_DIR:-$PWD/target}"
+RUSTFLAGS="--cfg madsim" CARGO_TARGET_DIR="$target/madsim" cargo run --quiet -p attache-sim --bin attache-sim -- "$@"

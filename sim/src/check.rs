@@ -1,0 +1,463 @@
+//! Checkers over a run's history and volume write log. Each returns the
+//! violations it finds; a clean run has none.
+//!
+//! - [`linearizable`]: every key behaves as a linearizable register. The
+//!   search is Wing and Gong's (J. Parallel Distrib. Comput., 1993) with
+//!   Lowe's memoization of (linearized set, state) pairs ("Testing for
+//!   linearizability", Concurrency and Computation, 2017). A write whose
+//!   outcome is unknown (`info`) may take effect at any time after its
+//!   invocation, or never; failed operations had no effect and are dropped.
+//! - [`lost_writes`]: no read returns nothing, or a value older than, a
+//!   write acknowledged before the read began (names the lost write).
+//! - [`single_writer`]: on each volume, no durable write of an older epoch
+//!   after one of a newer epoch, and one node per epoch.
+//! - [`shard_ids`]: shard ids are unique and increase in real-time order.
+//! - [`isolation`]: no client's operation succeeds on another client's shard.
+//! - [`liveness`]: after the last fault is repaired, every shard serves a
+//!   write within the bound.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ebs::SyncRecord;
+use crate::history::{EventType, Op, F};
+
+/// One violation: which checker found it and what it is.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Violation {
+    pub checker: String,
+    pub message: String,
+}
+
+fn violation(checker: &str, message: String) -> Violation {
+    Violation { checker: checker.into(), message }
+}
+
+/// Reads and writes of each (shard, key), with failed operations dropped.
+fn by_key(ops: &[Op]) -> BTreeMap<(u64, String), Vec<&Op>> {
+    let mut keys: BTreeMap<(u64, String), Vec<&Op>> = BTreeMap::new();
+    for op in ops {
+        let relevant =
+            matches!((op.f, op.outcome), (F::Write, EventType::Ok | EventType::Info) | (F::Read, EventType::Ok));
+        if relevant {
+            keys.entry((op.shard, op.key.clone())).or_default().push(op);
+        }
+    }
+    keys
+}
+
+/// Most (linearized set, state) pairs one key's search may visit before it
+/// reports the history as too hard to check rather than running on.
+const SEARCH_LIMIT: usize = 2_000_000;
+
+/// Checks that every key is a linearizable register (see the module docs).
+pub fn linearizable(ops: &[Op]) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for ((shard, key), ops) in by_key(ops) {
+        match register_linearizable(&ops) {
+            Ok(true) => {}
+            Ok(false) => out.push(violation(
+                "linearizable",
+                format!("shard {shard} key {key}: no linearization of its {} operations exists", ops.len()),
+            )),
+            Err(visited) => out.push(violation(
+                "linearizable",
+                format!("shard {shard} key {key}: search gave up after {visited} states ({} operations)", ops.len()),
+            )),
+        }
+    }
+    out
+}
+
+#[derive(Clone, Copy)]
+enum Entry {
+    Call(usize),
+    Return(usize),
+}
+
+/// Wing–Gong–Lowe search over one register's operations. `Err(n)`: gave up
+/// after `n` states.
+fn register_linearizable(ops: &[&Op]) -> Result<bool, usize> {
+    // Entries by time; a call before a return at the same instant. Unknown
+    // writes have no return: they may linearize at any later point, or never.
+    let mut timed: Vec<(u64, u8, Entry)> = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        timed.push((op.invoke, 0, Entry::Call(i)));
+        if let Some(c) = op.complete {
+            timed.push((c, 1, Entry::Return(i)));
+        }
+    }
+    timed.sort_by_key(|&(t, order, e)| {
+        (
+            t,
+            order,
+            matches!(e, Entry::Return(_)) as u8,
+            match e {
+                Entry::Call(i) | Entry::Return(i) => i,
+            },
+        )
+    });
+    let entries: Vec<Entry> = timed.into_iter().map(|t| t.2).collect();
+    let n = entries.len();
+    if n == 0 {
+        return Ok(true);
+    }
+    // A doubly linked list over the entries, with a head sentinel at index n.
+    let end = usize::MAX;
+    let head = n;
+    let mut next: Vec<usize> = (0..n).map(|i| if i + 1 < n { i + 1 } else { end }).collect();
+    next.push(0);
+    let mut prev: Vec<usize> = (0..n).map(|i| if i == 0 { head } else { i - 1 }).collect();
+    prev.push(end);
+    let mut call_at = vec![0; ops.len()];
+    let mut return_at = vec![None; ops.len()];
+    for (idx, e) in entries.iter().enumerate() {
+        match *e {
+            Entry::Call(i) => call_at[i] = idx,
+            Entry::Return(i) => return_at[i] = Some(idx),
+        }
+    }
+    let must: usize = ops.iter().filter(|o| o.outcome == EventType::Ok).count();
+    let unlink = |next: &mut Vec<usize>, prev: &mut Vec<usize>, idx: usize| {
+        let (p, nx) = (prev[idx], next[idx]);
+        next[p] = nx;
+        if nx != end {
+            prev[nx] = p;
+        }
+    };
+    let relink = |next: &mut Vec<usize>, prev: &mut Vec<usize>, idx: usize| {
+        let (p, nx) = (prev[idx], next[idx]);
+        next[p] = idx;
+        if nx != end {
+            prev[nx] = idx;
+        }
+    };
+
+    let mut state: Option<String> = None;
+    let mut linearized = vec![false; ops.len()];
+    let mut done_ok = 0usize;
+    let mut stack: Vec<(usize, Option<String>)> = Vec::new();
+    let mut cache: HashSet<(Vec<bool>, Option<String>)> = HashSet::new();
+    let mut cursor = next[head];
+    loop {
+        if done_ok == must {
+            return Ok(true);
+        }
+        if cache.len() > SEARCH_LIMIT {
+            return Err(cache.len());
+        }
+        let entry = if cursor == end { None } else { Some(entries[cursor]) };
+        match entry {
+            Some(Entry::Call(i)) => {
+                let op = ops[i];
+                let next_state = match op.f {
+                    F::Write => Some(op.value.clone()),
+                    _ if op.value == state => Some(state.clone()),
+                    _ => None,
+                };
+                if let Some(new_state) = next_state {
+                    linearized[i] = true;
+                    if cache.insert((linearized.clone(), new_state.clone())) {
+                        stack.push((i, std::mem::replace(&mut state, new_state)));
+                        if op.outcome == EventType::Ok {
+                            done_ok += 1;
+                        }
+                        unlink(&mut next, &mut prev, call_at[i]);
+                        if let Some(r) = return_at[i] {
+                            unlink(&mut next, &mut prev, r);
+                        }
+                        cursor = next[head];
+                        continue;
+                    }
+                    linearized[i] = false;
+                }
+                cursor = next[cursor];
+            }
+            // A return, or the end, with a pending call not placed: undo the last choice.
+            _ => {
+                let Some((i, prev_state)) = stack.pop() else { return Ok(false) };
+                linearized[i] = false;
+                state = prev_state;
+                if ops[i].outcome == EventType::Ok {
+                    done_ok -= 1;
+                }
+                if let Some(r) = return_at[i] {
+                    relink(&mut next, &mut prev, r);
+                }
+                relink(&mut next, &mut prev, call_at[i]);
+                cursor = next[call_at[i]];
+            }
+        }
+    }
+}
+
+/// Reads that missed a write acknowledged before they began (see the module docs).
+pub fn lost_writes(ops: &[Op]) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for ((shard, key), ops) in by_key(ops) {
+        let writes: BTreeMap<&str, &Op> =
+            ops.iter().filter(|o| o.f == F::Write).filter_map(|o| Some((o.value.as_deref()?, *o))).collect();
+        let acked: Vec<&Op> = ops.iter().filter(|o| o.f == F::Write && o.outcome == EventType::Ok).copied().collect();
+        for read in ops.iter().filter(|o| o.f == F::Read) {
+            let before: Vec<&&Op> = acked.iter().filter(|w| w.complete.is_some_and(|c| c < read.invoke)).collect();
+            let Some(latest) = before.iter().max_by_key(|w| w.complete) else { continue };
+            let stale = match read.value.as_deref() {
+                None => true,
+                Some(v) => writes.get(v).is_some_and(|src| {
+                    before.iter().any(|w| src.complete.is_some_and(|c| c < w.invoke) && w.value != src.value)
+                }),
+            };
+            if stale {
+                out.push(violation(
+                    "lost_writes",
+                    format!(
+                        "shard {shard} key {key}: a read at {} ns returned {:?}, but {:?} was acknowledged at {} ns",
+                        read.invoke,
+                        read.value,
+                        latest.value,
+                        latest.complete.unwrap_or(0)
+                    ),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Durable writes of an older epoch after a newer one, or two nodes in one epoch.
+pub fn single_writer(syncs: &[SyncRecord]) -> Vec<Violation> {
+    let mut out = Vec::new();
+    let mut newest: BTreeMap<&str, (u64, &str, u64)> = BTreeMap::new();
+    let mut owner: BTreeMap<(&str, u64), &str> = BTreeMap::new();
+    for s in syncs {
+        if let Some((epoch, node, at)) = newest.get(s.volume.as_str()) {
+            if s.epoch < *epoch {
+                out.push(violation(
+                    "single_writer",
+                    format!(
+                        "volume {}: {} wrote at epoch {} at {} ms, after {} wrote at epoch {} at {} ms",
+                        s.volume, s.node, s.epoch, s.at_ms, node, epoch, at
+                    ),
+                ));
+            }
+        }
+        if newest.get(s.volume.as_str()).is_none_or(|(e, _, _)| s.epoch >= *e) {
+            newest.insert(&s.volume, (s.epoch, &s.node, s.at_ms));
+        }
+        if let Some(other) = owner.insert((&s.volume, s.epoch), &s.node) {
+            if other != s.node {
+                out.push(violation(
+                    "single_writer",
+                    format!("volume {}: epoch {} was written by {} and by {}", s.volume, s.epoch, other, s.node),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Shard ids unique and increasing in real time.
+pub fn shard_ids(ops: &[Op]) -> Vec<Violation> {
+    let created: Vec<&Op> = ops.iter().filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok).collect();
+    let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
+    for c in &created {
+        if !seen.insert(c.shard) {
+            out.push(violation("shard_ids", format!("shard id {} was allocated twice", c.shard)));
+        }
+    }
+    for a in &created {
+        for b in &created {
+            if a.complete.is_some_and(|c| c < b.invoke) && a.shard >= b.shard {
+                out.push(violation(
+                    "shard_ids",
+                    format!("shard {} was created after shard {} completed, with a smaller id", b.shard, a.shard),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Successful operations of a client on another client's shard.
+pub fn isolation(ops: &[Op]) -> Vec<Violation> {
+    let owners: BTreeMap<u64, &str> = ops
+        .iter()
+        .filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok)
+        .map(|o| (o.shard, o.client.as_str()))
+        .collect();
+    ops.iter()
+        .filter(|o| o.f != F::NewShard && o.outcome == EventType::Ok)
+        .filter_map(|o| {
+            let owner = owners.get(&o.shard)?;
+            (*owner != o.client).then(|| {
+                violation(
+                    "isolation",
+                    format!("client {} {:?} key {} on shard {} owned by {owner}", o.client, o.f, o.key, o.shard),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Shards that served no write within `bound_ns` after `healed_ns`.
+pub fn liveness(ops: &[Op], healed_ns: u64, bound_ns: u64) -> Vec<Violation> {
+    let shards: BTreeSet<u64> =
+        ops.iter().filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok).map(|o| o.shard).collect();
+    let mut out = Vec::new();
+    for shard in shards {
+        let first = ops
+            .iter()
+            .filter(|o| o.shard == shard && o.f == F::Write && o.outcome == EventType::Ok)
+            .filter_map(|o| o.complete)
+            .filter(|&c| c >= healed_ns)
+            .min();
+        match first {
+            Some(c) if c <= healed_ns + bound_ns => {}
+            Some(c) => out.push(violation(
+                "liveness",
+                format!(
+                    "shard {shard}: first write after the last repair took {} ms (bound {} ms)",
+                    (c - healed_ns) / 1_000_000,
+                    bound_ns / 1_000_000
+                ),
+            )),
+            None => out.push(violation("liveness", format!("shard {shard}: no write succeeded after the last repair"))),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(
+        process: u64,
+        f: F,
+        key: &str,
+        value: Option<&str>,
+        invoke: u64,
+        complete: Option<u64>,
+        outcome: EventType,
+    ) -> Op {
+        Op {
+            process,
+            f,
+            client: "c".into(),
+            shard: 1,
+            key: key.into(),
+            value: value.map(str::to_string),
+            invoke,
+            complete,
+            outcome,
+            node: "n".into(),
+        }
+    }
+
+    fn w(p: u64, v: &str, i: u64, c: u64) -> Op {
+        op(p, F::Write, "k", Some(v), i, Some(c), EventType::Ok)
+    }
+
+    fn r(p: u64, v: Option<&str>, i: u64, c: u64) -> Op {
+        op(p, F::Read, "k", v, i, Some(c), EventType::Ok)
+    }
+
+    #[test]
+    fn linearizable_histories_pass() {
+        // Concurrent writes, then reads that agree on one order.
+        let h = vec![w(1, "a", 0, 10), w(2, "b", 5, 15), r(3, Some("b"), 20, 25), r(4, Some("b"), 30, 35)];
+        assert!(linearizable(&h).is_empty());
+        // A read concurrent with a write may see either value.
+        let h = vec![w(1, "a", 0, 10), w(2, "b", 20, 40), r(3, Some("a"), 25, 30), r(4, Some("b"), 35, 50)];
+        assert!(linearizable(&h).is_empty());
+        // An unknown write may take effect late, or never.
+        let h = vec![
+            w(1, "a", 0, 10),
+            op(2, F::Write, "k", Some("x"), 12, None, EventType::Info),
+            r(3, Some("a"), 20, 25),
+            r(4, Some("x"), 30, 35),
+        ];
+        assert!(linearizable(&h).is_empty());
+        assert!(linearizable(&[r(1, None, 0, 5), w(2, "a", 10, 20)]).is_empty());
+    }
+
+    #[test]
+    fn a_stale_read_is_not_linearizable() {
+        // b is acknowledged before the read starts; reading a after it is impossible.
+        let h = vec![w(1, "a", 0, 10), w(2, "b", 20, 30), r(3, Some("a"), 40, 50)];
+        let v = linearizable(&h);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("no linearization"));
+        // Two reads that disagree on the order of concurrent writes.
+        let h = vec![
+            w(1, "a", 0, 100),
+            w(2, "b", 0, 100),
+            r(3, Some("a"), 110, 120),
+            r(4, Some("b"), 130, 140),
+            r(5, Some("a"), 150, 160),
+        ];
+        assert_eq!(linearizable(&h).len(), 1);
+        // A failed write had no effect: reading its value is a violation.
+        let h = vec![op(1, F::Write, "k", Some("f"), 0, Some(5), EventType::Fail), r(2, Some("f"), 10, 20)];
+        assert_eq!(linearizable(&h).len(), 1);
+    }
+
+    #[test]
+    fn lost_writes_are_named() {
+        let h = vec![w(1, "a", 0, 10), w(2, "b", 20, 30), r(3, Some("a"), 40, 50)];
+        let v = lost_writes(&h);
+        assert_eq!(v.len(), 1);
+        assert!(v[0].message.contains("\"b\""), "{v:?}");
+        let v = lost_writes(&[w(1, "a", 0, 10), r(2, None, 20, 30)]);
+        assert_eq!(v.len(), 1, "reading nothing after an acknowledged write");
+        assert!(lost_writes(&[w(1, "a", 0, 10), w(2, "b", 5, 30), r(3, Some("b"), 20, 25)]).is_empty());
+    }
+
+    fn sync(volume: &str, node: &str, epoch: u64, at_ms: u64) -> SyncRecord {
+        SyncRecord { at_ms, volume: volume.into(), node: node.into(), epoch, bytes: 1 }
+    }
+
+    #[test]
+    fn single_writer_catches_an_old_epoch_and_a_shared_epoch() {
+        assert!(single_writer(&[sync("v", "a", 1, 1), sync("v", "b", 2, 2), sync("w", "a", 1, 3)]).is_empty());
+        let v = single_writer(&[sync("v", "a", 1, 1), sync("v", "b", 2, 2), sync("v", "a", 1, 3)]);
+        assert_eq!(v.len(), 1);
+        assert!(v[0].message.contains("epoch 1"), "{v:?}");
+        assert_eq!(single_writer(&[sync("v", "a", 1, 1), sync("v", "b", 1, 2)]).len(), 1);
+    }
+
+    fn created(p: u64, client: &str, shard: u64, i: u64, c: u64) -> Op {
+        let mut o = op(p, F::NewShard, "", None, i, Some(c), EventType::Ok);
+        o.shard = shard;
+        o.client = client.into();
+        o
+    }
+
+    #[test]
+    fn shard_ids_must_be_unique_and_increase() {
+        assert!(
+            shard_ids(&[created(1, "c", 1, 0, 10), created(2, "c", 2, 20, 30), created(3, "c", 3, 25, 28)]).is_empty()
+        );
+        assert_eq!(shard_ids(&[created(1, "c", 5, 0, 10), created(2, "c", 3, 20, 30)]).len(), 1);
+        assert_eq!(shard_ids(&[created(1, "c", 5, 0, 10), created(2, "c", 5, 0, 10)]).len(), 1);
+    }
+
+    #[test]
+    fn isolation_catches_a_foreign_success() {
+        let mut foreign = w(2, "x", 20, 30);
+        foreign.client = "mallory".into();
+        assert_eq!(isolation(&[created(1, "c", 1, 0, 10), foreign.clone()]).len(), 1);
+        foreign.outcome = EventType::Fail;
+        assert!(isolation(&[created(1, "c", 1, 0, 10), foreign]).is_empty());
+    }
+
+    #[test]
+    fn liveness_needs_a_write_within_the_bound() {
+        let h = vec![created(1, "c", 1, 0, 1), w(2, "a", 1_000, 2_000)];
+        assert!(liveness(&h, 1_000, 5_000).is_empty());
+        assert_eq!(liveness(&h, 1_000, 500).len(), 1);
+        assert_eq!(liveness(&h, 3_000, 5_000).len(), 1);
+    }
+}

@@ -1,0 +1,266 @@
+//! The simulated cluster (built with `--cfg madsim` only): one metadata node
+//! running the embedded store behind its gRPC service, N storage nodes
+//! running the real `Node` actor and `AttacheService` over madsim-tonic, M
+//! client nodes running the workload, and the fault driver, all on one
+//! seeded madsim runtime. Only the outside world is simulated: network and
+//! time (madsim), volumes ([`SimEbs`]) and the engine ([`SimVolumes`]).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use attache_actors::lease::{LeaseGate, LeaseTiming};
+use attache_actors::local_store::MemLocalStore;
+use attache_actors::meta::embedded::{EmbeddedBackend, MemMetaLog};
+use attache_actors::meta::remote::{MetadataServer, RemoteBackend};
+use attache_actors::meta::retry::RetryPolicy;
+use attache_actors::meta::MetaOps;
+use attache_actors::node::{Node, NodeConfig, NodeParts};
+use attache_actors::service::AttacheService;
+use attache_actors::volume::FailoverTiming;
+use attache_actors::HostHandle;
+use attache_faults::{random_schedule, Fault, Schedule, Scheduled, Topology};
+use madsim::net::NetSim;
+use madsim::runtime::{Handle, NodeHandle};
+use tokio::time::{Duration, Instant};
+
+use crate::ebs::SimEbs;
+use crate::engine::SimVolumes;
+use crate::report::RunOutcome;
+use crate::scenario::Scenario;
+use crate::workload::{run_client, Recorder, Registry};
+use crate::TaskHost;
+
+const META_ADDR: &str = "10.0.0.1:7300";
+
+fn storage_addr(i: usize) -> String {
+    format!("10.0.1.{i}:7400")
+}
+
+/// The fault schedule of a run: the scripted faults plus, when the scenario
+/// has one, a random schedule drawn from `seed`.
+pub fn schedule(s: &Scenario, seed: u64) -> Schedule {
+    let mut faults: Vec<Scheduled> = s.faults.clone();
+    if let Some(r) = &s.random {
+        let topo = Topology { nodes: s.nodes(), volumes: s.volumes(), meta: "meta".into() };
+        faults.extend(random_schedule(seed, &r.rates, &topo, r.start_ms, r.end_ms).faults);
+    }
+    Schedule::new(faults)
+}
+
+/// Storage nodes and the metadata node, by name.
+struct Nodes {
+    handles: BTreeMap<String, NodeHandle>,
+    gates: Arc<Mutex<BTreeMap<String, Arc<LeaseGate>>>>,
+}
+
+impl Nodes {
+    fn id(&self, name: &str) -> madsim::task::NodeId {
+        self.handles.get(name).unwrap_or_else(|| panic!("the scenario names an unknown node {name}")).id()
+    }
+}
+
+fn start_meta(handle: &Handle) -> NodeHandle {
+    let log = MemMetaLog::default();
+    handle
+        .create_node()
+        .name("meta")
+        .ip("10.0.0.1".parse().expect("ip"))
+        .init(move || {
+            let log = log.clone();
+            async move {
+                let backend = EmbeddedBackend::open(Arc::new(log)).await.expect("metadata log opens");
+                let addr: SocketAddr = META_ADDR.parse().expect("addr");
+                tonic::transport::Server::builder()
+                    .add_service(MetadataServer::new(backend).into_server())
+                    .serve(addr)
+                    .await
+                    .expect("metadata server");
+            }
+        })
+        .build()
+}
+
+fn start_storage(
+    handle: &Handle,
+    s: &Scenario,
+    i: usize,
+    ebs: &SimEbs,
+    seed: u64,
+    gates: &Arc<Mutex<BTreeMap<String, Arc<LeaseGate>>>>,
+) -> NodeHandle {
+    let name = format!("node-{i}");
+    let local = MemLocalStore::default();
+    let (ebs, gates, volumes) = (ebs.clone(), gates.clone(), s.volumes());
+    let t = s.timing.clone();
+    let lease_gate = s.sim_only.lease_gate;
+    let node_name = name.clone();
+    handle
+        .create_node()
+        .name(&name)
+        .ip(format!("10.0.1.{i}").parse().expect("ip"))
+        .init(move || {
+            let (local, ebs, gates, volumes, t, name) =
+                (local.clone(), ebs.clone(), gates.clone(), volumes.clone(), t.clone(), node_name.clone());
+            async move {
+                let vols = Arc::new(SimVolumes::new(ebs, name.clone()));
+                let timing = LeaseTiming { drift: t.drift, margin_ms: t.margin_ms };
+                let gate = Arc::new(if lease_gate { LeaseGate::new(timing.clone()) } else { LeaseGate::always_open() });
+                gates.lock().expect("gates lock").insert(name.clone(), gate.clone());
+                let meta = MetaOps::new(
+                    Arc::new(RemoteBackend::new(format!("http://{META_ADDR}"))),
+                    RetryPolicy::default(),
+                    seed ^ i as u64,
+                );
+                let home = volumes.iter().filter(|v| **v == format!("vol-{i}")).cloned().collect();
+                let mut cfg = NodeConfig::new(storage_addr(i), "/", volumes);
+                cfg.home_volumes = home;
+                cfg.lease_ttl_ms = t.lease_ttl_ms;
+                cfg.lease = timing;
+                cfg.failover = FailoverTiming {
+                    poll_ms: t.poll_ms,
+                    takeover_delay_ms: t.takeover_delay_ms,
+                    rank_delay_ms: t.rank_delay_ms,
+                };
+                cfg.metadata_wait_ms = 600_000;
+                let limits = cfg.limits.clone();
+                let parts = NodeParts { meta, local: Arc::new(local), factory: vols.clone(), provider: vols, gate };
+                let node = HostHandle::new(TaskHost).spawn(Node::new(cfg, parts), 4096);
+                let addr: SocketAddr = storage_addr(i).parse().expect("addr");
+                tonic::transport::Server::builder()
+                    .add_service(AttacheService::new(node).into_server(limits.max_batch_bytes))
+                    .serve(addr)
+                    .await
+                    .expect("attache server");
+            }
+        })
+        .build()
+}
+
+/// Applies one fault; returns a one-line description for the report.
+fn apply(fault: &Fault, nodes: &Nodes, ebs: &SimEbs, clogged: &mut Vec<(madsim::task::NodeId, madsim::task::NodeId)>) {
+    let handle = Handle::current();
+    let net = NetSim::current();
+    match fault {
+        Fault::NodeCrash { node } => {
+            handle.kill(nodes.id(node));
+            ebs.crash(node);
+        }
+        Fault::NodeRestart { node } => handle.restart(nodes.id(node)),
+        Fault::NodePause { node } => handle.pause(nodes.id(node)),
+        Fault::NodeResume { node } => handle.resume(nodes.id(node)),
+        Fault::Partition { from, to, both } => {
+            for a in from {
+                for b in to {
+                    let (a, b) = (nodes.id(a), nodes.id(b));
+                    net.clog_link(a, b);
+                    clogged.push((a, b));
+                    if *both {
+                        net.clog_link(b, a);
+                        clogged.push((b, a));
+                    }
+                }
+            }
+        }
+        Fault::Isolate { node } => {
+            let id = nodes.id(node);
+            for other in nodes.handles.values().map(NodeHandle::id).filter(|o| *o != id) {
+                net.clog_link(id, other);
+                net.clog_link(other, id);
+                clogged.extend([(id, other), (other, id)]);
+            }
+        }
+        Fault::Heal => {
+            for (a, b) in clogged.drain(..) {
+                net.unclog_link(a, b);
+            }
+        }
+        Fault::EbsDetach { volume, node } => ebs.detach(volume, node),
+        Fault::EbsReattach { volume, node } => {
+            if let Err(e) = ebs.attach(volume, node) {
+                tracing::warn!(%volume, %node, error = %e, "reattach failed");
+            }
+        }
+        Fault::DiskStall { volume, node, ms, for_ms } => {
+            ebs.stall(volume, node, Duration::from_millis(*ms), Duration::from_millis(*for_ms))
+        }
+        Fault::MetadataUnavailable { for_ms } => {
+            let meta = nodes.id("meta");
+            net.clog_node(meta);
+            let for_ = Duration::from_millis(*for_ms);
+            madsim::task::spawn(async move {
+                tokio::time::sleep(for_).await;
+                NetSim::current().unclog_node(meta);
+            });
+        }
+        Fault::ClockJitter { node, ppm } => {
+            if let Some(g) = nodes.gates.lock().expect("gates lock").get(node) {
+                g.set_clock_rate(1.0 + *ppm as f64 / 1e6);
+            }
+        }
+    }
+}
+
+/// Runs scenario `s` on the current madsim runtime (seeded with `seed`):
+/// starts the cluster, the clients and the fault driver, waits for the
+/// workload and its final reads, and returns what happened.
+pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
+    let handle = Handle::current();
+    let start = Instant::now();
+    let ebs = SimEbs::new(&s.volumes(), s.ebs.clone(), seed);
+    let gates = Arc::new(Mutex::new(BTreeMap::new()));
+    let mut handles = BTreeMap::new();
+    handles.insert("meta".to_string(), start_meta(&handle));
+    for i in 1..=s.cluster.storage_nodes {
+        handles.insert(format!("node-{i}"), start_storage(&handle, s, i, &ebs, seed, &gates));
+    }
+    let nodes = Nodes { handles, gates };
+
+    let rec = Arc::new(Recorder::new());
+    let registry: Registry = Arc::default();
+    let end = start + Duration::from_millis(s.workload.duration_ms);
+    let final_deadline = end + Duration::from_secs(60);
+    let addrs: Vec<String> = (1..=s.cluster.storage_nodes).map(storage_addr).collect();
+    let mut clients = Vec::new();
+    for j in 1..=s.cluster.clients {
+        let (spec, addrs, rec, registry) = (s.workload.clone(), addrs.clone(), rec.clone(), registry.clone());
+        let node =
+            handle.create_node().name(format!("client-{j}")).ip(format!("10.0.2.{j}").parse().expect("ip")).build();
+        clients.push(node.spawn(run_client(j, spec, addrs, rec, registry, seed, end, final_deadline)));
+    }
+
+    let schedule = schedule(s, seed);
+    let mut applied = Vec::new();
+    let mut clogged = Vec::new();
+    for f in &schedule.faults {
+        tokio::time::sleep_until(start + Duration::from_millis(f.at_ms)).await;
+        tracing::info!(at_ms = f.at_ms, fault = ?f.fault, "fault");
+        apply(&f.fault, &nodes, &ebs, &mut clogged);
+        applied.push(f.clone());
+    }
+    for c in clients {
+        c.await.expect("client task");
+    }
+    let history = rec.history();
+    RunOutcome {
+        sim_ms: start.elapsed().as_millis() as u64,
+        history,
+        syncs: ebs.syncs(),
+        faults: applied,
+        healed_ns: schedule
+            .faults
+            .iter()
+            .filter(|f| {
+                f.fault.is_repair() || matches!(f.fault, Fault::MetadataUnavailable { .. } | Fault::DiskStall { .. })
+            })
+            .map(|f| {
+                let extra = match &f.fault {
+                    Fault::MetadataUnavailable { for_ms } | Fault::DiskStall { for_ms, .. } => *for_ms,
+                    _ => 0,
+                };
+                (f.at_ms + extra) * 1_000_000
+            })
+            .max()
+            .unwrap_or(0),
+    }
+}

@@ -1,0 +1,144 @@
+//! The history a simulated workload records: every operation's invocation and
+//! completion, in simulated time, in the shape Jepsen uses (process, type
+//! invoke/ok/fail/info, f, key, value, time in ns), so an independent checker
+//! can verify it too (`--history-out`).
+//!
+//! A `fail` completion means the operation certainly had no effect (the
+//! service rejected it); `info` means the outcome is unknown (a timeout or a
+//! transport error after the request may have arrived). After an `info` a
+//! process takes a new id, as in Jepsen, since its last operation may still
+//! be in flight.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The type of a history event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventType {
+    Invoke,
+    Ok,
+    Fail,
+    Info,
+}
+
+/// What an operation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum F {
+    /// Put `value` at `key`.
+    Write,
+    /// Get `key`; the completion's `value` is what was read (`None`: absent).
+    Read,
+    /// Create a shard; the completion's `shard` is its id.
+    NewShard,
+}
+
+/// One event of the history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub process: u64,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    pub f: F,
+    /// The client id the operation used.
+    pub client: String,
+    pub shard: u64,
+    pub key: String,
+    pub value: Option<String>,
+    /// Simulated ns since the run started.
+    pub time: u64,
+    /// The node address the request went to.
+    pub node: String,
+    /// Why it failed, for `fail` and `info`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+}
+
+/// A completed (or never completed) operation: its invocation paired with its completion.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Op {
+    pub process: u64,
+    pub f: F,
+    pub client: String,
+    pub shard: u64,
+    pub key: String,
+    /// The written value (writes) or the value read (ok reads).
+    pub value: Option<String>,
+    pub invoke: u64,
+    /// Completion time; `None` for `info` (may take effect any time after invoke).
+    pub complete: Option<u64>,
+    pub outcome: EventType,
+    pub node: String,
+}
+
+/// The events of one run, in the order they happened.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct History {
+    pub events: Vec<Event>,
+}
+
+impl History {
+    /// Appends an event.
+    pub fn push(&mut self, e: Event) {
+        self.events.push(e);
+    }
+
+    /// The history as JSON lines.
+    pub fn to_jsonl(&self) -> String {
+        let mut out = String::new();
+        for e in &self.events {
+            out.push_str(&serde_json::to_string(e).expect("events serialize"));
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Pairs invocations with completions. An invocation without completion
+    /// (the run ended first) counts as `info`.
+    ///
+    /// Panics when a process completes an operation it never invoked: a bug
+    /// in the workload, not in the system.
+    pub fn ops(&self) -> Vec<Op> {
+        let mut open: BTreeMap<u64, Op> = BTreeMap::new();
+        let mut done = Vec::new();
+        for e in &self.events {
+            match e.kind {
+                EventType::Invoke => {
+                    let op = Op {
+                        process: e.process,
+                        f: e.f,
+                        client: e.client.clone(),
+                        shard: e.shard,
+                        key: e.key.clone(),
+                        value: e.value.clone(),
+                        invoke: e.time,
+                        complete: None,
+                        outcome: EventType::Info,
+                        node: e.node.clone(),
+                    };
+                    assert!(open.insert(e.process, op).is_none(), "process {} invoked twice", e.process);
+                }
+                kind => {
+                    let mut op =
+                        open.remove(&e.process).unwrap_or_else(|| panic!("process {} completed nothing", e.process));
+                    op.outcome = kind;
+                    if kind != EventType::Info {
+                        op.complete = Some(e.time);
+                    }
+                    if e.f == F::Read || e.f == F::NewShard {
+                        op.value = e.value.clone();
+                    }
+                    if e.f == F::NewShard {
+                        op.shard = e.shard;
+                    }
+                    op.node = e.node.clone();
+                    done.push(op);
+                }
+            }
+        }
+        done.extend(open.into_values());
+        done
+    }
+}

@@ -1,0 +1,277 @@
+//! `attache-sim`: runs scenarios over seeds in the deterministic simulator,
+//! replays one (scenario, seed) pair with a trace, and writes histories.
+//!
+//! Built with `RUSTFLAGS="--cfg madsim"`; `scripts/sim.sh` sets that and a
+//! separate target dir:
+//!
+//! ```text
+//! scripts/sim.sh run --all-scenarios --seeds 0..100
+//! scripts/sim.sh run --scenario scenarios/primary-crash.toml --seeds 0..500
+//! scripts/sim.sh replay --scenario scenarios/primary-crash.toml --seed 17 --trace-filter debug
+//! ```
+
+#[cfg(not(madsim))]
+fn main() -> std::process::ExitCode {
+    eprintln!("attache-sim runs only in the simulation build: use scripts/sim.sh (it sets RUSTFLAGS=\"--cfg madsim\")");
+    std::process::ExitCode::FAILURE
+}
+
+#[cfg(madsim)]
+fn main() -> std::process::ExitCode {
+    runner::main()
+}
+
+#[cfg(madsim)]
+mod runner {
+    use std::path::{Path, PathBuf};
+    use std::process::ExitCode;
+
+    use attache_sim::report::{Failover, RunReport};
+    use attache_sim::run::run_once;
+    use attache_sim::scenario::Scenario;
+    use clap::{Parser, Subcommand};
+    use indicatif::{ProgressBar, ProgressStyle};
+
+    #[derive(Parser)]
+    #[command(name = "attache-sim", about = "Attaché's deterministic simulation runner")]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+
+    #[derive(Subcommand)]
+    enum Cmd {
+        /// Run scenarios over a range of seeds and check every run.
+        Run {
+            /// Scenario files (repeatable).
+            #[arg(long)]
+            scenario: Vec<PathBuf>,
+            /// Every scenario in `scenarios/`.
+            #[arg(long)]
+            all_scenarios: bool,
+            /// Seeds, `A..B` (B excluded) or one number.
+            #[arg(long, default_value = "0..20")]
+            seeds: String,
+            /// Write each run's history as JSON lines into this directory.
+            #[arg(long)]
+            history_out: Option<PathBuf>,
+            /// Run the first N seeds of each scenario twice and fail if they differ.
+            #[arg(long, default_value_t = 0)]
+            check_determinism: u64,
+        },
+        /// Run one (scenario, seed) with a trace of messages, faults and state changes.
+        Replay {
+            #[arg(long)]
+            scenario: PathBuf,
+            #[arg(long)]
+            seed: u64,
+            /// tracing-subscriber filter, e.g. `info`, `debug`, `attache_actors=trace`.
+            #[arg(long, default_value = "info")]
+            trace_filter: String,
+            /// Write the history as JSON lines to this file.
+            #[arg(long)]
+            history_out: Option<PathBuf>,
+        },
+    }
+
+    fn parse_seeds(s: &str) -> Result<std::ops::Range<u64>, String> {
+        let bad = || format!("--seeds {s:?}: expected A..B or a number");
+        match s.split_once("..") {
+            Some((a, b)) => Ok(a.parse().map_err(|_| bad())?..b.parse().map_err(|_| bad())?),
+            None => {
+                let n: u64 = s.parse().map_err(|_| bad())?;
+                Ok(n..n + 1)
+            }
+        }
+    }
+
+    fn scenario_files(explicit: Vec<PathBuf>, all: bool) -> Result<Vec<PathBuf>, String> {
+        let mut files = explicit;
+        if all {
+            let dir = Path::new("scenarios");
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|e| format!("cannot list {}: {e} (run from the repository root)", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            found.sort();
+            files.extend(found);
+        }
+        if files.is_empty() {
+            return Err("name a --scenario FILE or pass --all-scenarios".into());
+        }
+        Ok(files)
+    }
+
+    /// Wall-clock seconds, read outside the simulation.
+    fn wall() -> std::time::Instant {
+        std::time::Instant::now()
+    }
+
+    fn percentile(sorted: &[u64], q: f64) -> u64 {
+        sorted.get(((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1))).copied().unwrap_or(0)
+    }
+
+    fn replay_command(path: &Path, seed: u64) -> String {
+        format!("scripts/sim.sh replay --scenario {} --seed {seed}", path.display())
+    }
+
+    fn write_history(dir: &Path, report: &RunReport) -> Result<(), String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let file = dir.join(format!("{}-{}.jsonl", report.summary.scenario, report.summary.seed));
+        std::fs::write(&file, report.outcome.history.to_jsonl()).map_err(|e| format!("{}: {e}", file.display()))
+    }
+
+    pub fn main() -> ExitCode {
+        match Cli::parse().cmd {
+            Cmd::Run { scenario, all_scenarios, seeds, history_out, check_determinism } => {
+                match run(scenario, all_scenarios, &seeds, history_out, check_determinism) {
+                    Ok(true) => ExitCode::SUCCESS,
+                    Ok(false) => ExitCode::FAILURE,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Cmd::Replay { scenario, seed, trace_filter, history_out } => {
+                match replay(&scenario, seed, &trace_filter, history_out) {
+                    Ok(true) => ExitCode::SUCCESS,
+                    Ok(false) => ExitCode::FAILURE,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+        }
+    }
+
+    fn run(
+        files: Vec<PathBuf>,
+        all: bool,
+        seeds: &str,
+        history_out: Option<PathBuf>,
+        determinism: u64,
+    ) -> Result<bool, String> {
+        let seeds = parse_seeds(seeds)?;
+        let files = scenario_files(files, all)?;
+        let scenarios: Vec<(PathBuf, Scenario)> =
+            files.into_iter().map(|p| Scenario::load(&p).map(|s| (p, s))).collect::<Result<_, _>>()?;
+        let mut clean = true;
+        let mut rows = Vec::new();
+        let mut failing = Vec::new();
+        let mut all_failovers: Vec<u64> = Vec::new();
+        let total_wall = wall();
+        for (path, s) in &scenarios {
+            let pb = ProgressBar::new(seeds.end - seeds.start);
+            pb.set_style(
+                ProgressStyle::with_template("{prefix:>28} [{elapsed_precise}] {wide_bar} {pos}/{len} seeds {msg}")
+                    .expect("template"),
+            );
+            pb.set_prefix(s.name.clone());
+            let started = wall();
+            let (mut ops, mut faults, mut failovers, mut violations, mut sim_s) =
+                (0u64, 0usize, Vec::<Failover>::new(), 0usize, 0u64);
+            for seed in seeds.clone() {
+                let report = run_once(s, seed);
+                if seed - seeds.start < determinism {
+                    let again = run_once(s, seed);
+                    if again.digest != report.digest {
+                        clean = false;
+                        pb.suspend(|| {
+                            println!(
+                                "NONDETERMINISTIC: {} seed {seed}: two runs differ ({:x} vs {:x})",
+                                s.name, report.digest, again.digest
+                            )
+                        });
+                    }
+                }
+                if let Some(dir) = &history_out {
+                    write_history(dir, &report)?;
+                }
+                ops += report.summary.ops.invoked;
+                faults += report.summary.faults.len();
+                sim_s += report.outcome.sim_ms / 1000;
+                failovers.extend(report.summary.failovers.iter().cloned());
+                if !report.summary.violations.is_empty() {
+                    clean = false;
+                    violations += report.summary.violations.len();
+                    for v in report.summary.violations.iter().take(3) {
+                        pb.suspend(|| println!("VIOLATION {} seed {seed}: [{}] {}", s.name, v.checker, v.message));
+                    }
+                    failing.push(replay_command(path, seed));
+                }
+                pb.set_message(format!("{violations} violations"));
+                pb.inc(1);
+            }
+            pb.finish_and_clear();
+            let secs = started.elapsed().as_secs_f64();
+            all_failovers.extend(failovers.iter().map(|f| f.duration_ms));
+            rows.push((
+                s.name.clone(),
+                seeds.end - seeds.start,
+                ops,
+                faults,
+                failovers.len(),
+                violations,
+                sim_s as f64 / secs,
+                secs,
+            ));
+        }
+        println!(
+            "{:<30} {:>6} {:>9} {:>7} {:>9} {:>10} {:>12} {:>9}",
+            "scenario", "runs", "ops", "faults", "failovers", "violations", "sim s/wall s", "wall s"
+        );
+        for (name, runs, ops, faults, fo, v, rate, secs) in &rows {
+            println!("{name:<30} {runs:>6} {ops:>9} {faults:>7} {fo:>9} {v:>10} {rate:>12.1} {secs:>9.1}");
+        }
+        let wall_total = total_wall.elapsed().as_secs_f64();
+        let runs: u64 = rows.iter().map(|r| r.1).sum();
+        println!("{runs} runs in {wall_total:.1} s ({:.1} seeds/min)", runs as f64 / wall_total * 60.0);
+        if !all_failovers.is_empty() {
+            all_failovers.sort_unstable();
+            println!(
+                "failover time (last ack on the old primary to first ack on the new one): p50 {} ms, p99 {} ms, max {} ms over {} failovers",
+                percentile(&all_failovers, 0.5),
+                percentile(&all_failovers, 0.99),
+                all_failovers.last().unwrap(),
+                all_failovers.len()
+            );
+        }
+        if !failing.is_empty() {
+            println!("\nfailing runs; replay each with:");
+            for cmd in &failing {
+                println!("  {cmd}");
+            }
+        }
+        Ok(clean)
+    }
+
+    fn replay(path: &Path, seed: u64, filter: &str, history_out: Option<PathBuf>) -> Result<bool, String> {
+        let s = Scenario::load(path)?;
+        let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("--trace-filter: {e}"))?;
+        tracing_subscriber::fmt().with_env_filter(filter).with_timer(SimTime).with_writer(std::io::stderr).init();
+        let report = run_once(&s, seed);
+        if let Some(file) = history_out {
+            std::fs::write(&file, report.outcome.history.to_jsonl()).map_err(|e| format!("{}: {e}", file.display()))?;
+        }
+        println!("{}", serde_json::to_string_pretty(&report.summary).expect("summary serializes"));
+        Ok(report.summary.violations.is_empty())
+    }
+
+    /// Log timestamps in simulated time since the runtime started.
+    struct SimTime;
+
+    impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+        fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+            match madsim::runtime::Handle::try_current() {
+                Ok(_) => {
+                    let t = madsim::time::TimeHandle::current().elapsed();
+                    write!(w, "{:>9.3}s", t.as_secs_f64())
+                }
+                Err(_) => write!(w, "{:>10}", "-"),
+            }
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! What a run produced, the checks over it, and its summary: faults,
+//! failovers with their durations, operation counts, violations. Summaries
+//! are what the insta snapshots in `snapshots/` hold.
+
+use std::collections::BTreeMap;
+
+use attache_faults::Scheduled;
+use serde::{Deserialize, Serialize};
+
+use crate::check::{self, Violation};
+use crate::ebs::SyncRecord;
+use crate::history::{EventType, History, F};
+
+/// The raw result of one simulated run.
+#[derive(Clone, Debug)]
+pub struct RunOutcome {
+    /// Simulated ms the run took.
+    pub sim_ms: u64,
+    pub history: History,
+    /// Every durable volume write.
+    pub syncs: Vec<SyncRecord>,
+    /// The faults applied, in order.
+    pub faults: Vec<Scheduled>,
+    /// When the last disruption ended, simulated ns.
+    pub healed_ns: u64,
+}
+
+/// Operation counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpCounts {
+    pub invoked: u64,
+    pub ok: u64,
+    pub fail: u64,
+    pub info: u64,
+    pub writes_ok: u64,
+    pub reads_ok: u64,
+}
+
+/// A change of the node serving a volume's acknowledged writes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failover {
+    pub volume: String,
+    pub from: String,
+    pub to: String,
+    /// The last acknowledged write on the old node, simulated ms.
+    pub at_ms: u64,
+    /// From that write to the first acknowledged write on the new node, ms.
+    pub duration_ms: u64,
+}
+
+/// A run's summary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    pub scenario: String,
+    pub seed: u64,
+    pub sim_seconds: u64,
+    pub ops: OpCounts,
+    pub faults: Vec<String>,
+    pub failovers: Vec<Failover>,
+    pub violations: Vec<Violation>,
+}
+
+/// A checked run.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    pub summary: Summary,
+    pub outcome: RunOutcome,
+    /// FNV-1a over the history, the volume write log and the faults: equal
+    /// digests mean the same run.
+    pub digest: u64,
+}
+
+fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// Failovers seen in the history: per volume, each change of the node that
+/// acknowledged its writes.
+pub fn failovers(history: &History) -> Vec<Failover> {
+    let ops = history.ops();
+    let volume_of: BTreeMap<u64, String> = ops
+        .iter()
+        .filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok)
+        .filter_map(|o| Some((o.shard, o.value.clone()?)))
+        .collect();
+    let mut acks: BTreeMap<&str, Vec<(u64, &str)>> = BTreeMap::new();
+    for o in ops.iter().filter(|o| o.f == F::Write && o.outcome == EventType::Ok) {
+        if let (Some(v), Some(c)) = (volume_of.get(&o.shard), o.complete) {
+            acks.entry(v.as_str()).or_default().push((c, o.node.as_str()));
+        }
+    }
+    let mut out = Vec::new();
+    for (volume, mut list) in acks {
+        list.sort();
+        for w in list.windows(2) {
+            let ((t0, n0), (t1, n1)) = (w[0], w[1]);
+            if n0 != n1 {
+                out.push(Failover {
+                    volume: volume.to_string(),
+                    from: n0.to_string(),
+                    to: n1.to_string(),
+                    at_ms: t0 / 1_000_000,
+                    duration_ms: (t1 - t0) / 1_000_000,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Runs every checker over `outcome` and summarises the run.
+pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutcome) -> RunReport {
+    let ops = outcome.history.ops();
+    let mut violations = Vec::new();
+    violations.extend(check::linearizable(&ops));
+    violations.extend(check::lost_writes(&ops));
+    violations.extend(check::single_writer(&outcome.syncs));
+    violations.extend(check::shard_ids(&ops));
+    violations.extend(check::isolation(&ops));
+    violations.extend(check::liveness(&ops, outcome.healed_ns, liveness_bound_ms * 1_000_000));
+    let mut counts = OpCounts::default();
+    for o in &ops {
+        counts.invoked += 1;
+        match o.outcome {
+            EventType::Ok => {
+                counts.ok += 1;
+                match o.f {
+                    F::Write => counts.writes_ok += 1,
+                    F::Read => counts.reads_ok += 1,
+                    F::NewShard => {}
+                }
+            }
+            EventType::Fail => counts.fail += 1,
+            _ => counts.info += 1,
+        }
+    }
+    let faults = outcome
+        .faults
+        .iter()
+        .map(|f| format!("{} ms {}", f.at_ms, serde_json::to_string(&f.fault).expect("faults serialize")))
+        .collect();
+    let mut digest = fnv1a(outcome.history.to_jsonl().as_bytes(), 0xcbf29ce484222325);
+    digest = fnv1a(serde_json::to_string(&outcome.syncs).expect("syncs serialize").as_bytes(), digest);
+    digest = fnv1a(serde_json::to_string(&outcome.faults).expect("faults serialize").as_bytes(), digest);
+    let summary = Summary {
+        scenario: scenario.to_string(),
+        seed,
+        sim_seconds: outcome.sim_ms / 1000,
+        ops: counts,
+        faults,
+        failovers: failovers(&outcome.history),
+        violations,
+    };
+    RunReport { summary, outcome, digest }
+}

@@ -1,0 +1,200 @@
+//! Scenario files (`scenarios/*.toml`): one story each — the cluster's shape,
+//! the workload, the faults at simulated times (or a random schedule), the
+//! expectations, and sim-only switches that turn a fencing layer off to show
+//! the checkers catch what it prevents. Every key but `name` has a default.
+
+use std::path::Path;
+
+use attache_faults::{RandomRates, Scheduled};
+use serde::{Deserialize, Serialize};
+
+use crate::ebs::EbsConfig;
+
+/// A scenario.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub cluster: ClusterShape,
+    #[serde(default)]
+    pub workload: WorkloadSpec,
+    #[serde(default)]
+    pub timing: SimTiming,
+    #[serde(default)]
+    pub ebs: EbsConfig,
+    /// Scripted faults.
+    #[serde(default)]
+    pub faults: Vec<Scheduled>,
+    /// A random schedule drawn from each run's seed, added to the scripted faults.
+    #[serde(default)]
+    pub random: Option<RandomSpec>,
+    #[serde(default)]
+    pub expect: Expect,
+    #[serde(default)]
+    pub sim_only: SimOnly,
+}
+
+/// How many of each node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterShape {
+    pub storage_nodes: usize,
+    /// Volumes, each attached to every storage node.
+    pub volumes: usize,
+    pub clients: usize,
+}
+
+impl Default for ClusterShape {
+    fn default() -> Self {
+        ClusterShape { storage_nodes: 3, volumes: 3, clients: 2 }
+    }
+}
+
+/// What the clients do.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// How long the clients issue operations, ms.
+    pub duration_ms: u64,
+    /// Concurrent processes per client.
+    pub processes_per_client: usize,
+    /// Shards each client creates.
+    pub shards_per_client: usize,
+    /// Keys per shard (a small hot set, so operations collide).
+    pub hot_keys: usize,
+    /// Share of writes among reads and writes.
+    pub write_ratio: f64,
+    /// Share of operations sent, with the client's own id, to another client's shard.
+    pub cross_client_ratio: f64,
+    /// A client gives up waiting after this long (the outcome is unknown), ms.
+    pub op_timeout_ms: u64,
+    /// Pause between a process's operations, ms.
+    pub think_ms: u64,
+}
+
+impl Default for WorkloadSpec {
+    fn default() -> Self {
+        WorkloadSpec {
+            duration_ms: 40_000,
+            processes_per_client: 4,
+            shards_per_client: 2,
+            hot_keys: 3,
+            write_ratio: 0.5,
+            cross_client_ratio: 0.02,
+            op_timeout_ms: 1_000,
+            think_ms: 20,
+        }
+    }
+}
+
+/// Lease and failover timing of the simulated nodes, ms.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimTiming {
+    pub lease_ttl_ms: u64,
+    pub poll_ms: u64,
+    pub takeover_delay_ms: u64,
+    pub rank_delay_ms: u64,
+    /// Clock error bound of the lease gate (0.01 = 1%).
+    pub drift: f64,
+    pub margin_ms: u64,
+}
+
+impl Default for SimTiming {
+    fn default() -> Self {
+        SimTiming {
+            lease_ttl_ms: 2_000,
+            poll_ms: 200,
+            takeover_delay_ms: 300,
+            rank_delay_ms: 500,
+            drift: 0.01,
+            margin_ms: 100,
+        }
+    }
+}
+
+/// A random fault schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RandomSpec {
+    /// Faults start no earlier, ms.
+    pub start_ms: u64,
+    /// Every disruption is repaired by then, ms.
+    pub end_ms: u64,
+    #[serde(default)]
+    pub rates: RandomRates,
+}
+
+/// What must hold besides the checkers' rules.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Expect {
+    /// After the last repair, every shard serves a write within this, ms.
+    pub liveness_bound_ms: u64,
+}
+
+impl Default for Expect {
+    fn default() -> Self {
+        Expect { liveness_bound_ms: 10_000 }
+    }
+}
+
+/// Sim-only switches that turn a safety layer off (every one on by default).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimOnly {
+    /// Layer 2: primaries stop writing when their lease may have expired.
+    pub lease_gate: bool,
+}
+
+impl Default for SimOnly {
+    fn default() -> Self {
+        SimOnly { lease_gate: true }
+    }
+}
+
+impl Scenario {
+    /// Reads a scenario file. Errors: unreadable or invalid TOML, with the path.
+    pub fn load(path: &Path) -> Result<Scenario, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let s: Scenario = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        s.validate().map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(s)
+    }
+
+    /// Checks the shape makes sense. Errors: what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        let c = &self.cluster;
+        if c.storage_nodes == 0 || c.volumes == 0 || c.clients == 0 {
+            return Err("a cluster needs at least one storage node, volume and client".into());
+        }
+        if c.storage_nodes > crate::ebs::MAX_ATTACHMENTS {
+            return Err(format!("io2 multi-attach allows {} nodes per volume", crate::ebs::MAX_ATTACHMENTS));
+        }
+        let w = &self.workload;
+        if w.processes_per_client == 0 || w.shards_per_client == 0 || w.hot_keys == 0 {
+            return Err("the workload needs processes, shards and keys".into());
+        }
+        let last = self.faults.iter().map(|f| f.at_ms).chain(self.random.as_ref().map(|r| r.end_ms)).max().unwrap_or(0);
+        if last + self.expect.liveness_bound_ms > w.duration_ms {
+            return Err(format!(
+                "the last fault ({last} ms) plus the liveness bound ({} ms) must end before the workload ({} ms)",
+                self.expect.liveness_bound_ms, w.duration_ms
+            ));
+        }
+        Ok(())
+    }
+
+    /// Storage node names, `node-1`...
+    pub fn nodes(&self) -> Vec<String> {
+        (1..=self.cluster.storage_nodes).map(|i| format!("node-{i}")).collect()
+    }
+
+    /// Volume names, `vol-1`...
+    pub fn volumes(&self) -> Vec<String> {
+        (1..=self.cluster.volumes).map(|i| format!("vol-{i}")).collect()
+    }
+}
