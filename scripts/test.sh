@@ -15,3 +15,6 @@ CARGO_TARGET_DIR="$target" cargo test --workspace --doc
 
 echo "== simulation build: RUSTFLAGS=--cfg madsim"
 RUSTFLAGS="--cfg madsim" CARGO_TARGET_DIR="$target/madsim" cargo test -p attache-actors -p attache-faults -p attache-sim
+
+echo "== simulation runs: every scenario, 20 seeds each, the first 2 replayed to check determinism"
+CARGO_TARGET_DIR="$target" scripts/sim.sh run --all-scenarios --seeds 0..20 --check-determinism 2

@@ -93,7 +93,7 @@ fn start_storage(
     let local = MemLocalStore::default();
     let (ebs, gates, volumes) = (ebs.clone(), gates.clone(), s.volumes());
     let t = s.timing.clone();
-    let lease_gate = s.sim_only.lease_gate;
+    let (lease_gate, cas) = (s.sim_only.lease_gate, s.sim_only.metadata_cas);
     let node_name = name.clone();
     handle
         .create_node()
@@ -107,11 +107,14 @@ fn start_storage(
                 let timing = LeaseTiming { drift: t.drift, margin_ms: t.margin_ms };
                 let gate = Arc::new(if lease_gate { LeaseGate::new(timing.clone()) } else { LeaseGate::always_open() });
                 gates.lock().expect("gates lock").insert(name.clone(), gate.clone());
-                let meta = MetaOps::new(
+                let mut meta = MetaOps::new(
                     Arc::new(RemoteBackend::new(format!("http://{META_ADDR}"))),
                     RetryPolicy::default(),
                     seed ^ i as u64,
                 );
+                if !cas {
+                    meta = meta.with_blind_claims();
+                }
                 let home = volumes.iter().filter(|v| **v == format!("vol-{i}")).cloned().collect();
                 let mut cfg = NodeConfig::new(storage_addr(i), "/", volumes);
                 cfg.home_volumes = home;

@@ -112,6 +112,22 @@ pub fn failovers(history: &History) -> Vec<Failover> {
     out
 }
 
+/// A fault as `kind key=value ...`, e.g. `node_crash node=node-1`.
+pub fn describe(fault: &attache_faults::Fault) -> String {
+    let value = serde_json::to_value(fault).expect("faults serialize");
+    let mut out = fault.kind().to_string();
+    if let Some(fields) = value.as_object() {
+        for (k, v) in fields.iter().filter(|(k, _)| *k != "type") {
+            let v = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            out.push_str(&format!(" {k}={v}"));
+        }
+    }
+    out
+}
+
 /// Runs every checker over `outcome` and summarises the run.
 pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutcome) -> RunReport {
     let ops = outcome.history.ops();
@@ -138,11 +154,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
             _ => counts.info += 1,
         }
     }
-    let faults = outcome
-        .faults
-        .iter()
-        .map(|f| format!("{} ms {}", f.at_ms, serde_json::to_string(&f.fault).expect("faults serialize")))
-        .collect();
+    let faults = outcome.faults.iter().map(|f| format!("{} ms {}", f.at_ms, describe(&f.fault))).collect();
     let mut digest = fnv1a(outcome.history.to_jsonl().as_bytes(), 0xcbf29ce484222325);
     digest = fnv1a(serde_json::to_string(&outcome.syncs).expect("syncs serialize").as_bytes(), digest);
     digest = fnv1a(serde_json::to_string(&outcome.faults).expect("faults serialize").as_bytes(), digest);

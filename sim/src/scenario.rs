@@ -69,6 +69,9 @@ pub struct WorkloadSpec {
     pub write_ratio: f64,
     /// Share of operations sent, with the client's own id, to another client's shard.
     pub cross_client_ratio: f64,
+    /// Share of operations sent to a random node rather than to the volume's
+    /// last known primary (clients that just started or lost their cache).
+    pub random_node_ratio: f64,
     /// A client gives up waiting after this long (the outcome is unknown), ms.
     pub op_timeout_ms: u64,
     /// Pause between a process's operations, ms.
@@ -84,6 +87,7 @@ impl Default for WorkloadSpec {
             hot_keys: 3,
             write_ratio: 0.5,
             cross_client_ratio: 0.02,
+            random_node_ratio: 0.05,
             op_timeout_ms: 1_000,
             think_ms: 20,
         }
@@ -143,16 +147,19 @@ impl Default for Expect {
 }
 
 /// Sim-only switches that turn a safety layer off (every one on by default).
+/// Layer 3, storage fencing, is `ebs.fencing`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimOnly {
+    /// Layer 1: a claim is a compare-and-swap on the owner record's revision.
+    pub metadata_cas: bool,
     /// Layer 2: primaries stop writing when their lease may have expired.
     pub lease_gate: bool,
 }
 
 impl Default for SimOnly {
     fn default() -> Self {
-        SimOnly { lease_gate: true }
+        SimOnly { metadata_cas: true, lease_gate: true }
     }
 }
 

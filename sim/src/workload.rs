@@ -175,9 +175,21 @@ impl ClientCtx {
         None
     }
 
-    /// One read or write; returns whether the process must take a new id.
-    async fn op(&self, process: u64, f: F, shard: u64, volume: &str, key: &str, value: Option<String>) -> (bool, bool) {
-        let at = self.node_for(volume);
+    /// One read or write, sent to node `at`, or to where the client last
+    /// found the volume's primary; returns (the process must take a new id,
+    /// the operation succeeded).
+    #[allow(clippy::too_many_arguments)]
+    async fn op(
+        &self,
+        process: u64,
+        f: F,
+        shard: u64,
+        volume: &str,
+        key: &str,
+        value: Option<String>,
+        at: Option<usize>,
+    ) -> (bool, bool) {
+        let at = at.unwrap_or_else(|| self.node_for(volume));
         let node = self.nodes[at].clone();
         self.event(process, EventType::Invoke, f, shard, key, value.clone(), &node, None);
         let mut c = client(&node);
@@ -284,7 +296,10 @@ pub async fn run_client(
                 } else {
                     (F::Read, None)
                 };
-                let (renew, ok) = ctx.op(process, f, shard, &volume, &key, value).await;
+                // Now and then a request goes to any node, as from a client that
+                // just started: it finds the primary through the hint.
+                let at = rng.random_bool(spec.random_node_ratio).then(|| rng.random_range(0..ctx.nodes.len()));
+                let (renew, ok) = ctx.op(process, f, shard, &volume, &key, value, at).await;
                 if renew {
                     process = ctx.rec.process();
                 }
@@ -301,7 +316,7 @@ pub async fn run_client(
         for k in 0..spec.hot_keys {
             let key = format!("k{k}");
             while Instant::now() < final_deadline {
-                let (renew, ok) = ctx.op(process, F::Read, *shard, volume, &key, None).await;
+                let (renew, ok) = ctx.op(process, F::Read, *shard, volume, &key, None, None).await;
                 if renew {
                     process = ctx.rec.process();
                 }

@@ -115,6 +115,9 @@ pub struct MetaOps {
     backend: Arc<dyn MetadataBackend>,
     policy: RetryPolicy,
     jitter: Jitter,
+    /// Simulation only: claims overwrite the owner record without comparing
+    /// its revision, to show what the compare-and-swap prevents.
+    blind_claims: bool,
 }
 
 impl MetadataStore {
@@ -127,7 +130,14 @@ impl MetadataStore {
 impl MetaOps {
     /// A handle on the domain operations over `backend`.
     pub fn new(backend: Arc<dyn MetadataBackend>, policy: RetryPolicy, seed: u64) -> Self {
-        MetaOps { backend, policy, jitter: Jitter::new(seed) }
+        MetaOps { backend, policy, jitter: Jitter::new(seed), blind_claims: false }
+    }
+
+    /// Simulation only: turns the claim's compare-and-swap off (the first
+    /// fencing layer), so a test can show a checker catches its absence.
+    pub fn with_blind_claims(mut self) -> Self {
+        self.blind_claims = true;
+        self
     }
 
     /// The backend.
@@ -247,8 +257,13 @@ impl MetaOps {
         let key = volume_key(volume_id);
         let (epoch, rev) = expected.map_or((0, 0), |(r, rev)| (r.epoch, *rev));
         let claim = VolumeRecord { volume_id: volume_id.to_string(), primary: node, epoch: epoch + 1 };
+        let compare = if self.blind_claims {
+            Vec::new()
+        } else {
+            vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)]
+        };
         let txn = Txn {
-            compare: vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)],
+            compare,
             success: vec![TxnOp::Put { key: key.clone().into_bytes(), value: to_json(&claim), lease: 0 }],
             failure: vec![],
         };

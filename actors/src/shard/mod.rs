@@ -224,7 +224,17 @@ impl Shard {
         Ok(())
     }
 
+    /// Checks a request may be served: the shard is up, this node's lease is
+    /// certainly valid (a primary whose lease may have expired could already
+    /// have been replaced, so it serves neither writes nor linearizable
+    /// reads), the client owns the shard and the shard is not deleted.
     fn check_readable(&self, client_id: &str) -> Result<(), AttacheError> {
+        if !self.gate.is_open() {
+            return Err(AttacheError::unavailable(format!(
+                "shard {}: this node's lease may have expired, so it serves no requests; retry (another node may take over)",
+                self.meta.shard_id
+            )));
+        }
         if self.shutdown.is_some() {
             return Err(AttacheError::unavailable(format!(
                 "shard {} is shutting down on this node; retry",
@@ -240,12 +250,7 @@ impl Shard {
 
     fn check_writable(&self, client_id: &str) -> Result<(), AttacheError> {
         self.check_readable(client_id)?;
-        if !self.gate.is_open() {
-            return Err(AttacheError::unavailable(format!(
-                "shard {}: this node's lease may have expired, so it takes no writes; retry (another node may take over)",
-                self.meta.shard_id
-            )));
-        }
+
         if self.state == ShardState::ReadOnly {
             return Err(AttacheError::FailedPrecondition(format!(
                 "shard {} is closed (read-only) and takes no more writes: create a new shard",
