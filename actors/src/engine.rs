@@ -218,6 +218,13 @@ pub trait Engine: Send + Sync + 'static {
 
     /// Closes the engine: later calls fail with `Closed`. Idempotent.
     async fn close(&self);
+
+    /// A read-only engine catches up with what the read-write holder has
+    /// made durable since (RocksDB: a secondary instance's
+    /// `try_catch_up_with_primary`). A no-op for a read-write engine.
+    async fn catch_up(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
 }
 
 /// How to open an engine.

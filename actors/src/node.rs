@@ -32,7 +32,7 @@ use crate::meta::retry::{retry, RetryPolicy};
 use crate::meta::store::{MetaOps, NodeId, NodeRecord, ShardRecord, VolumeRecord};
 use crate::provider::VolumeProvider;
 use crate::shard::layout::ShardState;
-use crate::shard::{Close, ShardId, ShardInfo, ShardOp};
+use crate::shard::{Close, ShardId, ShardInfo, ShardOp, Stale, StaleRead};
 use crate::shard_manager::{CreateShard, DeleteShard, Routed, ShardManager, ShardManagerConfig};
 use crate::volume::{FailoverTiming, Role, StopVolume, VolumeManager, VolumeParts};
 
@@ -477,6 +477,43 @@ impl Message for VolumeOf {
 impl Handler<VolumeOf> for Node {
     async fn handle(&mut self, msg: VolumeOf, _ctx: &Context<Self>) -> Reply<Result<String, AttacheError>> {
         Reply::now(self.volume_of(msg.shard_id).await)
+    }
+}
+
+/// A read that accepts stale data, routed by shard id: served by the
+/// primary (fresh, age 0) or by a backup from its read-only view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaleCall<M> {
+    pub shard_id: ShardId,
+    pub op: M,
+}
+
+impl<M: StaleRead> Message for StaleCall<M> {
+    type Reply = Result<(M::Ok, u64), AttacheError>;
+}
+
+impl<M: StaleRead> Handler<StaleCall<M>> for Node
+where
+    ShardManager: Handler<Routed<Stale<M>>>,
+{
+    async fn handle(&mut self, msg: StaleCall<M>, _ctx: &Context<Self>) -> Reply<Result<(M::Ok, u64), AttacheError>> {
+        if self.stopping {
+            return Reply::now(Err(AttacheError::unavailable("this node is shutting down; retry on another node")));
+        }
+        let volume_id = match self.volume_of(msg.shard_id).await {
+            Ok(v) => v,
+            Err(e) => return Reply::now(Err(e)),
+        };
+        let shards = match self.volumes.get(&volume_id) {
+            Some(VolumeSlot { role: Role::Primary { .. } | Role::Backup { .. }, shards: Some(shards), .. }) => {
+                shards.clone()
+            }
+            _ => return Reply::now(Err(self.not_primary(&volume_id).await)),
+        };
+        match shards.enqueue(Routed { shard_id: msg.shard_id, op: Stale(msg.op) }).await {
+            Ok(pending) => Reply::later(async move { pending.await.unwrap_or_else(|e| Err(e.into())) }),
+            Err(e) => Reply::now(Err(e.into())),
+        }
     }
 }
 

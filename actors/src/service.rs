@@ -13,6 +13,7 @@ use crate::actor::Addr;
 use crate::error::AttacheError;
 use crate::node::{
     CloseShardCall, DeleteShardCall, GetClusterStatus, ListClientShards, NewShard, Node, PlacedShard, ShardCall,
+    StaleCall,
 };
 use crate::shard::layout::{IndexEntry, ShardState};
 use crate::shard::{self, PutEntry};
@@ -136,6 +137,33 @@ impl AttacheService {
     }
 }
 
+impl AttacheService {
+    /// A read at the requested consistency: linearizable from the primary,
+    /// or (`READ_CONSISTENCY_STALE_OK`) from any node that has the volume,
+    /// with the age of its view in ms.
+    async fn read<M>(
+        &self,
+        method: &'static str,
+        shard_id: u64,
+        op: M,
+        consistency: i32,
+    ) -> Result<(M::Ok, u64), Status>
+    where
+        M: shard::StaleRead,
+        Node: crate::actor::Handler<ShardCall<M>> + crate::actor::Handler<StaleCall<M>>,
+    {
+        match proto::ReadConsistency::try_from(consistency) {
+            Ok(proto::ReadConsistency::Linearizable) => Ok((self.call(method, shard_id, op).await?, 0)),
+            Ok(proto::ReadConsistency::StaleOk) => {
+                timed(method, async { self.node.send(StaleCall { shard_id, op }).await? }).await
+            }
+            Err(_) => Err(status(AttacheError::InvalidArgument(format!(
+                "unknown read consistency {consistency}: use 0 (linearizable) or 1 (stale ok)"
+            )))),
+        }
+    }
+}
+
 /// Runs `fut`, recording its latency and errors under `method`.
 async fn timed<T>(
     method: &'static str,
@@ -248,26 +276,27 @@ impl Attache for AttacheService {
 
     async fn get(&self, req: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
         let r = req.into_inner();
-        let value = self.call("get", r.shard_id, shard::Get { client_id: r.client_id, key: r.key.clone() }).await?;
+        let op = shard::Get { client_id: r.client_id, key: r.key.clone() };
+        let (value, age) = self.read("get", r.shard_id, op, r.consistency).await?;
         Ok(Response::new(proto::GetResponse {
             key: r.key,
             found: value.is_some(),
             value: value.unwrap_or_default(),
-            max_staleness_ms: 0,
+            max_staleness_ms: age,
         }))
     }
 
     async fn batch_get(&self, req: Request<proto::BatchGetRequest>) -> Result<Response<Self::BatchGetStream>, Status> {
         let r = req.into_inner();
         let keys = r.keys.clone();
-        let values =
-            self.call("batch_get", r.shard_id, shard::BatchGet { client_id: r.client_id, keys: r.keys }).await?;
+        let op = shard::BatchGet { client_id: r.client_id, keys: r.keys };
+        let (values, age) = self.read("batch_get", r.shard_id, op, r.consistency).await?;
         let responses = keys.into_iter().zip(values).map(|(key, value)| {
             Ok(proto::GetResponse {
                 key,
                 found: value.is_some(),
                 value: value.unwrap_or_default(),
-                max_staleness_ms: 0,
+                max_staleness_ms: age,
             })
         });
         Ok(Response::new(Box::pin(stream::iter(responses.collect::<Vec<_>>()))))
@@ -277,13 +306,14 @@ impl Attache for AttacheService {
         let r = req.into_inner();
         let (shard_id, client_id, end) = (r.shard_id, r.client_id, r.end);
         let want = if r.limit == 0 { SCAN_PAGE } else { r.limit.min(SCAN_PAGE) } as u32;
+        let consistency = r.consistency;
         let op = shard::Scan { client_id: client_id.clone(), start: r.start, end: end.clone(), limit: want };
-        let first = self.call("scan", shard_id, op).await?;
+        let first = self.read("scan", shard_id, op, consistency).await?.0;
         let service = self.clone();
         let next = move |(last, _): (Vec<u8>, Vec<u8>), limit| {
             let op = shard::Scan { client_id: client_id.clone(), start: successor(&last), end: end.clone(), limit };
             let service = service.clone();
-            async move { service.call("scan", shard_id, op).await }
+            async move { service.read("scan", shard_id, op, consistency).await.map(|(page, _)| page) }
         };
         let wrap = |page: Vec<(Vec<u8>, Vec<u8>)>| proto::ScanResponse {
             entries: page.into_iter().map(|(key, value)| proto::KeyValue { key, value }).collect(),

@@ -36,6 +36,9 @@ pub struct ShardManagerConfig {
     pub default_size_limit: u64,
     /// Mailbox capacity of each shard actor, messages.
     pub shard_mailbox: usize,
+    /// A backup's view: shards open read-only, serve stale reads only, and
+    /// no shard is created or deleted.
+    pub read_only: bool,
 }
 
 impl ShardManagerConfig {
@@ -47,6 +50,7 @@ impl ShardManagerConfig {
             limits: Limits::default(),
             default_size_limit: DEFAULT_SHARD_SIZE_LIMIT,
             shard_mailbox: crate::actor::DEFAULT_MAILBOX_CAPACITY,
+            read_only: false,
         }
     }
 
@@ -151,6 +155,16 @@ impl ShardManager {
         Ok(())
     }
 
+    fn check_writable(&self) -> Result<(), AttacheError> {
+        if self.cfg.read_only {
+            return Err(AttacheError::unavailable(format!(
+                "this node is a backup for volume {}: it serves stale reads only; retry at the primary",
+                self.cfg.volume_id
+            )));
+        }
+        Ok(())
+    }
+
     /// The open shard `shard_id`, opening it from the volume when needed.
     async fn shard(&mut self, shard_id: ShardId, ctx: &Context<Self>) -> Result<Addr<Shard>, AttacheError> {
         self.check_up()?;
@@ -164,11 +178,15 @@ impl ShardManager {
         }
         let engine = self
             .factory
-            .open(&path, OpenMode::ReadWrite { create: false })
+            .open(&path, if self.cfg.read_only { OpenMode::ReadOnly } else { OpenMode::ReadWrite { create: false } })
             .await
             .map_err(|e| volume_error(cfg, &format!("open shard {shard_id}"), e))?;
         let meta = match Shard::load_meta(&*engine).await {
             Ok(Some(meta)) if meta.state != ShardState::Deleted => meta,
+            Ok(_) if self.cfg.read_only => {
+                engine.close().await;
+                return Err(Self::not_found(shard_id));
+            }
             Ok(_) => {
                 // A create that never finished, or a delete that did not finish removing the data.
                 engine.close().await;
@@ -182,9 +200,12 @@ impl ShardManager {
             }
         };
         assert_eq!(meta.shard_id, shard_id, "shard directory {} holds another shard's meta", path.display());
-        let addr = ctx
-            .host()
-            .spawn(Shard::new(engine, meta, self.cfg.limits.clone(), self.gate.clone()), self.cfg.shard_mailbox);
+        let shard = if self.cfg.read_only {
+            Shard::read_only(engine, meta, self.cfg.limits.clone())
+        } else {
+            Shard::new(engine, meta, self.cfg.limits.clone(), self.gate.clone())
+        };
+        let addr = ctx.host().spawn(shard, self.cfg.shard_mailbox);
         self.shards.insert(shard_id, addr.clone());
         Ok(addr)
     }
@@ -212,6 +233,7 @@ impl Handler<CreateShard> for ShardManager {
 impl ShardManager {
     async fn create(&mut self, msg: CreateShard, ctx: &Context<Self>) -> Result<ShardInfo, AttacheError> {
         self.cfg.limits.check_client_id(&msg.client_id)?;
+        self.check_writable()?;
         let size_limit = msg.size_limit.unwrap_or(self.cfg.default_size_limit);
         if size_limit == 0 {
             return Err(AttacheError::InvalidArgument(
@@ -249,6 +271,7 @@ impl ShardManager {
     }
 
     async fn delete(&mut self, msg: DeleteShard, ctx: &Context<Self>) -> Result<ShardInfo, AttacheError> {
+        self.check_writable()?;
         let addr = self.shard(msg.shard_id, ctx).await?;
         let info = addr.send(MarkDeleted { client_id: msg.client_id }).await??;
         // The delete is durable: from here on the shard is gone, whatever happens to its files.

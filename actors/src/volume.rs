@@ -84,6 +84,8 @@ pub struct VolumeManager {
     home: bool,
     role: Role,
     shards: Option<Addr<ShardManager>>,
+    /// As backup: the read-only view of the volume's shards (stale reads).
+    backup_shards: Option<Addr<ShardManager>>,
     /// Since when the primary named by the record has looked gone (or the record vacant).
     gone_since: Option<Instant>,
     stopped: bool,
@@ -122,6 +124,7 @@ impl VolumeManager {
             home: parts.home,
             role: Role::Unknown,
             shards: None,
+            backup_shards: None,
             gone_since: None,
             stopped: false,
         }
@@ -135,20 +138,36 @@ impl VolumeManager {
         if role != self.role {
             tracing::info!(volume = %self.cfg.volume_id, from = ?self.role, to = ?role, "volume role change");
             self.role = role;
+            let shards = match self.role {
+                Role::Primary { .. } => self.shards.clone(),
+                Role::Backup { .. } => self.backup_shards.clone(),
+                _ => None,
+            };
             self.node.do_send(VolumeRoleChanged {
                 volume_id: self.cfg.volume_id.clone(),
                 role: self.role.clone(),
-                shards: self.shards.clone(),
+                shards,
             });
         }
     }
 
     /// Stops serving the volume's shards (in-flight group commits finish).
     async fn close_shards(&mut self) {
-        if let Some(shards) = self.shards.take() {
+        for shards in [self.shards.take(), self.backup_shards.take()].into_iter().flatten() {
             let _ = shards.send(ShutdownShards).await;
             shards.stop();
         }
+    }
+
+    /// Becomes (or stays) a backup of the record's primary, with a read-only
+    /// view of the volume's shards for stale reads.
+    fn be_backup(&mut self, primary: NodeId, epoch: u64, ctx: &Context<Self>) {
+        if self.backup_shards.is_none() {
+            let cfg = ShardManagerConfig { read_only: true, ..self.cfg.clone() };
+            let manager = ShardManager::new(cfg, self.factory.clone(), self.gate.clone());
+            self.backup_shards = Some(ctx.host().spawn(manager, crate::actor::DEFAULT_MAILBOX_CAPACITY));
+        }
+        self.set_role(Role::Backup { primary, epoch });
     }
 
     /// Claims the volume: CAS on the owner record (epoch + 1), storage fence, open shards.
@@ -178,6 +197,8 @@ impl VolumeManager {
                 return;
             }
         }
+        // The read-only view closes before the shards open read-write.
+        self.close_shards().await;
         let manager = ShardManager::new(self.cfg.clone(), self.factory.clone(), self.gate.clone());
         self.shards = Some(ctx.host().spawn(manager, crate::actor::DEFAULT_MAILBOX_CAPACITY));
         if takeover {
@@ -228,6 +249,7 @@ impl VolumeManager {
             if matches!(self.role, Role::Primary { .. }) {
                 self.step_down(true, "the volume was detached from this node").await;
             }
+            self.close_shards().await;
             self.set_role(Role::Detached);
             return;
         }
@@ -247,7 +269,7 @@ impl VolumeManager {
                 self.claim(None, ctx).await;
             }
             if self.role == Role::Unknown {
-                self.set_role(Role::Backup { primary: 0, epoch: 0 });
+                self.be_backup(0, 0, ctx);
             }
             return;
         };
@@ -272,7 +294,7 @@ impl VolumeManager {
                 return;
             }
         }
-        self.set_role(Role::Backup { primary: record.primary, epoch: record.epoch });
+        self.be_backup(record.primary, record.epoch, ctx);
     }
 }
 

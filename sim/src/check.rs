@@ -11,6 +11,8 @@
 //!   write acknowledged before the read began (names the lost write).
 //! - [`single_writer`]: on each volume, no durable write of an older epoch
 //!   after one of a newer epoch, and one node per epoch.
+//! - [`stale_reads`]: a read that accepts stale data (served by a backup)
+//!   returns a value some successful or unknown write wrote before it ended.
 //! - [`shard_ids`]: shard ids are unique and increase in real-time order.
 //! - [`isolation`]: no client's operation succeeds on another client's shard.
 //! - [`liveness`]: after the last fault is repaired, every shard serves a
@@ -257,6 +259,32 @@ pub fn single_writer(syncs: &[SyncRecord]) -> Vec<Violation> {
     out
 }
 
+/// Stale reads that return a value no write could have produced: one never
+/// written, written by a failed operation, or invoked after the read completed.
+pub fn stale_reads(ops: &[Op]) -> Vec<Violation> {
+    let writes: BTreeMap<(u64, &str, &str), &Op> = ops
+        .iter()
+        .filter(|o| o.f == F::Write)
+        .filter_map(|o| Some(((o.shard, o.key.as_str(), o.value.as_deref()?), o)))
+        .collect();
+    ops.iter()
+        .filter(|o| o.f == F::StaleRead && o.outcome == EventType::Ok)
+        .filter_map(|r| {
+            let v = r.value.as_deref()?;
+            let why = match writes.get(&(r.shard, r.key.as_str(), v)) {
+                None => "no operation wrote it",
+                Some(w) if w.outcome == EventType::Fail => "its write failed",
+                Some(w) if r.complete.is_some_and(|c| w.invoke > c) => "its write began after the read ended",
+                Some(_) => return None,
+            };
+            Some(violation(
+                "stale_reads",
+                format!("shard {} key {}: a stale read returned {v:?}, but {why}", r.shard, r.key),
+            ))
+        })
+        .collect()
+}
+
 /// Shard ids unique and increasing in real time.
 pub fn shard_ids(ops: &[Op]) -> Vec<Violation> {
     let created: Vec<&Op> = ops.iter().filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok).collect();
@@ -417,6 +445,16 @@ mod tests {
 
     fn sync(volume: &str, node: &str, epoch: u64, at_ms: u64) -> SyncRecord {
         SyncRecord { at_ms, volume: volume.into(), node: node.into(), epoch, bytes: 1 }
+    }
+
+    #[test]
+    fn stale_reads_must_return_a_written_value() {
+        let stale = |v: &str, i, c| op(9, F::StaleRead, "k", Some(v), i, Some(c), EventType::Ok);
+        assert!(stale_reads(&[w(1, "a", 0, 10), w(2, "b", 20, 30), stale("a", 40, 50)]).is_empty(), "stale is allowed");
+        assert_eq!(stale_reads(&[w(1, "a", 0, 10), stale("zz", 40, 50)]).len(), 1, "a value nobody wrote");
+        let failed = op(1, F::Write, "k", Some("f"), 0, Some(5), EventType::Fail);
+        assert_eq!(stale_reads(&[failed, stale("f", 10, 20)]).len(), 1, "a failed write's value");
+        assert_eq!(stale_reads(&[w(1, "late", 60, 70), stale("late", 10, 20)]).len(), 1, "from the future");
     }
 
     #[test]

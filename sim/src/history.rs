@@ -31,6 +31,8 @@ pub enum F {
     Write,
     /// Get `key`; the completion's `value` is what was read (`None`: absent).
     Read,
+    /// Get `key` accepting stale data (from any node that has the volume).
+    StaleRead,
     /// Create a shard; the completion's `shard` is its id.
     NewShard,
 }
@@ -127,7 +129,7 @@ impl History {
                     if kind != EventType::Info {
                         op.complete = Some(e.time);
                     }
-                    if e.f == F::Read || e.f == F::NewShard {
+                    if matches!(e.f, F::Read | F::StaleRead | F::NewShard) {
                         op.value = e.value.clone();
                     }
                     if e.f == F::NewShard {

@@ -134,6 +134,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
     let mut violations = Vec::new();
     violations.extend(check::linearizable(&ops));
     violations.extend(check::lost_writes(&ops));
+    violations.extend(check::stale_reads(&ops));
     violations.extend(check::single_writer(&outcome.syncs));
     violations.extend(check::shard_ids(&ops));
     violations.extend(check::isolation(&ops));
@@ -146,7 +147,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
                 counts.ok += 1;
                 match o.f {
                     F::Write => counts.writes_ok += 1,
-                    F::Read => counts.reads_ok += 1,
+                    F::Read | F::StaleRead => counts.reads_ok += 1,
                     F::NewShard => {}
                 }
             }

@@ -69,6 +69,8 @@ pub struct WorkloadSpec {
     pub write_ratio: f64,
     /// Share of operations sent, with the client's own id, to another client's shard.
     pub cross_client_ratio: f64,
+    /// Share of reads that accept stale data, sent to a random node (backups serve them).
+    pub stale_read_ratio: f64,
     /// Share of operations sent to a random node rather than to the volume's
     /// last known primary (clients that just started or lost their cache).
     pub random_node_ratio: f64,
@@ -88,6 +90,7 @@ impl Default for WorkloadSpec {
             write_ratio: 0.5,
             cross_client_ratio: 0.02,
             random_node_ratio: 0.05,
+            stale_read_ratio: 0.1,
             op_timeout_ms: 1_000,
             think_ms: 20,
         }

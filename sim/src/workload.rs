@@ -209,14 +209,14 @@ impl ClientCtx {
                     shard_id: shard,
                     client_id: self.id.clone(),
                     key: key.as_bytes().to_vec(),
-                    consistency: 0,
+                    consistency: if f == F::StaleRead { 1 } else { 0 },
                 };
                 self.attempt(c.get(req), |r| r.found.then(|| String::from_utf8_lossy(&r.value).into_owned())).await
             }
         };
         match outcome {
             Outcome::Ok(read) => {
-                let v = if f == F::Read { read } else { value };
+                let v = if f == F::Write { value } else { read };
                 self.event(process, EventType::Ok, f, shard, key, v, &node, None);
                 (false, true)
             }
@@ -290,15 +290,20 @@ pub async fn run_client(
                 }
                 let key = format!("k{}", rng.random_range(0..spec.hot_keys));
                 let write = rng.random_bool(spec.write_ratio);
+                let stale = !write && rng.random_bool(spec.stale_read_ratio);
                 let (f, value) = if write {
                     n += 1;
                     (F::Write, Some(format!("{}-p{process}-{n}", ctx.id)))
+                } else if stale {
+                    (F::StaleRead, None)
                 } else {
                     (F::Read, None)
                 };
                 // Now and then a request goes to any node, as from a client that
-                // just started: it finds the primary through the hint.
-                let at = rng.random_bool(spec.random_node_ratio).then(|| rng.random_range(0..ctx.nodes.len()));
+                // just started: it finds the primary through the hint. Stale
+                // reads go to any node: backups serve them.
+                let anywhere = stale || rng.random_bool(spec.random_node_ratio);
+                let at = anywhere.then(|| rng.random_range(0..ctx.nodes.len()));
                 let (renew, ok) = ctx.op(process, f, shard, &volume, &key, value, at).await;
                 if renew {
                     process = ctx.rec.process();

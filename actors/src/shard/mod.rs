@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use crate::actor::{Actor, Context, Handler, Message, Reply};
 use crate::engine::{Engine, EngineError, EngineStats};
@@ -170,6 +171,12 @@ pub struct Shard {
     committed_ops: u64,
     /// Set by [`Shutdown`]; its waiters are answered once the engine is closed.
     shutdown: Option<Vec<oneshot::Sender<()>>>,
+    /// A backup's read-only view: serves `Stale` reads only.
+    read_only: bool,
+    /// Set while a read-only shard serves a `Stale` read through the read handlers.
+    serving_stale: bool,
+    /// When a read-only shard last caught up with the primary.
+    caught_up_at: Option<Instant>,
 }
 
 impl Shard {
@@ -189,6 +196,9 @@ impl Shard {
             group_commits: 0,
             committed_ops: 0,
             shutdown: None,
+            read_only: false,
+            serving_stale: false,
+            caught_up_at: None,
         }
     }
 
@@ -228,8 +238,25 @@ impl Shard {
     /// certainly valid (a primary whose lease may have expired could already
     /// have been replaced, so it serves neither writes nor linearizable
     /// reads), the client owns the shard and the shard is not deleted.
+    /// A backup's read-only shard over an engine opened read-only, whose meta
+    /// (as last made durable by the primary) is `meta`. It serves [`Stale`]
+    /// reads, catching up with the primary at most every [`CATCH_UP_MS`].
+    pub fn read_only(engine: Arc<dyn Engine>, meta: ShardMeta, limits: Limits) -> Self {
+        let mut shard = Shard::new(engine, meta, limits, Arc::new(LeaseGate::new(Default::default())));
+        shard.read_only = true;
+        shard.caught_up_at = Some(Instant::now());
+        shard
+    }
+
     fn check_readable(&self, client_id: &str) -> Result<(), AttacheError> {
-        if !self.gate.is_open() {
+        if self.read_only && !self.serving_stale {
+            return Err(AttacheError::unavailable(format!(
+                "shard {}: this node is a backup for its volume and serves only reads that accept stale data; \
+                 retry at the primary",
+                self.meta.shard_id
+            )));
+        }
+        if !self.gate.is_open() && !self.serving_stale {
             return Err(AttacheError::unavailable(format!(
                 "shard {}: this node's lease may have expired, so it serves no requests; retry (another node may take over)",
                 self.meta.shard_id
@@ -249,6 +276,12 @@ impl Shard {
     }
 
     fn check_writable(&self, client_id: &str) -> Result<(), AttacheError> {
+        if self.read_only {
+            return Err(AttacheError::unavailable(format!(
+                "shard {}: this node is a backup for its volume and takes no writes; retry at the primary",
+                self.meta.shard_id
+            )));
+        }
         self.check_readable(client_id)?;
 
         if self.state == ShardState::ReadOnly {
@@ -608,5 +641,64 @@ impl Handler<Stats> for Shard {
             group_commits: self.group_commits,
             committed_ops: self.committed_ops,
         }))
+    }
+}
+
+/// How often, at most, a backup's read-only shard catches up with the primary, ms.
+pub const CATCH_UP_MS: u64 = 100;
+
+/// Reads that a backup may serve from its possibly stale view.
+pub trait StaleRead: ShardOp {}
+impl StaleRead for Get {}
+impl StaleRead for BatchGet {}
+impl StaleRead for Scan {}
+impl StaleRead for ScanIndex {}
+
+/// A read that accepts possibly stale data: a backup serves it from its
+/// read-only view; the answer comes with the age of that view in ms (how long
+/// ago it caught up with the primary; 0 from the primary itself).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stale<M>(pub M);
+
+impl<M: StaleRead> Message for Stale<M> {
+    type Reply = Result<(M::Ok, u64), AttacheError>;
+}
+
+impl<M: StaleRead> ShardOp for Stale<M> {
+    type Ok = (M::Ok, u64);
+    fn client_id(&self) -> &str {
+        self.0.client_id()
+    }
+}
+
+impl<M> Handler<Stale<M>> for Shard
+where
+    M: StaleRead,
+    Shard: Handler<M>,
+{
+    async fn handle(&mut self, msg: Stale<M>, ctx: &Context<Self>) -> Reply<Result<(M::Ok, u64), AttacheError>> {
+        if !self.read_only {
+            return <Self as Handler<M>>::handle(self, msg.0, ctx).await.map(|r| r.map(|v| (v, 0)));
+        }
+        let stale_for = self.caught_up_at.map_or(u64::MAX, |t| t.elapsed().as_millis() as u64);
+        if stale_for >= CATCH_UP_MS {
+            if let Err(e) = self.engine.catch_up().await {
+                return Reply::now(Err(read_error(self.meta.shard_id, e)));
+            }
+            match Shard::load_meta(&*self.engine).await {
+                Ok(Some(meta)) => {
+                    self.state = meta.state;
+                    self.meta = meta;
+                }
+                Ok(None) => {}
+                Err(e) => return Reply::now(Err(read_error(self.meta.shard_id, e))),
+            }
+            self.caught_up_at = Some(Instant::now());
+        }
+        let age = self.caught_up_at.map_or(0, |t| t.elapsed().as_millis() as u64);
+        self.serving_stale = true;
+        let reply = <Self as Handler<M>>::handle(self, msg.0, ctx).await;
+        self.serving_stale = false;
+        reply.map(move |r| r.map(|v| (v, age)))
     }
 }
