@@ -1,16 +1,18 @@
 //! A retrying gRPC client for Attaché, used by `attache client`.
 //!
-//! A call that fails with `UNAVAILABLE` is retried with exponential backoff
+//! A call that fails with `UNAVAILABLE`, or in transport, is retried with exponential backoff
 //! and full jitter (see `attache_actors::meta::retry`) until a deadline; when
 //! the status names the primary (`attache-primary`), the next attempt goes
 //! there. Only calls that are safe to repeat are retried: puts, batch puts and
 //! deletes write the same values again, reads repeat; `NewShard` is not
-//! retried once sent, since a repeat would create a second shard.
+//! retried once sent, since a repeat would create a second shard. Without a
+//! hint (the node is down, or knows no primary yet), the next attempt goes to
+//! the next known node.
 
 use std::time::Duration;
 
-use attache_actors::service::primary_hint;
 use attache_actors::service::proto::attache_client::AttacheClient;
+use attache_actors::service::{is_rejection, primary_hint};
 use rand::Rng;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -37,10 +39,25 @@ impl Default for RetrySettings {
 }
 
 /// A client that follows primary hints.
+#[derive(Clone)]
 pub struct Client {
+    /// Every node address known (from `--addr`, and hints learned).
+    addrs: Vec<String>,
+    /// The address calls go to now.
     addr: String,
     inner: AttacheClient<Channel>,
     retry: RetrySettings,
+}
+
+/// Whether a call that failed with `s` may be sent again: the node could not
+/// serve it (`UNAVAILABLE`), or the transport failed before an answer came
+/// (the call may have been applied; the calls retried are safe to repeat).
+fn retryable(s: &Status) -> bool {
+    match s.code() {
+        Code::Unavailable => true,
+        Code::Unknown | Code::Cancelled | Code::DeadlineExceeded => !is_rejection(s),
+        _ => false,
+    }
 }
 
 /// A channel to `addr` (`host:port` or a URL) with connect and request timeouts.
@@ -57,9 +74,22 @@ fn client(channel: Channel) -> AttacheClient<Channel> {
 }
 
 impl Client {
-    /// A client of the node at `addr`.
-    pub fn new(addr: &str, retry: RetrySettings) -> anyhow::Result<Self> {
-        Ok(Client { addr: addr.to_string(), inner: client(channel(addr)?), retry })
+    /// A client of the nodes at `addrs` (`host:port`, at least one); calls go
+    /// to the first until it is unavailable without naming the primary.
+    pub fn new(addrs: &[String], retry: RetrySettings) -> anyhow::Result<Self> {
+        let addr = addrs.first().ok_or_else(|| anyhow::anyhow!("no node address given"))?.clone();
+        Ok(Client { addrs: addrs.to_vec(), inner: client(channel(&addr)?), addr, retry })
+    }
+
+    /// Sends later calls to `addr`, remembering it.
+    fn switch(&mut self, addr: String) {
+        if let Ok(ch) = channel(&addr) {
+            if !self.addrs.contains(&addr) {
+                self.addrs.push(addr.clone());
+            }
+            self.addr = addr;
+            self.inner = client(ch);
+        }
     }
 
     /// The address calls currently go to.
@@ -78,16 +108,20 @@ impl Client {
         loop {
             match call(self.inner.clone()).await {
                 Ok(resp) => return Ok(resp.into_inner()),
-                Err(status) if status.code() == Code::Unavailable => {
+                Err(status) if retryable(&status) => {
                     attempt += 1;
-                    if let Some(hint) = primary_hint(&status) {
-                        if hint != self.addr {
+                    match primary_hint(&status) {
+                        Some(hint) if hint != self.addr => {
                             tracing::info!(from = %self.addr, to = %hint, "following the primary hint");
-                            if let Ok(ch) = channel(&hint) {
-                                self.addr = hint;
-                                self.inner = client(ch);
-                            }
+                            self.switch(hint);
                         }
+                        Some(_) => {}
+                        // No hint (the node is down, or knows no primary): try the next node.
+                        None if self.addrs.len() > 1 => {
+                            let at = self.addrs.iter().position(|a| *a == self.addr).unwrap_or(0);
+                            self.switch(self.addrs[(at + 1) % self.addrs.len()].clone());
+                        }
+                        None => {}
                     }
                     let cap = self.retry.initial.saturating_mul(1 << attempt.min(16)).min(self.retry.max);
                     let sleep = Duration::from_millis(rand::rng().random_range(0..=cap.as_millis() as u64));

@@ -21,9 +21,10 @@ use crate::records::{self, Format};
 /// `attache client` flags.
 #[derive(Args, Debug)]
 pub struct ClientArgs {
-    /// Node address (`host:port`).
-    #[arg(long, default_value = "127.0.0.1:7400", env = "ATTACHE_ADDR")]
-    pub addr: String,
+    /// Node addresses (`host:port`, comma-separated); calls go to the first
+    /// and move on when it is unavailable, following primary hints.
+    #[arg(long, default_value = "127.0.0.1:7400", env = "ATTACHE_ADDR", value_delimiter = ',')]
+    pub addr: Vec<String>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -74,6 +75,10 @@ pub enum ClientCmd {
         #[command(flatten)]
         sel: ShardSel,
         key: String,
+        /// Accept possibly stale data: any node that has the volume (a
+        /// backup too) answers, and says how old its view is.
+        #[arg(long)]
+        stale: bool,
     },
     /// Delete one key.
     Delete {
@@ -268,9 +273,15 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 println!("ok")
             }
         }
-        ClientCmd::Get { sel, key } => {
-            let req =
-                proto::GetRequest { shard_id: sel.shard, client_id: sel.client_id, key: key.into(), consistency: 0 };
+        ClientCmd::Get { sel, key, stale } => {
+            let consistency =
+                if stale { proto::ReadConsistency::StaleOk } else { proto::ReadConsistency::Linearizable };
+            let req = proto::GetRequest {
+                shard_id: sel.shard,
+                client_id: sel.client_id,
+                key: key.into(),
+                consistency: consistency as i32,
+            };
             let r = c
                 .retrying(|mut c| {
                     let r = req.clone();
@@ -281,8 +292,10 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             match (json, r.found) {
                 (true, _) => println!(
                     "{}",
-                    json!({"key": text(&r.key), "found": r.found, "value": r.found.then(|| text(&r.value))})
+                    json!({"key": text(&r.key), "found": r.found, "value": r.found.then(|| text(&r.value)),
+                           "max_staleness_ms": r.max_staleness_ms})
                 ),
+                (false, true) if stale => println!("{}\t(at most {} ms stale)", text(&r.value), r.max_staleness_ms),
                 (false, true) => println!("{}", text(&r.value)),
                 (false, false) => anyhow::bail!("key {} not found", text(&r.key)),
             }
@@ -527,7 +540,7 @@ async fn load(
     let (shard_id, client_id) = (sel.shard, sel.client_id);
     let mut results = futures::stream::iter(batches)
         .map(|(entries, read)| {
-            let mut c = Client::new(c.addr(), RetrySettings::default()).expect("address checked at start");
+            let mut c = c.clone();
             let req = proto::BatchPutRequest { shard_id, client_id: client_id.clone(), entries };
             let n = req.entries.len() as u64;
             async move {

@@ -43,9 +43,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Dev(args) => {
             let data = args.data_dir.display().to_string();
-            serve::run_node(args.settings(), move |addr| {
+            serve::run_nodes(args.settings(), move |addrs| {
                 println!("attache: dev cluster ready; data in {data}. Try:");
-                println!("  attache client --addr {addr} new-shard --client-id me");
+                println!("  attache client --addr {} new-shard --client-id me", addrs[0]);
+                println!("  attache client --addr {} status", addrs[0]);
                 println!("Stop with Ctrl-C.");
             })
         }

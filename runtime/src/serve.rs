@@ -37,9 +37,14 @@ pub struct DevArgs {
     /// gRPC listen address; port 0 picks a free port.
     #[arg(long, default_value = DEFAULT_LISTEN, env = "ATTACHE_LISTEN")]
     pub listen: SocketAddr,
-    /// How many volumes (local directories) the node serves.
-    #[arg(long, default_value_t = 2)]
-    pub volumes: usize,
+    /// How many nodes to run; node `i` listens on the `--listen` port + i - 1
+    /// (or a free port when it is 0) and is the home of `vol-i`.
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// How many volumes (local directories); every node attaches every volume.
+    /// Default: 2, or the number of nodes when larger.
+    #[arg(long)]
+    pub volumes: Option<usize>,
     /// Prometheus endpoint address (`/metrics`); off when absent.
     #[arg(long, env = "ATTACHE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -51,23 +56,39 @@ pub struct DevArgs {
 }
 
 impl DevArgs {
-    /// The settings of the one node `attache dev` runs.
-    pub fn settings(self) -> NodeSettings {
-        let volumes = (1..=self.volumes.max(1)).map(|i| format!("vol-{i}")).collect();
-        let mut node = attache_actors::node::NodeConfig::new(String::new(), self.data_dir.join("volumes"), volumes);
-        node.lease_ttl_ms = self.lease_ttl_ms;
-        NodeSettings {
-            data_dir: self.data_dir.join("node-1"),
-            listen: self.listen,
-            advertise: None,
-            metrics_listen: self.metrics_listen,
-            metadata: format!("embedded:{}", self.data_dir.join("meta").display()),
-            region: None,
-            threads: crate::config::default_threads(),
-            log_format: self.log.log_format.unwrap_or_default(),
-            log_level: self.log.log_level.unwrap_or_else(|| "info".into()),
-            node,
-        }
+    /// The settings of the nodes `attache dev` runs.
+    pub fn settings(self) -> Vec<NodeSettings> {
+        let n = self.nodes.max(1);
+        let volumes: Vec<String> = (1..=self.volumes.unwrap_or(2.max(n)).max(1)).map(|i| format!("vol-{i}")).collect();
+        (1..=n)
+            .map(|i| {
+                let mut node = attache_actors::node::NodeConfig::new(
+                    String::new(),
+                    self.data_dir.join("volumes"),
+                    volumes.clone(),
+                );
+                node.lease_ttl_ms = self.lease_ttl_ms;
+                if n > 1 {
+                    node.home_volumes = volumes.iter().filter(|v| **v == format!("vol-{i}")).cloned().collect();
+                }
+                let mut listen = self.listen;
+                if listen.port() != 0 {
+                    listen.set_port(listen.port() + i as u16 - 1);
+                }
+                NodeSettings {
+                    data_dir: self.data_dir.join(format!("node-{i}")),
+                    listen,
+                    advertise: None,
+                    metrics_listen: if i == 1 { self.metrics_listen } else { None },
+                    metadata: format!("embedded:{}", self.data_dir.join("meta").display()),
+                    region: None,
+                    threads: crate::config::default_threads(),
+                    log_format: self.log.log_format.unwrap_or_default(),
+                    log_level: self.log.log_level.clone().unwrap_or_else(|| "info".into()),
+                    node,
+                }
+            })
+            .collect()
     }
 }
 
@@ -112,45 +133,91 @@ fn jitter_seed() -> u64 {
 }
 
 /// Runs one node until SIGINT/SIGTERM. `banner` prints extra lines once it serves.
-pub fn run_node(s: NodeSettings, banner: impl FnOnce(&str) + Send + 'static) -> anyhow::Result<()> {
-    init_logging(s.log_format, &s.log_level);
+pub fn run_node(s: NodeSettings, banner: impl FnOnce(&[String]) + Send + 'static) -> anyhow::Result<()> {
+    run_nodes(vec![s], banner)
+}
+
+/// A node that serves gRPC.
+struct Running {
+    node: attache_actors::Addr<Node>,
+    node_id: u64,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Runs `nodes` in this process until SIGINT/SIGTERM: one actix host, one
+/// metadata backend per distinct `--metadata` (so `attache dev` nodes share
+/// the embedded store), a gRPC server per node. On the signal every server
+/// stops taking connections and finishes its requests, then every node shuts
+/// down. `banner` gets the listen addresses once all serve.
+pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send + 'static) -> anyhow::Result<()> {
+    let first = nodes.first().context("no node to run")?.clone();
+    init_logging(first.log_format, &first.log_level);
     actix_rt::System::new().block_on(async move {
-        if let Some(addr) = s.metrics_listen {
+        if let Some(addr) = first.metrics_listen {
             serve_metrics(addr).with_context(|| format!("cannot serve metrics on {addr}"))?;
         }
-        let listener =
-            tokio::net::TcpListener::bind(s.listen).await.with_context(|| format!("cannot listen on {}", s.listen))?;
-        let local = listener.local_addr()?;
-        let mut cfg = s.node.clone();
-        cfg.advertise_addr = s.advertise.clone().unwrap_or_else(|| local.to_string());
-        let backend = open_metadata(&s.metadata).await?;
-        let meta = MetaOps::new(backend, RetryPolicy::default(), jitter_seed());
-        let host = HostHandle::new(ActixHost::new(s.threads));
-        let limits = cfg.limits.clone();
-        let volumes = Arc::new(LocalVolumes::new(cfg.volume_root.clone()));
-        let parts = NodeParts {
-            meta,
-            local: Arc::new(FileLocalStore::new(&s.data_dir)),
-            factory: volumes.clone(),
-            provider: volumes,
-            gate: Arc::new(LeaseGate::new(cfg.lease.clone())),
-        };
-        let node = host.spawn(Node::new(cfg, parts), 4096);
-        let record = node.send(WaitReady).await?.context("node start-up failed")?;
-        println!("attache: node {} serving gRPC on {local} (volumes: {})", record.node_id, record.volumes.join(", "));
-        if let Some(addr) = s.metrics_listen {
+        let host = HostHandle::new(ActixHost::new(first.threads));
+        let mut backends: std::collections::BTreeMap<String, Arc<dyn MetadataBackend>> = Default::default();
+        let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+        let mut running = Vec::new();
+        let mut addrs = Vec::new();
+        for s in nodes {
+            let listener = tokio::net::TcpListener::bind(s.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", s.listen))?;
+            let local = listener.local_addr()?;
+            let mut cfg = s.node.clone();
+            cfg.advertise_addr = s.advertise.clone().unwrap_or_else(|| local.to_string());
+            let backend = match backends.get(&s.metadata) {
+                Some(b) => b.clone(),
+                None => {
+                    let b = open_metadata(&s.metadata).await?;
+                    backends.insert(s.metadata.clone(), b.clone());
+                    b
+                }
+            };
+            let limits = cfg.limits.clone();
+            let volumes = Arc::new(LocalVolumes::new(cfg.volume_root.clone()));
+            let parts = NodeParts {
+                meta: MetaOps::new(backend, RetryPolicy::default(), jitter_seed()),
+                local: Arc::new(FileLocalStore::new(&s.data_dir)),
+                factory: volumes.clone(),
+                provider: volumes,
+                gate: Arc::new(LeaseGate::new(cfg.lease.clone())),
+            };
+            let node = host.spawn(Node::new(cfg, parts), 4096);
+            let record = node.send(WaitReady).await?.context("node start-up failed")?;
+            println!(
+                "attache: node {} serving gRPC on {local} (volumes: {})",
+                record.node_id,
+                record.volumes.join(", ")
+            );
+            let service = AttacheService::new(node.clone()).into_server(limits.max_batch_bytes);
+            let mut stop = stop_tx.subscribe();
+            let server = tokio::spawn(async move {
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                        let _ = stop.recv().await;
+                    })
+                    .await
+                    .context("gRPC server failed")
+            });
+            running.push(Running { node, node_id: record.node_id, server });
+            addrs.push(local.to_string());
+        }
+        if let Some(addr) = first.metrics_listen {
             println!("attache: metrics on http://{addr}/metrics");
         }
-        banner(&local.to_string());
-        let service = AttacheService::new(node.clone()).into_server(limits.max_batch_bytes);
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
-            .await
-            .context("gRPC server failed")?;
-        node.send(ShutdownNode).await?;
-        node.stop();
-        println!("attache: node {} stopped", record.node_id);
+        banner(&addrs);
+        shutdown_signal().await;
+        let _ = stop_tx.send(());
+        for r in running {
+            r.server.await.context("gRPC server task")??;
+            r.node.send(ShutdownNode).await?;
+            r.node.stop();
+            println!("attache: node {} stopped", r.node_id);
+        }
         Ok(())
     })
 }
