@@ -34,7 +34,7 @@ use crate::provider::VolumeProvider;
 use crate::shard::layout::ShardState;
 use crate::shard::{Close, ShardId, ShardInfo, ShardOp, Stale, StaleRead};
 use crate::shard_manager::{CreateShard, DeleteShard, Routed, ShardManager, ShardManagerConfig};
-use crate::volume::{FailoverTiming, Role, StopVolume, VolumeManager, VolumeParts};
+use crate::volume::{FailoverTiming, LeaseLapsed, Role, StopVolume, VolumeManager, VolumeParts};
 
 /// The file in the node's data dir that holds its id.
 pub const NODE_ID_FILE: &str = "node-id";
@@ -410,6 +410,16 @@ impl Handler<LeaseLost> for Node {
             return Reply::now(());
         }
         tracing::warn!(lease = msg.lease, "node lease expired; registering again");
+        self.gate.close();
+        // While the lease was gone, a backup may have taken any of this
+        // node's volumes over. Every primary steps down before the gate can
+        // open again; one still named by its owner record claims again, at a
+        // new epoch.
+        for (volume_id, slot) in &self.volumes {
+            if slot.manager.send(LeaseLapsed).await.is_err() {
+                tracing::warn!(volume = %volume_id, "volume manager gone while the lease lapsed");
+            }
+        }
         let sent = Instant::now();
         match self.meta.grant_lease(self.cfg.lease_ttl_ms).await {
             Ok(lease) => {

@@ -354,6 +354,22 @@ impl Handler<StopVolume> for VolumeManager {
     }
 }
 
+/// The node's lease expired: as primary, step down now (without vacating:
+/// the owner record decides who serves next). Replies once the shards are closed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseLapsed;
+
+impl Message for LeaseLapsed {
+    type Reply = ();
+}
+
+impl Handler<LeaseLapsed> for VolumeManager {
+    async fn handle(&mut self, _msg: LeaseLapsed, _ctx: &Context<Self>) -> Reply<()> {
+        self.step_down(false, "the node's lease expired").await;
+        Reply::now(())
+    }
+}
+
 /// The volume's current role.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GetRole;

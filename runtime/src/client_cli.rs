@@ -193,6 +193,19 @@ fn parse_index(s: &str) -> anyhow::Result<proto::IndexEntry> {
     Ok(proto::IndexEntry { name: name.into(), value: value.as_bytes().to_vec() })
 }
 
+/// Sends `req` with `method`, retrying as `Client::retrying` does; a final
+/// failure becomes the command's error.
+macro_rules! retry {
+    ($c:expr, $method:ident, $req:expr) => {
+        $c.retrying(|mut c| {
+            let r = $req.clone();
+            async move { c.$method(r).await }
+        })
+        .await
+        .map_err(status_error)
+    };
+}
+
 /// A client command's error for a gRPC status: the canonical code name and
 /// the server's message, e.g. `NOT_FOUND: shard 9 does not exist: ...`.
 fn status_error(s: tonic::Status) -> anyhow::Error {
@@ -232,24 +245,12 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         }
         ClientCmd::CloseShard(sel) => {
             let req = proto::ShardRef { shard_id: sel.shard, client_id: sel.client_id };
-            let info = c
-                .retrying(|mut c| {
-                    let r = req.clone();
-                    async move { c.close_shard(r).await }
-                })
-                .await
-                .map_err(status_error)?;
+            let info = retry!(c, close_shard, req)?;
             print_info(json, &info);
         }
         ClientCmd::DeleteShard(sel) => {
             let req = proto::ShardRef { shard_id: sel.shard, client_id: sel.client_id };
-            let info = c
-                .retrying(|mut c| {
-                    let r = req.clone();
-                    async move { c.delete_shard(r).await }
-                })
-                .await
-                .map_err(status_error)?;
+            let info = retry!(c, delete_shard, req)?;
             print_info(json, &info);
         }
         ClientCmd::Put { sel, key, value, indexes } => {
@@ -261,12 +262,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 value: value.into(),
                 indexes,
             };
-            c.retrying(|mut c| {
-                let r = req.clone();
-                async move { c.put(r).await }
-            })
-            .await
-            .map_err(status_error)?;
+            retry!(c, put, req)?;
             if json {
                 println!("{}", json!({"ok": true}))
             } else {
@@ -282,13 +278,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 key: key.into(),
                 consistency: consistency as i32,
             };
-            let r = c
-                .retrying(|mut c| {
-                    let r = req.clone();
-                    async move { c.get(r).await }
-                })
-                .await
-                .map_err(status_error)?;
+            let r = retry!(c, get, req)?;
             match (json, r.found) {
                 (true, _) => println!(
                     "{}",
@@ -302,12 +292,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         }
         ClientCmd::Delete { sel, key } => {
             let req = proto::DeleteRequest { shard_id: sel.shard, client_id: sel.client_id, key: key.into() };
-            c.retrying(|mut c| {
-                let r = req.clone();
-                async move { c.delete(r).await }
-            })
-            .await
-            .map_err(status_error)?;
+            retry!(c, delete, req)?;
             if json {
                 println!("{}", json!({"ok": true}))
             } else {
@@ -321,13 +306,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 keys: keys.into_iter().map(String::into_bytes).collect(),
                 consistency: 0,
             };
-            let stream = c
-                .retrying(|mut c| {
-                    let r = req.clone();
-                    async move { c.batch_get(r).await }
-                })
-                .await
-                .map_err(status_error)?;
+            let stream = retry!(c, batch_get, req)?;
             let results: Vec<proto::GetResponse> = stream.try_collect().await.map_err(status_error)?;
             for r in results {
                 if json {
@@ -351,13 +330,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 limit,
                 consistency: 0,
             };
-            let mut stream = c
-                .retrying(|mut c| {
-                    let r = req.clone();
-                    async move { c.scan(r).await }
-                })
-                .await
-                .map_err(status_error)?;
+            let mut stream = retry!(c, scan, req)?;
             while let Some(page) = stream.next().await {
                 for kv in page.map_err(status_error)?.entries {
                     if json {
@@ -376,13 +349,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 value_prefix: prefix.into(),
                 limit,
             };
-            let mut stream = c
-                .retrying(|mut c| {
-                    let r = req.clone();
-                    async move { c.scan_index(r).await }
-                })
-                .await
-                .map_err(status_error)?;
+            let mut stream = retry!(c, scan_index, req)?;
             while let Some(page) = stream.next().await {
                 for hit in page.map_err(status_error)?.hits {
                     if json {
@@ -395,13 +362,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         }
         ClientCmd::Stats(sel) => {
             let req = proto::ShardRef { shard_id: sel.shard, client_id: sel.client_id };
-            let s = c
-                .retrying(|mut c| {
-                    let r = req.clone();
-                    async move { c.shard_stats(r).await }
-                })
-                .await
-                .map_err(status_error)?;
+            let s = retry!(c, shard_stats, req)?;
             let info = s.info.clone().unwrap_or_default();
             if json {
                 println!(
@@ -422,13 +383,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         }
         ClientCmd::ListShards { client_id } => {
             let req = proto::ListShardsRequest { client_id };
-            let r = c
-                .retrying(|mut c| {
-                    let r = req.clone();
-                    async move { c.list_shards(r).await }
-                })
-                .await
-                .map_err(status_error)?;
+            let r = retry!(c, list_shards, req)?;
             for i in &r.shards {
                 print_info(json, i);
             }
@@ -599,13 +554,7 @@ async fn dump(c: &mut Client, sel: ShardSel, out: Option<PathBuf>, format: Forma
         limit: 0,
         consistency: 0,
     };
-    let mut stream = c
-        .retrying(|mut c| {
-            let r = req.clone();
-            async move { c.scan(r).await }
-        })
-        .await
-        .map_err(status_error)?;
+    let mut stream = retry!(c, scan, req)?;
     let mut n = 0u64;
     while let Some(page) = stream.next().await {
         let page = page.map_err(status_error)?;

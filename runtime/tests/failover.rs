@@ -27,37 +27,12 @@ struct Cluster {
 }
 
 fn start_cluster(root: &Path) -> Cluster {
-    let meta_dir = root.join("meta");
-    let meta = common::start(
-        &["meta", "--listen", "127.0.0.1:0", "--data-dir", meta_dir.to_str().unwrap()],
-        "serving gRPC on ",
-    );
+    let meta = common::start_meta(&root.join("meta"));
     let metadata = format!("grpc://{}", meta.addr);
-    let volumes = root.join("volumes");
     // Started one by one, so the first is the primary of vol-1.
-    let nodes = ["a", "b", "c"]
+    let nodes = ["node-a", "node-b", "node-c"]
         .iter()
-        .map(|n| {
-            let data = root.join(format!("node-{n}"));
-            common::start(
-                &[
-                    "node",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--data-dir",
-                    data.to_str().unwrap(),
-                    "--volume-root",
-                    volumes.to_str().unwrap(),
-                    "--volumes",
-                    "vol-1",
-                    "--metadata",
-                    &metadata,
-                    "--lease-ttl-ms",
-                    LEASE_TTL_MS,
-                ],
-                "serving gRPC on ",
-            )
-        })
+        .map(|n| common::start_node(root, n, "vol-1", &metadata, &["--lease-ttl-ms", LEASE_TTL_MS]))
         .collect();
     Cluster { _meta: meta, nodes }
 }

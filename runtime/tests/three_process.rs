@@ -13,32 +13,9 @@ use tonic::Code;
 async fn two_nodes_share_one_metadata_store() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    let meta_dir = root.join("meta");
-    let meta = common::start(
-        &["meta", "--listen", "127.0.0.1:0", "--data-dir", meta_dir.to_str().unwrap()],
-        "serving gRPC on ",
-    );
+    let meta = common::start_meta(&root.join("meta"));
     let metadata = format!("grpc://{}", meta.addr);
-    let volumes = root.join("volumes");
-    let node = |name: &str, vols: &str| {
-        let data = root.join(name);
-        common::start(
-            &[
-                "node",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--volume-root",
-                volumes.to_str().unwrap(),
-                "--volumes",
-                vols,
-                "--metadata",
-                &metadata,
-            ],
-            "serving gRPC on ",
-        )
-    };
+    let node = |name: &str, vols: &str| common::start_node(root, name, vols, &metadata, &[]);
     let a = node("node-a", "vol-a1,vol-a2");
     let b = node("node-b", "vol-b1");
     let (mut ca, mut cb) = (a.client().await, b.client().await);

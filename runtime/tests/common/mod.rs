@@ -63,6 +63,32 @@ pub fn start_dev(dir: &Path, extra: &[&str]) -> Proc {
     start(&args, "serving gRPC on ")
 }
 
+/// Starts `attache meta` on a free port with its data in `dir`.
+pub fn start_meta(dir: &Path) -> Proc {
+    start(&["meta", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()], "serving gRPC on ")
+}
+
+/// Starts `attache node` on a free port: data dir `{root}/{name}`, volumes
+/// (comma-separated) under `{root}/volumes`, metadata `metadata`, and `extra` flags.
+pub fn start_node(root: &Path, name: &str, volumes: &str, metadata: &str, extra: &[&str]) -> Proc {
+    let (data, volume_root) = (root.join(name), root.join("volumes"));
+    let mut args = vec![
+        "node",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--volume-root",
+        volume_root.to_str().unwrap(),
+        "--volumes",
+        volumes,
+        "--metadata",
+        metadata,
+    ];
+    args.extend_from_slice(extra);
+    start(&args, "serving gRPC on ")
+}
+
 impl Proc {
     /// Sends `signal` and waits for the exit status (up to 60 s).
     pub fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
