@@ -274,11 +274,14 @@ impl Node {
                     Ok(ttl) => gate.renewed(sent, ttl),
                     Err(MetaError::LeaseNotFound(_)) => {
                         gate.close();
+                        metrics::gauge!("attache_lease_valid").set(0.0);
                         me.do_send(LeaseLost { lease });
                         return;
                     }
                     Err(e) => tracing::warn!(lease, error = %e, "lease renewal failed; retrying"),
                 }
+                // 1 while this node may write (its lease is certainly valid), else 0.
+                metrics::gauge!("attache_lease_valid").set(if gate.is_open() { 1.0 } else { 0.0 });
             }
         });
     }

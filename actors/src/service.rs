@@ -119,8 +119,10 @@ impl AttacheService {
         AttacheService { node }
     }
 
-    /// The tonic server wrapper, with message size limits that fit the
-    /// largest batch `Limits` allows (`max_bytes`, plus framing).
+    /// The tonic server wrapper. Requests may be up to twice the largest
+    /// batch `Limits` allows (`max_bytes`) plus 1 MiB, so an oversized batch
+    /// still reaches the service and gets its `INVALID_ARGUMENT` with the
+    /// limit in the message, rather than a transport error.
     pub fn into_server(self, max_bytes: usize) -> Server {
         proto::attache_server::AttacheServer::new(self)
             .max_decoding_message_size(2 * max_bytes + (1 << 20))

@@ -282,3 +282,46 @@ async fn sigterm_finishes_in_flight_writes_and_exits_cleanly() {
     let p = common::start_dev(dir.path(), &[]);
     check_all_present(&mut p.client().await, shard, &acked).await;
 }
+
+/// `GET path` on `addr` over plain HTTP/1.0; the response body.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_reports_shard_io_latency_and_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics = format!("127.0.0.1:{port}");
+    let p = common::start_dev(dir.path(), &["--metrics-listen", &metrics]);
+    let mut c = p.client().await;
+    let s = new_shard(&mut c, "m", 0).await.shard_id;
+    put(&mut c, s, "m", b"k", b"v").await.unwrap();
+    assert_eq!(get(&mut c, s, "m", b"k").await.unwrap(), Some(b"v".to_vec()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let body = loop {
+        let body = http_get(&metrics, "/metrics");
+        if body.contains("attache_lease_valid") || std::time::Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    for metric in [
+        "attache_shard_ops_written_total",
+        "attache_shard_bytes_written_total",
+        "attache_shard_ops_read_total",
+        "attache_shard_live_bytes",
+        "attache_request_duration_seconds_bucket",
+        "attache_group_commit_ops_bucket",
+        "attache_lease_valid",
+    ] {
+        assert!(body.contains(metric), "/metrics lacks {metric}:\n{body}");
+    }
+    assert!(body.contains(&format!("shard=\"{s}\"")), "per-shard labels");
+}

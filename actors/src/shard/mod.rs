@@ -511,7 +511,9 @@ impl Handler<Get> for Shard {
         let (engine, shard_id) = (self.engine.clone(), self.meta.shard_id);
         Reply::later(async move {
             let record = engine.get(&layout::data_key(&msg.key)).await.map_err(|e| read_error(shard_id, e))?;
-            record.map(|r| layout::record_value(&r)).transpose().map_err(|e| read_error(shard_id, e))
+            let value = record.map(|r| layout::record_value(&r)).transpose().map_err(|e| read_error(shard_id, e))?;
+            count_read(shard_id, 1, value.as_ref().map_or(0, Vec::len));
+            Ok(value)
         })
     }
 }
