@@ -244,6 +244,13 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
     for c in clients {
         c.await.expect("client task");
     }
+    // Kill every node so the executor drops their tasks: an actor's task
+    // holds its own address, so a task left waiting on its mailbox would
+    // never be freed, and a long seed range would run out of memory.
+    for h in nodes.handles.values() {
+        handle.kill(h.id());
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
     let history = rec.history();
     RunOutcome {
         sim_ms: start.elapsed().as_millis() as u64,

@@ -158,7 +158,7 @@ impl MetaOps {
     /// id allocated before, across nodes and restarts of the store.
     ///
     /// Errors: transient errors past the retry policy; `Unavailable` after
-    /// [`MAX_CAS_ROUNDS`] lost races.
+    /// 1000 lost races in a row.
     pub async fn allocate_id(&self, name: &str) -> Result<u64, MetaError> {
         let key = format!("{ROOT}ids/{name}");
         for _ in 0..MAX_CAS_ROUNDS {
