@@ -1,20 +1,42 @@
 #!/usr/bin/env bash
 # Runs every test: the normal build (actix + RocksDB + real processes + etcd)
 # and the deterministic simulation build (RUSTFLAGS="--cfg madsim"), each in
-# its own target dir so neither rebuilds the other.
+# its own target dir so neither rebuilds the other. Prints how long each phase
+# took, so a slow CI run shows where its time went.
 #
 # Needs: clang + libclang-dev (RocksDB's bindgen), etcd-server (the etcd
 # conformance test). .ci/run installs them on Debian.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-$PWD/target}"
+sim_flags="--cfg madsim"
+sim_crates=(-p attache-actors -p attache-faults -p attache-sim)
 
-echo "== normal build: cargo test --workspace"
+phase_start=$(date +%s)
+phase() {
+    local now
+    now=$(date +%s)
+    if [ -n "${phase_name:-}" ]; then echo "== done: $phase_name in $((now - phase_start)) s"; fi
+    phase_name="$1"
+    phase_start=$now
+    if [ -n "$phase_name" ]; then echo "== $phase_name"; fi
+}
+
+phase "normal build: cargo test --workspace --all-targets --no-run (RocksDB's C++ is most of a cold build)"
+CARGO_TARGET_DIR="$target" cargo test --workspace --all-targets --no-run
+
+phase "simulation build: RUSTFLAGS='$sim_flags', target dir $target/madsim"
+RUSTFLAGS="$sim_flags" CARGO_TARGET_DIR="$target/madsim" cargo test "${sim_crates[@]}" --no-run
+RUSTFLAGS="$sim_flags" CARGO_TARGET_DIR="$target/madsim" cargo build -p attache-sim --bin attache-sim
+
+phase "normal tests: cargo test --workspace --all-targets, then doc tests"
 CARGO_TARGET_DIR="$target" cargo test --workspace --all-targets
 CARGO_TARGET_DIR="$target" cargo test --workspace --doc
 
-echo "== simulation build: RUSTFLAGS=--cfg madsim"
-RUSTFLAGS="--cfg madsim" CARGO_TARGET_DIR="$target/madsim" cargo test -p attache-actors -p attache-faults -p attache-sim
+phase "simulation tests: RUSTFLAGS='$sim_flags' cargo test ${sim_crates[*]}"
+RUSTFLAGS="$sim_flags" CARGO_TARGET_DIR="$target/madsim" cargo test "${sim_crates[@]}"
 
-echo "== simulation runs: every scenario, 20 seeds each, the first 2 replayed to check determinism"
+phase "simulation runs: every scenario, 20 seeds each, the first 2 replayed to check determinism"
 CARGO_TARGET_DIR="$target" scripts/sim.sh run --all-scenarios --seeds 0..20 --check-determinism 2
+
+phase ""

@@ -58,6 +58,11 @@ mod runner {
             /// Run the first N seeds of each scenario twice and fail if they differ.
             #[arg(long, default_value_t = 0)]
             check_determinism: u64,
+            /// Worker threads, each running whole seeds on its own simulated
+            /// runtime (runs are independent, so the results do not depend on
+            /// it). Default: the machine's cores.
+            #[arg(long, short = 'j', default_value_t = default_jobs())]
+            jobs: usize,
         },
         /// Run one (scenario, seed) with a trace of messages, faults and state changes.
         Replay {
@@ -72,6 +77,57 @@ mod runner {
             #[arg(long)]
             history_out: Option<PathBuf>,
         },
+    }
+
+    fn default_jobs() -> usize {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    }
+
+    /// Stack of a worker thread, in bytes: a whole simulated cluster runs on it.
+    const WORKER_STACK_BYTES: usize = 64 << 20;
+
+    /// One seed's result, sent from a worker to the thread that reports.
+    struct SeedResult {
+        seed: u64,
+        report: RunReport,
+        /// The digest of a second run of the same seed, when it was checked.
+        again: Option<u64>,
+    }
+
+    /// Runs every seed of `s` on `jobs` threads, handing each result to
+    /// `each` on the calling thread as it completes (not in seed order).
+    /// Stops early, and returns the error, when `each` fails.
+    fn run_seeds(
+        s: &Scenario,
+        seeds: std::ops::Range<u64>,
+        determinism: u64,
+        jobs: usize,
+        mut each: impl FnMut(SeedResult) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let next = std::sync::atomic::AtomicU64::new(seeds.start);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            for worker in 0..jobs.max(1) {
+                let (tx, next, seeds) = (tx.clone(), &next, seeds.clone());
+                std::thread::Builder::new()
+                    .name(format!("sim-worker-{worker}"))
+                    .stack_size(WORKER_STACK_BYTES)
+                    .spawn_scoped(scope, move || loop {
+                        let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if seed >= seeds.end {
+                            break;
+                        }
+                        let report = run_once(s, seed);
+                        let again = (seed - seeds.start < determinism).then(|| run_once(s, seed).digest);
+                        if tx.send(SeedResult { seed, report, again }).is_err() {
+                            break;
+                        }
+                    })
+                    .expect("spawn a simulation worker thread");
+            }
+            drop(tx);
+            rx.into_iter().try_for_each(&mut each)
+        })
     }
 
     fn parse_seeds(s: &str) -> Result<std::ops::Range<u64>, String> {
@@ -124,8 +180,8 @@ mod runner {
 
     pub fn main() -> ExitCode {
         match Cli::parse().cmd {
-            Cmd::Run { scenario, all_scenarios, seeds, history_out, check_determinism } => {
-                match run(scenario, all_scenarios, &seeds, history_out, check_determinism) {
+            Cmd::Run { scenario, all_scenarios, seeds, history_out, check_determinism, jobs } => {
+                match run(scenario, all_scenarios, &seeds, history_out, check_determinism, jobs) {
                     Ok(true) => ExitCode::SUCCESS,
                     Ok(false) => ExitCode::FAILURE,
                     Err(e) => {
@@ -153,6 +209,7 @@ mod runner {
         seeds: &str,
         history_out: Option<PathBuf>,
         determinism: u64,
+        jobs: usize,
     ) -> Result<bool, String> {
         let seeds = parse_seeds(seeds)?;
         let files = scenario_files(files, all)?;
@@ -171,28 +228,25 @@ mod runner {
             );
             pb.set_prefix(s.name.clone());
             let started = wall();
-            let (mut ops, mut faults, mut failovers, mut violations, mut sim_s) =
+            let (mut ops, mut faults, mut failovers, mut violations, mut sim_ms) =
                 (0u64, 0usize, Vec::<Failover>::new(), 0usize, 0u64);
-            for seed in seeds.clone() {
-                let report = run_once(s, seed);
-                if seed - seeds.start < determinism {
-                    let again = run_once(s, seed);
-                    if again.digest != report.digest {
-                        clean = false;
-                        pb.suspend(|| {
-                            println!(
-                                "NONDETERMINISTIC: {} seed {seed}: two runs differ ({:x} vs {:x})",
-                                s.name, report.digest, again.digest
-                            )
-                        });
-                    }
+            run_seeds(s, seeds.clone(), determinism, jobs, |SeedResult { seed, report, again }| {
+                if let Some(again) = again.filter(|d| *d != report.digest) {
+                    clean = false;
+                    failing.push((path.clone(), seed));
+                    pb.suspend(|| {
+                        println!(
+                            "NONDETERMINISTIC: {} seed {seed}: two runs differ ({:x} vs {again:x})",
+                            s.name, report.digest
+                        )
+                    });
                 }
                 if let Some(dir) = &history_out {
                     write_history(dir, &report)?;
                 }
                 ops += report.summary.ops.invoked;
                 faults += report.summary.faults.len();
-                sim_s += report.outcome.sim_ms / 1000;
+                sim_ms += report.outcome.sim_ms;
                 failovers.extend(report.summary.failovers.iter().cloned());
                 if !report.summary.violations.is_empty() {
                     clean = false;
@@ -200,11 +254,12 @@ mod runner {
                     for v in report.summary.violations.iter().take(3) {
                         pb.suspend(|| println!("VIOLATION {} seed {seed}: [{}] {}", s.name, v.checker, v.message));
                     }
-                    failing.push(replay_command(path, seed));
+                    failing.push((path.clone(), seed));
                 }
                 pb.set_message(format!("{violations} violations"));
                 pb.inc(1);
-            }
+                Ok(())
+            })?;
             pb.finish_and_clear();
             let secs = started.elapsed().as_secs_f64();
             all_failovers.extend(failovers.iter().map(|f| f.duration_ms));
@@ -215,7 +270,7 @@ mod runner {
                 faults,
                 failovers.len(),
                 violations,
-                sim_s as f64 / secs,
+                sim_ms as f64 / 1000.0 / secs,
                 secs,
             ));
         }
@@ -228,7 +283,10 @@ mod runner {
         }
         let wall_total = total_wall.elapsed().as_secs_f64();
         let runs: u64 = rows.iter().map(|r| r.1).sum();
-        println!("{runs} runs in {wall_total:.1} s ({:.1} seeds/min)", runs as f64 / wall_total * 60.0);
+        println!(
+            "{runs} runs in {wall_total:.1} s ({:.1} seeds/min with --jobs {jobs})",
+            runs as f64 / wall_total * 60.0
+        );
         if !all_failovers.is_empty() {
             all_failovers.sort_unstable();
             println!(
@@ -240,9 +298,11 @@ mod runner {
             );
         }
         if !failing.is_empty() {
+            failing.sort();
+            failing.dedup();
             println!("\nfailing runs; replay each with:");
-            for cmd in &failing {
-                println!("  {cmd}");
+            for (path, seed) in &failing {
+                println!("  {}", replay_command(path, *seed));
             }
         }
         Ok(clean)
