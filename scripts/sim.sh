@@ -7,4 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-$PWD/target}"
-RUSTFLAGS="--cfg madsim" CARGO_TARGET_DIR="$target/madsim" cargo run --quiet -p attache-sim --bin attache-sim -- "$@"
+# Extra cargo settings (a TOML file), as .ci/run passes .ci/cargo-ci.toml.
+cargo=(cargo)
+if [ -n "${ATTACHE_CARGO_CONFIG:-}" ]; then cargo+=(--config "$ATTACHE_CARGO_CONFIG"); fi
+RUSTFLAGS="--cfg madsim" CARGO_TARGET_DIR="$target/madsim" "${cargo[@]}" run --quiet -p attache-sim --bin attache-sim -- "$@"

@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-$PWD/target}"
 sim_flags="--cfg madsim"
 sim_crates=(-p attache-actors -p attache-faults -p attache-sim)
+# Extra cargo settings (a TOML file), as .ci/run passes .ci/cargo-ci.toml.
+cargo=(cargo)
+if [ -n "${ATTACHE_CARGO_CONFIG:-}" ]; then cargo+=(--config "$ATTACHE_CARGO_CONFIG"); fi
 
 phase_start=$(date +%s)
 phase() {
@@ -23,18 +26,18 @@ phase() {
 }
 
 phase "normal build: cargo test --workspace --all-targets --no-run (RocksDB's C++ is most of a cold build)"
-CARGO_TARGET_DIR="$target" cargo test --workspace --all-targets --no-run
+CARGO_TARGET_DIR="$target" "${cargo[@]}" test --workspace --all-targets --no-run
 
 phase "simulation build: RUSTFLAGS='$sim_flags', target dir $target/madsim"
-RUSTFLAGS="$sim_flags" CARGO_TARGET_DIR="$target/madsim" cargo test "${sim_crates[@]}" --no-run
-RUSTFLAGS="$sim_flags" CARGO_TARGET_DIR="$target/madsim" cargo build -p attache-sim --bin attache-sim
+RUSTFLAGS="$sim_flags" CARGO_TARGET_DIR="$target/madsim" "${cargo[@]}" test "${sim_crates[@]}" --no-run
+RUSTFLAGS="$sim_flags" CARGO_TARGET_DIR="$target/madsim" "${cargo[@]}" build -p attache-sim --bin attache-sim
 
 phase "normal tests: cargo test --workspace --all-targets, then doc tests"
-CARGO_TARGET_DIR="$target" cargo test --workspace --all-targets
-CARGO_TARGET_DIR="$target" cargo test --workspace --doc
+CARGO_TARGET_DIR="$target" "${cargo[@]}" test --workspace --all-targets
+CARGO_TARGET_DIR="$target" "${cargo[@]}" test --workspace --doc
 
 phase "simulation tests: RUSTFLAGS='$sim_flags' cargo test ${sim_crates[*]}"
-RUSTFLAGS="$sim_flags" CARGO_TARGET_DIR="$target/madsim" cargo test "${sim_crates[@]}"
+RUSTFLAGS="$sim_flags" CARGO_TARGET_DIR="$target/madsim" "${cargo[@]}" test "${sim_crates[@]}"
 
 phase "simulation runs: every scenario, 20 seeds each, the first 2 replayed to check determinism"
 CARGO_TARGET_DIR="$target" scripts/sim.sh run --all-scenarios --seeds 0..20 --check-determinism 2
