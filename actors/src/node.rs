@@ -729,7 +729,6 @@ impl Message for ShutdownNode {
 impl Handler<ShutdownNode> for Node {
     async fn handle(&mut self, _msg: ShutdownNode, _ctx: &Context<Self>) -> Reply<()> {
         self.stopping = true;
-        let _ = &self.provider;
         for (volume_id, slot) in &self.volumes {
             if slot.manager.send(StopVolume).await.is_err() {
                 tracing::warn!(volume = %volume_id, "volume manager was gone at shutdown");
