@@ -9,7 +9,7 @@
 //! shard lets many writers share one WAL sync (group commit).
 //!
 //! The same actor code runs on two hosts, which only differ in who runs the
-//! mailbox loop (see `../../DESIGN.md`, "Actors"):
+//! mailbox loop (see ARCHITECTURE.md, "Hosts"):
 //! - the production host on actix (`attache-runtime`, `ActixHost`): one actix
 //!   actor per Attaché actor, handling each letter as an atomic response;
 //! - the task host (`attache-sim`, `TaskHost`): one tokio task per actor, which

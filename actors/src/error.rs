@@ -1,5 +1,5 @@
 //! `AttacheError`: every error a client can see, one variant per gRPC status
-//! code we use (see DESIGN.md, "Interfaces"). Messages say what was wrong and
+//! code we use (see the README's status table). Messages say what was wrong and
 //! what to do about it.
 
 use serde::{Deserialize, Serialize};

@@ -1,5 +1,5 @@
 //! `VolumeProvider`: how a node attaches volumes and takes the storage-level
-//! write fence on one (the third fencing layer in DESIGN.md).
+//! write fence on one (the third fencing layer; see ARCHITECTURE.md, "Fencing").
 //!
 //! On real io2 multi-attach the fence is an NVMe reservation: the new
 //! primary registers its key and preempts the old holder, after which the

@@ -8,7 +8,7 @@
 //! actix's, bounded with `set_mailbox_capacity`; a sender waits while it is
 //! full. Timers and deferred replies run as futures on the arbiters' tokio
 //! runtimes, taken from the tokio API, never from actix's context (see
-//! DESIGN.md for why: the same actor code must also run under madsim).
+//! ARCHITECTURE.md for why: the same actor code must also run under madsim).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Each safety layer, switched off, lets a checker find a violation within a
 //! stated number of seeds; switched on, the same seeds are clean. This is the
 //! evidence that the checkers have teeth and that every layer matters
-//! (DESIGN.md, "Consistency and failover"). Runs in the simulation build only.
+//! (ARCHITECTURE.md, "Fencing"). Runs in the simulation build only.
 #![cfg(madsim)]
 
 use std::path::PathBuf;

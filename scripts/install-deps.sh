@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs every system package that building and testing Attaché needs, on
+# Debian or Ubuntu (as root, or through sudo). The README's set-up and
+# .ci/run both call this script, so the two cannot drift apart.
+#
+#   clang, libclang-dev   RocksDB's bindgen (rocksdb crate) needs libclang
+#   protobuf-compiler     etcd-client's build script runs `protoc` from PATH
+#                         (our own protos use the vendored protoc)
+#   etcd-server           the etcd conformance and benchmark tests start their
+#                         own etcd on free loopback ports
+#   ca-certificates       cargo's HTTPS to the crate registry
+#
+# Rust itself (rustup, cargo) is not installed here: see the README.
+set -euo pipefail
+sudo=""
+if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+packages=(clang libclang-dev protobuf-compiler etcd-server ca-certificates)
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+for tool in clang protoc etcd; do
+    if ! command -v "$tool" >/dev/null; then
+        echo "install-deps: $tool is still not on PATH after installing ${packages[*]}" >&2
+        exit 1
+    fi
+done
+echo "install-deps: installed ${packages[*]}"
