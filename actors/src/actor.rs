@@ -12,7 +12,7 @@
 //! mailbox loop (see ARCHITECTURE.md, "Hosts"):
 //! - the production host on actix (`attache-runtime`, `ActixHost`): one actix
 //!   actor per Attaché actor, handling each letter as an atomic response;
-//! - the task host (`attache-sim`, `TaskHost`): one tokio task per actor, which
+//! - the task host (`crate::task_host::TaskHost`): one tokio task per actor, which
 //!   under `--cfg madsim` is a deterministic madsim task.
 //!
 //! A host is object-safe and small: it makes a mailbox, runs the letters that
@@ -294,6 +294,70 @@ impl<A: Actor> Addr<A> {
     }
 }
 
+impl<A: Actor> Addr<A> {
+    /// This address as a [`Recipient`] of `M` alone, so a sender need not
+    /// name (nor depend on) the actor type that handles `M`.
+    pub fn recipient<M>(&self) -> Recipient<M>
+    where
+        M: Message,
+        A: Handler<M>,
+    {
+        Recipient { mailbox: self.mailbox.clone(), wrap: wrap_envelope::<A, M> }
+    }
+}
+
+/// Boxes `msg` for actor type `A`, as [`Addr::send`] does.
+fn wrap_envelope<A, M>(msg: M, tx: oneshot::Sender<M::Reply>) -> Box<dyn Any + Send>
+where
+    A: Handler<M>,
+    M: Message,
+{
+    let env: Box<dyn Envelope<A>> = Box::new(Envelope1 { msg, tx });
+    Box::new(env)
+}
+
+/// The address of some actor that handles `M`, with the actor's type erased
+/// (as actix's `Recipient`): a child reports to its parent through one, so
+/// the child's module does not depend on the parent's.
+pub struct Recipient<M: Message> {
+    mailbox: Arc<dyn Mailbox>,
+    wrap: fn(M, oneshot::Sender<M::Reply>) -> Box<dyn Any + Send>,
+}
+
+impl<M: Message> Clone for Recipient<M> {
+    fn clone(&self) -> Self {
+        Recipient { mailbox: self.mailbox.clone(), wrap: self.wrap }
+    }
+}
+
+impl<M: Message> fmt::Debug for Recipient<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Recipient<{}>", short_type_name::<M>())
+    }
+}
+
+impl<M: Message> Recipient<M> {
+    /// Sends `msg` and waits for the reply, as [`Addr::send`].
+    ///
+    /// Errors: [`MailboxError::Closed`] when the actor stopped before replying.
+    pub async fn send(&self, msg: M) -> Result<M::Reply, MailboxError> {
+        let (tx, rx) = oneshot::channel();
+        self.mailbox.send(Letter::Message((self.wrap)(msg, tx), short_type_name::<M>())).await?;
+        PendingReply(rx).await
+    }
+
+    /// Sends `msg` without waiting for room or for the reply, as [`Addr::do_send`].
+    pub fn do_send(&self, msg: M) {
+        let (tx, _rx) = oneshot::channel();
+        self.mailbox.do_send(Letter::Message((self.wrap)(msg, tx), short_type_name::<M>()));
+    }
+
+    /// Whether the actor has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.mailbox.is_closed()
+    }
+}
+
 /// The reply to an enqueued message; resolves to [`MailboxError::Closed`] when
 /// the actor stopped before replying.
 pub struct PendingReply<T>(oneshot::Receiver<T>);
@@ -306,7 +370,7 @@ impl<T> Future for PendingReply<T> {
     }
 }
 
-/// `M`'s type name without its module path (`Routed<Put>`, `Tick`).
+/// `M`'s type name without its module path (`ShardCall<Put>`, `Tick`).
 fn short_type_name<M>() -> &'static str {
     let full = std::any::type_name::<M>();
     let generic = full.find('<').unwrap_or(full.len());

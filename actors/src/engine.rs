@@ -25,9 +25,17 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BatchOp {
     /// Sets `key` to `value`.
-    Put { key: Vec<u8>, value: Vec<u8> },
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// The new value.
+        value: Vec<u8>,
+    },
     /// Removes `key` (a no-op when absent).
-    Delete { key: Vec<u8> },
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+    },
 }
 
 /// Operations applied atomically, in order (a later op on the same key wins).
@@ -231,7 +239,10 @@ pub trait Engine: Send + Sync + 'static {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpenMode {
     /// Read-write; with `create`, make the engine when absent.
-    ReadWrite { create: bool },
+    ReadWrite {
+        /// Create the engine when absent; false fails with `NotFound` instead.
+        create: bool,
+    },
     /// Read-only view (a backup's view of the primary's engine).
     ReadOnly,
 }

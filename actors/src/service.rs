@@ -9,14 +9,15 @@ use futures::{stream, Stream, StreamExt};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use crate::actor::Addr;
+use crate::actor::{Addr, HostHandle};
 use crate::error::AttacheError;
 use crate::node::{
-    CloseShardCall, DeleteShardCall, GetClusterStatus, ListClientShards, NewShard, Node, PlacedShard, ShardCall,
-    StaleCall,
+    CloseShardCall, DeleteShardCall, GetClusterStatus, ListClientShards, NewShard, Node, NodeConfig, NodeParts,
+    PlacedShard, StaleCall, NODE_MAILBOX_CAPACITY,
 };
 use crate::shard::layout::{IndexEntry, ShardState};
 use crate::shard::{self, PutEntry};
+use crate::shard_manager::ShardCall;
 
 /// Generated protobuf messages and gRPC stubs of `attache.v1`.
 #[allow(missing_docs, clippy::all)]
@@ -117,6 +118,15 @@ impl AttacheService {
     /// The service in front of `node`.
     pub fn new(node: Addr<Node>) -> Self {
         AttacheService { node }
+    }
+
+    /// Starts a `Node` with `cfg` and `parts` on `host` and returns its
+    /// address with the gRPC server that serves it: how `attache dev`,
+    /// `attache node` and the simulated cluster all start a node.
+    pub fn start(host: &HostHandle, cfg: NodeConfig, parts: NodeParts) -> (Addr<Node>, Server) {
+        let max_batch_bytes = cfg.limits.max_batch_bytes;
+        let node = host.spawn(Node::new(cfg, parts), NODE_MAILBOX_CAPACITY);
+        (node.clone(), AttacheService::new(node).into_server(max_batch_bytes))
     }
 
     /// The tonic server wrapper. Requests may be up to twice the largest

@@ -67,8 +67,11 @@ impl ShardManagerConfig {
 /// `Unavailable` (volume I/O).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CreateShard {
+    /// The shard's id, allocated by the metadata store.
     pub shard_id: ShardId,
+    /// The client id that will own the shard.
     pub client_id: String,
+    /// The size limit, bytes; `None` for the default (0 is invalid).
     pub size_limit: Option<u64>,
 }
 
@@ -81,7 +84,9 @@ impl Message for CreateShard {
 /// Errors: `NotFound`, `PermissionDenied`, `Unavailable`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeleteShard {
+    /// The shard.
     pub shard_id: ShardId,
+    /// The client id that must own the shard.
     pub client_id: String,
 }
 
@@ -89,15 +94,20 @@ impl Message for DeleteShard {
     type Reply = Result<ShardInfo, AttacheError>;
 }
 
-/// A shard request routed by shard id. Errors: `NotFound` for an unknown
-/// shard, else those of the request.
+/// A shard request routed by shard id: a client sends it to a `Node`, which
+/// forwards it as it is to the `ShardManager` of the shard's volume, which
+/// hands `op` to the shard. Errors: `NotFound` for an unknown shard,
+/// `Unavailable` (with a primary hint) where this node is not the primary,
+/// else those of the request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Routed<M> {
+pub struct ShardCall<M> {
+    /// The shard.
     pub shard_id: ShardId,
+    /// The request.
     pub op: M,
 }
 
-impl<M: ShardOp> Message for Routed<M> {
+impl<M: ShardOp> Message for ShardCall<M> {
     type Reply = M::Reply;
 }
 
@@ -294,11 +304,11 @@ impl Handler<DeleteShard> for ShardManager {
     }
 }
 
-impl<M: ShardOp> Handler<Routed<M>> for ShardManager
+impl<M: ShardOp> Handler<ShardCall<M>> for ShardManager
 where
     Shard: Handler<M>,
 {
-    async fn handle(&mut self, msg: Routed<M>, ctx: &Context<Self>) -> Reply<M::Reply> {
+    async fn handle(&mut self, msg: ShardCall<M>, ctx: &Context<Self>) -> Reply<M::Reply> {
         let addr = match self.shard(msg.shard_id, ctx).await {
             Ok(addr) => addr,
             Err(e) => return Reply::now(Err(e)),

@@ -15,7 +15,7 @@ use crate::engine::EngineFactory;
 use crate::error::AttacheError;
 use crate::shard::layout::{IndexEntry, ShardState};
 use crate::shard::{BatchGet, BatchPut, Close, Get, IndexHit, Put, PutEntry, Scan, ScanIndex, ShardId, Stats};
-use crate::shard_manager::{CreateShard, DeleteShard, Routed, ShardManager, ShardManagerConfig, ShutdownShards};
+use crate::shard_manager::{CreateShard, DeleteShard, ShardCall, ShardManager, ShardManagerConfig, ShutdownShards};
 
 /// Writers in the concurrent-put step.
 pub const WRITERS: usize = 64;
@@ -33,7 +33,7 @@ fn entry(key: &str, value: &str) -> PutEntry {
 }
 
 async fn put(mgr: &Addr<ShardManager>, shard_id: ShardId, client: &str, e: PutEntry) -> Result<(), AttacheError> {
-    mgr.send(Routed { shard_id, op: Put { client_id: client.into(), entry: e } }).await.expect("manager alive")
+    mgr.send(ShardCall { shard_id, op: Put { client_id: client.into(), entry: e } }).await.expect("manager alive")
 }
 
 async fn get(
@@ -42,7 +42,9 @@ async fn get(
     client: &str,
     key: &str,
 ) -> Result<Option<Vec<u8>>, AttacheError> {
-    mgr.send(Routed { shard_id, op: Get { client_id: client.into(), key: key.into() } }).await.expect("manager alive")
+    mgr.send(ShardCall { shard_id, op: Get { client_id: client.into(), key: key.into() } })
+        .await
+        .expect("manager alive")
 }
 
 /// Runs the storage scenario on `host` over engines from `factory` under
@@ -76,7 +78,7 @@ pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>
         }
     });
     join_all(writes).await;
-    let stats = mgr.send(Routed { shard_id: 1, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
+    let stats = mgr.send(ShardCall { shard_id: 1, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
     let puts = (WRITERS * PUTS_PER_WRITER) as u64;
     assert_eq!(stats.live_keys, puts);
     assert!(stats.committed_ops >= puts, "every put went through a group commit: {stats:?}");
@@ -96,11 +98,12 @@ pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>
     }
     assert_eq!(get(&mgr, 1, OWNER, "absent").await.unwrap(), None);
     let keys = vec![b"w01-k001".to_vec(), b"nope".to_vec(), b"w63-k019".to_vec()];
-    let got = mgr.send(Routed { shard_id: 1, op: BatchGet { client_id: OWNER.into(), keys } }).await.unwrap().unwrap();
+    let got =
+        mgr.send(ShardCall { shard_id: 1, op: BatchGet { client_id: OWNER.into(), keys } }).await.unwrap().unwrap();
     assert_eq!(got, vec![Some(b"v-1-1".to_vec()), None, Some(b"v-63-19".to_vec())]);
 
     // Scans: a bounded range, and a limit.
-    let scan = |start: &str, end: &str, limit| Routed {
+    let scan = |start: &str, end: &str, limit| ShardCall {
         shard_id: 1,
         op: Scan { client_id: OWNER.into(), start: start.into(), end: end.into(), limit },
     };
@@ -121,7 +124,7 @@ pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>
     put(&mgr, 1, OWNER, with_color("cap", "reddish")).await.unwrap();
     put(&mgr, 1, OWNER, with_color("ink", "blue")).await.unwrap();
     put(&mgr, 1, OWNER, with_color("ink", "rose")).await.unwrap();
-    let scan_index = |prefix: &str, after: Option<IndexHit>| Routed {
+    let scan_index = |prefix: &str, after: Option<IndexHit>| ShardCall {
         shard_id: 1,
         op: ScanIndex { client_id: OWNER.into(), name: "color".into(), value_prefix: prefix.into(), after, limit: 0 },
     };
@@ -134,11 +137,14 @@ pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>
 
     // An atomic batch.
     let batch: Vec<PutEntry> = (0..10).map(|i| entry(&format!("batch-{i}"), "b")).collect();
-    mgr.send(Routed { shard_id: 1, op: BatchPut { client_id: OWNER.into(), entries: batch } }).await.unwrap().unwrap();
+    mgr.send(ShardCall { shard_id: 1, op: BatchPut { client_id: OWNER.into(), entries: batch } })
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(get(&mgr, 1, OWNER, "batch-9").await.unwrap(), Some(b"b".to_vec()));
 
     // Rejected requests change nothing.
-    let before = mgr.send(Routed { shard_id: 1, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
+    let before = mgr.send(ShardCall { shard_id: 1, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
     let denied = put(&mgr, 1, "mallory", entry("evil", "x")).await;
     assert!(matches!(denied, Err(AttacheError::PermissionDenied(_))), "wrong client put: {denied:?}");
     let denied = get(&mgr, 1, "mallory", "w00-k000").await;
@@ -150,12 +156,12 @@ pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>
     assert!(matches!(big, Err(AttacheError::InvalidArgument(_))), "value over limit: {big:?}");
     let mixed = vec![entry("good", "1"), entry("", "2")];
     let mixed =
-        mgr.send(Routed { shard_id: 1, op: BatchPut { client_id: OWNER.into(), entries: mixed } }).await.unwrap();
+        mgr.send(ShardCall { shard_id: 1, op: BatchPut { client_id: OWNER.into(), entries: mixed } }).await.unwrap();
     assert!(matches!(mixed, Err(AttacheError::InvalidArgument(_))), "batch with an empty key: {mixed:?}");
     assert_eq!(get(&mgr, 1, OWNER, "good").await.unwrap(), None, "a rejected batch wrote nothing");
     let unknown = get(&mgr, 99, OWNER, "k").await;
     assert!(matches!(unknown, Err(AttacheError::NotFound(_))), "unknown shard: {unknown:?}");
-    let after = mgr.send(Routed { shard_id: 1, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
+    let after = mgr.send(ShardCall { shard_id: 1, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
     assert_eq!((after.live_keys, after.live_bytes), (before.live_keys, before.live_bytes));
 
     // A full shard rejects the write that would exceed its limit, and only that.
@@ -171,16 +177,16 @@ pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>
     assert!(matches!(full, AttacheError::ResourceExhausted(_)), "full shard: {full:?}");
     assert!(accepted >= 30, "a 4096-byte shard holds at least 30 puts of ~110 bytes, took {accepted}");
     assert_eq!(get(&mgr, 2, OWNER, &format!("fill-{accepted:04}")).await.unwrap(), None);
-    let stats2 = mgr.send(Routed { shard_id: 2, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
+    let stats2 = mgr.send(ShardCall { shard_id: 2, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
     assert!(stats2.live_bytes <= 4096 && stats2.live_keys == accepted, "{stats2:?}");
 
     // Close: writes rejected, reads served, close is idempotent.
-    let closed = mgr.send(Routed { shard_id: 1, op: Close { client_id: OWNER.into() } }).await.unwrap().unwrap();
+    let closed = mgr.send(ShardCall { shard_id: 1, op: Close { client_id: OWNER.into() } }).await.unwrap().unwrap();
     assert_eq!(closed.state, ShardState::ReadOnly);
     let rejected = put(&mgr, 1, OWNER, entry("late", "x")).await;
     assert!(matches!(rejected, Err(AttacheError::FailedPrecondition(_))), "put to closed shard: {rejected:?}");
     assert_eq!(get(&mgr, 1, OWNER, "w00-k000").await.unwrap(), Some(b"v-0-0".to_vec()));
-    mgr.send(Routed { shard_id: 1, op: Close { client_id: OWNER.into() } }).await.unwrap().unwrap();
+    mgr.send(ShardCall { shard_id: 1, op: Close { client_id: OWNER.into() } }).await.unwrap().unwrap();
 
     // Delete: only by the owner; then gone, files removed.
     let denied = mgr.send(DeleteShard { shard_id: 1, client_id: "mallory".into() }).await.unwrap();
@@ -199,7 +205,7 @@ pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>
     mgr.stop();
     let mgr = host.spawn(ShardManager::new(cfg, factory, open_gate()), 256);
     assert_eq!(get(&mgr, 2, OWNER, "fill-0000").await.unwrap(), Some("x".repeat(100).into_bytes()));
-    let reopened = mgr.send(Routed { shard_id: 2, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
+    let reopened = mgr.send(ShardCall { shard_id: 2, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
     assert_eq!(
         (reopened.live_keys, reopened.live_bytes, reopened.info.size_limit),
         (accepted, stats2.live_bytes, 4096)

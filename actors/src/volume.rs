@@ -19,8 +19,9 @@
 //! A claim is a compare-and-swap on the record's revision that bumps the
 //! epoch (layer 1), then the storage fence at that epoch (layer 3: preempts
 //! the old holder's reservation), then the shards are opened read-write
-//! (their logs replayed) and served. Every role change is reported to the
-//! node, which routes requests accordingly. Failovers are counted in the
+//! (their logs replayed) and served. Every role change is reported as a
+//! [`VolumeRoleChanged`] to a [`Recipient`] (the node, which routes requests
+//! accordingly; this module does not know the node's type). Failovers are counted in the
 //! `attache_failovers_total` metric.
 
 use std::sync::Arc;
@@ -28,12 +29,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::time::{Duration, Instant};
 
-use crate::actor::{Actor, Addr, Context, Handler, Message, Reply};
+use crate::actor::{Actor, Addr, Context, Handler, Message, Recipient, Reply};
 use crate::engine::{EngineError, EngineFactory};
 use crate::lease::LeaseGate;
 use crate::meta::store::{MetaOps, NodeId, VolumeRecord};
 use crate::meta::Revision;
-use crate::node::{Node, VolumeRoleChanged};
 use crate::provider::VolumeProvider;
 use crate::shard_manager::{ShardManager, ShardManagerConfig, ShutdownShards};
 
@@ -43,9 +43,17 @@ pub enum Role {
     /// Not decided yet (starting, or the metadata store is unreachable).
     Unknown,
     /// This node holds the volume read-write at `epoch`.
-    Primary { epoch: u64 },
+    Primary {
+        /// The epoch this node claimed (the fencing token).
+        epoch: u64,
+    },
     /// Another node (0: none, the record is vacant) is primary at `epoch`.
-    Backup { primary: NodeId, epoch: u64 },
+    Backup {
+        /// The primary's node id; 0 when the record is vacant.
+        primary: NodeId,
+        /// The epoch of the owner record.
+        epoch: u64,
+    },
     /// The volume is not attached to this node.
     Detached,
     /// Stopped: no longer serving this volume.
@@ -69,6 +77,34 @@ impl Default for FailoverTiming {
     }
 }
 
+impl FailoverTiming {
+    /// Checks the settings a volume manager needs: a positive poll period.
+    /// (A zero takeover or rank delay is allowed: the claim's compare-and-swap
+    /// still keeps one primary per epoch.)
+    ///
+    /// Errors: a message naming the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.poll_ms == 0 {
+            return Err("failover poll_ms must be positive (ms between checks of the volume owner record)".into());
+        }
+        Ok(())
+    }
+}
+
+/// Sent by a volume manager to its [`Recipient`] when its role changes.
+pub struct VolumeRoleChanged {
+    /// The volume.
+    pub volume_id: String,
+    /// Its new role on this node.
+    pub role: Role,
+    /// Where its shards are served: read-write as primary, the read-only view as backup.
+    pub shards: Option<Addr<ShardManager>>,
+}
+
+impl Message for VolumeRoleChanged {
+    type Reply = ();
+}
+
 /// The volume manager; see the module docs.
 pub struct VolumeManager {
     cfg: ShardManagerConfig,
@@ -77,12 +113,15 @@ pub struct VolumeManager {
     provider: Arc<dyn VolumeProvider>,
     gate: Arc<LeaseGate>,
     meta: MetaOps,
-    node: Addr<Node>,
+    report: Recipient<VolumeRoleChanged>,
     timing: FailoverTiming,
     /// Whether this node is the volume's home: it claims the volume first
     /// when nobody holds it yet (spreads primaries over nodes).
     home: bool,
     role: Role,
+    /// The highest epoch this manager has seen in the owner record or
+    /// claimed; a claim always lands above it.
+    last_epoch: u64,
     shards: Option<Addr<ShardManager>>,
     /// As backup: the read-only view of the volume's shards (stale reads).
     backup_shards: Option<Addr<ShardManager>>,
@@ -93,10 +132,15 @@ pub struct VolumeManager {
 
 /// The parts a volume manager is built from.
 pub struct VolumeParts {
+    /// Opens the volume's shard engines.
     pub factory: Arc<dyn EngineFactory>,
+    /// Attaches and fences the volume.
     pub provider: Arc<dyn VolumeProvider>,
+    /// This node's lease gate, shared with its shards.
     pub gate: Arc<LeaseGate>,
+    /// The metadata store (owner and liveness records).
     pub meta: MetaOps,
+    /// Failover timing, ms.
     pub timing: FailoverTiming,
     /// Whether this node is the volume's home (see `VolumeManager`).
     pub home: bool,
@@ -110,8 +154,21 @@ impl Message for Tick {
 }
 
 impl VolumeManager {
-    /// A manager of volume `cfg.volume_id` for node `node_id`.
-    pub fn new(cfg: ShardManagerConfig, node_id: NodeId, parts: VolumeParts, node: Addr<Node>) -> Self {
+    /// A manager of volume `cfg.volume_id` for node `node_id`, reporting its
+    /// role changes to `report`.
+    ///
+    /// Panics: when `parts.timing` is invalid ([`FailoverTiming::validate`]:
+    /// the node checks it at start-up) or `node_id` is 0 (0 means "vacant").
+    pub fn new(
+        cfg: ShardManagerConfig,
+        node_id: NodeId,
+        parts: VolumeParts,
+        report: Recipient<VolumeRoleChanged>,
+    ) -> Self {
+        if let Err(e) = parts.timing.validate() {
+            panic!("volume manager for {}: {e}", cfg.volume_id);
+        }
+        assert!(node_id != 0, "node id 0 means a vacant owner record; node ids start at 1");
         VolumeManager {
             cfg,
             node_id,
@@ -119,10 +176,11 @@ impl VolumeManager {
             provider: parts.provider,
             gate: parts.gate,
             meta: parts.meta,
-            node,
+            report,
             timing: parts.timing,
             home: parts.home,
             role: Role::Unknown,
+            last_epoch: 0,
             shards: None,
             backup_shards: None,
             gone_since: None,
@@ -143,7 +201,7 @@ impl VolumeManager {
                 Role::Backup { .. } => self.backup_shards.clone(),
                 _ => None,
             };
-            self.node.do_send(VolumeRoleChanged {
+            self.report.do_send(VolumeRoleChanged {
                 volume_id: self.cfg.volume_id.clone(),
                 role: self.role.clone(),
                 shards,
@@ -184,6 +242,16 @@ impl VolumeManager {
                 return;
             }
         };
+        // Epochs only grow: a claim at or below an epoch this manager has
+        // seen would hand out a fencing token twice (the metadata store lost
+        // acknowledged records). Never serve on it.
+        if won.epoch <= self.last_epoch {
+            tracing::error!(volume = %self.volume(), epoch = won.epoch, seen = self.last_epoch,
+                "claimed an epoch not above one seen before: the metadata store went back in time; not serving");
+            debug_assert!(won.epoch > self.last_epoch, "claimed epoch {} <= last seen {}", won.epoch, self.last_epoch);
+            return;
+        }
+        self.last_epoch = won.epoch;
         match self.provider.acquire(self.volume(), won.epoch).await {
             Ok(()) => {}
             Err(EngineError::Fenced(m)) => {
@@ -261,6 +329,9 @@ impl VolumeManager {
                 return;
             }
         };
+        if let Some((record, _)) = &current {
+            self.last_epoch = self.last_epoch.max(record.epoch);
+        }
         let Some((record, rev)) = current.clone() else {
             // A volume nobody ever held: its home node claims it at once,
             // others only if the home node does not within the takeover delay.
@@ -310,7 +381,7 @@ impl Actor for VolumeManager {
         self.check(ctx).await;
         if self.role == Role::Unknown {
             // Report once, so the node's start-up does not wait for the metadata store forever.
-            self.node.do_send(VolumeRoleChanged {
+            self.report.do_send(VolumeRoleChanged {
                 volume_id: self.cfg.volume_id.clone(),
                 role: Role::Unknown,
                 shards: None,

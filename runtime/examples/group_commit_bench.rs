@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use attache_actors::lease::LeaseGate;
 use attache_actors::shard::{Put, PutEntry, Stats};
-use attache_actors::shard_manager::{CreateShard, Routed, ShardManager, ShardManagerConfig, ShutdownShards};
+use attache_actors::shard_manager::{CreateShard, ShardCall, ShardManager, ShardManagerConfig, ShutdownShards};
 use attache_actors::HostHandle;
 use attache_runtime::{ActixHost, RocksEngineFactory};
 
@@ -72,13 +72,13 @@ async fn shard_writers(host: &HostHandle, dir: &std::path::Path, writers: u64, p
             for i in 0..per_writer {
                 let entry = PutEntry { key: key(w * per_writer + i), value: VALUE.to_vec(), indexes: vec![] };
                 let put = Put { client_id: "bench".into(), entry };
-                mgr.send(Routed { shard_id: 1, op: put }).await.unwrap().unwrap();
+                mgr.send(ShardCall { shard_id: 1, op: put }).await.unwrap().unwrap();
             }
         }
     });
     futures::future::join_all(tasks).await;
     let secs = start.elapsed().as_secs_f64();
-    let stats = mgr.send(Routed { shard_id: 1, op: Stats { client_id: "bench".into() } }).await.unwrap().unwrap();
+    let stats = mgr.send(ShardCall { shard_id: 1, op: Stats { client_id: "bench".into() } }).await.unwrap().unwrap();
     let per_sync = stats.committed_ops as f64 / stats.group_commits.max(1) as f64;
     mgr.send(ShutdownShards).await.unwrap();
     mgr.stop();

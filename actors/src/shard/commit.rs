@@ -16,9 +16,19 @@ use crate::shard::layout::{self, IndexEntry, ShardMeta, ShardState, META_KEY};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StagedOp {
     /// Put `key` -> `value` with secondary index entries.
-    Put { key: Vec<u8>, value: Vec<u8>, indexes: Vec<IndexEntry> },
+    Put {
+        /// The user key.
+        key: Vec<u8>,
+        /// The value.
+        value: Vec<u8>,
+        /// The key's index entries; they replace those of the previous record.
+        indexes: Vec<IndexEntry>,
+    },
     /// Remove `key` and its index entries.
-    Delete { key: Vec<u8> },
+    Delete {
+        /// The user key.
+        key: Vec<u8>,
+    },
     /// Change the shard's state (close, delete).
     SetState(ShardState),
 }

@@ -107,28 +107,82 @@ macro_rules! shard_messages {
 
 shard_messages! {
     /// Puts one key with its index entries; acknowledged once durable.
-    Put { client_id: String, entry: PutEntry } -> ();
+    Put {
+        /// The client id that must own the shard.
+        client_id: String,
+        /// The key, value and index entries to write.
+        entry: PutEntry,
+    } -> ();
     /// Puts many keys atomically: all or none; acknowledged once durable.
-    BatchPut { client_id: String, entries: Vec<PutEntry> } -> ();
+    BatchPut {
+        /// The client id that must own the shard.
+        client_id: String,
+        /// The entries, 1 to `Limits::max_batch_entries`.
+        entries: Vec<PutEntry>,
+    } -> ();
     /// Removes one key and its index entries; acknowledged once durable.
-    DeleteKey { client_id: String, key: Vec<u8> } -> ();
+    DeleteKey {
+        /// The client id that must own the shard.
+        client_id: String,
+        /// The key.
+        key: Vec<u8>,
+    } -> ();
     /// Reads one key.
-    Get { client_id: String, key: Vec<u8> } -> Option<Vec<u8>>;
+    Get {
+        /// The client id that must own the shard.
+        client_id: String,
+        /// The key.
+        key: Vec<u8>,
+    } -> Option<Vec<u8>>;
     /// Reads many keys; answers in request order.
-    BatchGet { client_id: String, keys: Vec<Vec<u8>> } -> Vec<Option<Vec<u8>>>;
+    BatchGet {
+        /// The client id that must own the shard.
+        client_id: String,
+        /// The keys, 1 to `Limits::max_batch_entries`.
+        keys: Vec<Vec<u8>>,
+    } -> Vec<Option<Vec<u8>>>;
     /// Reads up to `limit` pairs with `start <= key < end` (empty `end`: no
     /// bound; `limit` 0: the page limit).
-    Scan { client_id: String, start: Vec<u8>, end: Vec<u8>, limit: u32 } -> Vec<(Vec<u8>, Vec<u8>)>;
+    Scan {
+        /// The client id that must own the shard.
+        client_id: String,
+        /// The first key of the range (inclusive).
+        start: Vec<u8>,
+        /// The end of the range (exclusive); empty for no bound.
+        end: Vec<u8>,
+        /// Most pairs returned; 0 or over the page limit: the page limit.
+        limit: u32,
+    } -> Vec<(Vec<u8>, Vec<u8>)>;
     /// Reads up to `limit` entries of index `name` whose value starts with
     /// `value_prefix`, after the hit `after` (for paging).
-    ScanIndex { client_id: String, name: String, value_prefix: Vec<u8>, after: Option<IndexHit>, limit: u32 } -> Vec<IndexHit>;
+    ScanIndex {
+        /// The client id that must own the shard.
+        client_id: String,
+        /// The index name.
+        name: String,
+        /// The prefix of the indexed values to return (empty: all).
+        value_prefix: Vec<u8>,
+        /// The last hit of the previous page; `None` for the first page.
+        after: Option<IndexHit>,
+        /// Most hits returned; 0 or over the page limit: the page limit.
+        limit: u32,
+    } -> Vec<IndexHit>;
     /// Makes the shard read-only; acknowledged once durable. Idempotent.
-    Close { client_id: String } -> ShardInfo;
+    Close {
+        /// The client id that must own the shard.
+        client_id: String,
+    } -> ShardInfo;
     /// Marks the shard deleted; acknowledged once durable. The shard manager
     /// then removes its data.
-    MarkDeleted { client_id: String } -> ShardInfo;
+    MarkDeleted {
+        /// The client id that must own the shard.
+        client_id: String,
+    } -> ShardInfo;
     /// Statistics.
-    Stats { client_id: String } -> ShardStats;
+    Stats {
+        /// The client id that must own the shard.
+        client_id: String,
+    } -> ShardStats;
 }
 
 /// Stops taking requests, lets the group commit in flight finish, and closes

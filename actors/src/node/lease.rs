@@ -1,0 +1,94 @@
+//! The node's liveness lease: renewed every third of its TTL from a task
+//! outside the actor; each renewal reopens the lease gate for the time the
+//! lease is certainly valid (see `crate::lease`). When the metadata store
+//! says the lease is gone, every primary on this node steps down before the
+//! node registers again under a new lease.
+
+use tokio::time::{Duration, Instant};
+
+use crate::actor::{Context, Handler, Message, Reply};
+use crate::meta::backend::{LeaseId, MetaError};
+use crate::volume::LeaseLapsed;
+
+use super::Node;
+
+impl Node {
+    /// Renews the lease every third of its TTL, from a task outside the actor.
+    pub(super) fn spawn_heartbeat(&self, ctx: &Context<Self>) {
+        let (meta, lease, me, gate) = (self.meta.clone(), self.lease, ctx.address(), self.gate.clone());
+        let period = Duration::from_millis(self.cfg.lease_ttl_ms / 3);
+        ctx.host().spawn_detached(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                if me.is_closed() {
+                    return;
+                }
+                let sent = Instant::now();
+                match meta.keep_alive(lease).await {
+                    Ok(ttl) => gate.renewed(sent, ttl),
+                    Err(MetaError::LeaseNotFound(_)) => {
+                        gate.close();
+                        metrics::gauge!("attache_lease_valid").set(0.0);
+                        me.do_send(LeaseLost { lease });
+                        return;
+                    }
+                    Err(e) => tracing::warn!(lease, error = %e, "lease renewal failed; retrying"),
+                }
+                // 1 while this node may write (its lease is certainly valid), else 0.
+                metrics::gauge!("attache_lease_valid").set(if gate.is_open() { 1.0 } else { 0.0 });
+            }
+        });
+    }
+}
+
+/// Sent by the heartbeat task when the lease expired before it was renewed.
+pub(super) struct LeaseLost {
+    lease: LeaseId,
+}
+
+impl Message for LeaseLost {
+    type Reply = ();
+}
+
+impl Handler<LeaseLost> for Node {
+    async fn handle(&mut self, msg: LeaseLost, ctx: &Context<Self>) -> Reply<()> {
+        if msg.lease != self.lease || self.stopping {
+            return Reply::now(());
+        }
+        tracing::warn!(lease = msg.lease, "node lease expired; registering again");
+        self.gate.close();
+        // While the lease was gone, a backup may have taken any of this
+        // node's volumes over. Every primary steps down before the gate can
+        // open again; one still named by its owner record claims again, at a
+        // new epoch.
+        for (volume_id, slot) in &self.volumes {
+            if slot.manager.send(LeaseLapsed).await.is_err() {
+                tracing::warn!(volume = %volume_id, "volume manager gone while the lease lapsed");
+            }
+        }
+        let sent = Instant::now();
+        match self.meta.grant_lease(self.cfg.lease_ttl_ms).await {
+            Ok(lease) => {
+                self.lease = lease;
+                if let Some(record) = self.record() {
+                    match self.meta.register_node(&record, lease).await {
+                        // Writes resume only once the node is visible as live again.
+                        Ok(()) => self.gate.renewed(sent, self.cfg.lease_ttl_ms),
+                        Err(e) => tracing::warn!(error = %e, "could not publish the node record"),
+                    }
+                }
+                self.spawn_heartbeat(ctx);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not get a new lease; retrying");
+                let me = ctx.address();
+                let lease = self.lease;
+                ctx.host().spawn_detached(async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    me.do_send(LeaseLost { lease });
+                });
+            }
+        }
+        Reply::now(())
+    }
+}

@@ -1,0 +1,239 @@
+//! Shard lifecycle and cluster-wide calls: creating a shard on a volume
+//! this node is primary for, closing and deleting shards (the shard first,
+//! then its record), listings, the cluster status, and shutdown.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::actor::{Context, Handler, Message, Reply};
+use crate::error::AttacheError;
+use crate::meta::store::{NodeId, NodeRecord, ShardRecord, VolumeRecord};
+use crate::shard::layout::ShardState;
+use crate::shard::{Close, ShardId};
+use crate::shard_manager::{CreateShard, DeleteShard, ShardCall};
+use crate::volume::{Role, StopVolume};
+
+use super::{meta_unavailable, Node, PlacedShard};
+
+/// Creates a shard for `client_id` on a volume this node is primary for (the
+/// one with the fewest shards, ties to the smallest volume id), with a size
+/// limit in bytes (`None`: the default).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewShard {
+    /// The client id that will own the shard.
+    pub client_id: String,
+    /// The shard's size limit, bytes; `None` for the node's default (0 is invalid).
+    pub size_limit: Option<u64>,
+}
+
+impl Message for NewShard {
+    type Reply = Result<PlacedShard, AttacheError>;
+}
+
+impl Handler<NewShard> for Node {
+    async fn handle(&mut self, msg: NewShard, _ctx: &Context<Self>) -> Reply<Result<PlacedShard, AttacheError>> {
+        if let Err(e) = self.cfg.limits.check_client_id(&msg.client_id) {
+            return Reply::now(Err(e));
+        }
+        if msg.size_limit == Some(0) {
+            return Reply::now(Err(AttacheError::InvalidArgument(
+                "size limit must be positive (bytes); omit it for the default".into(),
+            )));
+        }
+        if self.stopping {
+            return Reply::now(Err(AttacheError::unavailable("this node is shutting down; retry on another node")));
+        }
+        let target = self
+            .volumes
+            .iter_mut()
+            .filter_map(|(id, slot)| match (&slot.role, &slot.shards) {
+                (Role::Primary { .. }, Some(shards)) => {
+                    Some((slot.placed, id.clone(), shards.clone(), &mut slot.placed))
+                }
+                _ => None,
+            })
+            .min_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        let Some((_, volume_id, shards, placed)) = target else {
+            return Reply::now(Err(AttacheError::unavailable(
+                "this node is primary for no volume now; retry on another node",
+            )));
+        };
+        *placed += 1;
+        let meta = self.meta.clone();
+        let default_limit = self.cfg.default_size_limit;
+        Reply::later(async move {
+            let shard_id = meta.allocate_id("shard").await.map_err(meta_unavailable)?;
+            let size_limit = msg.size_limit.unwrap_or(default_limit);
+            let record = ShardRecord {
+                shard_id,
+                client_id: msg.client_id.clone(),
+                volume_id: volume_id.clone(),
+                state: ShardState::Active,
+                size_limit,
+            };
+            // Registered first: a shard's data never exists without its record.
+            meta.register_shard(&record).await.map_err(meta_unavailable)?;
+            let created =
+                shards.send(CreateShard { shard_id, client_id: msg.client_id, size_limit: Some(size_limit) }).await;
+            match created.unwrap_or_else(|e| Err(e.into())) {
+                Ok(info) => Ok(PlacedShard { info, volume_id }),
+                Err(e) => {
+                    // The id stays used (ids are never reused); the record says the shard is gone.
+                    let _ = meta.set_shard_state(shard_id, ShardState::Deleted).await;
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+macro_rules! lifecycle_call {
+    ($(#[$doc:meta])* $name:ident, $state:expr, |$shards:ident, $msg:ident| $forward:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct $name {
+            /// The shard.
+            pub shard_id: ShardId,
+            /// The client id that must own the shard.
+            pub client_id: String,
+        }
+
+        impl Message for $name {
+            type Reply = Result<PlacedShard, AttacheError>;
+        }
+
+        impl Handler<$name> for Node {
+            async fn handle(&mut self, $msg: $name, _ctx: &Context<Self>) -> Reply<Result<PlacedShard, AttacheError>> {
+                let (volume_id, $shards) = match self.shard_manager($msg.shard_id).await {
+                    Ok(found) => found,
+                    Err(e) => return Reply::now(Err(e)),
+                };
+                let meta = self.meta.clone();
+                Reply::later(async move {
+                    let shard_id = $msg.shard_id;
+                    let info = $forward.await.unwrap_or_else(|e| Err(e.into()))?;
+                    meta.set_shard_state(shard_id, $state).await.map_err(meta_unavailable)?;
+                    Ok(PlacedShard { info, volume_id })
+                })
+            }
+        }
+    };
+}
+
+lifecycle_call!(
+    /// Closes a shard (read-only) and records it in the metadata store.
+    CloseShardCall,
+    ShardState::ReadOnly,
+    |shards, msg| shards.send(ShardCall { shard_id: msg.shard_id, op: Close { client_id: msg.client_id.clone() } })
+);
+
+lifecycle_call!(
+    /// Deletes a shard and records it in the metadata store.
+    DeleteShardCall,
+    ShardState::Deleted,
+    |shards, msg| shards.send(DeleteShard { shard_id: msg.shard_id, client_id: msg.client_id.clone() })
+);
+
+/// Shard records of one client, from the metadata store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListClientShards {
+    /// The client id whose shards are listed (deleted shards left out).
+    pub client_id: String,
+}
+
+impl Message for ListClientShards {
+    type Reply = Result<Vec<ShardRecord>, AttacheError>;
+}
+
+impl Handler<ListClientShards> for Node {
+    async fn handle(
+        &mut self,
+        msg: ListClientShards,
+        _ctx: &Context<Self>,
+    ) -> Reply<Result<Vec<ShardRecord>, AttacheError>> {
+        if let Err(e) = self.cfg.limits.check_client_id(&msg.client_id) {
+            return Reply::now(Err(e));
+        }
+        let meta = self.meta.clone();
+        Reply::later(async move {
+            let records = meta.shards(Some(&msg.client_id)).await.map_err(meta_unavailable)?;
+            Ok(records.into_iter().filter(|r| r.state != ShardState::Deleted).collect())
+        })
+    }
+}
+
+/// Live nodes and volume owner records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The live nodes, by id.
+    pub nodes: Vec<NodeRecord>,
+    /// Every volume's owner record.
+    pub volumes: Vec<VolumeRecord>,
+    /// Shards per volume (not deleted).
+    pub shards: BTreeMap<String, u64>,
+    /// Live nodes that have each volume attached but are not its primary.
+    pub backups: BTreeMap<String, Vec<NodeId>>,
+}
+
+/// Asks for the [`ClusterStatus`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetClusterStatus;
+
+impl Message for GetClusterStatus {
+    type Reply = Result<ClusterStatus, AttacheError>;
+}
+
+impl Handler<GetClusterStatus> for Node {
+    async fn handle(
+        &mut self,
+        _msg: GetClusterStatus,
+        _ctx: &Context<Self>,
+    ) -> Reply<Result<ClusterStatus, AttacheError>> {
+        let meta = self.meta.clone();
+        Reply::later(async move {
+            let nodes = meta.live_nodes().await.map_err(meta_unavailable)?;
+            let volumes = meta.volumes().await.map_err(meta_unavailable)?;
+            let mut shards = BTreeMap::new();
+            for r in meta.shards(None).await.map_err(meta_unavailable)? {
+                if r.state != ShardState::Deleted {
+                    *shards.entry(r.volume_id).or_insert(0) += 1;
+                }
+            }
+            let mut backups: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
+            for v in &volumes {
+                let attached = nodes.iter().filter(|n| n.node_id != v.primary && n.volumes.contains(&v.volume_id));
+                backups.insert(v.volume_id.clone(), attached.map(|n| n.node_id).collect());
+            }
+            Ok(ClusterStatus { nodes, volumes, shards, backups })
+        })
+    }
+}
+
+/// Shuts the node down: stops taking requests, lets in-flight writes finish,
+/// closes every volume, and revokes the lease. Replies when done.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownNode;
+
+impl Message for ShutdownNode {
+    type Reply = ();
+}
+
+impl Handler<ShutdownNode> for Node {
+    async fn handle(&mut self, _msg: ShutdownNode, _ctx: &Context<Self>) -> Reply<()> {
+        self.stopping = true;
+        for (volume_id, slot) in &self.volumes {
+            if slot.manager.send(StopVolume).await.is_err() {
+                tracing::warn!(volume = %volume_id, "volume manager was gone at shutdown");
+            }
+            slot.manager.stop();
+        }
+        if self.lease != 0 {
+            if let Err(e) = self.meta.backend().lease_revoke(self.lease).await {
+                tracing::warn!(error = %e, "could not revoke the node lease; it expires by itself");
+            }
+        }
+        tracing::info!("node stopped");
+        Reply::now(())
+    }
+}
