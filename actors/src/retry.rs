@@ -1,4 +1,6 @@
-//! Retrying metadata calls that failed transiently (unavailable, timeout).
+//! The one backoff of the system: retrying calls that failed transiently
+//! (unavailable, timeout), used by the metadata operations (`MetaOps`) and
+//! by the client (`crate::client`).
 //!
 //! Backoff is exponential with full jitter (AWS Architecture Blog, "Exponential
 //! Backoff And Jitter", 2015): before attempt `n` (n >= 1) sleep a uniformly
@@ -6,7 +8,7 @@
 //! stop after `max_attempts` attempts or when the next sleep would pass the
 //! deadline. Only operations that are safe to repeat go through [`retry`]; a
 //! compare-and-swap that may have landed is re-read by its caller instead (see
-//! `MetadataStore`). Randomness comes from a seeded generator the caller owns,
+//! `MetaOps`). Randomness comes from a seeded generator the caller owns,
 //! and time from the tokio clock, so under the simulator retries are
 //! deterministic and take no real time.
 
@@ -17,8 +19,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tokio::time::{Duration, Instant};
-
-use crate::meta::backend::MetaError;
 
 /// When and how often to retry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,12 +69,20 @@ impl Jitter {
     }
 }
 
+/// An error that may go away if the call is repeated.
+pub trait Transient: std::fmt::Display {
+    /// Whether repeating the call may succeed (the callee was unavailable or
+    /// slow), as opposed to an answer that a repeat would only give again.
+    fn is_transient(&self) -> bool;
+}
+
 /// Runs `op` until it succeeds, fails with a non-transient error, or the
 /// policy gives up; returns the last result.
-pub async fn retry<T, F, Fut>(policy: &RetryPolicy, jitter: &Jitter, what: &str, mut op: F) -> Result<T, MetaError>
+pub async fn retry<T, E, F, Fut>(policy: &RetryPolicy, jitter: &Jitter, what: &str, mut op: F) -> Result<T, E>
 where
+    E: Transient,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, MetaError>>,
+    Fut: Future<Output = Result<T, E>>,
 {
     let start = Instant::now();
     let deadline = start + Duration::from_millis(policy.deadline_ms);
@@ -87,7 +95,7 @@ where
                 if Instant::now() + sleep > deadline {
                     return Err(e);
                 }
-                tracing::debug!(what, attempt, error = %e, ?sleep, "retrying metadata call");
+                tracing::debug!(what, attempt, error = %e, ?sleep, "retrying");
                 tokio::time::sleep(sleep).await;
             }
             result => return result,

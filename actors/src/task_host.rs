@@ -1,6 +1,8 @@
 //! `TaskHost`: runs each actor as one tokio task. Under `--cfg madsim` the
 //! tokio API is madsim's, so every actor is a deterministic madsim task on the
-//! simulated node that spawned it, and dies with that node.
+//! simulated node that spawned it, and dies with that node. The simulation
+//! runs every actor on it; in the normal build, tests use it where no actix
+//! system runs.
 //!
 //! The mailbox is a bounded tokio mpsc channel: `send` waits for room
 //! (backpressure), letters are handled one at a time in FIFO order, and a
@@ -9,7 +11,7 @@
 
 use std::sync::Arc;
 
-use attache_actors::actor::{CellFactory, Detached, Host, Letter, Mailbox, MailboxError};
+use crate::actor::{CellFactory, Detached, Host, Letter, Mailbox, MailboxError};
 use futures::future::BoxFuture;
 use tokio::sync::mpsc;
 

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use attache_actors::meta::backend::{Compare, CompareOp, MetadataBackend, Txn, TxnOp};
 use attache_actors::meta::embedded::EmbeddedBackend;
 use attache_actors::meta::remote::{MetadataServer, RemoteBackend};
+use attache_actors::task_host::TaskHost;
+use attache_actors::HostHandle;
 use attache_runtime::etcd::EtcdBackend;
 use attache_runtime::files::FileMetaLog;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -58,14 +60,15 @@ async fn main() {
     let ops: usize = std::env::args().skip_while(|a| a != "--ops").nth(1).map_or(1000, |s| s.parse().expect("--ops N"));
     let dir = tempfile::tempdir().unwrap();
     let mut rows = Vec::new();
+    let host = HostHandle::new(TaskHost);
 
     let embedded: Arc<dyn MetadataBackend> =
-        EmbeddedBackend::open(Arc::new(FileMetaLog::new(&dir.path().join("e")))).await.unwrap();
+        EmbeddedBackend::open(&host, Arc::new(FileMetaLog::new(&dir.path().join("e")))).await.unwrap();
     rows.push(measure("embedded (in process)", &*embedded, ops).await);
 
     std::fs::create_dir_all(dir.path().join("g")).unwrap();
     let served: Arc<dyn MetadataBackend> =
-        EmbeddedBackend::open(Arc::new(FileMetaLog::new(&dir.path().join("g")))).await.unwrap();
+        EmbeddedBackend::open(&host, Arc::new(FileMetaLog::new(&dir.path().join("g")))).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(

@@ -8,12 +8,14 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use attache_actors::meta::remote::MetadataServer;
+use attache_actors::HostHandle;
 use clap::Args;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::LogArgs;
 use crate::serve::{open_metadata, shutdown_signal};
 use crate::telemetry::init_logging;
+use crate::ActixHost;
 
 /// `attache meta` flags.
 #[derive(Args, Clone, Debug)]
@@ -28,12 +30,13 @@ pub struct MetaArgs {
     pub log: LogArgs,
 }
 
-/// Runs the metadata server until SIGINT/SIGTERM.
+/// Runs the metadata server until SIGINT/SIGTERM: the `MetadataStore` actor
+/// on one actix arbiter, the gRPC server on the actix system's runtime.
 pub fn run(args: MetaArgs) -> anyhow::Result<()> {
     init_logging(args.log.log_format.unwrap_or_default(), args.log.log_level.as_deref().unwrap_or("info"));
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(async move {
-        let backend = open_metadata(&format!("embedded:{}", args.data_dir.display())).await?;
+    actix_rt::System::new().block_on(async move {
+        let host = HostHandle::new(ActixHost::new(1));
+        let backend = open_metadata(&host, &format!("embedded:{}", args.data_dir.display())).await?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;

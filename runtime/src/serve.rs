@@ -13,9 +13,9 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use attache_actors::lease::LeaseGate;
 use attache_actors::meta::embedded::EmbeddedBackend;
-use attache_actors::meta::retry::RetryPolicy;
 use attache_actors::meta::{MetaOps, MetadataBackend};
-use attache_actors::node::{Node, NodeParts, ShutdownNode, WaitReady};
+use attache_actors::node::{numbered_volumes, Node, NodeConfig, NodeParts, ShutdownNode, WaitReady};
+use attache_actors::retry::RetryPolicy;
 use attache_actors::service::AttacheService;
 use attache_actors::HostHandle;
 use clap::Args;
@@ -59,18 +59,11 @@ impl DevArgs {
     /// The settings of the nodes `attache dev` runs.
     pub fn settings(self) -> Vec<NodeSettings> {
         let n = self.nodes.max(1);
-        let volumes: Vec<String> = (1..=self.volumes.unwrap_or(2.max(n)).max(1)).map(|i| format!("vol-{i}")).collect();
+        let volumes = numbered_volumes(self.volumes.unwrap_or(2.max(n)).max(1));
         (1..=n)
             .map(|i| {
-                let mut node = attache_actors::node::NodeConfig::new(
-                    String::new(),
-                    self.data_dir.join("volumes"),
-                    volumes.clone(),
-                );
+                let mut node = NodeConfig::cluster_member(i, n, self.data_dir.join("volumes"), volumes.clone());
                 node.lease_ttl_ms = self.lease_ttl_ms;
-                if n > 1 {
-                    node.home_volumes = volumes.iter().filter(|v| **v == format!("vol-{i}")).cloned().collect();
-                }
                 let mut listen = self.listen;
                 if listen.port() != 0 {
                     listen.set_port(listen.port() + i as u16 - 1);
@@ -92,15 +85,16 @@ impl DevArgs {
     }
 }
 
-/// Opens the metadata backend named by `spec` (see `--metadata`).
+/// Opens the metadata backend named by `spec` (see `--metadata`); an
+/// embedded store's `MetadataStore` actor runs on `host`.
 ///
 /// Errors: an unknown scheme, or the backend cannot be opened.
-pub async fn open_metadata(spec: &str) -> anyhow::Result<Arc<dyn MetadataBackend>> {
+pub async fn open_metadata(host: &HostHandle, spec: &str) -> anyhow::Result<Arc<dyn MetadataBackend>> {
     if let Some(dir) = spec.strip_prefix("embedded:") {
         let dir = Path::new(dir);
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create metadata dir {}", dir.display()))?;
         let lock = crate::files::lock_dir(dir)?;
-        let backend = EmbeddedBackend::open(Arc::new(FileMetaLog::new(dir))).await?;
+        let backend = EmbeddedBackend::open(host, Arc::new(FileMetaLog::new(dir))).await?;
         // The lock lives as long as the process: one writer per metadata dir.
         std::mem::forget(lock);
         return Ok(backend);
@@ -171,12 +165,11 @@ pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send
             let backend = match backends.get(&s.metadata) {
                 Some(b) => b.clone(),
                 None => {
-                    let b = open_metadata(&s.metadata).await?;
+                    let b = open_metadata(&host, &s.metadata).await?;
                     backends.insert(s.metadata.clone(), b.clone());
                     b
                 }
             };
-            let limits = cfg.limits.clone();
             let volumes = Arc::new(LocalVolumes::new(cfg.volume_root.clone()));
             let parts = NodeParts {
                 meta: MetaOps::new(backend, RetryPolicy::default(), jitter_seed()),
@@ -185,14 +178,13 @@ pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send
                 provider: volumes,
                 gate: Arc::new(LeaseGate::new(cfg.lease.clone())),
             };
-            let node = host.spawn(Node::new(cfg, parts), 4096);
+            let (node, service) = AttacheService::start(&host, cfg, parts);
             let record = node.send(WaitReady).await?.context("node start-up failed")?;
             println!(
                 "attache: node {} serving gRPC on {local} (volumes: {})",
                 record.node_id,
                 record.volumes.join(", ")
             );
-            let service = AttacheService::new(node.clone()).into_server(limits.max_batch_bytes);
             let mut stop = stop_tx.subscribe();
             let server = tokio::spawn(async move {
                 tonic::transport::Server::builder()

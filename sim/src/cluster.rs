@@ -13,9 +13,9 @@ use attache_actors::lease::{LeaseGate, LeaseTiming};
 use attache_actors::local_store::MemLocalStore;
 use attache_actors::meta::embedded::{EmbeddedBackend, MemMetaLog};
 use attache_actors::meta::remote::{MetadataServer, RemoteBackend};
-use attache_actors::meta::retry::RetryPolicy;
 use attache_actors::meta::MetaOps;
-use attache_actors::node::{Node, NodeConfig, NodeParts};
+use attache_actors::node::{NodeConfig, NodeParts};
+use attache_actors::retry::RetryPolicy;
 use attache_actors::service::AttacheService;
 use attache_actors::volume::FailoverTiming;
 use attache_actors::HostHandle;
@@ -69,7 +69,8 @@ fn start_meta(handle: &Handle) -> NodeHandle {
         .init(move || {
             let log = log.clone();
             async move {
-                let backend = EmbeddedBackend::open(Arc::new(log)).await.expect("metadata log opens");
+                let backend =
+                    EmbeddedBackend::open(&HostHandle::new(TaskHost), Arc::new(log)).await.expect("metadata log opens");
                 let addr: SocketAddr = META_ADDR.parse().expect("addr");
                 tonic::transport::Server::builder()
                     .add_service(MetadataServer::new(backend).into_server())
@@ -91,7 +92,7 @@ fn start_storage(
 ) -> NodeHandle {
     let name = format!("node-{i}");
     let local = MemLocalStore::default();
-    let (ebs, gates, volumes) = (ebs.clone(), gates.clone(), s.volumes());
+    let (ebs, gates, volumes, nodes) = (ebs.clone(), gates.clone(), s.volumes(), s.cluster.storage_nodes);
     let t = s.timing.clone();
     let (lease_gate, cas) = (s.sim_only.lease_gate, s.sim_only.metadata_cas);
     let node_name = name.clone();
@@ -115,9 +116,8 @@ fn start_storage(
                 if !cas {
                     meta = meta.with_blind_claims();
                 }
-                let home = volumes.iter().filter(|v| **v == format!("vol-{i}")).cloned().collect();
-                let mut cfg = NodeConfig::new(storage_addr(i), "/", volumes);
-                cfg.home_volumes = home;
+                let mut cfg = NodeConfig::cluster_member(i, nodes, "/", volumes);
+                cfg.advertise_addr = storage_addr(i);
                 cfg.lease_ttl_ms = t.lease_ttl_ms;
                 cfg.lease = timing;
                 cfg.failover = FailoverTiming {
@@ -126,15 +126,10 @@ fn start_storage(
                     rank_delay_ms: t.rank_delay_ms,
                 };
                 cfg.metadata_wait_ms = 600_000;
-                let limits = cfg.limits.clone();
                 let parts = NodeParts { meta, local: Arc::new(local), factory: vols.clone(), provider: vols, gate };
-                let node = HostHandle::new(TaskHost).spawn(Node::new(cfg, parts), 4096);
+                let (_node, service) = AttacheService::start(&HostHandle::new(TaskHost), cfg, parts);
                 let addr: SocketAddr = storage_addr(i).parse().expect("addr");
-                tonic::transport::Server::builder()
-                    .add_service(AttacheService::new(node).into_server(limits.max_batch_bytes))
-                    .serve(addr)
-                    .await
-                    .expect("attache server");
+                tonic::transport::Server::builder().add_service(service).serve(addr).await.expect("attache server");
             }
         })
         .build()

@@ -1,5 +1,5 @@
-//! Attaché's deterministic simulation: the task host that runs the actors on
-//! madsim, the simulated outside world (volumes, engine), and, built with
+//! Attaché's deterministic simulation: the simulated outside world (volumes,
+//! engine), and, built with
 //! `RUSTFLAGS="--cfg madsim"`, the simulated cluster, workload, checkers and
 //! runner.
 
@@ -9,7 +9,6 @@ pub mod cluster;
 pub mod ebs;
 pub mod engine;
 pub mod history;
-pub mod host;
 pub mod report;
 #[cfg(madsim)]
 pub mod run;
@@ -17,4 +16,4 @@ pub mod scenario;
 #[cfg(madsim)]
 pub mod workload;
 
-pub use host::TaskHost;
+pub use attache_actors::task_host::TaskHost;

@@ -205,6 +205,6 @@ impl Scenario {
 
     /// Volume names, `vol-1`...
     pub fn volumes(&self) -> Vec<String> {
-        (1..=self.cluster.volumes).map(|i| format!("vol-{i}")).collect()
+        attache_actors::node::numbered_volumes(self.cluster.volumes)
     }
 }

@@ -10,8 +10,10 @@ use async_trait::async_trait;
 use attache_actors::meta::backend::*;
 use attache_actors::meta::conformance::{self, Harness};
 use attache_actors::meta::embedded::{EmbeddedBackend, MemMetaLog};
-use attache_actors::meta::retry::{retry, Jitter, RetryPolicy};
 use attache_actors::meta::MetaOps;
+use attache_actors::retry::{retry, Jitter, RetryPolicy};
+use attache_actors::task_host::TaskHost;
+use attache_actors::HostHandle;
 use tokio::time::{Duration, Instant};
 
 struct Mem {
@@ -25,7 +27,7 @@ impl Harness for Mem {
         self.backend.clone()
     }
     async fn restart(&mut self) {
-        self.backend = EmbeddedBackend::open(Arc::new(self.log.clone())).await.unwrap();
+        self.backend = EmbeddedBackend::open(&HostHandle::new(TaskHost), Arc::new(self.log.clone())).await.unwrap();
     }
     fn lease_ttl_ms(&self) -> u64 {
         300
@@ -35,7 +37,7 @@ impl Harness for Mem {
 #[tokio::test]
 async fn embedded_backend_conforms_in_simulated_time() {
     let log = MemMetaLog::default();
-    let backend = EmbeddedBackend::open(Arc::new(log.clone())).await.unwrap();
+    let backend = EmbeddedBackend::open(&HostHandle::new(TaskHost), Arc::new(log.clone())).await.unwrap();
     conformance::run_all(&mut Mem { log, backend }, "/conformance").await;
 }
 
@@ -94,7 +96,7 @@ impl MetadataBackend for Flaky {
 }
 
 async fn flaky(fail: u32, error: MetaError, apply: bool) -> Arc<Flaky> {
-    let inner = EmbeddedBackend::open(Arc::new(MemMetaLog::default())).await.unwrap();
+    let inner = EmbeddedBackend::open(&HostHandle::new(TaskHost), Arc::new(MemMetaLog::default())).await.unwrap();
     Arc::new(Flaky { inner, fail: AtomicU32::new(fail), error, apply })
 }
 

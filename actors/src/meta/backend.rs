@@ -34,10 +34,15 @@ pub type LeaseId = i64;
 /// A key with its value and revisions.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
+    /// The key.
     pub key: Vec<u8>,
+    /// The value.
     pub value: Vec<u8>,
+    /// The revision that last created the key (its first put since absent).
     pub create_revision: Revision,
+    /// The revision of the key's last write.
     pub mod_revision: Revision,
+    /// Writes to the key since its creation, 1 after the creating put.
     pub version: i64,
     /// The lease the key is attached to, 0 for none.
     pub lease: LeaseId,
@@ -46,26 +51,37 @@ pub struct KeyValue {
 /// What a compare looks at, and the operand.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CompareTarget {
+    /// The key's value (a compare on a missing key is false).
     Value(Vec<u8>),
+    /// The key's `mod_revision` (0 for a missing key).
     ModRevision(Revision),
+    /// The key's `create_revision` (0 for a missing key).
     CreateRevision(Revision),
+    /// The key's `version` (0 for a missing key).
     Version(i64),
 }
 
 /// A compare operator: `key's target <op> operand`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CompareOp {
+    /// The key's target equals the operand.
     Equal,
+    /// The key's target differs from the operand.
     NotEqual,
+    /// The key's target is less than the operand (bytewise for values).
     Less,
+    /// The key's target is greater than the operand (bytewise for values).
     Greater,
 }
 
 /// One compare of a transaction.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Compare {
+    /// The key compared.
     pub key: Vec<u8>,
+    /// The operator.
     pub op: CompareOp,
+    /// What of the key is compared, with the operand.
     pub target: CompareTarget,
 }
 
@@ -90,18 +106,34 @@ impl Compare {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TxnOp {
     /// Put `key` = `value`, attached to `lease` (0: none).
-    Put { key: Vec<u8>, value: Vec<u8>, lease: LeaseId },
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// The value.
+        value: Vec<u8>,
+        /// The lease to attach the key to, 0 for none.
+        lease: LeaseId,
+    },
     /// Delete `key`.
-    Delete { key: Vec<u8> },
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+    },
     /// Read `key` (as of the transaction's revision, after its earlier writes).
-    Get { key: Vec<u8> },
+    Get {
+        /// The key.
+        key: Vec<u8>,
+    },
 }
 
 /// A transaction: if every compare holds, `success`, else `failure`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Txn {
+    /// The compares, all evaluated on one revision (empty: they hold).
     pub compare: Vec<Compare>,
+    /// The operations applied, in order, when every compare holds.
     pub success: Vec<TxnOp>,
+    /// The operations applied, in order, when a compare fails.
     pub failure: Vec<TxnOp>,
 }
 
@@ -119,7 +151,9 @@ pub struct TxnResponse {
 /// Keys under a prefix, with the revision they were read at.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RangeResponse {
+    /// The keys under the prefix, in key order.
     pub kvs: Vec<KeyValue>,
+    /// The store revision the keys were read at.
     pub revision: Revision,
 }
 
@@ -129,7 +163,12 @@ pub enum WatchEvent {
     /// A put; `kv` is the key as written.
     Put(KeyValue),
     /// A delete of `key` at `mod_revision`.
-    Delete { key: Vec<u8>, mod_revision: Revision },
+    Delete {
+        /// The key deleted.
+        key: Vec<u8>,
+        /// The revision of the delete.
+        mod_revision: Revision,
+    },
 }
 
 impl WatchEvent {
@@ -167,7 +206,12 @@ pub enum MetaError {
     LeaseNotFound(LeaseId),
     /// The watch asked for history that was compacted away.
     #[error("revision {requested} is compacted (oldest kept: {oldest})")]
-    Compacted { requested: Revision, oldest: Revision },
+    Compacted {
+        /// The revision the watch asked to start from.
+        requested: Revision,
+        /// The oldest revision whose history is still kept.
+        oldest: Revision,
+    },
     /// The request is malformed.
     #[error("invalid metadata request: {0}")]
     Invalid(String),
@@ -176,9 +220,9 @@ pub enum MetaError {
     Storage(String),
 }
 
-impl MetaError {
+impl crate::retry::Transient for MetaError {
     /// Whether the call may be retried as is (if it is safe to repeat).
-    pub fn is_transient(&self) -> bool {
+    fn is_transient(&self) -> bool {
         matches!(self, MetaError::Unavailable(_) | MetaError::Timeout(_))
     }
 }

@@ -14,8 +14,8 @@ use futures::StreamExt;
 use tokio::time::{sleep, timeout, Duration, Instant};
 
 use crate::meta::backend::{Compare, CompareOp, MetaError, MetadataBackend, Txn, TxnOp, WatchEvent};
-use crate::meta::retry::RetryPolicy;
 use crate::meta::store::MetaOps;
+use crate::retry::RetryPolicy;
 
 /// A backend under test, with the means to restart it.
 #[async_trait]

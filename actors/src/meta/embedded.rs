@@ -1,24 +1,32 @@
-//! `EmbeddedBackend`: the default metadata backend, in process, persisted
-//! through a [`MetaLog`] (a file with fsync in production, a simulated disk in
-//! the simulation, memory in tests).
+//! The embedded metadata store: the default metadata backend, in process,
+//! persisted through a [`MetaLog`] (a file with fsync in production,
+//! [`MemMetaLog`] in memory in the simulation and in tests).
 //!
-//! Each change is planned on the [`StateMachine`], written to the log as a
-//! framed record (`u32be len ++ u32be crc32 ++ codec(record)`) and synced,
-//! then applied and published to watchers; a change is acknowledged only after
-//! its record is durable. Recovery replays the log, stopping at the first torn
-//! or corrupt record (an append that never completed), then compacts it into
-//! one snapshot record. Lease expiry reads the tokio clock (madsim's in the
-//! simulation), checked on every call and by a sweeper task every
-//! [`SWEEP_INTERVAL`]; after a restart every lease gets its full TTL again,
-//! as etcd does.
+//! The [`MetadataStore`] actor owns the [`StateMachine`] and the log and is
+//! their only writer: each change is planned on the state machine, written to
+//! the log as a framed record (`u32be len ++ u32be crc32 ++ codec(record)`)
+//! and synced, then applied and published to watchers; a change is
+//! acknowledged only after its record is durable. [`EmbeddedBackend`] is the
+//! handle the rest of the system holds: it implements [`MetadataBackend`] by
+//! sending the actor one message per call. It serves `attache dev` in
+//! process, `attache meta` behind its gRPC server, and the simulation's
+//! metadata node.
+//!
+//! Recovery replays the log, stopping at the first torn or corrupt record (an
+//! append that never completed), then compacts it into one snapshot record.
+//! Lease expiry reads the tokio clock (madsim's in the simulation), checked
+//! before every call and by a sweeper task every [`SWEEP_INTERVAL`]; after a
+//! restart every lease gets its full TTL again, as etcd does.
 
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, Mutex};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use tokio::time::{Duration, Instant};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use crate::actor::{Actor, Addr, Context, Handler, HostHandle, MailboxError, Message, Reply};
 use crate::codec;
 use crate::meta::backend::{
     KeyValue, LeaseId, MetaError, MetadataBackend, RangeResponse, Revision, Txn, TxnOp, TxnResponse, WatchEvent,
@@ -90,24 +98,24 @@ pub fn parse_log(bytes: &[u8]) -> (Vec<Record>, bool) {
 /// A live watch: its key prefix and where its events go.
 type Watcher = (Vec<u8>, mpsc::UnboundedSender<Result<WatchEvent, MetaError>>);
 
-struct Inner {
+/// Mailbox capacity of the store actor (calls in flight from every node).
+const MAILBOX_CAPACITY: usize = 4096;
+
+/// The metadata store actor; see the module docs.
+pub struct MetadataStore {
     sm: StateMachine,
+    log: Arc<dyn MetaLog>,
     watchers: Vec<Watcher>,
     records_since_snapshot: usize,
 }
 
-/// The embedded backend; see the module docs.
-pub struct EmbeddedBackend {
-    inner: Mutex<Inner>,
-    log: Arc<dyn MetaLog>,
-}
-
-impl EmbeddedBackend {
-    /// Opens the store on `log`, recovering what it holds, and starts the
-    /// lease sweeper (a tokio task that ends when the store is dropped).
+impl MetadataStore {
+    /// Recovers the store from `log`: replays it up to the first torn or
+    /// corrupt record and rewrites it as one snapshot record (which also cuts
+    /// a torn tail off before anything is appended after it).
     ///
     /// Errors: `Storage` when the log cannot be read or rewritten.
-    pub async fn open(log: Arc<dyn MetaLog>) -> Result<Arc<Self>, MetaError> {
+    pub async fn recover(log: Arc<dyn MetaLog>) -> Result<Self, MetaError> {
         let bytes = log.load().await?;
         let (records, clean) = parse_log(&bytes);
         if !clean {
@@ -118,67 +126,225 @@ impl EmbeddedBackend {
         for r in &records {
             sm.apply(r, now);
         }
-        // Compact on open: this also cuts off a torn tail before anything is appended after it.
         log.replace(&frame(&[Record::Snapshot(sm.snapshot())])).await?;
         tracing::info!(revision = sm.revision(), records = records.len(), "metadata store recovered");
-        let backend = Arc::new(EmbeddedBackend {
-            inner: Mutex::new(Inner { sm, watchers: Vec::new(), records_since_snapshot: 0 }),
-            log,
-        });
-        let weak = Arc::downgrade(&backend);
-        tokio::spawn(sweep(weak));
-        Ok(backend)
+        Ok(MetadataStore { sm, log, watchers: Vec::new(), records_since_snapshot: 0 })
     }
 
     /// Logs `records` (synced), then applies them and publishes their events.
-    async fn commit(&self, inner: &mut Inner, records: Vec<Record>) -> Result<(), MetaError> {
+    async fn commit(&mut self, records: Vec<Record>) -> Result<(), MetaError> {
         if records.is_empty() {
             return Ok(());
         }
         self.log.append(&frame(&records)).await?;
         let now = Instant::now();
         for r in &records {
-            let events = inner.sm.apply(r, now);
-            for e in events {
-                inner.watchers.retain(|(prefix, tx)| !e.key().starts_with(prefix) || tx.send(Ok(e.clone())).is_ok());
+            for e in self.sm.apply(r, now) {
+                self.watchers.retain(|(prefix, tx)| !e.key().starts_with(prefix) || tx.send(Ok(e.clone())).is_ok());
             }
         }
-        inner.records_since_snapshot += records.len();
-        if inner.records_since_snapshot >= COMPACT_AFTER_RECORDS {
-            self.log.replace(&frame(&[Record::Snapshot(inner.sm.snapshot())])).await?;
-            inner.records_since_snapshot = 0;
+        self.records_since_snapshot += records.len();
+        if self.records_since_snapshot >= COMPACT_AFTER_RECORDS {
+            self.log.replace(&frame(&[Record::Snapshot(self.sm.snapshot())])).await?;
+            self.records_since_snapshot = 0;
         }
         Ok(())
     }
 
-    /// Locks the state after ending every lease expired by now.
-    async fn lock(&self) -> Result<tokio::sync::MutexGuard<'_, Inner>, MetaError> {
-        let mut inner = self.inner.lock().await;
-        let expired = inner.sm.expired(Instant::now());
-        self.commit(&mut inner, expired).await?;
-        Ok(inner)
+    /// Ends every lease expired by now (before any call sees the state).
+    async fn expire(&mut self) -> Result<(), MetaError> {
+        let expired = self.sm.expired(Instant::now());
+        self.commit(expired).await
+    }
+
+    /// Plans `txn` on the state machine and commits its record, if any.
+    async fn txn(&mut self, txn: &Txn) -> Result<TxnResponse, MetaError> {
+        let (resp, record) = self.sm.plan_txn(txn)?;
+        self.commit(record.into_iter().collect()).await?;
+        Ok(resp)
+    }
+
+    async fn call(&mut self, call: Call) -> Result<Answer, MetaError> {
+        self.expire().await?;
+        Ok(match call {
+            Call::Sweep => Answer::Done,
+            Call::Get { key } => Answer::Get(self.sm.get(&key)),
+            Call::Range { prefix } => Answer::Range(self.sm.range(&prefix)),
+            Call::Txn(txn) => Answer::Txn(self.txn(&txn).await?),
+            Call::Delete { key } => {
+                let before = self.sm.revision();
+                let txn = Txn { success: vec![TxnOp::Delete { key }], ..Default::default() };
+                let resp = self.txn(&txn).await?;
+                Answer::Delete(resp.revision > before, resp.revision)
+            }
+            Call::LeaseGrant { ttl_ms } => {
+                let record = self.sm.grant(ttl_ms)?;
+                let Record::LeaseGrant { id, .. } = record else { unreachable!("grant makes a LeaseGrant") };
+                self.commit(vec![record]).await?;
+                Answer::Lease(id)
+            }
+            Call::LeaseKeepAlive { lease } => Answer::Ttl(self.sm.keep_alive(lease, Instant::now())?),
+            Call::LeaseRevoke { lease } => {
+                if self.sm.lease_ttl(lease).is_none() {
+                    return Err(MetaError::LeaseNotFound(lease));
+                }
+                self.commit(vec![Record::LeaseEnd { id: lease }]).await?;
+                Answer::Done
+            }
+            Call::Watch { prefix, from } => {
+                let from = if from <= 0 { self.sm.revision() + 1 } else { from };
+                let past = self.sm.history_since(&prefix, from)?;
+                let (tx, rx) = mpsc::unbounded_channel();
+                for e in past {
+                    let _ = tx.send(Ok(e));
+                }
+                self.watchers.push((prefix, tx));
+                Answer::Watch(Box::pin(UnboundedReceiverStream::new(rx)))
+            }
+        })
     }
 }
 
-async fn sweep(store: Weak<EmbeddedBackend>) {
-    loop {
-        tokio::time::sleep(SWEEP_INTERVAL).await;
-        let Some(store) = store.upgrade() else { return };
-        let swept = store.lock().await.map(drop);
-        if let Err(e) = swept {
-            tracing::warn!(error = %e, "metadata lease sweep failed");
-        }
+impl Actor for MetadataStore {
+    fn name(&self) -> String {
+        "metadata-store".into()
     }
+}
+
+/// One call of the [`MetadataBackend`] API, as a message to the store actor.
+/// Every call first ends the leases that expired.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Call {
+    /// Only ends expired leases (the sweeper's tick).
+    Sweep,
+    /// [`MetadataBackend::get`].
+    Get {
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// [`MetadataBackend::range`].
+    Range {
+        /// The key prefix.
+        prefix: Vec<u8>,
+    },
+    /// [`MetadataBackend::txn`].
+    Txn(Txn),
+    /// [`MetadataBackend::delete`].
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// [`MetadataBackend::lease_grant`], TTL in ms.
+    LeaseGrant {
+        /// The lease's TTL, ms (0 is `Invalid`).
+        ttl_ms: u64,
+    },
+    /// [`MetadataBackend::lease_keep_alive`].
+    LeaseKeepAlive {
+        /// The lease to renew.
+        lease: LeaseId,
+    },
+    /// [`MetadataBackend::lease_revoke`].
+    LeaseRevoke {
+        /// The lease to revoke.
+        lease: LeaseId,
+    },
+    /// [`MetadataBackend::watch`].
+    Watch {
+        /// The key prefix watched.
+        prefix: Vec<u8>,
+        /// The first revision delivered (0 or less: from now).
+        from: Revision,
+    },
+}
+
+/// The store's answer to a [`Call`], one variant per call kind.
+pub enum Answer {
+    /// Sweep and revoke.
+    Done,
+    /// The key, if present.
+    Get(Option<KeyValue>),
+    /// The keys under the prefix.
+    Range(RangeResponse),
+    /// The transaction's outcome.
+    Txn(TxnResponse),
+    /// Whether a key was deleted, and the revision after the call.
+    Delete(bool, Revision),
+    /// A new lease.
+    Lease(LeaseId),
+    /// A renewed lease's TTL, ms.
+    Ttl(u64),
+    /// A watch's event stream.
+    Watch(WatchStream),
+}
+
+impl Message for Call {
+    type Reply = Result<Answer, MetaError>;
+}
+
+impl Handler<Call> for MetadataStore {
+    async fn handle(&mut self, call: Call, _ctx: &Context<Self>) -> Reply<Result<Answer, MetaError>> {
+        Reply::now(self.call(call).await)
+    }
+}
+
+/// The handle on a running [`MetadataStore`]; see the module docs. Dropping
+/// the last handle stops the actor and its sweeper.
+pub struct EmbeddedBackend {
+    store: Addr<MetadataStore>,
+}
+
+impl EmbeddedBackend {
+    /// Recovers the store from `log`, starts its actor on `host`, and starts
+    /// the lease sweeper (a detached task that ends with the actor).
+    ///
+    /// Errors: `Storage` when the log cannot be read or rewritten.
+    pub async fn open(host: &HostHandle, log: Arc<dyn MetaLog>) -> Result<Arc<Self>, MetaError> {
+        let store = host.spawn(MetadataStore::recover(log).await?, MAILBOX_CAPACITY);
+        let sweeper = store.clone();
+        host.spawn_detached(async move {
+            while !sweeper.is_closed() {
+                tokio::time::sleep(SWEEP_INTERVAL).await;
+                match sweeper.send(Call::Sweep).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "metadata lease sweep failed"),
+                    Err(_) => return,
+                }
+            }
+        });
+        Ok(Arc::new(EmbeddedBackend { store }))
+    }
+
+    async fn call(&self, call: Call) -> Result<Answer, MetaError> {
+        self.store.send(call).await.map_err(|e: MailboxError| MetaError::Unavailable(format!("metadata store: {e}")))?
+    }
+}
+
+impl Drop for EmbeddedBackend {
+    fn drop(&mut self) {
+        self.store.stop();
+    }
+}
+
+/// The answer of another kind than the call asked for: a bug in this module.
+fn mismatch() -> MetaError {
+    MetaError::Invalid("metadata store answered a call of another kind".into())
 }
 
 #[async_trait]
 impl MetadataBackend for EmbeddedBackend {
     async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, MetaError> {
-        Ok(self.lock().await?.sm.get(key))
+        match self.call(Call::Get { key: key.to_vec() }).await? {
+            Answer::Get(kv) => Ok(kv),
+            _ => Err(mismatch()),
+        }
     }
 
     async fn range(&self, prefix: &[u8]) -> Result<RangeResponse, MetaError> {
-        Ok(self.lock().await?.sm.range(prefix))
+        match self.call(Call::Range { prefix: prefix.to_vec() }).await? {
+            Answer::Range(r) => Ok(r),
+            _ => Err(mismatch()),
+        }
     }
 
     async fn put(&self, key: &[u8], value: &[u8], lease: LeaseId) -> Result<Revision, MetaError> {
@@ -188,51 +354,45 @@ impl MetadataBackend for EmbeddedBackend {
     }
 
     async fn delete(&self, key: &[u8]) -> Result<(bool, Revision), MetaError> {
-        let txn = Txn { success: vec![TxnOp::Delete { key: key.to_vec() }], ..Default::default() };
-        let mut inner = self.lock().await?;
-        let before = inner.sm.revision();
-        let (resp, record) = inner.sm.plan_txn(&txn)?;
-        self.commit(&mut inner, record.into_iter().collect()).await?;
-        Ok((resp.revision > before, resp.revision))
+        match self.call(Call::Delete { key: key.to_vec() }).await? {
+            Answer::Delete(deleted, rev) => Ok((deleted, rev)),
+            _ => Err(mismatch()),
+        }
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, MetaError> {
-        let mut inner = self.lock().await?;
-        let (resp, record) = inner.sm.plan_txn(&txn)?;
-        self.commit(&mut inner, record.into_iter().collect()).await?;
-        Ok(resp)
+        match self.call(Call::Txn(txn)).await? {
+            Answer::Txn(r) => Ok(r),
+            _ => Err(mismatch()),
+        }
     }
 
     async fn lease_grant(&self, ttl_ms: u64) -> Result<LeaseId, MetaError> {
-        let mut inner = self.lock().await?;
-        let record = inner.sm.grant(ttl_ms)?;
-        let Record::LeaseGrant { id, .. } = record else { unreachable!("grant makes a LeaseGrant") };
-        self.commit(&mut inner, vec![record]).await?;
-        Ok(id)
+        match self.call(Call::LeaseGrant { ttl_ms }).await? {
+            Answer::Lease(id) => Ok(id),
+            _ => Err(mismatch()),
+        }
     }
 
     async fn lease_keep_alive(&self, lease: LeaseId) -> Result<u64, MetaError> {
-        self.lock().await?.sm.keep_alive(lease, Instant::now())
+        match self.call(Call::LeaseKeepAlive { lease }).await? {
+            Answer::Ttl(ttl) => Ok(ttl),
+            _ => Err(mismatch()),
+        }
     }
 
     async fn lease_revoke(&self, lease: LeaseId) -> Result<(), MetaError> {
-        let mut inner = self.lock().await?;
-        if inner.sm.lease_ttl(lease).is_none() {
-            return Err(MetaError::LeaseNotFound(lease));
+        match self.call(Call::LeaseRevoke { lease }).await? {
+            Answer::Done => Ok(()),
+            _ => Err(mismatch()),
         }
-        self.commit(&mut inner, vec![Record::LeaseEnd { id: lease }]).await
     }
 
     async fn watch(&self, prefix: &[u8], from: Revision) -> Result<WatchStream, MetaError> {
-        let mut inner = self.lock().await?;
-        let from = if from <= 0 { inner.sm.revision() + 1 } else { from };
-        let past = inner.sm.history_since(prefix, from)?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        for e in past {
-            let _ = tx.send(Ok(e));
+        match self.call(Call::Watch { prefix: prefix.to_vec(), from }).await? {
+            Answer::Watch(w) => Ok(w),
+            _ => Err(mismatch()),
         }
-        inner.watchers.push((prefix.to_vec(), tx));
-        Ok(Box::pin(UnboundedReceiverStream::new(rx)))
     }
 }
 

@@ -22,8 +22,20 @@ pub const HISTORY_EVENTS: usize = 10_000;
 /// One write to the keys.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Mutation {
-    Put { key: Vec<u8>, value: Vec<u8>, lease: LeaseId },
-    Delete { key: Vec<u8> },
+    /// Sets `key` to `value`, attached to `lease`.
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// The value.
+        value: Vec<u8>,
+        /// The lease to attach the key to, 0 for none (a live lease otherwise).
+        lease: LeaseId,
+    },
+    /// Removes `key` (a no-op when absent).
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+    },
 }
 
 /// A logged change. Applying the same records in the same order always gives
@@ -31,11 +43,22 @@ pub enum Mutation {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
     /// Writes at one new revision.
-    Write { ops: Vec<Mutation> },
+    Write {
+        /// The writes, applied in order.
+        ops: Vec<Mutation>,
+    },
     /// A lease with its TTL in milliseconds.
-    LeaseGrant { id: LeaseId, ttl_ms: u64 },
+    LeaseGrant {
+        /// The new lease's id.
+        id: LeaseId,
+        /// The lease's TTL, ms.
+        ttl_ms: u64,
+    },
     /// The end of a lease (revoked or expired): its keys are deleted at one new revision.
-    LeaseEnd { id: LeaseId },
+    LeaseEnd {
+        /// The lease (a no-op when it is already gone).
+        id: LeaseId,
+    },
     /// The whole state, first record of a compacted log.
     Snapshot(Snapshot),
 }
@@ -43,10 +66,13 @@ pub enum Record {
 /// The persistent part of the state.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
+    /// The store revision at the snapshot.
     pub revision: Revision,
+    /// Every key, with its revisions and lease.
     pub kvs: Vec<KeyValue>,
     /// (lease id, TTL in ms).
     pub leases: Vec<(LeaseId, u64)>,
+    /// The id the next granted lease gets.
     pub next_lease: LeaseId,
 }
 

@@ -1,5 +1,6 @@
-//! The `MetadataStore` actor: Attaché's domain operations on a
-//! [`MetadataBackend`].
+//! [`MetaOps`]: Attaché's domain operations (ids, shard records, volume
+//! owner records, node liveness) on any [`MetadataBackend`]: the embedded
+//! store's actor (`crate::meta::embedded`), the same over gRPC, or etcd.
 //!
 //! Layout (values are JSON so `etcdctl get` shows them readably):
 //! - `/attache/ids/shard`, `/attache/ids/node` -> [`IdCounter`]: the last id
@@ -15,17 +16,15 @@
 //! bumping the epoch. A CAS whose outcome is unknown (timeout) is not
 //! repeated blindly: the counter carries a random token per attempt, and the
 //! owner record names the claimant, so a re-read tells whether it landed.
-//! Reads and idempotent writes go through [`retry`]. The actor keeps no state
-//! besides its backend handle: every call runs outside it, concurrently.
+//! Reads and idempotent writes go through [`retry`].
 
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::actor::{Actor, Context, Handler, Message, Reply};
 use crate::meta::backend::{Compare, CompareOp, KeyValue, LeaseId, MetaError, MetadataBackend, Revision, Txn, TxnOp};
-use crate::meta::retry::{retry, Jitter, RetryPolicy};
+use crate::retry::{retry, Jitter, RetryPolicy, Transient};
 use crate::shard::layout::ShardState;
 use crate::shard::ShardId;
 
@@ -49,9 +48,13 @@ pub struct IdCounter {
 /// Where a shard lives and who owns it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardRecord {
+    /// The shard.
     pub shard_id: ShardId,
+    /// The client that owns the shard.
     pub client_id: String,
+    /// The volume holding the shard's data.
     pub volume_id: String,
+    /// The shard's lifecycle state.
     pub state: ShardState,
     /// Bytes.
     pub size_limit: u64,
@@ -60,6 +63,7 @@ pub struct ShardRecord {
 /// The owner record of a volume.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
+    /// The volume.
     pub volume_id: String,
     /// The node that holds the volume read-write; 0 when vacant (its primary
     /// stepped down and nobody claimed it yet).
@@ -71,6 +75,7 @@ pub struct VolumeRecord {
 /// A live node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
+    /// The node.
     pub node_id: NodeId,
     /// gRPC address clients reach the node at, `host:port`.
     pub address: String,
@@ -104,12 +109,8 @@ fn from_json<T: DeserializeOwned>(kv: &KeyValue) -> Result<T, MetaError> {
         .map_err(|e| MetaError::Storage(format!("malformed record at {}: {e}", String::from_utf8_lossy(&kv.key))))
 }
 
-/// The metadata store actor; see the module docs.
-pub struct MetadataStore {
-    ops: MetaOps,
-}
-
-/// The domain operations, callable outside the actor (they hold no state).
+/// The domain operations over any [`MetadataBackend`]; cheap to clone, and
+/// they hold no state of their own, so any task may call them concurrently.
 #[derive(Clone)]
 pub struct MetaOps {
     backend: Arc<dyn MetadataBackend>,
@@ -118,13 +119,6 @@ pub struct MetaOps {
     /// Simulation only: claims overwrite the owner record without comparing
     /// its revision, to show what the compare-and-swap prevents.
     blind_claims: bool,
-}
-
-impl MetadataStore {
-    /// The actor over `ops`.
-    pub fn new(ops: MetaOps) -> Self {
-        MetadataStore { ops }
-    }
 }
 
 impl MetaOps {
@@ -327,44 +321,4 @@ impl MetaOps {
     pub async fn live_nodes(&self) -> Result<Vec<NodeRecord>, MetaError> {
         self.range(&format!("{ROOT}nodes/")).await
     }
-}
-
-impl Actor for MetadataStore {
-    fn name(&self) -> String {
-        "metadata-store".into()
-    }
-}
-
-macro_rules! meta_messages {
-    ($($(#[$doc:meta])* $name:ident { $($field:ident : $ty:ty),* } -> $reply:ty => |$ops:ident, $msg:ident| $body:expr;)*) => {$(
-        $(#[$doc])*
-        #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-        pub struct $name { $(pub $field: $ty),* }
-        impl Message for $name { type Reply = Result<$reply, MetaError>; }
-        impl Handler<$name> for MetadataStore {
-            async fn handle(&mut self, $msg: $name, _ctx: &Context<Self>) -> Reply<Result<$reply, MetaError>> {
-                let $ops = self.ops.clone();
-                Reply::later(async move { $body })
-            }
-        }
-    )*};
-}
-
-meta_messages! {
-    /// Allocates a shard id (unique, increasing).
-    AllocateShardId {} -> ShardId => |ops, _m| ops.allocate_id("shard").await;
-    /// Allocates a node id (unique, increasing).
-    AllocateNodeId {} -> NodeId => |ops, _m| ops.allocate_id("node").await;
-    /// Creates a shard's record.
-    RegisterShard { record: ShardRecord } -> () => |ops, m| ops.register_shard(&m.record).await;
-    /// Looks a shard up.
-    LookupShard { shard_id: ShardId } -> Option<ShardRecord> => |ops, m| ops.shard(m.shard_id).await;
-    /// Sets a shard's state.
-    SetShardState { shard_id: ShardId, state: ShardState } -> () => |ops, m| ops.set_shard_state(m.shard_id, m.state).await;
-    /// Lists shards, of one client when given.
-    ListShards { client_id: Option<String> } -> Vec<ShardRecord> => |ops, m| ops.shards(m.client_id.as_deref()).await;
-    /// Lists volume owner records.
-    ListVolumes {} -> Vec<VolumeRecord> => |ops, _m| ops.volumes().await;
-    /// Lists live nodes.
-    ListLiveNodes {} -> Vec<NodeRecord> => |ops, _m| ops.live_nodes().await;
 }
