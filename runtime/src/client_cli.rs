@@ -13,10 +13,11 @@ use attache_actors::service::proto;
 use clap::{Args, Subcommand};
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::json;
+use serde::Serialize;
+use std::fmt;
 
-use crate::client::{Client, RetrySettings};
 use crate::records::{self, Format};
+use attache_actors::client::{CallSpec, Client, ClientSettings, Failure, Outcome};
 
 /// `attache client` flags.
 #[derive(Args, Debug)]
@@ -162,30 +163,218 @@ fn state_name(state: i32) -> &'static str {
     }
 }
 
-fn info_json(i: &proto::ShardInfo) -> serde_json::Value {
-    json!({"shard_id": i.shard_id, "client_id": i.client_id, "state": state_name(i.state),
-           "size_limit_bytes": i.size_limit_bytes, "volume_id": i.volume_id})
-}
-
-fn print_info(json: bool, i: &proto::ShardInfo) {
-    if json {
-        println!("{}", info_json(i));
-    } else {
-        println!(
-            "shard {}  client {}  {}  limit {} bytes  volume {}",
-            i.shard_id,
-            i.client_id,
-            state_name(i.state),
-            i.size_limit_bytes,
-            i.volume_id
-        );
-    }
-}
-
 /// Bytes for the terminal: UTF-8 as is; tabs, line breaks, backslashes and
 /// other bytes escaped as in `tsv-escaped`.
 fn text(bytes: &[u8]) -> String {
     records::escaped(bytes)
+}
+
+/// Prints `v` as one JSON line with `--json`, else as its text form.
+fn emit<T: Serialize + fmt::Display>(json: bool, v: &T) {
+    if json {
+        println!("{}", serde_json::to_string(v).expect("command output serializes"));
+    } else {
+        println!("{v}");
+    }
+}
+
+/// A shard, as commands print it.
+#[derive(Serialize)]
+struct ShardOut {
+    shard_id: u64,
+    client_id: String,
+    state: &'static str,
+    size_limit_bytes: u64,
+    volume_id: String,
+}
+
+impl From<&proto::ShardInfo> for ShardOut {
+    fn from(i: &proto::ShardInfo) -> Self {
+        ShardOut {
+            shard_id: i.shard_id,
+            client_id: i.client_id.clone(),
+            state: state_name(i.state),
+            size_limit_bytes: i.size_limit_bytes,
+            volume_id: i.volume_id.clone(),
+        }
+    }
+}
+
+impl fmt::Display for ShardOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "shard {}  client {}  {}  limit {} bytes  volume {}",
+            self.shard_id, self.client_id, self.state, self.size_limit_bytes, self.volume_id
+        )
+    }
+}
+
+/// A write's acknowledgement.
+#[derive(Serialize)]
+struct Ack {
+    ok: bool,
+}
+
+impl fmt::Display for Ack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ok")
+    }
+}
+
+/// One key read: `get` and each line of `batch-get`.
+#[derive(Serialize)]
+struct KeyOut {
+    key: String,
+    found: bool,
+    value: Option<String>,
+    /// Stale reads: how old the answering node's view may be, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_staleness_ms: Option<u64>,
+}
+
+impl From<&proto::GetResponse> for KeyOut {
+    fn from(r: &proto::GetResponse) -> Self {
+        KeyOut { key: text(&r.key), found: r.found, value: r.found.then(|| text(&r.value)), max_staleness_ms: None }
+    }
+}
+
+impl fmt::Display for KeyOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.value, self.max_staleness_ms) {
+            (Some(v), Some(ms)) => write!(f, "{}\t{v}\t(at most {ms} ms stale)", self.key),
+            (Some(v), None) => write!(f, "{}\t{v}", self.key),
+            (None, _) => write!(f, "{}\t(not found)", self.key),
+        }
+    }
+}
+
+/// One record of a scan.
+#[derive(Serialize)]
+struct RecordOut {
+    key: String,
+    value: String,
+}
+
+impl fmt::Display for RecordOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}\t{}", self.key, self.value)
+    }
+}
+
+/// One secondary-index hit.
+#[derive(Serialize)]
+struct HitOut {
+    value: String,
+    key: String,
+}
+
+impl fmt::Display for HitOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}\t{}", self.value, self.key)
+    }
+}
+
+/// A shard's size and counters.
+#[derive(Serialize)]
+struct StatsOut {
+    info: ShardOut,
+    live_bytes: u64,
+    live_keys: u64,
+    bytes_written: u64,
+    bytes_read: u64,
+    ops_written: u64,
+    ops_read: u64,
+    group_commits: u64,
+    committed_ops: u64,
+}
+
+impl fmt::Display for StatsOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}", self.info)?;
+        writeln!(f, "  keys {}  live bytes {} of {}", self.live_keys, self.live_bytes, self.info.size_limit_bytes)?;
+        writeln!(
+            f,
+            "  since open: {} ops / {} bytes written, {} ops / {} bytes read",
+            self.ops_written, self.bytes_written, self.ops_read, self.bytes_read
+        )?;
+        write!(f, "  group commits {} carrying {} writes", self.group_commits, self.committed_ops)
+    }
+}
+
+/// The cluster, as `status` prints it.
+#[derive(Serialize)]
+struct StatusOut {
+    nodes: Vec<NodeOut>,
+    volumes: Vec<VolumeOut>,
+}
+
+#[derive(Serialize)]
+struct NodeOut {
+    node_id: u64,
+    address: String,
+    live: bool,
+}
+
+#[derive(Serialize)]
+struct VolumeOut {
+    volume_id: String,
+    primary_node_id: u64,
+    primary_address: String,
+    epoch: u64,
+    backup_node_ids: Vec<u64>,
+    shards: u64,
+}
+
+impl fmt::Display for StatusOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "nodes:")?;
+        for n in &self.nodes {
+            writeln!(f, "  node {}  {}  {}", n.node_id, n.address, if n.live { "live" } else { "down" })?;
+        }
+        write!(f, "volumes:")?;
+        for v in &self.volumes {
+            let backups: Vec<String> = v.backup_node_ids.iter().map(u64::to_string).collect();
+            let primary = if v.primary_address.is_empty() { "down" } else { &v.primary_address };
+            write!(
+                f,
+                "\n  {}  primary node {} ({primary})  epoch {}  backups [{}]  shards {}",
+                v.volume_id,
+                v.primary_node_id,
+                v.epoch,
+                backups.join(", "),
+                v.shards
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The summary line of `load` and `dump`.
+#[derive(Serialize)]
+struct TransferOut {
+    #[serde(skip)]
+    verb: &'static str,
+    records: u64,
+    seconds: f64,
+    records_per_sec: f64,
+}
+
+impl TransferOut {
+    fn new(verb: &'static str, records: u64, start: Instant) -> Self {
+        let seconds = start.elapsed().as_secs_f64();
+        TransferOut { verb, records, seconds, records_per_sec: records as f64 / seconds }
+    }
+}
+
+impl fmt::Display for TransferOut {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} records in {:.2} s ({:.0} records/s)",
+            self.verb, self.records, self.seconds, self.records_per_sec
+        )
+    }
 }
 
 fn parse_index(s: &str) -> anyhow::Result<proto::IndexEntry> {
@@ -193,24 +382,24 @@ fn parse_index(s: &str) -> anyhow::Result<proto::IndexEntry> {
     Ok(proto::IndexEntry { name: name.into(), value: value.as_bytes().to_vec() })
 }
 
-/// Sends `req` with `method`, retrying as `Client::retrying` does; a final
-/// failure becomes the command's error.
-macro_rules! retry {
-    ($c:expr, $method:ident, $req:expr) => {
-        $c.retrying(|mut c| {
+/// Sends `req` with `method` as `spec` says (see `attache_actors::client`);
+/// a final failure becomes the command's error.
+macro_rules! call {
+    ($c:expr, $spec:expr, $method:ident, $req:expr) => {
+        $c.call($spec, |mut c| {
             let r = $req.clone();
             async move { c.$method(r).await }
         })
         .await
-        .map_err(status_error)
+        .map(|served| served.value)
+        .map_err(failure_error)
     };
 }
 
-/// A client command's error for a gRPC status: the canonical code name and
-/// the server's message, e.g. `NOT_FOUND: shard 9 does not exist: ...`.
-fn status_error(s: tonic::Status) -> anyhow::Error {
+/// The canonical name of a gRPC code, e.g. `NOT_FOUND`.
+fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
-    let code = match s.code() {
+    match code {
         Ok => "OK",
         Cancelled => "CANCELLED",
         Unknown => "UNKNOWN",
@@ -228,30 +417,56 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
         Unavailable => "UNAVAILABLE",
         DataLoss => "DATA_LOSS",
         Unauthenticated => "UNAUTHENTICATED",
-    };
-    anyhow::anyhow!("{code}: {}", s.message())
+    }
+}
+
+/// A client command's error for a gRPC status: the canonical code name and
+/// the server's message, e.g. `NOT_FOUND: shard 9 does not exist: ...`.
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}: {}", code_name(s.code()), s.message())
+}
+
+/// A failed call's error: its last status, and whether it may have been applied.
+fn failure_error(f: Failure) -> anyhow::Error {
+    match f.outcome {
+        Outcome::Rejected => status_error(f.status),
+        Outcome::Unknown => anyhow::anyhow!(
+            "{}: {} (after {} attempts; the request may or may not have been applied)",
+            code_name(f.status.code()),
+            f.status.message(),
+            f.attempts
+        ),
+    }
+}
+
+/// A seed for the retry jitter: a command line needs spread, not replay.
+fn jitter_seed() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
 }
 
 /// Runs a client command.
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
-    let retry = RetrySettings { deadline: std::time::Duration::from_secs(args.retry_secs), ..RetrySettings::default() };
-    let mut c = Client::new(&args.addr, retry)?;
+    let settings =
+        ClientSettings { deadline_ms: args.retry_secs.saturating_mul(1000), seed: jitter_seed(), ..Default::default() };
+    let c = Client::new(&args.addr, settings).map_err(status_error)?;
     let json = args.json;
     match args.cmd {
         ClientCmd::NewShard { client_id, size_limit } => {
             let req = proto::NewShardRequest { client_id, size_limit_bytes: size_limit.unwrap_or(0) };
-            let info = c.once(|mut c| async move { c.new_shard(req).await }).await.map_err(status_error)?;
-            print_info(json, &info);
+            // A repeat after an unknown outcome could create a second shard.
+            let info = call!(c, CallSpec::any().once_unless_rejected(), new_shard, req)?;
+            emit(json, &ShardOut::from(&info));
         }
         ClientCmd::CloseShard(sel) => {
             let req = proto::ShardRef { shard_id: sel.shard, client_id: sel.client_id };
-            let info = retry!(c, close_shard, req)?;
-            print_info(json, &info);
+            let info = call!(c, CallSpec::shard(sel.shard), close_shard, req)?;
+            emit(json, &ShardOut::from(&info));
         }
         ClientCmd::DeleteShard(sel) => {
             let req = proto::ShardRef { shard_id: sel.shard, client_id: sel.client_id };
-            let info = retry!(c, delete_shard, req)?;
-            print_info(json, &info);
+            let info = call!(c, CallSpec::shard(sel.shard), delete_shard, req)?;
+            emit(json, &ShardOut::from(&info));
         }
         ClientCmd::Put { sel, key, value, indexes } => {
             let indexes = indexes.iter().map(|s| parse_index(s)).collect::<anyhow::Result<_>>()?;
@@ -262,12 +477,8 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 value: value.into(),
                 indexes,
             };
-            retry!(c, put, req)?;
-            if json {
-                println!("{}", json!({"ok": true}))
-            } else {
-                println!("ok")
-            }
+            call!(c, CallSpec::shard(sel.shard), put, req)?;
+            emit(json, &Ack { ok: true });
         }
         ClientCmd::Get { sel, key, stale } => {
             let consistency =
@@ -278,26 +489,22 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 key: key.into(),
                 consistency: consistency as i32,
             };
-            let r = retry!(c, get, req)?;
-            match (json, r.found) {
-                (true, _) => println!(
-                    "{}",
-                    json!({"key": text(&r.key), "found": r.found, "value": r.found.then(|| text(&r.value)),
-                           "max_staleness_ms": r.max_staleness_ms})
-                ),
-                (false, true) if stale => println!("{}\t(at most {} ms stale)", text(&r.value), r.max_staleness_ms),
-                (false, true) => println!("{}", text(&r.value)),
-                (false, false) => anyhow::bail!("key {} not found", text(&r.key)),
+            let r = call!(c, CallSpec::shard(sel.shard), get, req)?;
+            if !json && !r.found {
+                anyhow::bail!("key {} not found", text(&r.key));
+            }
+            let out = KeyOut { max_staleness_ms: stale.then_some(r.max_staleness_ms), ..KeyOut::from(&r) };
+            match (json, &out.value, out.max_staleness_ms) {
+                (true, _, _) => emit(true, &out),
+                (false, Some(v), Some(ms)) => println!("{v}\t(at most {ms} ms stale)"),
+                (false, Some(v), None) => println!("{v}"),
+                (false, None, _) => unreachable!("not found bails above"),
             }
         }
         ClientCmd::Delete { sel, key } => {
             let req = proto::DeleteRequest { shard_id: sel.shard, client_id: sel.client_id, key: key.into() };
-            retry!(c, delete, req)?;
-            if json {
-                println!("{}", json!({"ok": true}))
-            } else {
-                println!("ok")
-            }
+            call!(c, CallSpec::shard(sel.shard), delete, req)?;
+            emit(json, &Ack { ok: true });
         }
         ClientCmd::BatchGet { sel, keys } => {
             let req = proto::BatchGetRequest {
@@ -306,19 +513,10 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 keys: keys.into_iter().map(String::into_bytes).collect(),
                 consistency: 0,
             };
-            let stream = retry!(c, batch_get, req)?;
+            let stream = call!(c, CallSpec::shard(sel.shard), batch_get, req)?;
             let results: Vec<proto::GetResponse> = stream.try_collect().await.map_err(status_error)?;
-            for r in results {
-                if json {
-                    println!(
-                        "{}",
-                        json!({"key": text(&r.key), "found": r.found, "value": r.found.then(|| text(&r.value))})
-                    );
-                } else if r.found {
-                    println!("{}\t{}", text(&r.key), text(&r.value));
-                } else {
-                    println!("{}\t(not found)", text(&r.key));
-                }
+            for r in &results {
+                emit(json, &KeyOut::from(r));
             }
         }
         ClientCmd::Scan { sel, start, end, limit } => {
@@ -330,14 +528,10 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 limit,
                 consistency: 0,
             };
-            let mut stream = retry!(c, scan, req)?;
+            let mut stream = call!(c, CallSpec::shard(sel.shard), scan, req)?;
             while let Some(page) = stream.next().await {
                 for kv in page.map_err(status_error)?.entries {
-                    if json {
-                        println!("{}", json!({"key": text(&kv.key), "value": text(&kv.value)}));
-                    } else {
-                        println!("{}\t{}", text(&kv.key), text(&kv.value));
-                    }
+                    emit(json, &RecordOut { key: text(&kv.key), value: text(&kv.value) });
                 }
             }
         }
@@ -349,83 +543,63 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 value_prefix: prefix.into(),
                 limit,
             };
-            let mut stream = retry!(c, scan_index, req)?;
+            let mut stream = call!(c, CallSpec::shard(sel.shard), scan_index, req)?;
             while let Some(page) = stream.next().await {
                 for hit in page.map_err(status_error)?.hits {
-                    if json {
-                        println!("{}", json!({"value": text(&hit.value), "key": text(&hit.key)}));
-                    } else {
-                        println!("{}\t{}", text(&hit.value), text(&hit.key));
-                    }
+                    emit(json, &HitOut { value: text(&hit.value), key: text(&hit.key) });
                 }
             }
         }
         ClientCmd::Stats(sel) => {
             let req = proto::ShardRef { shard_id: sel.shard, client_id: sel.client_id };
-            let s = retry!(c, shard_stats, req)?;
-            let info = s.info.clone().unwrap_or_default();
-            if json {
-                println!(
-                    "{}",
-                    json!({"info": info_json(&info), "live_bytes": s.live_bytes, "live_keys": s.live_keys,
-                    "bytes_written": s.bytes_written, "bytes_read": s.bytes_read, "ops_written": s.ops_written,
-                    "ops_read": s.ops_read, "group_commits": s.group_commits, "committed_ops": s.committed_ops})
-                );
-            } else {
-                print_info(false, &info);
-                println!("  keys {}  live bytes {} of {}", s.live_keys, s.live_bytes, info.size_limit_bytes);
-                println!(
-                    "  since open: {} ops / {} bytes written, {} ops / {} bytes read",
-                    s.ops_written, s.bytes_written, s.ops_read, s.bytes_read
-                );
-                println!("  group commits {} carrying {} writes", s.group_commits, s.committed_ops);
-            }
+            let s = call!(c, CallSpec::shard(sel.shard), shard_stats, req)?;
+            let out = StatsOut {
+                info: ShardOut::from(&s.info.clone().unwrap_or_default()),
+                live_bytes: s.live_bytes,
+                live_keys: s.live_keys,
+                bytes_written: s.bytes_written,
+                bytes_read: s.bytes_read,
+                ops_written: s.ops_written,
+                ops_read: s.ops_read,
+                group_commits: s.group_commits,
+                committed_ops: s.committed_ops,
+            };
+            emit(json, &out);
         }
         ClientCmd::ListShards { client_id } => {
             let req = proto::ListShardsRequest { client_id };
-            let r = retry!(c, list_shards, req)?;
+            let r = call!(c, CallSpec::any(), list_shards, req)?;
             for i in &r.shards {
-                print_info(json, i);
+                emit(json, &ShardOut::from(i));
             }
         }
         ClientCmd::Status => {
-            let r = c
-                .retrying(|mut c| async move { c.cluster_status(proto::ClusterStatusRequest {}).await })
-                .await
-                .map_err(status_error)?;
-            if json {
-                let nodes: Vec<_> = r
+            let r = call!(c, CallSpec::any(), cluster_status, proto::ClusterStatusRequest {})?;
+            let out = StatusOut {
+                nodes: r
                     .nodes
                     .iter()
-                    .map(|n| json!({"node_id": n.node_id, "address": n.address, "live": n.live}))
-                    .collect();
-                let volumes: Vec<_> = r.volumes.iter().map(|v| json!({"volume_id": v.volume_id, "primary_node_id": v.primary_node_id,
-                    "primary_address": v.primary_address, "epoch": v.epoch, "backup_node_ids": v.backup_node_ids, "shards": v.shards})).collect();
-                println!("{}", json!({"nodes": nodes, "volumes": volumes}));
-            } else {
-                println!("nodes:");
-                for n in &r.nodes {
-                    println!("  node {}  {}  {}", n.node_id, n.address, if n.live { "live" } else { "down" });
-                }
-                println!("volumes:");
-                for v in &r.volumes {
-                    let backups: Vec<String> = v.backup_node_ids.iter().map(u64::to_string).collect();
-                    println!(
-                        "  {}  primary node {} ({})  epoch {}  backups [{}]  shards {}",
-                        v.volume_id,
-                        v.primary_node_id,
-                        if v.primary_address.is_empty() { "down" } else { &v.primary_address },
-                        v.epoch,
-                        backups.join(", "),
-                        v.shards
-                    );
-                }
-            }
+                    .map(|n| NodeOut { node_id: n.node_id, address: n.address.clone(), live: n.live })
+                    .collect(),
+                volumes: r
+                    .volumes
+                    .iter()
+                    .map(|v| VolumeOut {
+                        volume_id: v.volume_id.clone(),
+                        primary_node_id: v.primary_node_id,
+                        primary_address: v.primary_address.clone(),
+                        epoch: v.epoch,
+                        backup_node_ids: v.backup_node_ids.clone(),
+                        shards: v.shards,
+                    })
+                    .collect(),
+            };
+            emit(json, &out);
         }
         ClientCmd::Load { sel, file, format, batch, concurrency } => {
             load(c, sel, file, format, batch, concurrency, json).await?
         }
-        ClientCmd::Dump { sel, out, format } => dump(&mut c, sel, out, format, json).await?,
+        ClientCmd::Dump { sel, out, format } => dump(&c, sel, out, format, json).await?,
     }
     Ok(())
 }
@@ -495,17 +669,10 @@ async fn load(
     let (shard_id, client_id) = (sel.shard, sel.client_id);
     let mut results = futures::stream::iter(batches)
         .map(|(entries, read)| {
-            let mut c = c.clone();
+            let c = c.clone();
             let req = proto::BatchPutRequest { shard_id, client_id: client_id.clone(), entries };
             let n = req.entries.len() as u64;
-            async move {
-                c.retrying(|mut c| {
-                    let r = req.clone();
-                    async move { c.batch_put(r).await }
-                })
-                .await
-                .map(|_| (n, read))
-            }
+            async move { call!(c, CallSpec::shard(shard_id), batch_put, req).map(|_| (n, read)) }
         })
         .buffer_unordered(concurrency);
     while let Some(result) = results.next().await {
@@ -515,9 +682,9 @@ async fn load(
                 pb.inc(read);
                 pb.set_message(format!("{acked} records"));
             }
-            Err(s) => {
+            Err(e) => {
                 pb.abandon();
-                anyhow::bail!("{}; {acked} records were acknowledged before it", status_error(s));
+                anyhow::bail!("{e}; {acked} records were acknowledged before it");
             }
         }
     }
@@ -527,16 +694,11 @@ async fn load(
         anyhow::bail!("{e}; {acked} records were acknowledged before it");
     }
     pb.finish_and_clear();
-    let secs = start.elapsed().as_secs_f64();
-    if json {
-        println!("{}", json!({"records": acked, "seconds": secs, "records_per_sec": acked as f64 / secs}));
-    } else {
-        println!("loaded {acked} records in {secs:.2} s ({:.0} records/s)", acked as f64 / secs);
-    }
+    emit(json, &TransferOut::new("loaded", acked, start));
     Ok(())
 }
 
-async fn dump(c: &mut Client, sel: ShardSel, out: Option<PathBuf>, format: Format, json: bool) -> anyhow::Result<()> {
+async fn dump(c: &Client, sel: ShardSel, out: Option<PathBuf>, format: Format, json: bool) -> anyhow::Result<()> {
     let mut w: Box<dyn Write> = match &out {
         Some(path) => {
             Box::new(BufWriter::new(File::create(path).with_context(|| format!("cannot create {}", path.display()))?))
@@ -554,7 +716,7 @@ async fn dump(c: &mut Client, sel: ShardSel, out: Option<PathBuf>, format: Forma
         limit: 0,
         consistency: 0,
     };
-    let mut stream = retry!(c, scan, req)?;
+    let mut stream = call!(c, CallSpec::shard(sel.shard), scan, req)?;
     let mut n = 0u64;
     while let Some(page) = stream.next().await {
         let page = page.map_err(status_error)?;
@@ -568,13 +730,8 @@ async fn dump(c: &mut Client, sel: ShardSel, out: Option<PathBuf>, format: Forma
     }
     w.flush()?;
     pb.finish_and_clear();
-    let secs = start.elapsed().as_secs_f64();
     if out.is_some() {
-        if json {
-            println!("{}", json!({"records": n, "seconds": secs, "records_per_sec": n as f64 / secs}));
-        } else {
-            println!("dumped {n} records in {secs:.2} s ({:.0} records/s)", n as f64 / secs);
-        }
+        emit(json, &TransferOut::new("dumped", n, start));
     }
     Ok(())
 }

@@ -3,7 +3,6 @@
 //! commands and the command-line client of the `attache` binary.
 
 pub mod actix_host;
-pub mod client;
 pub mod client_cli;
 pub mod config;
 pub mod etcd;

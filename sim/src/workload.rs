@@ -1,20 +1,20 @@
 //! Simulated clients: each creates its shards, then runs concurrent
 //! processes that read and write a small hot set of keys with unique values,
 //! recording every operation in the history, and finally reads every key of
-//! its shards once more. Clients follow `UNAVAILABLE` primary hints, and
-//! otherwise move on to the next node.
+//! its shards once more. Every call goes through the production client
+//! (`attache_actors::client`), which retries, follows primary hints and says
+//! whether a failed call may have taken effect; its backoff jitter is drawn
+//! from the run's seed.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use attache_actors::service::proto::attache_client::AttacheClient;
+use attache_actors::client::{self, CallSpec, Client, ClientSettings, Failure, Served};
 use attache_actors::service::proto::{GetRequest, NewShardRequest, PutRequest};
-use attache_actors::service::{is_rejection, primary_hint};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
 
 use crate::history::{Event, EventType, History, F};
 use crate::scenario::WorkloadSpec;
@@ -60,52 +60,37 @@ impl Default for Recorder {
 /// Shards created so far: id -> (owner client, volume).
 pub type Registry = Arc<Mutex<BTreeMap<u64, (String, String)>>>;
 
-/// One client's view: its id, the nodes, and where it last found each volume's primary.
+/// One simulated client: its id, the production client it calls the
+/// cluster through, and where it records what happened.
 struct ClientCtx {
     id: String,
-    spec: WorkloadSpec,
     nodes: Vec<String>,
+    client: Client,
     rec: Arc<Recorder>,
     registry: Registry,
-    routes: Mutex<BTreeMap<String, usize>>,
 }
 
-/// What an attempt came to.
+/// What a call came to, as the history records it.
 enum Outcome {
-    Ok(Option<String>),
-    /// The service rejected it: no effect.
-    Fail(tonic::Status),
-    /// Unknown: timed out, or the transport failed.
-    Info(String),
+    /// Done, on the node at this address, with what was read.
+    Ok(String, Option<String>),
+    /// Rejected by the service on every attempt: no effect.
+    Fail(String, tonic::Status),
+    /// Unknown: some attempt timed out or failed in transport.
+    Info(String, tonic::Status),
 }
 
-fn client(addr: &str) -> AttacheClient<Channel> {
-    AttacheClient::new(Endpoint::from_shared(format!("http://{addr}")).expect("valid address").connect_lazy())
+impl<T> From<Result<Served<T>, Failure>> for Outcome {
+    fn from(r: Result<Served<T>, Failure>) -> Self {
+        match r {
+            Ok(served) => Outcome::Ok(served.addr, None),
+            Err(f) if f.outcome == client::Outcome::Rejected => Outcome::Fail(f.addr, f.status),
+            Err(f) => Outcome::Info(f.addr, f.status),
+        }
+    }
 }
 
 impl ClientCtx {
-    fn node_for(&self, volume: &str) -> usize {
-        *self.routes.lock().expect("routes lock").get(volume).unwrap_or(&0)
-    }
-
-    /// After a failure on node `at`: go where the hint says, else to the next node.
-    fn reroute(&self, volume: &str, at: usize, hint: Option<String>) {
-        let next = hint.and_then(|h| self.nodes.iter().position(|n| *n == h)).unwrap_or((at + 1) % self.nodes.len());
-        self.routes.lock().expect("routes lock").insert(volume.to_string(), next);
-    }
-
-    async fn attempt<T, Fut>(&self, fut: Fut, read: impl FnOnce(T) -> Option<String>) -> Outcome
-    where
-        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        match tokio::time::timeout(Duration::from_millis(self.spec.op_timeout_ms), fut).await {
-            Ok(Ok(resp)) => Outcome::Ok(read(resp.into_inner())),
-            Ok(Err(s)) if is_rejection(&s) => Outcome::Fail(s),
-            Ok(Err(s)) => Outcome::Info(format!("{:?}: {}", s.code(), s.message())),
-            Err(_) => Outcome::Info("timed out".into()),
-        }
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn event(
         &self,
@@ -132,67 +117,57 @@ impl ClientCtx {
         });
     }
 
-    /// Creates a shard, trying node after node until `deadline`.
+    /// Creates a shard, starting at node `first`, until `deadline`. The
+    /// client retries rejections at the next node; an unknown outcome is
+    /// never repeated (it may have created a shard), so a new call starts.
     async fn create_shard(&self, first: usize, deadline: Instant) -> Option<(u64, String)> {
-        let mut at = first;
         while Instant::now() < deadline {
             let process = self.rec.process();
-            let node = self.nodes[at % self.nodes.len()].clone();
-            self.event(process, EventType::Invoke, F::NewShard, 0, "", None, &node, None);
+            self.event(process, EventType::Invoke, F::NewShard, 0, "", None, "", None);
             let req = NewShardRequest { client_id: self.id.clone(), size_limit_bytes: 0 };
-            let mut c = client(&node);
-            let outcome =
-                self.attempt(c.new_shard(req), |info| Some(format!("{}/{}", info.shard_id, info.volume_id))).await;
-            match outcome {
-                Outcome::Ok(Some(v)) => {
-                    let (id, volume) = v.split_once('/').expect("id/volume");
-                    let id: u64 = id.parse().expect("numeric id");
-                    self.rec.record(Event {
-                        process,
-                        kind: EventType::Ok,
-                        f: F::NewShard,
-                        client: self.id.clone(),
-                        shard: id,
-                        key: String::new(),
-                        value: Some(volume.to_string()),
-                        time: self.rec.now_ns(),
-                        node: node.clone(),
-                        error: None,
-                    });
-                    self.registry.lock().expect("registry lock").insert(id, (self.id.clone(), volume.to_string()));
-                    self.routes.lock().expect("routes lock").insert(volume.to_string(), at % self.nodes.len());
-                    return Some((id, volume.to_string()));
+            let spec = CallSpec::any().once_unless_rejected().starting_at(first);
+            let result = self
+                .client
+                .call(spec, |mut c| {
+                    let r = req.clone();
+                    async move { c.new_shard(r).await }
+                })
+                .await;
+            match result {
+                Ok(served) => {
+                    let (id, volume) = (served.value.shard_id, served.value.volume_id);
+                    self.event(process, EventType::Ok, F::NewShard, id, "", Some(volume.clone()), &served.addr, None);
+                    self.registry.lock().expect("registry lock").insert(id, (self.id.clone(), volume.clone()));
+                    return Some((id, volume));
                 }
-                Outcome::Ok(None) => unreachable!("new_shard always answers"),
-                Outcome::Fail(s) => {
-                    self.event(process, EventType::Fail, F::NewShard, 0, "", None, &node, Some(s.message().into()))
+                Err(f) => {
+                    let kind = if f.outcome == client::Outcome::Rejected { EventType::Fail } else { EventType::Info };
+                    self.event(process, kind, F::NewShard, 0, "", None, &f.addr, Some(f.status.message().into()));
                 }
-                Outcome::Info(e) => self.event(process, EventType::Info, F::NewShard, 0, "", None, &node, Some(e)),
             }
-            at += 1;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         None
     }
 
-    /// One read or write, sent to node `at`, or to where the client last
-    /// found the volume's primary; returns (the process must take a new id,
-    /// the operation succeeded).
-    #[allow(clippy::too_many_arguments)]
+    /// One read or write through the client, its first attempt at node `at`
+    /// when given; returns (the process must take a new id, the operation
+    /// succeeded).
     async fn op(
         &self,
         process: u64,
         f: F,
         shard: u64,
-        volume: &str,
         key: &str,
         value: Option<String>,
         at: Option<usize>,
     ) -> (bool, bool) {
-        let at = at.unwrap_or_else(|| self.node_for(volume));
-        let node = self.nodes[at].clone();
-        self.event(process, EventType::Invoke, f, shard, key, value.clone(), &node, None);
-        let mut c = client(&node);
+        let first = at.map_or("", |i| self.nodes[i].as_str());
+        self.event(process, EventType::Invoke, f, shard, key, value.clone(), first, None);
+        let mut spec = CallSpec::shard(shard);
+        if let Some(i) = at {
+            spec = spec.starting_at(i);
+        }
         let outcome = match f {
             F::Write => {
                 let req = PutRequest {
@@ -202,7 +177,14 @@ impl ClientCtx {
                     value: value.clone().unwrap_or_default().into_bytes(),
                     indexes: vec![],
                 };
-                self.attempt(c.put(req), |_| None).await
+                let result = self
+                    .client
+                    .call(spec, |mut c| {
+                        let r = req.clone();
+                        async move { c.put(r).await }
+                    })
+                    .await;
+                Outcome::from(result)
             }
             _ => {
                 let req = GetRequest {
@@ -211,25 +193,35 @@ impl ClientCtx {
                     key: key.as_bytes().to_vec(),
                     consistency: if f == F::StaleRead { 1 } else { 0 },
                 };
-                self.attempt(c.get(req), |r| r.found.then(|| String::from_utf8_lossy(&r.value).into_owned())).await
+                let result = self
+                    .client
+                    .call(spec, |mut c| {
+                        let r = req.clone();
+                        async move { c.get(r).await }
+                    })
+                    .await;
+                match result {
+                    Ok(served) => {
+                        let r = served.value;
+                        Outcome::Ok(served.addr, r.found.then(|| String::from_utf8_lossy(&r.value).into_owned()))
+                    }
+                    Err(e) => Outcome::from(Err::<Served<()>, _>(e)),
+                }
             }
         };
         match outcome {
-            Outcome::Ok(read) => {
+            Outcome::Ok(node, read) => {
                 let v = if f == F::Write { value } else { read };
                 self.event(process, EventType::Ok, f, shard, key, v, &node, None);
                 (false, true)
             }
-            Outcome::Fail(s) => {
+            Outcome::Fail(node, s) => {
                 self.event(process, EventType::Fail, f, shard, key, None, &node, Some(s.message().into()));
-                if s.code() == tonic::Code::Unavailable {
-                    self.reroute(volume, at, primary_hint(&s));
-                }
                 (false, false)
             }
-            Outcome::Info(e) => {
-                self.event(process, EventType::Info, f, shard, key, None, &node, Some(e));
-                self.reroute(volume, at, None);
+            Outcome::Info(node, s) => {
+                let error = format!("{:?}: {}", s.code(), s.message());
+                self.event(process, EventType::Info, f, shard, key, None, &node, Some(error));
                 (true, false)
             }
         }
@@ -249,14 +241,15 @@ pub async fn run_client(
     end: Instant,
     final_deadline: Instant,
 ) {
-    let ctx = Arc::new(ClientCtx {
-        id: format!("client-{index}"),
-        spec: spec.clone(),
-        nodes,
-        rec,
-        registry,
-        routes: Mutex::new(BTreeMap::new()),
-    });
+    // One attempt may take op_timeout_ms; a call retries for twice that.
+    let settings = ClientSettings {
+        attempt_timeout_ms: spec.op_timeout_ms,
+        deadline_ms: 2 * spec.op_timeout_ms,
+        seed: seed ^ ((index as u64) << 48) ^ 0xc11e_u64,
+        ..ClientSettings::default()
+    };
+    let client = Client::new(&nodes, settings).expect("the cluster has storage nodes");
+    let ctx = Arc::new(ClientCtx { id: format!("client-{index}"), nodes, client, rec, registry });
     let mut shards = Vec::new();
     for s in 0..spec.shards_per_client {
         if let Some(created) = ctx.create_shard(index + s, end).await {
@@ -274,18 +267,18 @@ pub async fn run_client(
             let mut process = ctx.rec.process();
             let mut n = 0u64;
             while Instant::now() < end {
-                let (mut shard, mut volume) = shards[rng.random_range(0..shards.len())].clone();
+                let mut shard = shards[rng.random_range(0..shards.len())].0;
                 if rng.random_bool(spec.cross_client_ratio) {
-                    let foreign: Vec<(u64, String)> = ctx
+                    let foreign: Vec<u64> = ctx
                         .registry
                         .lock()
                         .expect("registry lock")
                         .iter()
                         .filter(|(_, (owner, _))| *owner != ctx.id)
-                        .map(|(id, (_, v))| (*id, v.clone()))
+                        .map(|(id, _)| *id)
                         .collect();
                     if !foreign.is_empty() {
-                        (shard, volume) = foreign[rng.random_range(0..foreign.len())].clone();
+                        shard = foreign[rng.random_range(0..foreign.len())];
                     }
                 }
                 let key = format!("k{}", rng.random_range(0..spec.hot_keys));
@@ -304,7 +297,7 @@ pub async fn run_client(
                 // reads go to any node: backups serve them.
                 let anywhere = stale || rng.random_bool(spec.random_node_ratio);
                 let at = anywhere.then(|| rng.random_range(0..ctx.nodes.len()));
-                let (renew, ok) = ctx.op(process, f, shard, &volume, &key, value, at).await;
+                let (renew, ok) = ctx.op(process, f, shard, &key, value, at).await;
                 if renew {
                     process = ctx.rec.process();
                 }
@@ -317,11 +310,11 @@ pub async fn run_client(
     let processes = futures::future::join_all(processes).await;
     // Final reads: every key of every shard, until each succeeds once.
     let mut process = processes.into_iter().max().unwrap_or(0);
-    for (shard, volume) in shards.iter() {
+    for (shard, _) in shards.iter() {
         for k in 0..spec.hot_keys {
             let key = format!("k{k}");
             while Instant::now() < final_deadline {
-                let (renew, ok) = ctx.op(process, F::Read, *shard, volume, &key, None, None).await;
+                let (renew, ok) = ctx.op(process, F::Read, *shard, &key, None, None).await;
                 if renew {
                     process = ctx.rec.process();
                 }

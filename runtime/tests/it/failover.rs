@@ -8,15 +8,15 @@
 //! service goes on. Each prints its failover time (last acknowledgement by
 //! the old primary to the first by the new one).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use attache_actors::client::{CallSpec, Client, ClientSettings};
 use attache_actors::service::proto::{BatchGetRequest, BatchPutRequest, Entry, GetResponse, NewShardRequest};
-use attache_runtime::client::{Client, RetrySettings};
 use futures::TryStreamExt;
 
 const LEASE_TTL_MS: &str = "2000";
@@ -47,7 +47,7 @@ struct Ack {
 }
 
 /// Loads batches of 50 records until `stop`, recording every acknowledgement.
-async fn loader(mut c: Client, shard: u64, acks: Arc<Mutex<Vec<Ack>>>, stop: Arc<AtomicBool>) {
+async fn loader(c: Client, shard: u64, acks: Arc<Mutex<Vec<Ack>>>, stop: Arc<AtomicBool>) {
     for b in 0..100_000u32 {
         if stop.load(Ordering::Relaxed) {
             return;
@@ -58,14 +58,14 @@ async fn loader(mut c: Client, shard: u64, acks: Arc<Mutex<Vec<Ack>>>, stop: Arc
         let req = BatchPutRequest { shard_id: shard, client_id: "loader".into(), entries };
         let sent = Instant::now();
         let result = c
-            .retrying(|mut c| {
+            .call(CallSpec::shard(shard), |mut c| {
                 let r = req.clone();
                 async move { c.batch_put(r).await }
             })
             .await;
         match result {
-            Ok(_) => acks.lock().unwrap().push(Ack { keys, sent, at: Instant::now(), by: c.addr().to_string() }),
-            Err(s) => eprintln!("batch {b} not acknowledged: {s:?}"),
+            Ok(served) => acks.lock().unwrap().push(Ack { keys, sent, at: Instant::now(), by: served.addr }),
+            Err(f) => eprintln!("batch {b} not acknowledged: {f:?}"),
         }
     }
 }
@@ -83,17 +83,18 @@ async fn wait_for(what: &str, deadline: Duration, cond: impl Fn() -> bool) {
 }
 
 /// Every acknowledged key is there with its value.
-async fn check_all_present(c: &mut Client, shard: u64, acks: &[Ack]) {
+async fn check_all_present(c: &Client, shard: u64, acks: &[Ack]) {
     let keys: Vec<Vec<u8>> = acks.iter().flat_map(|a| a.keys.clone()).collect();
     for chunk in keys.chunks(5000) {
         let req = BatchGetRequest { shard_id: shard, client_id: "loader".into(), keys: chunk.to_vec(), consistency: 0 };
         let stream = c
-            .retrying(|mut c| {
+            .call(CallSpec::shard(shard), |mut c| {
                 let r = req.clone();
                 async move { c.batch_get(r).await }
             })
             .await
-            .unwrap();
+            .unwrap()
+            .value;
         let got: Vec<GetResponse> = stream.try_collect().await.unwrap();
         for r in got {
             assert!(r.found, "acknowledged key {} lost", String::from_utf8_lossy(&r.key));
@@ -102,31 +103,56 @@ async fn check_all_present(c: &mut Client, shard: u64, acks: &[Ack]) {
     }
 }
 
-/// Runs the load, applies `fault` to the primary once 20 batches are in (the
-/// fault returns when it is over: at once for SIGKILL, at SIGCONT for a
-/// stop), waits for 20 batches acknowledged by another node, and checks.
+/// What happens to the primary.
+enum Fault {
+    /// SIGKILL.
+    Kill,
+    /// SIGSTOP, then SIGCONT after this long.
+    StopFor(Duration),
+}
+
+/// Runs the load, applies `fault` to the primary once 20 batches are in (it
+/// is over at once for SIGKILL, at SIGCONT for a stop), waits for 20
+/// batches acknowledged by another node, and checks.
 /// Returns the failover time (last acknowledgement by the old primary before
 /// the fault to the first by another node), the records acknowledged, and
 /// the batches the old primary acknowledged that were sent after the fault.
-async fn failover(fault: impl FnOnce(&mut common::Proc) -> Instant) -> (Duration, usize, usize) {
+async fn failover(fault: Fault) -> (Duration, usize, usize) {
     let dir = tempfile::tempdir().unwrap();
     let mut cluster = start_cluster(dir.path());
     let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.addr.clone()).collect();
-    let retry = RetrySettings { deadline: Duration::from_secs(60), ..RetrySettings::default() };
-    let mut c = Client::new(&addrs, retry).unwrap();
-    let shard =
-        c.once(|mut c| async move {
+    let settings = ClientSettings { deadline_ms: 60_000, ..ClientSettings::default() };
+    let c = Client::new(&addrs, settings).unwrap();
+    let shard = c
+        .call(CallSpec::any().once_unless_rejected().starting_at(0), |mut c| async move {
             c.new_shard(NewShardRequest { client_id: "loader".into(), size_limit_bytes: 0 }).await
         })
         .await
-        .unwrap();
+        .unwrap()
+        .value;
     assert_eq!(shard.volume_id, "vol-1");
     let primary = addrs[0].clone();
     let (acks, stop) = (Arc::new(Mutex::new(Vec::new())), Arc::new(AtomicBool::new(false)));
     let load = tokio::spawn(loader(c.clone(), shard.shard_id, acks.clone(), stop.clone()));
     wait_for("20 batches on the primary", Duration::from_secs(60), || count(&acks, |a| a.by == primary) >= 20).await;
     let before = Instant::now();
-    let faulted_at = fault(&mut cluster.nodes[0]);
+    let p = &mut cluster.nodes[0];
+    let pid = p.child.id() as i32;
+    let faulted_at = match fault {
+        Fault::Kill => {
+            let _ = p.child.kill(); // SIGKILL
+            let _ = p.child.wait();
+            Instant::now()
+        }
+        Fault::StopFor(stopped) => {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+            tokio::time::sleep(stopped).await;
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+            Instant::now()
+        }
+    };
     wait_for("20 batches on a new primary", Duration::from_secs(90), || count(&acks, |a| a.by != primary) >= 20).await;
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
@@ -137,18 +163,13 @@ async fn failover(fault: impl FnOnce(&mut common::Proc) -> Instant) -> (Duration
     // durable before); one sent after the fault must not be acknowledged by
     // the old primary.
     let late = acks.iter().filter(|a| a.by == primary && a.sent > faulted_at).count();
-    check_all_present(&mut c, shard.shard_id, &acks).await;
+    check_all_present(&c, shard.shard_id, &acks).await;
     (first_new.saturating_duration_since(last_old), acks.len() * 50, late)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_primary_fails_over_without_losing_acknowledged_writes() {
-    let (took, records, _) = failover(|p| {
-        let _ = p.child.kill(); // SIGKILL
-        let _ = p.child.wait();
-        Instant::now()
-    })
-    .await;
+    let (took, records, _) = failover(Fault::Kill).await;
     eprintln!(
         "SIGKILL failover: {} ms (lease TTL {LEASE_TTL_MS} ms); {records} acknowledged records all present",
         took.as_millis()
@@ -157,15 +178,8 @@ async fn sigkill_of_the_primary_fails_over_without_losing_acknowledged_writes() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigstop_past_the_lease_then_sigcont_loses_nothing_and_the_old_primary_takes_no_new_write() {
-    let (took, records, late) = failover(|p| {
-        let pid = p.child.id() as i32;
-        // SAFETY: signalling our own child process.
-        unsafe { libc::kill(pid, libc::SIGSTOP) };
-        std::thread::sleep(Duration::from_millis(4 * LEASE_TTL_MS.parse::<u64>().unwrap() / 2));
-        unsafe { libc::kill(pid, libc::SIGCONT) };
-        Instant::now()
-    })
-    .await;
+    let stopped = Duration::from_millis(4 * LEASE_TTL_MS.parse::<u64>().unwrap() / 2);
+    let (took, records, late) = failover(Fault::StopFor(stopped)).await;
     assert_eq!(late, 0, "the old primary acknowledged writes sent after it resumed");
     eprintln!(
         "SIGSTOP/SIGCONT failover: {} ms (lease TTL {LEASE_TTL_MS} ms, stopped {} ms); {records} acknowledged records all present",

@@ -1,0 +1,325 @@
+//! The Attaché client: gRPC calls to a set of nodes that retry what may be
+//! retried, follow primary hints, and say whether a failed call may have
+//! taken effect. `attache client` (the CLI) and the simulation's workload
+//! both use it, so the simulation exercises the client that ships; it is
+//! written against the tokio and tonic APIs, which are madsim's under
+//! `--cfg madsim`.
+//!
+//! Rules of one call ([`Client::call`]):
+//! - An attempt goes to the node last learned for the call's shard (from a
+//!   primary hint), else to the client's current node, else to the first
+//!   address given; [`CallSpec::starting_at`] picks the first node instead
+//!   (a stale read sent to a backup, a client that lost its routes).
+//! - A status tagged `attache-rejected` came from the service and had no
+//!   effect. `UNAVAILABLE` among those is retried: at the node its
+//!   `attache-primary` hint names, or at the next node when it names none.
+//!   Any other rejection ends the call.
+//! - A status without the tag, or an attempt that outlived
+//!   [`ClientSettings::attempt_timeout_ms`], has an unknown outcome (the
+//!   request may have been applied). It is retried at the next node only
+//!   for calls marked [`Repeat::Always`] (safe to repeat); a call marked
+//!   [`Repeat::IfRejected`] (`NewShard`: a repeat would create a second
+//!   shard) ends there.
+//! - Retries back off exponentially with full jitter ([`crate::retry`]),
+//!   drawn from a generator seeded by the caller, until
+//!   [`ClientSettings::deadline_ms`] after the call began.
+//! - A failed call reports [`Outcome::Rejected`] only when no attempt may
+//!   have taken effect; once one attempt's outcome was unknown, the call's is
+//!   [`Outcome::Unknown`], whatever later attempts answered.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use tokio::time::{Duration, Instant};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::retry::{Jitter, RetryPolicy};
+use crate::service::proto::attache_client::AttacheClient;
+use crate::service::{is_rejection, primary_hint};
+use crate::shard::ShardId;
+
+/// Largest gRPC message the client sends or accepts, bytes.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// How a client retries, ms.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientSettings {
+    /// Backoff cap of the first retry, ms.
+    pub initial_backoff_ms: u64,
+    /// Largest backoff cap, ms.
+    pub max_backoff_ms: u64,
+    /// A call gives up retrying this long after it began, ms.
+    pub deadline_ms: u64,
+    /// One attempt is abandoned (outcome unknown) after this long, ms.
+    pub attempt_timeout_ms: u64,
+    /// Seed of the backoff jitter (a simulation seed; anything in production).
+    pub seed: u64,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        ClientSettings {
+            initial_backoff_ms: 50,
+            max_backoff_ms: 2_000,
+            deadline_ms: 30_000,
+            attempt_timeout_ms: 60_000,
+            seed: 0,
+        }
+    }
+}
+
+/// Whether a call may be sent again after an attempt with an unknown outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Repeat {
+    /// Repeating the call is safe (reads; puts and deletes write the same
+    /// again; close and delete of a shard are idempotent).
+    Always,
+    /// Only retried when the service said the attempt had no effect.
+    IfRejected,
+}
+
+/// Where and how a call goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallSpec {
+    /// The shard the call is about: its route is learned from hints.
+    pub shard: Option<ShardId>,
+    /// Whether an attempt with an unknown outcome may be repeated.
+    pub repeat: Repeat,
+    /// The index (into the client's addresses) of the node the first attempt goes to.
+    pub first_node: Option<usize>,
+}
+
+impl CallSpec {
+    /// A call about `shard`, safe to repeat.
+    pub fn shard(shard: ShardId) -> Self {
+        CallSpec { shard: Some(shard), repeat: Repeat::Always, first_node: None }
+    }
+
+    /// A call about no shard in particular (listings, status), safe to repeat.
+    pub fn any() -> Self {
+        CallSpec { shard: None, repeat: Repeat::Always, first_node: None }
+    }
+
+    /// The same call, repeated only after rejections (see [`Repeat::IfRejected`]).
+    pub fn once_unless_rejected(self) -> Self {
+        CallSpec { repeat: Repeat::IfRejected, ..self }
+    }
+
+    /// The same call, its first attempt sent to the node at `index` (modulo
+    /// the number of addresses).
+    pub fn starting_at(self, index: usize) -> Self {
+        CallSpec { first_node: Some(index), ..self }
+    }
+}
+
+/// A call's answer and the node that gave it.
+#[derive(Clone, Debug)]
+pub struct Served<T> {
+    /// The answer.
+    pub value: T,
+    /// The address of the node that answered.
+    pub addr: String,
+    /// Attempts made, this one included.
+    pub attempts: u32,
+}
+
+/// Whether a failed call may have taken effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// No attempt had any effect: every one was rejected by the service.
+    Rejected,
+    /// Some attempt may have been applied (transport failure or timeout).
+    Unknown,
+}
+
+/// A failed call: the last status, and whether it may have taken effect.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// The last attempt's status (`DEADLINE_EXCEEDED` for a timed-out attempt).
+    pub status: Status,
+    /// Whether any attempt may have taken effect.
+    pub outcome: Outcome,
+    /// The address of the node the last attempt went to.
+    pub addr: String,
+    /// Attempts made.
+    pub attempts: u32,
+}
+
+struct Routes {
+    /// Every node address known: those given, then those learned from hints.
+    addrs: Vec<String>,
+    /// One gRPC client per address, made when first used.
+    stubs: BTreeMap<usize, AttacheClient<Channel>>,
+    /// Where calls about no particular shard go.
+    current: usize,
+    /// Where calls about a shard go, learned from hints and failures.
+    shards: BTreeMap<ShardId, usize>,
+}
+
+impl Routes {
+    fn index_of(&mut self, addr: &str) -> usize {
+        match self.addrs.iter().position(|a| a == addr) {
+            Some(i) => i,
+            None => {
+                self.addrs.push(addr.to_string());
+                self.addrs.len() - 1
+            }
+        }
+    }
+
+    fn route(&self, shard: Option<ShardId>) -> usize {
+        shard.and_then(|s| self.shards.get(&s).copied()).unwrap_or(self.current)
+    }
+
+    fn set_route(&mut self, shard: Option<ShardId>, at: usize) {
+        match shard {
+            Some(s) => {
+                self.shards.insert(s, at);
+            }
+            None => self.current = at,
+        }
+    }
+
+    fn stub(&mut self, at: usize) -> Result<AttacheClient<Channel>, Status> {
+        if let Some(stub) = self.stubs.get(&at) {
+            return Ok(stub.clone());
+        }
+        let stub = AttacheClient::new(channel(&self.addrs[at])?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        self.stubs.insert(at, stub.clone());
+        Ok(stub)
+    }
+}
+
+/// A lazily connected channel to `addr` (`host:port` or a URL).
+///
+/// Errors: `INVALID_ARGUMENT` for an address that is not a valid URI.
+pub fn channel(addr: &str) -> Result<Channel, Status> {
+    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let endpoint = Endpoint::from_shared(url)
+        .map_err(|e| Status::invalid_argument(format!("node address {addr:?} is not valid: {e}")))?;
+    Ok(endpoint.connect_timeout(Duration::from_secs(5)).connect_lazy())
+}
+
+/// The client; see the module docs. Clones share routes and the jitter.
+#[derive(Clone)]
+pub struct Client {
+    routes: Arc<Mutex<Routes>>,
+    policy: RetryPolicy,
+    attempt_timeout: Duration,
+    jitter: Jitter,
+}
+
+impl Client {
+    /// A client of the nodes at `addrs` (`host:port`).
+    ///
+    /// Errors: `INVALID_ARGUMENT` when `addrs` is empty.
+    pub fn new(addrs: &[String], settings: ClientSettings) -> Result<Self, Status> {
+        if addrs.is_empty() {
+            return Err(Status::invalid_argument("no node address given"));
+        }
+        let routes = Routes { addrs: addrs.to_vec(), stubs: BTreeMap::new(), current: 0, shards: BTreeMap::new() };
+        Ok(Client {
+            routes: Arc::new(Mutex::new(routes)),
+            policy: RetryPolicy {
+                initial_backoff_ms: settings.initial_backoff_ms,
+                max_backoff_ms: settings.max_backoff_ms,
+                max_attempts: u32::MAX,
+                deadline_ms: settings.deadline_ms,
+            },
+            attempt_timeout: Duration::from_millis(settings.attempt_timeout_ms),
+            jitter: Jitter::new(settings.seed),
+        })
+    }
+
+    /// Every node address known, in the order learned.
+    pub fn addrs(&self) -> Vec<String> {
+        self.lock().addrs.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Routes> {
+        self.routes.lock().expect("client routes lock")
+    }
+
+    /// Runs `call` (one gRPC method on the stub it is given) as `spec` says;
+    /// see the module docs for the rules.
+    ///
+    /// Errors: the last attempt's status, with whether the call may have
+    /// taken effect.
+    pub async fn call<T, F, Fut>(&self, spec: CallSpec, mut call: F) -> Result<Served<T>, Failure>
+    where
+        F: FnMut(AttacheClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(self.policy.deadline_ms);
+        let mut at = {
+            let routes = self.lock();
+            // A first node chosen by the caller (a stale read sent to a
+            // backup) does not change the shard's route; a reroute does.
+            match spec.first_node {
+                Some(i) => i % routes.addrs.len(),
+                None => routes.route(spec.shard),
+            }
+        };
+        let mut attempts = 0u32;
+        let mut unknown = false;
+        loop {
+            attempts += 1;
+            let (addr, stub) = {
+                let mut routes = self.lock();
+                (routes.addrs[at].clone(), routes.stub(at))
+            };
+            let result = match stub {
+                Ok(stub) => match tokio::time::timeout(self.attempt_timeout, call(stub)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Status::deadline_exceeded(format!(
+                        "no answer from {addr} within {} ms; the call may have been applied",
+                        self.attempt_timeout.as_millis()
+                    ))),
+                },
+                Err(status) => return Err(Failure { status, outcome: Outcome::Rejected, addr, attempts }),
+            };
+            let status = match result {
+                Ok(resp) => return Ok(Served { value: resp.into_inner(), addr, attempts }),
+                Err(status) => status,
+            };
+            let rejected = is_rejection(&status);
+            unknown |= !rejected;
+            let retry = if rejected {
+                status.code() == Code::Unavailable
+            } else {
+                spec.repeat == Repeat::Always
+                    && matches!(
+                        status.code(),
+                        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+                    )
+            };
+            let outcome = if unknown { Outcome::Unknown } else { Outcome::Rejected };
+            if !retry {
+                return Err(Failure { status, outcome, addr, attempts });
+            }
+            at = {
+                let mut routes = self.lock();
+                let next = match primary_hint(&status) {
+                    Some(hint) => routes.index_of(&hint),
+                    None => (at + 1) % routes.addrs.len(),
+                };
+                if next != at {
+                    tracing::debug!(from = %addr, to = %routes.addrs[next], shard = ?spec.shard, "rerouting");
+                }
+                routes.set_route(spec.shard, next);
+                next
+            };
+            let sleep = self.jitter.below(self.policy.cap(attempts));
+            if Instant::now() + sleep > deadline {
+                return Err(Failure { status, outcome, addr, attempts });
+            }
+            tracing::debug!(attempts, ?sleep, code = ?status.code(), message = status.message(), "retrying");
+            tokio::time::sleep(sleep).await;
+        }
+    }
+}
