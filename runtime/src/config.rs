@@ -1,8 +1,8 @@
 //! Node settings: command-line flags > environment (`NODE_ID`, `INSTANCE_ID`,
 //! `AWS_REGION`, `ATTACHE_*`) > a YAML config file (`--config`) > defaults.
 //!
-//! clap reads flags and environment variables into [`NodeArgs`]; the file is
-//! read into [`FileConfig`]; [`NodeArgs::resolve`] merges them field by field.
+//! clap reads flags and environment variables into [`NodeArgs`], serde reads
+//! the file into the same shape, and [`NodeArgs::resolve`] layers them.
 //! See `config/example.yaml` for every key.
 
 use std::net::SocketAddr;
@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use attache_actors::limits::{Limits, DEFAULT_SHARD_SIZE_LIMIT};
 use attache_actors::node::NodeConfig;
 use clap::Args;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::telemetry::LogFormat;
 
@@ -27,11 +27,18 @@ pub struct LogArgs {
     pub log_level: Option<String>,
 }
 
-/// Flags (and their environment variables) of `attache node`.
-#[derive(Args, Clone, Debug)]
+/// The settings of `attache node`, each from a flag, its environment
+/// variable, or the YAML config file (`--config`), in that order of
+/// precedence. The fields are listed once: clap reads flags and environment
+/// into this struct, serde reads the file into the same struct, and
+/// [`NodeArgs::resolve`] layers the two as JSON objects (set fields of the
+/// former over the latter) before applying the defaults.
+#[derive(Args, Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NodeArgs {
     /// YAML config file; flags and environment variables override its keys.
     #[arg(long, env = "ATTACHE_CONFIG")]
+    #[serde(skip)]
     pub config: Option<PathBuf>,
     /// Node-local directory (node id, secondary state). Default `./attache-node`.
     #[arg(long, env = "ATTACHE_DATA_DIR")]
@@ -73,30 +80,14 @@ pub struct NodeArgs {
     /// Actor threads (actix arbiters). Default: the number of CPUs.
     #[arg(long, env = "ATTACHE_THREADS")]
     pub threads: Option<usize>,
-    #[command(flatten)]
-    pub log: LogArgs,
-}
-
-/// The YAML config file; every key optional.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub data_dir: Option<PathBuf>,
-    pub volume_root: Option<PathBuf>,
-    pub volumes: Option<Vec<String>>,
-    pub listen: Option<SocketAddr>,
-    pub advertise: Option<String>,
-    pub metrics_listen: Option<SocketAddr>,
-    pub metadata: Option<String>,
-    pub node_id: Option<u64>,
-    pub instance_id: Option<String>,
-    pub region: Option<String>,
-    pub lease_ttl_ms: Option<u64>,
-    pub shard_size_limit: Option<u64>,
-    pub threads: Option<usize>,
+    /// Log line format.
+    #[arg(long, env = "ATTACHE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Log filter (`info`, `attache=debug`, ...); `RUST_LOG` overrides it.
+    #[arg(long, env = "ATTACHE_LOG_LEVEL")]
     pub log_level: Option<String>,
-    /// Request limits; unset keys keep their defaults.
+    /// Request limits (config file only); unset keys keep their defaults.
+    #[arg(skip)]
     pub limits: Option<Limits>,
 }
 
@@ -125,45 +116,58 @@ impl NodeArgs {
     /// Errors: the file cannot be read or parsed (unknown keys included), or
     /// no volume or metadata store is configured.
     pub fn resolve(self) -> anyhow::Result<NodeSettings> {
-        let file: FileConfig = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read config file {}", path.display()))?;
-                serde_yaml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?
-            }
-            None => FileConfig::default(),
+        let mut layered = match &self.config {
+            Some(path) => file_layer(path)?,
+            None => serde_json::Map::new(),
         };
-        let volumes = self.volumes.or(file.volumes).unwrap_or_default();
+        let serde_json::Value::Object(mut flags) = serde_json::to_value(&self)? else {
+            unreachable!("NodeArgs serializes as an object")
+        };
+        flags.retain(|_, v| !v.is_null());
+        layered.extend(flags);
+        let a: NodeArgs =
+            serde_json::from_value(serde_json::Value::Object(layered)).with_context(|| match &self.config {
+                Some(path) => format!("invalid config file {}", path.display()),
+                None => "invalid settings".into(),
+            })?;
+        let volumes = a.volumes.unwrap_or_default();
         anyhow::ensure!(
             !volumes.is_empty(),
             "no volumes configured: pass --volumes vol-1,vol-2 or set `volumes:` in the config file"
         );
-        let data_dir = self.data_dir.or(file.data_dir).unwrap_or_else(|| "attache-node".into());
-        let metadata = self.metadata.or(file.metadata).context(
+        let metadata = a.metadata.context(
             "no metadata store configured: pass --metadata embedded:DIR, grpc://HOST:PORT or etcd://HOST:PORT",
         )?;
-        let mut node = NodeConfig::new(
-            String::new(),
-            self.volume_root.or(file.volume_root).unwrap_or_else(|| "/".into()),
-            volumes,
-        );
-        node.instance_id = self.instance_id.or(file.instance_id).unwrap_or_default();
-        node.node_id = self.node_id.or(file.node_id);
-        node.lease_ttl_ms = self.lease_ttl_ms.or(file.lease_ttl_ms).unwrap_or(node.lease_ttl_ms);
-        node.default_size_limit = self.shard_size_limit.or(file.shard_size_limit).unwrap_or(DEFAULT_SHARD_SIZE_LIMIT);
-        node.limits = file.limits.unwrap_or_default();
+        let mut node = NodeConfig::new(String::new(), a.volume_root.unwrap_or_else(|| "/".into()), volumes);
+        node.instance_id = a.instance_id.unwrap_or_default();
+        node.node_id = a.node_id;
+        node.lease_ttl_ms = a.lease_ttl_ms.unwrap_or(node.lease_ttl_ms);
+        node.default_size_limit = a.shard_size_limit.unwrap_or(DEFAULT_SHARD_SIZE_LIMIT);
+        node.limits = a.limits.unwrap_or_default();
         Ok(NodeSettings {
-            data_dir,
-            listen: self.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
-            advertise: self.advertise.or(file.advertise),
-            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            data_dir: a.data_dir.unwrap_or_else(|| "attache-node".into()),
+            listen: a.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            advertise: a.advertise,
+            metrics_listen: a.metrics_listen,
             metadata,
-            region: self.region.or(file.region),
-            threads: self.threads.or(file.threads).unwrap_or_else(default_threads),
-            log_format: self.log.log_format.or(file.log_format).unwrap_or_default(),
-            log_level: self.log.log_level.or(file.log_level).unwrap_or_else(|| "info".into()),
+            region: a.region,
+            threads: a.threads.unwrap_or_else(default_threads),
+            log_format: a.log_format.unwrap_or_default(),
+            log_level: a.log_level.unwrap_or_else(|| "info".into()),
             node,
         })
+    }
+}
+
+/// The config file's keys as a JSON object (an empty file: no keys).
+///
+/// Errors: the file cannot be read, is not YAML, or is not a mapping.
+fn file_layer(path: &std::path::Path) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    match serde_yaml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))? {
+        serde_json::Value::Object(keys) => Ok(keys),
+        serde_json::Value::Null => Ok(serde_json::Map::new()),
+        other => anyhow::bail!("config file {} must be a mapping of keys, not {other}", path.display()),
     }
 }
 
@@ -195,6 +199,23 @@ mod tests {
         assert_eq!(s.node.lease_ttl_ms, 900);
         assert_eq!(s.node.limits.max_key_bytes, 64);
         assert_eq!(s.node.limits.max_value_bytes, Limits::default().max_value_bytes);
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_flags_override_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.yaml");
+        std::fs::write(&path, "volumes: [a]\nmetadata: embedded:/tmp/m\ninstance_id: i-file\nregion: r-file\n")
+            .unwrap();
+        // INSTANCE_ID and AWS_REGION are read by no other test of this binary.
+        std::env::set_var("INSTANCE_ID", "i-env");
+        std::env::set_var("AWS_REGION", "r-env");
+        let cli = Cli::try_parse_from(["x", "--config", path.to_str().unwrap(), "--region", "r-flag"]).unwrap();
+        std::env::remove_var("INSTANCE_ID");
+        std::env::remove_var("AWS_REGION");
+        let s = cli.node.resolve().unwrap();
+        assert_eq!(s.node.instance_id, "i-env");
+        assert_eq!(s.region.as_deref(), Some("r-flag"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `attache`: the Attaché binary.
 //!
-//! - `attache dev`: one process with an embedded metadata store and one node
+//! - `attache dev`: one process with an embedded metadata store and one or
+//!   more nodes (`--nodes N`)
 //!   serving local directories as volumes (data under `./attache-data`).
 //! - `attache node`: one storage node (flags > environment > `--config` YAML).
 //! - `attache meta`: the embedded metadata store, served over gRPC to nodes.
@@ -18,8 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a local cluster in one process: embedded metadata and one node
-    /// serving directories under --data-dir as volumes.
+    /// Run a local cluster in one process: embedded metadata and one node (or
+    /// --nodes N) serving directories under --data-dir as volumes.
     Dev(serve::DevArgs),
     /// Run one storage node.
     Node(Box<config::NodeArgs>),

@@ -8,7 +8,7 @@ use clap::ValueEnum;
 use tracing_subscriber::EnvFilter;
 
 /// How log lines are written.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// One readable line per event.
@@ -18,11 +18,16 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global log subscriber, writing to stderr. `RUST_LOG`, when
-/// set, overrides `level`.
+/// Installs the global log subscriber, writing to stderr, with ANSI colours
+/// only when stderr is a terminal (a log file gets plain text). `RUST_LOG`,
+/// when set, overrides `level`.
 pub fn init_logging(format: LogFormat, level: &str) {
+    use std::io::IsTerminal;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Human => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use attache_actors::error::AttacheError;
 use attache_actors::lease::LeaseGate;
 use attache_actors::shard::{Get, Put, PutEntry};
-use attache_actors::shard_manager::{CreateShard, Routed, ShardManager, ShardManagerConfig, ShutdownShards};
+use attache_actors::shard_manager::{CreateShard, ShardCall, ShardManager, ShardManagerConfig, ShutdownShards};
 use attache_actors::{Addr, HostHandle};
 use attache_runtime::{ActixHost, RocksEngineFactory};
 
@@ -53,7 +53,7 @@ fn crash_child() {
                         client_id: CLIENT.into(),
                         entry: PutEntry { key: key.clone().into(), value: value.into(), indexes: vec![] },
                     };
-                    mgr.send(Routed { shard_id: 1, op: put }).await.unwrap().expect("put");
+                    mgr.send(ShardCall { shard_id: 1, op: put }).await.unwrap().expect("put");
                     println!("ACK {key}");
                 }
             }
@@ -68,7 +68,7 @@ fn sigkill_loses_no_acknowledged_write() {
     let mut acked: Vec<String> = Vec::new();
     for round in 0..ROUNDS {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--ignored", "--exact", "crash_child", "--nocapture", "--test-threads=1"])
+            .args(["--ignored", "--exact", "crash::crash_child", "--nocapture", "--test-threads=1"])
             .env(CHILD_DIR, dir.path())
             .env(CHILD_ROUND, round.to_string())
             .stdout(Stdio::piped())
@@ -99,7 +99,7 @@ fn sigkill_loses_no_acknowledged_write() {
         let mut missing = BTreeMap::new();
         for key in &acked {
             let get = Get { client_id: CLIENT.into(), key: key.clone().into() };
-            let got = mgr.send(Routed { shard_id: 1, op: get }).await.unwrap().unwrap();
+            let got = mgr.send(ShardCall { shard_id: 1, op: get }).await.unwrap().unwrap();
             if got.as_deref() != Some(format!("value-of-{key}").as_bytes()) {
                 missing.insert(key.clone(), got);
             }

@@ -4,7 +4,7 @@
 //! crash/shutdown during a load with every acknowledged record back after a
 //! restart.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 
@@ -236,7 +236,7 @@ async fn load_until_signal(
         assert!(std::time::Instant::now() < deadline, "load too slow");
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    let status = p.signal_and_wait(signal);
+    let status = p.signal_and_wait(signal).await;
     for l in loaders {
         l.await.unwrap();
     }
@@ -297,9 +297,17 @@ fn http_get(addr: &str, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_endpoint_reports_shard_io_latency_and_lease() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let metrics = format!("127.0.0.1:{port}");
-    let p = common::start_dev(dir.path(), &["--metrics-listen", &metrics]);
+    // A port found free may be taken before the node binds it: then the
+    // node exits, and the test tries other ports.
+    let (p, metrics) = (0..5)
+        .find_map(|_| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let metrics = format!("127.0.0.1:{port}");
+            let args = ["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.path().to_str().unwrap()];
+            let args = [&args[..], &["--metrics-listen", &metrics]].concat();
+            common::try_start(&args, "serving gRPC on ").map(|p| (p, metrics))
+        })
+        .expect("attache dev with a metrics endpoint did not start on 5 free ports");
     let mut c = p.client().await;
     let s = new_shard(&mut c, "m", 0).await.shard_id;
     put(&mut c, s, "m", b"k", b"v").await.unwrap();

@@ -15,6 +15,8 @@ use attache_actors::meta::conformance::{self, Harness};
 use attache_actors::meta::embedded::EmbeddedBackend;
 use attache_actors::meta::remote::{MetadataServer, RemoteBackend};
 use attache_actors::meta::MetadataBackend;
+use attache_actors::task_host::TaskHost;
+use attache_actors::HostHandle;
 use attache_runtime::etcd::EtcdBackend;
 use attache_runtime::files::FileMetaLog;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -26,7 +28,7 @@ struct Embedded {
 
 impl Embedded {
     async fn open(dir: &Path) -> Self {
-        let backend = EmbeddedBackend::open(Arc::new(FileMetaLog::new(dir))).await.unwrap();
+        let backend = EmbeddedBackend::open(&HostHandle::new(TaskHost), Arc::new(FileMetaLog::new(dir))).await.unwrap();
         Embedded { dir: dir.to_path_buf(), backend }
     }
 }
@@ -61,7 +63,8 @@ struct OverGrpc {
 
 impl OverGrpc {
     async fn start(dir: &Path) -> Self {
-        let backend: Arc<dyn MetadataBackend> = EmbeddedBackend::open(Arc::new(FileMetaLog::new(dir))).await.unwrap();
+        let backend: Arc<dyn MetadataBackend> =
+            EmbeddedBackend::open(&HostHandle::new(TaskHost), Arc::new(FileMetaLog::new(dir))).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -135,22 +138,33 @@ impl Etcd {
             })
     }
 
+    /// Starts etcd on free loopback ports. A port found free may be taken
+    /// by another process before etcd binds it; etcd then exits, and the
+    /// start is tried again on other ports (up to 5 times).
     async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let (client_port, peer_port) = (free_port(), free_port());
-        let child = Self::spawn(dir.path(), client_port, peer_port);
-        let etcd = Etcd { dir, client_port, peer_port, child };
-        etcd.wait_ready().await;
-        etcd
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let (client_port, peer_port) = (free_port(), free_port());
+            let child = Self::spawn(dir.path(), client_port, peer_port);
+            let mut etcd = Etcd { dir, client_port, peer_port, child };
+            if etcd.wait_ready().await {
+                return etcd;
+            }
+        }
+        panic!("etcd exited at start 5 times (ports taken?)");
     }
 
-    async fn wait_ready(&self) {
+    /// Waits until etcd answers (true) or exits (false); panics after 30 s.
+    async fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(b) = EtcdBackend::connect(&[self.endpoint()]).await {
                 if b.get(b"/ready").await.is_ok() {
-                    return;
+                    return true;
                 }
+            }
+            if self.child.try_wait().unwrap().is_some() {
+                return false;
             }
             assert!(Instant::now() < deadline, "etcd did not answer on {} within 30 s", self.endpoint());
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -184,7 +198,7 @@ impl Harness for EtcdHarness {
         unsafe { libc::kill(self.etcd.child.id() as i32, libc::SIGTERM) };
         self.etcd.child.wait().unwrap();
         self.etcd.child = Etcd::spawn(self.etcd.dir.path(), self.etcd.client_port, self.etcd.peer_port);
-        self.etcd.wait_ready().await;
+        assert!(self.etcd.wait_ready().await, "etcd exited at restart on port {}", self.etcd.client_port);
         self.backend = Arc::new(EtcdBackend::connect(&[self.etcd.endpoint()]).await.unwrap());
     }
     fn lease_ttl_ms(&self) -> u64 {

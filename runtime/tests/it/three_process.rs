@@ -3,7 +3,7 @@
 //! shard through the shared metadata store, and sends clients to the node
 //! that serves it.
 
-mod common;
+use crate::common;
 
 use attache_actors::service::primary_hint;
 use attache_actors::service::proto::*;

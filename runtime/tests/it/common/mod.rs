@@ -24,6 +24,12 @@ pub struct Proc {
 /// Starts `attache` with `args` and waits (up to 120 s) for a stdout line
 /// containing `marker` followed by an address.
 pub fn start(args: &[&str], marker: &str) -> Proc {
+    try_start(args, marker).unwrap_or_else(|| panic!("attache {args:?} exited before printing {marker:?}"))
+}
+
+/// As [`start`], but `None` when the process exits before printing `marker`
+/// (e.g. a port found free was taken before it bound it).
+pub fn try_start(args: &[&str], marker: &str) -> Option<Proc> {
     let child = Command::new(env!("CARGO_BIN_EXE_attache"))
         .args(args)
         .env("ATTACHE_LOG_LEVEL", "warn")
@@ -45,13 +51,14 @@ pub fn start(args: &[&str], marker: &str) -> Proc {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = proc
-            .lines
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("attache {args:?} printed no {marker:?} line in 120 s"));
+        let line = match proc.lines.recv_timeout(left) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("attache {args:?} printed no {marker:?} line in 120 s"),
+        };
         if let Some(rest) = line.split(marker).nth(1) {
             proc.addr = rest.split_whitespace().next().unwrap().to_string();
-            return proc;
+            return Some(proc);
         }
     }
 }
@@ -90,8 +97,9 @@ pub fn start_node(root: &Path, name: &str, volumes: &str, metadata: &str, extra:
 }
 
 impl Proc {
-    /// Sends `signal` and waits for the exit status (up to 60 s).
-    pub fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
+    /// Sends `signal` and waits for the exit status (up to 60 s), polling
+    /// without blocking the async runtime.
+    pub async fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(self.child.id() as i32, signal) };
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -100,7 +108,7 @@ impl Proc {
                 return status;
             }
             assert!(std::time::Instant::now() < deadline, "attache did not exit within 60 s of signal {signal}");
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

@@ -1,0 +1,16 @@
+//! The runtime's integration tests, in one test binary so RocksDB and the
+//! rest of the tree are linked once, not once per file:
+//! - [`crash`]: SIGKILL of a process writing through the shard actors and RocksDB;
+//! - [`e2e`]: the real `attache` binary, every operation and error, signals, metrics;
+//! - [`failover`]: `attache meta` and three `attache node` processes, SIGKILL and SIGSTOP of the primary;
+//! - [`metadata`]: the metadata conformance suite on embedded, embedded over gRPC, and etcd;
+//! - [`storage`]: the shared storage scenario on actix with RocksDB;
+//! - [`three_process`]: one `attache meta` with two nodes.
+
+mod common;
+mod crash;
+mod e2e;
+mod failover;
+mod metadata;
+mod storage;
+mod three_process;
