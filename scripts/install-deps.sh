@@ -5,6 +5,9 @@
 #
 #   clang, libclang-dev   RocksDB's bindgen (rocksdb crate) needs libclang
 #   protobuf-compiler     etcd-client's build script runs `protoc` from PATH
+#   libprotobuf-dev       ... and imports google/protobuf/*.proto, which only
+#                         this package ships (a recommends of protobuf-compiler,
+#                         so --no-install-recommends leaves it out)
 #                         (our own protos use the vendored protoc)
 #   etcd-server           the etcd conformance and benchmark tests start their
 #                         own etcd on free loopback ports
@@ -14,9 +17,13 @@
 set -euo pipefail
 sudo=""
 if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
-packages=(clang libclang-dev protobuf-compiler etcd-server ca-certificates)
+packages=(clang libclang-dev protobuf-compiler libprotobuf-dev etcd-server ca-certificates)
 $sudo apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+if [ ! -f /usr/include/google/protobuf/descriptor.proto ]; then
+    echo "install-deps: google/protobuf/descriptor.proto is missing (libprotobuf-dev)" >&2
+    exit 1
+fi
 for tool in clang protoc etcd; do
     if ! command -v "$tool" >/dev/null; then
         echo "install-deps: $tool is still not on PATH after installing ${packages[*]}" >&2

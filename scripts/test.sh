@@ -4,8 +4,8 @@
 # its own target dir so neither rebuilds the other. Prints how long each phase
 # took, so a slow CI run shows where its time went.
 #
-# Needs: clang + libclang-dev (RocksDB's bindgen), etcd-server (the etcd
-# conformance test). .ci/run installs them on Debian.
+# Needs the system packages scripts/install-deps.sh installs (the README's
+# set-up and .ci/run call it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-$PWD/target}"
@@ -24,6 +24,9 @@ phase() {
     phase_start=$now
     if [ -n "$phase_name" ]; then echo "== $phase_name"; fi
 }
+
+phase "ARCHITECTURE.md names every module, type and scenario as the code has them"
+scripts/check-architecture.sh
 
 phase "normal build: cargo test --workspace --all-targets --no-run (RocksDB's C++ is most of a cold build)"
 CARGO_TARGET_DIR="$target" "${cargo[@]}" test --workspace --all-targets --no-run
