@@ -15,11 +15,12 @@
 //!   `attache-primary` hint names, or at the next node when it names none.
 //!   Any other rejection ends the call.
 //! - A status without the tag, or an attempt that outlived
-//!   [`ClientSettings::attempt_timeout_ms`], has an unknown outcome (the
-//!   request may have been applied). It is retried at the next node only
-//!   for calls marked [`Repeat::Always`] (safe to repeat); a call marked
-//!   [`Repeat::IfRejected`] (`NewShard`: a repeat would create a second
-//!   shard) ends there.
+//!   [`ClientSettings::attempt_timeout_ms`] (a retry: or what was left of
+//!   the deadline), has an unknown outcome (the request may have been applied).
+//!   It is retried at the next node only for calls marked [`Repeat::Always`];
+//!   a call marked [`Repeat::IfRejected`] ends there, and one marked
+//!   [`Repeat::Never`] (`NewShard`) is never sent twice.
+//! - A hint that is not a usable address counts as no hint.
 //! - Retries back off exponentially with full jitter ([`crate::retry`]),
 //!   drawn from a generator seeded by the caller, until
 //!   [`ClientSettings::deadline_ms`] after the call began.
@@ -40,6 +41,11 @@ use crate::service::proto::attache_client::AttacheClient;
 use crate::service::{is_rejection, primary_hint};
 use crate::shard::ShardId;
 
+/// A retry starts only if at least this much of the call's deadline is left
+/// for it (a shorter attempt would mostly end in a timeout, turning a clean
+/// rejection into an unknown outcome).
+const MIN_RETRY_ATTEMPT: Duration = Duration::from_millis(100);
+
 /// Largest gRPC message the client sends or accepts, bytes.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -50,9 +56,11 @@ pub struct ClientSettings {
     pub initial_backoff_ms: u64,
     /// Largest backoff cap, ms.
     pub max_backoff_ms: u64,
-    /// A call gives up retrying this long after it began, ms.
+    /// No retry starts, and no retry runs, past this long after the call
+    /// began, ms (the first attempt may: it has `attempt_timeout_ms`).
     pub deadline_ms: u64,
-    /// One attempt is abandoned (outcome unknown) after this long, ms.
+    /// One attempt is abandoned (outcome unknown) after this long, ms; the
+    /// next attempt goes to the next node.
     pub attempt_timeout_ms: u64,
     /// Seed of the backoff jitter (a simulation seed; anything in production).
     pub seed: u64,
@@ -64,7 +72,7 @@ impl Default for ClientSettings {
             initial_backoff_ms: 50,
             max_backoff_ms: 2_000,
             deadline_ms: 30_000,
-            attempt_timeout_ms: 60_000,
+            attempt_timeout_ms: 10_000,
             seed: 0,
         }
     }
@@ -73,11 +81,16 @@ impl Default for ClientSettings {
 /// Whether a call may be sent again after an attempt with an unknown outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Repeat {
-    /// Repeating the call is safe (reads; puts and deletes write the same
-    /// again; close and delete of a shard are idempotent).
+    /// Repeated after any retryable failure: reads; writes, close and
+    /// delete of a shard. Known gap: writes carry no request id yet, so a
+    /// write repeated after an attempt that did land applies twice (and a
+    /// repeated delete of a shard answers `NOT_FOUND`).
     Always,
-    /// Only retried when the service said the attempt had no effect.
+    /// Only repeated when the service said the attempt had no effect.
     IfRejected,
+    /// Sent once (`NewShard`: until the service tells an uncertain failure
+    /// from a rejection, a repeat could create a second shard).
+    Never,
 }
 
 /// Where and how a call goes.
@@ -105,6 +118,11 @@ impl CallSpec {
     /// The same call, repeated only after rejections (see [`Repeat::IfRejected`]).
     pub fn once_unless_rejected(self) -> Self {
         CallSpec { repeat: Repeat::IfRejected, ..self }
+    }
+
+    /// The same call, sent once (see [`Repeat::Never`]).
+    pub fn once(self) -> Self {
+        CallSpec { repeat: Repeat::Never, ..self }
     }
 
     /// The same call, its first attempt sent to the node at `index` (modulo
@@ -273,15 +291,25 @@ impl Client {
                 let mut routes = self.lock();
                 (routes.addrs[at].clone(), routes.stub(at))
             };
+            // The first attempt gets the whole attempt timeout; a retry no
+            // more than what is left of the deadline.
+            let timeout = if attempts == 1 {
+                self.attempt_timeout
+            } else {
+                self.attempt_timeout.min(deadline.saturating_duration_since(Instant::now()))
+            };
             let result = match stub {
-                Ok(stub) => match tokio::time::timeout(self.attempt_timeout, call(stub)).await {
+                Ok(stub) => match tokio::time::timeout(timeout, call(stub)).await {
                     Ok(result) => result,
                     Err(_) => Err(Status::deadline_exceeded(format!(
                         "no answer from {addr} within {} ms; the call may have been applied",
-                        self.attempt_timeout.as_millis()
+                        timeout.as_millis()
                     ))),
                 },
-                Err(status) => return Err(Failure { status, outcome: Outcome::Rejected, addr, attempts }),
+                Err(status) => {
+                    let outcome = if unknown { Outcome::Unknown } else { Outcome::Rejected };
+                    return Err(Failure { status, outcome, addr, attempts });
+                }
             };
             let status = match result {
                 Ok(resp) => return Ok(Served { value: resp.into_inner(), addr, attempts }),
@@ -289,7 +317,9 @@ impl Client {
             };
             let rejected = is_rejection(&status);
             unknown |= !rejected;
-            let retry = if rejected {
+            let retry = if spec.repeat == Repeat::Never {
+                false
+            } else if rejected {
                 status.code() == Code::Unavailable
             } else {
                 spec.repeat == Repeat::Always
@@ -304,7 +334,9 @@ impl Client {
             }
             at = {
                 let mut routes = self.lock();
-                let next = match primary_hint(&status) {
+                // A hint that is no valid address (a misconfigured
+                // advertise address) is no hint.
+                let next = match primary_hint(&status).filter(|h| channel(h).is_ok()) {
                     Some(hint) => routes.index_of(&hint),
                     None => (at + 1) % routes.addrs.len(),
                 };
@@ -315,7 +347,7 @@ impl Client {
                 next
             };
             let sleep = self.jitter.below(self.policy.cap(attempts));
-            if Instant::now() + sleep > deadline {
+            if Instant::now() + sleep + MIN_RETRY_ATTEMPT > deadline {
                 return Err(Failure { status, outcome, addr, attempts });
             }
             tracing::debug!(attempts, ?sleep, code = ?status.code(), message = status.message(), "retrying");

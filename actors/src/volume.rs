@@ -248,6 +248,10 @@ impl VolumeManager {
         if won.epoch <= self.last_epoch {
             tracing::error!(volume = %self.volume(), epoch = won.epoch, seen = self.last_epoch,
                 "claimed an epoch not above one seen before: the metadata store went back in time; not serving");
+            // Give the record up, so the volume does not stay named for a
+            // node that will not serve it (the next claim bumps the epoch).
+            let _ = self.meta.vacate_volume(self.volume(), self.node_id, won.epoch).await;
+            // In tests and the simulation this is a reported failure.
             debug_assert!(won.epoch > self.last_epoch, "claimed epoch {} <= last seen {}", won.epoch, self.last_epoch);
             return;
         }

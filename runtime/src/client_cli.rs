@@ -454,8 +454,8 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     match args.cmd {
         ClientCmd::NewShard { client_id, size_limit } => {
             let req = proto::NewShardRequest { client_id, size_limit_bytes: size_limit.unwrap_or(0) };
-            // A repeat after an unknown outcome could create a second shard.
-            let info = call!(c, CallSpec::any().once_unless_rejected(), new_shard, req)?;
+            // Sent once: a repeat could create a second shard (see Repeat::Never).
+            let info = call!(c, CallSpec::any().once(), new_shard, req)?;
             emit(json, &ShardOut::from(&info));
         }
         ClientCmd::CloseShard(sel) => {

@@ -120,11 +120,7 @@ impl NodeArgs {
             Some(path) => file_layer(path)?,
             None => serde_json::Map::new(),
         };
-        let serde_json::Value::Object(mut flags) = serde_json::to_value(&self)? else {
-            unreachable!("NodeArgs serializes as an object")
-        };
-        flags.retain(|_, v| !v.is_null());
-        layered.extend(flags);
+        layered.extend(to_layer(&self).context("flags and environment")?);
         let a: NodeArgs =
             serde_json::from_value(serde_json::Value::Object(layered)).with_context(|| match &self.config {
                 Some(path) => format!("invalid config file {}", path.display()),
@@ -159,16 +155,31 @@ impl NodeArgs {
     }
 }
 
-/// The config file's keys as a JSON object (an empty file: no keys).
+/// The config file's keys as a JSON object (an empty file: no keys). The
+/// file is read into [`NodeArgs`] first, so a YAML scalar reads as the type
+/// of its key (`instance_id: 123456` is a string) and unknown keys are
+/// errors, then written out as JSON to lie under the flags.
 ///
-/// Errors: the file cannot be read, is not YAML, or is not a mapping.
+/// Errors: the file cannot be read, is not YAML, has an unknown key or a
+/// value of the wrong type.
 fn file_layer(path: &std::path::Path) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-    match serde_yaml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))? {
-        serde_json::Value::Object(keys) => Ok(keys),
-        serde_json::Value::Null => Ok(serde_json::Map::new()),
-        other => anyhow::bail!("config file {} must be a mapping of keys, not {other}", path.display()),
-    }
+    let file: Option<NodeArgs> =
+        serde_yaml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+    to_layer(&file.unwrap_or_default()).with_context(|| format!("config file {}", path.display()))
+}
+
+/// The fields of `args` that are set, as a JSON object.
+///
+/// Errors: a path that is not UTF-8 (JSON holds text only).
+fn to_layer(args: &NodeArgs) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let serde_json::Value::Object(mut keys) =
+        serde_json::to_value(args).context("settings must be UTF-8 (paths included)")?
+    else {
+        unreachable!("NodeArgs serializes as an object")
+    };
+    keys.retain(|_, v| !v.is_null());
+    Ok(keys)
 }
 
 /// One actor thread per CPU.
@@ -216,6 +227,19 @@ mod tests {
         let s = cli.node.resolve().unwrap();
         assert_eq!(s.node.instance_id, "i-env");
         assert_eq!(s.region.as_deref(), Some("r-flag"));
+    }
+
+    #[test]
+    fn yaml_scalars_read_as_the_type_of_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.yaml");
+        std::fs::write(&path, "volumes: [1, 2]\nmetadata: embedded:/tmp/m\ninstance_id: 123456\ndata_dir: 2024\n")
+            .unwrap();
+        let cli = Cli::try_parse_from(["x", "--config", path.to_str().unwrap()]).unwrap();
+        let s = cli.node.resolve().unwrap();
+        assert_eq!(s.node.volumes, vec!["1", "2"]);
+        assert_eq!(s.node.instance_id, "123456");
+        assert_eq!(s.data_dir, std::path::PathBuf::from("2024"));
     }
 
     #[test]

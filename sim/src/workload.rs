@@ -117,15 +117,17 @@ impl ClientCtx {
         });
     }
 
-    /// Creates a shard, starting at node `first`, until `deadline`. The
-    /// client retries rejections at the next node; an unknown outcome is
-    /// never repeated (it may have created a shard), so a new call starts.
+    /// Creates a shard until `deadline`: one call (sent once, see
+    /// `Repeat::Never`) per round, round `r` to node `first + r`.
     async fn create_shard(&self, first: usize, deadline: Instant) -> Option<(u64, String)> {
-        while Instant::now() < deadline {
+        for round in 0.. {
+            if Instant::now() >= deadline {
+                break;
+            }
             let process = self.rec.process();
             self.event(process, EventType::Invoke, F::NewShard, 0, "", None, "", None);
             let req = NewShardRequest { client_id: self.id.clone(), size_limit_bytes: 0 };
-            let spec = CallSpec::any().once_unless_rejected().starting_at(first);
+            let spec = CallSpec::any().once().starting_at(first + round);
             let result = self
                 .client
                 .call(spec, |mut c| {

@@ -124,7 +124,7 @@ async fn failover(fault: Fault) -> (Duration, usize, usize) {
     let settings = ClientSettings { deadline_ms: 60_000, ..ClientSettings::default() };
     let c = Client::new(&addrs, settings).unwrap();
     let shard = c
-        .call(CallSpec::any().once_unless_rejected().starting_at(0), |mut c| async move {
+        .call(CallSpec::any().once().starting_at(0), |mut c| async move {
             c.new_shard(NewShardRequest { client_id: "loader".into(), size_limit_bytes: 0 }).await
         })
         .await
