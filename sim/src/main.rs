@@ -27,7 +27,7 @@ mod runner {
     use std::process::ExitCode;
 
     use attache_sim::report::{Failover, RunReport};
-    use attache_sim::run::run_once;
+    use attache_sim::run::{replay_command, run_once};
     use attache_sim::scenario::Scenario;
     use clap::{Parser, Subcommand};
     use indicatif::{ProgressBar, ProgressStyle};
@@ -166,10 +166,6 @@ mod runner {
 
     fn percentile(sorted: &[u64], q: f64) -> u64 {
         sorted.get(((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1))).copied().unwrap_or(0)
-    }
-
-    fn replay_command(path: &Path, seed: u64) -> String {
-        format!("scripts/sim.sh replay --scenario {} --seed {seed}", path.display())
     }
 
     fn write_history(dir: &Path, report: &RunReport) -> Result<(), String> {

@@ -170,3 +170,22 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
     };
     RunReport { summary, outcome, digest }
 }
+
+/// The report of a run that did not finish (it panicked or hung): no
+/// history, no checks, only `violation`; its digest is the violation's, so a
+/// replay that fails the same way is "the same run".
+pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
+    let outcome =
+        RunOutcome { sim_ms: 0, history: History::default(), syncs: Vec::new(), faults: Vec::new(), healed_ns: 0 };
+    let digest = fnv1a(format!("{}: {}", violation.checker, violation.message).as_bytes(), 0xcbf29ce484222325);
+    let summary = Summary {
+        scenario: scenario.to_string(),
+        seed,
+        sim_seconds: 0,
+        ops: OpCounts::default(),
+        faults: Vec::new(),
+        failovers: Vec::new(),
+        violations: vec![violation],
+    };
+    RunReport { summary, outcome, digest }
+}
