@@ -329,29 +329,47 @@ pub fn isolation(ops: &[Op]) -> Vec<Violation> {
         .collect()
 }
 
-/// Shards that served no write within `bound_ns` after `healed_ns`.
-pub fn liveness(ops: &[Op], healed_ns: u64, bound_ns: u64) -> Vec<Violation> {
-    let shards: BTreeSet<u64> =
-        ops.iter().filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok).map(|o| o.shard).collect();
+/// Liveness that a fault can fail: after every disruption (each fault and
+/// each repair, at its time; a metadata outage or disk stall at its end),
+/// every shard created before it serves a write within `bound_ns`. A
+/// failover that never happens fails this even if the fault is repaired
+/// later (the check is not only from the last repair), and so does a fault
+/// that is never repaired. `disruptions_ns` are simulated ns since the start.
+pub fn liveness(ops: &[Op], disruptions_ns: &[u64], bound_ns: u64) -> Vec<Violation> {
+    let created: BTreeMap<u64, u64> = ops
+        .iter()
+        .filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok)
+        .filter_map(|o| Some((o.shard, o.complete?)))
+        .collect();
+    let mut writes: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for o in ops.iter().filter(|o| o.f == F::Write && o.outcome == EventType::Ok) {
+        if let Some(c) = o.complete {
+            writes.entry(o.shard).or_default().push(c);
+        }
+    }
+    let mut times: Vec<u64> = disruptions_ns.to_vec();
+    times.sort_unstable();
+    times.dedup();
     let mut out = Vec::new();
-    for shard in shards {
-        let first = ops
-            .iter()
-            .filter(|o| o.shard == shard && o.f == F::Write && o.outcome == EventType::Ok)
-            .filter_map(|o| o.complete)
-            .filter(|&c| c >= healed_ns)
-            .min();
-        match first {
-            Some(c) if c <= healed_ns + bound_ns => {}
-            Some(c) => out.push(violation(
-                "liveness",
-                format!(
-                    "shard {shard}: first write after the last repair took {} ms (bound {} ms)",
-                    (c - healed_ns) / 1_000_000,
+    for (&shard, &born) in &created {
+        for &t in times.iter().filter(|&&t| t >= born) {
+            let first = writes.get(&shard).into_iter().flatten().copied().filter(|&c| c >= t).min();
+            let message = match first {
+                Some(c) if c <= t + bound_ns => continue,
+                Some(c) => format!(
+                    "shard {shard}: the first write after the disruption at {} ms took {} ms (bound {} ms)",
+                    t / 1_000_000,
+                    (c - t) / 1_000_000,
                     bound_ns / 1_000_000
                 ),
-            )),
-            None => out.push(violation("liveness", format!("shard {shard}: no write succeeded after the last repair"))),
+                None => format!(
+                    "shard {shard}: no write succeeded after the disruption at {} ms (bound {} ms)",
+                    t / 1_000_000,
+                    bound_ns / 1_000_000
+                ),
+            };
+            out.push(violation("liveness", message));
+            break;
         }
     }
     out
@@ -494,8 +512,24 @@ mod tests {
     #[test]
     fn liveness_needs_a_write_within_the_bound() {
         let h = vec![created(1, "c", 1, 0, 1), w(2, "a", 1_000, 2_000)];
-        assert!(liveness(&h, 1_000, 5_000).is_empty());
-        assert_eq!(liveness(&h, 1_000, 500).len(), 1);
-        assert_eq!(liveness(&h, 3_000, 5_000).len(), 1);
+        assert!(liveness(&h, &[1_000], 5_000).is_empty());
+        assert_eq!(liveness(&h, &[1_000], 500).len(), 1);
+        assert_eq!(liveness(&h, &[3_000], 5_000).len(), 1);
+    }
+
+    #[test]
+    fn liveness_is_checked_after_every_disruption_not_only_the_last() {
+        // A crash at 2 ns, nothing served until the node's restart at 20 ns
+        // (no failover), then writes again: the restart hides nothing.
+        let h = vec![created(1, "c", 1, 0, 1), w(2, "a", 0, 1), w(3, "a", 21, 22), w(4, "a", 30, 31)];
+        assert!(liveness(&h, &[20], 5).is_empty(), "from the repair alone the run looks live");
+        let v = liveness(&h, &[2, 20], 5);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("disruption at 0 ms"), "{v:?}");
+        // A shard created after a disruption is not held to it.
+        let late = vec![created(1, "c", 1, 10, 11), w(2, "a", 12, 13)];
+        assert!(liveness(&late, &[5], 5).is_empty());
+        // A fault never repaired, and no write after it.
+        assert_eq!(liveness(&[created(1, "c", 1, 0, 1), w(2, "a", 1, 2)], &[3], 5).len(), 1);
     }
 }

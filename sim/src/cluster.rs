@@ -252,20 +252,16 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
         history,
         syncs: ebs.syncs(),
         faults: applied,
-        healed_ns: schedule
+        disruptions_ns: schedule
             .faults
             .iter()
-            .filter(|f| {
-                f.fault.is_repair() || matches!(f.fault, Fault::MetadataUnavailable { .. } | Fault::DiskStall { .. })
-            })
             .map(|f| {
-                let extra = match &f.fault {
+                let end = match &f.fault {
                     Fault::MetadataUnavailable { for_ms } | Fault::DiskStall { for_ms, .. } => *for_ms,
                     _ => 0,
                 };
-                (f.at_ms + extra) * 1_000_000
+                (f.at_ms + end) * 1_000_000
             })
-            .max()
-            .unwrap_or(0),
+            .collect(),
     }
 }

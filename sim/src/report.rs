@@ -21,8 +21,10 @@ pub struct RunOutcome {
     pub syncs: Vec<SyncRecord>,
     /// The faults applied, in order.
     pub faults: Vec<Scheduled>,
-    /// When the last disruption ended, simulated ns.
-    pub healed_ns: u64,
+    /// When each disruption happened (a fault or a repair; a metadata
+    /// outage or disk stall when it ended), simulated ns: writes must resume
+    /// within the liveness bound of each.
+    pub disruptions_ns: Vec<u64>,
 }
 
 /// Operation counts.
@@ -138,7 +140,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
     violations.extend(check::single_writer(&outcome.syncs));
     violations.extend(check::shard_ids(&ops));
     violations.extend(check::isolation(&ops));
-    violations.extend(check::liveness(&ops, outcome.healed_ns, liveness_bound_ms * 1_000_000));
+    violations.extend(check::liveness(&ops, &outcome.disruptions_ns, liveness_bound_ms * 1_000_000));
     let mut counts = OpCounts::default();
     for o in &ops {
         counts.invoked += 1;
@@ -175,8 +177,13 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
 /// history, no checks, only `violation`; its digest is the violation's, so a
 /// replay that fails the same way is "the same run".
 pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
-    let outcome =
-        RunOutcome { sim_ms: 0, history: History::default(), syncs: Vec::new(), faults: Vec::new(), healed_ns: 0 };
+    let outcome = RunOutcome {
+        sim_ms: 0,
+        history: History::default(),
+        syncs: Vec::new(),
+        faults: Vec::new(),
+        disruptions_ns: Vec::new(),
+    };
     let digest = fnv1a(format!("{}: {}", violation.checker, violation.message).as_bytes(), 0xcbf29ce484222325);
     let summary = Summary {
         scenario: scenario.to_string(),

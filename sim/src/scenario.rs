@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use attache_faults::{RandomRates, Scheduled};
+use attache_faults::{Fault, RandomRates, Scheduled};
 use serde::{Deserialize, Serialize};
 
 use crate::ebs::EbsConfig;
@@ -139,7 +139,8 @@ pub struct RandomSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Expect {
-    /// After the last repair, every shard serves a write within this, ms.
+    /// After every disruption (a fault or a repair; a metadata outage or
+    /// disk stall once it ended), every shard serves a write within this, ms.
     pub liveness_bound_ms: u64,
 }
 
@@ -188,7 +189,14 @@ impl Scenario {
         if w.processes_per_client == 0 || w.shards_per_client == 0 || w.hot_keys == 0 {
             return Err("the workload needs processes, shards and keys".into());
         }
-        let last = self.faults.iter().map(|f| f.at_ms).chain(self.random.as_ref().map(|r| r.end_ms)).max().unwrap_or(0);
+        let ends = self.faults.iter().map(|f| {
+            f.at_ms
+                + match &f.fault {
+                    Fault::MetadataUnavailable { for_ms } | Fault::DiskStall { for_ms, .. } => *for_ms,
+                    _ => 0,
+                }
+        });
+        let last = ends.chain(self.random.as_ref().map(|r| r.end_ms)).max().unwrap_or(0);
         if last + self.expect.liveness_bound_ms > w.duration_ms {
             return Err(format!(
                 "the last fault ({last} ms) plus the liveness bound ({} ms) must end before the workload ({} ms)",

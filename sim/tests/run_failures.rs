@@ -15,7 +15,7 @@ fn scenario() -> Scenario {
 }
 
 fn empty() -> RunOutcome {
-    RunOutcome { sim_ms: 0, history: Default::default(), syncs: vec![], faults: vec![], healed_ns: 0 }
+    RunOutcome { sim_ms: 0, history: Default::default(), syncs: vec![], faults: vec![], disruptions_ns: vec![] }
 }
 
 #[test]
