@@ -216,10 +216,15 @@ impl Routes {
 ///
 /// Errors: `INVALID_ARGUMENT` for an address that is not a valid URI.
 pub fn channel(addr: &str) -> Result<Channel, Status> {
+    Ok(endpoint(addr)?.connect_timeout(Duration::from_secs(5)).connect_lazy())
+}
+
+/// The endpoint of `addr` (`host:port` or a URL), without connecting.
+///
+/// Errors: `INVALID_ARGUMENT` for an address that is not a valid URI.
+fn endpoint(addr: &str) -> Result<Endpoint, Status> {
     let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let endpoint = Endpoint::from_shared(url)
-        .map_err(|e| Status::invalid_argument(format!("node address {addr:?} is not valid: {e}")))?;
-    Ok(endpoint.connect_timeout(Duration::from_secs(5)).connect_lazy())
+    Endpoint::from_shared(url).map_err(|e| Status::invalid_argument(format!("node address {addr:?} is not valid: {e}")))
 }
 
 /// The client; see the module docs. Clones share routes and the jitter.
@@ -336,7 +341,7 @@ impl Client {
                 let mut routes = self.lock();
                 // A hint that is no valid address (a misconfigured
                 // advertise address) is no hint.
-                let next = match primary_hint(&status).filter(|h| channel(h).is_ok()) {
+                let next = match primary_hint(&status).filter(|h| endpoint(h).is_ok()) {
                     Some(hint) => routes.index_of(&hint),
                     None => (at + 1) % routes.addrs.len(),
                 };

@@ -270,12 +270,13 @@ mod runner {
                 secs,
             ));
         }
+        let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0).max("scenario".len());
         println!(
-            "{:<30} {:>6} {:>9} {:>7} {:>9} {:>10} {:>12} {:>9}",
+            "{:<w$} {:>6} {:>9} {:>7} {:>9} {:>10} {:>12} {:>9}",
             "scenario", "runs", "ops", "faults", "failovers", "violations", "sim s/wall s", "wall s"
         );
         for (name, runs, ops, faults, fo, v, rate, secs) in &rows {
-            println!("{name:<30} {runs:>6} {ops:>9} {faults:>7} {fo:>9} {v:>10} {rate:>12.1} {secs:>9.1}");
+            println!("{name:<w$} {runs:>6} {ops:>9} {faults:>7} {fo:>9} {v:>10} {rate:>12.1} {secs:>9.1}");
         }
         let wall_total = total_wall.elapsed().as_secs_f64();
         let runs: u64 = rows.iter().map(|r| r.1).sum();
