@@ -61,13 +61,65 @@ pub fn linearizable(ops: &[Op]) -> Vec<Violation> {
             Ok(true) => {}
             Ok(false) => out.push(violation(
                 "linearizable",
-                format!("shard {shard} key {key}: no linearization of its {} operations exists", ops.len()),
+                format!(
+                    "shard {shard} key {key}: no linearization of its {} operations exists{}",
+                    ops.len(),
+                    offending_window(&ops)
+                ),
             )),
             Err(visited) => out.push(violation(
                 "linearizable",
                 format!("shard {shard} key {key}: search gave up after {visited} states ({} operations)", ops.len()),
             )),
         }
+    }
+    out
+}
+
+/// Operations shown before the earliest failing cut of a non-linearizable key.
+const WINDOW_OPS: usize = 12;
+
+/// The part of a non-linearizable register history a person should read: the
+/// earliest invocation time whose prefix (the operations invoked up to it)
+/// already has no linearization, found by binary search over invocation
+/// times, and the last [`WINDOW_OPS`] operations of that prefix, one line
+/// each (process, kind, value, invoked-completed ms, outcome, node).
+fn offending_window(ops: &[&Op]) -> String {
+    let mut times: Vec<u64> = ops.iter().map(|o| o.invoke).collect();
+    times.sort_unstable();
+    times.dedup();
+    let prefix = |cut: u64| -> Vec<&Op> { ops.iter().copied().filter(|o| o.invoke <= cut).collect() };
+    let fails = |cut: u64| matches!(register_linearizable(&prefix(cut)), Ok(false));
+    let (mut lo, mut hi) = (0, times.len().saturating_sub(1));
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if fails(times[mid]) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    let Some(&cut) = times.get(lo) else { return String::new() };
+    let mut window = prefix(cut);
+    window.sort_by_key(|o| o.invoke);
+    let shown = &window[window.len().saturating_sub(WINDOW_OPS)..];
+    let mut out = format!(
+        "; the history up to the invocation at {} ms already has none; its last {} operations:",
+        cut / 1_000_000,
+        shown.len()
+    );
+    for o in shown {
+        let complete = o.complete.map_or("?".to_string(), |c| format!("{:.1}", c as f64 / 1e6));
+        out.push_str(&format!(
+            "\n    p{} {:?} {} {:.1}-{} ms {:?} on {}",
+            o.process,
+            o.f,
+            o.value.as_deref().unwrap_or("(absent)"),
+            o.invoke as f64 / 1e6,
+            complete,
+            o.outcome,
+            if o.node.is_empty() { "?" } else { &o.node }
+        ));
     }
     out
 }
@@ -448,6 +500,28 @@ mod tests {
         // A failed write had no effect: reading its value is a violation.
         let h = vec![op(1, F::Write, "k", Some("f"), 0, Some(5), EventType::Fail), r(2, Some("f"), 10, 20)];
         assert_eq!(linearizable(&h).len(), 1);
+    }
+
+    #[test]
+    fn a_violation_shows_the_earliest_failing_window() {
+        // A write applied twice (v1, v2, v1), then many more operations that
+        // are fine: the report ends at the read that broke it.
+        let mut h = vec![
+            w(1, "v1", 0, 1_000_000),
+            r(2, Some("v1"), 2_000_000, 3_000_000),
+            w(3, "v2", 4_000_000, 5_000_000),
+            r(4, Some("v1"), 6_000_000, 7_000_000),
+        ];
+        for i in 0..30u64 {
+            let t = 10_000_000 + i * 2_000_000;
+            h.push(w(10 + i, "later", t, t + 1_000_000));
+        }
+        let v = linearizable(&h);
+        assert_eq!(v.len(), 1, "{v:?}");
+        let m = &v[0].message;
+        assert!(m.contains("up to the invocation at 6 ms"), "{m}");
+        assert!(m.contains("p4 Read v1 6.0-7.0 ms Ok"), "{m}");
+        assert!(!m.contains("later"), "operations after the failing cut are not shown: {m}");
     }
 
     #[test]
