@@ -228,3 +228,23 @@ fn timing_settings_are_validated() {
     let no_delays = FailoverTiming { poll_ms: 10, takeover_delay_ms: 0, rank_delay_ms: 0 };
     assert_eq!(no_delays.validate(), Ok(()), "zero delays are allowed: the claim CAS still orders claims");
 }
+
+#[tokio::test]
+async fn a_node_with_invalid_failover_timing_fails_start_up_with_a_message() {
+    use attache_actors::local_store::MemLocalStore;
+    use attache_actors::node::{Node, NodeConfig, NodeParts, WaitReady};
+    let c = Cluster::new().await;
+    let vols = Arc::new(SimVolumes::new(c.ebs.clone(), "node-9"));
+    let mut cfg = NodeConfig::new("node-9:7400", "/", vec![VOLUME.into()]);
+    cfg.failover.poll_ms = 0;
+    let parts = NodeParts {
+        meta: c.meta.clone(),
+        local: Arc::new(MemLocalStore::default()),
+        factory: vols.clone(),
+        provider: vols,
+        gate: Arc::new(LeaseGate::always_open()),
+    };
+    let node = c.host.spawn(Node::new(cfg, parts), 16);
+    let err = node.send(WaitReady).await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("poll_ms must be positive"), "{err}");
+}

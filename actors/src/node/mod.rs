@@ -260,6 +260,9 @@ impl Node {
     }
 
     async fn start(&mut self, ctx: &Context<Self>) -> Result<(), AttacheError> {
+        // Settings a volume manager would refuse (it panics on them) fail
+        // start-up with a message instead.
+        self.cfg.failover.validate().map_err(AttacheError::InvalidArgument)?;
         // The metadata store must be reachable before anything else.
         let wait =
             RetryPolicy { max_attempts: u32::MAX, deadline_ms: self.cfg.metadata_wait_ms, ..RetryPolicy::default() };
