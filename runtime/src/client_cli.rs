@@ -439,16 +439,13 @@ fn failure_error(f: Failure) -> anyhow::Error {
     }
 }
 
-/// A seed for the retry jitter: a command line needs spread, not replay.
-fn jitter_seed() -> u64 {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ (u64::from(std::process::id()) << 32)
-}
-
 /// Runs a client command.
 pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
-    let settings =
-        ClientSettings { deadline_ms: args.retry_secs.saturating_mul(1000), seed: jitter_seed(), ..Default::default() };
+    let settings = ClientSettings {
+        deadline_ms: args.retry_secs.saturating_mul(1000),
+        seed: crate::serve::jitter_seed(),
+        ..Default::default()
+    };
     let c = Client::new(&args.addr, settings).map_err(status_error)?;
     let json = args.json;
     match args.cmd {

@@ -120,8 +120,10 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
-/// A seed for retry jitter; production needs no replay, only spread.
-fn jitter_seed() -> u64 {
+/// A seed for retry jitter (the node's metadata calls, the CLI's client):
+/// production needs no replay, only spread between processes, so the clock
+/// and the process id serve. Never used by logic the simulation runs.
+pub fn jitter_seed() -> u64 {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     nanos ^ (u64::from(std::process::id()) << 32)
 }
