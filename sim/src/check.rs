@@ -381,13 +381,25 @@ pub fn isolation(ops: &[Op]) -> Vec<Violation> {
         .collect()
 }
 
-/// Liveness that a fault can fail: after every disruption (each fault and
-/// each repair, at its time; a metadata outage or disk stall at its end),
-/// every shard created before it serves a write within `bound_ns`. A
-/// failover that never happens fails this even if the fault is repaired
-/// later (the check is not only from the last repair), and so does a fault
-/// that is never repaired. `disruptions_ns` are simulated ns since the start.
-pub fn liveness(ops: &[Op], disruptions_ns: &[u64], bound_ns: u64) -> Vec<Violation> {
+/// A change of the simulated world that may interrupt service: a fault, or
+/// a repair (a restart, a reattach, a heal, which makes nodes claim again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Disruption {
+    /// When, simulated ns since the start (a metadata outage or a disk
+    /// stall: when it ended).
+    pub at_ns: u64,
+    /// Whether it was a repair.
+    pub repair: bool,
+}
+
+/// Liveness that a fault can fail: after every disruption, every shard
+/// created before it serves a write within `bound_ns` of the latest fault
+/// (not repair) that struck before that write. So a failover that never
+/// happens fails even if a repair later brings the old primary back (the
+/// repair does not restart the clock), and a fault that is never repaired
+/// fails too; a second fault during the outage (overlapping faults) gives
+/// the system the bound again from that fault.
+pub fn liveness(ops: &[Op], disruptions: &[Disruption], bound_ns: u64) -> Vec<Violation> {
     let created: BTreeMap<u64, u64> = ops
         .iter()
         .filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok)
@@ -399,20 +411,28 @@ pub fn liveness(ops: &[Op], disruptions_ns: &[u64], bound_ns: u64) -> Vec<Violat
             writes.entry(o.shard).or_default().push(c);
         }
     }
-    let mut times: Vec<u64> = disruptions_ns.to_vec();
+    let mut faults: Vec<u64> = disruptions.iter().filter(|d| !d.repair).map(|d| d.at_ns).collect();
+    faults.sort_unstable();
+    let mut times: Vec<u64> = disruptions.iter().map(|d| d.at_ns).collect();
     times.sort_unstable();
     times.dedup();
     let mut out = Vec::new();
     for (&shard, &born) in &created {
         for &t in times.iter().filter(|&&t| t >= born) {
             let first = writes.get(&shard).into_iter().flatten().copied().filter(|&c| c >= t).min();
+            // The latest fault at or after `t` that struck before the write
+            // (or before the run ended, when no write came).
+            let latest =
+                |until: u64| faults.iter().copied().filter(|&f| f >= t && f <= until).max().unwrap_or(t).max(t);
             let message = match first {
-                Some(c) if c <= t + bound_ns => continue,
+                Some(c) if c <= latest(c) + bound_ns => continue,
                 Some(c) => format!(
-                    "shard {shard}: the first write after the disruption at {} ms took {} ms (bound {} ms)",
+                    "shard {shard}: the first write after the disruption at {} ms took {} ms (bound {} ms from \
+                     the latest fault before it, at {} ms)",
                     t / 1_000_000,
                     (c - t) / 1_000_000,
-                    bound_ns / 1_000_000
+                    bound_ns / 1_000_000,
+                    latest(c) / 1_000_000
                 ),
                 None => format!(
                     "shard {shard}: no write succeeded after the disruption at {} ms (bound {} ms)",
@@ -586,9 +606,9 @@ mod tests {
     #[test]
     fn liveness_needs_a_write_within_the_bound() {
         let h = vec![created(1, "c", 1, 0, 1), w(2, "a", 1_000, 2_000)];
-        assert!(liveness(&h, &[1_000], 5_000).is_empty());
-        assert_eq!(liveness(&h, &[1_000], 500).len(), 1);
-        assert_eq!(liveness(&h, &[3_000], 5_000).len(), 1);
+        assert!(liveness(&h, &[fault(1_000)], 5_000).is_empty());
+        assert_eq!(liveness(&h, &[fault(1_000)], 500).len(), 1);
+        assert_eq!(liveness(&h, &[fault(3_000)], 5_000).len(), 1);
     }
 
     #[test]
@@ -596,14 +616,27 @@ mod tests {
         // A crash at 2 ns, nothing served until the node's restart at 20 ns
         // (no failover), then writes again: the restart hides nothing.
         let h = vec![created(1, "c", 1, 0, 1), w(2, "a", 0, 1), w(3, "a", 21, 22), w(4, "a", 30, 31)];
-        assert!(liveness(&h, &[20], 5).is_empty(), "from the repair alone the run looks live");
-        let v = liveness(&h, &[2, 20], 5);
+        assert!(liveness(&h, &[repair(20)], 5).is_empty(), "from the repair alone the run looks live");
+        let v = liveness(&h, &[fault(2), repair(20)], 5);
         assert_eq!(v.len(), 1, "{v:?}");
         assert!(v[0].message.contains("disruption at 0 ms"), "{v:?}");
         // A shard created after a disruption is not held to it.
         let late = vec![created(1, "c", 1, 10, 11), w(2, "a", 12, 13)];
-        assert!(liveness(&late, &[5], 5).is_empty());
+        assert!(liveness(&late, &[fault(5)], 5).is_empty());
         // A fault never repaired, and no write after it.
-        assert_eq!(liveness(&[created(1, "c", 1, 0, 1), w(2, "a", 1, 2)], &[3], 5).len(), 1);
+        assert_eq!(liveness(&[created(1, "c", 1, 0, 1), w(2, "a", 1, 2)], &[fault(3)], 5).len(), 1);
+        // A second fault during the outage gives the bound again from it; a
+        // repair does not.
+        let h = vec![created(1, "c", 1, 0, 1), w(2, "a", 12, 14)];
+        assert!(liveness(&h, &[fault(2), fault(10)], 5).is_empty());
+        assert_eq!(liveness(&h, &[fault(2), repair(10)], 5).len(), 1);
+    }
+
+    fn fault(at_ns: u64) -> Disruption {
+        Disruption { at_ns, repair: false }
+    }
+
+    fn repair(at_ns: u64) -> Disruption {
+        Disruption { at_ns, repair: true }
     }
 }

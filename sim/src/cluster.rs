@@ -24,6 +24,7 @@ use madsim::net::NetSim;
 use madsim::runtime::{Handle, NodeHandle};
 use tokio::time::{Duration, Instant};
 
+use crate::check::Disruption;
 use crate::ebs::SimEbs;
 use crate::engine::SimVolumes;
 use crate::report::RunOutcome;
@@ -252,7 +253,7 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
         history,
         syncs: ebs.syncs(),
         faults: applied,
-        disruptions_ns: schedule
+        disruptions: schedule
             .faults
             .iter()
             .map(|f| {
@@ -260,7 +261,7 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
                     Fault::MetadataUnavailable { for_ms } | Fault::DiskStall { for_ms, .. } => *for_ms,
                     _ => 0,
                 };
-                (f.at_ms + end) * 1_000_000
+                Disruption { at_ns: (f.at_ms + end) * 1_000_000, repair: f.fault.is_repair() }
             })
             .collect(),
     }

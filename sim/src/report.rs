@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use attache_faults::Scheduled;
 use serde::{Deserialize, Serialize};
 
-use crate::check::{self, Violation};
+use crate::check::{self, Disruption, Violation};
 use crate::ebs::SyncRecord;
 use crate::history::{EventType, History, F};
 
@@ -21,10 +21,8 @@ pub struct RunOutcome {
     pub syncs: Vec<SyncRecord>,
     /// The faults applied, in order.
     pub faults: Vec<Scheduled>,
-    /// When each disruption happened (a fault or a repair; a metadata
-    /// outage or disk stall when it ended), simulated ns: writes must resume
-    /// within the liveness bound of each.
-    pub disruptions_ns: Vec<u64>,
+    /// Every fault and repair, in time (see `check::liveness`).
+    pub disruptions: Vec<Disruption>,
 }
 
 /// Operation counts.
@@ -140,7 +138,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
     violations.extend(check::single_writer(&outcome.syncs));
     violations.extend(check::shard_ids(&ops));
     violations.extend(check::isolation(&ops));
-    violations.extend(check::liveness(&ops, &outcome.disruptions_ns, liveness_bound_ms * 1_000_000));
+    violations.extend(check::liveness(&ops, &outcome.disruptions, liveness_bound_ms * 1_000_000));
     let mut counts = OpCounts::default();
     for o in &ops {
         counts.invoked += 1;
@@ -182,7 +180,7 @@ pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
         history: History::default(),
         syncs: Vec::new(),
         faults: Vec::new(),
-        disruptions_ns: Vec::new(),
+        disruptions: Vec::new(),
     };
     let digest = fnv1a(format!("{}: {}", violation.checker, violation.message).as_bytes(), 0xcbf29ce484222325);
     let summary = Summary {

@@ -15,7 +15,7 @@ fn scenario() -> Scenario {
 }
 
 fn empty() -> RunOutcome {
-    RunOutcome { sim_ms: 0, history: Default::default(), syncs: vec![], faults: vec![], disruptions_ns: vec![] }
+    RunOutcome { sim_ms: 0, history: Default::default(), syncs: vec![], faults: vec![], disruptions: vec![] }
 }
 
 #[test]
