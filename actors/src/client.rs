@@ -17,9 +17,8 @@
 //! - A status without the tag, or an attempt that outlived
 //!   [`ClientSettings::attempt_timeout_ms`] (a retry: or what was left of
 //!   the deadline), has an unknown outcome (the request may have been applied).
-//!   It is retried at the next node only for calls marked [`Repeat::Always`];
-//!   a call marked [`Repeat::IfRejected`] ends there, and one marked
-//!   [`Repeat::Never`] (`NewShard`) is never sent twice.
+//!   It is retried at the next node for calls marked [`Repeat::Always`]; a
+//!   call marked [`Repeat::Never`] (`NewShard`) is never sent twice.
 //! - A hint that is not a usable address counts as no hint.
 //! - Retries back off exponentially with full jitter ([`crate::retry`]),
 //!   drawn from a generator seeded by the caller, until
@@ -86,8 +85,6 @@ pub enum Repeat {
     /// write repeated after an attempt that did land applies twice (and a
     /// repeated delete of a shard answers `NOT_FOUND`).
     Always,
-    /// Only repeated when the service said the attempt had no effect.
-    IfRejected,
     /// Sent once (`NewShard`: until the service tells an uncertain failure
     /// from a rejection, a repeat could create a second shard).
     Never,
@@ -113,11 +110,6 @@ impl CallSpec {
     /// A call about no shard in particular (listings, status), safe to repeat.
     pub fn any() -> Self {
         CallSpec { shard: None, repeat: Repeat::Always, first_node: None }
-    }
-
-    /// The same call, repeated only after rejections (see [`Repeat::IfRejected`]).
-    pub fn once_unless_rejected(self) -> Self {
-        CallSpec { repeat: Repeat::IfRejected, ..self }
     }
 
     /// The same call, sent once (see [`Repeat::Never`]).
@@ -327,11 +319,7 @@ impl Client {
             } else if rejected {
                 status.code() == Code::Unavailable
             } else {
-                spec.repeat == Repeat::Always
-                    && matches!(
-                        status.code(),
-                        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
-                    )
+                matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
             };
             let outcome = if unknown { Outcome::Unknown } else { Outcome::Rejected };
             if !retry {
