@@ -13,6 +13,7 @@ pub mod report;
 #[cfg(madsim)]
 pub mod run;
 pub mod scenario;
+pub mod shrink;
 #[cfg(madsim)]
 pub mod workload;
 

@@ -8,6 +8,7 @@
 //! scripts/sim.sh run --all-scenarios --seeds 0..100
 //! scripts/sim.sh run --scenario scenarios/primary-crash.toml --seeds 0..500
 //! scripts/sim.sh replay --scenario scenarios/primary-crash.toml --seed 17 --trace-filter debug
+//! scripts/sim.sh shrink --scenario scenarios/random.toml --seed 257
 //! ```
 
 #[cfg(not(madsim))]
@@ -27,7 +28,7 @@ mod runner {
     use std::process::ExitCode;
 
     use attache_sim::report::{Failover, RunReport};
-    use attache_sim::run::{replay_command, run_once};
+    use attache_sim::run::{replay_command, run_once, shrink_command};
     use attache_sim::scenario::Scenario;
     use clap::{Parser, Subcommand};
     use indicatif::{ProgressBar, ProgressStyle};
@@ -46,7 +47,7 @@ mod runner {
             /// Scenario files (repeatable).
             #[arg(long)]
             scenario: Vec<PathBuf>,
-            /// Every scenario in `scenarios/`.
+            /// Every scenario in `scenarios/` and `scenarios/regressions/`.
             #[arg(long)]
             all_scenarios: bool,
             /// Seeds, `A..B` (B excluded) or one number.
@@ -68,14 +69,28 @@ mod runner {
         Replay {
             #[arg(long)]
             scenario: PathBuf,
+            /// Needed unless the scenario pins its seed.
             #[arg(long)]
-            seed: u64,
+            seed: Option<u64>,
             /// tracing-subscriber filter, e.g. `info`, `debug`, `attache_actors=trace`.
             #[arg(long, default_value = "info")]
             trace_filter: String,
             /// Write the history as JSON lines to this file.
             #[arg(long)]
             history_out: Option<PathBuf>,
+        },
+        /// Shrink a failing (scenario, seed) into a minimal scenario file that
+        /// fails the same way: explicit faults found by delta debugging, the
+        /// seed pinned, a shorter workload if it still fails.
+        Shrink {
+            #[arg(long)]
+            scenario: PathBuf,
+            #[arg(long)]
+            seed: u64,
+            /// Where to write it. Default:
+            /// `scenarios/regressions/NAME-seed-SEED.toml`.
+            #[arg(long)]
+            out: Option<PathBuf>,
         },
     }
 
@@ -144,14 +159,18 @@ mod runner {
     fn scenario_files(explicit: Vec<PathBuf>, all: bool) -> Result<Vec<PathBuf>, String> {
         let mut files = explicit;
         if all {
-            let dir = Path::new("scenarios");
-            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
-                .map_err(|e| format!("cannot list {}: {e} (run from the repository root)", dir.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-                .collect();
-            found.sort();
-            files.extend(found);
+            for dir in [Path::new("scenarios"), Path::new("scenarios/regressions")] {
+                let mut found: Vec<PathBuf> = match std::fs::read_dir(dir) {
+                    Ok(entries) => entries
+                        .filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                        .collect(),
+                    Err(_) if dir.ends_with("regressions") => Vec::new(),
+                    Err(e) => return Err(format!("cannot list {}: {e} (run from the repository root)", dir.display())),
+                };
+                found.sort();
+                files.extend(found);
+            }
         }
         if files.is_empty() {
             return Err("name a --scenario FILE or pass --all-scenarios".into());
@@ -196,7 +215,61 @@ mod runner {
                     }
                 }
             }
+            Cmd::Shrink { scenario, seed, out } => match shrink(&scenario, seed, out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
         }
+    }
+
+    fn shrink(path: &Path, seed: u64, out: Option<PathBuf>) -> Result<(), String> {
+        let s = Scenario::load(path)?;
+        let pb = ProgressBar::new_spinner();
+        pb.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("template"));
+        let mut still = 0usize;
+        let shrunk = attache_sim::shrink::shrink(&s, seed, |trial, failed| {
+            still += usize::from(failed);
+            pb.set_message(format!("trial {trial}, {still} still failing"));
+            pb.tick();
+        })?;
+        pb.finish_and_clear();
+        let seed = shrunk.scenario.seed.unwrap_or(seed);
+        let out = out.unwrap_or_else(|| PathBuf::from(format!("scenarios/regressions/{}-seed-{seed}.toml", s.name)));
+        let mut scenario = shrunk.scenario;
+        scenario.name =
+            out.file_stem().map_or_else(|| format!("{}-seed-{seed}", s.name), |n| n.to_string_lossy().into());
+        let first = &shrunk.violations.first().or(shrunk.original.first()).expect("a failing run has a violation");
+        scenario.description = format!(
+            "Shrunk by `attache-sim shrink` from {} with seed {seed} ({} of {} faults kept, {} runs).\n\
+             It failed with [{}] {}\n\
+             Say here what bug it shows and which commit fixed it.\n",
+            path.display(),
+            shrunk.faults_after,
+            shrunk.faults_before,
+            shrunk.trials,
+            first.checker,
+            first.message.lines().next().unwrap_or(""),
+        );
+        let text = toml::to_string(&scenario).map_err(|e| format!("cannot write the scenario as TOML: {e}"))?;
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        std::fs::write(&out, text).map_err(|e| format!("{}: {e}", out.display()))?;
+        println!(
+            "{}: {} of {} faults kept after {} runs; it fails with:",
+            out.display(),
+            shrunk.faults_after,
+            shrunk.faults_before,
+            shrunk.trials
+        );
+        for v in shrunk.violations.iter().take(3) {
+            println!("  [{}] {}", v.checker, v.message);
+        }
+        println!("replay it with: scripts/sim.sh replay --scenario {}", out.display());
+        Ok(())
     }
 
     fn run(
@@ -226,6 +299,9 @@ mod runner {
             let started = wall();
             let (mut ops, mut faults, mut failovers, mut violations, mut sim_ms) =
                 (0u64, 0usize, Vec::<Failover>::new(), 0usize, 0u64);
+            // A scenario that pins its seed runs that one seed.
+            let seeds = s.seed.map_or(seeds.clone(), |pinned| pinned..pinned + 1);
+            pb.set_length(seeds.end - seeds.start);
             run_seeds(s, seeds.clone(), determinism, jobs, |SeedResult { seed, report, again }| {
                 if let Some(again) = again.filter(|d| *d != report.digest) {
                     clean = false;
@@ -297,16 +373,24 @@ mod runner {
         if !failing.is_empty() {
             failing.sort();
             failing.dedup();
-            println!("\nfailing runs; replay each with:");
+            println!("\nfailing runs; replay each, or shrink it to a minimal scenario, with:");
             for (path, seed) in &failing {
                 println!("  {}", replay_command(path, *seed));
+                println!("  {}", shrink_command(path, *seed));
             }
         }
         Ok(clean)
     }
 
-    fn replay(path: &Path, seed: u64, filter: &str, history_out: Option<PathBuf>) -> Result<bool, String> {
+    fn replay(path: &Path, seed: Option<u64>, filter: &str, history_out: Option<PathBuf>) -> Result<bool, String> {
         let s = Scenario::load(path)?;
+        let seed = match (s.seed, seed) {
+            (Some(pinned), Some(asked)) if pinned != asked => {
+                return Err(format!("{} pins seed {pinned}; drop --seed {asked}", path.display()))
+            }
+            (Some(seed), _) | (None, Some(seed)) => seed,
+            (None, None) => return Err(format!("{} pins no seed: pass --seed N", path.display())),
+        };
         let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| format!("--trace-filter: {e}"))?;
         tracing_subscriber::fmt().with_env_filter(filter).with_timer(SimTime).with_writer(std::io::stderr).init();
         let report = run_once(&s, seed);

@@ -64,6 +64,12 @@ pub fn replay_command(scenario_file: &std::path::Path, seed: u64) -> String {
     format!("scripts/sim.sh replay --scenario {} --seed {seed}", scenario_file.display())
 }
 
+/// The command that shrinks failing (`scenario_file`, `seed`) into a
+/// minimal scenario file (see `crate::shrink`).
+pub fn shrink_command(scenario_file: &std::path::Path, seed: u64) -> String {
+    format!("scripts/sim.sh shrink --scenario {} --seed {seed}", scenario_file.display())
+}
+
 /// The text of a panic's payload (`panic!` with a string or a format).
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {

@@ -17,6 +17,10 @@ pub struct Scenario {
     pub name: String,
     #[serde(default)]
     pub description: String,
+    /// A pinned seed: every run of the scenario uses it, whatever seeds the
+    /// runner is given (a shrunk regression replays one run, see `shrink`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     #[serde(default)]
     pub cluster: ClusterShape,
     #[serde(default)]
