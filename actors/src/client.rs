@@ -26,6 +26,11 @@
 //! - A failed call reports [`Outcome::Rejected`] only when no attempt may
 //!   have taken effect; once one attempt's outcome was unknown, the call's is
 //!   [`Outcome::Unknown`], whatever later attempts answered.
+//! - Writes (put, batch put, delete) carry a request id from
+//!   [`Client::request_id`], made once per write and kept in every attempt's
+//!   request: the shard applies it at most once within its window
+//!   (`Limits::request_window_ms`), so retrying a write whose reply was lost
+//!   cannot apply it twice.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -44,6 +49,9 @@ use crate::shard::ShardId;
 /// for it (a shorter attempt would mostly end in a timeout, turning a clean
 /// rejection into an unknown outcome).
 const MIN_RETRY_ATTEMPT: Duration = Duration::from_millis(100);
+
+/// Mixed into the client's seed for its request id generator.
+const REQUEST_ID_SEED: u64 = 0x5eed_1d5e_ed1d_5eed;
 
 /// Largest gRPC message the client sends or accepts, bytes.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -80,10 +88,10 @@ impl Default for ClientSettings {
 /// Whether a call may be sent again after an attempt with an unknown outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Repeat {
-    /// Repeated after any retryable failure: reads; writes, close and
-    /// delete of a shard. Known gap: writes carry no request id yet, so a
-    /// write repeated after an attempt that did land applies twice (and a
-    /// repeated delete of a shard answers `NOT_FOUND`).
+    /// Repeated after any retryable failure: reads; writes (with a request
+    /// id, see the module docs), close and delete of a shard. Known gap: a
+    /// repeated delete of a shard whose first attempt applied answers
+    /// `NOT_FOUND`.
     Always,
     /// Sent once (`NewShard`: until the service tells an uncertain failure
     /// from a rejection, a repeat could create a second shard).
@@ -226,6 +234,9 @@ pub struct Client {
     policy: RetryPolicy,
     attempt_timeout: Duration,
     jitter: Jitter,
+    /// The generator of request ids, apart from `jitter` so that ids do not
+    /// shift the backoff sequence a seed gives.
+    ids: Jitter,
 }
 
 impl Client {
@@ -247,7 +258,15 @@ impl Client {
             },
             attempt_timeout: Duration::from_millis(settings.attempt_timeout_ms),
             jitter: Jitter::new(settings.seed),
+            ids: Jitter::new(settings.seed ^ REQUEST_ID_SEED),
         })
+    }
+
+    /// A new request id for one write: 128 bits from the client's seeded
+    /// generator, as 32 hex digits. Put it in the request once and send the
+    /// same request on every attempt.
+    pub fn request_id(&self) -> String {
+        format!("{:016x}{:016x}", self.ids.token(), self.ids.token())
     }
 
     /// Every node address known, in the order learned.

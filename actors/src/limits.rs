@@ -8,6 +8,9 @@ use crate::error::AttacheError;
 /// Default shard size limit: 2 GiB of live keys, values and index entries.
 pub const DEFAULT_SHARD_SIZE_LIMIT: u64 = 2 << 30;
 
+/// Longest request id, bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 64;
+
 /// Limits on one request. `Default` gives the documented defaults.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -28,6 +31,15 @@ pub struct Limits {
     pub max_index_value_bytes: usize,
     /// Most entries one scan page returns (default 10,000).
     pub max_scan_page: usize,
+    /// How long a shard remembers the request id of a write it applied, ms
+    /// of the primary's wall clock (default 10 minutes). A retry with the
+    /// same id within the window is answered as the first attempt was and
+    /// applies nothing. It must exceed a client's whole retry deadline
+    /// (`ClientSettings::deadline_ms`, 30 s by default) plus the clock
+    /// difference between nodes; it costs about 100 bytes of disk per write
+    /// in the window. 0 turns the protection off (records are dropped by the
+    /// next group commit).
+    pub request_window_ms: u64,
 }
 
 impl Default for Limits {
@@ -41,6 +53,7 @@ impl Default for Limits {
             max_index_name_bytes: 256,
             max_index_value_bytes: 4 << 10,
             max_scan_page: 10_000,
+            request_window_ms: 600_000,
         }
     }
 }
@@ -117,6 +130,19 @@ impl Limits {
         if client_id.is_empty() || client_id.len() > 256 {
             return Err(invalid(format!(
                 "client id {client_id:?} must be 1 to 256 bytes long: pick a stable name for your application"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks a write's request id (empty: none). Errors: `InvalidArgument`
+    /// when over [`MAX_REQUEST_ID_BYTES`].
+    pub fn check_request_id(&self, request_id: &str) -> Result<(), AttacheError> {
+        if request_id.len() > MAX_REQUEST_ID_BYTES {
+            return Err(invalid(format!(
+                "request id is {} bytes, over the limit of {MAX_REQUEST_ID_BYTES}: use a random id of 16 bytes \
+                 (32 hex digits), the same for every retry of one write",
+                request_id.len()
             )));
         }
         Ok(())

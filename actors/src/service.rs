@@ -96,6 +96,11 @@ fn indexes(v: Vec<proto::IndexEntry>) -> Vec<IndexEntry> {
     v.into_iter().map(|i| IndexEntry { name: i.name, value: i.value }).collect()
 }
 
+/// A request's id: the empty string of proto3 means none.
+fn request_id(id: String) -> Option<String> {
+    (!id.is_empty()).then_some(id)
+}
+
 /// The tonic server wrapper of [`AttacheService`] (madsim-tonic's has an
 /// interceptor parameter more).
 #[cfg(not(madsim))]
@@ -265,7 +270,12 @@ impl Attache for AttacheService {
     async fn put(&self, req: Request<proto::PutRequest>) -> Result<Response<proto::WriteResponse>, Status> {
         let r = req.into_inner();
         let entry = PutEntry { key: r.key, value: r.value, indexes: indexes(r.indexes) };
-        self.call("put", r.shard_id, shard::Put { client_id: r.client_id, entry }).await?;
+        self.call(
+            "put",
+            r.shard_id,
+            shard::Put { client_id: r.client_id, entry, request_id: request_id(r.request_id) },
+        )
+        .await?;
         Ok(Response::new(proto::WriteResponse {}))
     }
 
@@ -276,13 +286,23 @@ impl Attache for AttacheService {
             .into_iter()
             .map(|e| PutEntry { key: e.key, value: e.value, indexes: indexes(e.indexes) })
             .collect();
-        self.call("batch_put", r.shard_id, shard::BatchPut { client_id: r.client_id, entries }).await?;
+        self.call(
+            "batch_put",
+            r.shard_id,
+            shard::BatchPut { client_id: r.client_id, entries, request_id: request_id(r.request_id) },
+        )
+        .await?;
         Ok(Response::new(proto::WriteResponse {}))
     }
 
     async fn delete(&self, req: Request<proto::DeleteRequest>) -> Result<Response<proto::WriteResponse>, Status> {
         let r = req.into_inner();
-        self.call("delete", r.shard_id, shard::DeleteKey { client_id: r.client_id, key: r.key }).await?;
+        self.call(
+            "delete",
+            r.shard_id,
+            shard::DeleteKey { client_id: r.client_id, key: r.key, request_id: request_id(r.request_id) },
+        )
+        .await?;
         Ok(Response::new(proto::WriteResponse {}))
     }
 

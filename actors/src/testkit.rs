@@ -33,7 +33,18 @@ fn entry(key: &str, value: &str) -> PutEntry {
 }
 
 async fn put(mgr: &Addr<ShardManager>, shard_id: ShardId, client: &str, e: PutEntry) -> Result<(), AttacheError> {
-    mgr.send(ShardCall { shard_id, op: Put { client_id: client.into(), entry: e } }).await.expect("manager alive")
+    put_with_id(mgr, shard_id, client, e, None).await
+}
+
+async fn put_with_id(
+    mgr: &Addr<ShardManager>,
+    shard_id: ShardId,
+    client: &str,
+    entry: PutEntry,
+    id: Option<&str>,
+) -> Result<(), AttacheError> {
+    let op = Put { client_id: client.into(), entry, request_id: id.map(str::to_string) };
+    mgr.send(ShardCall { shard_id, op }).await.expect("manager alive")
 }
 
 async fn get(
@@ -50,9 +61,11 @@ async fn get(
 /// Runs the storage scenario on `host` over engines from `factory` under
 /// `volume_root`: create a shard; many concurrent puts sharing group commits;
 /// get, batch get, scan, index scan; a batch put; wrong client id, bad
-/// arguments and a full shard rejected without effect; close (writes rejected,
-/// reads served); delete (gone, files removed); restart of the manager (data
-/// still there).
+/// arguments and a full shard rejected without effect; request ids (a retry
+/// of an applied write applies nothing, and is acknowledged even once the
+/// shard is full or closed); close (writes rejected, reads served); delete
+/// (gone, files removed); restart of the manager (data and request ids still
+/// there).
 pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>, volume_root: PathBuf) {
     let mut cfg = ShardManagerConfig::new("vol-1", volume_root);
     cfg.limits.max_value_bytes = 64 << 10;
@@ -137,7 +150,7 @@ pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>
 
     // An atomic batch.
     let batch: Vec<PutEntry> = (0..10).map(|i| entry(&format!("batch-{i}"), "b")).collect();
-    mgr.send(ShardCall { shard_id: 1, op: BatchPut { client_id: OWNER.into(), entries: batch } })
+    mgr.send(ShardCall { shard_id: 1, op: BatchPut { client_id: OWNER.into(), entries: batch, request_id: None } })
         .await
         .unwrap()
         .unwrap();
@@ -155,8 +168,10 @@ pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>
         put(&mgr, 1, OWNER, PutEntry { key: b"big".to_vec(), value: vec![0; (64 << 10) + 1], indexes: vec![] }).await;
     assert!(matches!(big, Err(AttacheError::InvalidArgument(_))), "value over limit: {big:?}");
     let mixed = vec![entry("good", "1"), entry("", "2")];
-    let mixed =
-        mgr.send(ShardCall { shard_id: 1, op: BatchPut { client_id: OWNER.into(), entries: mixed } }).await.unwrap();
+    let mixed = mgr
+        .send(ShardCall { shard_id: 1, op: BatchPut { client_id: OWNER.into(), entries: mixed, request_id: None } })
+        .await
+        .unwrap();
     assert!(matches!(mixed, Err(AttacheError::InvalidArgument(_))), "batch with an empty key: {mixed:?}");
     assert_eq!(get(&mgr, 1, OWNER, "good").await.unwrap(), None, "a rejected batch wrote nothing");
     let unknown = get(&mgr, 99, OWNER, "k").await;
@@ -164,17 +179,30 @@ pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>
     let after = mgr.send(ShardCall { shard_id: 1, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
     assert_eq!((after.live_keys, after.live_bytes), (before.live_keys, before.live_bytes));
 
+    // Request ids: the retry of an applied put (its reply lost) applies
+    // nothing, so another writer's later value stays.
+    put_with_id(&mgr, 1, OWNER, entry("dup", "v1"), Some("req-1")).await.unwrap();
+    put_with_id(&mgr, 1, OWNER, entry("dup", "v2"), Some("req-2")).await.unwrap();
+    put_with_id(&mgr, 1, OWNER, entry("dup", "v1"), Some("req-1")).await.unwrap();
+    assert_eq!(get(&mgr, 1, OWNER, "dup").await.unwrap(), Some(b"v2".to_vec()), "a retried put applied twice");
+    let long = put_with_id(&mgr, 1, OWNER, entry("dup", "v3"), Some(&"x".repeat(65))).await;
+    assert!(matches!(long, Err(AttacheError::InvalidArgument(_))), "65-byte request id: {long:?}");
+
     // A full shard rejects the write that would exceed its limit, and only that.
     mgr.send(CreateShard { shard_id: 2, client_id: OWNER.into(), size_limit: Some(4096) }).await.unwrap().unwrap();
     let mut accepted = 0;
     let full = loop {
-        match put(&mgr, 2, OWNER, entry(&format!("fill-{accepted:04}"), &"x".repeat(100))).await {
+        let key = format!("fill-{accepted:04}");
+        match put_with_id(&mgr, 2, OWNER, entry(&key, &"x".repeat(100)), Some(&key)).await {
             Ok(()) => accepted += 1,
             Err(e) => break e,
         }
         assert!(accepted < 100, "a 4096-byte shard took 100 puts of 100 bytes");
     };
     assert!(matches!(full, AttacheError::ResourceExhausted(_)), "full shard: {full:?}");
+    // The last accepted put, retried with its id, is acknowledged: it applied.
+    let last = format!("fill-{:04}", accepted - 1);
+    put_with_id(&mgr, 2, OWNER, entry(&last, &"x".repeat(100)), Some(&last)).await.expect("retry of an applied put");
     assert!(accepted >= 30, "a 4096-byte shard holds at least 30 puts of ~110 bytes, took {accepted}");
     assert_eq!(get(&mgr, 2, OWNER, &format!("fill-{accepted:04}")).await.unwrap(), None);
     let stats2 = mgr.send(ShardCall { shard_id: 2, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
@@ -185,6 +213,12 @@ pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>
     assert_eq!(closed.state, ShardState::ReadOnly);
     let rejected = put(&mgr, 1, OWNER, entry("late", "x")).await;
     assert!(matches!(rejected, Err(AttacheError::FailedPrecondition(_))), "put to closed shard: {rejected:?}");
+    let rejected = put_with_id(&mgr, 1, OWNER, entry("late", "x"), Some("req-late")).await;
+    assert!(matches!(rejected, Err(AttacheError::FailedPrecondition(_))), "new id to closed shard: {rejected:?}");
+    put_with_id(&mgr, 1, OWNER, entry("dup", "v1"), Some("req-1"))
+        .await
+        .expect("retry of an applied put, closed since");
+    assert_eq!(get(&mgr, 1, OWNER, "dup").await.unwrap(), Some(b"v2".to_vec()));
     assert_eq!(get(&mgr, 1, OWNER, "w00-k000").await.unwrap(), Some(b"v-0-0".to_vec()));
     mgr.send(ShardCall { shard_id: 1, op: Close { client_id: OWNER.into() } }).await.unwrap().unwrap();
 
@@ -206,6 +240,9 @@ pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>
     let mgr = host.spawn(ShardManager::new(cfg, factory, open_gate()), 256);
     assert_eq!(get(&mgr, 2, OWNER, "fill-0000").await.unwrap(), Some("x".repeat(100).into_bytes()));
     let reopened = mgr.send(ShardCall { shard_id: 2, op: Stats { client_id: OWNER.into() } }).await.unwrap().unwrap();
+    // Request ids are durable: after the restart, still recognised.
+    put_with_id(&mgr, 2, OWNER, entry(&last, "changed"), Some(&last)).await.expect("retry after a restart");
+    assert_eq!(get(&mgr, 2, OWNER, &last).await.unwrap(), Some("x".repeat(100).into_bytes()), "applied once");
     assert_eq!(
         (reopened.live_keys, reopened.live_bytes, reopened.info.size_limit),
         (accepted, stats2.live_bytes, 4096)

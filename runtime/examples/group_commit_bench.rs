@@ -71,7 +71,8 @@ async fn shard_writers(host: &HostHandle, dir: &std::path::Path, writers: u64, p
         async move {
             for i in 0..per_writer {
                 let entry = PutEntry { key: key(w * per_writer + i), value: VALUE.to_vec(), indexes: vec![] };
-                let put = Put { client_id: "bench".into(), entry };
+                // As the client sends them: each write with its request id.
+                let put = Put { client_id: "bench".into(), entry, request_id: Some(format!("{w:016x}{i:016x}")) };
                 mgr.send(ShardCall { shard_id: 1, op: put }).await.unwrap().unwrap();
             }
         }

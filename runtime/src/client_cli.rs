@@ -473,6 +473,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 key: key.into(),
                 value: value.into(),
                 indexes,
+                request_id: c.request_id(),
             };
             call!(c, CallSpec::shard(sel.shard), put, req)?;
             emit(json, &Ack { ok: true });
@@ -499,7 +500,12 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             }
         }
         ClientCmd::Delete { sel, key } => {
-            let req = proto::DeleteRequest { shard_id: sel.shard, client_id: sel.client_id, key: key.into() };
+            let req = proto::DeleteRequest {
+                shard_id: sel.shard,
+                client_id: sel.client_id,
+                key: key.into(),
+                request_id: c.request_id(),
+            };
             call!(c, CallSpec::shard(sel.shard), delete, req)?;
             emit(json, &Ack { ok: true });
         }
@@ -667,7 +673,8 @@ async fn load(
     let mut results = futures::stream::iter(batches)
         .map(|(entries, read)| {
             let c = c.clone();
-            let req = proto::BatchPutRequest { shard_id, client_id: client_id.clone(), entries };
+            let req =
+                proto::BatchPutRequest { shard_id, client_id: client_id.clone(), entries, request_id: c.request_id() };
             let n = req.entries.len() as u64;
             async move { call!(c, CallSpec::shard(shard_id), batch_put, req).map(|_| (n, read)) }
         })

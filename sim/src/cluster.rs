@@ -95,7 +95,7 @@ fn start_storage(
     let local = MemLocalStore::default();
     let (ebs, gates, volumes, nodes) = (ebs.clone(), gates.clone(), s.volumes(), s.cluster.storage_nodes);
     let t = s.timing.clone();
-    let (lease_gate, cas) = (s.sim_only.lease_gate, s.sim_only.metadata_cas);
+    let (lease_gate, cas, request_ids) = (s.sim_only.lease_gate, s.sim_only.metadata_cas, s.sim_only.request_ids);
     let node_name = name.clone();
     handle
         .create_node()
@@ -127,6 +127,7 @@ fn start_storage(
                     rank_delay_ms: t.rank_delay_ms,
                 };
                 cfg.metadata_wait_ms = 600_000;
+                cfg.limits.request_window_ms = if request_ids { t.request_window_ms } else { 0 };
                 let parts = NodeParts { meta, local: Arc::new(local), factory: vols.clone(), provider: vols, gate };
                 let (_node, service) = AttacheService::start(&HostHandle::new(TaskHost), cfg, parts);
                 let addr: SocketAddr = storage_addr(i).parse().expect("addr");

@@ -112,6 +112,10 @@ pub struct SimTiming {
     /// Clock error bound of the lease gate (0.01 = 1%).
     pub drift: f64,
     pub margin_ms: u64,
+    /// How long shards remember request ids (`Limits::request_window_ms`),
+    /// ms: short by default (5 s, above the workload's 2 s retry deadline)
+    /// so that every run also removes expired ids.
+    pub request_window_ms: u64,
 }
 
 impl Default for SimTiming {
@@ -123,6 +127,7 @@ impl Default for SimTiming {
             rank_delay_ms: 500,
             drift: 0.01,
             margin_ms: 100,
+            request_window_ms: 5_000,
         }
     }
 }
@@ -163,11 +168,15 @@ pub struct SimOnly {
     pub metadata_cas: bool,
     /// Layer 2: primaries stop writing when their lease may have expired.
     pub lease_gate: bool,
+    /// At-most-once writes: shards remember request ids for
+    /// `Limits::request_window_ms`; off, for no time (a retried write whose
+    /// first attempt applied applies again).
+    pub request_ids: bool,
 }
 
 impl Default for SimOnly {
     fn default() -> Self {
-        SimOnly { metadata_cas: true, lease_gate: true }
+        SimOnly { metadata_cas: true, lease_gate: true, request_ids: true }
     }
 }
 
@@ -192,6 +201,14 @@ impl Scenario {
         let w = &self.workload;
         if w.processes_per_client == 0 || w.shards_per_client == 0 || w.hot_keys == 0 {
             return Err("the workload needs processes, shards and keys".into());
+        }
+        // The workload's client retries a call for 2 * op_timeout_ms.
+        if self.timing.request_window_ms <= 2 * w.op_timeout_ms {
+            return Err(format!(
+                "timing.request_window_ms ({}) must exceed the workload's retry deadline, 2 * op_timeout_ms ({} ms)",
+                self.timing.request_window_ms,
+                2 * w.op_timeout_ms
+            ));
         }
         let ends = self.faults.iter().map(|f| {
             f.at_ms

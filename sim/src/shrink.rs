@@ -4,7 +4,8 @@
 //! turns the run's fault schedule (scripted plus drawn from the seed) into an
 //! explicit list, pins the seed, and removes faults by delta debugging while
 //! the run still fails with a violation of one of the checkers it failed
-//! before; then it tries a shorter and smaller workload. The result is a
+//! before; then it tries a shorter and smaller workload (and, if that kept
+//! anything, removes faults once more under it). The result is a
 //! scenario file that replays without naming a seed, kept under
 //! `scenarios/regressions/` once the bug it shows is fixed.
 //!
@@ -206,12 +207,19 @@ mod runner {
             |c, _| c.cluster.clients = (c.cluster.clients - 1).max(1),
             |c, _| c.workload.shards_per_client = (c.workload.shards_per_client - 1).max(1),
         ];
+        let mut workload_changed = false;
         for step in steps {
             let mut c = best.clone();
             step(&mut c, shorter);
             if c != best && fails(&c) {
                 best = c;
+                workload_changed = true;
             }
+        }
+        // Under the new workload a fault may have become unnecessary: once more.
+        if workload_changed {
+            let (kept, _) = ddmin(units(&best.faults), MAX_TRIALS, |us| fails(&with_faults(&best, us)));
+            best = with_faults(&best, &kept);
         }
         let violations = run_once(&best, seed).summary.violations;
         let faults_after = best.faults.len();

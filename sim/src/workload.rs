@@ -178,6 +178,7 @@ impl ClientCtx {
                     key: key.as_bytes().to_vec(),
                     value: value.clone().unwrap_or_default().into_bytes(),
                     indexes: vec![],
+                    request_id: self.client.request_id(),
                 };
                 let result = self
                     .client

@@ -9,10 +9,15 @@
 //!   prefix, and lets every entry decode back whatever bytes it holds.
 //! - `m` -> codec([`ShardMeta`]): owner, state, limit and live size, written in
 //!   the same atomic batch as the data it describes.
+//! - `r` ++ request id -> u64be(commit time, ms since the Unix epoch), and
+//!   `q` ++ u64be(commit time) ++ request id -> empty: the request ids of
+//!   applied writes, and the same ordered by time so the expired ones are
+//!   found by a range scan (see [`crate::shard::commit`]). Not counted in the
+//!   live bytes.
 //!
 //! A put, its index entries, the removal of the index entries of the value it
-//! replaces and the new meta go in one engine batch, so they land together or
-//! not at all.
+//! replaces, its request id and the new meta go in one engine batch, so they
+//! land together or not at all.
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +28,8 @@ use crate::engine::EngineError;
 pub const META_KEY: &[u8] = b"m";
 const DATA_TAG: u8 = b'd';
 const INDEX_TAG: u8 = b'i';
+const REQUEST_TAG: u8 = b'r';
+const REQUEST_TIME_TAG: u8 = b'q';
 
 /// A shard's lifecycle state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +117,40 @@ pub fn data_range(start: &[u8], end: &[u8]) -> (Vec<u8>, Vec<u8>) {
 pub fn user_key(engine_key: &[u8]) -> &[u8] {
     debug_assert_eq!(engine_key.first(), Some(&DATA_TAG));
     &engine_key[1..]
+}
+
+/// Engine key of the record of applied request `id`.
+pub fn request_key(id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + id.len());
+    k.push(REQUEST_TAG);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Engine key of request `id` applied at `at_ms`, in the time-ordered space.
+pub fn request_time_key(at_ms: u64, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + id.len());
+    k.push(REQUEST_TIME_TAG);
+    k.extend_from_slice(&at_ms.to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// The engine key range `[start, end)` of requests applied before `before_ms`.
+pub fn request_times_before(before_ms: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut end = vec![REQUEST_TIME_TAG];
+    end.extend_from_slice(&before_ms.to_be_bytes());
+    (vec![REQUEST_TIME_TAG], end)
+}
+
+/// The request id of a key of [`request_time_key`]. Errors: `Corruption`
+/// for a key of another shape.
+pub fn request_id_of_time_key(key: &[u8]) -> Result<&str, EngineError> {
+    match key.split_first() {
+        Some((&REQUEST_TIME_TAG, rest)) if rest.len() >= 8 => std::str::from_utf8(&rest[8..])
+            .map_err(|_| EngineError::Corruption("a request id record holds an id that is not UTF-8".into())),
+        _ => Err(EngineError::Corruption(format!("{key:?} is not a request id time key"))),
+    }
 }
 
 /// Engine key of index entry (`name`, `value`) -> `pk`.

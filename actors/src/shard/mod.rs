@@ -13,6 +13,13 @@
 //! arguments (`INVALID_ARGUMENT`), owner (`PERMISSION_DENIED`), state
 //! (`NOT_FOUND` when deleted, `FAILED_PRECONDITION` when read-only), size
 //! (`RESOURCE_EXHAUSTED`).
+//!
+//! A write may carry a request id (`Put::request_id`): the shard applies it
+//! at most once within `Limits::request_window_ms` (see [`commit`]). A retry
+//! whose first attempt is still staged or committing here is answered
+//! `UNAVAILABLE` (retry later); one that finds the shard closed or full is
+//! answered `OK` when the first attempt's record is there, since that attempt
+//! did apply.
 
 pub mod commit;
 pub mod layout;
@@ -28,7 +35,7 @@ use crate::engine::{Engine, EngineError, EngineStats};
 use crate::error::AttacheError;
 use crate::lease::LeaseGate;
 use crate::limits::Limits;
-use commit::StagedOp;
+use commit::{StagedOp, StagedRequest};
 use layout::{IndexEntry, ShardMeta, ShardState};
 
 /// A shard id: unique across the cluster, allocated in increasing order.
@@ -112,6 +119,9 @@ shard_messages! {
         client_id: String,
         /// The key, value and index entries to write.
         entry: PutEntry,
+        /// The client-chosen id of this write, the same on every retry (up
+        /// to `limits::MAX_REQUEST_ID_BYTES`); `None`: no retry protection.
+        request_id: Option<String>,
     } -> ();
     /// Puts many keys atomically: all or none; acknowledged once durable.
     BatchPut {
@@ -119,6 +129,8 @@ shard_messages! {
         client_id: String,
         /// The entries, 1 to `Limits::max_batch_entries`.
         entries: Vec<PutEntry>,
+        /// As `Put::request_id`.
+        request_id: Option<String>,
     } -> ();
     /// Removes one key and its index entries; acknowledged once durable.
     DeleteKey {
@@ -126,6 +138,8 @@ shard_messages! {
         client_id: String,
         /// The key.
         key: Vec<u8>,
+        /// As `Put::request_id`.
+        request_id: Option<String>,
     } -> ();
     /// Reads one key.
     Get {
@@ -197,7 +211,7 @@ impl Message for Shutdown {
 
 /// The outcome of one group commit, sent by the commit task to its shard.
 struct Committed {
-    result: Result<(ShardMeta, u64), EngineError>,
+    result: Result<commit::GroupCommitted, EngineError>,
     ops: usize,
 }
 
@@ -217,10 +231,13 @@ pub struct Shard {
     /// The state requests see: ahead of `meta.state` while a close or delete is staged.
     state: ShardState,
     limits: Limits,
-    staged: Vec<StagedOp>,
+    /// Requests for the next group, each with its waiter.
+    staged: Vec<StagedRequest>,
     staged_bytes: u64,
     waiters: Vec<Waiter>,
     committing: bool,
+    /// The request ids of the group in flight.
+    committing_ids: Vec<String>,
     group_commits: u64,
     committed_ops: u64,
     /// Set by [`Shutdown`]; its waiters are answered once the engine is closed.
@@ -247,6 +264,7 @@ impl Shard {
             staged_bytes: 0,
             waiters: Vec::new(),
             committing: false,
+            committing_ids: Vec::new(),
             group_commits: 0,
             committed_ops: 0,
             shutdown: None,
@@ -376,11 +394,69 @@ impl Shard {
         Ok(())
     }
 
-    /// Stages `ops` for the next group commit and returns the deferred ack.
-    fn stage(&mut self, ops: Vec<StagedOp>, ctx: &Context<Self>) -> Reply<Result<(), AttacheError>> {
+    /// Whether a request with `id` is staged or in the group commit in flight.
+    fn in_flight(&self, id: &str) -> bool {
+        self.committing_ids.iter().any(|c| c == id) || self.staged.iter().any(|r| r.request_id.as_deref() == Some(id))
+    }
+
+    /// Checks a write request `ops` with `request_id` may be staged: `check`
+    /// (arguments, owner, state), then room. A retry (an id already staged
+    /// or in flight) is answered `UNAVAILABLE` so the client asks again once
+    /// its first attempt is settled; a retry refused because the shard is
+    /// now closed or full is answered `Ok` when its first attempt applied.
+    ///
+    /// Returns `Ok(None)` to stage, `Ok(Some(reply))` to answer at once.
+    async fn admit_write(
+        &self,
+        request_id: Option<&str>,
+        ops: &[StagedOp],
+        check: Result<(), AttacheError>,
+    ) -> Result<Option<Result<(), AttacheError>>, AttacheError> {
+        if let Some(id) = request_id {
+            self.limits.check_request_id(id)?;
+        }
+        let refused = check.and_then(|_| self.check_room(ops)).err();
+        // Only a refusal that depends on the shard's history (closed, full)
+        // may hide an earlier attempt that applied.
+        let after_history =
+            |e: &AttacheError| matches!(e, AttacheError::FailedPrecondition(_) | AttacheError::ResourceExhausted(_));
+        if refused.as_ref().is_some_and(|e| !after_history(e)) {
+            return Ok(refused.map(Err));
+        }
+        let Some(id) = request_id else {
+            return Ok(refused.map(Err));
+        };
+        if self.in_flight(id) {
+            metrics::counter!("attache_write_retries_in_flight_total").increment(1);
+            return Err(AttacheError::unavailable(format!(
+                "shard {}: an earlier attempt of request {id:?} is still being committed; retry",
+                self.meta.shard_id
+            )));
+        }
+        let Some(e) = refused else {
+            return Ok(None);
+        };
+        match self.engine.get(&layout::request_key(id)).await {
+            Ok(Some(_)) => {
+                metrics::counter!("attache_write_retries_deduplicated_total").increment(1);
+                Ok(Some(Ok(())))
+            }
+            Ok(None) => Ok(Some(Err(e))),
+            Err(read) => Err(read_error(self.meta.shard_id, read)),
+        }
+    }
+
+    /// Stages `ops` (one request, with its id) for the next group commit and
+    /// returns the deferred ack.
+    fn stage(
+        &mut self,
+        request_id: Option<String>,
+        ops: Vec<StagedOp>,
+        ctx: &Context<Self>,
+    ) -> Reply<Result<(), AttacheError>> {
         let (tx, rx) = oneshot::channel();
         self.staged_bytes += ops.iter().map(StagedOp::max_added_bytes).sum::<u64>();
-        self.staged.extend(ops);
+        self.staged.push(StagedRequest { request_id, ops });
         self.waiters.push(tx);
         if !self.committing {
             self.start_commit(ctx);
@@ -400,7 +476,8 @@ impl Shard {
             return;
         }
         self.committing = true;
-        let ops = Arc::new(std::mem::take(&mut self.staged));
+        let requests = Arc::new(std::mem::take(&mut self.staged));
+        self.committing_ids = requests.iter().filter_map(|r| r.request_id.clone()).collect();
         let waiters = std::mem::take(&mut self.waiters);
         self.staged_bytes = 0;
         let engine = self.engine.clone();
@@ -408,11 +485,12 @@ impl Shard {
         let me = ctx.address();
         let shard_id = meta.shard_id;
         let gate = self.gate.clone();
+        let window_ms = self.limits.request_window_ms;
         ctx.host().spawn_detached(async move {
-            let count = ops.len();
+            let count = requests.iter().map(|r| r.ops.len()).sum();
             // The last moment to check the lease before the write goes to the volume.
             let result = if gate.is_open() {
-                commit::apply_group(&*engine, &meta, ops).await
+                commit::apply_group(&*engine, &meta, requests, wall_clock_ms(), window_ms).await
             } else {
                 Err(EngineError::Fenced("this node's lease may have expired; it does not write".into()))
             };
@@ -423,6 +501,12 @@ impl Shard {
             me.do_send(Committed { result, ops: count });
         });
     }
+}
+
+/// The wall clock, ms since the Unix epoch (the simulated clock under
+/// madsim, which intercepts `clock_gettime`); 0 before the epoch.
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// What a client sees when a shard's write failed in its engine.
@@ -463,9 +547,13 @@ impl Handler<Committed> for Shard {
     async fn handle(&mut self, msg: Committed, ctx: &Context<Self>) -> Reply<()> {
         assert!(self.committing, "a commit completed that was never started");
         self.committing = false;
+        self.committing_ids.clear();
         match msg.result {
-            Ok((meta, bytes)) => {
+            Ok(commit::GroupCommitted { meta, bytes, duplicates }) => {
                 assert_eq!(meta.shard_id, self.meta.shard_id);
+                if duplicates > 0 {
+                    metrics::counter!("attache_write_retries_deduplicated_total").increment(duplicates as u64);
+                }
                 let shard = meta.shard_id.to_string();
                 metrics::histogram!("attache_group_commit_ops").record(msg.ops as f64);
                 metrics::counter!("attache_shard_ops_written_total", "shard" => shard.clone())
@@ -479,7 +567,7 @@ impl Handler<Committed> for Shard {
             Err(e) => {
                 tracing::warn!(shard = self.meta.shard_id, error = %e, "group commit failed");
                 // The failed group's state change did not land; later staged ones still may.
-                self.state = self.staged.iter().fold(self.meta.state, |s, op| match op {
+                self.state = self.staged.iter().flat_map(|r| &r.ops).fold(self.meta.state, |s, op| match op {
                     StagedOp::SetState(next) => *next,
                     _ => s,
                 });
@@ -516,44 +604,44 @@ impl Handler<Shutdown> for Shard {
 
 impl Handler<Put> for Shard {
     async fn handle(&mut self, msg: Put, ctx: &Context<Self>) -> Reply<Result<(), AttacheError>> {
-        let Put { client_id, entry } = msg;
-        let ops = match self.check_entry(&entry).and_then(|_| self.check_writable(&client_id)) {
-            Ok(()) => vec![StagedOp::Put { key: entry.key, value: entry.value, indexes: entry.indexes }],
-            Err(e) => return Reply::now(Err(e)),
-        };
-        if let Err(e) = self.check_room(&ops) {
-            return Reply::now(Err(e));
+        let Put { client_id, entry, request_id } = msg;
+        let check = self.check_entry(&entry).and_then(|_| self.check_writable(&client_id));
+        let ops = vec![StagedOp::Put { key: entry.key, value: entry.value, indexes: entry.indexes }];
+        match self.admit_write(request_id.as_deref(), &ops, check).await {
+            Ok(None) => self.stage(request_id, ops, ctx),
+            Ok(Some(reply)) => Reply::now(reply),
+            Err(e) => Reply::now(Err(e)),
         }
-        self.stage(ops, ctx)
     }
 }
 
 impl Handler<BatchPut> for Shard {
     async fn handle(&mut self, msg: BatchPut, ctx: &Context<Self>) -> Reply<Result<(), AttacheError>> {
         let bytes = msg.entries.iter().map(|e| e.key.len() + e.value.len()).sum();
-        let checked = self
+        let check = self
             .limits
             .check_batch(msg.entries.len(), bytes)
             .and_then(|_| msg.entries.iter().try_for_each(|e| self.check_entry(e)))
             .and_then(|_| self.check_writable(&msg.client_id));
-        if let Err(e) = checked {
-            return Reply::now(Err(e));
-        }
         let ops: Vec<StagedOp> =
             msg.entries.into_iter().map(|e| StagedOp::Put { key: e.key, value: e.value, indexes: e.indexes }).collect();
-        if let Err(e) = self.check_room(&ops) {
-            return Reply::now(Err(e));
+        match self.admit_write(msg.request_id.as_deref(), &ops, check).await {
+            Ok(None) => self.stage(msg.request_id, ops, ctx),
+            Ok(Some(reply)) => Reply::now(reply),
+            Err(e) => Reply::now(Err(e)),
         }
-        self.stage(ops, ctx)
     }
 }
 
 impl Handler<DeleteKey> for Shard {
     async fn handle(&mut self, msg: DeleteKey, ctx: &Context<Self>) -> Reply<Result<(), AttacheError>> {
-        if let Err(e) = self.limits.check_key(&msg.key).and_then(|_| self.check_writable(&msg.client_id)) {
-            return Reply::now(Err(e));
+        let check = self.limits.check_key(&msg.key).and_then(|_| self.check_writable(&msg.client_id));
+        let ops = vec![StagedOp::Delete { key: msg.key }];
+        match self.admit_write(msg.request_id.as_deref(), &ops, check).await {
+            Ok(None) => self.stage(msg.request_id, ops, ctx),
+            Ok(Some(reply)) => Reply::now(reply),
+            Err(e) => Reply::now(Err(e)),
         }
-        self.stage(vec![StagedOp::Delete { key: msg.key }], ctx)
     }
 }
 
@@ -670,7 +758,7 @@ impl Handler<Close> for Shard {
         }
         self.state = ShardState::ReadOnly;
         let info = self.info();
-        let ack = self.stage(vec![StagedOp::SetState(ShardState::ReadOnly)], ctx);
+        let ack = self.stage(None, vec![StagedOp::SetState(ShardState::ReadOnly)], ctx);
         ack.map(move |r| r.map(|_| info))
     }
 }
@@ -682,7 +770,7 @@ impl Handler<MarkDeleted> for Shard {
         }
         self.state = ShardState::Deleted;
         let info = self.info();
-        let ack = self.stage(vec![StagedOp::SetState(ShardState::Deleted)], ctx);
+        let ack = self.stage(None, vec![StagedOp::SetState(ShardState::Deleted)], ctx);
         ack.map(move |r| r.map(|_| info))
     }
 }

@@ -52,6 +52,7 @@ fn crash_child() {
                     let put = Put {
                         client_id: CLIENT.into(),
                         entry: PutEntry { key: key.clone().into(), value: value.into(), indexes: vec![] },
+                        request_id: Some(key.clone()),
                     };
                     mgr.send(ShardCall { shard_id: 1, op: put }).await.unwrap().expect("put");
                     println!("ACK {key}");

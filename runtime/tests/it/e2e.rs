@@ -21,8 +21,14 @@ async fn new_shard(c: &mut C, client: &str, limit: u64) -> ShardInfo {
 }
 
 async fn put(c: &mut C, shard: u64, client: &str, key: &[u8], value: &[u8]) -> Result<(), tonic::Status> {
-    let req =
-        PutRequest { shard_id: shard, client_id: client.into(), key: key.into(), value: value.into(), indexes: vec![] };
+    let req = PutRequest {
+        shard_id: shard,
+        client_id: client.into(),
+        key: key.into(),
+        value: value.into(),
+        indexes: vec![],
+        request_id: String::new(),
+    };
     c.put(req).await.map(drop)
 }
 
@@ -73,17 +79,40 @@ async fn every_operation_and_every_error() {
         key: b"k1".to_vec(),
         value: b"v1".to_vec(),
         indexes: vec![IndexEntry { name: "color".into(), value: b"red".to_vec() }],
+        request_id: "put-k1-v1".into(),
     };
-    c.put(req).await.unwrap();
+    c.put(req.clone()).await.unwrap();
     assert_eq!(get(&mut c, s, "alice", b"k1").await.unwrap(), Some(b"v1".to_vec()));
+    // A retry of an applied write (its reply lost) applies nothing: another
+    // writer's v2 stays.
+    let v2 = PutRequest { value: b"v2".to_vec(), request_id: "put-k1-v2".into(), ..req.clone() };
+    c.put(v2).await.unwrap();
+    c.put(req.clone()).await.unwrap();
+    assert_eq!(get(&mut c, s, "alice", b"k1").await.unwrap(), Some(b"v2".to_vec()));
+    let v1_again = PutRequest { request_id: "put-k1-v1-again".into(), ..req.clone() };
+    c.put(v1_again).await.unwrap();
+    assert_eq!(get(&mut c, s, "alice", b"k1").await.unwrap(), Some(b"v1".to_vec()));
+    let long_id = PutRequest { request_id: "x".repeat(65), ..req };
+    let err = c.put(long_id).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("request id is 65 bytes"), "{err:?}");
     assert_eq!(get(&mut c, s, "alice", b"nope").await.unwrap(), None);
     put(&mut c, s, "alice", b"gone", b"x").await.unwrap();
-    c.delete(DeleteRequest { shard_id: s, client_id: "alice".into(), key: b"gone".to_vec() }).await.unwrap();
+    c.delete(DeleteRequest {
+        shard_id: s,
+        client_id: "alice".into(),
+        key: b"gone".to_vec(),
+        request_id: String::new(),
+    })
+    .await
+    .unwrap();
     assert_eq!(get(&mut c, s, "alice", b"gone").await.unwrap(), None);
 
     // BatchPut (atomic), BatchGet (streamed, in request order).
     let entries: Vec<Entry> = (0..2500).map(|i| entry(&format!("b{i:05}"), &format!("v{i}"))).collect();
-    c.batch_put(BatchPutRequest { shard_id: s, client_id: "alice".into(), entries }).await.unwrap();
+    c.batch_put(BatchPutRequest { shard_id: s, client_id: "alice".into(), entries, request_id: String::new() })
+        .await
+        .unwrap();
     let keys = vec![b"b00002".to_vec(), b"missing".to_vec(), b"b02499".to_vec()];
     let got: Vec<GetResponse> = c
         .batch_get(BatchGetRequest { shard_id: s, client_id: "alice".into(), keys, consistency: 0 })
@@ -148,13 +177,34 @@ async fn every_operation_and_every_error() {
         "value over 1 MiB",
     );
     let too_many: Vec<Entry> = (0..10_001).map(|i| entry(&format!("t{i}"), "x")).collect();
-    let r = c.batch_put(BatchPutRequest { shard_id: s, client_id: "alice".into(), entries: too_many }).await;
+    let r = c
+        .batch_put(BatchPutRequest {
+            shard_id: s,
+            client_id: "alice".into(),
+            entries: too_many,
+            request_id: String::new(),
+        })
+        .await;
     assert_code(r, Code::InvalidArgument, "batch over 10,000 entries");
     let too_big: Vec<Entry> =
         (0..17).map(|i| Entry { key: format!("t{i}").into(), value: vec![1; 1 << 20], indexes: vec![] }).collect();
-    let r = c.batch_put(BatchPutRequest { shard_id: s, client_id: "alice".into(), entries: too_big }).await;
+    let r = c
+        .batch_put(BatchPutRequest {
+            shard_id: s,
+            client_id: "alice".into(),
+            entries: too_big,
+            request_id: String::new(),
+        })
+        .await;
     assert_code(r, Code::InvalidArgument, "batch over 16 MiB");
-    let r = c.batch_put(BatchPutRequest { shard_id: s, client_id: "alice".into(), entries: vec![] }).await;
+    let r = c
+        .batch_put(BatchPutRequest {
+            shard_id: s,
+            client_id: "alice".into(),
+            entries: vec![],
+            request_id: String::new(),
+        })
+        .await;
     assert_code(r, Code::InvalidArgument, "empty batch");
     let r = c.new_shard(NewShardRequest { client_id: String::new(), size_limit_bytes: 0 }).await;
     assert_code(r, Code::InvalidArgument, "empty client id");
@@ -223,7 +273,15 @@ async fn load_until_signal(
                     let keys: Vec<Vec<u8>> = (0..200).map(|i| format!("l{l}-b{b:05}-{i:03}").into_bytes()).collect();
                     let entries =
                         keys.iter().map(|k| Entry { key: k.clone(), value: k.repeat(3), indexes: vec![] }).collect();
-                    match c.batch_put(BatchPutRequest { shard_id: shard, client_id: "loader".into(), entries }).await {
+                    match c
+                        .batch_put(BatchPutRequest {
+                            shard_id: shard,
+                            client_id: "loader".into(),
+                            entries,
+                            request_id: String::new(),
+                        })
+                        .await
+                    {
                         Ok(_) => acked.lock().unwrap().extend(keys),
                         Err(_) => return,
                     }

@@ -55,7 +55,7 @@ async fn loader(c: Client, shard: u64, acks: Arc<Mutex<Vec<Ack>>>, stop: Arc<Ato
         let keys: Vec<Vec<u8>> = (0..50).map(|i| format!("b{b:06}-{i:02}").into_bytes()).collect();
         let entries: Vec<Entry> =
             keys.iter().map(|k| Entry { key: k.clone(), value: k.repeat(2), indexes: vec![] }).collect();
-        let req = BatchPutRequest { shard_id: shard, client_id: "loader".into(), entries };
+        let req = BatchPutRequest { shard_id: shard, client_id: "loader".into(), entries, request_id: String::new() };
         let sent = Instant::now();
         let result = c
             .call(CallSpec::shard(shard), |mut c| {

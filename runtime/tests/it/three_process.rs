@@ -50,6 +50,7 @@ async fn two_nodes_share_one_metadata_store() {
         key: b"k".to_vec(),
         value: b"v".to_vec(),
         indexes: vec![],
+        request_id: String::new(),
     };
     ca.put(put(on_a)).await.unwrap();
     let err = cb.put(put(on_a)).await.unwrap_err();
