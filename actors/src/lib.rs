@@ -24,6 +24,7 @@
 //! - [`service`]: the gRPC service `attache.v1.Attache` in front of a node.
 //! - [`client`]: the retrying, hint-following client (CLI and simulation).
 //! - [`retry`]: the one backoff with seeded jitter.
+//! - [`buggify`]: seed-driven delays at chosen points, in the simulation only.
 //! - [`codec`]: framing and encoding of records at rest.
 //! - [`limits`]: request limits; [`error`]: the errors clients see.
 //! - [`local_store`]: the node's own small files (its id).
@@ -32,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod actor;
+pub mod buggify;
 pub mod client;
 pub mod codec;
 pub mod engine;

@@ -231,6 +231,7 @@ impl VolumeManager {
     /// Claims the volume: CAS on the owner record (epoch + 1), storage fence, open shards.
     async fn claim(&mut self, current: Option<&(VolumeRecord, Revision)>, ctx: &Context<Self>) {
         let takeover = current.is_some_and(|(r, _)| r.primary != self.node_id);
+        crate::buggify::delay("volume.claim.before_cas", 500).await;
         let won = match self.meta.claim_volume(self.volume(), self.node_id, current).await {
             Ok(Ok(record)) => record,
             Ok(Err(other)) => {

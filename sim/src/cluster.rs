@@ -205,6 +205,13 @@ fn apply(fault: &Fault, nodes: &Nodes, ebs: &SimEbs, clogged: &mut Vec<(madsim::
 /// starts the cluster, the clients and the fault driver, waits for the
 /// workload and its final reads, and returns what happened.
 pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
+    // Set (or cleared) for this run on this thread, before any node starts.
+    match &s.buggify {
+        Some(b) => attache_actors::buggify::enable(seed, b.probability),
+        None => {
+            attache_actors::buggify::disable();
+        }
+    }
     let handle = Handle::current();
     let start = Instant::now();
     let ebs = SimEbs::new(&s.volumes(), s.ebs.clone(), seed);
@@ -248,12 +255,14 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
         handle.kill(h.id());
     }
     tokio::time::sleep(Duration::from_millis(1)).await;
+    let buggified = attache_actors::buggify::disable().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     let history = rec.history();
     RunOutcome {
         sim_ms: start.elapsed().as_millis() as u64,
         history,
         syncs: ebs.syncs(),
         faults: applied,
+        buggified,
         disruptions: schedule
             .faults
             .iter()

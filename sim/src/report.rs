@@ -23,6 +23,8 @@ pub struct RunOutcome {
     pub faults: Vec<Scheduled>,
     /// Every fault and repair, in time (see `check::liveness`).
     pub disruptions: Vec<Disruption>,
+    /// How often each buggify point fired, by name.
+    pub buggified: BTreeMap<String, u64>,
 }
 
 /// Operation counts.
@@ -57,6 +59,9 @@ pub struct Summary {
     pub ops: OpCounts,
     pub faults: Vec<String>,
     pub failovers: Vec<Failover>,
+    /// How often each buggify point fired (empty without buggify).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub buggified: BTreeMap<String, u64>,
     pub violations: Vec<Violation>,
 }
 
@@ -166,6 +171,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
         ops: counts,
         faults,
         failovers: failovers(&outcome.history),
+        buggified: outcome.buggified.clone(),
         violations,
     };
     RunReport { summary, outcome, digest }
@@ -181,6 +187,7 @@ pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
         syncs: Vec::new(),
         faults: Vec::new(),
         disruptions: Vec::new(),
+        buggified: BTreeMap::new(),
     };
     let digest = fnv1a(format!("{}: {}", violation.checker, violation.message).as_bytes(), 0xcbf29ce484222325);
     let summary = Summary {
@@ -190,6 +197,7 @@ pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
         ops: OpCounts::default(),
         faults: Vec::new(),
         failovers: Vec::new(),
+        buggified: BTreeMap::new(),
         violations: vec![violation],
     };
     RunReport { summary, outcome, digest }

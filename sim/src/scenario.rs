@@ -35,10 +35,22 @@ pub struct Scenario {
     /// A random schedule drawn from each run's seed, added to the scripted faults.
     #[serde(default)]
     pub random: Option<RandomSpec>,
+    /// Seed-driven delays inside the actors (`attache_actors::buggify`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buggify: Option<BuggifySpec>,
     #[serde(default)]
     pub expect: Expect,
     #[serde(default)]
     pub sim_only: SimOnly,
+}
+
+/// Buggify for a scenario's runs: each point is switched on in about half
+/// the runs, and one that is on fires with `probability` each time reached.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuggifySpec {
+    /// 0 to 1.
+    pub probability: f64,
 }
 
 /// How many of each node.
@@ -201,6 +213,11 @@ impl Scenario {
         let w = &self.workload;
         if w.processes_per_client == 0 || w.shards_per_client == 0 || w.hot_keys == 0 {
             return Err("the workload needs processes, shards and keys".into());
+        }
+        if let Some(b) = &self.buggify {
+            if !(0.0..=1.0).contains(&b.probability) {
+                return Err(format!("buggify.probability is {}: it must be between 0 and 1", b.probability));
+            }
         }
         // The workload's client retries a call for 2 * op_timeout_ms.
         if self.timing.request_window_ms <= 2 * w.op_timeout_ms {

@@ -15,7 +15,14 @@ fn scenario() -> Scenario {
 }
 
 fn empty() -> RunOutcome {
-    RunOutcome { sim_ms: 0, history: Default::default(), syncs: vec![], faults: vec![], disruptions: vec![] }
+    RunOutcome {
+        sim_ms: 0,
+        history: Default::default(),
+        syncs: vec![],
+        faults: vec![],
+        disruptions: vec![],
+        buggified: Default::default(),
+    }
 }
 
 #[test]

@@ -23,6 +23,7 @@ impl Node {
                 if me.is_closed() {
                     return;
                 }
+                crate::buggify::delay("node.heartbeat.before_keep_alive", 1_000).await;
                 let sent = Instant::now();
                 match meta.keep_alive(lease).await {
                     Ok(ttl) => gate.renewed(sent, ttl),
@@ -70,6 +71,7 @@ impl Handler<LeaseLost> for Node {
         match self.meta.grant_lease(self.cfg.lease_ttl_ms).await {
             Ok(lease) => {
                 self.lease = lease;
+                crate::buggify::delay("node.lease_lost.before_register", 1_000).await;
                 if let Some(record) = self.record() {
                     match self.meta.register_node(&record, lease).await {
                         // Writes resume only once the node is visible as live again.

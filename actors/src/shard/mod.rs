@@ -490,6 +490,9 @@ impl Shard {
             let count = requests.iter().map(|r| r.ops.len()).sum();
             // The last moment to check the lease before the write goes to the volume.
             let result = if gate.is_open() {
+                // A stall between the check and the write (a GC pause): the
+                // storage fence must stop the write if a new primary exists.
+                crate::buggify::delay("shard.commit.after_gate", 1_500).await;
                 commit::apply_group(&*engine, &meta, requests, wall_clock_ms(), window_ms).await
             } else {
                 Err(EngineError::Fenced("this node's lease may have expired; it does not write".into()))
