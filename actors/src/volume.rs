@@ -228,8 +228,17 @@ impl VolumeManager {
         self.set_role(Role::Backup { primary, epoch });
     }
 
-    /// Claims the volume: CAS on the owner record (epoch + 1), storage fence, open shards.
+    /// Claims the volume: CAS on the owner record (epoch + 1), storage fence,
+    /// open shards. Only while this node's lease gate is open: a node whose
+    /// lease lapsed claims nothing until its node record is published again
+    /// under a new lease (else a backup could see the claim without the
+    /// record, take the volume over, and this node would serve reads on the
+    /// old epoch once its gate reopened).
     async fn claim(&mut self, current: Option<&(VolumeRecord, Revision)>, ctx: &Context<Self>) {
+        if !self.gate.is_open() {
+            tracing::debug!(volume = %self.volume(), "lease gate closed; not claiming");
+            return;
+        }
         let takeover = current.is_some_and(|(r, _)| r.primary != self.node_id);
         crate::buggify::delay("volume.claim.before_cas", 500).await;
         let won = match self.meta.claim_volume(self.volume(), self.node_id, current).await {

@@ -148,3 +148,29 @@ async fn an_allocation_whose_cas_timed_out_is_re_read_not_repeated() {
     assert_eq!(ops.allocate_id("shard").await.unwrap(), 1, "the landed CAS counts");
     assert_eq!(ops.allocate_id("shard").await.unwrap(), 2, "no id was skipped");
 }
+
+/// A takeover claim is a compare-and-swap on the owner record and on the
+/// old primary's node record being absent: while the old primary is
+/// registered (it came back since the backup looked), the claim loses and
+/// changes nothing; once its record is gone, the claim wins at epoch + 1.
+#[tokio::test]
+async fn a_takeover_claim_loses_while_the_old_primary_is_registered() {
+    use attache_actors::meta::store::{node_key, NodeRecord};
+    let backend = EmbeddedBackend::open(&HostHandle::new(TaskHost), Arc::new(MemMetaLog::default())).await.unwrap();
+    let ops = MetaOps::new(backend.clone(), policy(), 1);
+    let first = ops.claim_volume("vol-1", 1, None).await.unwrap().unwrap();
+    assert_eq!((first.primary, first.epoch), (1, 1));
+    let lease = ops.grant_lease(60_000).await.unwrap();
+    let record = NodeRecord { node_id: 1, address: "n1:7400".into(), instance_id: String::new(), volumes: vec![] };
+    ops.register_node(&record, lease).await.unwrap();
+    let current = ops.volume("vol-1").await.unwrap().expect("record");
+    let lost = ops.claim_volume("vol-1", 2, Some(&current)).await.unwrap();
+    assert_eq!(lost.map_err(|c| c.map(|c| c.0)), Err(Some(first.clone())), "node 1 is registered: no takeover");
+    // Its own claim (a restart) does not look at its own record.
+    let again = ops.claim_volume("vol-1", 1, Some(&current)).await.unwrap().unwrap();
+    assert_eq!(again.epoch, 2);
+    backend.delete(node_key(1).as_bytes()).await.unwrap();
+    let current = ops.volume("vol-1").await.unwrap().expect("record");
+    let won = ops.claim_volume("vol-1", 2, Some(&current)).await.unwrap().unwrap();
+    assert_eq!((won.primary, won.epoch), (2, 3));
+}

@@ -240,8 +240,12 @@ impl MetaOps {
 
     /// Makes `node` the primary of `volume_id` if the owner record is still at
     /// `expected` (its mod revision; 0: no record yet), with the epoch one above
-    /// the record's (1 for a new record). Returns `Ok(Ok(record))` when won,
-    /// `Ok(Err(current))` when another claim got there first.
+    /// the record's (1 for a new record). A takeover (the record names
+    /// another node) also requires that node's liveness record to be absent
+    /// in the same transaction: a primary that registered again since the
+    /// caller looked is not gone. Returns `Ok(Ok(record))` when won,
+    /// `Ok(Err(current))` when another claim got there first or the old
+    /// primary is back.
     pub async fn claim_volume(
         &self,
         volume_id: &str,
@@ -251,10 +255,14 @@ impl MetaOps {
         let key = volume_key(volume_id);
         let (epoch, rev) = expected.map_or((0, 0), |(r, rev)| (r.epoch, *rev));
         let claim = VolumeRecord { volume_id: volume_id.to_string(), primary: node, epoch: epoch + 1 };
+        let old_primary = expected.map(|(r, _)| r.primary).filter(|&p| p != 0 && p != node);
         let compare = if self.blind_claims {
             Vec::new()
         } else {
-            vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)]
+            let mut c = vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)];
+            // Absent: no create revision (as create-if-absent compares).
+            c.extend(old_primary.map(|p| Compare::create_revision(node_key(p), CompareOp::Equal, 0)));
+            c
         };
         let txn = Txn {
             compare,

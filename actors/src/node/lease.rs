@@ -68,27 +68,40 @@ impl Handler<LeaseLost> for Node {
             }
         }
         let sent = Instant::now();
+        let retry_later = |ctx: &Context<Self>, lease| {
+            let me = ctx.address();
+            ctx.host().spawn_detached(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                me.do_send(LeaseLost { lease });
+            });
+        };
         match self.meta.grant_lease(self.cfg.lease_ttl_ms).await {
             Ok(lease) => {
                 self.lease = lease;
                 crate::buggify::delay("node.lease_lost.before_register", 1_000).await;
-                if let Some(record) = self.record() {
-                    match self.meta.register_node(&record, lease).await {
-                        // Writes resume only once the node is visible as live again.
-                        Ok(()) => self.gate.renewed(sent, self.cfg.lease_ttl_ms),
-                        Err(e) => tracing::warn!(error = %e, "could not publish the node record"),
+                let Some(record) = self.record() else {
+                    // No node id yet: start-up registers, then opens the gate.
+                    return Reply::now(());
+                };
+                match self.meta.register_node(&record, lease).await {
+                    // The gate opens, and the heartbeat that keeps it open
+                    // starts, only once the node is visible as live again: a
+                    // backup that sees no record may take the volumes over.
+                    Ok(()) => {
+                        self.gate.renewed(sent, self.cfg.lease_ttl_ms);
+                        self.spawn_heartbeat(ctx);
+                    }
+                    Err(e) => {
+                        // Never serve under a lease without a node record:
+                        // start over with a new lease (this one expires).
+                        tracing::warn!(error = %e, "could not publish the node record; retrying with a new lease");
+                        retry_later(ctx, lease);
                     }
                 }
-                self.spawn_heartbeat(ctx);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not get a new lease; retrying");
-                let me = ctx.address();
-                let lease = self.lease;
-                ctx.host().spawn_detached(async move {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    me.do_send(LeaseLost { lease });
-                });
+                retry_later(ctx, self.lease);
             }
         }
         Reply::now(())
