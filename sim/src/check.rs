@@ -79,17 +79,40 @@ pub fn linearizable(ops: &[Op]) -> Vec<Violation> {
 /// Operations shown before the earliest failing cut of a non-linearizable key.
 const WINDOW_OPS: usize = 12;
 
+/// The history of one register as it stood at time `t`: the operations
+/// invoked by then; one still running at `t` is pending: a write may or may
+/// not take effect (as an `info` write), a read has returned nothing yet
+/// (left out). Such prefixes are closed under linearizability: if the one at
+/// `t` has no linearization, neither has any later one (Herlihy and Wing,
+/// 1990: a linearizable history's prefixes, with pending operations completed
+/// or removed, are linearizable).
+fn history_at(ops: &[&Op], t: u64) -> Vec<Op> {
+    ops.iter()
+        .filter(|o| o.invoke <= t)
+        .filter_map(|o| match o.complete {
+            Some(c) if c <= t => Some((*o).clone()),
+            _ if o.f == F::Write && o.outcome != EventType::Fail => {
+                Some(Op { complete: None, outcome: EventType::Info, ..(*o).clone() })
+            }
+            // A failed write still running at t had no effect either way.
+            _ => None,
+        })
+        .collect()
+}
+
 /// The part of a non-linearizable register history a person should read: the
-/// earliest invocation time whose prefix (the operations invoked up to it)
-/// already has no linearization, found by binary search over invocation
-/// times, and the last [`WINDOW_OPS`] operations of that prefix, one line
-/// each (process, kind, value, invoked-completed ms, outcome, node).
+/// earliest time whose history (see [`history_at`]) already has no
+/// linearization, found by binary search over the invocation and completion
+/// times, and the last [`WINDOW_OPS`] operations of it, one line each
+/// (process, kind, value, invoked-completed ms, outcome, node).
 fn offending_window(ops: &[&Op]) -> String {
-    let mut times: Vec<u64> = ops.iter().map(|o| o.invoke).collect();
+    let mut times: Vec<u64> = ops.iter().flat_map(|o| std::iter::once(o.invoke).chain(o.complete)).collect();
     times.sort_unstable();
     times.dedup();
-    let prefix = |cut: u64| -> Vec<&Op> { ops.iter().copied().filter(|o| o.invoke <= cut).collect() };
-    let fails = |cut: u64| matches!(register_linearizable(&prefix(cut)), Ok(false));
+    let fails = |cut: u64| {
+        let at = history_at(ops, cut);
+        matches!(register_linearizable(&at.iter().collect::<Vec<_>>()), Ok(false))
+    };
     let (mut lo, mut hi) = (0, times.len().saturating_sub(1));
     while lo < hi {
         let mid = (lo + hi) / 2;
@@ -100,12 +123,13 @@ fn offending_window(ops: &[&Op]) -> String {
         }
     }
     let Some(&cut) = times.get(lo) else { return String::new() };
-    let mut window = prefix(cut);
+    let mut window: Vec<&Op> = ops.iter().copied().filter(|o| o.invoke <= cut).collect();
     window.sort_by_key(|o| o.invoke);
     let shown = &window[window.len().saturating_sub(WINDOW_OPS)..];
     let mut out = format!(
-        "; the history up to the invocation at {} ms already has none; its last {} operations:",
-        cut / 1_000_000,
+        "; the history up to {:.1} ms (operations still running then counted as pending) already has none; \
+         its last {} operations:",
+        cut as f64 / 1e6,
         shown.len()
     );
     for o in shown {
@@ -539,9 +563,40 @@ mod tests {
         let v = linearizable(&h);
         assert_eq!(v.len(), 1, "{v:?}");
         let m = &v[0].message;
-        assert!(m.contains("up to the invocation at 6 ms"), "{m}");
+        assert!(m.contains("up to 7.0 ms"), "{m}");
         assert!(m.contains("p4 Read v1 6.0-7.0 ms Ok"), "{m}");
         assert!(!m.contains("later"), "operations after the failing cut are not shown: {m}");
+    }
+
+    /// A slow read invoked early that returns a value written later is no
+    /// violation by itself: the cut is by time, with operations still running
+    /// counted as pending, so the report names the real one.
+    #[test]
+    fn a_slow_read_does_not_move_the_window_before_the_write_it_saw() {
+        let h = vec![
+            w(1, "a", 0, 1_000_000),
+            // Invoked at 2 ms, answers at 20 ms with b, written from 5 ms.
+            r(2, Some("b"), 2_000_000, 20_000_000),
+            w(3, "b", 5_000_000, 6_000_000),
+            w(4, "c", 8_000_000, 9_000_000),
+            // The real violation: a is read after c was acknowledged.
+            r(5, Some("a"), 10_000_000, 11_000_000),
+        ];
+        let v = linearizable(&h);
+        assert_eq!(v.len(), 1, "{v:?}");
+        let m = &v[0].message;
+        assert!(m.contains("up to 11.0 ms"), "{m}");
+        assert!(m.contains("p5 Read a 10.0-11.0 ms Ok"), "{m}");
+    }
+
+    #[test]
+    fn history_at_a_time_makes_running_writes_pending_and_drops_running_reads() {
+        let h = [w(1, "a", 0, 10), r(2, Some("a"), 5, 20), w(3, "b", 6, 30), r(4, Some("b"), 40, 50)];
+        let refs: Vec<&Op> = h.iter().collect();
+        let at = history_at(&refs, 15);
+        assert_eq!(at.len(), 2, "{at:?}");
+        assert_eq!((at[0].outcome, at[0].complete), (EventType::Ok, Some(10)));
+        assert_eq!((at[1].process, at[1].outcome, at[1].complete), (3, EventType::Info, None));
     }
 
     #[test]
