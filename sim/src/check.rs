@@ -40,8 +40,11 @@ fn violation(checker: &str, message: String) -> Violation {
 fn by_key(ops: &[Op]) -> BTreeMap<(u64, String), Vec<&Op>> {
     let mut keys: BTreeMap<(u64, String), Vec<&Op>> = BTreeMap::new();
     for op in ops {
-        let relevant =
-            matches!((op.f, op.outcome), (F::Write, EventType::Ok | EventType::Info) | (F::Read, EventType::Ok));
+        let relevant = match op.f {
+            F::Write | F::Delete => matches!(op.outcome, EventType::Ok | EventType::Info),
+            F::Read => op.outcome == EventType::Ok,
+            _ => false,
+        };
         if relevant {
             keys.entry((op.shard, op.key.clone())).or_default().push(op);
         }
@@ -91,7 +94,7 @@ fn history_at(ops: &[&Op], t: u64) -> Vec<Op> {
         .filter(|o| o.invoke <= t)
         .filter_map(|o| match o.complete {
             Some(c) if c <= t => Some((*o).clone()),
-            _ if o.f == F::Write && o.outcome != EventType::Fail => {
+            _ if o.f.is_write() && o.outcome != EventType::Fail => {
                 Some(Op { complete: None, outcome: EventType::Info, ..(*o).clone() })
             }
             // A failed write still running at t had no effect either way.
@@ -230,7 +233,8 @@ fn register_linearizable(ops: &[&Op]) -> Result<bool, usize> {
             Some(Entry::Call(i)) => {
                 let op = ops[i];
                 let next_state = match op.f {
-                    F::Write => Some(op.value.clone()),
+                    // A delete writes "absent" (its value is None).
+                    F::Write | F::Delete => Some(op.value.clone()),
                     _ if op.value == state => Some(state.clone()),
                     _ => None,
                 };
@@ -276,12 +280,23 @@ pub fn lost_writes(ops: &[Op]) -> Vec<Violation> {
     for ((shard, key), ops) in by_key(ops) {
         let writes: BTreeMap<&str, &Op> =
             ops.iter().filter(|o| o.f == F::Write).filter_map(|o| Some((o.value.as_deref()?, *o))).collect();
-        let acked: Vec<&Op> = ops.iter().filter(|o| o.f == F::Write && o.outcome == EventType::Ok).copied().collect();
+        let acked: Vec<&Op> = ops.iter().filter(|o| o.f.is_write() && o.outcome == EventType::Ok).copied().collect();
+        let deletes: Vec<&Op> = ops.iter().filter(|o| o.f == F::Delete).copied().collect();
         for read in ops.iter().filter(|o| o.f == F::Read) {
             let before: Vec<&&Op> = acked.iter().filter(|w| w.complete.is_some_and(|c| c < read.invoke)).collect();
             let Some(latest) = before.iter().max_by_key(|w| w.complete) else { continue };
             let stale = match read.value.as_deref() {
-                None => true,
+                // Absent: stale if a put was acknowledged before the read
+                // began and no delete (that did not fail) could come after it
+                // and before the read ended.
+                None => before.iter().any(|w| {
+                    w.f == F::Write
+                        && !deletes.iter().any(|d| {
+                            d.outcome != EventType::Fail
+                                && d.complete.is_none_or(|c| c > w.invoke)
+                                && read.complete.is_none_or(|c| d.invoke < c)
+                        })
+                }),
                 Some(v) => writes.get(v).is_some_and(|src| {
                     before.iter().any(|w| src.complete.is_some_and(|c| c < w.invoke) && w.value != src.value)
                 }),
@@ -405,6 +420,62 @@ pub fn isolation(ops: &[Op]) -> Vec<Violation> {
         .collect()
 }
 
+/// Writes a closed shard took, and anything a deleted shard served: after a
+/// close was acknowledged, no put or delete invoked later succeeds; after a
+/// shard's deletion was acknowledged, no operation invoked later succeeds on
+/// it (not even a read answering "absent"), except a stale read whose
+/// reported staleness reaches back before the deletion (its view may
+/// predate it).
+pub fn shard_lifecycle(ops: &[Op]) -> Vec<Violation> {
+    let acked = |f: F| -> BTreeMap<u64, u64> {
+        let mut first: BTreeMap<u64, u64> = BTreeMap::new();
+        for o in ops.iter().filter(|o| o.f == f && o.outcome == EventType::Ok) {
+            if let Some(c) = o.complete {
+                let t = first.entry(o.shard).or_insert(c);
+                *t = (*t).min(c);
+            }
+        }
+        first
+    };
+    let (closed, deleted) = (acked(F::CloseShard), acked(F::DeleteShard));
+    let mut out = Vec::new();
+    for o in ops.iter().filter(|o| o.outcome == EventType::Ok && !matches!(o.f, F::NewShard)) {
+        // The earliest time the answer's view may be from.
+        let view = o.invoke.saturating_sub(o.staleness_ms.unwrap_or(0) * 1_000_000);
+        if let Some(&d) = deleted.get(&o.shard).filter(|&&d| view > d) {
+            out.push(violation(
+                "shard_lifecycle",
+                format!(
+                    "shard {}: {:?} key {:?} invoked at {} ms (stale by at most {} ms) succeeded on {} after the \
+                     shard's deletion was acknowledged at {} ms",
+                    o.shard,
+                    o.f,
+                    o.key,
+                    o.invoke / 1_000_000,
+                    o.staleness_ms.unwrap_or(0),
+                    o.node,
+                    d / 1_000_000
+                ),
+            ));
+        } else if let Some(&c) = closed.get(&o.shard).filter(|&&c| o.f.is_write() && o.invoke > c) {
+            out.push(violation(
+                "shard_lifecycle",
+                format!(
+                    "shard {}: {:?} key {} invoked at {} ms succeeded on {} after the shard's close was \
+                     acknowledged at {} ms",
+                    o.shard,
+                    o.f,
+                    o.key,
+                    o.invoke / 1_000_000,
+                    o.node,
+                    c / 1_000_000
+                ),
+            ));
+        }
+    }
+    out
+}
+
 /// A change of the simulated world that may interrupt service: a fault, or
 /// a repair (a restart, a reattach, a heal, which makes nodes claim again).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -429,8 +500,12 @@ pub fn liveness(ops: &[Op], disruptions: &[Disruption], bound_ns: u64) -> Vec<Vi
         .filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok)
         .filter_map(|o| Some((o.shard, o.complete?)))
         .collect();
+    // A shard its client closes or deletes stops taking writes by design.
+    let retired: BTreeSet<u64> =
+        ops.iter().filter(|o| matches!(o.f, F::CloseShard | F::DeleteShard)).map(|o| o.shard).collect();
+    let created: BTreeMap<u64, u64> = created.into_iter().filter(|(s, _)| !retired.contains(s)).collect();
     let mut writes: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-    for o in ops.iter().filter(|o| o.f == F::Write && o.outcome == EventType::Ok) {
+    for o in ops.iter().filter(|o| o.f.is_write() && o.outcome == EventType::Ok) {
         if let Some(c) = o.complete {
             writes.entry(o.shard).or_default().push(c);
         }
@@ -494,6 +569,7 @@ mod tests {
             invoke,
             complete,
             outcome,
+            staleness_ms: None,
             node: "n".into(),
         }
     }
@@ -504,6 +580,59 @@ mod tests {
 
     fn r(p: u64, v: Option<&str>, i: u64, c: u64) -> Op {
         op(p, F::Read, "k", v, i, Some(c), EventType::Ok)
+    }
+
+    fn del(p: u64, i: u64, c: u64) -> Op {
+        op(p, F::Delete, "k", None, i, Some(c), EventType::Ok)
+    }
+
+    #[test]
+    fn a_delete_is_a_write_of_absent() {
+        // Reading absent after an acknowledged delete is fine; reading the
+        // deleted value after it is not, nor absent after a later put.
+        let ok = vec![w(1, "a", 0, 10), del(2, 20, 30), r(3, None, 40, 50)];
+        assert!(linearizable(&ok).is_empty() && lost_writes(&ok).is_empty());
+        let resurrected = vec![w(1, "a", 0, 10), del(2, 20, 30), r(3, Some("a"), 40, 50)];
+        assert_eq!(linearizable(&resurrected).len(), 1);
+        assert_eq!(lost_writes(&resurrected).len(), 1, "a write was acknowledged after a's: the delete");
+        let lost = vec![del(1, 0, 10), w(2, "b", 20, 30), r(3, None, 40, 50)];
+        assert_eq!(linearizable(&lost).len(), 1);
+        assert_eq!(lost_writes(&lost).len(), 1);
+        // A delete concurrent with the read may explain absent.
+        let concurrent =
+            vec![w(1, "a", 0, 10), op(2, F::Delete, "k", None, 35, None, EventType::Info), r(3, None, 40, 50)];
+        assert!(linearizable(&concurrent).is_empty() && lost_writes(&concurrent).is_empty());
+    }
+
+    #[test]
+    fn a_closed_shard_takes_no_write_and_a_deleted_one_serves_nothing() {
+        let close = op(1, F::CloseShard, "", None, 100, Some(110), EventType::Ok);
+        let delete = op(2, F::DeleteShard, "", None, 200, Some(210), EventType::Ok);
+        // Before the close: fine. A write invoked before the close was
+        // acknowledged may still succeed; one invoked after may not.
+        let fine = vec![close.clone(), w(3, "a", 50, 60), w(4, "b", 105, 115), r(5, Some("b"), 150, 160)];
+        assert!(shard_lifecycle(&fine).is_empty(), "{:?}", shard_lifecycle(&fine));
+        let late_write = vec![close.clone(), w(3, "a", 120, 130)];
+        let v = shard_lifecycle(&late_write);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("close was acknowledged at"), "{v:?}");
+        let late_delete = vec![close, del(3, 120, 130)];
+        assert_eq!(shard_lifecycle(&late_delete).len(), 1);
+        // After the delete: a read answering absent is a violation; a stale
+        // read whose staleness reaches back before the delete is not.
+        let served = vec![delete.clone(), r(3, None, 300, 310)];
+        assert_eq!(shard_lifecycle(&served).len(), 1);
+        let mut stale = op(4, F::StaleRead, "k", Some("a"), 250, Some(260), EventType::Ok);
+        stale.staleness_ms = Some(0);
+        assert_eq!(shard_lifecycle(&[delete.clone(), stale.clone()]).len(), 1, "fresh view after the delete");
+        stale.invoke = 250_000_000;
+        stale.staleness_ms = Some(100);
+        let mut d = delete.clone();
+        d.complete = Some(210_000_000);
+        assert!(shard_lifecycle(&[d, stale]).is_empty(), "a view up to 100 ms old may predate the delete");
+        // A rejected operation after the delete is what should happen.
+        let rejected = vec![delete, op(5, F::Read, "k", None, 300, Some(310), EventType::Fail)];
+        assert!(shard_lifecycle(&rejected).is_empty());
     }
 
     #[test]

@@ -35,6 +35,32 @@ pub enum F {
     StaleRead,
     /// Create a shard; the completion's `shard` is its id.
     NewShard,
+    /// Delete `key` (a write of "absent").
+    Delete,
+    /// Close the shard (read-only from then on).
+    CloseShard,
+    /// Delete the shard.
+    DeleteShard,
+}
+
+impl F {
+    /// Whether it changes a key: a put or a delete.
+    pub fn is_write(self) -> bool {
+        matches!(self, F::Write | F::Delete)
+    }
+
+    /// A short name for summaries, such as `write`.
+    pub fn name(self) -> &'static str {
+        match self {
+            F::Write => "write",
+            F::Read => "read",
+            F::StaleRead => "stale_read",
+            F::NewShard => "new_shard",
+            F::Delete => "delete",
+            F::CloseShard => "close_shard",
+            F::DeleteShard => "delete_shard",
+        }
+    }
 }
 
 /// One event of the history.
@@ -56,6 +82,10 @@ pub struct Event {
     /// Why it failed, for `fail` and `info`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
+    /// For an `ok` stale read: how stale the serving node said its view
+    /// might be, ms (`max_staleness_ms` of the response).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub staleness_ms: Option<u64>,
 }
 
 /// A completed (or never completed) operation: its invocation paired with its completion.
@@ -73,6 +103,8 @@ pub struct Op {
     pub complete: Option<u64>,
     pub outcome: EventType,
     pub node: String,
+    /// See `Event::staleness_ms`.
+    pub staleness_ms: Option<u64>,
 }
 
 /// The events of one run, in the order they happened.
@@ -119,6 +151,7 @@ impl History {
                         complete: None,
                         outcome: EventType::Info,
                         node: e.node.clone(),
+                        staleness_ms: None,
                     };
                     assert!(open.insert(e.process, op).is_none(), "process {} invoked twice", e.process);
                 }
@@ -136,6 +169,7 @@ impl History {
                         op.shard = e.shard;
                     }
                     op.node = e.node.clone();
+                    op.staleness_ms = e.staleness_ms;
                     done.push(op);
                 }
             }

@@ -36,6 +36,8 @@ pub struct OpCounts {
     pub info: u64,
     pub writes_ok: u64,
     pub reads_ok: u64,
+    /// Successful operations by kind (`F::name`).
+    pub ok_by_kind: BTreeMap<String, u64>,
 }
 
 /// A change of the node serving a volume's acknowledged writes.
@@ -93,7 +95,7 @@ pub fn failovers(history: &History) -> Vec<Failover> {
         .filter_map(|o| Some((o.shard, o.value.clone()?)))
         .collect();
     let mut acks: BTreeMap<&str, Vec<(u64, &str)>> = BTreeMap::new();
-    for o in ops.iter().filter(|o| o.f == F::Write && o.outcome == EventType::Ok) {
+    for o in ops.iter().filter(|o| o.f.is_write() && o.outcome == EventType::Ok) {
         if let (Some(v), Some(c)) = (volume_of.get(&o.shard), o.complete) {
             acks.entry(v.as_str()).or_default().push((c, o.node.as_str()));
         }
@@ -143,6 +145,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
     violations.extend(check::single_writer(&outcome.syncs));
     violations.extend(check::shard_ids(&ops));
     violations.extend(check::isolation(&ops));
+    violations.extend(check::shard_lifecycle(&ops));
     violations.extend(check::liveness(&ops, &outcome.disruptions, liveness_bound_ms * 1_000_000));
     let mut counts = OpCounts::default();
     for o in &ops {
@@ -150,10 +153,11 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
         match o.outcome {
             EventType::Ok => {
                 counts.ok += 1;
+                *counts.ok_by_kind.entry(o.f.name().to_string()).or_default() += 1;
                 match o.f {
-                    F::Write => counts.writes_ok += 1,
+                    F::Write | F::Delete => counts.writes_ok += 1,
                     F::Read | F::StaleRead => counts.reads_ok += 1,
-                    F::NewShard => {}
+                    F::NewShard | F::CloseShard | F::DeleteShard => {}
                 }
             }
             EventType::Fail => counts.fail += 1,

@@ -83,6 +83,12 @@ pub struct WorkloadSpec {
     pub hot_keys: usize,
     /// Share of writes among reads and writes.
     pub write_ratio: f64,
+    /// Share of deletes among writes.
+    pub delete_ratio: f64,
+    /// Each client with two shards or more closes its last shard at a time
+    /// drawn in the second quarter of the run and deletes it in the third,
+    /// while its processes keep using it.
+    pub lifecycle: bool,
     /// Share of operations sent, with the client's own id, to another client's shard.
     pub cross_client_ratio: f64,
     /// Share of reads that accept stale data, sent to a random node (backups serve them).
@@ -104,6 +110,8 @@ impl Default for WorkloadSpec {
             shards_per_client: 2,
             hot_keys: 3,
             write_ratio: 0.5,
+            delete_ratio: 0.1,
+            lifecycle: true,
             cross_client_ratio: 0.02,
             random_node_ratio: 0.05,
             stale_read_ratio: 0.1,

@@ -1,7 +1,8 @@
 //! Simulated clients: each creates its shards, then runs concurrent
-//! processes that read and write a small hot set of keys with unique values,
-//! recording every operation in the history, and finally reads every key of
-//! its shards once more. Every call goes through the production client
+//! processes that read, write and delete a small hot set of keys with unique
+//! values, recording every operation in the history, while a lifecycle task
+//! closes and later deletes one of the client's shards; finally each client
+//! reads every key of its live shards once more. Every call goes through the production client
 //! (`attache_actors::client`), which retries, follows primary hints and says
 //! whether a failed call may have taken effect; its backoff jitter is drawn
 //! from the run's seed.
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use attache_actors::client::{self, CallSpec, Client, ClientSettings, Failure, Served};
-use attache_actors::service::proto::{GetRequest, NewShardRequest, PutRequest};
+use attache_actors::service::proto::{DeleteRequest, GetRequest, NewShardRequest, PutRequest, ShardRef};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::time::{Duration, Instant};
@@ -72,8 +73,9 @@ struct ClientCtx {
 
 /// What a call came to, as the history records it.
 enum Outcome {
-    /// Done, on the node at this address, with what was read.
-    Ok(String, Option<String>),
+    /// Done, on the node at this address, with what was read and, for a
+    /// stale read, the staleness it reported.
+    Ok(String, Option<String>, Option<u64>),
     /// Rejected by the service on every attempt: no effect.
     Fail(String, tonic::Status),
     /// Unknown: some attempt timed out or failed in transport.
@@ -83,7 +85,7 @@ enum Outcome {
 impl<T> From<Result<Served<T>, Failure>> for Outcome {
     fn from(r: Result<Served<T>, Failure>) -> Self {
         match r {
-            Ok(served) => Outcome::Ok(served.addr, None),
+            Ok(served) => Outcome::Ok(served.addr, None, None),
             Err(f) if f.outcome == client::Outcome::Rejected => Outcome::Fail(f.addr, f.status),
             Err(f) => Outcome::Info(f.addr, f.status),
         }
@@ -103,6 +105,23 @@ impl ClientCtx {
         node: &str,
         error: Option<String>,
     ) {
+        self.record(process, kind, f, shard, key, value, node, error, None);
+    }
+
+    /// As `event`, with the staleness a stale read's answer reported.
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        process: u64,
+        kind: EventType,
+        f: F,
+        shard: u64,
+        key: &str,
+        value: Option<String>,
+        node: &str,
+        error: Option<String>,
+        staleness_ms: Option<u64>,
+    ) {
         self.rec.record(Event {
             process,
             kind,
@@ -114,6 +133,7 @@ impl ClientCtx {
             time: self.rec.now_ns(),
             node: node.to_string(),
             error,
+            staleness_ms,
         });
     }
 
@@ -171,6 +191,39 @@ impl ClientCtx {
             spec = spec.starting_at(i);
         }
         let outcome = match f {
+            F::Delete => {
+                let req = DeleteRequest {
+                    shard_id: shard,
+                    client_id: self.id.clone(),
+                    key: key.as_bytes().to_vec(),
+                    request_id: self.client.request_id(),
+                };
+                let result = self
+                    .client
+                    .call(spec, |mut c| {
+                        let r = req.clone();
+                        async move { c.delete(r).await }
+                    })
+                    .await;
+                Outcome::from(result)
+            }
+            F::CloseShard | F::DeleteShard => {
+                let req = ShardRef { shard_id: shard, client_id: self.id.clone() };
+                let result = self
+                    .client
+                    .call(spec, |mut c| {
+                        let r = req.clone();
+                        async move {
+                            if f == F::CloseShard {
+                                c.close_shard(r).await.map(|r| r.map(|_| ()))
+                            } else {
+                                c.delete_shard(r).await.map(|r| r.map(|_| ()))
+                            }
+                        }
+                    })
+                    .await;
+                Outcome::from(result)
+            }
             F::Write => {
                 let req = PutRequest {
                     shard_id: shard,
@@ -189,7 +242,7 @@ impl ClientCtx {
                     .await;
                 Outcome::from(result)
             }
-            _ => {
+            F::Read | F::StaleRead | F::NewShard => {
                 let req = GetRequest {
                     shard_id: shard,
                     client_id: self.id.clone(),
@@ -206,16 +259,21 @@ impl ClientCtx {
                 match result {
                     Ok(served) => {
                         let r = served.value;
-                        Outcome::Ok(served.addr, r.found.then(|| String::from_utf8_lossy(&r.value).into_owned()))
+                        let staleness = (f == F::StaleRead).then_some(r.max_staleness_ms);
+                        Outcome::Ok(
+                            served.addr,
+                            r.found.then(|| String::from_utf8_lossy(&r.value).into_owned()),
+                            staleness,
+                        )
                     }
                     Err(e) => Outcome::from(Err::<Served<()>, _>(e)),
                 }
             }
         };
         match outcome {
-            Outcome::Ok(node, read) => {
+            Outcome::Ok(node, read, staleness) => {
                 let v = if f == F::Write { value } else { read };
-                self.event(process, EventType::Ok, f, shard, key, v, &node, None);
+                self.record(process, EventType::Ok, f, shard, key, v, &node, None, staleness);
                 (false, true)
             }
             Outcome::Fail(node, s) => {
@@ -263,6 +321,22 @@ pub async fn run_client(
         return;
     }
     let shards = Arc::new(shards);
+    // The lifecycle shard: closed, then deleted, while the processes use it.
+    let retired = (spec.lifecycle && shards.len() >= 2).then(|| shards[shards.len() - 1].0);
+    let lifecycle = {
+        let ctx = ctx.clone();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ ((index as u64) << 40) ^ 0x11fe);
+        let duration = Duration::from_millis(spec.duration_ms);
+        let start = end.checked_sub(duration).unwrap_or(end);
+        async move {
+            let Some(shard) = retired else { return };
+            for (f, from, to) in [(F::CloseShard, 0.25, 0.5), (F::DeleteShard, 0.5, 0.75)] {
+                tokio::time::sleep_until(start + duration.mul_f64(rng.random_range(from..to))).await;
+                let process = ctx.rec.process();
+                ctx.op(process, f, shard, "", None, None).await;
+            }
+        }
+    };
     let processes = (0..spec.processes_per_client).map(|p| {
         let (ctx, shards) = (ctx.clone(), shards.clone());
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ ((index as u64) << 32) ^ p as u64);
@@ -287,7 +361,11 @@ pub async fn run_client(
                 let key = format!("k{}", rng.random_range(0..spec.hot_keys));
                 let write = rng.random_bool(spec.write_ratio);
                 let stale = !write && rng.random_bool(spec.stale_read_ratio);
-                let (f, value) = if write {
+                // No draw when deletes are off, so such a workload draws as before they existed.
+                let delete = write && spec.delete_ratio > 0.0 && rng.random_bool(spec.delete_ratio);
+                let (f, value) = if delete {
+                    (F::Delete, None)
+                } else if write {
                     n += 1;
                     (F::Write, Some(format!("{}-p{process}-{n}", ctx.id)))
                 } else if stale {
@@ -310,10 +388,10 @@ pub async fn run_client(
             process
         }
     });
-    let processes = futures::future::join_all(processes).await;
-    // Final reads: every key of every shard, until each succeeds once.
+    let (processes, ()) = futures::future::join(futures::future::join_all(processes), lifecycle).await;
+    // Final reads: every key of every live shard, until each succeeds once.
     let mut process = processes.into_iter().max().unwrap_or(0);
-    for (shard, _) in shards.iter() {
+    for (shard, _) in shards.iter().filter(|(s, _)| Some(*s) != retired) {
         for k in 0..spec.hot_keys {
             let key = format!("k{k}");
             while Instant::now() < final_deadline {

@@ -837,7 +837,9 @@ where
                     self.state = meta.state;
                     self.meta = meta;
                 }
-                Ok(None) => {}
+                // The primary removed the shard's data: it was deleted. Serve
+                // nothing more (not an empty shard).
+                Ok(None) => self.state = ShardState::Deleted,
                 Err(e) => return Reply::now(Err(read_error(self.meta.shard_id, e))),
             }
             self.caught_up_at = Some(Instant::now());
