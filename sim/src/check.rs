@@ -439,7 +439,7 @@ pub fn shard_lifecycle(ops: &[Op]) -> Vec<Violation> {
     };
     let (closed, deleted) = (acked(F::CloseShard), acked(F::DeleteShard));
     let mut out = Vec::new();
-    for o in ops.iter().filter(|o| o.outcome == EventType::Ok && !matches!(o.f, F::NewShard)) {
+    for o in ops.iter().filter(|o| o.outcome == EventType::Ok && !matches!(o.f, F::NewShard | F::DeleteShard)) {
         // The earliest time the answer's view may be from.
         let view = o.invoke.saturating_sub(o.staleness_ms.unwrap_or(0) * 1_000_000);
         if let Some(&d) = deleted.get(&o.shard).filter(|&&d| view > d) {
@@ -469,6 +469,75 @@ pub fn shard_lifecycle(ops: &[Op]) -> Vec<Violation> {
                     o.invoke / 1_000_000,
                     o.node,
                     c / 1_000_000
+                ),
+            ));
+        }
+    }
+    out
+}
+
+/// What the metadata store lists must agree with what was acknowledged: a
+/// shard whose deletion was acknowledged before a listing began is not
+/// listed, and one whose close was is listed read-only.
+pub fn shard_records(ops: &[Op]) -> Vec<Violation> {
+    let acked_before = |f: F, shard: u64, t: u64| {
+        ops.iter()
+            .any(|o| o.f == f && o.shard == shard && o.outcome == EventType::Ok && o.complete.is_some_and(|c| c < t))
+    };
+    let mut out = Vec::new();
+    for list in ops.iter().filter(|o| o.f == F::ListShards && o.outcome == EventType::Ok) {
+        for entry in list.value.as_deref().unwrap_or("").split(',').filter(|e| !e.is_empty()) {
+            let Some((id, state)) = entry.split_once(':') else { continue };
+            let Ok(shard) = id.parse::<u64>() else { continue };
+            let wrong = if acked_before(F::DeleteShard, shard, list.invoke) {
+                Some("deleted")
+            } else if state != "read-only" && acked_before(F::CloseShard, shard, list.invoke) {
+                Some("closed")
+            } else {
+                None
+            };
+            if let Some(was) = wrong {
+                out.push(violation(
+                    "shard_records",
+                    format!(
+                        "{} listed shard {shard} as {state} at {} ms, but it was {was} before",
+                        list.client,
+                        list.invoke / 1_000_000
+                    ),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// A rejected operation had no effect: a write refused because its shard is
+/// closed needs a close (acknowledged, or of unknown outcome) invoked before
+/// it; one refused because its shard was deleted, a deletion.
+pub fn rejections(ops: &[Op]) -> Vec<Violation> {
+    let may_have = |f: F, shard: u64, t: u64| {
+        ops.iter().any(|o| o.f == f && o.shard == shard && o.outcome != EventType::Fail && o.invoke < t)
+    };
+    let mut out = Vec::new();
+    for o in ops.iter().filter(|o| o.outcome == EventType::Fail && o.f != F::NewShard) {
+        let error = o.error.as_deref().unwrap_or("");
+        let cause = if error.contains("is closed (read-only)") {
+            (!may_have(F::CloseShard, o.shard, o.complete.unwrap_or(u64::MAX))).then_some("closed")
+        } else if error.contains("was deleted") {
+            (!may_have(F::DeleteShard, o.shard, o.complete.unwrap_or(u64::MAX))).then_some("deleted")
+        } else {
+            None
+        };
+        if let Some(was) = cause {
+            out.push(violation(
+                "rejections",
+                format!(
+                    "shard {}: {:?} key {:?} at {} ms was refused because the shard is {was}, but every request \
+                     that could have {was} it was rejected (no effect): {error}",
+                    o.shard,
+                    o.f,
+                    o.key,
+                    o.invoke / 1_000_000
                 ),
             ));
         }
@@ -570,6 +639,7 @@ mod tests {
             complete,
             outcome,
             staleness_ms: None,
+            error: None,
             node: "n".into(),
         }
     }
@@ -602,6 +672,38 @@ mod tests {
         let concurrent =
             vec![w(1, "a", 0, 10), op(2, F::Delete, "k", None, 35, None, EventType::Info), r(3, None, 40, 50)];
         assert!(linearizable(&concurrent).is_empty() && lost_writes(&concurrent).is_empty());
+    }
+
+    #[test]
+    fn a_listing_must_agree_with_acknowledged_closes_and_deletes() {
+        let close = op(1, F::CloseShard, "", None, 100, Some(110), EventType::Ok);
+        let delete = op(2, F::DeleteShard, "", None, 200, Some(210), EventType::Ok);
+        let list = |v: &str, at: u64| op(3, F::ListShards, "", Some(v), at, Some(at + 5), EventType::Ok);
+        assert!(shard_records(&[close.clone(), list("1:read-only", 150)]).is_empty());
+        assert!(shard_records(&[close.clone(), delete.clone(), list("", 300)]).is_empty());
+        assert_eq!(shard_records(&[close.clone(), list("1:active", 150)]).len(), 1, "closed, listed active");
+        let v = shard_records(&[close, delete, list("1:read-only", 300)]);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("listed shard 1 as read-only"), "{v:?}");
+        // A listing that began before the delete was acknowledged may show it.
+        let d = op(2, F::DeleteShard, "", None, 200, Some(210), EventType::Ok);
+        assert!(shard_records(&[d, list("1:active", 205)]).is_empty());
+    }
+
+    #[test]
+    fn a_rejected_close_must_have_had_no_effect() {
+        let refused = |i| {
+            let mut o = op(5, F::Write, "k", Some("x"), i, Some(i + 5), EventType::Fail);
+            o.error = Some("shard 1 is closed (read-only) and takes no more writes: create a new shard".into());
+            o
+        };
+        let rejected_close = op(1, F::CloseShard, "", None, 100, Some(110), EventType::Fail);
+        let v = rejections(&[rejected_close.clone(), refused(200)]);
+        assert_eq!(v.len(), 1, "a rejected close closed the shard: {v:?}");
+        let unknown_close = op(2, F::CloseShard, "", None, 120, None, EventType::Info);
+        assert!(rejections(&[rejected_close, unknown_close, refused(200)]).is_empty(), "an unknown close may have");
+        let acked = op(1, F::CloseShard, "", None, 100, Some(110), EventType::Ok);
+        assert!(rejections(&[acked, refused(200)]).is_empty());
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub enum F {
     CloseShard,
     /// Delete the shard.
     DeleteShard,
+    /// List the client's shards; the completion's `value` is
+    /// `id:state,...` (`active`, `read-only`), by id.
+    ListShards,
 }
 
 impl F {
@@ -59,6 +62,7 @@ impl F {
             F::Delete => "delete",
             F::CloseShard => "close_shard",
             F::DeleteShard => "delete_shard",
+            F::ListShards => "list_shards",
         }
     }
 }
@@ -105,6 +109,8 @@ pub struct Op {
     pub node: String,
     /// See `Event::staleness_ms`.
     pub staleness_ms: Option<u64>,
+    /// Why it failed (`fail`, `info`).
+    pub error: Option<String>,
 }
 
 /// The events of one run, in the order they happened.
@@ -152,6 +158,7 @@ impl History {
                         outcome: EventType::Info,
                         node: e.node.clone(),
                         staleness_ms: None,
+                        error: None,
                     };
                     assert!(open.insert(e.process, op).is_none(), "process {} invoked twice", e.process);
                 }
@@ -162,7 +169,7 @@ impl History {
                     if kind != EventType::Info {
                         op.complete = Some(e.time);
                     }
-                    if matches!(e.f, F::Read | F::StaleRead | F::NewShard) {
+                    if matches!(e.f, F::Read | F::StaleRead | F::NewShard | F::ListShards) {
                         op.value = e.value.clone();
                     }
                     if e.f == F::NewShard {
@@ -170,6 +177,7 @@ impl History {
                     }
                     op.node = e.node.clone();
                     op.staleness_ms = e.staleness_ms;
+                    op.error = e.error.clone();
                     done.push(op);
                 }
             }

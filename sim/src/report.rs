@@ -146,6 +146,8 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
     violations.extend(check::shard_ids(&ops));
     violations.extend(check::isolation(&ops));
     violations.extend(check::shard_lifecycle(&ops));
+    violations.extend(check::shard_records(&ops));
+    violations.extend(check::rejections(&ops));
     violations.extend(check::liveness(&ops, &outcome.disruptions, liveness_bound_ms * 1_000_000));
     let mut counts = OpCounts::default();
     for o in &ops {
@@ -157,7 +159,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
                 match o.f {
                     F::Write | F::Delete => counts.writes_ok += 1,
                     F::Read | F::StaleRead => counts.reads_ok += 1,
-                    F::NewShard | F::CloseShard | F::DeleteShard => {}
+                    F::NewShard | F::CloseShard | F::DeleteShard | F::ListShards => {}
                 }
             }
             EventType::Fail => counts.fail += 1,

@@ -89,6 +89,9 @@ pub struct WorkloadSpec {
     /// drawn in the second quarter of the run and deletes it in the third,
     /// while its processes keep using it.
     pub lifecycle: bool,
+    /// Share of clients whose lifecycle task closes and deletes at the same
+    /// moment (the two race) rather than one after the other.
+    pub lifecycle_race_ratio: f64,
     /// Share of operations sent, with the client's own id, to another client's shard.
     pub cross_client_ratio: f64,
     /// Share of reads that accept stale data, sent to a random node (backups serve them).
@@ -112,6 +115,7 @@ impl Default for WorkloadSpec {
             write_ratio: 0.5,
             delete_ratio: 0.1,
             lifecycle: true,
+            lifecycle_race_ratio: 0.5,
             cross_client_ratio: 0.02,
             random_node_ratio: 0.05,
             stale_read_ratio: 0.1,

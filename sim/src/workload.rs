@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use attache_actors::client::{self, CallSpec, Client, ClientSettings, Failure, Served};
-use attache_actors::service::proto::{DeleteRequest, GetRequest, NewShardRequest, PutRequest, ShardRef};
+use attache_actors::service::proto::{
+    DeleteRequest, GetRequest, ListShardsRequest, NewShardRequest, PutRequest, ShardRef, ShardState as ProtoShardState,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::time::{Duration, Instant};
@@ -172,6 +174,46 @@ impl ClientCtx {
         None
     }
 
+    /// Lists the client's shards until one listing succeeds or `deadline`,
+    /// recording each attempt as a `ListShards` op under `process` and
+    /// later ids.
+    async fn list_shards(&self, mut process: u64, deadline: Instant) {
+        while Instant::now() < deadline {
+            self.event(process, EventType::Invoke, F::ListShards, 0, "", None, "", None);
+            let req = ListShardsRequest { client_id: self.id.clone() };
+            let result = self
+                .client
+                .call(CallSpec::any(), |mut c| {
+                    let r = req.clone();
+                    async move { c.list_shards(r).await }
+                })
+                .await;
+            match result {
+                Ok(served) => {
+                    let mut listed: Vec<(u64, i32)> =
+                        served.value.shards.iter().map(|s| (s.shard_id, s.state)).collect();
+                    listed.sort_unstable();
+                    let value = listed
+                        .iter()
+                        .map(|(id, state)| {
+                            let state = if *state == ProtoShardState::ReadOnly as i32 { "read-only" } else { "active" };
+                            format!("{id}:{state}")
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",");
+                    self.event(process, EventType::Ok, F::ListShards, 0, "", Some(value), &served.addr, None);
+                    return;
+                }
+                Err(f) => {
+                    let kind = if f.outcome == client::Outcome::Rejected { EventType::Fail } else { EventType::Info };
+                    self.event(process, kind, F::ListShards, 0, "", None, &f.addr, Some(f.status.message().into()));
+                    process = self.rec.process();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// One read or write through the client, its first attempt at node `at`
     /// when given; returns (the process must take a new id, the operation
     /// succeeded).
@@ -242,7 +284,7 @@ impl ClientCtx {
                     .await;
                 Outcome::from(result)
             }
-            F::Read | F::StaleRead | F::NewShard => {
+            F::Read | F::StaleRead | F::NewShard | F::ListShards => {
                 let req = GetRequest {
                     shard_id: shard,
                     client_id: self.id.clone(),
@@ -330,6 +372,19 @@ pub async fn run_client(
         let start = end.checked_sub(duration).unwrap_or(end);
         async move {
             let Some(shard) = retired else { return };
+            // Half the clients close and delete at the same moment, so the
+            // two race (in the shard and in the metadata store).
+            // (No draw when the ratio is 0: such a workload draws as before.)
+            if spec.lifecycle_race_ratio > 0.0 && rng.random_bool(spec.lifecycle_race_ratio) {
+                tokio::time::sleep_until(start + duration.mul_f64(rng.random_range(0.25..0.75))).await;
+                let (close, delete) = (ctx.rec.process(), ctx.rec.process());
+                futures::future::join(
+                    ctx.op(close, F::CloseShard, shard, "", None, None),
+                    ctx.op(delete, F::DeleteShard, shard, "", None, None),
+                )
+                .await;
+                return;
+            }
             for (f, from, to) in [(F::CloseShard, 0.25, 0.5), (F::DeleteShard, 0.5, 0.75)] {
                 tokio::time::sleep_until(start + duration.mul_f64(rng.random_range(from..to))).await;
                 let process = ctx.rec.process();
@@ -405,5 +460,9 @@ pub async fn run_client(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+    // The client's shard records, as the metadata store lists them.
+    if spec.lifecycle {
+        ctx.list_shards(ctx.rec.process(), final_deadline).await;
     }
 }

@@ -174,3 +174,28 @@ async fn a_takeover_claim_loses_while_the_old_primary_is_registered() {
     let won = ops.claim_volume("vol-1", 2, Some(&current)).await.unwrap().unwrap();
     assert_eq!((won.primary, won.epoch), (2, 3));
 }
+
+/// Shard states only move forward: a close that lands after a delete (the
+/// two raced) leaves the record deleted; repeating a state changes nothing.
+#[tokio::test]
+async fn shard_states_only_move_forward() {
+    use attache_actors::meta::store::ShardRecord;
+    use attache_actors::shard::layout::ShardState;
+    let backend = EmbeddedBackend::open(&HostHandle::new(TaskHost), Arc::new(MemMetaLog::default())).await.unwrap();
+    let ops = MetaOps::new(backend, policy(), 1);
+    let record = ShardRecord {
+        shard_id: 7,
+        client_id: "c".into(),
+        volume_id: "vol-1".into(),
+        state: ShardState::Active,
+        size_limit: 1 << 20,
+    };
+    ops.register_shard(&record).await.unwrap();
+    ops.set_shard_state(7, ShardState::Deleted).await.unwrap();
+    ops.set_shard_state(7, ShardState::ReadOnly).await.unwrap();
+    assert_eq!(ops.shard(7).await.unwrap().unwrap().state, ShardState::Deleted, "a late close undid a delete");
+    ops.set_shard_state(7, ShardState::Deleted).await.unwrap();
+    assert_eq!(ops.shard(7).await.unwrap().unwrap().state, ShardState::Deleted);
+    let missing = ops.set_shard_state(8, ShardState::ReadOnly).await;
+    assert!(matches!(missing, Err(MetaError::Invalid(_))), "{missing:?}");
+}

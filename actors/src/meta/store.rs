@@ -85,6 +85,19 @@ pub struct NodeRecord {
     pub volumes: Vec<String>,
 }
 
+/// Most compare-and-swap rounds `MetaOps::set_shard_state` runs before it
+/// gives up (each lost round means another change landed).
+pub const STATE_CAS_ROUNDS: usize = 16;
+
+/// A shard state's place in the only order states move in.
+fn state_rank(state: ShardState) -> u8 {
+    match state {
+        ShardState::Active => 0,
+        ShardState::ReadOnly => 1,
+        ShardState::Deleted => 2,
+    }
+}
+
 /// Key of a shard's record.
 pub fn shard_key(id: ShardId) -> String {
     format!("{ROOT}shards/{id:020}")
@@ -208,15 +221,37 @@ impl MetaOps {
         self.get(&shard_key(id)).await?.as_ref().map(from_json).transpose()
     }
 
-    /// Sets a shard record's state (idempotent).
+    /// Moves a shard record's state forward (active, then read-only, then
+    /// deleted), never back: a compare-and-swap on the record's revision,
+    /// read again and repeated when another change got there first, so a
+    /// close racing a delete cannot leave a deleted shard read-only. A state
+    /// at or before the record's changes nothing (idempotent).
+    ///
+    /// Errors: `Invalid` when the shard has no record; the backend's after
+    /// its retries; `Unavailable` after [`STATE_CAS_ROUNDS`] lost races.
     pub async fn set_shard_state(&self, id: ShardId, state: ShardState) -> Result<(), MetaError> {
-        let Some(mut record) = self.shard(id).await? else {
-            return Err(MetaError::Invalid(format!("shard {id} has no record")));
-        };
-        record.state = state;
-        let (key, value) = (shard_key(id), to_json(&record));
-        retry(&self.policy, &self.jitter, "set shard state", || self.backend.put(key.as_bytes(), &value, 0)).await?;
-        Ok(())
+        let key = shard_key(id);
+        for _ in 0..STATE_CAS_ROUNDS {
+            let Some(kv) = self.get(&key).await? else {
+                return Err(MetaError::Invalid(format!("shard {id} has no record")));
+            };
+            let mut record: ShardRecord = from_json(&kv)?;
+            if state_rank(record.state) >= state_rank(state) {
+                return Ok(());
+            }
+            record.state = state;
+            let txn = Txn {
+                compare: vec![Compare::mod_revision(key.clone().into_bytes(), CompareOp::Equal, kv.mod_revision)],
+                success: vec![TxnOp::Put { key: key.clone().into_bytes(), value: to_json(&record), lease: 0 }],
+                failure: vec![],
+            };
+            // A repeat after an unknown outcome is safe: if the first landed,
+            // the compare fails and the next round reads the state it set.
+            if retry(&self.policy, &self.jitter, "set shard state", || self.backend.txn(txn.clone())).await?.succeeded {
+                return Ok(());
+            }
+        }
+        Err(MetaError::Unavailable(format!("shard {id}: its state kept changing under {STATE_CAS_ROUNDS} tries")))
     }
 
     /// Every shard record, by id; only `client_id`'s when given.
