@@ -37,6 +37,11 @@ pub enum AttacheError {
     /// A bug or a corrupt volume: `INTERNAL`.
     #[error("{0}")]
     Internal(String),
+    /// The request took effect in part, or may have: `UNAVAILABLE` without
+    /// the `attache-rejected` tag, so a client counts its outcome as unknown
+    /// and repeats it (only calls that are safe to repeat answer this).
+    #[error("{0}")]
+    OutcomeUnknown(String),
 }
 
 impl AttacheError {
@@ -47,7 +52,7 @@ impl AttacheError {
 
     /// Whether a client may retry the same request (possibly elsewhere).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, AttacheError::Unavailable { .. })
+        matches!(self, AttacheError::Unavailable { .. } | AttacheError::OutcomeUnknown(_))
     }
 }
 

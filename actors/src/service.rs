@@ -37,10 +37,15 @@ pub const PRIMARY_HINT: &str = "attache-primary";
 pub const REJECTED: &str = "attache-rejected";
 
 /// Maps an error to its gRPC status; `UNAVAILABLE` carries the primary hint
-/// in the [`PRIMARY_HINT`] metadata entry; every status carries [`REJECTED`].
+/// in the [`PRIMARY_HINT`] metadata entry; every status carries [`REJECTED`]
+/// but that of `AttacheError::OutcomeUnknown` (the request may have taken
+/// effect).
 pub fn status(e: AttacheError) -> Status {
+    let rejected = !matches!(e, AttacheError::OutcomeUnknown(_));
     let mut s = status_of(e);
-    s.metadata_mut().insert(REJECTED, tonic::metadata::MetadataValue::from_static("1"));
+    if rejected {
+        s.metadata_mut().insert(REJECTED, tonic::metadata::MetadataValue::from_static("1"));
+    }
     s
 }
 
@@ -66,6 +71,7 @@ fn status_of(e: AttacheError) -> Status {
             s
         }
         AttacheError::Internal(m) => Status::internal(m),
+        AttacheError::OutcomeUnknown(m) => Status::unavailable(m),
     }
 }
 

@@ -88,6 +88,32 @@ impl Handler<NewShard> for Node {
     }
 }
 
+/// The shard info of a deletion to finish: `Some` when the shard's record
+/// exists, is not deleted yet and is `client_id`'s (`PermissionDenied` when
+/// another client's); `None` when there is nothing to finish.
+async fn finish_delete(
+    meta: &crate::meta::MetaOps,
+    shard_id: ShardId,
+    client_id: &str,
+) -> Option<Result<crate::shard::ShardInfo, AttacheError>> {
+    let record = meta.shard(shard_id).await.ok()??;
+    if record.state == ShardState::Deleted {
+        return None;
+    }
+    if record.client_id != client_id {
+        return Some(Err(AttacheError::PermissionDenied(format!(
+            "client {client_id:?} does not own shard {shard_id}: use the client id that created it"
+        ))));
+    }
+    tracing::info!(shard_id, "finishing a delete whose data is gone but whose record is not");
+    Some(Ok(crate::shard::ShardInfo {
+        shard_id,
+        owner: record.client_id,
+        state: ShardState::Deleted,
+        size_limit: record.size_limit,
+    }))
+}
+
 macro_rules! lifecycle_call {
     ($(#[$doc:meta])* $name:ident, $state:expr, |$shards:ident, $msg:ident| $forward:expr) => {
         $(#[$doc])*
@@ -112,8 +138,25 @@ macro_rules! lifecycle_call {
                 let meta = self.meta.clone();
                 Reply::later(async move {
                     let shard_id = $msg.shard_id;
-                    let info = $forward.await.unwrap_or_else(|e| Err(e.into()))?;
-                    meta.set_shard_state(shard_id, $state).await.map_err(meta_unavailable)?;
+                    let info = match $forward.await.unwrap_or_else(|e| Err(e.into())) {
+                        Ok(info) => info,
+                        // A delete whose data is gone but whose record is
+                        // not (an earlier attempt removed the data, then
+                        // could not update the record): finish it.
+                        Err(AttacheError::NotFound(m)) if $state == ShardState::Deleted => {
+                            finish_delete(&meta, shard_id, &$msg.client_id).await.ok_or(AttacheError::NotFound(m))??
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    crate::buggify::delay("node.lifecycle.before_record", 1_000).await;
+                    // The shard has changed on its volume: a failure now is
+                    // no rejection, and the call (idempotent) is repeated.
+                    meta.set_shard_state(shard_id, $state).await.map_err(|e| {
+                        AttacheError::OutcomeUnknown(format!(
+                            "shard {shard_id} changed on its volume, but its record could not be updated: {e}; \
+                             repeat the call"
+                        ))
+                    })?;
                     Ok(PlacedShard { info, volume_id })
                 })
             }
