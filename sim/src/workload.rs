@@ -22,6 +22,19 @@ use tokio::time::{Duration, Instant};
 use crate::history::{Event, EventType, History, F};
 use crate::scenario::WorkloadSpec;
 
+/// One gRPC method through the production client: the same request on
+/// every attempt (it carries the write's request id).
+macro_rules! call {
+    ($client:expr, $spec:expr, $method:ident, $req:expr) => {
+        $client
+            .call($spec, |mut c| {
+                let r = $req.clone();
+                async move { c.$method(r).await }
+            })
+            .await
+    };
+}
+
 /// Records events with simulated timestamps; shared by every client.
 pub struct Recorder {
     start: Instant,
@@ -150,13 +163,7 @@ impl ClientCtx {
             self.event(process, EventType::Invoke, F::NewShard, 0, "", None, "", None);
             let req = NewShardRequest { client_id: self.id.clone(), size_limit_bytes: 0 };
             let spec = CallSpec::any().once().starting_at(first + round);
-            let result = self
-                .client
-                .call(spec, |mut c| {
-                    let r = req.clone();
-                    async move { c.new_shard(r).await }
-                })
-                .await;
+            let result = call!(self.client, spec, new_shard, req);
             match result {
                 Ok(served) => {
                     let (id, volume) = (served.value.shard_id, served.value.volume_id);
@@ -181,13 +188,7 @@ impl ClientCtx {
         while Instant::now() < deadline {
             self.event(process, EventType::Invoke, F::ListShards, 0, "", None, "", None);
             let req = ListShardsRequest { client_id: self.id.clone() };
-            let result = self
-                .client
-                .call(CallSpec::any(), |mut c| {
-                    let r = req.clone();
-                    async move { c.list_shards(r).await }
-                })
-                .await;
+            let result = call!(self.client, CallSpec::any(), list_shards, req);
             match result {
                 Ok(served) => {
                     let mut listed: Vec<(u64, i32)> =
@@ -240,13 +241,7 @@ impl ClientCtx {
                     key: key.as_bytes().to_vec(),
                     request_id: self.client.request_id(),
                 };
-                let result = self
-                    .client
-                    .call(spec, |mut c| {
-                        let r = req.clone();
-                        async move { c.delete(r).await }
-                    })
-                    .await;
+                let result = call!(self.client, spec, delete, req);
                 Outcome::from(result)
             }
             F::CloseShard | F::DeleteShard => {
@@ -275,13 +270,7 @@ impl ClientCtx {
                     indexes: vec![],
                     request_id: self.client.request_id(),
                 };
-                let result = self
-                    .client
-                    .call(spec, |mut c| {
-                        let r = req.clone();
-                        async move { c.put(r).await }
-                    })
-                    .await;
+                let result = call!(self.client, spec, put, req);
                 Outcome::from(result)
             }
             F::Read | F::StaleRead | F::NewShard | F::ListShards => {
@@ -291,13 +280,7 @@ impl ClientCtx {
                     key: key.as_bytes().to_vec(),
                     consistency: if f == F::StaleRead { 1 } else { 0 },
                 };
-                let result = self
-                    .client
-                    .call(spec, |mut c| {
-                        let r = req.clone();
-                        async move { c.get(r).await }
-                    })
-                    .await;
+                let result = call!(self.client, spec, get, req);
                 match result {
                     Ok(served) => {
                         let r = served.value;
