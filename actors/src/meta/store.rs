@@ -140,6 +140,12 @@ impl MetaOps {
         MetaOps { backend, policy, jitter: Jitter::new(seed), blind_claims: false }
     }
 
+    /// The backoff jitter, seeded as given to [`MetaOps::new`] (per node), for
+    /// other retries of the same caller.
+    pub fn jitter(&self) -> &Jitter {
+        &self.jitter
+    }
+
     /// Simulation only: turns the claim's compare-and-swap off (the first
     /// fencing layer), so a test can show a checker catches its absence.
     pub fn with_blind_claims(mut self) -> Self {

@@ -266,8 +266,8 @@ impl Node {
         // The metadata store must be reachable before anything else.
         let wait =
             RetryPolicy { max_attempts: u32::MAX, deadline_ms: self.cfg.metadata_wait_ms, ..RetryPolicy::default() };
-        let jitter = crate::retry::Jitter::new(0);
-        retry(&wait, &jitter, "reach metadata store", || self.meta.backend().get(b"/attache/"))
+        // The node's own seeded jitter: nodes started together do not retry in lockstep.
+        retry(&wait, self.meta.jitter(), "reach metadata store", || self.meta.backend().get(b"/attache/"))
             .await
             .map_err(meta_unavailable)?;
         let node_id = self.node_id().await?;
