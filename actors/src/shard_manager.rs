@@ -209,7 +209,16 @@ impl ShardManager {
                 return Err(volume_error(cfg, &format!("read shard {shard_id}"), e));
             }
         };
-        assert_eq!(meta.shard_id, shard_id, "shard directory {} holds another shard's meta", path.display());
+        if meta.shard_id != shard_id {
+            engine.close().await;
+            return Err(AttacheError::Internal(format!(
+                "volume {}: shard directory {} holds the meta of shard {}, not of shard {shard_id}: the volume's \
+                 data is damaged or was copied by hand; restore the directory or remove it",
+                cfg.volume_id,
+                path.display(),
+                meta.shard_id
+            )));
+        }
         let shard = if self.cfg.read_only {
             Shard::read_only(engine, meta, self.cfg.limits.clone())
         } else {

@@ -44,7 +44,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Dev(args) => {
             let data = args.data_dir.display().to_string();
-            serve::run_nodes(args.settings(), move |addrs| {
+            serve::run_nodes(args.settings()?, move |addrs| {
                 println!("attache: dev cluster ready; data in {data}. Try:");
                 println!("  attache client --addr {} new-shard --client-id me", addrs[0]);
                 println!("  attache client --addr {} status", addrs[0]);

@@ -57,16 +57,27 @@ pub struct DevArgs {
 
 impl DevArgs {
     /// The settings of the nodes `attache dev` runs.
-    pub fn settings(self) -> Vec<NodeSettings> {
+    ///
+    /// Errors: the `--listen` port plus the number of nodes goes past 65535.
+    pub fn settings(self) -> anyhow::Result<Vec<NodeSettings>> {
         let n = self.nodes.max(1);
         let volumes = numbered_volumes(self.volumes.unwrap_or(2.max(n)).max(1));
-        (1..=n)
+        let base = self.listen.port();
+        if base != 0 && u16::try_from(n - 1).ok().and_then(|extra| base.checked_add(extra)).is_none() {
+            anyhow::bail!(
+                "--listen port {base} with --nodes {n}: node {n} would listen on port {}, past 65535; \
+                 pick a lower port (or 0 for free ports)",
+                base as usize + n - 1
+            );
+        }
+        Ok((1..=n)
             .map(|i| {
                 let mut node = NodeConfig::cluster_member(i, n, self.data_dir.join("volumes"), volumes.clone());
                 node.lease_ttl_ms = self.lease_ttl_ms;
                 let mut listen = self.listen;
-                if listen.port() != 0 {
-                    listen.set_port(listen.port() + i as u16 - 1);
+                if base != 0 {
+                    // Checked above: base + n - 1 <= 65535.
+                    listen.set_port(base + (i - 1) as u16);
                 }
                 NodeSettings {
                     data_dir: self.data_dir.join(format!("node-{i}")),
@@ -81,7 +92,7 @@ impl DevArgs {
                     node,
                 }
             })
-            .collect()
+            .collect())
     }
 }
 
@@ -110,12 +121,31 @@ pub async fn open_metadata(host: &HostHandle, spec: &str) -> anyhow::Result<Arc<
 }
 
 /// Resolves on SIGINT or SIGTERM.
+/// A handler that cannot be installed is logged and left out (the process
+/// then stops on the other signal, or is killed), never a panic or an
+/// immediate shutdown.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install the SIGTERM handler; stop this process with SIGINT");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let int = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot install the SIGINT handler; stop this process with SIGTERM");
+            std::future::pending::<()>().await;
+        }
+    };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+        _ = int => {}
+        _ = term => {}
     }
     tracing::info!("shutdown signal received");
 }
@@ -214,4 +244,33 @@ pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::DevArgs;
+
+    #[derive(Parser)]
+    struct Dev {
+        #[command(flatten)]
+        args: DevArgs,
+    }
+
+    fn dev(args: &[&str]) -> DevArgs {
+        Dev::try_parse_from(std::iter::once("dev").chain(args.iter().copied())).expect("flags parse").args
+    }
+
+    /// `attache dev --listen 127.0.0.1:65535 --nodes 2` once overflowed the
+    /// port (a panic in debug builds); now it is an error naming the flags.
+    #[test]
+    fn a_listen_port_that_leaves_no_room_for_every_node_is_an_error() {
+        let e = dev(&["--listen", "127.0.0.1:65535", "--nodes", "2"]).settings().unwrap_err().to_string();
+        assert!(e.contains("--listen port 65535 with --nodes 2") && e.contains("65536"), "{e}");
+        let ok = dev(&["--listen", "127.0.0.1:65534", "--nodes", "2"]).settings().unwrap();
+        assert_eq!(ok.iter().map(|s| s.listen.port()).collect::<Vec<_>>(), vec![65534, 65535]);
+        let free = dev(&["--listen", "127.0.0.1:0", "--nodes", "3"]).settings().unwrap();
+        assert!(free.iter().all(|s| s.listen.port() == 0));
+    }
 }

@@ -231,6 +231,7 @@ impl Scenario {
                 return Err(format!("buggify.probability is {}: it must be between 0 and 1", b.probability));
             }
         }
+        self.check_names()?;
         // The workload's client retries a call for 2 * op_timeout_ms.
         if self.timing.request_window_ms <= 2 * w.op_timeout_ms {
             return Err(format!(
@@ -256,6 +257,44 @@ impl Scenario {
         Ok(())
     }
 
+    /// Checks every node and volume a scripted fault names exists in the
+    /// cluster (`node-1`.., `vol-1`.., `meta`). Errors: the fault and the
+    /// names there are.
+    fn check_names(&self) -> Result<(), String> {
+        let nodes = self.nodes();
+        let volumes = self.volumes();
+        let node_ok = |n: &String| n == "meta" || nodes.contains(n);
+        for f in &self.faults {
+            let (named_nodes, volume): (Vec<&String>, Option<&String>) = match &f.fault {
+                Fault::EbsDetach { volume, node } | Fault::EbsReattach { volume, node } => (vec![node], Some(volume)),
+                Fault::DiskStall { volume, node, .. } => (vec![node], Some(volume)),
+                Fault::NodeCrash { node }
+                | Fault::NodeRestart { node }
+                | Fault::NodePause { node }
+                | Fault::NodeResume { node }
+                | Fault::Isolate { node }
+                | Fault::ClockJitter { node, .. } => (vec![node], None),
+                Fault::Partition { from, to, .. } => (from.iter().chain(to).collect(), None),
+                Fault::Heal | Fault::MetadataUnavailable { .. } => (vec![], None),
+            };
+            if let Some(bad) = named_nodes.into_iter().find(|n| !node_ok(n)) {
+                return Err(format!(
+                    "the fault at {} ms names node {bad:?}, but the cluster has {} and meta",
+                    f.at_ms,
+                    nodes.join(", ")
+                ));
+            }
+            if let Some(bad) = volume.filter(|v| !volumes.contains(v)) {
+                return Err(format!(
+                    "the fault at {} ms names volume {bad:?}, but the cluster has {}",
+                    f.at_ms,
+                    volumes.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Storage node names, `node-1`...
     pub fn nodes(&self) -> Vec<String> {
         (1..=self.cluster.storage_nodes).map(|i| format!("node-{i}")).collect()
@@ -264,5 +303,29 @@ impl Scenario {
     /// Volume names, `vol-1`...
     pub fn volumes(&self) -> Vec<String> {
         attache_actors::node::numbered_volumes(self.cluster.volumes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_fault(fault: &str) -> Result<Scenario, String> {
+        let text = format!("name = \"t\"\n[workload]\nduration_ms = 30000\n[[faults]]\nat_ms = 1000\n{fault}\n");
+        let s: Scenario = toml::from_str(&text).map_err(|e| e.to_string())?;
+        s.validate().map(|_| s)
+    }
+
+    /// An unknown node or volume in a scenario file once panicked in the
+    /// middle of a run; now loading it is an error that names it.
+    #[test]
+    fn a_fault_naming_an_unknown_node_or_volume_is_an_error() {
+        let e = with_fault("type = \"node_crash\"\nnode = \"node-9\"").unwrap_err();
+        assert!(e.contains("node \"node-9\"") && e.contains("node-1, node-2, node-3"), "{e}");
+        let e = with_fault("type = \"ebs_detach\"\nnode = \"node-1\"\nvolume = \"vol-7\"").unwrap_err();
+        assert!(e.contains("volume \"vol-7\""), "{e}");
+        let e = with_fault("type = \"partition\"\nfrom = [\"node-1\"]\nto = [\"metadata\"]\nboth = true").unwrap_err();
+        assert!(e.contains("\"metadata\""), "{e}");
+        with_fault("type = \"partition\"\nfrom = [\"node-1\"]\nto = [\"meta\"]\nboth = true").unwrap();
     }
 }
