@@ -8,7 +8,7 @@
 //! scripts/sim.sh run --all-scenarios --seeds 0..100
 //! scripts/sim.sh run --scenario scenarios/primary-crash.toml --seeds 0..500
 //! scripts/sim.sh replay --scenario scenarios/primary-crash.toml --seed 17 --trace-filter debug
-//! scripts/sim.sh shrink --scenario scenarios/random.toml --seed 257
+//! scripts/sim.sh shrink --scenario scenarios/random.toml --seed 1234   # a failing seed
 //! ```
 
 #[cfg(not(madsim))]
