@@ -288,6 +288,9 @@ mod runner {
         let mut rows = Vec::new();
         let mut failing = Vec::new();
         let mut all_failovers: Vec<u64> = Vec::new();
+        // Over every run: successful operations, and faults, by kind.
+        let mut ops_by_kind: std::collections::BTreeMap<String, u64> = Default::default();
+        let mut faults_by_kind: std::collections::BTreeMap<&'static str, u64> = Default::default();
         let total_wall = wall();
         for (path, s) in &scenarios {
             let pb = ProgressBar::new(seeds.end - seeds.start);
@@ -318,6 +321,12 @@ mod runner {
                 }
                 ops += report.summary.ops.invoked;
                 faults += report.summary.faults.len();
+                for (kind, n) in &report.summary.ops.ok_by_kind {
+                    *ops_by_kind.entry(kind.clone()).or_default() += n;
+                }
+                for f in &report.outcome.faults {
+                    *faults_by_kind.entry(f.fault.kind()).or_default() += 1;
+                }
                 sim_ms += report.outcome.sim_ms;
                 failovers.extend(report.summary.failovers.iter().cloned());
                 if !report.summary.violations.is_empty() {
@@ -360,6 +369,12 @@ mod runner {
             "{runs} runs in {wall_total:.1} s ({:.1} seeds/min with --jobs {jobs})",
             runs as f64 / wall_total * 60.0
         );
+        let join = |m: Vec<String>| if m.is_empty() { "none".to_string() } else { m.join(", ") };
+        println!(
+            "successful operations by kind: {}",
+            join(ops_by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect())
+        );
+        println!("faults by kind: {}", join(faults_by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect()));
         if !all_failovers.is_empty() {
             all_failovers.sort_unstable();
             println!(
