@@ -756,7 +756,11 @@ impl Handler<Close> for Shard {
         if let Err(e) = self.check_readable(&msg.client_id) {
             return Reply::now(Err(e));
         }
-        if self.state == ShardState::ReadOnly {
+        // Idempotent, but an acknowledgement means durable: only a close
+        // already committed answers at once. One still staged or in the
+        // group commit in flight (a retry of a close whose reply was slow)
+        // waits for a group commit like the first attempt does.
+        if self.meta.state == ShardState::ReadOnly {
             return Reply::now(Ok(self.info()));
         }
         self.state = ShardState::ReadOnly;
