@@ -10,6 +10,8 @@
 //! - A write is visible to `get`/`scan` once `write` has returned, never before
 //!   it is durable when it was synced.
 //! - Keys are compared as unsigned bytes (memcmp order).
+//! - A [`EngineSnapshot`] (from `snapshot`) reads the engine as it was at one
+//!   instant, whatever is written later, until the engine is closed.
 //!
 //! Implementations: `MemEngine` (this crate, for fast tests), `RocksEngine`
 //! (`attache-runtime`), `SimEngine` (`attache-sim`, a log on a simulated volume).
@@ -173,6 +175,20 @@ pub type BuildBatch = Box<dyn FnOnce(Vec<Vec<u8>>, Vec<Option<Vec<u8>>>) -> Resu
 /// A scan result: key/value pairs in key order.
 pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// A read-only view of an engine at one instant (`Engine::snapshot`): what a
+/// scan that streams several pages reads every page from, so that all its
+/// pages show one state. Views are cheap to take and hold the engine's state
+/// of that instant alive (RocksDB: a snapshot pins the versions it sees;
+/// in-memory engines: the tree, copied on the next write) until dropped.
+#[async_trait]
+pub trait EngineSnapshot: Send + Sync + 'static {
+    /// As [`Engine::scan`], on the view.
+    ///
+    /// Errors: `Closed` once the engine is closed (a view ends with its
+    /// engine), `Io`.
+    async fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, EngineError>;
+}
+
 /// An ordered, durable key-value store (see the module docs for the contract).
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
@@ -217,6 +233,11 @@ pub trait Engine: Send + Sync + 'static {
     /// Up to `limit` pairs with `start <= key < end` (`end = None`: no upper
     /// bound), in key order.
     async fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, EngineError>;
+
+    /// A view of the engine as it is now, which later writes do not change.
+    ///
+    /// Errors: `Closed`, `Io`.
+    async fn snapshot(&self) -> Result<Arc<dyn EngineSnapshot>, EngineError>;
 
     /// Approximate bytes the engine occupies on its volume.
     async fn approximate_size(&self) -> Result<u64, EngineError>;

@@ -14,15 +14,48 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 
 use crate::engine::{
-    BatchOp, Engine, EngineCounters, EngineError, EngineFactory, EngineStats, KvPairs, OpenMode, WriteBatch,
+    BatchOp, Engine, EngineCounters, EngineError, EngineFactory, EngineSnapshot, EngineStats, KvPairs, OpenMode,
+    WriteBatch,
 };
 
-type Tree = BTreeMap<Vec<u8>, Vec<u8>>;
+/// The ordered map an in-memory engine keeps.
+pub type Tree = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// A snapshot of an in-memory engine: its tree as it was (shared until the
+/// engine's next write copies it: `Arc::make_mut`) and the engine's closed
+/// flag; shared by the in-memory engines.
+pub struct TreeSnapshot {
+    tree: Arc<Tree>,
+    closed: Arc<AtomicBool>,
+    counters: Arc<EngineCounters>,
+}
+
+impl TreeSnapshot {
+    /// A view of `tree`, ending when `closed` is set; its reads count in `counters`.
+    pub fn new(tree: Arc<Tree>, closed: Arc<AtomicBool>, counters: Arc<EngineCounters>) -> Self {
+        TreeSnapshot { tree, closed, counters }
+    }
+}
+
+#[async_trait]
+impl EngineSnapshot for TreeSnapshot {
+    async fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, EngineError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(EngineError::Closed);
+        }
+        let pairs = scan_tree(&self.tree, start, end, limit);
+        self.counters.read(pairs.len() as u64, pairs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum());
+        Ok(pairs)
+    }
+}
+
+/// One engine's tree, shared by its opens; copied on write while a snapshot holds it.
+type SharedTree = Arc<Mutex<Arc<Tree>>>;
 
 /// Holds every `MemEngine`'s data by path; clones share it.
 #[derive(Clone, Default, Debug)]
 pub struct MemEngineFactory {
-    stores: Arc<Mutex<BTreeMap<PathBuf, Arc<Mutex<Tree>>>>>,
+    stores: Arc<Mutex<BTreeMap<PathBuf, SharedTree>>>,
 }
 
 impl MemEngineFactory {
@@ -39,7 +72,7 @@ impl EngineFactory for MemEngineFactory {
         let tree = match (stores.get(path), mode) {
             (Some(tree), _) => tree.clone(),
             (None, OpenMode::ReadWrite { create: true }) => {
-                let tree = Arc::new(Mutex::new(Tree::new()));
+                let tree = Arc::new(Mutex::new(Arc::new(Tree::new())));
                 stores.insert(path.to_path_buf(), tree.clone());
                 tree
             }
@@ -48,8 +81,8 @@ impl EngineFactory for MemEngineFactory {
         Ok(Arc::new(MemEngine {
             tree,
             read_only: mode == OpenMode::ReadOnly,
-            closed: AtomicBool::new(false),
-            counters: EngineCounters::default(),
+            closed: Arc::default(),
+            counters: Arc::default(),
         }))
     }
 
@@ -66,14 +99,14 @@ impl EngineFactory for MemEngineFactory {
 /// An in-memory engine; see the module docs.
 #[derive(Debug)]
 pub struct MemEngine {
-    tree: Arc<Mutex<Tree>>,
+    tree: SharedTree,
     read_only: bool,
-    closed: AtomicBool,
-    counters: EngineCounters,
+    closed: Arc<AtomicBool>,
+    counters: Arc<EngineCounters>,
 }
 
 impl MemEngine {
-    fn tree(&self) -> Result<std::sync::MutexGuard<'_, Tree>, EngineError> {
+    fn tree(&self) -> Result<std::sync::MutexGuard<'_, Arc<Tree>>, EngineError> {
         if self.closed.load(Ordering::Acquire) {
             return Err(EngineError::Closed);
         }
@@ -111,7 +144,7 @@ impl Engine for MemEngine {
         if self.read_only {
             return Err(EngineError::ReadOnly);
         }
-        apply_batch(&mut *self.tree()?, &batch);
+        apply_batch(Arc::make_mut(&mut *self.tree()?), &batch);
         self.counters.wrote(&batch);
         Ok(())
     }
@@ -137,6 +170,11 @@ impl Engine for MemEngine {
         Ok(pairs)
     }
 
+    async fn snapshot(&self) -> Result<Arc<dyn EngineSnapshot>, EngineError> {
+        let tree = self.tree()?.clone();
+        Ok(Arc::new(TreeSnapshot::new(tree, self.closed.clone(), self.counters.clone())))
+    }
+
     async fn approximate_size(&self) -> Result<u64, EngineError> {
         Ok(self.tree()?.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum())
     }
@@ -148,5 +186,24 @@ impl Engine for MemEngine {
 
     async fn close(&self) {
         self.closed.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_snapshot_reads_one_instant_and_ends_with_the_engine() {
+        let f = MemEngineFactory::new();
+        let e = f.open(Path::new("/v/s"), OpenMode::ReadWrite { create: true }).await.unwrap();
+        e.put(b"a", b"1", true).await.unwrap();
+        let snap = e.snapshot().await.unwrap();
+        e.put(b"a", b"2", true).await.unwrap();
+        e.put(b"b", b"2", true).await.unwrap();
+        assert_eq!(snap.scan(b"", None, 10).await.unwrap(), vec![(b"a".to_vec(), b"1".to_vec())]);
+        assert_eq!(e.scan(b"", None, 10).await.unwrap().len(), 2);
+        e.close().await;
+        assert!(matches!(snap.scan(b"", None, 10).await, Err(EngineError::Closed)));
     }
 }

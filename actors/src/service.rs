@@ -123,21 +123,26 @@ pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send
 #[derive(Clone)]
 pub struct AttacheService {
     node: Addr<Node>,
+    /// Entries a scan stream asks a shard for at a time: [`SCAN_PAGE`], or
+    /// the node's `Limits::max_scan_page` when smaller (a shard returns no
+    /// more, and a page shorter than asked ends the stream).
+    scan_page: u64,
 }
 
 impl AttacheService {
-    /// The service in front of `node`.
-    pub fn new(node: Addr<Node>) -> Self {
-        AttacheService { node }
+    /// The service in front of `node`, whose shards return at most
+    /// `max_scan_page` entries per read (`Limits::max_scan_page`).
+    pub fn new(node: Addr<Node>, max_scan_page: usize) -> Self {
+        AttacheService { node, scan_page: SCAN_PAGE.min(max_scan_page.max(1) as u64) }
     }
 
     /// Starts a `Node` with `cfg` and `parts` on `host` and returns its
     /// address with the gRPC server that serves it: how `attache dev`,
     /// `attache node` and the simulated cluster all start a node.
     pub fn start(host: &HostHandle, cfg: NodeConfig, parts: NodeParts) -> (Addr<Node>, Server) {
-        let max_batch_bytes = cfg.limits.max_batch_bytes;
+        let (max_batch_bytes, max_scan_page) = (cfg.limits.max_batch_bytes, cfg.limits.max_scan_page);
         let node = host.spawn(Node::new(cfg, parts), NODE_MAILBOX_CAPACITY);
-        (node.clone(), AttacheService::new(node).into_server(max_batch_bytes))
+        (node.clone(), AttacheService::new(node, max_scan_page).into_server(max_batch_bytes))
     }
 
     /// The tonic server wrapper. Requests may be up to twice the largest
@@ -201,13 +206,14 @@ async fn timed<T>(
     result.map_err(status)
 }
 
-/// Entries a scan stream asks a shard for at a time.
+/// Most entries a scan stream asks a shard for at a time.
 const SCAN_PAGE: u64 = 1000;
 
-/// Streams pages: `first` (fetched already, so its errors become the call's
-/// status), then `next(cursor, want)` until a short page or `limit` items in
-/// all (0: no limit). `cursor` is the last item of the previous page.
-fn pages<T, R, F, Fut>(first: Vec<T>, limit: u64, wrap: fn(Vec<T>) -> R, next: F) -> ResponseStream<R>
+/// Streams pages of `page` items: `first` (fetched already, so its errors
+/// become the call's status), then `next(cursor, want)` until a short page
+/// or `limit` items in all (0: no limit). `cursor` is the last item of the
+/// previous page. `page` must not exceed what one shard read returns.
+fn pages<T, R, F, Fut>(page: u64, first: Vec<T>, limit: u64, wrap: fn(Vec<T>) -> R, next: F) -> ResponseStream<R>
 where
     T: Clone + Send + 'static,
     R: Send + 'static,
@@ -215,14 +221,14 @@ where
     Fut: std::future::Future<Output = Result<Vec<T>, Status>> + Send + 'static,
 {
     let mut remaining = if limit == 0 { u64::MAX } else { limit };
-    let want = remaining.min(SCAN_PAGE);
+    let want = remaining.min(page);
     let more = first.len() as u64 == want && remaining > want;
     remaining -= first.len() as u64;
     let cursor = if more { first.last().cloned() } else { None };
     let head = stream::iter((!first.is_empty()).then(|| Ok(wrap(first))));
     let tail = stream::unfold((cursor, remaining, next), move |(cursor, remaining, next)| async move {
         let cursor = cursor?;
-        let want = remaining.min(SCAN_PAGE);
+        let want = remaining.min(page);
         match next(cursor, want as u32).await {
             Err(e) => Some((Err(e), (None, 0, next))),
             Ok(page) if page.is_empty() => None,
@@ -343,8 +349,22 @@ impl Attache for AttacheService {
     async fn scan(&self, req: Request<proto::ScanRequest>) -> Result<Response<Self::ScanStream>, Status> {
         let r = req.into_inner();
         let (shard_id, client_id, end) = (r.shard_id, r.client_id, r.end);
-        let want = if r.limit == 0 { SCAN_PAGE } else { r.limit.min(SCAN_PAGE) } as u32;
+        let want = if r.limit == 0 { self.scan_page } else { r.limit.min(self.scan_page) } as u32;
         let consistency = r.consistency;
+        let wrap = |page: Vec<(Vec<u8>, Vec<u8>)>| proto::ScanResponse {
+            entries: page.into_iter().map(|(key, value)| proto::KeyValue { key, value }).collect(),
+        };
+        if consistency == proto::ReadConsistency::Linearizable as i32 {
+            // Every page from the snapshot the first page read: the scan is
+            // one linearizable read, at that page's moment.
+            let op = shard::ScanSnapshot { client_id, start: r.start, end, limit: want };
+            let (first, rest) = self.call("scan", shard_id, op).await?;
+            let next = move |(last, _): (Vec<u8>, Vec<u8>), limit| {
+                let rest = rest.clone();
+                async move { timed("scan", rest.page(&successor(&last), limit)).await }
+            };
+            return Ok(Response::new(pages(self.scan_page, first, r.limit, wrap, next)));
+        }
         let op = shard::Scan { client_id: client_id.clone(), start: r.start, end: end.clone(), limit: want };
         let first = self.read("scan", shard_id, op, consistency).await?.0;
         let service = self.clone();
@@ -353,10 +373,7 @@ impl Attache for AttacheService {
             let service = service.clone();
             async move { service.read("scan", shard_id, op, consistency).await.map(|(page, _)| page) }
         };
-        let wrap = |page: Vec<(Vec<u8>, Vec<u8>)>| proto::ScanResponse {
-            entries: page.into_iter().map(|(key, value)| proto::KeyValue { key, value }).collect(),
-        };
-        Ok(Response::new(pages(first, r.limit, wrap, next)))
+        Ok(Response::new(pages(self.scan_page, first, r.limit, wrap, next)))
     }
 
     async fn scan_index(
@@ -365,7 +382,7 @@ impl Attache for AttacheService {
     ) -> Result<Response<Self::ScanIndexStream>, Status> {
         let r = req.into_inner();
         let (shard_id, client_id, name, prefix) = (r.shard_id, r.client_id, r.name, r.value_prefix);
-        let want = if r.limit == 0 { SCAN_PAGE } else { r.limit.min(SCAN_PAGE) } as u32;
+        let want = if r.limit == 0 { self.scan_page } else { r.limit.min(self.scan_page) } as u32;
         let op = shard::ScanIndex {
             client_id: client_id.clone(),
             name: name.clone(),
@@ -389,7 +406,7 @@ impl Attache for AttacheService {
         let wrap = |page: Vec<shard::IndexHit>| proto::ScanIndexResponse {
             hits: page.into_iter().map(|h| proto::IndexHit { value: h.value, key: h.key }).collect(),
         };
-        Ok(Response::new(pages(first, r.limit, wrap, next)))
+        Ok(Response::new(pages(self.scan_page, first, r.limit, wrap, next)))
     }
 
     async fn shard_stats(&self, req: Request<proto::ShardRef>) -> Result<Response<proto::ShardStatsResponse>, Status> {

@@ -6,6 +6,9 @@
 //! before the write returns and before it is visible to readers, so a write
 //! acknowledged to a client survives a crash of the process or the machine.
 //! RocksDB's LOCK file keeps a second read-write holder out of a shard.
+//! `snapshot` takes a RocksDB snapshot (the versions it sees stay readable
+//! until it is released); `close` releases the live ones before it waits
+//! for calls in flight.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -13,9 +16,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use attache_actors::engine::{
-    BatchOp, BuildBatch, Engine, EngineCounters, EngineError, EngineFactory, EngineStats, KvPairs, OpenMode, WriteBatch,
+    BatchOp, BuildBatch, Engine, EngineCounters, EngineError, EngineFactory, EngineSnapshot, EngineStats, KvPairs,
+    OpenMode, WriteBatch,
 };
-use rocksdb::{Direction, ErrorKind, IteratorMode, Options, ReadOptions, WriteOptions, DB};
+use rocksdb::{Direction, ErrorKind, IteratorMode, Options, ReadOptions, SnapshotWithThreadMode, WriteOptions, DB};
 
 /// How long `close` waits for calls still in flight to let go of the DB.
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
@@ -110,6 +114,7 @@ impl RocksEngineFactory {
             .map_err(|e| engine_error(&path, e))?;
             let engine: Arc<dyn Engine> = Arc::new(RocksEngine {
                 db: RwLock::new(Some(Arc::new(db))),
+                snapshots: Default::default(),
                 path,
                 read_only: mode == OpenMode::ReadOnly,
                 counters: Arc::new(EngineCounters::default()),
@@ -152,6 +157,8 @@ impl EngineFactory for RocksEngineFactory {
 /// One RocksDB database; see the module docs.
 pub struct RocksEngine {
     db: RwLock<Option<Arc<DB>>>,
+    /// Snapshots taken and maybe still held, released by `close`.
+    snapshots: std::sync::Mutex<Vec<std::sync::Weak<std::sync::Mutex<Option<HeldSnapshot>>>>>,
     path: PathBuf,
     read_only: bool,
     counters: Arc<EngineCounters>,
@@ -162,6 +169,73 @@ impl RocksEngine {
     fn db(&self) -> Result<Arc<DB>, EngineError> {
         self.db.read().expect("rocks engine lock").clone().ok_or(EngineError::Closed)
     }
+}
+
+/// A RocksDB snapshot borrowing the DB it belongs to.
+type DbSnapshot<'a> = SnapshotWithThreadMode<'a, DB>;
+
+self_cell::self_cell!(
+    /// A RocksDB snapshot together with the DB handle it borrows, so it can
+    /// outlive the call that took it (a scan's later pages); dropping it
+    /// releases the snapshot, then the handle.
+    struct HeldSnapshot {
+        owner: Arc<DB>,
+        #[covariant]
+        dependent: DbSnapshot,
+    }
+);
+
+/// A live snapshot; `None` once its engine closed (which released it).
+type SnapshotSlot = Arc<std::sync::Mutex<Option<HeldSnapshot>>>;
+
+/// The engine's view at one instant (`Engine::snapshot`): a RocksDB snapshot,
+/// which pins the data versions it sees until released. `RocksEngine::close`
+/// releases every live one first, so a scan still streaming never holds the
+/// DB (and its LOCK) open.
+struct RocksSnapshot {
+    slot: SnapshotSlot,
+    path: PathBuf,
+    counters: Arc<EngineCounters>,
+}
+
+#[async_trait]
+impl EngineSnapshot for RocksSnapshot {
+    async fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, EngineError> {
+        let (slot, path, counters) = (self.slot.clone(), self.path.clone(), self.counters.clone());
+        let (start, end) = (start.to_vec(), end.map(<[u8]>::to_vec));
+        blocking(move || {
+            let held = slot.lock().expect("rocks snapshot lock");
+            let Some(held) = held.as_ref() else { return Err(EngineError::Closed) };
+            if end.as_ref().is_some_and(|end| *end <= start) {
+                return Ok(Vec::new());
+            }
+            let mut ro = ReadOptions::default();
+            if let Some(end) = end {
+                ro.set_iterate_upper_bound(end);
+            }
+            let iter = held.borrow_dependent().iterator_opt(IteratorMode::From(&start, Direction::Forward), ro);
+            collect_pairs(iter, limit, &path, &counters)
+        })
+        .await
+    }
+}
+
+/// Up to `limit` pairs of `iter`, counted as reads.
+fn collect_pairs(
+    iter: impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>>,
+    limit: usize,
+    path: &Path,
+    counters: &EngineCounters,
+) -> Result<KvPairs, EngineError> {
+    let mut pairs = Vec::new();
+    let mut bytes = 0;
+    for item in iter.take(limit) {
+        let (k, v) = item.map_err(|e| engine_error(path, e))?;
+        bytes += (k.len() + v.len()) as u64;
+        pairs.push((k.into_vec(), v.into_vec()));
+    }
+    counters.read(pairs.len() as u64, bytes);
+    Ok(pairs)
 }
 
 /// Writes `batch` to `db` (on the calling thread: callers are on the blocking
@@ -254,17 +328,19 @@ impl Engine for RocksEngine {
             if let Some(end) = end {
                 ro.set_iterate_upper_bound(end);
             }
-            let mut pairs = Vec::new();
-            let mut bytes = 0;
-            for item in db.iterator_opt(IteratorMode::From(&start, Direction::Forward), ro).take(limit) {
-                let (k, v) = item.map_err(|e| engine_error(&path, e))?;
-                bytes += (k.len() + v.len()) as u64;
-                pairs.push((k.into_vec(), v.into_vec()));
-            }
-            counters.read(pairs.len() as u64, bytes);
-            Ok(pairs)
+            collect_pairs(db.iterator_opt(IteratorMode::From(&start, Direction::Forward), ro), limit, &path, &counters)
         })
         .await
+    }
+
+    async fn snapshot(&self) -> Result<Arc<dyn EngineSnapshot>, EngineError> {
+        let db = self.db()?;
+        let held = blocking(move || HeldSnapshot::new(db, |db| db.snapshot())).await;
+        let slot: SnapshotSlot = Arc::new(std::sync::Mutex::new(Some(held)));
+        let mut live = self.snapshots.lock().expect("rocks snapshots lock");
+        live.retain(|w| w.strong_count() > 0);
+        live.push(Arc::downgrade(&slot));
+        Ok(Arc::new(RocksSnapshot { slot, path: self.path.clone(), counters: self.counters.clone() }))
     }
 
     async fn approximate_size(&self) -> Result<u64, EngineError> {
@@ -314,6 +390,15 @@ impl Engine for RocksEngine {
         let Some(db) = self.db.write().expect("rocks engine lock").take() else {
             return;
         };
+        // Release every live snapshot: each holds the DB.
+        let live = std::mem::take(&mut *self.snapshots.lock().expect("rocks snapshots lock"));
+        let slots: Vec<SnapshotSlot> = live.iter().filter_map(std::sync::Weak::upgrade).collect();
+        blocking(move || {
+            for slot in slots {
+                slot.lock().expect("rocks snapshot lock").take();
+            }
+        })
+        .await;
         let weak = Arc::downgrade(&db);
         drop(db);
         // Calls in flight hold the DB; it closes (and releases its LOCK) when the last one ends.
@@ -346,5 +431,31 @@ mod tests {
         assert!(matches!(r.put(b"c", b"3", true).await, Err(EngineError::ReadOnly)));
         r.close().await;
         w.close().await;
+    }
+
+    #[actix_rt::test]
+    async fn a_snapshot_reads_one_instant_and_ends_with_the_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = RocksEngineFactory::new();
+        let e = f.open(dir.path(), OpenMode::ReadWrite { create: true }).await.unwrap();
+        e.put(b"a", b"1", true).await.unwrap();
+        e.put(b"b", b"1", true).await.unwrap();
+        let snap = e.snapshot().await.unwrap();
+        e.put(b"a", b"2", true).await.unwrap();
+        e.delete(b"b", true).await.unwrap();
+        e.put(b"c", b"2", true).await.unwrap();
+        let then = vec![(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), b"1".to_vec())];
+        assert_eq!(snap.scan(b"", None, 10).await.unwrap(), then);
+        assert_eq!(snap.scan(b"b", None, 10).await.unwrap(), then[1..].to_vec(), "a later page of the same view");
+        assert_eq!(e.scan(b"", None, 10).await.unwrap().len(), 2, "the engine itself moved on (a=2, c=2)");
+        // Close releases the held snapshot at once rather than waiting for it.
+        let t = std::time::Instant::now();
+        e.close().await;
+        assert!(t.elapsed() < Duration::from_secs(5), "close waited {:?} for a held snapshot", t.elapsed());
+        assert!(matches!(snap.scan(b"", None, 10).await, Err(EngineError::Closed)));
+        // The DB (and its LOCK) is gone: it opens read-write again.
+        let again = f.open(dir.path(), OpenMode::ReadWrite { create: false }).await.unwrap();
+        assert_eq!(again.get(b"c").await.unwrap(), Some(b"2".to_vec()));
+        again.close().await;
     }
 }

@@ -12,14 +12,15 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use attache_actors::codec;
 use attache_actors::engine::{
-    Engine, EngineCounters, EngineError, EngineFactory, EngineStats, KvPairs, OpenMode, WriteBatch,
+    Engine, EngineCounters, EngineError, EngineFactory, EngineSnapshot, EngineStats, KvPairs, OpenMode, WriteBatch,
 };
-use attache_actors::mem_engine::{apply_batch, scan_tree};
+use attache_actors::mem_engine::{apply_batch, scan_tree, Tree, TreeSnapshot};
 use attache_actors::provider::VolumeProvider;
 
 use crate::ebs::SimEbs;
@@ -92,7 +93,8 @@ impl EngineFactory for SimVolumes {
             file,
             read_only: mode == OpenMode::ReadOnly,
             state: Mutex::new(State::default()),
-            counters: EngineCounters::default(),
+            closed: Arc::default(),
+            counters: Arc::default(),
         };
         engine.recover().await?;
         Ok(Arc::new(engine))
@@ -111,10 +113,10 @@ impl EngineFactory for SimVolumes {
 
 #[derive(Default)]
 struct State {
-    tree: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Copied on write while a snapshot shares it.
+    tree: Arc<Tree>,
     /// Log bytes applied to `tree`.
     applied: usize,
-    closed: bool,
 }
 
 /// One shard's engine on a simulated volume; see the module docs.
@@ -124,13 +126,14 @@ pub struct SimEngine {
     file: String,
     read_only: bool,
     state: Mutex<State>,
-    counters: EngineCounters,
+    closed: Arc<AtomicBool>,
+    counters: Arc<EngineCounters>,
 }
 
 impl SimEngine {
     fn state(&self) -> Result<std::sync::MutexGuard<'_, State>, EngineError> {
         let s = self.state.lock().expect("sim engine lock");
-        if s.closed {
+        if self.closed.load(Ordering::Acquire) {
             return Err(EngineError::Closed);
         }
         Ok(s)
@@ -143,7 +146,7 @@ impl SimEngine {
         let mut s = self.state()?;
         for f in frames {
             let batch: WriteBatch = codec::decode(f, "sim engine log record").map_err(EngineError::Corruption)?;
-            apply_batch(&mut s.tree, &batch);
+            apply_batch(Arc::make_mut(&mut s.tree), &batch);
         }
         s.applied = valid;
         if valid < bytes.len() && !self.read_only {
@@ -169,7 +172,7 @@ impl Engine for SimEngine {
             ebs.sync(&self.volume, node, &self.file, self.vols.epoch(&self.volume)).await?;
         }
         let mut s = self.state()?;
-        apply_batch(&mut s.tree, &batch);
+        apply_batch(Arc::make_mut(&mut s.tree), &batch);
         s.applied += frame.len();
         self.counters.wrote(&batch);
         Ok(())
@@ -196,6 +199,11 @@ impl Engine for SimEngine {
         Ok(pairs)
     }
 
+    async fn snapshot(&self) -> Result<Arc<dyn EngineSnapshot>, EngineError> {
+        let tree = self.state()?.tree.clone();
+        Ok(Arc::new(TreeSnapshot::new(tree, self.closed.clone(), self.counters.clone())))
+    }
+
     async fn approximate_size(&self) -> Result<u64, EngineError> {
         Ok(self.state()?.applied as u64)
     }
@@ -206,7 +214,8 @@ impl Engine for SimEngine {
     }
 
     async fn close(&self) {
-        self.state.lock().expect("sim engine lock").closed = true;
+        let _state = self.state.lock().expect("sim engine lock");
+        self.closed.store(true, Ordering::Release);
     }
 
     /// A read-only engine applies what the writer made durable since.
@@ -218,13 +227,13 @@ impl Engine for SimEngine {
         let mut s = self.state()?;
         if bytes.len() < s.applied {
             // The writer cut a torn tail this view had not applied anyway: start over.
-            s.tree.clear();
+            s.tree = Arc::default();
             s.applied = 0;
         }
         let (frames, valid) = codec::frames(&bytes[s.applied..]);
         for f in frames {
             let batch: WriteBatch = codec::decode(f, "sim engine log record").map_err(EngineError::Corruption)?;
-            apply_batch(&mut s.tree, &batch);
+            apply_batch(Arc::make_mut(&mut s.tree), &batch);
         }
         s.applied += valid;
         Ok(())

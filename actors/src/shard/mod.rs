@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::actor::{Actor, Context, Handler, Message, Reply};
-use crate::engine::{Engine, EngineError, EngineStats};
+use crate::engine::{Engine, EngineError, EngineSnapshot, EngineStats, KvPairs};
 use crate::error::AttacheError;
 use crate::lease::LeaseGate;
 use crate::limits::Limits;
@@ -167,6 +167,21 @@ shard_messages! {
         /// Most pairs returned; 0 or over the page limit: the page limit.
         limit: u32,
     } -> Vec<(Vec<u8>, Vec<u8>)>;
+    /// Opens a scan whose pages all read one snapshot of the shard: its
+    /// first page is what `Scan` with the same fields reads, and the
+    /// returned [`ScanPages`] reads the next ones from the same snapshot. A
+    /// linearizable scan streams through it, so that no page sees a write
+    /// that another page misses (a batch is seen whole or not at all).
+    ScanSnapshot {
+        /// The client id that must own the shard.
+        client_id: String,
+        /// The first key of the range (inclusive).
+        start: Vec<u8>,
+        /// The end of the range (exclusive); empty for no bound.
+        end: Vec<u8>,
+        /// Most pairs in the first page; 0 or over the page limit: the page limit.
+        limit: u32,
+    } -> (KvPairs, ScanPages);
     /// Reads up to `limit` entries of index `name` whose value starts with
     /// `value_prefix`, after the hit `after` (for paging).
     ScanIndex {
@@ -527,6 +542,51 @@ fn count_read(shard_id: ShardId, ops: usize, bytes: usize) {
     metrics::counter!("attache_shard_bytes_read_total", "shard" => shard).increment(bytes as u64);
 }
 
+/// The user keys and values of engine pairs read from the data range.
+fn user_pairs(shard_id: ShardId, pairs: KvPairs) -> Result<KvPairs, AttacheError> {
+    let pairs: Vec<(Vec<u8>, Vec<u8>)> = pairs
+        .into_iter()
+        .map(|(k, r)| Ok((layout::user_key(&k).to_vec(), layout::record_value(&r)?)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| read_error(shard_id, e))?;
+    count_read(shard_id, pairs.len(), pairs.iter().map(|(k, v)| k.len() + v.len()).sum());
+    Ok(pairs)
+}
+
+/// The pages after the first of a snapshot scan ([`ScanSnapshot`]): they
+/// read the snapshot its first page read, up to the scan's end. Cloning
+/// shares the snapshot, which lives until the last clone is dropped or the
+/// shard's engine closes (then pages fail with `Unavailable`: retry the scan).
+#[derive(Clone)]
+pub struct ScanPages {
+    snapshot: Arc<dyn EngineSnapshot>,
+    shard_id: ShardId,
+    /// The scan's end in the user key space; empty for no bound.
+    end: Vec<u8>,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for ScanPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScanPages").field("shard_id", &self.shard_id).field("end", &self.end).finish_non_exhaustive()
+    }
+}
+
+impl ScanPages {
+    /// Up to `limit` pairs (0 or over the page limit: the page limit) with
+    /// `start <= key <` the scan's end, in key order, from the scan's snapshot.
+    ///
+    /// Errors: `Unavailable` when the engine closed (the shard moved or
+    /// stopped: retry the whole scan) or failed the read; `Internal` on
+    /// corrupt data.
+    pub async fn page(&self, start: &[u8], limit: u32) -> Result<KvPairs, AttacheError> {
+        let (from, to) = layout::data_range(start, &self.end);
+        let limit = self.limits.scan_page(limit);
+        let pairs = self.snapshot.scan(&from, Some(&to), limit).await.map_err(|e| read_error(self.shard_id, e))?;
+        user_pairs(self.shard_id, pairs)
+    }
+}
+
 /// What a client sees when a shard's read failed in its engine.
 fn read_error(shard_id: ShardId, e: EngineError) -> AttacheError {
     match e {
@@ -706,13 +766,26 @@ impl Handler<Scan> for Shard {
         Reply::later(async move {
             let (start, end) = layout::data_range(&msg.start, &msg.end);
             let pairs = engine.scan(&start, Some(&end), limit).await.map_err(|e| read_error(shard_id, e))?;
-            let pairs: Vec<(Vec<u8>, Vec<u8>)> = pairs
-                .into_iter()
-                .map(|(k, r)| Ok((layout::user_key(&k).to_vec(), layout::record_value(&r)?)))
-                .collect::<Result<_, _>>()
-                .map_err(|e| read_error(shard_id, e))?;
-            count_read(shard_id, pairs.len(), pairs.iter().map(|(k, v)| k.len() + v.len()).sum());
-            Ok(pairs)
+            user_pairs(shard_id, pairs)
+        })
+    }
+}
+
+impl Handler<ScanSnapshot> for Shard {
+    async fn handle(
+        &mut self,
+        msg: ScanSnapshot,
+        _ctx: &Context<Self>,
+    ) -> Reply<Result<(KvPairs, ScanPages), AttacheError>> {
+        if let Err(e) = self.check_readable(&msg.client_id) {
+            return Reply::now(Err(e));
+        }
+        let (engine, shard_id, limits) = (self.engine.clone(), self.meta.shard_id, self.limits.clone());
+        Reply::later(async move {
+            let snapshot = engine.snapshot().await.map_err(|e| read_error(shard_id, e))?;
+            let pages = ScanPages { snapshot, shard_id, end: msg.end, limits };
+            let first = pages.page(&msg.start, msg.limit).await?;
+            Ok((first, pages))
         })
     }
 }
