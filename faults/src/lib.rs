@@ -40,6 +40,11 @@ pub enum Fault {
     DiskStall { volume: String, node: String, ms: u64, for_ms: u64 },
     /// The metadata store answers nobody for `for_ms` milliseconds.
     MetadataUnavailable { for_ms: u64 },
+    /// The metadata node's disk fails every log append, sync and rewrite for
+    /// `for_ms` milliseconds. A failed append may leave any prefix of its
+    /// bytes in the file (a short write, or a sync error after the write),
+    /// where later appends land after it, as they would in a real file.
+    MetadataDiskErrors { for_ms: u64 },
     /// The node's clock runs fast or slow by up to `ppm` parts per million
     /// (bounded; the lease logic accounts for it).
     ClockJitter { node: String, ppm: i64 },
@@ -60,6 +65,7 @@ impl Fault {
             Fault::Heal => "heal",
             Fault::DiskStall { .. } => "disk_stall",
             Fault::MetadataUnavailable { .. } => "metadata_unavailable",
+            Fault::MetadataDiskErrors { .. } => "metadata_disk_errors",
             Fault::ClockJitter { .. } => "clock_jitter",
         }
     }
@@ -68,6 +74,18 @@ impl Fault {
     /// rather than starting one.
     pub fn is_repair(&self) -> bool {
         matches!(self, Fault::EbsReattach { .. } | Fault::NodeRestart { .. } | Fault::NodeResume { .. } | Fault::Heal)
+    }
+
+    /// How long the fault lasts by itself, ms: `for_ms` of a fault that ends
+    /// on its own (a metadata outage, metadata disk errors, a disk stall), 0
+    /// for every other (its repair is a separate fault).
+    pub fn lasts_ms(&self) -> u64 {
+        match self {
+            Fault::MetadataUnavailable { for_ms }
+            | Fault::MetadataDiskErrors { for_ms }
+            | Fault::DiskStall { for_ms, .. } => *for_ms,
+            _ => 0,
+        }
     }
 }
 
@@ -113,6 +131,11 @@ pub struct RandomRates {
     pub disk_stall: f64,
     pub metadata_unavailable: f64,
     pub clock_jitter: f64,
+    /// Crashes of the metadata node (its log keeps any prefix of an append
+    /// it had not synced), each followed by a restart.
+    pub metadata_crash: f64,
+    /// Windows of metadata disk errors (see [`Fault::MetadataDiskErrors`]).
+    pub metadata_disk_errors: f64,
     /// Shortest and longest disruption (crash to restart, pause to resume,
     /// detach to reattach, partition to heal), ms.
     pub min_outage_ms: u64,
@@ -134,6 +157,8 @@ impl Default for RandomRates {
             disk_stall: 1.0,
             metadata_unavailable: 0.5,
             clock_jitter: 0.5,
+            metadata_crash: 0.0,
+            metadata_disk_errors: 0.0,
             min_outage_ms: 500,
             max_outage_ms: 8_000,
             max_concurrent: 1,
@@ -162,7 +187,9 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
     assert!(start_ms < end_ms, "an empty fault window");
     assert!(rates.min_outage_ms <= rates.max_outage_ms, "min outage above max outage");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let kinds: [(&str, f64); 8] = [
+    // Kinds added later go last, so that a schedule drawn with their rates at
+    // 0 is the schedule the same seed drew before they existed.
+    let kinds: [(&str, f64); 10] = [
         ("node_crash", rates.node_crash),
         ("node_pause", rates.node_pause),
         ("ebs_detach", rates.ebs_detach),
@@ -171,6 +198,8 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
         ("disk_stall", rates.disk_stall),
         ("metadata_unavailable", rates.metadata_unavailable),
         ("clock_jitter", rates.clock_jitter),
+        ("metadata_crash", rates.metadata_crash),
+        ("metadata_disk_errors", rates.metadata_disk_errors),
     ];
     let total: f64 = kinds.iter().map(|k| k.1).sum();
     let mut out = Vec::new();
@@ -234,8 +263,24 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
                 busy.push((at, until, node));
                 continue;
             }
-            "metadata_unavailable" => {
-                out.push(Scheduled { at_ms: at, fault: Fault::MetadataUnavailable { for_ms: until - at } });
+            "metadata_unavailable" | "metadata_disk_errors" | "metadata_crash" => {
+                // One crash of the metadata node at a time (its other faults may overlap).
+                if kind == "metadata_crash" && overlapping.contains(&topo.meta) {
+                    continue;
+                }
+                let for_ms = until - at;
+                match kind {
+                    "metadata_unavailable" => {
+                        out.push(Scheduled { at_ms: at, fault: Fault::MetadataUnavailable { for_ms } })
+                    }
+                    "metadata_disk_errors" => {
+                        out.push(Scheduled { at_ms: at, fault: Fault::MetadataDiskErrors { for_ms } })
+                    }
+                    _ => {
+                        out.push(Scheduled { at_ms: at, fault: Fault::NodeCrash { node: topo.meta.clone() } });
+                        out.push(Scheduled { at_ms: until, fault: Fault::NodeRestart { node: topo.meta.clone() } });
+                    }
+                }
                 busy.push((at, until, topo.meta.clone()));
                 continue;
             }
@@ -279,6 +324,48 @@ mod tests {
             assert_eq!(crashes, restarts, "seed {seed}: every crash is followed by a restart");
         }
         assert_ne!(random_schedule(1, &rates, &topo(), 0, 60_000), random_schedule(2, &rates, &topo(), 0, 60_000));
+    }
+
+    #[test]
+    fn metadata_crashes_are_restarted_and_never_overlap() {
+        let rates = RandomRates { metadata_crash: 20.0, metadata_disk_errors: 10.0, ..RandomRates::default() };
+        let mut seen = BTreeSet::new();
+        for seed in 0..20 {
+            let s = random_schedule(seed, &rates, &topo(), 0, 60_000);
+            let mut down = false;
+            for f in &s.faults {
+                seen.insert(f.fault.kind());
+                match &f.fault {
+                    Fault::NodeCrash { node } if node == "meta" => {
+                        assert!(!down, "seed {seed}: meta crashed twice at {}", f.at_ms);
+                        down = true;
+                    }
+                    Fault::NodeRestart { node } if node == "meta" => {
+                        assert!(down, "seed {seed}: meta restarted while up at {}", f.at_ms);
+                        down = false;
+                    }
+                    _ => {}
+                }
+            }
+            assert!(!down, "seed {seed}: meta left down");
+        }
+        assert!(seen.contains("metadata_disk_errors") && seen.contains("node_crash"), "{seen:?}");
+    }
+
+    #[test]
+    fn kinds_at_rate_zero_leave_the_schedule_unchanged() {
+        // Kinds added later draw nothing when their rate is 0: the same seed
+        // gives the same schedule with and without them.
+        let a = random_schedule(3, &RandomRates::default(), &topo(), 0, 60_000);
+        let b = random_schedule(
+            3,
+            &RandomRates { metadata_crash: 0.0, metadata_disk_errors: 0.0, ..RandomRates::default() },
+            &topo(),
+            0,
+            60_000,
+        );
+        assert_eq!(a, b);
+        assert!(a.faults.iter().all(|f| f.fault.kind() != "metadata_disk_errors"));
     }
 
     #[test]

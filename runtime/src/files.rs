@@ -108,6 +108,10 @@ impl MetaLog for FileMetaLog {
         let (path, bytes) = (self.path.clone(), bytes.to_vec());
         blocking(move || replace_file(&path, &bytes).map_err(|e| storage(&path, e))).await
     }
+
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
 }
 
 /// Takes an exclusive advisory lock (`flock`) on `path`, waiting for it; held

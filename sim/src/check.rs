@@ -17,13 +17,18 @@
 //! - [`isolation`]: no client's operation succeeds on another client's shard.
 //! - [`liveness`]: after the last fault is repaired, every shard serves a
 //!   write within the bound.
+//! - [`batch_atomicity`]: a linearizable multi-key read (BatchGet, Scan)
+//!   sees all of a batch write or none of it.
+//!
+//! The per-key checkers (`linearizable`, `lost_writes`, `stale_reads`) see
+//! multi-key operations through [`project`].
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::ebs::SyncRecord;
-use crate::history::{EventType, Op, F};
+use crate::history::{decode_reads, EventType, Op, F};
 
 /// One violation: which checker found it and what it is.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -34,6 +39,138 @@ pub struct Violation {
 
 fn violation(checker: &str, message: String) -> Violation {
     Violation { checker: checker.into(), message }
+}
+
+/// The keys each shard's operations name, for the keys a scan covers.
+fn known_keys(ops: &[Op]) -> BTreeMap<u64, BTreeSet<String>> {
+    let mut known: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    for o in ops {
+        for k in o.keys() {
+            known.entry(o.shard).or_default().insert(k.to_string());
+        }
+        if o.f == F::Scan && o.outcome == EventType::Ok {
+            known.entry(o.shard).or_default().extend(decode_reads(o.value.as_deref().unwrap_or("")).into_keys());
+        }
+    }
+    known
+}
+
+/// The single-key view of a history: a batch write becomes a write of its
+/// value at each of its keys, and a successful multi-key read (BatchGet, or a
+/// Scan of the whole shard) a read of each key it covered (a scan covers
+/// every key the history names in its shard; a key it did not return was
+/// absent), with the operation's times, outcome and node. An atomic
+/// multi-key operation takes effect at one point, and so does each of its
+/// projections: a history whose projection is not linearizable per key is
+/// not linearizable (the converse needs [`batch_atomicity`] too). Failed
+/// and unknown reads are dropped: they constrain nothing.
+pub fn project(ops: &[Op]) -> Vec<Op> {
+    let known = known_keys(ops);
+    let mut out = Vec::with_capacity(ops.len());
+    for o in ops {
+        let single = |f: F, key: &str, value: Option<String>| Op {
+            f,
+            key: key.to_string(),
+            value,
+            part_of: Some(o.f),
+            ..o.clone()
+        };
+        match o.f {
+            F::BatchWrite => out.extend(o.keys().into_iter().map(|k| single(F::Write, k, o.value.clone()))),
+            F::BatchRead | F::Scan if o.outcome == EventType::Ok => {
+                let reads = decode_reads(o.value.as_deref().unwrap_or(""));
+                let keys: Vec<&str> = if o.f == F::Scan {
+                    known.get(&o.shard).into_iter().flatten().map(String::as_str).collect()
+                } else {
+                    o.keys()
+                };
+                out.extend(keys.into_iter().map(|k| single(F::Read, k, reads.get(k).cloned().flatten())));
+            }
+            F::BatchRead | F::Scan => {}
+            _ => out.push(o.clone()),
+        }
+    }
+    out
+}
+
+/// Torn batches: a linearizable multi-key read (BatchGet or Scan) that saw a
+/// batch write B's value at one key must not see, at another key of B it
+/// covered, a state B had already replaced: the value of a write that
+/// completed before B was invoked, or "absent" when no delete of that key
+/// could come after B began (none unknown, none completed after B's
+/// invocation). A real-time argument, so it never flags a linearizable
+/// history (every such read is ordered after B at the first key and before
+/// B at the second, which no single point can be); it finds the half batch a
+/// scan sees when its pages are separate reads.
+pub fn batch_atomicity(ops: &[Op]) -> Vec<Violation> {
+    let known = known_keys(ops);
+    // (shard, value) -> the write that wrote it (values are unique).
+    let writes: BTreeMap<(u64, &str), &Op> = ops
+        .iter()
+        .filter(|o| matches!(o.f, F::Write | F::BatchWrite))
+        .filter_map(|o| Some(((o.shard, o.value.as_deref()?), o)))
+        .collect();
+    let mut out = Vec::new();
+    for r in ops.iter().filter(|o| matches!(o.f, F::BatchRead | F::Scan) && o.outcome == EventType::Ok) {
+        let reads = decode_reads(r.value.as_deref().unwrap_or(""));
+        let covered: BTreeSet<&str> = if r.f == F::Scan {
+            known.get(&r.shard).into_iter().flatten().map(String::as_str).collect()
+        } else {
+            r.keys().into_iter().collect()
+        };
+        let seen = |k: &str| reads.get(k).cloned().flatten();
+        let mut flagged = BTreeSet::new();
+        for (a, v) in reads.iter().filter_map(|(k, v)| Some((k, v.as_deref()?))) {
+            let Some(b) = writes.get(&(r.shard, v)).filter(|w| w.f == F::BatchWrite) else { continue };
+            for other in b.keys().into_iter().filter(|k| *k != a && covered.contains(k)) {
+                let older = match seen(other) {
+                    Some(x) if x == v => None,
+                    Some(x) => writes
+                        .get(&(r.shard, x.as_str()))
+                        .filter(|w| w.complete.is_some_and(|c| c < b.invoke))
+                        .map(|w| {
+                            format!(
+                                "{x:?}, written by process {} by {} ms",
+                                w.process,
+                                w.complete.unwrap_or(0) / 1_000_000
+                            )
+                        }),
+                    None => {
+                        let later_delete = ops.iter().any(|d| {
+                            d.f == F::Delete
+                                && d.shard == r.shard
+                                && d.key == other
+                                && d.outcome != EventType::Fail
+                                && d.complete.is_none_or(|c| c > b.invoke)
+                        });
+                        (!later_delete).then(|| "absent".to_string())
+                    }
+                };
+                if let Some(older) = older {
+                    if flagged.insert(b.process) {
+                        out.push(violation(
+                            "batch_atomicity",
+                            format!(
+                                "shard {}: a {} by process {} at {}-{} ms on {} saw key {a} = {v:?} of the batch write of \
+                                 process {} (keys {}, invoked at {} ms) but key {other} = {older}, which that batch \
+                                 had replaced",
+                                r.shard,
+                                r.f.name(),
+                                r.process,
+                                r.invoke / 1_000_000,
+                                r.complete.unwrap_or(0) / 1_000_000,
+                                r.node,
+                                b.process,
+                                b.key,
+                                b.invoke / 1_000_000
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Reads and writes of each (shard, key), with failed operations dropped.
@@ -138,9 +275,10 @@ fn offending_window(ops: &[&Op]) -> String {
     for o in shown {
         let complete = o.complete.map_or("?".to_string(), |c| format!("{:.1}", c as f64 / 1e6));
         out.push_str(&format!(
-            "\n    p{} {:?} {} {:.1}-{} ms {:?} on {}",
+            "\n    p{} {:?}{} {} {:.1}-{} ms {:?} on {}",
             o.process,
             o.f,
+            o.part_of.map_or(String::new(), |f| format!(" (of a {})", f.name())),
             o.value.as_deref().unwrap_or("(absent)"),
             o.invoke as f64 / 1e6,
             complete,
@@ -641,6 +779,7 @@ mod tests {
             staleness_ms: None,
             error: None,
             node: "n".into(),
+            part_of: None,
         }
     }
 
@@ -735,6 +874,64 @@ mod tests {
         // A rejected operation after the delete is what should happen.
         let rejected = vec![delete, op(5, F::Read, "k", None, 300, Some(310), EventType::Fail)];
         assert!(shard_lifecycle(&rejected).is_empty());
+    }
+
+    #[test]
+    fn a_half_batch_seen_by_a_multi_key_read_is_a_violation() {
+        use crate::history::encode_reads;
+        let ok = EventType::Ok;
+        let base = vec![
+            op(1, F::Write, "a", Some("a0"), 0, Some(10), ok),
+            op(2, F::Write, "b", Some("b0"), 0, Some(10), ok),
+            op(3, F::BatchWrite, "a,b", Some("B"), 20, Some(30), ok),
+        ];
+        let read = |f: F, key: &str, a: Option<&str>, b: Option<&str>| {
+            op(4, f, key, Some(&encode_reads([("a", a), ("b", b)])), 40, Some(50), ok)
+        };
+        // All of the batch.
+        let mut h = base.clone();
+        h.push(read(F::BatchRead, "a,b", Some("B"), Some("B")));
+        h.push(read(F::Scan, "", Some("B"), Some("B")));
+        assert!(batch_atomicity(&h).is_empty(), "{:?}", batch_atomicity(&h));
+        assert!(linearizable(&project(&h)).is_empty());
+        // Half of it: a scan whose pages were separate reads.
+        let mut h = base.clone();
+        h.push(read(F::Scan, "", Some("B"), Some("b0")));
+        let v = batch_atomicity(&h);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("key b = \"b0\""), "{}", v[0].message);
+        // The other half, as absent: no delete could come after the batch.
+        let mut h = base.clone();
+        h.push(read(F::BatchRead, "a,b", Some("B"), None));
+        assert_eq!(batch_atomicity(&h).len(), 1);
+        // ... unless a delete of b ran after the batch began.
+        h.push(op(5, F::Delete, "b", None, 35, Some(38), ok));
+        assert!(batch_atomicity(&h).is_empty());
+        // A write of b that did not finish before the batch began may follow it.
+        let mut h = base.clone();
+        h.push(op(6, F::Write, "b", Some("b1"), 25, Some(35), ok));
+        h.push(read(F::Scan, "", Some("B"), Some("b1")));
+        assert!(batch_atomicity(&h).is_empty());
+    }
+
+    #[test]
+    fn batches_are_checked_key_by_key_through_the_projection() {
+        use crate::history::encode_reads;
+        let ok = EventType::Ok;
+        // A scan that misses a key whose batch write completed before it:
+        // a lost write of that key.
+        let h = vec![
+            op(1, F::BatchWrite, "a,b", Some("B"), 0, Some(10), ok),
+            op(2, F::Scan, "", Some(&encode_reads([("a", Some("B"))])), 20, Some(30), ok),
+        ];
+        let flat = project(&h);
+        assert_eq!(flat.len(), 4, "two writes, two reads: {flat:?}");
+        assert!(flat.iter().any(|o| o.f == F::Read && o.key == "b" && o.value.is_none()));
+        assert_eq!(linearizable(&flat).len(), 1);
+        assert_eq!(lost_writes(&flat).len(), 1);
+        // A batch read of a value never written fails the stale-read source check too.
+        let h = vec![op(3, F::BatchRead, "a", Some(&encode_reads([("a", Some("X"))])), 0, Some(1), ok)];
+        assert_eq!(linearizable(&project(&h)).len(), 1);
     }
 
     #[test]

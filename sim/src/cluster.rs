@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use attache_actors::lease::{LeaseGate, LeaseTiming};
 use attache_actors::local_store::MemLocalStore;
-use attache_actors::meta::embedded::{EmbeddedBackend, MemMetaLog};
+use attache_actors::meta::embedded::EmbeddedBackend;
 use attache_actors::meta::remote::{MetadataServer, RemoteBackend};
 use attache_actors::meta::MetaOps;
 use attache_actors::node::{NodeConfig, NodeParts};
@@ -27,6 +27,7 @@ use tokio::time::{Duration, Instant};
 use crate::check::Disruption;
 use crate::ebs::SimEbs;
 use crate::engine::SimVolumes;
+use crate::metalog::SimMetaLog;
 use crate::report::RunOutcome;
 use crate::scenario::Scenario;
 use crate::workload::{run_client, Recorder, Registry};
@@ -61,8 +62,7 @@ impl Nodes {
     }
 }
 
-fn start_meta(handle: &Handle) -> NodeHandle {
-    let log = MemMetaLog::default();
+fn start_meta(handle: &Handle, log: SimMetaLog) -> NodeHandle {
     handle
         .create_node()
         .name("meta")
@@ -70,8 +70,17 @@ fn start_meta(handle: &Handle) -> NodeHandle {
         .init(move || {
             let log = log.clone();
             async move {
-                let backend =
-                    EmbeddedBackend::open(&HostHandle::new(TaskHost), Arc::new(log)).await.expect("metadata log opens");
+                // A store that cannot recover (its disk fails) exits with the
+                // error, and its supervisor starts it again a second later.
+                let backend = loop {
+                    match EmbeddedBackend::open(&HostHandle::new(TaskHost), Arc::new(log.clone())).await {
+                        Ok(backend) => break backend,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "metadata store failed to start; restarting in 1 s");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                };
                 let addr: SocketAddr = META_ADDR.parse().expect("addr");
                 tonic::transport::Server::builder()
                     .add_service(MetadataServer::new(backend).into_server())
@@ -94,6 +103,7 @@ fn start_storage(
     let name = format!("node-{i}");
     let local = MemLocalStore::default();
     let (ebs, gates, volumes, nodes) = (ebs.clone(), gates.clone(), s.volumes(), s.cluster.storage_nodes);
+    let scan_page = s.cluster.scan_page;
     let t = s.timing.clone();
     let (lease_gate, cas, request_ids) = (s.sim_only.lease_gate, s.sim_only.metadata_cas, s.sim_only.request_ids);
     let node_name = name.clone();
@@ -128,6 +138,7 @@ fn start_storage(
                 };
                 cfg.metadata_wait_ms = 600_000;
                 cfg.limits.request_window_ms = if request_ids { t.request_window_ms } else { 0 };
+                cfg.limits.max_scan_page = scan_page;
                 let parts = NodeParts { meta, local: Arc::new(local), factory: vols.clone(), provider: vols, gate };
                 let (_node, service) = AttacheService::start(&HostHandle::new(TaskHost), cfg, parts);
                 let addr: SocketAddr = storage_addr(i).parse().expect("addr");
@@ -137,14 +148,24 @@ fn start_storage(
         .build()
 }
 
-/// Applies one fault; returns a one-line description for the report.
-fn apply(fault: &Fault, nodes: &Nodes, ebs: &SimEbs, clogged: &mut Vec<(madsim::task::NodeId, madsim::task::NodeId)>) {
+/// Applies one fault.
+fn apply(
+    fault: &Fault,
+    nodes: &Nodes,
+    ebs: &SimEbs,
+    metalog: &SimMetaLog,
+    clogged: &mut Vec<(madsim::task::NodeId, madsim::task::NodeId)>,
+) {
     let handle = Handle::current();
     let net = NetSim::current();
     match fault {
         Fault::NodeCrash { node } => {
             handle.kill(nodes.id(node));
-            ebs.crash(node);
+            if node == "meta" {
+                metalog.crash();
+            } else {
+                ebs.crash(node);
+            }
         }
         Fault::NodeRestart { node } => handle.restart(nodes.id(node)),
         Fault::NodePause { node } => handle.pause(nodes.id(node)),
@@ -193,6 +214,7 @@ fn apply(fault: &Fault, nodes: &Nodes, ebs: &SimEbs, clogged: &mut Vec<(madsim::
                 NetSim::current().unclog_node(meta);
             });
         }
+        Fault::MetadataDiskErrors { for_ms } => metalog.fail_for(Duration::from_millis(*for_ms)),
         Fault::ClockJitter { node, ppm } => {
             if let Some(g) = nodes.gates.lock().expect("gates lock").get(node) {
                 g.set_clock_rate(1.0 + *ppm as f64 / 1e6);
@@ -217,7 +239,8 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
     let ebs = SimEbs::new(&s.volumes(), s.ebs.clone(), seed);
     let gates = Arc::new(Mutex::new(BTreeMap::new()));
     let mut handles = BTreeMap::new();
-    handles.insert("meta".to_string(), start_meta(&handle));
+    let metalog = SimMetaLog::new(s.metadata.clone(), seed);
+    handles.insert("meta".to_string(), start_meta(&handle, metalog.clone()));
     for i in 1..=s.cluster.storage_nodes {
         handles.insert(format!("node-{i}"), start_storage(&handle, s, i, &ebs, seed, &gates));
     }
@@ -242,7 +265,7 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
     for f in &schedule.faults {
         tokio::time::sleep_until(start + Duration::from_millis(f.at_ms)).await;
         tracing::info!(at_ms = f.at_ms, fault = ?f.fault, "fault");
-        apply(&f.fault, &nodes, &ebs, &mut clogged);
+        apply(&f.fault, &nodes, &ebs, &metalog, &mut clogged);
         applied.push(f.clone());
     }
     for c in clients {
@@ -263,16 +286,11 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
         syncs: ebs.syncs(),
         faults: applied,
         buggified,
+        metadata_disk: metalog.counts(),
         disruptions: schedule
             .faults
             .iter()
-            .map(|f| {
-                let end = match &f.fault {
-                    Fault::MetadataUnavailable { for_ms } | Fault::DiskStall { for_ms, .. } => *for_ms,
-                    _ => 0,
-                };
-                Disruption { at_ns: (f.at_ms + end) * 1_000_000, repair: f.fault.is_repair() }
-            })
+            .map(|f| Disruption { at_ns: (f.at_ms + f.fault.lasts_ms()) * 1_000_000, repair: f.fault.is_repair() })
             .collect(),
     }
 }

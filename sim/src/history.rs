@@ -44,12 +44,27 @@ pub enum F {
     /// List the client's shards; the completion's `value` is
     /// `id:state,...` (`active`, `read-only`), by id.
     ListShards,
+    /// Put `value` at every key of `key` (keys joined by `,`), atomically
+    /// (one BatchPut).
+    BatchWrite,
+    /// Get every key of `key` (joined by `,`) in one linearizable BatchGet;
+    /// the completion's `value` is what was read (see [`encode_reads`]).
+    BatchRead,
+    /// Scan the whole shard, linearizably, through the stream's pages; the
+    /// completion's `value` is every key found with its value (see
+    /// [`encode_reads`]); a key not listed was absent.
+    Scan,
 }
 
 impl F {
     /// Whether it changes a key: a put or a delete.
     pub fn is_write(self) -> bool {
-        matches!(self, F::Write | F::Delete)
+        matches!(self, F::Write | F::Delete | F::BatchWrite)
+    }
+
+    /// Whether it reads keys (linearizable or stale, one key or several).
+    pub fn is_read(self) -> bool {
+        matches!(self, F::Read | F::StaleRead | F::BatchRead | F::Scan)
     }
 
     /// A short name for summaries, such as `write`.
@@ -63,8 +78,37 @@ impl F {
             F::CloseShard => "close_shard",
             F::DeleteShard => "delete_shard",
             F::ListShards => "list_shards",
+            F::BatchWrite => "batch_write",
+            F::BatchRead => "batch_read",
+            F::Scan => "scan",
         }
     }
+}
+
+/// The `value` of a multi-key read: `key=value` for each key found, a bare
+/// `key` for one read as absent, space-separated, in the order given.
+/// (Workload keys and values hold neither spaces nor `=`.)
+pub fn encode_reads<'a>(reads: impl IntoIterator<Item = (&'a str, Option<&'a str>)>) -> String {
+    let parts: Vec<String> = reads
+        .into_iter()
+        .map(|(k, v)| match v {
+            Some(v) => format!("{k}={v}"),
+            None => k.to_string(),
+        })
+        .collect();
+    parts.join(" ")
+}
+
+/// The reads of an [`encode_reads`] value, by key.
+pub fn decode_reads(value: &str) -> BTreeMap<String, Option<String>> {
+    value
+        .split(' ')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (k.to_string(), Some(v.to_string())),
+            None => (p.to_string(), None),
+        })
+        .collect()
 }
 
 /// One event of the history.
@@ -111,6 +155,21 @@ pub struct Op {
     pub staleness_ms: Option<u64>,
     /// Why it failed (`fail`, `info`).
     pub error: Option<String>,
+    /// For a single-key view of a multi-key operation (`check::project`):
+    /// that operation's kind (`BatchWrite`, `BatchRead`, `Scan`).
+    pub part_of: Option<F>,
+}
+
+impl Op {
+    /// The keys it names: one, or for a batch write or read, each of `key`
+    /// split at `,` (none for a scan, shard or listing operation).
+    pub fn keys(&self) -> Vec<&str> {
+        match self.f {
+            F::BatchWrite | F::BatchRead => self.key.split(',').filter(|k| !k.is_empty()).collect(),
+            F::Write | F::Delete | F::Read | F::StaleRead => vec![self.key.as_str()],
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// The events of one run, in the order they happened.
@@ -159,6 +218,7 @@ impl History {
                         node: e.node.clone(),
                         staleness_ms: None,
                         error: None,
+                        part_of: None,
                     };
                     assert!(open.insert(e.process, op).is_none(), "process {} invoked twice", e.process);
                 }
@@ -169,7 +229,7 @@ impl History {
                     if kind != EventType::Info {
                         op.complete = Some(e.time);
                     }
-                    if matches!(e.f, F::Read | F::StaleRead | F::NewShard | F::ListShards) {
+                    if e.f.is_read() || matches!(e.f, F::NewShard | F::ListShards) {
                         op.value = e.value.clone();
                     }
                     if e.f == F::NewShard {

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod ebs;
 pub mod engine;
 pub mod history;
+pub mod metalog;
 pub mod report;
 #[cfg(madsim)]
 pub mod run;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::check::{self, Disruption, Violation};
 use crate::ebs::SyncRecord;
 use crate::history::{EventType, History, F};
+use crate::metalog::MetaDiskCounts;
 
 /// The raw result of one simulated run.
 #[derive(Clone, Debug)]
@@ -25,6 +26,8 @@ pub struct RunOutcome {
     pub disruptions: Vec<Disruption>,
     /// How often each buggify point fired, by name.
     pub buggified: BTreeMap<String, u64>,
+    /// What the metadata node's disk went through.
+    pub metadata_disk: MetaDiskCounts,
 }
 
 /// Operation counts.
@@ -64,6 +67,9 @@ pub struct Summary {
     /// How often each buggify point fired (empty without buggify).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub buggified: BTreeMap<String, u64>,
+    /// Failed metadata log appends and torn tails (left out when none).
+    #[serde(default, skip_serializing_if = "MetaDiskCounts::is_empty")]
+    pub metadata_disk: MetaDiskCounts,
     pub violations: Vec<Violation>,
 }
 
@@ -138,10 +144,13 @@ pub fn describe(fault: &attache_faults::Fault) -> String {
 /// Runs every checker over `outcome` and summarises the run.
 pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutcome) -> RunReport {
     let ops = outcome.history.ops();
+    // Per-key checkers see batch writes and multi-key reads key by key.
+    let per_key = check::project(&ops);
     let mut violations = Vec::new();
-    violations.extend(check::linearizable(&ops));
-    violations.extend(check::lost_writes(&ops));
-    violations.extend(check::stale_reads(&ops));
+    violations.extend(check::linearizable(&per_key));
+    violations.extend(check::lost_writes(&per_key));
+    violations.extend(check::stale_reads(&per_key));
+    violations.extend(check::batch_atomicity(&ops));
     violations.extend(check::single_writer(&outcome.syncs));
     violations.extend(check::shard_ids(&ops));
     violations.extend(check::isolation(&ops));
@@ -156,10 +165,10 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
             EventType::Ok => {
                 counts.ok += 1;
                 *counts.ok_by_kind.entry(o.f.name().to_string()).or_default() += 1;
-                match o.f {
-                    F::Write | F::Delete => counts.writes_ok += 1,
-                    F::Read | F::StaleRead => counts.reads_ok += 1,
-                    F::NewShard | F::CloseShard | F::DeleteShard | F::ListShards => {}
+                if o.f.is_write() {
+                    counts.writes_ok += 1;
+                } else if o.f.is_read() {
+                    counts.reads_ok += 1;
                 }
             }
             EventType::Fail => counts.fail += 1,
@@ -178,6 +187,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
         faults,
         failovers: failovers(&outcome.history),
         buggified: outcome.buggified.clone(),
+        metadata_disk: outcome.metadata_disk.clone(),
         violations,
     };
     RunReport { summary, outcome, digest }
@@ -194,6 +204,7 @@ pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
         faults: Vec::new(),
         disruptions: Vec::new(),
         buggified: BTreeMap::new(),
+        metadata_disk: MetaDiskCounts::default(),
     };
     let digest = fnv1a(format!("{}: {}", violation.checker, violation.message).as_bytes(), 0xcbf29ce484222325);
     let summary = Summary {
@@ -204,6 +215,7 @@ pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
         faults: Vec::new(),
         failovers: Vec::new(),
         buggified: BTreeMap::new(),
+        metadata_disk: MetaDiskCounts::default(),
         violations: vec![violation],
     };
     RunReport { summary, outcome, digest }

@@ -9,6 +9,7 @@ use attache_faults::{Fault, RandomRates, Scheduled};
 use serde::{Deserialize, Serialize};
 
 use crate::ebs::EbsConfig;
+use crate::metalog::MetaDiskConfig;
 
 /// A scenario.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -29,6 +30,9 @@ pub struct Scenario {
     pub timing: SimTiming,
     #[serde(default)]
     pub ebs: EbsConfig,
+    /// The metadata node's disk.
+    #[serde(default)]
+    pub metadata: MetaDiskConfig,
     /// Scripted faults.
     #[serde(default)]
     pub faults: Vec<Scheduled>,
@@ -61,11 +65,15 @@ pub struct ClusterShape {
     /// Volumes, each attached to every storage node.
     pub volumes: usize,
     pub clients: usize,
+    /// Most entries a shard returns per scan page on every node
+    /// (`limits.max_scan_page`): small, so that a scan of a few hot keys
+    /// streams several pages, each a separate read.
+    pub scan_page: usize,
 }
 
 impl Default for ClusterShape {
     fn default() -> Self {
-        ClusterShape { storage_nodes: 3, volumes: 3, clients: 2 }
+        ClusterShape { storage_nodes: 3, volumes: 3, clients: 2, scan_page: 2 }
     }
 }
 
@@ -85,6 +93,12 @@ pub struct WorkloadSpec {
     pub write_ratio: f64,
     /// Share of deletes among writes.
     pub delete_ratio: f64,
+    /// Share of the other writes that are a BatchPut of 2 or 3 hot keys,
+    /// each to the same unique value.
+    pub batch_write_ratio: f64,
+    /// Share of linearizable reads that read several keys at once: half a
+    /// BatchGet of 2 or 3 hot keys, half a Scan of the whole shard.
+    pub multi_read_ratio: f64,
     /// Each client with two shards or more closes its last shard at a time
     /// drawn in the second quarter of the run and deletes it in the third,
     /// while its processes keep using it.
@@ -114,6 +128,8 @@ impl Default for WorkloadSpec {
             hot_keys: 3,
             write_ratio: 0.5,
             delete_ratio: 0.1,
+            batch_write_ratio: 0.2,
+            multi_read_ratio: 0.3,
             lifecycle: true,
             lifecycle_race_ratio: 0.5,
             cross_client_ratio: 0.02,
@@ -216,6 +232,9 @@ impl Scenario {
     /// Checks the shape makes sense. Errors: what is wrong.
     pub fn validate(&self) -> Result<(), String> {
         let c = &self.cluster;
+        if c.scan_page == 0 {
+            return Err("cluster.scan_page must be at least 1".into());
+        }
         if c.storage_nodes == 0 || c.volumes == 0 || c.clients == 0 {
             return Err("a cluster needs at least one storage node, volume and client".into());
         }
@@ -240,13 +259,7 @@ impl Scenario {
                 2 * w.op_timeout_ms
             ));
         }
-        let ends = self.faults.iter().map(|f| {
-            f.at_ms
-                + match &f.fault {
-                    Fault::MetadataUnavailable { for_ms } | Fault::DiskStall { for_ms, .. } => *for_ms,
-                    _ => 0,
-                }
-        });
+        let ends = self.faults.iter().map(|f| f.at_ms + f.fault.lasts_ms());
         let last = ends.chain(self.random.as_ref().map(|r| r.end_ms)).max().unwrap_or(0);
         if last + self.expect.liveness_bound_ms > w.duration_ms {
             return Err(format!(
@@ -275,7 +288,7 @@ impl Scenario {
                 | Fault::Isolate { node }
                 | Fault::ClockJitter { node, .. } => (vec![node], None),
                 Fault::Partition { from, to, .. } => (from.iter().chain(to).collect(), None),
-                Fault::Heal | Fault::MetadataUnavailable { .. } => (vec![], None),
+                Fault::Heal | Fault::MetadataUnavailable { .. } | Fault::MetadataDiskErrors { .. } => (vec![], None),
             };
             if let Some(bad) = named_nodes.into_iter().find(|n| !node_ok(n)) {
                 return Err(format!(

@@ -199,7 +199,7 @@ mod runner {
         let (kept, _) = ddmin(units(&explicit.faults), MAX_TRIALS, |us| fails(&with_faults(&explicit, us)));
         let mut best = with_faults(&explicit, &kept);
         // A shorter, smaller workload, each step kept only if the run still fails.
-        let last_fault = best.faults.iter().map(|f| f.at_ms + fault_length(&f.fault)).max().unwrap_or(0);
+        let last_fault = best.faults.iter().map(|f| f.at_ms + f.fault.lasts_ms()).max().unwrap_or(0);
         let shorter = last_fault + best.expect.liveness_bound_ms + 1_000;
         let steps: [fn(&mut Scenario, u64); 4] = [
             |c, shorter| c.workload.duration_ms = c.workload.duration_ms.min(shorter),
@@ -224,16 +224,6 @@ mod runner {
         let violations = run_once(&best, seed).summary.violations;
         let faults_after = best.faults.len();
         Ok(Shrunk { scenario: best, original, violations, faults_before, faults_after, trials })
-    }
-
-    /// How long a fault lasts by itself (a metadata outage, a disk stall), ms.
-    fn fault_length(f: &attache_faults::Fault) -> u64 {
-        match f {
-            attache_faults::Fault::MetadataUnavailable { for_ms } | attache_faults::Fault::DiskStall { for_ms, .. } => {
-                *for_ms
-            }
-            _ => 0,
-        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Simulated clients: each creates its shards, then runs concurrent
 //! processes that read, write and delete a small hot set of keys with unique
-//! values, recording every operation in the history, while a lifecycle task
+//! values (one key at a time, or several: BatchPut, BatchGet, and Scans whose
+//! pages hold a few keys each), recording every operation in the history, while a lifecycle task
 //! closes and later deletes one of the client's shards; finally each client
 //! reads every key of its live shards once more. Every call goes through the production client
 //! (`attache_actors::client`), which retries, follows primary hints and says
@@ -13,13 +14,15 @@ use std::sync::{Arc, Mutex};
 
 use attache_actors::client::{self, CallSpec, Client, ClientSettings, Failure, Served};
 use attache_actors::service::proto::{
-    DeleteRequest, GetRequest, ListShardsRequest, NewShardRequest, PutRequest, ShardRef, ShardState as ProtoShardState,
+    BatchGetRequest, BatchPutRequest, DeleteRequest, Entry, GetRequest, ListShardsRequest, NewShardRequest, PutRequest,
+    ScanRequest, ShardRef, ShardState as ProtoShardState,
 };
+use futures::TryStreamExt;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::time::{Duration, Instant};
 
-use crate::history::{Event, EventType, History, F};
+use crate::history::{encode_reads, Event, EventType, History, F};
 use crate::scenario::WorkloadSpec;
 
 /// One gRPC method through the production client: the same request on
@@ -273,6 +276,72 @@ impl ClientCtx {
                 let result = call!(self.client, spec, put, req);
                 Outcome::from(result)
             }
+            F::BatchWrite => {
+                let v = value.clone().unwrap_or_default().into_bytes();
+                let entries = key
+                    .split(',')
+                    .map(|k| Entry { key: k.as_bytes().to_vec(), value: v.clone(), indexes: vec![] })
+                    .collect();
+                let req = BatchPutRequest {
+                    shard_id: shard,
+                    client_id: self.id.clone(),
+                    entries,
+                    request_id: self.client.request_id(),
+                };
+                let result = call!(self.client, spec, batch_put, req);
+                Outcome::from(result)
+            }
+            F::BatchRead => {
+                let keys: Vec<Vec<u8>> = key.split(',').map(|k| k.as_bytes().to_vec()).collect();
+                let req = BatchGetRequest { shard_id: shard, client_id: self.id.clone(), keys, consistency: 0 };
+                match call!(self.client, spec, batch_get, req) {
+                    Ok(served) => match served.value.try_collect::<Vec<_>>().await {
+                        Ok(found) => {
+                            let reads: Vec<(String, Option<String>)> = found
+                                .into_iter()
+                                .map(|r| {
+                                    let k = String::from_utf8_lossy(&r.key).into_owned();
+                                    (k, r.found.then(|| String::from_utf8_lossy(&r.value).into_owned()))
+                                })
+                                .collect();
+                            let value = encode_reads(reads.iter().map(|(k, v)| (k.as_str(), v.as_deref())));
+                            Outcome::Ok(served.addr, Some(value), None)
+                        }
+                        Err(status) => Outcome::Info(served.addr, status),
+                    },
+                    Err(e) => Outcome::from(Err::<Served<()>, _>(e)),
+                }
+            }
+            F::Scan => {
+                let req = ScanRequest {
+                    shard_id: shard,
+                    client_id: self.id.clone(),
+                    start: vec![],
+                    end: vec![],
+                    limit: 0,
+                    consistency: 0,
+                };
+                match call!(self.client, spec, scan, req) {
+                    Ok(served) => match served.value.try_collect::<Vec<_>>().await {
+                        Ok(pages) => {
+                            let reads: Vec<(String, String)> = pages
+                                .into_iter()
+                                .flat_map(|p| p.entries)
+                                .map(|kv| {
+                                    (
+                                        String::from_utf8_lossy(&kv.key).into_owned(),
+                                        String::from_utf8_lossy(&kv.value).into_owned(),
+                                    )
+                                })
+                                .collect();
+                            let value = encode_reads(reads.iter().map(|(k, v)| (k.as_str(), Some(v.as_str()))));
+                            Outcome::Ok(served.addr, Some(value), None)
+                        }
+                        Err(status) => Outcome::Info(served.addr, status),
+                    },
+                    Err(e) => Outcome::from(Err::<Served<()>, _>(e)),
+                }
+            }
             F::Read | F::StaleRead | F::NewShard | F::ListShards => {
                 let req = GetRequest {
                     shard_id: shard,
@@ -297,7 +366,7 @@ impl ClientCtx {
         };
         match outcome {
             Outcome::Ok(node, read, staleness) => {
-                let v = if f == F::Write { value } else { read };
+                let v = if f.is_write() { value } else { read };
                 self.record(process, EventType::Ok, f, shard, key, v, &node, None, staleness);
                 (false, true)
             }
@@ -312,6 +381,16 @@ impl ClientCtx {
             }
         }
     }
+}
+
+/// 2 or 3 distinct keys of `k0`..`k{hot_keys-1}` (at most `hot_keys`), in order.
+fn hot_key_set(rng: &mut ChaCha8Rng, hot_keys: usize) -> Vec<String> {
+    let want = rng.random_range(2..=3).min(hot_keys);
+    let mut picked = std::collections::BTreeSet::new();
+    while picked.len() < want {
+        picked.insert(rng.random_range(0..hot_keys));
+    }
+    picked.into_iter().map(|k| format!("k{k}")).collect()
 }
 
 /// Runs client number `index` (client id `client-{index}`) against `nodes`
@@ -396,18 +475,29 @@ pub async fn run_client(
                         shard = foreign[rng.random_range(0..foreign.len())];
                     }
                 }
-                let key = format!("k{}", rng.random_range(0..spec.hot_keys));
+                let mut key = format!("k{}", rng.random_range(0..spec.hot_keys));
                 let write = rng.random_bool(spec.write_ratio);
                 let stale = !write && rng.random_bool(spec.stale_read_ratio);
-                // No draw when deletes are off, so such a workload draws as before they existed.
+                // No draw when a feature is off, so such a workload draws as before it existed.
                 let delete = write && spec.delete_ratio > 0.0 && rng.random_bool(spec.delete_ratio);
+                let batch = write && !delete && spec.batch_write_ratio > 0.0 && rng.random_bool(spec.batch_write_ratio);
+                let multi = !write && !stale && spec.multi_read_ratio > 0.0 && rng.random_bool(spec.multi_read_ratio);
+                let scan = multi && rng.random_bool(0.5);
+                if (batch || multi) && !scan && spec.hot_keys > 1 {
+                    key = hot_key_set(&mut rng, spec.hot_keys).join(",");
+                }
                 let (f, value) = if delete {
                     (F::Delete, None)
                 } else if write {
                     n += 1;
-                    (F::Write, Some(format!("{}-p{process}-{n}", ctx.id)))
+                    (if batch { F::BatchWrite } else { F::Write }, Some(format!("{}-p{process}-{n}", ctx.id)))
                 } else if stale {
                     (F::StaleRead, None)
+                } else if scan {
+                    key.clear();
+                    (F::Scan, None)
+                } else if multi {
+                    (F::BatchRead, None)
                 } else {
                     (F::Read, None)
                 };

@@ -22,6 +22,7 @@ fn empty() -> RunOutcome {
         faults: vec![],
         disruptions: vec![],
         buggified: Default::default(),
+        metadata_disk: Default::default(),
     }
 }
 

@@ -48,6 +48,10 @@ pub trait MetaLog: Send + Sync + 'static {
     async fn append(&self, bytes: &[u8]) -> Result<(), MetaError>;
     /// Replaces the whole log with `bytes`, atomically and synced.
     async fn replace(&self, bytes: &[u8]) -> Result<(), MetaError>;
+    /// The log for error messages: its file, in production.
+    fn describe(&self) -> String {
+        "the metadata log".into()
+    }
 }
 
 /// A log in memory; clones share it, so it outlives a store that is dropped
@@ -70,6 +74,13 @@ impl MetaLog for MemMetaLog {
         *self.0.lock().expect("mem log lock") = bytes.to_vec();
         Ok(())
     }
+}
+
+/// A failed log write as the callers see it: the store is unavailable until
+/// its disk works again, and the change may or may not survive (transient, as
+/// a timeout is).
+fn unavailable(e: MetaError) -> MetaError {
+    MetaError::Unavailable(format!("the metadata store cannot write its log ({e}); the change may or may not persist"))
 }
 
 /// Frames records for the log.
@@ -107,6 +118,11 @@ pub struct MetadataStore {
     log: Arc<dyn MetaLog>,
     watchers: Vec<Watcher>,
     records_since_snapshot: usize,
+    /// An append failed: the log may end in part of records that were never
+    /// applied or acknowledged, and an append after them would be lost on
+    /// the next recovery (which stops at the first bad frame). Until the log
+    /// is rewritten as a snapshot of the applied state, nothing is appended.
+    log_suspect: bool,
 }
 
 impl MetadataStore {
@@ -114,7 +130,8 @@ impl MetadataStore {
     /// corrupt record and rewrites it as one snapshot record (which also cuts
     /// a torn tail off before anything is appended after it).
     ///
-    /// Errors: `Storage` when the log cannot be read or rewritten.
+    /// Errors: `Storage` when the log cannot be read or rewritten, or holds a
+    /// record that cannot follow the ones before it (named by its position).
     pub async fn recover(log: Arc<dyn MetaLog>) -> Result<Self, MetaError> {
         let bytes = log.load().await?;
         let (records, clean) = parse_log(&bytes);
@@ -123,30 +140,63 @@ impl MetadataStore {
         }
         let mut sm = StateMachine::default();
         let now = Instant::now();
-        for r in &records {
-            sm.apply(r, now);
+        for (i, r) in records.iter().enumerate() {
+            sm.apply(r, now).map_err(|e| {
+                MetaError::Storage(format!(
+                    "{} cannot be replayed: record {} of {}: {e}",
+                    log.describe(),
+                    i + 1,
+                    records.len()
+                ))
+            })?;
         }
         log.replace(&frame(&[Record::Snapshot(sm.snapshot())])).await?;
         tracing::info!(revision = sm.revision(), records = records.len(), "metadata store recovered");
-        Ok(MetadataStore { sm, log, watchers: Vec::new(), records_since_snapshot: 0 })
+        Ok(MetadataStore { sm, log, watchers: Vec::new(), records_since_snapshot: 0, log_suspect: false })
     }
 
     /// Logs `records` (synced), then applies them and publishes their events.
+    ///
+    /// A failed append is never followed by another append: the next commit
+    /// first rewrites the log as one snapshot of the applied state (dropping
+    /// whatever part of the failed append reached the file), and fails if it
+    /// cannot. So the log never holds an acknowledged record after a bad
+    /// frame, and recovery, which stops at the first bad frame, loses none.
+    ///
+    /// Errors: `Unavailable` when the append (or that rewrite) fails; the
+    /// records are not applied, and whether they survive a crash of the store
+    /// before the next successful rewrite is unknown.
     async fn commit(&mut self, records: Vec<Record>) -> Result<(), MetaError> {
         if records.is_empty() {
             return Ok(());
         }
-        self.log.append(&frame(&records)).await?;
+        if self.log_suspect {
+            self.log.replace(&frame(&[Record::Snapshot(self.sm.snapshot())])).await.map_err(unavailable)?;
+            self.log_suspect = false;
+            self.records_since_snapshot = 0;
+            tracing::info!(revision = self.sm.revision(), "metadata log rewritten after a failed append");
+        }
+        if let Err(e) = self.log.append(&frame(&records)).await {
+            self.log_suspect = true;
+            tracing::warn!(error = %e, "metadata log append failed; the log is rewritten before the next append");
+            return Err(unavailable(e));
+        }
         let now = Instant::now();
         for r in &records {
-            for e in self.sm.apply(r, now) {
+            // Planned against this state, so it applies (an error is a bug).
+            for e in self.sm.apply(r, now)? {
                 self.watchers.retain(|(prefix, tx)| !e.key().starts_with(prefix) || tx.send(Ok(e.clone())).is_ok());
             }
         }
         self.records_since_snapshot += records.len();
         if self.records_since_snapshot >= COMPACT_AFTER_RECORDS {
-            self.log.replace(&frame(&[Record::Snapshot(self.sm.snapshot())])).await?;
-            self.records_since_snapshot = 0;
+            // The records are durable and applied: a failed compaction (the
+            // rewrite is atomic, so the old log stays whole) is retried later
+            // and does not fail this commit.
+            match self.log.replace(&frame(&[Record::Snapshot(self.sm.snapshot())])).await {
+                Ok(()) => self.records_since_snapshot = 0,
+                Err(e) => tracing::warn!(error = %e, "metadata log compaction failed; retried after the next commit"),
+            }
         }
         Ok(())
     }
@@ -409,5 +459,80 @@ mod tests {
         let mut corrupt = bytes.clone();
         *corrupt.last_mut().unwrap() ^= 0xff;
         assert_eq!(parse_log(&corrupt), (records[..1].to_vec(), false));
+    }
+
+    #[tokio::test]
+    async fn a_log_that_cannot_be_replayed_is_an_error_naming_the_record() {
+        let log = MemMetaLog::default();
+        let records = [Record::LeaseGrant { id: 4, ttl_ms: 10 }, Record::LeaseGrant { id: 2, ttl_ms: 10 }];
+        log.append(&frame(&records)).await.unwrap();
+        let Err(e) = MetadataStore::recover(Arc::new(log.clone())).await else {
+            panic!("a lease id going back was replayed");
+        };
+        let msg = e.to_string();
+        assert!(msg.contains("the metadata log cannot be replayed: record 2 of 2: "), "{msg}");
+        assert!(msg.contains("lease 2 is granted after lease ids reached 5"), "{msg}");
+        assert_eq!(log.load().await.unwrap(), frame(&records), "a log that cannot be replayed is left as it was");
+    }
+
+    /// A log whose next `fail` appends write half their bytes, then fail
+    /// (a short write); rewrites fail while `fail_rewrites` is set.
+    #[derive(Clone, Default)]
+    struct ShortWrites {
+        inner: MemMetaLog,
+        fail: Arc<std::sync::atomic::AtomicUsize>,
+        fail_rewrites: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    #[async_trait]
+    impl MetaLog for ShortWrites {
+        async fn load(&self) -> Result<Vec<u8>, MetaError> {
+            self.inner.load().await
+        }
+
+        async fn append(&self, bytes: &[u8]) -> Result<(), MetaError> {
+            use std::sync::atomic::Ordering;
+            if self.fail.load(Ordering::SeqCst) > 0 {
+                self.fail.fetch_sub(1, Ordering::SeqCst);
+                self.inner.append(&bytes[..bytes.len() / 2]).await?;
+                return Err(MetaError::Storage("short write".into()));
+            }
+            self.inner.append(bytes).await
+        }
+
+        async fn replace(&self, bytes: &[u8]) -> Result<(), MetaError> {
+            if self.fail_rewrites.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(MetaError::Storage("rewrite failed".into()));
+            }
+            self.inner.replace(bytes).await
+        }
+    }
+
+    fn put(key: &str) -> Call {
+        Call::Txn(Txn {
+            success: vec![TxnOp::Put { key: key.into(), value: b"v".to_vec(), lease: 0 }],
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn no_acknowledged_record_is_appended_after_a_failed_append() {
+        use std::sync::atomic::Ordering;
+        let log = ShortWrites::default();
+        let mut store = MetadataStore::recover(Arc::new(log.clone())).await.unwrap();
+        store.call(put("a")).await.unwrap();
+        log.fail.store(1, Ordering::SeqCst);
+        let e = store.call(put("b")).await.err().expect("the append failed");
+        assert!(matches!(&e, MetaError::Unavailable(m) if m.contains("may or may not persist")), "{e}");
+        // The next commit cannot rewrite the log: it fails and appends nothing.
+        log.fail_rewrites.store(true, Ordering::SeqCst);
+        assert!(store.call(put("c")).await.is_err());
+        // Once it can, it rewrites the log, then appends.
+        log.fail_rewrites.store(false, Ordering::SeqCst);
+        store.call(put("d")).await.unwrap();
+        let recovered = MetadataStore::recover(Arc::new(log.clone())).await.unwrap();
+        let keys: Vec<Vec<u8>> = recovered.sm.range(b"").kvs.into_iter().map(|kv| kv.key).collect();
+        assert_eq!(keys, vec![b"a".to_vec(), b"d".to_vec()], "every acknowledged record, and nothing else");
+        assert!(parse_log(&log.load().await.unwrap()).1, "the log holds no partial record");
     }
 }

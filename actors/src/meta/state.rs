@@ -16,6 +16,11 @@ use crate::meta::backend::{
     WatchEvent,
 };
 
+/// A key for an error message (keys are UTF-8 paths in practice).
+fn show(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
+}
+
 /// Most watch events kept for watches that start in the past.
 pub const HISTORY_EVENTS: usize = 10_000;
 
@@ -232,7 +237,13 @@ impl StateMachine {
 
     /// Applies `record` at `now` (for lease expiry times); returns the watch
     /// events it produced, in order.
-    pub fn apply(&mut self, record: &Record, now: Instant) -> Vec<WatchEvent> {
+    ///
+    /// Errors: `Storage` naming the inconsistency when the record cannot
+    /// follow the state (a lease id that does not increase, a put or a
+    /// snapshot key naming a lease that does not exist): a log that is
+    /// corrupt in a way its checksums did not catch. The state is unchanged.
+    pub fn apply(&mut self, record: &Record, now: Instant) -> Result<Vec<WatchEvent>, MetaError> {
+        self.check(record)?;
         let events = match record {
             Record::Write { ops } => {
                 let rev = self.revision + 1;
@@ -249,7 +260,6 @@ impl StateMachine {
                 events
             }
             Record::LeaseGrant { id, ttl_ms } => {
-                assert!(*id >= self.next_lease, "lease ids increase");
                 let expires_at = now + Duration::from_millis(*ttl_ms);
                 self.leases.insert(*id, Lease { ttl_ms: *ttl_ms, expires_at, keys: BTreeSet::new() });
                 self.next_lease = id + 1;
@@ -257,7 +267,7 @@ impl StateMachine {
             }
             Record::LeaseEnd { id } => {
                 let Some(lease) = self.leases.remove(id) else {
-                    return Vec::new();
+                    return Ok(Vec::new());
                 };
                 let rev = self.revision + 1;
                 let events: Vec<_> = lease.keys.iter().filter_map(|k| self.delete_at(k, rev)).collect();
@@ -276,12 +286,8 @@ impl StateMachine {
                     self.leases.insert(id, Lease { ttl_ms, expires_at, keys: BTreeSet::new() });
                 }
                 for kv in &snap.kvs {
-                    if kv.lease != 0 {
-                        self.leases
-                            .get_mut(&kv.lease)
-                            .expect("snapshot keys name snapshot leases")
-                            .keys
-                            .insert(kv.key.clone());
+                    if let Some(l) = self.leases.get_mut(&kv.lease) {
+                        l.keys.insert(kv.key.clone());
                     }
                     self.kv.insert(kv.key.clone(), kv.clone());
                 }
@@ -292,10 +298,44 @@ impl StateMachine {
             self.history.push_back(e.clone());
         }
         while self.history.len() > HISTORY_EVENTS {
-            let dropped = self.history.pop_front().expect("non-empty");
+            let Some(dropped) = self.history.pop_front() else { break };
             self.compacted = self.compacted.max(dropped.revision());
         }
-        events
+        Ok(events)
+    }
+
+    /// Checks that `record` can follow the state (see [`StateMachine::apply`]).
+    fn check(&self, record: &Record) -> Result<(), MetaError> {
+        let bad = |what: String| Err(MetaError::Storage(format!("inconsistent metadata record: {what}")));
+        match record {
+            Record::Write { ops } => {
+                for op in ops {
+                    if let Mutation::Put { key, lease, .. } = op {
+                        if *lease != 0 && !self.leases.contains_key(lease) {
+                            return bad(format!("a put of {} names lease {lease}, which does not exist", show(key)));
+                        }
+                    }
+                }
+            }
+            Record::LeaseGrant { id, .. } if *id < self.next_lease => {
+                return bad(format!("lease {id} is granted after lease ids reached {}", self.next_lease));
+            }
+            Record::Snapshot(snap) => {
+                let leases: BTreeSet<LeaseId> = snap.leases.iter().map(|l| l.0).collect();
+                if let Some(kv) = snap.kvs.iter().find(|kv| kv.lease != 0 && !leases.contains(&kv.lease)) {
+                    return bad(format!(
+                        "snapshot key {} names lease {}, not in the snapshot",
+                        show(&kv.key),
+                        kv.lease
+                    ));
+                }
+                if let Some(id) = leases.iter().find(|id| **id >= snap.next_lease) {
+                    return bad(format!("snapshot lease {id} is not below its next lease id {}", snap.next_lease));
+                }
+            }
+            Record::LeaseGrant { .. } | Record::LeaseEnd { .. } => {}
+        }
+        Ok(())
     }
 
     fn put_at(&mut self, key: &[u8], value: &[u8], lease: LeaseId, rev: Revision) -> Option<WatchEvent> {
@@ -307,8 +347,9 @@ impl StateMachine {
                 }
             }
         }
-        if lease != 0 {
-            self.leases.get_mut(&lease).expect("puts name live leases: checked when planned").keys.insert(key.to_vec());
+        if let Some(l) = self.leases.get_mut(&lease) {
+            // Lease 0 (none) is never in the map; others were checked by `check`.
+            l.keys.insert(key.to_vec());
         }
         self.kv.insert(key.to_vec(), kv.clone());
         Some(WatchEvent::Put(kv))
@@ -357,7 +398,7 @@ mod tests {
     fn run(sm: &mut StateMachine, txn: Txn) -> TxnResponse {
         let (resp, record) = sm.plan_txn(&txn).unwrap();
         if let Some(r) = record {
-            sm.apply(&r, Instant::now());
+            sm.apply(&r, Instant::now()).unwrap();
         }
         resp
     }
@@ -394,7 +435,7 @@ mod tests {
         let mut sm = StateMachine::default();
         let now = Instant::now();
         let grant = sm.grant(100).unwrap();
-        sm.apply(&grant, now);
+        sm.apply(&grant, now).unwrap();
         let Record::LeaseGrant { id, .. } = grant else { unreachable!() };
         let txn = Txn {
             success: vec![
@@ -407,7 +448,7 @@ mod tests {
         assert!(sm.expired(now + Duration::from_millis(99)).is_empty());
         let ends = sm.expired(now + Duration::from_millis(100));
         assert_eq!(ends, vec![Record::LeaseEnd { id }]);
-        let events = sm.apply(&ends[0], now);
+        let events = sm.apply(&ends[0], now).unwrap();
         assert_eq!(events.len(), 2);
         assert!(events.iter().all(|e| e.revision() == 3));
         assert!(sm.range(b"n/").kvs.is_empty());
@@ -421,7 +462,7 @@ mod tests {
         let mut sm = StateMachine::default();
         let now = Instant::now();
         let grant = sm.grant(5000).unwrap();
-        sm.apply(&grant, now);
+        sm.apply(&grant, now).unwrap();
         run(
             &mut sm,
             Txn {
@@ -431,13 +472,53 @@ mod tests {
         );
         let snap = sm.snapshot();
         let mut restored = StateMachine::default();
-        restored.apply(&Record::Snapshot(snap.clone()), now);
+        restored.apply(&Record::Snapshot(snap.clone()), now).unwrap();
         assert_eq!(restored.snapshot(), snap);
         assert!(matches!(restored.history_since(b"", 2), Err(MetaError::Compacted { .. })));
         assert_eq!(restored.history_since(b"", restored.revision() + 1).unwrap(), vec![]);
         // The lease still owns its key after the restore.
         let end = restored.expired(now + Duration::from_secs(6));
-        restored.apply(&end[0], now);
+        restored.apply(&end[0], now).unwrap();
         assert_eq!(restored.range(b"").kvs.len(), 1);
+    }
+
+    #[test]
+    fn inconsistent_records_are_errors_that_change_nothing() {
+        let now = Instant::now();
+        let mut sm = StateMachine::default();
+        sm.apply(&Record::LeaseGrant { id: 5, ttl_ms: 100 }, now).unwrap();
+        let before = sm.snapshot();
+        let cases = [
+            (Record::LeaseGrant { id: 3, ttl_ms: 100 }, "lease 3 is granted after lease ids reached 6"),
+            (
+                Record::Write { ops: vec![Mutation::Put { key: b"n/a".to_vec(), value: vec![], lease: 9 }] },
+                "a put of n/a names lease 9",
+            ),
+            (
+                Record::Snapshot(Snapshot {
+                    revision: 4,
+                    kvs: vec![KeyValue {
+                        key: b"k".to_vec(),
+                        value: vec![],
+                        create_revision: 1,
+                        mod_revision: 1,
+                        version: 1,
+                        lease: 2,
+                    }],
+                    leases: vec![],
+                    next_lease: 3,
+                }),
+                "snapshot key k names lease 2",
+            ),
+            (
+                Record::Snapshot(Snapshot { revision: 4, kvs: vec![], leases: vec![(7, 100)], next_lease: 3 }),
+                "snapshot lease 7 is not below its next lease id 3",
+            ),
+        ];
+        for (record, want) in cases {
+            let e = sm.apply(&record, now).unwrap_err();
+            assert!(matches!(&e, MetaError::Storage(m) if m.contains(want)), "{e}");
+            assert_eq!(sm.snapshot(), before, "{record:?} changed the state");
+        }
     }
 }
