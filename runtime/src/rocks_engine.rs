@@ -337,10 +337,21 @@ impl Engine for RocksEngine {
         let db = self.db()?;
         let held = blocking(move || HeldSnapshot::new(db, |db| db.snapshot())).await;
         let slot: SnapshotSlot = Arc::new(std::sync::Mutex::new(Some(held)));
-        let mut live = self.snapshots.lock().expect("rocks snapshots lock");
-        live.retain(|w| w.strong_count() > 0);
-        live.push(Arc::downgrade(&slot));
-        Ok(Arc::new(RocksSnapshot { slot, path: self.path.clone(), counters: self.counters.clone() }))
+        {
+            // Registered under the lock `close` takes before it takes the DB:
+            // either `close` sees this snapshot and releases it, or this sees
+            // the engine closed (a close may have run while the snapshot was
+            // being taken).
+            let mut live = self.snapshots.lock().expect("rocks snapshots lock");
+            if self.db.read().expect("rocks engine lock").is_some() {
+                live.retain(|w| w.strong_count() > 0);
+                live.push(Arc::downgrade(&slot));
+                return Ok(Arc::new(RocksSnapshot { slot, path: self.path.clone(), counters: self.counters.clone() }));
+            }
+        }
+        // Released off the async threads: it may hold the last DB handle.
+        blocking(move || drop(slot)).await;
+        Err(EngineError::Closed)
     }
 
     async fn approximate_size(&self) -> Result<u64, EngineError> {
@@ -387,11 +398,17 @@ impl Engine for RocksEngine {
     }
 
     async fn close(&self) {
-        let Some(db) = self.db.write().expect("rocks engine lock").take() else {
+        // The snapshot list's lock first, then the DB's (as `snapshot`), so a
+        // snapshot being taken now is either in the list or sees the close.
+        let (db, live) = {
+            let mut live = self.snapshots.lock().expect("rocks snapshots lock");
+            let db = self.db.write().expect("rocks engine lock").take();
+            (db, std::mem::take(&mut *live))
+        };
+        let Some(db) = db else {
             return;
         };
         // Release every live snapshot: each holds the DB.
-        let live = std::mem::take(&mut *self.snapshots.lock().expect("rocks snapshots lock"));
         let slots: Vec<SnapshotSlot> = live.iter().filter_map(std::sync::Weak::upgrade).collect();
         blocking(move || {
             for slot in slots {

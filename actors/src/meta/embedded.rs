@@ -183,19 +183,27 @@ impl MetadataStore {
         }
         let now = Instant::now();
         for r in &records {
-            // Planned against this state, so it applies (an error is a bug).
-            for e in self.sm.apply(r, now)? {
+            // Planned against this state, so it applies. An error would be a
+            // bug; the record is durable but not applied, so the log is
+            // rewritten from the applied state before anything follows it.
+            let events = self.sm.apply(r, now).inspect_err(|_| self.log_suspect = true)?;
+            for e in events {
                 self.watchers.retain(|(prefix, tx)| !e.key().starts_with(prefix) || tx.send(Ok(e.clone())).is_ok());
             }
         }
         self.records_since_snapshot += records.len();
         if self.records_since_snapshot >= COMPACT_AFTER_RECORDS {
-            // The records are durable and applied: a failed compaction (the
-            // rewrite is atomic, so the old log stays whole) is retried later
-            // and does not fail this commit.
+            // The records are durable and applied, so a failed compaction
+            // does not fail this commit. But the rewrite may have failed
+            // after its rename and before the directory sync, when which
+            // file the path names after a power loss is unknown: the log is
+            // suspect, and rewritten (synced) before the next append.
             match self.log.replace(&frame(&[Record::Snapshot(self.sm.snapshot())])).await {
                 Ok(()) => self.records_since_snapshot = 0,
-                Err(e) => tracing::warn!(error = %e, "metadata log compaction failed; retried after the next commit"),
+                Err(e) => {
+                    self.log_suspect = true;
+                    tracing::warn!(error = %e, "metadata log compaction failed; rewritten before the next append");
+                }
             }
         }
         Ok(())
