@@ -36,6 +36,59 @@ impl Default for LeaseTiming {
     }
 }
 
+impl LeaseTiming {
+    /// The window a renewal answered with TTL `ttl_ms` opens the gate for,
+    /// by this node's clock: `ttl·(1 − drift) − margin`, ms (may be ≤ 0).
+    pub fn window_ms(&self, ttl_ms: u64) -> f64 {
+        ttl_ms as f64 * (1.0 - self.drift) - self.margin_ms as f64
+    }
+
+    /// Checks a node's lease TTL and its volumes' takeover delay (ms)
+    /// against this timing, so that the gate is useful and safe:
+    ///
+    /// - `0 <= drift < 0.5`;
+    /// - the window (`window_ms`) exceeds the renewal period `ttl / 3`, so
+    ///   the gate stays open between renewals (a window ≤ 0 would never
+    ///   open it, while the node's volume managers still claim);
+    /// - a takeover waits long enough even when the metadata store's own
+    ///   clock runs fast: the store ends a lease at least `ttl / (1 + drift)`
+    ///   after its last renewal, the old primary's gate closes at most
+    ///   `ttl − margin / (1 − drift)` after it (true time, its clock slow),
+    ///   and a backup waits `takeover_delay / (1 + drift)` more (its clock
+    ///   fast), so `takeover_delay ≥ (1 + drift)·(ttl − margin/(1 − drift)) − ttl`.
+    ///
+    /// Errors: a message naming the setting and the bound it breaks.
+    pub fn validate(&self, ttl_ms: u64, takeover_delay_ms: u64) -> Result<(), String> {
+        let d = self.drift;
+        if !(0.0..0.5).contains(&d) {
+            return Err(format!("lease drift {d} must be at least 0 and below 0.5 (a relative clock rate error)"));
+        }
+        let (window, period) = (self.window_ms(ttl_ms), ttl_ms as f64 / 3.0);
+        if window <= period {
+            return Err(format!(
+                "lease_ttl_ms {ttl_ms} is too short for the lease gate: its window ttl·(1 − drift) − margin_ms = \
+                 {window:.0} ms must exceed the renewal period ttl/3 = {period:.0} ms, or the gate closes between \
+                 renewals (and never opens when the window is 0 or less); raise lease_ttl_ms (at least {} ms \
+                 with margin_ms {} and drift {d}) or lower margin_ms",
+                (self.margin_ms as f64 / (2.0 / 3.0 - d)).floor() as u64 + 1,
+                self.margin_ms
+            ));
+        }
+        let need = (1.0 + d) * (ttl_ms as f64 - self.margin_ms as f64 / (1.0 - d)) - ttl_ms as f64;
+        if (takeover_delay_ms as f64) < need {
+            return Err(format!(
+                "takeover_delay_ms {takeover_delay_ms} is too short for lease_ttl_ms {ttl_ms} with drift {d} and \
+                 margin_ms {}: when the metadata store's clock runs fast, an old primary's lease gate may stay \
+                 open up to {need:.0} ms after the store ends its lease; takeover_delay_ms must be at least {} \
+                 (or raise margin_ms)",
+                self.margin_ms,
+                need.ceil() as u64
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug)]
 struct Gate {
     /// True (simulated or real) instant until which writes may proceed.
@@ -69,7 +122,7 @@ impl LeaseGate {
     /// gate for the window the rule allows (never shortening a later window).
     pub fn renewed(&self, sent: Instant, ttl_ms: u64) {
         let mut g = self.gate.lock().expect("lease gate lock");
-        let local = (ttl_ms as f64 * (1.0 - self.timing.drift)) - self.timing.margin_ms as f64;
+        let local = self.timing.window_ms(ttl_ms);
         if local <= 0.0 {
             return;
         }
@@ -100,6 +153,23 @@ impl LeaseGate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timing_that_makes_the_gate_useless_or_unsafe_is_an_error() {
+        let t = LeaseTiming::default();
+        assert_eq!(t.validate(5_000, 500), Ok(()));
+        assert_eq!(t.validate(2_000, 300), Ok(()), "the simulation's timing");
+        let e = t.validate(250, 500).unwrap_err();
+        assert!(e.contains("lease_ttl_ms 250 is too short") && e.contains("at least 305 ms"), "{e}");
+        assert!(t.validate(305, 500).is_ok(), "the bound the message names is enough");
+        // A large drift with no margin needs a takeover delay.
+        let drifty = LeaseTiming { drift: 0.2, margin_ms: 0 };
+        let e = drifty.validate(10_000, 0).unwrap_err();
+        assert!(e.contains("takeover_delay_ms must be at least 2000"), "{e}");
+        assert!(drifty.validate(10_000, 2_000).is_ok());
+        assert!(LeaseTiming { drift: 0.7, margin_ms: 0 }.validate(10_000, 0).unwrap_err().contains("below 0.5"));
+        assert!(LeaseTiming { drift: f64::NAN, margin_ms: 0 }.validate(10_000, 0).is_err());
+    }
 
     #[tokio::test]
     async fn window_is_ttl_less_drift_and_margin() {

@@ -71,7 +71,9 @@ pub struct NodeArgs {
     /// Cloud region, for the cloud volume provider.
     #[arg(long, env = "AWS_REGION")]
     pub region: Option<String>,
-    /// Node lease TTL in milliseconds. Default 5000.
+    /// Node lease TTL in milliseconds. Default 5000; at least 305 (the lease
+    /// gate opens for TTL·0.99 − 200 ms, which must exceed the renewal
+    /// period TTL/3), checked at start-up.
     #[arg(long, env = "ATTACHE_LEASE_TTL_MS")]
     pub lease_ttl_ms: Option<u64>,
     /// Size limit of new shards, bytes. Default 2 GiB.
@@ -140,6 +142,7 @@ impl NodeArgs {
         node.lease_ttl_ms = a.lease_ttl_ms.unwrap_or(node.lease_ttl_ms);
         node.default_size_limit = a.shard_size_limit.unwrap_or(DEFAULT_SHARD_SIZE_LIMIT);
         node.limits = a.limits.unwrap_or_default();
+        node.validate().map_err(|e| anyhow::anyhow!("invalid timing settings: {e}"))?;
         Ok(NodeSettings {
             data_dir: a.data_dir.unwrap_or_else(|| "attache-node".into()),
             listen: a.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
@@ -210,6 +213,16 @@ mod tests {
         assert_eq!(s.node.lease_ttl_ms, 900);
         assert_eq!(s.node.limits.max_key_bytes, 64);
         assert_eq!(s.node.limits.max_value_bytes, Limits::default().max_value_bytes);
+    }
+
+    #[test]
+    fn a_lease_too_short_for_the_gate_is_refused_at_start_up() {
+        let cli =
+            Cli::try_parse_from(["x", "--volumes", "a", "--metadata", "embedded:/tmp/m", "--lease-ttl-ms", "200"])
+                .unwrap();
+        let Err(e) = cli.node.resolve() else { panic!("a 200 ms lease was accepted") };
+        let e = format!("{e:#}");
+        assert!(e.contains("invalid timing settings: lease_ttl_ms 200 is too short"), "{e}");
     }
 
     #[test]

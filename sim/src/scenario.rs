@@ -251,6 +251,11 @@ impl Scenario {
             }
         }
         self.check_names()?;
+        // The rule the nodes check at start-up (`NodeConfig::validate`).
+        let t = &self.timing;
+        attache_actors::lease::LeaseTiming { drift: t.drift, margin_ms: t.margin_ms }
+            .validate(t.lease_ttl_ms, t.takeover_delay_ms)
+            .map_err(|e| format!("timing: {e}"))?;
         // The workload's client retries a call for 2 * op_timeout_ms.
         if self.timing.request_window_ms <= 2 * w.op_timeout_ms {
             return Err(format!(

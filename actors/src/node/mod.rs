@@ -95,6 +95,16 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// Checks the timing settings: `FailoverTiming::validate`, then the
+    /// lease TTL and takeover delay against the lease gate's drift and
+    /// margin (`LeaseTiming::validate`).
+    ///
+    /// Errors: a message naming the setting and the bound it breaks.
+    pub fn validate(&self) -> Result<(), String> {
+        self.failover.validate()?;
+        self.lease.validate(self.lease_ttl_ms, self.failover.takeover_delay_ms)
+    }
+
     /// A config with defaults for `volumes` under `volume_root`, reachable at `advertise_addr`.
     pub fn new(advertise_addr: impl Into<String>, volume_root: impl Into<PathBuf>, volumes: Vec<String>) -> Self {
         NodeConfig {
@@ -262,7 +272,7 @@ impl Node {
     async fn start(&mut self, ctx: &Context<Self>) -> Result<(), AttacheError> {
         // Settings a volume manager would refuse (it panics on them) fail
         // start-up with a message instead.
-        self.cfg.failover.validate().map_err(AttacheError::InvalidArgument)?;
+        self.cfg.validate().map_err(AttacheError::InvalidArgument)?;
         // The metadata store must be reachable before anything else.
         let wait =
             RetryPolicy { max_attempts: u32::MAX, deadline_ms: self.cfg.metadata_wait_ms, ..RetryPolicy::default() };
