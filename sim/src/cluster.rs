@@ -14,7 +14,7 @@ use attache_actors::local_store::MemLocalStore;
 use attache_actors::meta::embedded::EmbeddedBackend;
 use attache_actors::meta::remote::{MetadataServer, RemoteBackend};
 use attache_actors::meta::MetaOps;
-use attache_actors::node::{NodeConfig, NodeParts};
+use attache_actors::node::{NodeConfig, NodeParts, WaitReady};
 use attache_actors::retry::RetryPolicy;
 use attache_actors::service::AttacheService;
 use attache_actors::volume::FailoverTiming;
@@ -54,6 +54,8 @@ pub fn schedule(s: &Scenario, seed: u64) -> Schedule {
 struct Nodes {
     handles: BTreeMap<String, NodeHandle>,
     gates: Arc<Mutex<BTreeMap<String, Arc<LeaseGate>>>>,
+    /// Per node, how many scheduled crashes and restarts it has had.
+    generations: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
 impl Nodes {
@@ -92,6 +94,10 @@ fn start_meta(handle: &Handle, log: SimMetaLog) -> NodeHandle {
         .build()
 }
 
+/// Where a storage node whose start-up failed reports that its process
+/// exits (`attache node` returns the error and the process ends).
+type Exits = tokio::sync::mpsc::UnboundedSender<String>;
+
 fn start_storage(
     handle: &Handle,
     s: &Scenario,
@@ -99,6 +105,7 @@ fn start_storage(
     ebs: &SimEbs,
     seed: u64,
     gates: &Arc<Mutex<BTreeMap<String, Arc<LeaseGate>>>>,
+    exits: &Exits,
 ) -> NodeHandle {
     let name = format!("node-{i}");
     let local = MemLocalStore::default();
@@ -107,13 +114,21 @@ fn start_storage(
     let t = s.timing.clone();
     let (lease_gate, cas, request_ids) = (s.sim_only.lease_gate, s.sim_only.metadata_cas, s.sim_only.request_ids);
     let node_name = name.clone();
+    let exits = exits.clone();
     handle
         .create_node()
         .name(&name)
         .ip(format!("10.0.1.{i}").parse().expect("ip"))
         .init(move || {
-            let (local, ebs, gates, volumes, t, name) =
-                (local.clone(), ebs.clone(), gates.clone(), volumes.clone(), t.clone(), node_name.clone());
+            let (local, ebs, gates, volumes, t, name, exits) = (
+                local.clone(),
+                ebs.clone(),
+                gates.clone(),
+                volumes.clone(),
+                t.clone(),
+                node_name.clone(),
+                exits.clone(),
+            );
             async move {
                 let vols = Arc::new(SimVolumes::new(ebs, name.clone()));
                 let timing = LeaseTiming { drift: t.drift, margin_ms: t.margin_ms };
@@ -140,7 +155,18 @@ fn start_storage(
                 cfg.limits.request_window_ms = if request_ids { t.request_window_ms } else { 0 };
                 cfg.limits.max_scan_page = scan_page;
                 let parts = NodeParts { meta, local: Arc::new(local), factory: vols.clone(), provider: vols, gate };
-                let (_node, service) = AttacheService::start(&HostHandle::new(TaskHost), cfg, parts);
+                let (node, service) = AttacheService::start(&HostHandle::new(TaskHost), cfg, parts);
+                // As `attache node`: when start-up fails, the process exits
+                // (its lease then lapses) and its supervisor starts it again.
+                // (Unlike `attache node`, the simulated node serves gRPC from
+                // the start rather than once ready; the regressions' runs
+                // depend on that timing.)
+                madsim::task::spawn(async move {
+                    if let failed @ (Ok(Err(_)) | Err(_)) = node.send(WaitReady).await {
+                        tracing::error!(?failed, "node start-up failed; the process exits");
+                        let _ = exits.send(name);
+                    }
+                });
                 let addr: SocketAddr = storage_addr(i).parse().expect("addr");
                 tonic::transport::Server::builder().add_service(service).serve(addr).await.expect("attache server");
             }
@@ -159,7 +185,12 @@ fn apply(
     let handle = Handle::current();
     let net = NetSim::current();
     match fault {
-        Fault::NodeCrash { node } => {
+        Fault::NodeCrash { node } | Fault::NodeRestart { node } => {
+            *nodes.generations.lock().expect("generations lock").entry(node.clone()).or_default() += 1;
+            if matches!(fault, Fault::NodeRestart { .. }) {
+                handle.restart(nodes.id(node));
+                return;
+            }
             handle.kill(nodes.id(node));
             if node == "meta" {
                 metalog.crash();
@@ -167,7 +198,6 @@ fn apply(
                 ebs.crash(node);
             }
         }
-        Fault::NodeRestart { node } => handle.restart(nodes.id(node)),
         Fault::NodePause { node } => handle.pause(nodes.id(node)),
         Fault::NodeResume { node } => handle.resume(nodes.id(node)),
         Fault::Partition { from, to, both } => {
@@ -241,10 +271,31 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
     let mut handles = BTreeMap::new();
     let metalog = SimMetaLog::new(s.metadata.clone(), seed);
     handles.insert("meta".to_string(), start_meta(&handle, metalog.clone()));
+    let (exits, mut exited) = tokio::sync::mpsc::unbounded_channel::<String>();
     for i in 1..=s.cluster.storage_nodes {
-        handles.insert(format!("node-{i}"), start_storage(&handle, s, i, &ebs, seed, &gates));
+        handles.insert(format!("node-{i}"), start_storage(&handle, s, i, &ebs, seed, &gates, &exits));
     }
-    let nodes = Nodes { handles, gates };
+    let nodes = Nodes { handles, gates, generations: Arc::default() };
+    // The supervisor: a process that exited (its start-up failed) is killed
+    // at once and started again a second later, unless a scheduled fault
+    // crashed or restarted it meanwhile (`Nodes::generation`).
+    let generations = nodes.generations.clone();
+    let ids: BTreeMap<String, madsim::task::NodeId> = nodes.handles.iter().map(|(n, h)| (n.clone(), h.id())).collect();
+    madsim::task::spawn(async move {
+        while let Some(name) = exited.recv().await {
+            let Some(&id) = ids.get(&name) else { continue };
+            let generation = generations.lock().expect("generations lock").get(&name).copied().unwrap_or(0);
+            Handle::current().kill(id);
+            let generations = generations.clone();
+            madsim::task::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if generations.lock().expect("generations lock").get(&name).copied().unwrap_or(0) == generation {
+                    tracing::info!(node = %name, "supervisor restarts the node after a failed start-up");
+                    Handle::current().restart(id);
+                }
+            });
+        }
+    });
 
     let rec = Arc::new(Recorder::new());
     let registry: Registry = Arc::default();
