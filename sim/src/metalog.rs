@@ -101,9 +101,12 @@ impl SimMetaLog {
         self.0.lock().expect("sim meta log lock")
     }
 
-    /// Every append, sync and rewrite fails from now for `for_`.
+    /// Every append, sync and rewrite fails from now for `for_` (or longer,
+    /// when an earlier window lasts longer).
     pub fn fail_for(&self, for_: Duration) {
-        self.lock().failing_until = Some(Instant::now() + for_);
+        let mut d = self.lock();
+        let until = Instant::now() + for_;
+        d.failing_until = Some(d.failing_until.map_or(until, |u| u.max(until)));
     }
 
     /// The metadata node crashed: a random prefix of the unsynced bytes
