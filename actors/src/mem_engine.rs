@@ -43,9 +43,7 @@ impl EngineSnapshot for TreeSnapshot {
         if self.closed.load(Ordering::Acquire) {
             return Err(EngineError::Closed);
         }
-        let pairs = scan_tree(&self.tree, start, end, limit);
-        self.counters.read(pairs.len() as u64, pairs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum());
-        Ok(pairs)
+        Ok(scan_counted(&self.tree, start, end, limit, &self.counters))
     }
 }
 
@@ -128,6 +126,14 @@ pub fn apply_batch(tree: &mut BTreeMap<Vec<u8>, Vec<u8>>, batch: &WriteBatch) {
     }
 }
 
+/// `scan_tree`, counted in `counters` as reads; the scan of every in-memory
+/// engine and of their snapshots.
+pub fn scan_counted(tree: &Tree, start: &[u8], end: Option<&[u8]>, limit: usize, counters: &EngineCounters) -> KvPairs {
+    let pairs = scan_tree(tree, start, end, limit);
+    counters.read(pairs.len() as u64, pairs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum());
+    pairs
+}
+
 /// Up to `limit` pairs of `tree` in `[start, end)`; shared by in-memory engines.
 pub fn scan_tree(tree: &BTreeMap<Vec<u8>, Vec<u8>>, start: &[u8], end: Option<&[u8]>, limit: usize) -> KvPairs {
     let upper = match end {
@@ -164,10 +170,8 @@ impl Engine for MemEngine {
     }
 
     async fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, EngineError> {
-        let pairs = scan_tree(&*self.tree()?, start, end, limit);
-        let bytes = pairs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
-        self.counters.read(pairs.len() as u64, bytes);
-        Ok(pairs)
+        let tree = self.tree()?;
+        Ok(scan_counted(&tree, start, end, limit, &self.counters))
     }
 
     async fn snapshot(&self) -> Result<Arc<dyn EngineSnapshot>, EngineError> {

@@ -158,7 +158,7 @@ impl EngineFactory for RocksEngineFactory {
 pub struct RocksEngine {
     db: RwLock<Option<Arc<DB>>>,
     /// Snapshots taken and maybe still held, released by `close`.
-    snapshots: std::sync::Mutex<Vec<std::sync::Weak<std::sync::Mutex<Option<HeldSnapshot>>>>>,
+    snapshots: std::sync::Mutex<Vec<std::sync::Weak<SlotCell>>>,
     path: PathBuf,
     read_only: bool,
     counters: Arc<EngineCounters>,
@@ -186,7 +186,9 @@ self_cell::self_cell!(
 );
 
 /// A live snapshot; `None` once its engine closed (which released it).
-type SnapshotSlot = Arc<std::sync::Mutex<Option<HeldSnapshot>>>;
+type SlotCell = std::sync::Mutex<Option<HeldSnapshot>>;
+/// A snapshot's slot, shared by the snapshot and (weakly) its engine.
+type SnapshotSlot = Arc<SlotCell>;
 
 /// The engine's view at one instant (`Engine::snapshot`): a RocksDB snapshot,
 /// which pins the data versions it sees until released. `RocksEngine::close`
@@ -206,30 +208,36 @@ impl EngineSnapshot for RocksSnapshot {
         blocking(move || {
             let held = slot.lock().expect("rocks snapshot lock");
             let Some(held) = held.as_ref() else { return Err(EngineError::Closed) };
-            if end.as_ref().is_some_and(|end| *end <= start) {
-                return Ok(Vec::new());
-            }
-            let mut ro = ReadOptions::default();
-            if let Some(end) = end {
-                ro.set_iterate_upper_bound(end);
-            }
-            let iter = held.borrow_dependent().iterator_opt(IteratorMode::From(&start, Direction::Forward), ro);
-            collect_pairs(iter, limit, &path, &counters)
+            scan_range(&start, end, limit, &path, &counters, |mode, ro| held.borrow_dependent().iterator_opt(mode, ro))
         })
         .await
     }
 }
 
-/// Up to `limit` pairs of `iter`, counted as reads.
-fn collect_pairs(
-    iter: impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>>,
+/// Up to `limit` pairs with `start <= key < end` (`end = None`: no upper
+/// bound), counted as reads, from the iterator `iterate` opens at a mode and
+/// read options: the DB's own, or a snapshot's.
+fn scan_range<I>(
+    start: &[u8],
+    end: Option<Vec<u8>>,
     limit: usize,
     path: &Path,
     counters: &EngineCounters,
-) -> Result<KvPairs, EngineError> {
+    iterate: impl FnOnce(IteratorMode<'_>, ReadOptions) -> I,
+) -> Result<KvPairs, EngineError>
+where
+    I: Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>>,
+{
+    if end.as_ref().is_some_and(|end| end.as_slice() <= start) {
+        return Ok(Vec::new());
+    }
+    let mut ro = ReadOptions::default();
+    if let Some(end) = end {
+        ro.set_iterate_upper_bound(end);
+    }
     let mut pairs = Vec::new();
     let mut bytes = 0;
-    for item in iter.take(limit) {
+    for item in iterate(IteratorMode::From(start, Direction::Forward), ro).take(limit) {
         let (k, v) = item.map_err(|e| engine_error(path, e))?;
         bytes += (k.len() + v.len()) as u64;
         pairs.push((k.into_vec(), v.into_vec()));
@@ -320,17 +328,7 @@ impl Engine for RocksEngine {
     async fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, EngineError> {
         let (db, path, counters) = (self.db()?, self.path.clone(), self.counters.clone());
         let (start, end) = (start.to_vec(), end.map(<[u8]>::to_vec));
-        blocking(move || {
-            if end.as_ref().is_some_and(|end| *end <= start) {
-                return Ok(Vec::new());
-            }
-            let mut ro = ReadOptions::default();
-            if let Some(end) = end {
-                ro.set_iterate_upper_bound(end);
-            }
-            collect_pairs(db.iterator_opt(IteratorMode::From(&start, Direction::Forward), ro), limit, &path, &counters)
-        })
-        .await
+        blocking(move || scan_range(&start, end, limit, &path, &counters, |mode, ro| db.iterator_opt(mode, ro))).await
     }
 
     async fn snapshot(&self) -> Result<Arc<dyn EngineSnapshot>, EngineError> {

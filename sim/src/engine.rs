@@ -20,7 +20,7 @@ use attache_actors::codec;
 use attache_actors::engine::{
     Engine, EngineCounters, EngineError, EngineFactory, EngineSnapshot, EngineStats, KvPairs, OpenMode, WriteBatch,
 };
-use attache_actors::mem_engine::{apply_batch, scan_tree, Tree, TreeSnapshot};
+use attache_actors::mem_engine::{apply_batch, scan_counted, Tree, TreeSnapshot};
 use attache_actors::provider::VolumeProvider;
 
 use crate::ebs::SimEbs;
@@ -193,10 +193,7 @@ impl Engine for SimEngine {
     }
 
     async fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, EngineError> {
-        let pairs = scan_tree(&self.state()?.tree, start, end, limit);
-        let bytes = pairs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
-        self.counters.read(pairs.len() as u64, bytes);
-        Ok(pairs)
+        Ok(scan_counted(&self.state()?.tree, start, end, limit, &self.counters))
     }
 
     async fn snapshot(&self) -> Result<Arc<dyn EngineSnapshot>, EngineError> {
