@@ -294,23 +294,11 @@ impl ClientCtx {
             F::BatchRead => {
                 let keys: Vec<Vec<u8>> = key.split(',').map(|k| k.as_bytes().to_vec()).collect();
                 let req = BatchGetRequest { shard_id: shard, client_id: self.id.clone(), keys, consistency: 0 };
-                match call!(self.client, spec, batch_get, req) {
-                    Ok(served) => match served.value.try_collect::<Vec<_>>().await {
-                        Ok(found) => {
-                            let reads: Vec<(String, Option<String>)> = found
-                                .into_iter()
-                                .map(|r| {
-                                    let k = String::from_utf8_lossy(&r.key).into_owned();
-                                    (k, r.found.then(|| String::from_utf8_lossy(&r.value).into_owned()))
-                                })
-                                .collect();
-                            let value = encode_reads(reads.iter().map(|(k, v)| (k.as_str(), v.as_deref())));
-                            Outcome::Ok(served.addr, Some(value), None)
-                        }
-                        Err(status) => Outcome::Info(served.addr, status),
-                    },
-                    Err(e) => Outcome::from(Err::<Served<()>, _>(e)),
-                }
+                let result = call!(self.client, spec, batch_get, req);
+                multi_read(result, |found| {
+                    found.into_iter().map(|r| (text(&r.key), r.found.then(|| text(&r.value)))).collect()
+                })
+                .await
             }
             F::Scan => {
                 let req = ScanRequest {
@@ -321,26 +309,11 @@ impl ClientCtx {
                     limit: 0,
                     consistency: 0,
                 };
-                match call!(self.client, spec, scan, req) {
-                    Ok(served) => match served.value.try_collect::<Vec<_>>().await {
-                        Ok(pages) => {
-                            let reads: Vec<(String, String)> = pages
-                                .into_iter()
-                                .flat_map(|p| p.entries)
-                                .map(|kv| {
-                                    (
-                                        String::from_utf8_lossy(&kv.key).into_owned(),
-                                        String::from_utf8_lossy(&kv.value).into_owned(),
-                                    )
-                                })
-                                .collect();
-                            let value = encode_reads(reads.iter().map(|(k, v)| (k.as_str(), Some(v.as_str()))));
-                            Outcome::Ok(served.addr, Some(value), None)
-                        }
-                        Err(status) => Outcome::Info(served.addr, status),
-                    },
-                    Err(e) => Outcome::from(Err::<Served<()>, _>(e)),
-                }
+                let result = call!(self.client, spec, scan, req);
+                multi_read(result, |pages| {
+                    pages.into_iter().flat_map(|p| p.entries).map(|kv| (text(&kv.key), Some(text(&kv.value)))).collect()
+                })
+                .await
             }
             F::Read | F::StaleRead | F::NewShard | F::ListShards => {
                 let req = GetRequest {
@@ -354,11 +327,7 @@ impl ClientCtx {
                     Ok(served) => {
                         let r = served.value;
                         let staleness = (f == F::StaleRead).then_some(r.max_staleness_ms);
-                        Outcome::Ok(
-                            served.addr,
-                            r.found.then(|| String::from_utf8_lossy(&r.value).into_owned()),
-                            staleness,
-                        )
+                        Outcome::Ok(served.addr, r.found.then(|| text(&r.value)), staleness)
                     }
                     Err(e) => Outcome::from(Err::<Served<()>, _>(e)),
                 }
@@ -380,6 +349,32 @@ impl ClientCtx {
                 (true, false)
             }
         }
+    }
+}
+
+/// Bytes the workload wrote, as text.
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A multi-key read's outcome: its stream collected and what it read
+/// (`reads`: key, value or absent) encoded by `encode_reads`. A stream that
+/// fails after the call was answered is an unknown outcome.
+async fn multi_read<T>(
+    result: Result<Served<tonic::Streaming<T>>, Failure>,
+    reads: impl FnOnce(Vec<T>) -> Vec<(String, Option<String>)>,
+) -> Outcome {
+    let served = match result {
+        Ok(served) => served,
+        Err(e) => return Outcome::from(Err::<Served<()>, _>(e)),
+    };
+    match served.value.try_collect::<Vec<_>>().await {
+        Ok(items) => {
+            let reads = reads(items);
+            let value = encode_reads(reads.iter().map(|(k, v)| (k.as_str(), v.as_deref())));
+            Outcome::Ok(served.addr, Some(value), None)
+        }
+        Err(status) => Outcome::Info(served.addr, status),
     }
 }
 
