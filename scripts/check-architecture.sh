@@ -31,7 +31,7 @@ if [ ! -f "$doc" ]; then
 fi
 
 # Backticked words that look like constants but are not code identifiers.
-allow=" UNAVAILABLE INVALID_ARGUMENT NOT_FOUND PERMISSION_DENIED FAILED_PRECONDITION RESOURCE_EXHAUSTED STALE_OK EPOCH LOCK "
+allow=" UNAVAILABLE INVALID_ARGUMENT NOT_FOUND PERMISSION_DENIED FAILED_PRECONDITION RESOURCE_EXHAUSTED STALE_OK EPOCH LOCK CLOCK_BOOTTIME CLOCK_MONOTONIC "
 
 mapfile -t rs < <(find actors runtime sim faults -name '*.rs' -not -path '*/target/*' | sort)
 if [ "${#rs[@]}" -eq 0 ]; then

@@ -16,10 +16,58 @@
 //! In the simulation a node's clock can run fast or slow (`set_clock_rate`):
 //! the gate then measures its window with that rate, as a real node with a
 //! skewed clock would.
+//!
+//! The clock (see [`GateTime`]): on Linux, `CLOCK_BOOTTIME`, which keeps
+//! counting while the machine is suspended. `Instant` (`CLOCK_MONOTONIC`)
+//! stops during a suspend, so a gate measured with it would still be open
+//! after a suspend longer than the lease, while a backup may already have
+//! taken over. The assumption that remains: the clock's rate is within
+//! `drift` of true time whenever the process runs (a frozen VM whose guest
+//! clock does not advance while frozen breaks it, as it breaks every lease;
+//! the storage fence is what stops such a node's writes). In the
+//! simulation the gate reads the simulated clock.
 
 use std::sync::Mutex;
 
-use tokio::time::{Duration, Instant};
+use tokio::time::Duration;
+
+/// A reading of the lease gate's clock (see the module docs):
+/// `CLOCK_BOOTTIME` on Linux, the simulated clock in the simulation, the
+/// monotonic clock (`Instant`) elsewhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GateTime(imp::Reading);
+
+impl GateTime {
+    /// Now, by the gate's clock.
+    pub fn now() -> Self {
+        GateTime(imp::now())
+    }
+
+    fn after(self, d: Duration) -> Self {
+        GateTime(self.0 + d)
+    }
+}
+
+#[cfg(all(target_os = "linux", not(madsim)))]
+mod imp {
+    /// Time since boot, suspended time included.
+    pub type Reading = std::time::Duration;
+
+    pub fn now() -> Reading {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+    }
+}
+
+#[cfg(not(all(target_os = "linux", not(madsim))))]
+mod imp {
+    /// The runtime's monotonic clock (simulated under madsim).
+    pub type Reading = tokio::time::Instant;
+
+    pub fn now() -> Reading {
+        tokio::time::Instant::now()
+    }
+}
 
 /// Lease timing.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -91,8 +139,8 @@ impl LeaseTiming {
 
 #[derive(Debug)]
 struct Gate {
-    /// True (simulated or real) instant until which writes may proceed.
-    valid_until: Option<Instant>,
+    /// True (simulated or real) time until which writes may proceed.
+    valid_until: Option<GateTime>,
     /// This node's clock rate relative to true time (1.0 = exact).
     clock_rate: f64,
 }
@@ -114,20 +162,21 @@ impl LeaseGate {
     pub fn always_open() -> Self {
         let g = LeaseGate::new(LeaseTiming { drift: 0.0, margin_ms: 0 });
         g.gate.lock().expect("lease gate lock").valid_until =
-            Some(Instant::now() + Duration::from_secs(100 * 365 * 86_400));
+            Some(GateTime::now().after(Duration::from_secs(100 * 365 * 86_400)));
         g
     }
 
-    /// A keep-alive sent at `sent` was answered with TTL `ttl_ms`: open the
-    /// gate for the window the rule allows (never shortening a later window).
-    pub fn renewed(&self, sent: Instant, ttl_ms: u64) {
+    /// A keep-alive sent at `sent` (read with [`GateTime::now`] before it
+    /// was sent) was answered with TTL `ttl_ms`: open the gate for the
+    /// window the rule allows (never shortening a later window).
+    pub fn renewed(&self, sent: GateTime, ttl_ms: u64) {
         let mut g = self.gate.lock().expect("lease gate lock");
         let local = self.timing.window_ms(ttl_ms);
         if local <= 0.0 {
             return;
         }
         // `local` ms of this node's clock pass in `local / rate` ms of true time.
-        let until = sent + Duration::from_micros((local * 1000.0 / g.clock_rate) as u64);
+        let until = sent.after(Duration::from_micros((local * 1000.0 / g.clock_rate) as u64));
         if g.valid_until.is_none_or(|u| u < until) {
             g.valid_until = Some(until);
         }
@@ -140,7 +189,7 @@ impl LeaseGate {
 
     /// Whether a write may go to the volume now.
     pub fn is_open(&self) -> bool {
-        self.gate.lock().expect("lease gate lock").valid_until.is_some_and(|u| Instant::now() < u)
+        self.gate.lock().expect("lease gate lock").valid_until.is_some_and(|u| GateTime::now() < u)
     }
 
     /// Simulation only: this node's clock runs at `rate` times true speed.
@@ -175,24 +224,35 @@ mod tests {
     async fn window_is_ttl_less_drift_and_margin() {
         let g = LeaseGate::new(LeaseTiming { drift: 0.1, margin_ms: 100 });
         assert!(!g.is_open(), "closed until the first renewal");
-        let sent = Instant::now();
+        let sent = GateTime::now();
         g.renewed(sent, 1000);
         assert!(g.is_open());
         tokio::time::sleep(Duration::from_millis(790)).await;
         assert!(g.is_open(), "open within 1000*(1-0.1)-100 = 800 ms");
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!g.is_open(), "closed after 800 ms");
-        g.renewed(Instant::now(), 1000);
+        g.renewed(GateTime::now(), 1000);
         assert!(g.is_open());
         g.close();
         assert!(!g.is_open());
+    }
+
+    /// Outside the simulation on Linux the gate reads CLOCK_BOOTTIME, the
+    /// clock `/proc/uptime` shows (it keeps counting through a suspend).
+    #[cfg(all(target_os = "linux", not(madsim)))]
+    #[test]
+    fn on_linux_the_gate_reads_the_boot_clock() {
+        let uptime = std::fs::read_to_string("/proc/uptime").unwrap();
+        let uptime: f64 = uptime.split_whitespace().next().unwrap().parse().unwrap();
+        let gate = GateTime::now().0.as_secs_f64();
+        assert!((gate - uptime).abs() < 0.5, "gate clock {gate} s, uptime {uptime} s");
     }
 
     #[tokio::test]
     async fn a_slow_clock_keeps_the_gate_open_longer_in_true_time() {
         let g = LeaseGate::new(LeaseTiming { drift: 0.0, margin_ms: 0 });
         g.set_clock_rate(0.5);
-        g.renewed(Instant::now(), 100);
+        g.renewed(GateTime::now(), 100);
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert!(g.is_open(), "a clock at half speed counts 100 ms in 200 ms");
     }

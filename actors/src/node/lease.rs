@@ -4,9 +4,10 @@
 //! says the lease is gone, every primary on this node steps down before the
 //! node registers again under a new lease.
 
-use tokio::time::{Duration, Instant};
+use tokio::time::Duration;
 
 use crate::actor::{Context, Handler, Message, Reply};
+use crate::lease::GateTime;
 use crate::meta::backend::{LeaseId, MetaError};
 use crate::volume::LeaseLapsed;
 
@@ -24,7 +25,7 @@ impl Node {
                     return;
                 }
                 crate::buggify::delay("node.heartbeat.before_keep_alive", 1_000).await;
-                let sent = Instant::now();
+                let sent = GateTime::now();
                 match meta.keep_alive(lease).await {
                     Ok(ttl) => gate.renewed(sent, ttl),
                     Err(MetaError::LeaseNotFound(_)) => {
@@ -67,7 +68,7 @@ impl Handler<LeaseLost> for Node {
                 tracing::warn!(volume = %volume_id, "volume manager gone while the lease lapsed");
             }
         }
-        let sent = Instant::now();
+        let sent = GateTime::now();
         let retry_later = |ctx: &Context<Self>, lease| {
             let me = ctx.address();
             ctx.host().spawn_detached(async move {

@@ -24,12 +24,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
-use tokio::time::Instant;
 
 use crate::actor::{Actor, Addr, Context, Handler, Message, Reply};
 use crate::engine::EngineFactory;
 use crate::error::AttacheError;
-use crate::lease::{LeaseGate, LeaseTiming};
+use crate::lease::{GateTime, LeaseGate, LeaseTiming};
 use crate::limits::{Limits, DEFAULT_SHARD_SIZE_LIMIT};
 use crate::local_store::LocalStore;
 use crate::meta::backend::{LeaseId, MetaError};
@@ -282,7 +281,7 @@ impl Node {
             .map_err(meta_unavailable)?;
         let node_id = self.node_id().await?;
         self.node_id = Some(node_id);
-        let sent = Instant::now();
+        let sent = GateTime::now();
         self.lease = self.meta.grant_lease(self.cfg.lease_ttl_ms).await.map_err(meta_unavailable)?;
         let record = self.record().expect("node id set");
         self.meta.register_node(&record, self.lease).await.map_err(meta_unavailable)?;
