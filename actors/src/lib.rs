@@ -19,6 +19,7 @@
 //! - [`shard`]: the `Shard` actor: one shard's data, group commit, reads.
 //! - [`meta`]: the metadata store: backend contract, the `MetadataStore` actor, gRPC, domain ops.
 //! - [`lease`]: the lease gate (a primary serves only while its lease is certainly valid).
+//! - [`io_watch`]: how long a volume's writes in flight have been pending (a hung volume fails over).
 //! - [`provider`]: the volume provider contract (attach, storage fence).
 //! - [`engine`]: the storage engine contract; [`mem_engine`]: an in-memory engine.
 //! - [`service`]: the gRPC service `attache.v1.Attache` in front of a node.
@@ -38,6 +39,7 @@ pub mod client;
 pub mod codec;
 pub mod engine;
 pub mod error;
+pub mod io_watch;
 pub mod lease;
 pub mod limits;
 pub mod local_store;

@@ -4,6 +4,8 @@
 //! by shard id. A shard's data lives at `{volume_root}/{volume_id}/shard-{id}/`.
 //! Shards are opened lazily: the first request for a shard that exists on the
 //! volume but is not open yet opens it (after a restart or a failover).
+//! Like every write, creating a shard and opening one read-write happen
+//! only while the node's lease gate is open (see `crate::lease`).
 //!
 //! Routing keeps order: the manager enqueues a request in the shard's mailbox
 //! before it takes its next message, and waits for the reply outside itself,
@@ -11,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -18,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::actor::{Actor, Addr, Context, Handler, Message, Reply};
 use crate::engine::{EngineError, EngineFactory, OpenMode};
 use crate::error::AttacheError;
+use crate::io_watch::IoWatch;
 use crate::lease::LeaseGate;
 use crate::limits::{Limits, DEFAULT_SHARD_SIZE_LIMIT};
 use crate::shard::layout::{ShardMeta, ShardState};
@@ -120,7 +124,9 @@ impl Message for ListOpenShards {
 }
 
 /// Shuts every open shard down (in-flight group commits finish, engines
-/// close); replies when done. Requests after it get `UNAVAILABLE`.
+/// close); replies when done. Requests after it get `UNAVAILABLE` (as they
+/// do once the manager's retired flag is set, see
+/// [`ShardManager::retired_flag`], even before this message is handled).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShutdownShards;
 
@@ -135,6 +141,12 @@ pub struct ShardManager {
     gate: Arc<LeaseGate>,
     shards: BTreeMap<ShardId, Addr<Shard>>,
     shut_down: bool,
+    /// The volume's writes in flight (group commits, creations, read-write opens).
+    io: Arc<IoWatch>,
+    /// Set by the volume manager the moment it stops serving through this
+    /// manager (a step-down): from then on this manager and its shards
+    /// refuse every request, whatever is still queued in their mailboxes.
+    retired: Arc<AtomicBool>,
 }
 
 fn volume_error(cfg: &ShardManagerConfig, what: &str, e: EngineError) -> AttacheError {
@@ -148,7 +160,28 @@ impl ShardManager {
     /// A manager for the volume in `cfg`, opening engines with `factory`;
     /// its shards write only while `gate` is open.
     pub fn new(cfg: ShardManagerConfig, factory: Arc<dyn EngineFactory>, gate: Arc<LeaseGate>) -> Self {
-        ShardManager { cfg, factory, gate, shards: BTreeMap::new(), shut_down: false }
+        ShardManager {
+            cfg,
+            factory,
+            gate,
+            shards: BTreeMap::new(),
+            shut_down: false,
+            io: Arc::default(),
+            retired: Arc::default(),
+        }
+    }
+
+    /// Counts this volume's writes in flight in `io` (shared with the volume
+    /// manager, which gives a hung volume up; see `crate::io_watch`).
+    pub fn with_io_watch(mut self, io: Arc<IoWatch>) -> Self {
+        self.io = io;
+        self
+    }
+
+    /// The flag that retires this manager and its shards at once (set it
+    /// to `true`; see [`ShutdownShards`]), for its owner to keep.
+    pub fn retired_flag(&self) -> Arc<AtomicBool> {
+        self.retired.clone()
     }
 
     fn not_found(shard_id: ShardId) -> AttacheError {
@@ -156,7 +189,7 @@ impl ShardManager {
     }
 
     fn check_up(&self) -> Result<(), AttacheError> {
-        if self.shut_down {
+        if self.shut_down || self.retired.load(Ordering::Acquire) {
             return Err(AttacheError::unavailable(format!(
                 "volume {} is shutting down on this node; retry",
                 self.cfg.volume_id
@@ -175,22 +208,41 @@ impl ShardManager {
         Ok(())
     }
 
+    /// Refuses a change of the volume (opening a shard read-write, creating
+    /// one) while this node's lease gate is closed: its lease may have
+    /// expired and another node may own the volume. (A read-write open
+    /// replays, cuts torn tails and takes the shard's lock.)
+    fn check_lease(&self, what: &str) -> Result<(), AttacheError> {
+        if !self.cfg.read_only && !self.gate.is_open() {
+            return Err(AttacheError::unavailable(format!(
+                "volume {}: this node's lease may have expired, so it does not {what} until the lease is \
+                 renewed; retry (another node may be taking the volume over)",
+                self.cfg.volume_id
+            )));
+        }
+        Ok(())
+    }
+
     /// The open shard `shard_id`, opening it from the volume when needed.
     async fn shard(&mut self, shard_id: ShardId, ctx: &Context<Self>) -> Result<Addr<Shard>, AttacheError> {
         self.check_up()?;
         if let Some(addr) = self.shards.get(&shard_id) {
             return Ok(addr.clone());
         }
+        self.check_lease("open shards")?;
         let path = self.cfg.shard_path(shard_id);
         let cfg = &self.cfg;
         if !self.factory.exists(&path).await.map_err(|e| volume_error(cfg, "list shards", e))? {
             return Err(Self::not_found(shard_id));
         }
+        // A read-write open replays the log and may cut a torn tail: a write.
+        let in_flight = (!self.cfg.read_only).then(|| self.io.begin());
         let engine = self
             .factory
             .open(&path, if self.cfg.read_only { OpenMode::ReadOnly } else { OpenMode::ReadWrite { create: false } })
             .await
             .map_err(|e| volume_error(cfg, &format!("open shard {shard_id}"), e))?;
+        drop(in_flight);
         let meta = match Shard::load_meta(&*engine).await {
             Ok(Some(meta)) if meta.state != ShardState::Deleted => meta,
             Ok(_) if self.cfg.read_only => {
@@ -222,8 +274,9 @@ impl ShardManager {
         let shard = if self.cfg.read_only {
             Shard::read_only(engine, meta, self.cfg.limits.clone())
         } else {
-            Shard::new(engine, meta, self.cfg.limits.clone(), self.gate.clone())
-        };
+            Shard::new(engine, meta, self.cfg.limits.clone(), self.gate.clone()).with_io_watch(self.io.clone())
+        }
+        .with_retired(self.retired.clone());
         let addr = ctx.host().spawn(shard, self.cfg.shard_mailbox);
         self.shards.insert(shard_id, addr.clone());
         Ok(addr)
@@ -260,6 +313,7 @@ impl ShardManager {
             ));
         }
         self.check_up()?;
+        self.check_lease("create shards")?;
         let path = self.cfg.shard_path(msg.shard_id);
         let cfg = &self.cfg;
         if self.shards.contains_key(&msg.shard_id)
@@ -270,6 +324,7 @@ impl ShardManager {
                 msg.shard_id, cfg.volume_id
             )));
         }
+        let in_flight = self.io.begin();
         let engine = self
             .factory
             .open(&path, OpenMode::ReadWrite { create: true })
@@ -280,11 +335,13 @@ impl ShardManager {
             engine.close().await;
             return Err(volume_error(cfg, &format!("create shard {}", msg.shard_id), e));
         }
+        drop(in_flight);
         tracing::info!(shard_id = meta.shard_id, owner = %meta.owner, size_limit, volume = %cfg.volume_id, "created shard");
         let info = ShardInfo { shard_id: meta.shard_id, owner: meta.owner.clone(), state: meta.state, size_limit };
-        let addr = ctx
-            .host()
-            .spawn(Shard::new(engine, meta, self.cfg.limits.clone(), self.gate.clone()), self.cfg.shard_mailbox);
+        let shard = Shard::new(engine, meta, self.cfg.limits.clone(), self.gate.clone())
+            .with_io_watch(self.io.clone())
+            .with_retired(self.retired.clone());
+        let addr = ctx.host().spawn(shard, self.cfg.shard_mailbox);
         self.shards.insert(msg.shard_id, addr);
         Ok(info)
     }
@@ -339,9 +396,11 @@ impl Handler<ShutdownShards> for ShardManager {
     async fn handle(&mut self, _msg: ShutdownShards, _ctx: &Context<Self>) -> Reply<()> {
         self.shut_down = true;
         let shards = std::mem::take(&mut self.shards);
-        let pending: Vec<_> = shards.values().map(|addr| addr.send(Shutdown)).collect();
-        futures::future::join_all(pending).await;
-        shards.values().for_each(Addr::stop);
-        Reply::now(())
+        // Waited for outside the manager, which meanwhile keeps refusing
+        // requests (a shard whose write hangs would otherwise stop it).
+        Reply::later(async move {
+            futures::future::join_all(shards.values().map(|addr| addr.send(Shutdown))).await;
+            shards.values().for_each(Addr::stop);
+        })
     }
 }

@@ -14,7 +14,17 @@
 //!   before this node (rank: ascending node id, a deterministic rule), then
 //!   claim;
 //! - the volume is no longer attached to this node (EBS detach): step down
-//!   and vacate the record, so a backup takes over at once.
+//!   and vacate the record, so a backup takes over at once;
+//! - as primary, this node's lease gate has been closed `takeover_delay_ms`
+//!   (its lease may have expired: cut off from the metadata store, or
+//!   paused): step down, which closes the shards and releases their locks,
+//!   so the node that takes the volume over can open them; claim again (a
+//!   new epoch) once the gate reopens and the record still names this node;
+//! - as primary, a write to the volume has been pending `io_timeout_ms`
+//!   (the volume's I/O hangs on this node, see `crate::io_watch`): step
+//!   down, waiting only `poll_ms` for the shards, and vacate the record so
+//!   a backup takes over (again on each check while the record still names
+//!   this node); claim nothing while a write from before is pending.
 //!
 //! A claim is a compare-and-swap on the record's revision that bumps the
 //! epoch (layer 1), then the storage fence at that epoch (layer 3: preempts
@@ -24,6 +34,7 @@
 //! accordingly; this module does not know the node's type). Failovers are counted in the
 //! `attache_failovers_total` metric.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -31,6 +42,7 @@ use tokio::time::{Duration, Instant};
 
 use crate::actor::{Actor, Addr, Context, Handler, Message, Recipient, Reply};
 use crate::engine::{EngineError, EngineFactory};
+use crate::io_watch::IoWatch;
 use crate::lease::LeaseGate;
 use crate::meta::store::{MetaOps, NodeId, VolumeRecord};
 use crate::meta::Revision;
@@ -69,23 +81,36 @@ pub struct FailoverTiming {
     pub takeover_delay_ms: u64,
     /// Extra wait per backup ranked before this node.
     pub rank_delay_ms: u64,
+    /// A primary whose oldest write to the volume has been pending this
+    /// long takes the volume's I/O for hung: it gives the volume up (a
+    /// backup takes over), and claims it again only once no write from
+    /// before is pending. Also the most a step-down or shutdown waits for
+    /// each of the volume's shard managers to close.
+    pub io_timeout_ms: u64,
 }
 
 impl Default for FailoverTiming {
     fn default() -> Self {
-        FailoverTiming { poll_ms: 500, takeover_delay_ms: 500, rank_delay_ms: 1_000 }
+        FailoverTiming { poll_ms: 500, takeover_delay_ms: 500, rank_delay_ms: 1_000, io_timeout_ms: 10_000 }
     }
 }
 
 impl FailoverTiming {
-    /// Checks the settings a volume manager needs: a positive poll period.
-    /// (A zero takeover or rank delay is allowed: the claim's compare-and-swap
-    /// still keeps one primary per epoch.)
+    /// Checks the settings a volume manager needs: a positive poll period
+    /// and I/O timeout. (A zero takeover or rank delay is allowed: the
+    /// claim's compare-and-swap still keeps one primary per epoch.)
     ///
     /// Errors: a message naming the setting.
     pub fn validate(&self) -> Result<(), String> {
         if self.poll_ms == 0 {
             return Err("failover poll_ms must be positive (ms between checks of the volume owner record)".into());
+        }
+        if self.io_timeout_ms < self.poll_ms {
+            return Err(format!(
+                "failover io_timeout_ms ({}) must be at least poll_ms ({}): it is how long a write may be \
+                 pending before the volume counts as hung, checked every poll_ms",
+                self.io_timeout_ms, self.poll_ms
+            ));
         }
         Ok(())
     }
@@ -125,9 +150,16 @@ pub struct VolumeManager {
     shards: Option<Addr<ShardManager>>,
     /// As backup: the read-only view of the volume's shards (stale reads).
     backup_shards: Option<Addr<ShardManager>>,
+    /// The retired flags of `shards` and `backup_shards` (see
+    /// `ShardManager::retired_flag`), set the moment they stop serving.
+    retire: Vec<Arc<AtomicBool>>,
+    /// Since when this primary has seen its lease gate closed.
+    gate_closed_since: Option<Instant>,
     /// Since when the primary named by the record has looked gone (or the record vacant).
     gone_since: Option<Instant>,
     stopped: bool,
+    /// The volume's writes in flight on this node (see `crate::io_watch`).
+    io: Arc<IoWatch>,
 }
 
 /// The parts a volume manager is built from.
@@ -183,9 +215,18 @@ impl VolumeManager {
             last_epoch: 0,
             shards: None,
             backup_shards: None,
+            retire: Vec::new(),
+            gate_closed_since: None,
             gone_since: None,
             stopped: false,
+            io: Arc::default(),
         }
+    }
+
+    /// How long the oldest write in flight to the volume has been pending,
+    /// when that is `io_timeout_ms` or more: the volume's I/O hangs here.
+    fn io_hung(&self) -> Option<Duration> {
+        self.io.oldest_pending().filter(|d| *d >= Duration::from_millis(self.timing.io_timeout_ms))
     }
 
     fn volume(&self) -> &str {
@@ -209,10 +250,22 @@ impl VolumeManager {
         }
     }
 
-    /// Stops serving the volume's shards (in-flight group commits finish).
+    /// Stops serving the volume's shards: at once (their retired flags: no
+    /// request queued in a mailbox is served after this), then in-flight
+    /// group commits finish, waited for at most `io_timeout_ms` per shard
+    /// manager (`poll_ms` when the volume's I/O hangs: they will not
+    /// finish). A write left in flight is fenced off by another node's claim
+    /// if it ever lands; this node claims nothing while it is pending.
     async fn close_shards(&mut self) {
+        for flag in self.retire.drain(..) {
+            flag.store(true, Ordering::Release);
+        }
+        let ms = if self.io_hung().is_some() { self.timing.poll_ms } else { self.timing.io_timeout_ms };
         for shards in [self.shards.take(), self.backup_shards.take()].into_iter().flatten() {
-            let _ = shards.send(ShutdownShards).await;
+            if tokio::time::timeout(Duration::from_millis(ms), shards.send(ShutdownShards)).await.is_err() {
+                tracing::warn!(volume = %self.volume(), waited_ms = ms,
+                    "the volume's shards did not close in time (a write hangs); leaving them behind");
+            }
             shards.stop();
         }
     }
@@ -223,6 +276,7 @@ impl VolumeManager {
         if self.backup_shards.is_none() {
             let cfg = ShardManagerConfig { read_only: true, ..self.cfg.clone() };
             let manager = ShardManager::new(cfg, self.factory.clone(), self.gate.clone());
+            self.retire.push(manager.retired_flag());
             self.backup_shards = Some(ctx.host().spawn(manager, crate::actor::DEFAULT_MAILBOX_CAPACITY));
         }
         self.set_role(Role::Backup { primary, epoch });
@@ -237,6 +291,13 @@ impl VolumeManager {
     async fn claim(&mut self, current: Option<&(VolumeRecord, Revision)>, ctx: &Context<Self>) {
         if !self.gate.is_open() {
             tracing::debug!(volume = %self.volume(), "lease gate closed; not claiming");
+            return;
+        }
+        if let Some(pending) = self.io.oldest_pending() {
+            // A write of an earlier incarnation of this node's primary (left
+            // behind by a step-down) could land after this claim's writes.
+            tracing::warn!(volume = %self.volume(), pending_ms = pending.as_millis() as u64,
+                "a write to the volume from before is still pending; not claiming");
             return;
         }
         let takeover = current.is_some_and(|(r, _)| r.primary != self.node_id);
@@ -281,7 +342,9 @@ impl VolumeManager {
         }
         // The read-only view closes before the shards open read-write.
         self.close_shards().await;
-        let manager = ShardManager::new(self.cfg.clone(), self.factory.clone(), self.gate.clone());
+        let manager =
+            ShardManager::new(self.cfg.clone(), self.factory.clone(), self.gate.clone()).with_io_watch(self.io.clone());
+        self.retire.push(manager.retired_flag());
         self.shards = Some(ctx.host().spawn(manager, crate::actor::DEFAULT_MAILBOX_CAPACITY));
         if takeover {
             metrics::counter!("attache_failovers_total", "volume" => self.cfg.volume_id.clone()).increment(1);
@@ -335,6 +398,33 @@ impl VolumeManager {
             self.set_role(Role::Detached);
             return;
         }
+        if let (Role::Primary { .. }, Some(pending)) = (&self.role, self.io_hung()) {
+            // A write neither completes nor fails: give the volume up so a
+            // backup takes over (it claims a vacant record at once).
+            let why = format!(
+                "a write to the volume has been pending for {} ms (io_timeout_ms {}): its I/O hangs on this node",
+                pending.as_millis(),
+                self.timing.io_timeout_ms
+            );
+            self.step_down(true, &why).await;
+            return;
+        }
+        if matches!(self.role, Role::Primary { .. }) && !self.gate.is_open() {
+            // The lease may have expired (the node is cut off from the
+            // metadata store, or paused): another node may take the volume
+            // over, no sooner than `takeover_delay_ms` after the gate closed
+            // (see `crate::lease`). Close the shards by then, releasing their
+            // locks, so that it can open them; claim again once the gate
+            // reopens. (A shorter closure, a renewal that came late, keeps
+            // the shards.)
+            let since = *self.gate_closed_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_millis(self.timing.takeover_delay_ms) {
+                self.step_down(false, "the lease gate closed: this node's lease may have expired").await;
+                return;
+            }
+        } else {
+            self.gate_closed_since = None;
+        }
         let current = match self.meta.volume(self.volume()).await {
             Ok(current) => current,
             Err(e) => {
@@ -362,6 +452,13 @@ impl VolumeManager {
             match self.role {
                 Role::Primary { epoch } if epoch == record.epoch => {}
                 Role::Primary { .. } => self.step_down(false, "the owner record moved to another epoch").await,
+                // The volume hangs here and the record still names this
+                // node (a vacate failed): vacate again, so a backup takes over.
+                _ if self.io_hung().is_some() => {
+                    if let Err(e) = self.meta.vacate_volume(self.volume(), self.node_id, record.epoch).await {
+                        tracing::warn!(volume = %self.volume(), error = %e, "could not vacate a hung volume yet");
+                    }
+                }
                 _ => self.claim(Some(&(record, rev)), ctx).await,
             }
             return;
@@ -440,7 +537,8 @@ impl Handler<StopVolume> for VolumeManager {
 }
 
 /// The node's lease expired: as primary, step down now (without vacating:
-/// the owner record decides who serves next). Replies once the shards are closed.
+/// the owner record decides who serves next). Replies once the shards are
+/// closed, or closing them timed out (see `FailoverTiming::io_timeout_ms`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseLapsed;
 

@@ -38,6 +38,9 @@ pub enum Fault {
     Heal,
     /// The node's I/O on the volume takes `ms` milliseconds more, for `for_ms`.
     DiskStall { volume: String, node: String, ms: u64, for_ms: u64 },
+    /// From now on, no I/O of the node on the volume completes (a stuck
+    /// attachment); the node itself keeps running. Never repaired.
+    DiskHang { volume: String, node: String },
     /// The metadata store answers nobody for `for_ms` milliseconds.
     MetadataUnavailable { for_ms: u64 },
     /// The metadata node's disk fails every log append, sync and rewrite for
@@ -64,6 +67,7 @@ impl Fault {
             Fault::Isolate { .. } => "isolate",
             Fault::Heal => "heal",
             Fault::DiskStall { .. } => "disk_stall",
+            Fault::DiskHang { .. } => "disk_hang",
             Fault::MetadataUnavailable { .. } => "metadata_unavailable",
             Fault::MetadataDiskErrors { .. } => "metadata_disk_errors",
             Fault::ClockJitter { .. } => "clock_jitter",

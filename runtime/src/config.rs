@@ -76,6 +76,12 @@ pub struct NodeArgs {
     /// period TTL/3), checked at start-up.
     #[arg(long, env = "ATTACHE_LEASE_TTL_MS")]
     pub lease_ttl_ms: Option<u64>,
+    /// Milliseconds a write to a volume may stay pending before the node
+    /// takes the volume's I/O for hung and, as its primary, gives it up to a
+    /// backup. Default 10000; it also bounds how long a step-down or
+    /// shutdown waits for the volume's shards to close.
+    #[arg(long, env = "ATTACHE_IO_TIMEOUT_MS")]
+    pub io_timeout_ms: Option<u64>,
     /// Size limit of new shards, bytes. Default 2 GiB.
     #[arg(long, env = "ATTACHE_SHARD_SIZE_LIMIT")]
     pub shard_size_limit: Option<u64>,
@@ -140,6 +146,7 @@ impl NodeArgs {
         node.instance_id = a.instance_id.unwrap_or_default();
         node.node_id = a.node_id;
         node.lease_ttl_ms = a.lease_ttl_ms.unwrap_or(node.lease_ttl_ms);
+        node.failover.io_timeout_ms = a.io_timeout_ms.unwrap_or(node.failover.io_timeout_ms);
         node.default_size_limit = a.shard_size_limit.unwrap_or(DEFAULT_SHARD_SIZE_LIMIT);
         node.limits = a.limits.unwrap_or_default();
         node.validate().map_err(|e| anyhow::anyhow!("invalid timing settings: {e}"))?;

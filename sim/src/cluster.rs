@@ -130,6 +130,8 @@ fn start_storage(
                 exits.clone(),
             );
             async move {
+                // A new process: whatever locks the last one held ended with it.
+                ebs.release_locks(&name);
                 let vols = Arc::new(SimVolumes::new(ebs, name.clone()));
                 let timing = LeaseTiming { drift: t.drift, margin_ms: t.margin_ms };
                 let gate = Arc::new(if lease_gate { LeaseGate::new(timing.clone()) } else { LeaseGate::always_open() });
@@ -150,6 +152,7 @@ fn start_storage(
                     poll_ms: t.poll_ms,
                     takeover_delay_ms: t.takeover_delay_ms,
                     rank_delay_ms: t.rank_delay_ms,
+                    io_timeout_ms: t.io_timeout_ms,
                 };
                 cfg.metadata_wait_ms = 600_000;
                 cfg.limits.request_window_ms = if request_ids { t.request_window_ms } else { 0 };
@@ -232,6 +235,7 @@ fn apply(
                 tracing::warn!(%volume, %node, error = %e, "reattach failed");
             }
         }
+        Fault::DiskHang { volume, node } => ebs.hang(volume, node),
         Fault::DiskStall { volume, node, ms, for_ms } => {
             ebs.stall(volume, node, Duration::from_millis(*ms), Duration::from_millis(*for_ms))
         }
@@ -338,6 +342,7 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
         faults: applied,
         buggified,
         metadata_disk: metalog.counts(),
+        volumes: ebs.counts(),
         disruptions: schedule
             .faults
             .iter()

@@ -12,7 +12,15 @@
 //!   rejects appends and syncs from every other node (`Fenced`). Keys are
 //!   epochs. A sim-only switch turns this fencing off, to show the
 //!   single-writer checker catches what it would let through.
-//! - I/O latency and per-node stalls come from the simulated clock.
+//! - Shard locks (`shard_locks`, on by default), as RocksDB's `LOCK` file:
+//!   a read-write open of a shard directory takes its lock, and fails (an
+//!   I/O error, as RocksDB's "While lock file") while any process holds it,
+//!   this one included; closing the engine or the process ending releases
+//!   it. A read-only open takes none. A primary that keeps its shards open
+//!   after it lost the volume so keeps the new primary from opening them, as
+//!   processes on one machine serving local directories would.
+//! - I/O latency, per-node stalls, and per-node hangs (no I/O completes)
+//!   come from the simulated clock.
 //! - Every durable write is recorded (time, volume, node, epoch) for the
 //!   single-writer checker.
 //!
@@ -44,11 +52,24 @@ pub struct EbsConfig {
     pub torn_writes: bool,
     /// Storage fencing by reservation (off only to prove the checkers catch its absence).
     pub fencing: bool,
+    /// Whether the nodes share shard locks (RocksDB's `LOCK` files), as
+    /// processes on one machine serving local directories do; off, as
+    /// separate machines on a multi-attached volume, where a node's lock
+    /// holds only against itself (RocksDB refuses a second open in one
+    /// process).
+    pub shard_locks: bool,
 }
 
 impl Default for EbsConfig {
     fn default() -> Self {
-        EbsConfig { append_us: 20, sync_us: 500, sync_jitter_us: 1_500, torn_writes: true, fencing: true }
+        EbsConfig {
+            append_us: 20,
+            sync_us: 500,
+            sync_jitter_us: 1_500,
+            torn_writes: true,
+            fencing: true,
+            shard_locks: true,
+        }
     }
 }
 
@@ -78,6 +99,11 @@ struct Volume {
     files: BTreeMap<String, File>,
     /// Per node: extra latency (µs) until a time.
     stalls: BTreeMap<String, (Instant, u64)>,
+    /// Nodes whose I/O on this volume never completes.
+    hung: std::collections::BTreeSet<String>,
+    /// Shard directory → the nodes holding its lock, each with its token
+    /// (more than one only without shared locks).
+    locks: BTreeMap<String, Vec<(String, u64)>>,
 }
 
 struct Ebs {
@@ -86,6 +112,27 @@ struct Ebs {
     volumes: BTreeMap<String, Volume>,
     syncs: Vec<SyncRecord>,
     rng: ChaCha8Rng,
+    /// The last lock token handed out.
+    lock_tokens: u64,
+    counts: VolumeCounts,
+}
+
+/// What the volumes went through in a run (a summary's `volumes`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeCounts {
+    /// Appends, syncs and file changes the reservation refused (a fenced-off writer).
+    pub fenced_writes: u64,
+    /// Crashes that left part of an unsynced append in a file (torn tails).
+    pub torn_tails: u64,
+    /// Read-write opens refused because another process held the shard's lock.
+    pub lock_conflicts: u64,
+}
+
+impl VolumeCounts {
+    /// Whether nothing happened (then the summary leaves the counts out).
+    pub fn is_empty(&self) -> bool {
+        *self == VolumeCounts::default()
+    }
 }
 
 /// Shared handle on all volumes; clones share them.
@@ -107,6 +154,8 @@ impl SimEbs {
             volumes,
             syncs: Vec::new(),
             rng: ChaCha8Rng::seed_from_u64(seed),
+            lock_tokens: 0,
+            counts: VolumeCounts::default(),
         })))
     }
 
@@ -168,8 +217,16 @@ impl SimEbs {
         self.lock().volumes.get(volume).and_then(|v| v.holder.clone())
     }
 
-    /// Checks that `node` may write `volume`.
-    fn check_write(ebs: &Ebs, volume: &str, node: &str) -> Result<(), EngineError> {
+    /// Checks that `node` may write `volume`, counting a fenced write.
+    fn check_write(ebs: &mut Ebs, volume: &str, node: &str) -> Result<(), EngineError> {
+        let checked = Self::may_write(ebs, volume, node);
+        if matches!(checked, Err(EngineError::Fenced(_))) {
+            ebs.counts.fenced_writes += 1;
+        }
+        checked
+    }
+
+    fn may_write(ebs: &Ebs, volume: &str, node: &str) -> Result<(), EngineError> {
         let v = ebs.volumes.get(volume).ok_or_else(|| io(format!("no volume {volume}")))?;
         if !v.attached.iter().any(|n| n == node) {
             return Err(io(format!("volume {volume} is not attached to {node}")));
@@ -182,18 +239,37 @@ impl SimEbs {
         }
     }
 
-    /// The latency of an operation of `base` µs by `node` on `volume`, stalls included.
-    fn latency(&self, volume: &str, node: &str, base: u64, jitter: u64) -> Duration {
-        let mut ebs = self.lock();
-        let extra = if jitter > 0 { ebs.rng.random_range(0..=jitter) } else { 0 };
-        let now = Instant::now();
-        let stall = ebs
-            .volumes
-            .get(volume)
-            .and_then(|v| v.stalls.get(node))
-            .filter(|(until, _)| *until > now)
-            .map_or(0, |(_, us)| *us);
-        Duration::from_micros(base + extra + stall)
+    /// Waits as long as an operation of `base` µs (plus up to `jitter` µs)
+    /// by `node` on `volume` takes, stalls included; forever when the node's
+    /// I/O on the volume hangs.
+    async fn io_wait(&self, volume: &str, node: &str, base: u64, jitter: u64) {
+        let latency = {
+            let mut ebs = self.lock();
+            let extra = if jitter > 0 { ebs.rng.random_range(0..=jitter) } else { 0 };
+            let now = Instant::now();
+            let v = ebs.volumes.get(volume);
+            if v.is_some_and(|v| v.hung.contains(node)) {
+                None
+            } else {
+                let stall =
+                    v.and_then(|v| v.stalls.get(node)).filter(|(until, _)| *until > now).map_or(0, |(_, us)| *us);
+                Some(Duration::from_micros(base + extra + stall))
+            }
+        };
+        if let Some(d) = latency {
+            tokio::time::sleep(d).await;
+        }
+        let hung = self.lock().volumes.get(volume).is_some_and(|v| v.hung.contains(node));
+        if hung {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// From now on no I/O of `node` on `volume` completes (started ones included).
+    pub fn hang(&self, volume: &str, node: &str) {
+        if let Some(v) = self.lock().volumes.get_mut(volume) {
+            v.hung.insert(node.to_string());
+        }
     }
 
     /// Makes `node`'s I/O on `volume` take `extra` more until `for_`.
@@ -207,9 +283,9 @@ impl SimEbs {
     /// Appends `bytes` to `path` on `volume` as `node` (unsynced).
     pub async fn append(&self, volume: &str, node: &str, path: &str, bytes: &[u8]) -> Result<(), EngineError> {
         let cfg_us = self.lock().cfg.append_us;
-        tokio::time::sleep(self.latency(volume, node, cfg_us, 0)).await;
+        self.io_wait(volume, node, cfg_us, 0).await;
         let mut ebs = self.lock();
-        Self::check_write(&ebs, volume, node)?;
+        Self::check_write(&mut ebs, volume, node)?;
         let v = ebs.volumes.get_mut(volume).expect("checked");
         v.files.entry(path.to_string()).or_default().pending.push((node.to_string(), bytes.to_vec()));
         Ok(())
@@ -222,9 +298,9 @@ impl SimEbs {
             let ebs = self.lock();
             (ebs.cfg.sync_us, ebs.cfg.sync_jitter_us)
         };
-        tokio::time::sleep(self.latency(volume, node, base, jitter)).await;
+        self.io_wait(volume, node, base, jitter).await;
         let mut ebs = self.lock();
-        if let Err(e) = Self::check_write(&ebs, volume, node) {
+        if let Err(e) = Self::check_write(&mut ebs, volume, node) {
             // The device rejected (or lost) the writes: they never become durable.
             if let Some(f) = ebs.volumes.get_mut(volume).and_then(|v| v.files.get_mut(path)) {
                 f.pending.retain(|(n, _)| n != node);
@@ -251,11 +327,18 @@ impl SimEbs {
         Ok(())
     }
 
+    /// Records a durable change of a file's metadata (create, truncate,
+    /// remove) by `node` at `epoch`, as a write of 0 bytes.
+    fn record_change(ebs: &mut Ebs, volume: &str, node: &str, epoch: u64) {
+        let at_ms = ebs.start.elapsed().as_millis() as u64;
+        ebs.syncs.push(SyncRecord { at_ms, volume: volume.to_string(), node: node.to_string(), epoch, bytes: 0 });
+    }
+
     /// What `node` reads from `path`: the durable bytes, then its own pending
     /// appends. Errors: not attached. A missing file reads as `None`.
     pub async fn read(&self, volume: &str, node: &str, path: &str) -> Result<Option<Vec<u8>>, EngineError> {
         let base = self.lock().cfg.append_us;
-        tokio::time::sleep(self.latency(volume, node, base, 0)).await;
+        self.io_wait(volume, node, base, 0).await;
         let ebs = self.lock();
         let v = ebs.volumes.get(volume).ok_or_else(|| io(format!("no volume {volume}")))?;
         if !v.attached.iter().any(|n| n == node) {
@@ -270,22 +353,26 @@ impl SimEbs {
         }))
     }
 
-    /// Creates `path` empty if absent (durably, as a directory entry).
-    pub fn create(&self, volume: &str, node: &str, path: &str) -> Result<(), EngineError> {
+    /// Creates `path` empty if absent (durably, as a directory entry), as
+    /// `node` holding the fence at `epoch`.
+    pub fn create(&self, volume: &str, node: &str, path: &str, epoch: u64) -> Result<(), EngineError> {
         let mut ebs = self.lock();
-        Self::check_write(&ebs, volume, node)?;
+        Self::check_write(&mut ebs, volume, node)?;
         ebs.volumes.get_mut(volume).expect("checked").files.entry(path.to_string()).or_default();
+        Self::record_change(&mut ebs, volume, node, epoch);
         Ok(())
     }
 
-    /// Cuts `path`'s durable bytes to `len` (dropping a torn tail) and its pending appends.
-    pub fn truncate(&self, volume: &str, node: &str, path: &str, len: usize) -> Result<(), EngineError> {
+    /// Cuts `path`'s durable bytes to `len` (dropping a torn tail) and its
+    /// pending appends, as `node` holding the fence at `epoch`.
+    pub fn truncate(&self, volume: &str, node: &str, path: &str, len: usize, epoch: u64) -> Result<(), EngineError> {
         let mut ebs = self.lock();
-        Self::check_write(&ebs, volume, node)?;
+        Self::check_write(&mut ebs, volume, node)?;
         if let Some(f) = ebs.volumes.get_mut(volume).expect("checked").files.get_mut(path) {
             f.durable.truncate(len);
             f.pending.clear();
         }
+        Self::record_change(&mut ebs, volume, node, epoch);
         Ok(())
     }
 
@@ -294,29 +381,86 @@ impl SimEbs {
         self.lock().volumes.get(volume).is_some_and(|v| v.files.contains_key(path))
     }
 
-    /// Removes every file under `prefix` on `volume`.
-    pub fn remove_prefix(&self, volume: &str, node: &str, prefix: &str) -> Result<(), EngineError> {
+    /// Removes every file under `prefix` on `volume`, as `node` holding the
+    /// fence at `epoch`.
+    pub fn remove_prefix(&self, volume: &str, node: &str, prefix: &str, epoch: u64) -> Result<(), EngineError> {
         let mut ebs = self.lock();
-        Self::check_write(&ebs, volume, node)?;
+        Self::check_write(&mut ebs, volume, node)?;
         ebs.volumes.get_mut(volume).expect("checked").files.retain(|p, _| !p.starts_with(prefix));
+        Self::record_change(&mut ebs, volume, node, epoch);
         Ok(())
     }
 
-    /// `node` crashed: its pending appends are lost, except that with torn
-    /// writes on, a random prefix of a file's last pending append may survive.
-    pub fn crash(&self, node: &str) {
+    /// Takes the lock of shard directory `dir` on `volume` for `node` (a
+    /// read-write open); answers the lock's token for [`SimEbs::unlock`].
+    /// Errors: an I/O error naming the holder while anyone holds it (only
+    /// `node` itself without shared locks).
+    pub fn lock_dir(&self, volume: &str, node: &str, dir: &str) -> Result<u64, EngineError> {
         let mut ebs = self.lock();
-        let torn = ebs.cfg.torn_writes;
-        let Ebs { volumes, rng, .. } = &mut *ebs;
+        ebs.lock_tokens += 1;
+        let token = ebs.lock_tokens;
+        let shared = ebs.cfg.shard_locks;
+        let v = ebs.volumes.get_mut(volume).ok_or_else(|| io(format!("no volume {volume}")))?;
+        // Without shared locks (separate machines) a process still sees its own.
+        let held = v.locks.get(dir).into_iter().flatten().find(|(holder, _)| shared || holder == node);
+        if let Some((holder, _)) = held {
+            let e =
+                io(format!("while lock file {volume}/{dir}/LOCK: held by {holder} (resource temporarily unavailable)"));
+            ebs.counts.lock_conflicts += 1;
+            return Err(e);
+        }
+        v.locks.entry(dir.to_string()).or_default().push((node.to_string(), token));
+        Ok(token)
+    }
+
+    /// Releases the lock of `dir` on `volume` if `token` still holds it.
+    pub fn unlock(&self, volume: &str, dir: &str, token: u64) {
+        if let Some(v) = self.lock().volumes.get_mut(volume) {
+            if let Some(holders) = v.locks.get_mut(dir) {
+                holders.retain(|(_, t)| *t != token);
+            }
+        }
+    }
+
+    /// `node`'s process ended: the locks it held are released.
+    pub fn release_locks(&self, node: &str) {
+        for v in self.lock().volumes.values_mut() {
+            for holders in v.locks.values_mut() {
+                holders.retain(|(holder, _)| holder != node);
+            }
+        }
+    }
+
+    /// What the volumes went through so far.
+    pub fn counts(&self) -> VolumeCounts {
+        self.lock().counts.clone()
+    }
+
+    /// `node` crashed (its machine: the page cache is lost): its pending
+    /// appends are lost, except that with torn writes on, a random prefix of
+    /// a file's last pending append may survive where the node was not
+    /// fenced off; its locks are released. (A process restart without a
+    /// crash keeps the node's pending appends, as the OS keeps the page
+    /// cache of a process that exits: the next incarnation reads them and
+    /// its syncs make them durable.)
+    pub fn crash(&self, node: &str) {
+        self.release_locks(node);
+        let mut ebs = self.lock();
+        let (torn, fencing) = (ebs.cfg.torn_writes, ebs.cfg.fencing);
+        let Ebs { volumes, rng, counts, .. } = &mut *ebs;
         for v in volumes.values_mut() {
+            // A torn prefix reaches the device only if the device would take
+            // the node's writes: not from a node fenced off by a reservation.
+            let fenced_off = fencing && v.holder.as_ref().is_some_and(|(holder, _)| holder != node);
             for f in v.files.values_mut() {
                 let last = f.pending.iter().rposition(|(n, _)| n == node);
-                if let (true, Some(i)) = (torn, last) {
+                if let (true, false, Some(i)) = (torn, fenced_off, last) {
                     let data = &f.pending[i].1;
                     if rng.random_bool(0.5) && !data.is_empty() {
                         let cut = rng.random_range(0..data.len());
                         let prefix = data[..cut].to_vec();
                         f.durable.extend_from_slice(&prefix);
+                        counts.torn_tails += u64::from(cut > 0);
                     }
                 }
                 f.pending.retain(|(n, _)| n != node);
@@ -376,6 +520,34 @@ mod tests {
         off.append("v", "a", "f", b"late").await.unwrap();
         off.sync("v", "a", "f", 1).await.unwrap();
         assert_eq!(off.syncs()[0].epoch, 1);
+    }
+
+    /// A crash leaves a torn prefix only of a node the device takes writes
+    /// from: not of one fenced off by a newer reservation.
+    #[tokio::test]
+    async fn a_fenced_off_node_leaves_no_torn_tail() {
+        for (fenced_off, fencing) in [(true, true), (false, true), (true, false)] {
+            let (mut bytes, mut torn) = (0, 0);
+            // Each seed: one pending append, then a crash; about half leave a prefix.
+            for seed in 0..40 {
+                let e = SimEbs::new(&["v".into()], EbsConfig { fencing, ..EbsConfig::default() }, seed);
+                e.attach("v", "a").unwrap();
+                e.attach("v", "b").unwrap();
+                e.reserve("v", "a", 1).unwrap();
+                e.append("v", "a", "f", &[7; 64]).await.unwrap();
+                if fenced_off {
+                    e.reserve("v", "b", 2).unwrap();
+                }
+                e.crash("a");
+                bytes += e.read("v", "b", "f").await.unwrap().unwrap_or_default().len();
+                torn += e.counts().torn_tails;
+            }
+            if fenced_off && fencing {
+                assert!(bytes == 0 && torn == 0, "fenced off: {bytes} bytes, {torn} torn tails");
+            } else {
+                assert!(bytes > 0 && torn > 0, "fenced off {fenced_off}, fencing {fencing}: no torn prefix");
+            }
+        }
     }
 
     #[test]

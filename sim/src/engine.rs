@@ -81,21 +81,37 @@ impl EngineFactory for SimVolumes {
     async fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn Engine>, EngineError> {
         let (volume, dir) = split(path)?;
         let file = format!("{dir}/log");
-        if !self.ebs.exists(&volume, &file) {
-            match mode {
-                OpenMode::ReadWrite { create: true } => self.ebs.create(&volume, &self.node, &file)?,
-                _ => return Err(EngineError::NotFound(path.display().to_string())),
-            }
+        let missing = !self.ebs.exists(&volume, &file);
+        if missing && mode != (OpenMode::ReadWrite { create: true }) {
+            return Err(EngineError::NotFound(path.display().to_string()));
         }
+        let read_only = mode == OpenMode::ReadOnly;
+        // A read-write open holds the directory's lock until the engine
+        // closes (or is dropped, or the process ends), as RocksDB's LOCK.
+        let lock = match read_only {
+            true => None,
+            false => {
+                let token = self.ebs.lock_dir(&volume, &self.node, &dir)?;
+                if missing {
+                    if let Err(e) = self.ebs.create(&volume, &self.node, &file, self.epoch(&volume)) {
+                        self.ebs.unlock(&volume, &dir, token);
+                        return Err(e);
+                    }
+                }
+                Some((dir, token))
+            }
+        };
         let engine = SimEngine {
             vols: self.clone(),
             volume,
             file,
-            read_only: mode == OpenMode::ReadOnly,
+            read_only,
+            lock,
             state: Mutex::new(State::default()),
             closed: Arc::default(),
             counters: Arc::default(),
         };
+        // A failed recovery drops the engine, which releases the lock.
         engine.recover().await?;
         Ok(Arc::new(engine))
     }
@@ -107,7 +123,7 @@ impl EngineFactory for SimVolumes {
 
     async fn destroy(&self, path: &Path) -> Result<(), EngineError> {
         let (volume, dir) = split(path)?;
-        self.ebs.remove_prefix(&volume, &self.node, &format!("{dir}/"))
+        self.ebs.remove_prefix(&volume, &self.node, &format!("{dir}/"), self.epoch(&volume))
     }
 }
 
@@ -125,6 +141,8 @@ pub struct SimEngine {
     volume: String,
     file: String,
     read_only: bool,
+    /// The shard directory's lock (read-write only) and its token.
+    lock: Option<(String, u64)>,
     state: Mutex<State>,
     closed: Arc<AtomicBool>,
     counters: Arc<EngineCounters>,
@@ -139,6 +157,13 @@ impl SimEngine {
         Ok(s)
     }
 
+    /// Releases the directory's lock, if this engine holds it.
+    fn unlock(&self) {
+        if let Some((dir, token)) = &self.lock {
+            self.vols.ebs.unlock(&self.volume, dir, *token);
+        }
+    }
+
     /// Replays the log into the index; a read-write engine cuts a torn tail off.
     async fn recover(&self) -> Result<(), EngineError> {
         let bytes = self.vols.ebs.read(&self.volume, &self.vols.node, &self.file).await?.unwrap_or_default();
@@ -151,9 +176,15 @@ impl SimEngine {
         s.applied = valid;
         if valid < bytes.len() && !self.read_only {
             tracing::info!(volume = %self.volume, file = %self.file, torn = bytes.len() - valid, "cutting a torn log tail");
-            self.vols.ebs.truncate(&self.volume, &self.vols.node, &self.file, valid)?;
+            self.vols.ebs.truncate(&self.volume, &self.vols.node, &self.file, valid, self.vols.epoch(&self.volume))?;
         }
         Ok(())
+    }
+}
+
+impl Drop for SimEngine {
+    fn drop(&mut self) {
+        self.unlock();
     }
 }
 
@@ -171,7 +202,10 @@ impl Engine for SimEngine {
         if sync {
             ebs.sync(&self.volume, node, &self.file, self.vols.epoch(&self.volume)).await?;
         }
-        let mut s = self.state()?;
+        // The batch is on the volume now (durable when synced): an engine
+        // closed meanwhile still answers Ok, since an error means nothing
+        // was written (the `Engine` contract).
+        let mut s = self.state.lock().expect("sim engine lock");
         apply_batch(Arc::make_mut(&mut s.tree), &batch);
         s.applied += frame.len();
         self.counters.wrote(&batch);
@@ -213,6 +247,7 @@ impl Engine for SimEngine {
     async fn close(&self) {
         let _state = self.state.lock().expect("sim engine lock");
         self.closed.store(true, Ordering::Release);
+        self.unlock();
     }
 
     /// A read-only engine applies what the writer made durable since.
@@ -276,9 +311,47 @@ mod tests {
         }
         let e = v.open(path, OpenMode::ReadWrite { create: false }).await.unwrap();
         e.put(b"c", b"3", true).await.unwrap();
+        e.close().await;
         let e = v.open(path, OpenMode::ReadWrite { create: false }).await.unwrap();
         assert_eq!(e.get(b"a").await.unwrap(), Some(b"1".to_vec()));
         assert_eq!(e.get(b"c").await.unwrap(), Some(b"3".to_vec()));
+    }
+
+    /// As RocksDB's LOCK file: one read-write open per shard directory at a
+    /// time, whoever asks (this node too); read-only opens take no lock;
+    /// closing, dropping the engine or the process ending releases it.
+    #[tokio::test]
+    async fn a_read_write_open_holds_the_shard_lock_until_closed() {
+        let (ebs, v) = vols(false);
+        ebs.attach("vol-1", "n2").unwrap();
+        let other = SimVolumes::new(ebs.clone(), "n2");
+        let path = Path::new("/vol-1/shard-1");
+        let rw = OpenMode::ReadWrite { create: false };
+        let refused = |r: Result<Arc<dyn Engine>, EngineError>, holder: &str| match r {
+            Err(EngineError::Io(m)) => assert!(m.contains("LOCK") && m.contains(&format!("held by {holder}")), "{m}"),
+            Err(e) => panic!("not a lock error: {e}"),
+            Ok(_) => panic!("a second read-write open succeeded"),
+        };
+        let e = v.open(path, OpenMode::ReadWrite { create: true }).await.unwrap();
+        refused(other.open(path, rw).await, "n1");
+        refused(v.open(path, rw).await, "n1");
+        assert!(other.open(path, OpenMode::ReadOnly).await.is_ok(), "a read-only view takes no lock");
+        e.close().await;
+        let e = other.open(path, rw).await.unwrap();
+        drop(e);
+        let _held = other.open(path, rw).await.unwrap();
+        refused(v.open(path, rw).await, "n2");
+        ebs.crash("n2");
+        let _e = v.open(path, rw).await.unwrap();
+        assert_eq!(ebs.counts().lock_conflicts, 3);
+        // Separate machines share no lock; a process still holds its own.
+        let ebs = SimEbs::new(&["vol-1".into()], EbsConfig { shard_locks: false, ..EbsConfig::default() }, 3);
+        ebs.attach("vol-1", "n1").unwrap();
+        ebs.attach("vol-1", "n2").unwrap();
+        let (v, other) = (SimVolumes::new(ebs.clone(), "n1"), SimVolumes::new(ebs, "n2"));
+        let _a = v.open(path, OpenMode::ReadWrite { create: true }).await.unwrap();
+        let _b = other.open(path, rw).await.unwrap();
+        refused(v.open(path, rw).await, "n1");
     }
 
     #[tokio::test]
@@ -296,6 +369,24 @@ mod tests {
         r.catch_up().await.unwrap();
         assert_eq!(r.get(b"b").await.unwrap(), Some(b"2".to_vec()));
         assert!(matches!(r.put(b"c", b"3", true).await, Err(EngineError::ReadOnly)));
+    }
+
+    /// "On error nothing written": a write whose sync succeeded answers Ok
+    /// even when the engine closed while it waited on the volume.
+    #[tokio::test]
+    async fn a_write_that_reached_the_volume_is_not_an_error_when_the_engine_closes_meanwhile() {
+        let (_ebs, v) = vols(false);
+        let path = Path::new("/vol-1/shard-1");
+        let e = v.open(path, OpenMode::ReadWrite { create: true }).await.unwrap();
+        let close = async {
+            tokio::time::sleep(std::time::Duration::from_micros(100)).await;
+            e.close().await;
+        };
+        let (written, ()) = tokio::join!(e.put(b"k", b"v", true), close);
+        written.expect("the sync succeeded, so the write did");
+        assert!(matches!(e.get(b"k").await, Err(EngineError::Closed)));
+        let e = v.open(path, OpenMode::ReadWrite { create: false }).await.unwrap();
+        assert_eq!(e.get(b"k").await.unwrap(), Some(b"v".to_vec()));
     }
 
     #[tokio::test]

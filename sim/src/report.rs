@@ -8,7 +8,7 @@ use attache_faults::Scheduled;
 use serde::{Deserialize, Serialize};
 
 use crate::check::{self, Disruption, Violation};
-use crate::ebs::SyncRecord;
+use crate::ebs::{SyncRecord, VolumeCounts};
 use crate::history::{EventType, History, F};
 use crate::metalog::MetaDiskCounts;
 
@@ -28,6 +28,8 @@ pub struct RunOutcome {
     pub buggified: BTreeMap<String, u64>,
     /// What the metadata node's disk went through.
     pub metadata_disk: MetaDiskCounts,
+    /// What the storage volumes went through.
+    pub volumes: VolumeCounts,
 }
 
 /// Operation counts.
@@ -70,6 +72,10 @@ pub struct Summary {
     /// Failed metadata log appends and torn tails (left out when none).
     #[serde(default, skip_serializing_if = "MetaDiskCounts::is_empty")]
     pub metadata_disk: MetaDiskCounts,
+    /// Fenced-off writes, torn tails and shard lock conflicts on the
+    /// storage volumes (left out when none).
+    #[serde(default, skip_serializing_if = "VolumeCounts::is_empty")]
+    pub volumes: VolumeCounts,
     pub violations: Vec<Violation>,
 }
 
@@ -188,6 +194,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
         failovers: failovers(&outcome.history),
         buggified: outcome.buggified.clone(),
         metadata_disk: outcome.metadata_disk.clone(),
+        volumes: outcome.volumes.clone(),
         violations,
     };
     RunReport { summary, outcome, digest }
@@ -205,6 +212,7 @@ pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
         disruptions: Vec::new(),
         buggified: BTreeMap::new(),
         metadata_disk: MetaDiskCounts::default(),
+        volumes: VolumeCounts::default(),
     };
     let digest = fnv1a(format!("{}: {}", violation.checker, violation.message).as_bytes(), 0xcbf29ce484222325);
     let summary = Summary {
@@ -216,6 +224,7 @@ pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
         failovers: Vec::new(),
         buggified: BTreeMap::new(),
         metadata_disk: MetaDiskCounts::default(),
+        volumes: VolumeCounts::default(),
         violations: vec![violation],
     };
     RunReport { summary, outcome, digest }

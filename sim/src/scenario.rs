@@ -108,6 +108,12 @@ pub struct WorkloadSpec {
     pub lifecycle_race_ratio: f64,
     /// Share of operations sent, with the client's own id, to another client's shard.
     pub cross_client_ratio: f64,
+    /// Share of a process's turns in which it creates a shard (NewShard at a
+    /// random node, sent once), while the client has tried fewer than
+    /// `max_new_shards` times; the client's processes then use it too.
+    pub new_shard_ratio: f64,
+    /// Most NewShard calls a client makes during the run, besides its first shards.
+    pub max_new_shards: usize,
     /// Share of reads that accept stale data, sent to a random node (backups serve them).
     pub stale_read_ratio: f64,
     /// Share of operations sent to a random node rather than to the volume's
@@ -133,6 +139,8 @@ impl Default for WorkloadSpec {
             lifecycle: true,
             lifecycle_race_ratio: 0.5,
             cross_client_ratio: 0.02,
+            new_shard_ratio: 0.002,
+            max_new_shards: 3,
             random_node_ratio: 0.05,
             stale_read_ratio: 0.1,
             op_timeout_ms: 1_000,
@@ -156,6 +164,11 @@ pub struct SimTiming {
     /// ms: short by default (5 s, above the workload's 2 s retry deadline)
     /// so that every run also removes expired ids.
     pub request_window_ms: u64,
+    /// A write pending this long makes a primary give its volume up
+    /// (`FailoverTiming::io_timeout_ms`), ms: above the longest write under
+    /// a random disk stall (2 s per I/O: a shard creation's read, append and
+    /// sync take 6 s).
+    pub io_timeout_ms: u64,
 }
 
 impl Default for SimTiming {
@@ -168,6 +181,7 @@ impl Default for SimTiming {
             drift: 0.01,
             margin_ms: 100,
             request_window_ms: 5_000,
+            io_timeout_ms: 6_500,
         }
     }
 }
@@ -285,7 +299,7 @@ impl Scenario {
         for f in &self.faults {
             let (named_nodes, volume): (Vec<&String>, Option<&String>) = match &f.fault {
                 Fault::EbsDetach { volume, node } | Fault::EbsReattach { volume, node } => (vec![node], Some(volume)),
-                Fault::DiskStall { volume, node, .. } => (vec![node], Some(volume)),
+                Fault::DiskStall { volume, node, .. } | Fault::DiskHang { volume, node } => (vec![node], Some(volume)),
                 Fault::NodeCrash { node }
                 | Fault::NodeRestart { node }
                 | Fault::NodePause { node }

@@ -155,11 +155,12 @@ impl ClientCtx {
         });
     }
 
-    /// Creates a shard until `deadline`: one call (sent once, see
-    /// `Repeat::Never`) per round, round `r` to node `first + r`.
-    async fn create_shard(&self, first: usize, deadline: Instant) -> Option<(u64, String)> {
+    /// Creates a shard until `deadline`, or in one round when `once`: one
+    /// call (sent once, see `Repeat::Never`) per round, round `r` to node
+    /// `first + r`.
+    async fn create_shard(&self, first: usize, deadline: Instant, once: bool) -> Option<(u64, String)> {
         for round in 0.. {
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline || (once && round > 0) {
                 break;
             }
             let process = self.rec.process();
@@ -412,16 +413,18 @@ pub async fn run_client(
     let ctx = Arc::new(ClientCtx { id: format!("client-{index}"), nodes, client, rec, registry });
     let mut shards = Vec::new();
     for s in 0..spec.shards_per_client {
-        if let Some(created) = ctx.create_shard(index + s, end).await {
+        if let Some(created) = ctx.create_shard(index + s, end, false).await {
             shards.push(created);
         }
     }
     if shards.is_empty() {
         return;
     }
-    let shards = Arc::new(shards);
     // The lifecycle shard: closed, then deleted, while the processes use it.
     let retired = (spec.lifecycle && shards.len() >= 2).then(|| shards[shards.len() - 1].0);
+    // Shards created during the run join the list (`max_new_shards` attempts at most).
+    let shards = Arc::new(Mutex::new(shards));
+    let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let lifecycle = {
         let ctx = ctx.clone();
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ ((index as u64) << 40) ^ 0x11fe);
@@ -450,13 +453,27 @@ pub async fn run_client(
         }
     };
     let processes = (0..spec.processes_per_client).map(|p| {
-        let (ctx, shards) = (ctx.clone(), shards.clone());
+        let (ctx, shards, made) = (ctx.clone(), shards.clone(), made.clone());
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ ((index as u64) << 32) ^ p as u64);
         async move {
             let mut process = ctx.rec.process();
             let mut n = 0u64;
             while Instant::now() < end {
-                let mut shard = shards[rng.random_range(0..shards.len())].0;
+                // (No draw when the ratio is 0: such a workload draws as before.)
+                if spec.new_shard_ratio > 0.0 && rng.random_bool(spec.new_shard_ratio) {
+                    let at = rng.random_range(0..ctx.nodes.len());
+                    if made.fetch_add(1, Ordering::Relaxed) < spec.max_new_shards {
+                        if let Some(created) = ctx.create_shard(at, end, true).await {
+                            shards.lock().expect("shards lock").push(created);
+                        }
+                        tokio::time::sleep(Duration::from_millis(spec.think_ms)).await;
+                        continue;
+                    }
+                }
+                let mut shard = {
+                    let shards = shards.lock().expect("shards lock");
+                    shards[rng.random_range(0..shards.len())].0
+                };
                 if rng.random_bool(spec.cross_client_ratio) {
                     let foreign: Vec<u64> = ctx
                         .registry
@@ -514,6 +531,7 @@ pub async fn run_client(
     let (processes, ()) = futures::future::join(futures::future::join_all(processes), lifecycle).await;
     // Final reads: every key of every live shard, until each succeeds once.
     let mut process = processes.into_iter().max().unwrap_or(0);
+    let shards = shards.lock().expect("shards lock").clone();
     for (shard, _) in shards.iter().filter(|(s, _)| Some(*s) != retired) {
         for k in 0..spec.hot_keys {
             let key = format!("k{k}");

@@ -23,6 +23,7 @@ fn empty() -> RunOutcome {
         disruptions: vec![],
         buggified: Default::default(),
         metadata_disk: Default::default(),
+        volumes: Default::default(),
     }
 }
 

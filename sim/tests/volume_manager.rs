@@ -67,7 +67,7 @@ impl Cluster {
         let backend = EmbeddedBackend::open(&host, Arc::new(MemMetaLog::default())).await.unwrap();
         let meta = MetaOps::new(backend, RetryPolicy::default(), 7);
         let ebs = SimEbs::new(&[VOLUME.to_string()], EbsConfig::default(), 7);
-        let timing = FailoverTiming { poll_ms: 20, takeover_delay_ms: 100, rank_delay_ms: 100 };
+        let timing = FailoverTiming { poll_ms: 20, takeover_delay_ms: 100, rank_delay_ms: 100, io_timeout_ms: 1_000 };
         Cluster { host, ebs, meta, timing }
     }
 
@@ -225,8 +225,10 @@ fn timing_settings_are_validated() {
     assert_eq!(FailoverTiming::default().validate(), Ok(()));
     let zero_poll = FailoverTiming { poll_ms: 0, ..FailoverTiming::default() };
     assert!(zero_poll.validate().unwrap_err().contains("poll_ms must be positive"));
-    let no_delays = FailoverTiming { poll_ms: 10, takeover_delay_ms: 0, rank_delay_ms: 0 };
+    let no_delays = FailoverTiming { poll_ms: 10, takeover_delay_ms: 0, rank_delay_ms: 0, ..FailoverTiming::default() };
     assert_eq!(no_delays.validate(), Ok(()), "zero delays are allowed: the claim CAS still orders claims");
+    let short_io_timeout = FailoverTiming { io_timeout_ms: 100, ..FailoverTiming::default() };
+    assert!(short_io_timeout.validate().unwrap_err().contains("io_timeout_ms (100) must be at least poll_ms (500)"));
 }
 
 #[tokio::test]

@@ -44,6 +44,14 @@ impl Handler<NewShard> for Node {
         if self.stopping {
             return Reply::now(Err(AttacheError::unavailable("this node is shutting down; retry on another node")));
         }
+        // No id is allocated while this node's lease may have expired (the
+        // shard manager checks again before it writes).
+        if !self.gate.is_open() {
+            return Reply::now(Err(AttacheError::unavailable(
+                "this node's lease may have expired: it creates no shard until the lease is renewed; retry on \
+                 another node",
+            )));
+        }
         let target = self
             .volumes
             .iter_mut()
@@ -74,6 +82,9 @@ impl Handler<NewShard> for Node {
             };
             // Registered first: a shard's data never exists without its record.
             meta.register_shard(&record).await.map_err(meta_unavailable)?;
+            // A stall here (a GC pause) can outlast this node's lease: the
+            // shard manager checks the lease gate again before it writes.
+            crate::buggify::delay("node.new_shard.before_create", 3_000).await;
             let created =
                 shards.send(CreateShard { shard_id, client_id: msg.client_id, size_limit: Some(size_limit) }).await;
             match created.unwrap_or_else(|e| Err(e.into())) {

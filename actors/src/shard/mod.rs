@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use crate::actor::{Actor, Context, Handler, Message, Reply};
 use crate::engine::{Engine, EngineError, EngineSnapshot, EngineStats, KvPairs};
 use crate::error::AttacheError;
+use crate::io_watch::IoWatch;
 use crate::lease::LeaseGate;
 use crate::limits::Limits;
 use commit::{StagedOp, StagedRequest};
@@ -263,6 +264,11 @@ pub struct Shard {
     serving_stale: bool,
     /// When a read-only shard last caught up with the primary.
     caught_up_at: Option<Instant>,
+    /// The volume's writes in flight, which this shard's group commits join.
+    io: Arc<IoWatch>,
+    /// Set when the shard's manager is retired (a step-down): the shard
+    /// then refuses every request, as after [`Shutdown`].
+    retired: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Shard {
@@ -286,7 +292,23 @@ impl Shard {
             read_only: false,
             serving_stale: false,
             caught_up_at: None,
+            io: Arc::default(),
+            retired: Arc::default(),
         }
+    }
+
+    /// This shard refuses every request once `retired` is set (its manager's
+    /// flag, see `ShardManager::retired_flag`).
+    pub fn with_retired(mut self, retired: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.retired = retired;
+        self
+    }
+
+    /// This shard's group commits count as writes in flight to its volume in
+    /// `io` (shared with the volume manager, which gives a hung volume up).
+    pub fn with_io_watch(mut self, io: Arc<IoWatch>) -> Self {
+        self.io = io;
+        self
     }
 
     /// Reads the meta of the shard stored in `engine`.
@@ -349,7 +371,7 @@ impl Shard {
                 self.meta.shard_id
             )));
         }
-        if self.shutdown.is_some() {
+        if self.shutdown.is_some() || self.retired.load(std::sync::atomic::Ordering::Acquire) {
             return Err(AttacheError::unavailable(format!(
                 "shard {} is shutting down on this node; retry",
                 self.meta.shard_id
@@ -501,6 +523,7 @@ impl Shard {
         let shard_id = meta.shard_id;
         let gate = self.gate.clone();
         let window_ms = self.limits.request_window_ms;
+        let io = self.io.clone();
         ctx.host().spawn_detached(async move {
             let count = requests.iter().map(|r| r.ops.len()).sum();
             // The last moment to check the lease before the write goes to the volume.
@@ -508,6 +531,7 @@ impl Shard {
                 // A stall between the check and the write (a GC pause): the
                 // storage fence must stop the write if a new primary exists.
                 crate::buggify::delay("shard.commit.after_gate", 1_500).await;
+                let _in_flight = io.begin();
                 commit::apply_group(&*engine, &meta, requests, wall_clock_ms(), window_ms).await
             } else {
                 Err(EngineError::Fenced("this node's lease may have expired; it does not write".into()))
