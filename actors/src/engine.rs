@@ -9,6 +9,11 @@
 //!   volume (WAL fsync). A write acknowledged to a client always used `sync`.
 //! - A write is visible to `get`/`scan` once `write` has returned, never before
 //!   it is durable when it was synced.
+//! - A write that fails with [`EngineError::Indeterminate`] may or may not be
+//!   durable (its sync failed after the data was handed to the volume, as a
+//!   WAL fsync error): a reopen may show it while this engine's reads do
+//!   not, so the engine is reopened before it is used again. Every other
+//!   error of a write means nothing of its batch was written.
 //! - Keys are compared as unsigned bytes (memcmp order).
 //! - A [`EngineSnapshot`] (from `snapshot`) reads the engine as it was at one
 //!   instant, whatever is written later, until the engine is closed.
@@ -166,6 +171,11 @@ pub enum EngineError {
     /// The engine was closed.
     #[error("engine is closed")]
     Closed,
+    /// A write failed after its data was handed to the volume (a failed
+    /// sync): its batch may or may not be durable, and this engine's reads
+    /// may not show what a reopen will. Reopen the engine before using it.
+    #[error("write outcome unknown: {0}")]
+    Indeterminate(String),
 }
 
 /// Builds a batch from keys and their current values (`None`: absent); an

@@ -25,7 +25,7 @@ use crate::io_watch::IoWatch;
 use crate::lease::LeaseGate;
 use crate::limits::{Limits, DEFAULT_SHARD_SIZE_LIMIT};
 use crate::shard::layout::{ShardMeta, ShardState};
-use crate::shard::{MarkDeleted, Shard, ShardId, ShardInfo, ShardOp, Shutdown};
+use crate::shard::{MarkDeleted, Shard, ShardFailed, ShardId, ShardInfo, ShardOp, Shutdown};
 
 /// How a shard manager is set up.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,7 +274,9 @@ impl ShardManager {
         let shard = if self.cfg.read_only {
             Shard::read_only(engine, meta, self.cfg.limits.clone())
         } else {
-            Shard::new(engine, meta, self.cfg.limits.clone(), self.gate.clone()).with_io_watch(self.io.clone())
+            Shard::new(engine, meta, self.cfg.limits.clone(), self.gate.clone())
+                .with_io_watch(self.io.clone())
+                .with_failure_report(ctx.address().recipient())
         }
         .with_retired(self.retired.clone());
         let addr = ctx.host().spawn(shard, self.cfg.shard_mailbox);
@@ -340,7 +342,8 @@ impl ShardManager {
         let info = ShardInfo { shard_id: meta.shard_id, owner: meta.owner.clone(), state: meta.state, size_limit };
         let shard = Shard::new(engine, meta, self.cfg.limits.clone(), self.gate.clone())
             .with_io_watch(self.io.clone())
-            .with_retired(self.retired.clone());
+            .with_retired(self.retired.clone())
+            .with_failure_report(ctx.address().recipient());
         let addr = ctx.host().spawn(shard, self.cfg.shard_mailbox);
         self.shards.insert(msg.shard_id, addr);
         Ok(info)
@@ -383,6 +386,19 @@ where
             Ok(pending) => Reply::later(async move { pending.await.unwrap_or_else(|e| Err(e.into())) }),
             Err(e) => Reply::now(Err(e.into())),
         }
+    }
+}
+
+/// A shard whose write had an unknown outcome is closed; the next request
+/// for it opens it again from the volume.
+impl Handler<ShardFailed> for ShardManager {
+    async fn handle(&mut self, msg: ShardFailed, _ctx: &Context<Self>) -> Reply<()> {
+        if let Some(addr) = self.shards.remove(&msg.shard_id) {
+            tracing::warn!(shard_id = msg.shard_id, volume = %self.cfg.volume_id, "closing a shard to reopen it");
+            let _ = addr.send(Shutdown).await;
+            addr.stop();
+        }
+        Reply::now(())
     }
 }
 

@@ -41,6 +41,12 @@ pub enum Fault {
     /// From now on, no I/O of the node on the volume completes (a stuck
     /// attachment); the node itself keeps running. Never repaired.
     DiskHang { volume: String, node: String },
+    /// For `for_ms` milliseconds every sync (fsync) of the node on the
+    /// volume fails with an I/O error, after the data it flushes either
+    /// reached the device or was dropped (either, at random): the writer
+    /// cannot tell whether its write is durable, as after a Linux fsync
+    /// error.
+    DiskErrors { volume: String, node: String, for_ms: u64 },
     /// The metadata store answers nobody for `for_ms` milliseconds.
     MetadataUnavailable { for_ms: u64 },
     /// The metadata node's disk fails every log append, sync and rewrite for
@@ -68,6 +74,7 @@ impl Fault {
             Fault::Heal => "heal",
             Fault::DiskStall { .. } => "disk_stall",
             Fault::DiskHang { .. } => "disk_hang",
+            Fault::DiskErrors { .. } => "disk_errors",
             Fault::MetadataUnavailable { .. } => "metadata_unavailable",
             Fault::MetadataDiskErrors { .. } => "metadata_disk_errors",
             Fault::ClockJitter { .. } => "clock_jitter",
@@ -87,7 +94,8 @@ impl Fault {
         match self {
             Fault::MetadataUnavailable { for_ms }
             | Fault::MetadataDiskErrors { for_ms }
-            | Fault::DiskStall { for_ms, .. } => *for_ms,
+            | Fault::DiskStall { for_ms, .. }
+            | Fault::DiskErrors { for_ms, .. } => *for_ms,
             _ => 0,
         }
     }
@@ -140,6 +148,9 @@ pub struct RandomRates {
     pub metadata_crash: f64,
     /// Windows of metadata disk errors (see [`Fault::MetadataDiskErrors`]).
     pub metadata_disk_errors: f64,
+    /// Windows of failing syncs on a storage node's volume (see
+    /// [`Fault::DiskErrors`]).
+    pub disk_errors: f64,
     /// Shortest and longest disruption (crash to restart, pause to resume,
     /// detach to reattach, partition to heal), ms.
     pub min_outage_ms: u64,
@@ -163,6 +174,7 @@ impl Default for RandomRates {
             clock_jitter: 0.5,
             metadata_crash: 0.0,
             metadata_disk_errors: 0.0,
+            disk_errors: 0.0,
             min_outage_ms: 500,
             max_outage_ms: 8_000,
             max_concurrent: 1,
@@ -193,7 +205,7 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     // Kinds added later go last, so that a schedule drawn with their rates at
     // 0 is the schedule the same seed drew before they existed.
-    let kinds: [(&str, f64); 10] = [
+    let kinds: [(&str, f64); 11] = [
         ("node_crash", rates.node_crash),
         ("node_pause", rates.node_pause),
         ("ebs_detach", rates.ebs_detach),
@@ -204,6 +216,7 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
         ("clock_jitter", rates.clock_jitter),
         ("metadata_crash", rates.metadata_crash),
         ("metadata_disk_errors", rates.metadata_disk_errors),
+        ("disk_errors", rates.disk_errors),
     ];
     let total: f64 = kinds.iter().map(|k| k.1).sum();
     let mut out = Vec::new();
@@ -263,6 +276,14 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
                 out.push(Scheduled {
                     at_ms: at,
                     fault: Fault::DiskStall { volume, node: node.clone(), ms, for_ms: until - at },
+                });
+                busy.push((at, until, node));
+                continue;
+            }
+            "disk_errors" => {
+                out.push(Scheduled {
+                    at_ms: at,
+                    fault: Fault::DiskErrors { volume, node: node.clone(), for_ms: until - at },
                 });
                 busy.push((at, until, node));
                 continue;

@@ -268,7 +268,12 @@ fn write_now(
     }
     let mut wo = WriteOptions::default();
     wo.set_sync(sync);
-    db.write_opt(rb, &wo).map_err(|e| engine_error(path, e))?;
+    // Past the fence check, a failed write (a WAL write or fsync error) may
+    // have left the batch in the WAL, to be replayed on the next open.
+    db.write_opt(rb, &wo).map_err(|e| match engine_error(path, e) {
+        EngineError::Io(m) => EngineError::Indeterminate(m),
+        other => other,
+    })?;
     counters.wrote(batch);
     Ok(())
 }

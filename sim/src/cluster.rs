@@ -236,6 +236,7 @@ fn apply(
             }
         }
         Fault::DiskHang { volume, node } => ebs.hang(volume, node),
+        Fault::DiskErrors { volume, node, for_ms } => ebs.fail_syncs(volume, node, Duration::from_millis(*for_ms)),
         Fault::DiskStall { volume, node, ms, for_ms } => {
             ebs.stall(volume, node, Duration::from_millis(*ms), Duration::from_millis(*for_ms))
         }

@@ -101,6 +101,8 @@ struct Volume {
     stalls: BTreeMap<String, (Instant, u64)>,
     /// Nodes whose I/O on this volume never completes.
     hung: std::collections::BTreeSet<String>,
+    /// Per node: every sync fails until this time (`Fault::DiskErrors`).
+    failing_syncs: BTreeMap<String, Instant>,
     /// Shard directory → the nodes holding its lock, each with its token
     /// (more than one only without shared locks).
     locks: BTreeMap<String, Vec<(String, u64)>>,
@@ -126,6 +128,10 @@ pub struct VolumeCounts {
     pub torn_tails: u64,
     /// Read-write opens refused because another process held the shard's lock.
     pub lock_conflicts: u64,
+    /// Syncs failed by injected disk errors, and how many of them had made
+    /// their data durable anyway.
+    pub failed_syncs: u64,
+    pub failed_syncs_durable: u64,
 }
 
 impl VolumeCounts {
@@ -292,7 +298,9 @@ impl SimEbs {
     }
 
     /// Makes `node`'s appends to `path` durable, recording the write at `epoch`.
-    /// Errors: not attached (the appends were lost), `Fenced`.
+    /// Errors: not attached (the appends were lost), `Fenced`; an injected
+    /// disk error (`fail_syncs`), after which the appends are durable or
+    /// lost, at random.
     pub async fn sync(&self, volume: &str, node: &str, path: &str, epoch: u64) -> Result<(), EngineError> {
         let (base, jitter) = {
             let ebs = self.lock();
@@ -307,9 +315,41 @@ impl SimEbs {
             }
             return Err(e);
         }
+        let now = Instant::now();
+        let failing = ebs.volumes.get(volume).and_then(|v| v.failing_syncs.get(node)).is_some_and(|t| now < *t);
+        // An injected fsync error: the flush reached the device or not, at random.
+        let failed = failing.then(|| ebs.rng.random_bool(0.5));
         let at_ms = ebs.start.elapsed().as_millis() as u64;
-        let v = ebs.volumes.get_mut(volume).expect("checked");
-        let Some(f) = v.files.get_mut(path) else { return Ok(()) };
+        let Ebs { volumes, syncs, counts, .. } = &mut *ebs;
+        let v = volumes.get_mut(volume).expect("checked");
+        if let Some(durable) = failed {
+            counts.failed_syncs += 1;
+            counts.failed_syncs_durable += u64::from(durable);
+            let error = io(format!("volume {volume}: fsync of {path} by {node} failed (injected disk error)"));
+            if !durable {
+                if let Some(f) = v.files.get_mut(path) {
+                    f.pending.retain(|(n, _)| n != node);
+                }
+                return Err(error);
+            }
+            Self::flush(v, syncs, at_ms, volume, node, path, epoch);
+            return Err(error);
+        }
+        Self::flush(v, syncs, at_ms, volume, node, path, epoch);
+        Ok(())
+    }
+
+    /// Makes `node`'s pending appends to `path` durable, recording the write.
+    fn flush(
+        v: &mut Volume,
+        syncs: &mut Vec<SyncRecord>,
+        at_ms: u64,
+        volume: &str,
+        node: &str,
+        path: &str,
+        epoch: u64,
+    ) {
+        let Some(f) = v.files.get_mut(path) else { return };
         let mut bytes = 0;
         let mut kept = Vec::new();
         for (n, data) in f.pending.drain(..) {
@@ -322,9 +362,17 @@ impl SimEbs {
         }
         f.pending = kept;
         if bytes > 0 {
-            ebs.syncs.push(SyncRecord { at_ms, volume: volume.to_string(), node: node.to_string(), epoch, bytes });
+            syncs.push(SyncRecord { at_ms, volume: volume.to_string(), node: node.to_string(), epoch, bytes });
         }
-        Ok(())
+    }
+
+    /// Every sync of `node` on `volume` fails for `for_` (see `Fault::DiskErrors`).
+    pub fn fail_syncs(&self, volume: &str, node: &str, for_: Duration) {
+        if let Some(v) = self.lock().volumes.get_mut(volume) {
+            let until = Instant::now() + for_;
+            let t = v.failing_syncs.entry(node.to_string()).or_insert(until);
+            *t = (*t).max(until);
+        }
     }
 
     /// Records a durable change of a file's metadata (create, truncate,

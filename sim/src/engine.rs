@@ -107,6 +107,7 @@ impl EngineFactory for SimVolumes {
             file,
             read_only,
             lock,
+            failed: AtomicBool::new(false),
             state: Mutex::new(State::default()),
             closed: Arc::default(),
             counters: Arc::default(),
@@ -143,6 +144,8 @@ pub struct SimEngine {
     read_only: bool,
     /// The shard directory's lock (read-write only) and its token.
     lock: Option<(String, u64)>,
+    /// Set when a write failed with an unknown outcome: no more writes.
+    failed: AtomicBool,
     state: Mutex<State>,
     closed: Arc<AtomicBool>,
     counters: Arc<EngineCounters>,
@@ -197,10 +200,23 @@ impl Engine for SimEngine {
         drop(self.state()?); // fail fast when closed
         let mut frame = Vec::new();
         codec::frame(&mut frame, &codec::encode(&batch));
+        if self.failed.load(Ordering::Acquire) {
+            return Err(EngineError::Io(
+                "an earlier write of this engine failed with an unknown outcome; reopen".into(),
+            ));
+        }
         let (ebs, node) = (&self.vols.ebs, &self.vols.node);
         ebs.append(&self.volume, node, &self.file, &frame).await?;
         if sync {
-            ebs.sync(&self.volume, node, &self.file, self.vols.epoch(&self.volume)).await?;
+            // A failed sync may have made the batch durable (or not): only
+            // a reservation conflict, refused by the device, wrote nothing.
+            if let Err(e) = ebs.sync(&self.volume, node, &self.file, self.vols.epoch(&self.volume)).await {
+                if matches!(e, EngineError::Fenced(_)) {
+                    return Err(e);
+                }
+                self.failed.store(true, Ordering::Release);
+                return Err(EngineError::Indeterminate(e.to_string()));
+            }
         }
         // The batch is on the volume now (durable when synced): an engine
         // closed meanwhile still answers Ok, since an error means nothing

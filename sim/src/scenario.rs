@@ -299,7 +299,9 @@ impl Scenario {
         for f in &self.faults {
             let (named_nodes, volume): (Vec<&String>, Option<&String>) = match &f.fault {
                 Fault::EbsDetach { volume, node } | Fault::EbsReattach { volume, node } => (vec![node], Some(volume)),
-                Fault::DiskStall { volume, node, .. } | Fault::DiskHang { volume, node } => (vec![node], Some(volume)),
+                Fault::DiskStall { volume, node, .. }
+                | Fault::DiskHang { volume, node }
+                | Fault::DiskErrors { volume, node, .. } => (vec![node], Some(volume)),
                 Fault::NodeCrash { node }
                 | Fault::NodeRestart { node }
                 | Fault::NodePause { node }

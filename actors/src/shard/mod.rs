@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::actor::{Actor, Context, Handler, Message, Reply};
+use crate::actor::{Actor, Context, Handler, Message, Recipient, Reply};
 use crate::engine::{Engine, EngineError, EngineSnapshot, EngineStats, KvPairs};
 use crate::error::AttacheError;
 use crate::io_watch::IoWatch;
@@ -269,6 +269,22 @@ pub struct Shard {
     /// Set when the shard's manager is retired (a step-down): the shard
     /// then refuses every request, as after [`Shutdown`].
     retired: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when a group commit's outcome is unknown (`EngineError::Indeterminate`):
+    /// the shard refuses every request until its manager reopens it.
+    failed: bool,
+    /// Where a failed shard asks to be reopened (its shard manager).
+    on_failure: Option<Recipient<ShardFailed>>,
+}
+
+/// Sent by a shard whose write failed with an unknown outcome to its shard
+/// manager, which closes it; its next request reopens it from the volume.
+pub struct ShardFailed {
+    /// The shard.
+    pub shard_id: ShardId,
+}
+
+impl Message for ShardFailed {
+    type Reply = ();
 }
 
 impl Shard {
@@ -294,7 +310,16 @@ impl Shard {
             caught_up_at: None,
             io: Arc::default(),
             retired: Arc::default(),
+            failed: false,
+            on_failure: None,
         }
+    }
+
+    /// Where this shard reports a write with an unknown outcome (see
+    /// [`ShardFailed`]): its shard manager.
+    pub fn with_failure_report(mut self, report: Recipient<ShardFailed>) -> Self {
+        self.on_failure = Some(report);
+        self
     }
 
     /// This shard refuses every request once `retired` is set (its manager's
@@ -371,7 +396,7 @@ impl Shard {
                 self.meta.shard_id
             )));
         }
-        if self.shutdown.is_some() || self.retired.load(std::sync::atomic::Ordering::Acquire) {
+        if self.shutdown.is_some() || self.retired.load(std::sync::atomic::Ordering::Acquire) || self.failed {
             return Err(AttacheError::unavailable(format!(
                 "shard {} is shutting down on this node; retry",
                 self.meta.shard_id
@@ -555,6 +580,10 @@ fn wall_clock_ms() -> u64 {
 fn write_error(shard_id: ShardId, e: &EngineError) -> AttacheError {
     match e {
         EngineError::Corruption(_) => AttacheError::Internal(format!("shard {shard_id}: {e}")),
+        EngineError::Indeterminate(_) => AttacheError::OutcomeUnknown(format!(
+            "shard {shard_id}: the write may or may not have been applied ({e}); repeat it (with its request id \
+             it applies at most once)"
+        )),
         _ => AttacheError::unavailable(format!("shard {shard_id} could not write: {e}; retry")),
     }
 }
@@ -651,6 +680,26 @@ impl Handler<Committed> for Shard {
                 self.group_commits += 1;
                 self.committed_ops += msg.ops as u64;
             }
+            Err(EngineError::Indeterminate(e)) => {
+                // The group may be durable while the engine's reads do not
+                // show it: serve nothing more from this engine. Staged
+                // requests were never written; the shard manager reopens
+                // the shard from the volume (recovery replays what is there).
+                tracing::warn!(shard = self.meta.shard_id, error = %e, "group commit outcome unknown; reopening");
+                self.failed = true;
+                let why = format!(
+                    "shard {} is being reopened after a write whose outcome is unknown; retry",
+                    self.meta.shard_id
+                );
+                for w in std::mem::take(&mut self.waiters) {
+                    let _ = w.send(Err(AttacheError::unavailable(why.clone())));
+                }
+                self.staged.clear();
+                self.staged_bytes = 0;
+                if let Some(report) = &self.on_failure {
+                    report.do_send(ShardFailed { shard_id: self.meta.shard_id });
+                }
+            }
             Err(e) => {
                 tracing::warn!(shard = self.meta.shard_id, error = %e, "group commit failed");
                 // The failed group's state change did not land; later staged ones still may.
@@ -660,7 +709,9 @@ impl Handler<Committed> for Shard {
                 });
             }
         }
-        self.start_commit(ctx);
+        if !self.failed {
+            self.start_commit(ctx);
+        }
         if !self.committing {
             if let Some(waiters) = self.shutdown.take() {
                 self.engine.close().await;
