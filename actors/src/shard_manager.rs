@@ -335,7 +335,18 @@ impl ShardManager {
         let meta = ShardMeta::new(msg.shard_id, msg.client_id, size_limit);
         if let Err(e) = Shard::init_meta(&*engine, &meta).await {
             engine.close().await;
-            return Err(volume_error(cfg, &format!("create shard {}", msg.shard_id), e));
+            let what = format!("create shard {}", msg.shard_id);
+            if let EngineError::Indeterminate(_) = e {
+                // The meta may be durable: remove the shard, or the create
+                // may have taken effect.
+                if let Err(d) = self.factory.destroy(&path).await {
+                    return Err(AttacheError::OutcomeUnknown(format!(
+                        "volume {}: {what}: {e}, and its remains could not be removed ({d}); the shard may exist",
+                        cfg.volume_id
+                    )));
+                }
+            }
+            return Err(volume_error(cfg, &what, e));
         }
         drop(in_flight);
         tracing::info!(shard_id = meta.shard_id, owner = %meta.owner, size_limit, volume = %cfg.volume_id, "created shard");
@@ -393,12 +404,14 @@ where
 /// for it opens it again from the volume.
 impl Handler<ShardFailed> for ShardManager {
     async fn handle(&mut self, msg: ShardFailed, _ctx: &Context<Self>) -> Reply<()> {
-        if let Some(addr) = self.shards.remove(&msg.shard_id) {
-            tracing::warn!(shard_id = msg.shard_id, volume = %self.cfg.volume_id, "closing a shard to reopen it");
+        let Some(addr) = self.shards.remove(&msg.shard_id) else { return Reply::now(()) };
+        tracing::warn!(shard_id = msg.shard_id, volume = %self.cfg.volume_id, "closing a shard to reopen it");
+        // Closed outside the manager (an engine may wait for its reads);
+        // a reopen meanwhile finds the engine locked and is refused, retried.
+        Reply::later(async move {
             let _ = addr.send(Shutdown).await;
             addr.stop();
-        }
-        Reply::now(())
+        })
     }
 }
 

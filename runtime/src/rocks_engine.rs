@@ -25,10 +25,13 @@ use rocksdb::{Direction, ErrorKind, IteratorMode, Options, ReadOptions, Snapshot
 const CLOSE_WAIT: Duration = Duration::from_secs(30);
 
 fn engine_error(path: &Path, e: rocksdb::Error) -> EngineError {
-    let msg = format!("{}: {}", path.display(), e.as_ref());
+    let detail = e.as_ref();
+    // RocksDB's own words for a held LOCK file (not any path that says "lock").
+    let locked = detail.contains("While lock file") || detail.contains("lock hold by current process");
+    let msg = format!("{}: {detail}", path.display());
     match e.kind() {
         ErrorKind::Corruption => EngineError::Corruption(msg),
-        ErrorKind::IOError if msg.contains("lock") || msg.contains("LOCK") => EngineError::Locked(msg),
+        ErrorKind::IOError if locked => EngineError::Locked(msg),
         _ => EngineError::Io(msg),
     }
 }
@@ -45,6 +48,8 @@ impl RocksEngineFactory {
         Self::default()
     }
 
+    /// Attaché's options. (RocksDB's default `avoid_flush_during_recovery =
+    /// false` is relied on: see `write_now`.)
     fn options(create: bool) -> Options {
         let mut opts = Options::default();
         opts.create_if_missing(create);
@@ -268,12 +273,13 @@ fn write_now(
     }
     let mut wo = WriteOptions::default();
     wo.set_sync(sync);
-    // Past the fence check, a failed write (a WAL write or fsync error) may
-    // have left the batch in the WAL, to be replayed on the next open.
-    db.write_opt(rb, &wo).map_err(|e| match engine_error(path, e) {
-        EngineError::Io(m) => EngineError::Indeterminate(m),
-        other => other,
-    })?;
+    // Past the fence check, whatever the error (a WAL write or fsync error,
+    // a background error from an earlier one), the batch may be in the WAL,
+    // to be replayed on the next open: the outcome is unknown. (Recovery
+    // flushes what it replays to a synced table file, RocksDB's default
+    // `avoid_flush_during_recovery = false`, so a replayed batch that was
+    // only in the page cache is made durable before it is served.)
+    db.write_opt(rb, &wo).map_err(|e| EngineError::Indeterminate(format!("{}: {}", path.display(), e.as_ref())))?;
     counters.wrote(batch);
     Ok(())
 }

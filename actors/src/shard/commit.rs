@@ -212,7 +212,8 @@ fn apply_ops(
 /// call (`Engine::read_then_write`).
 ///
 /// Errors: those of the engine's reads and write; on error nothing of the
-/// group was written.
+/// group was written, except after `EngineError::Indeterminate` (its sync
+/// failed: the group may be durable).
 pub async fn apply_group(
     engine: &dyn Engine,
     meta: &ShardMeta,
