@@ -514,6 +514,53 @@ pub fn stale_reads(ops: &[Op]) -> Vec<Violation> {
         .collect()
 }
 
+/// Stale reads older than they said: a stale read that returned the value
+/// of write W1 and reported an age of A ms, while a write or delete W2 of
+/// the same key, begun after W1 completed, had itself completed more than
+/// A ms (plus 1 for the age's rounding down) before the read began. A
+/// backup's view that caught up at time c serves everything acknowledged
+/// before c and reports `now − c` (so c ≥ invoke − A): W2 was visible at c,
+/// and W1's value was no longer current. (A read that found the key absent
+/// is not checked.)
+pub fn stale_ages(ops: &[Op]) -> Vec<Violation> {
+    let ms = 1_000_000u64;
+    let mut writes: BTreeMap<(u64, &str), Vec<&Op>> = BTreeMap::new();
+    let mut by_value: BTreeMap<(u64, &str, &str), &Op> = BTreeMap::new();
+    for o in ops.iter().filter(|o| matches!(o.f, F::Write | F::Delete)) {
+        if o.outcome == EventType::Ok {
+            writes.entry((o.shard, o.key.as_str())).or_default().push(o);
+        }
+        if let (F::Write, Some(v)) = (o.f, o.value.as_deref()) {
+            by_value.insert((o.shard, o.key.as_str(), v), o);
+        }
+    }
+    let mut out = Vec::new();
+    for r in ops.iter().filter(|o| o.f == F::StaleRead && o.outcome == EventType::Ok) {
+        let (Some(v), Some(age)) = (r.value.as_deref(), r.staleness_ms) else { continue };
+        let Some(w1_done) = by_value.get(&(r.shard, r.key.as_str(), v)).and_then(|w1| w1.complete) else { continue };
+        let newer = writes
+            .get(&(r.shard, r.key.as_str()))
+            .into_iter()
+            .flatten()
+            .find(|w2| w2.invoke > w1_done && w2.complete.is_some_and(|c| c + (age + 1) * ms < r.invoke));
+        if let Some(w2) = newer {
+            out.push(violation(
+                "stale_ages",
+                format!(
+                    "shard {} key {}: a stale read at {} ms returned {v:?} reporting {age} ms of staleness, but a \
+                     {} acknowledged at {} ms had replaced it",
+                    r.shard,
+                    r.key,
+                    r.invoke / ms,
+                    if w2.f == F::Delete { "delete" } else { "write" },
+                    w2.complete.unwrap_or(0) / ms
+                ),
+            ));
+        }
+    }
+    out
+}
+
 /// Shard ids unique and increasing in real time.
 pub fn shard_ids(ops: &[Op]) -> Vec<Violation> {
     let created: Vec<&Op> = ops.iter().filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok).collect();
@@ -1050,6 +1097,30 @@ mod tests {
         let failed = op(1, F::Write, "k", Some("f"), 0, Some(5), EventType::Fail);
         assert_eq!(stale_reads(&[failed, stale("f", 10, 20)]).len(), 1, "a failed write's value");
         assert_eq!(stale_reads(&[w(1, "late", 60, 70), stale("late", 10, 20)]).len(), 1, "from the future");
+    }
+
+    /// A stale read may be as old as it says, not older.
+    #[test]
+    fn stale_ages_catches_a_read_older_than_its_reported_age() {
+        let ms = 1_000_000;
+        let stale = |v: &str, at: u64, age: u64| {
+            let mut o = op(9, F::StaleRead, "k", Some(v), at * ms, Some(at * ms + ms), EventType::Ok);
+            o.staleness_ms = Some(age);
+            o
+        };
+        let history = |read: Op| vec![w(1, "a", 0, ms), w(2, "b", 2 * ms, 3 * ms), read];
+        // "a" was replaced at 3 ms: a read at 100 ms may return it only with an age of at least 97 ms.
+        assert!(stale_ages(&history(stale("a", 100, 97))).is_empty());
+        assert!(stale_ages(&history(stale("b", 100, 0))).is_empty());
+        let v = stale_ages(&history(stale("a", 100, 50)));
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("reporting 50 ms") && v[0].message.contains("acknowledged at 3 ms"), "{v:?}");
+        // Overlapping writes have no order: either value may be current.
+        let overlapping = vec![w(1, "a", 0, 5 * ms), w(2, "b", 2 * ms, 3 * ms), stale("a", 100, 0)];
+        assert!(stale_ages(&overlapping).is_empty());
+        // A delete replaces a value too.
+        let deleted = vec![w(1, "a", 0, ms), op(2, F::Delete, "k", None, 2 * ms, Some(3 * ms), EventType::Ok)];
+        assert_eq!(stale_ages(&[deleted, vec![stale("a", 100, 10)]].concat()).len(), 1);
     }
 
     #[test]

@@ -57,14 +57,15 @@ fn without_the_lease_gate_a_partitioned_primary_serves_stale_reads_within_5_seed
 
 /// Layer 1, the compare-and-swap on the owner record: without it, two
 /// backups that see the primary gone at once both claim the same epoch.
+/// (It takes a close race: seed 52 is the first when this was written.)
 #[test]
-fn without_the_claim_cas_two_backups_share_an_epoch_within_40_seeds() {
+fn without_the_claim_cas_two_backups_share_an_epoch_within_100_seeds() {
     let mut s = scenario("primary-crash");
     s.timing.rank_delay_ms = 0;
     clean(&s, 0..3);
     s.sim_only.metadata_cas = false;
-    let seed = first_violation(&s, "single_writer", 40);
-    assert!(seed.is_some(), "no single-writer violation in 40 seeds with blind claims");
+    let seed = first_violation(&s, "single_writer", 100);
+    assert!(seed.is_some(), "no single-writer violation in 100 seeds with blind claims");
 }
 
 /// The same (scenario, seed) gives the same run: history, volume writes and faults.

@@ -981,6 +981,9 @@ where
         }
         let stale_for = self.caught_up_at.map_or(u64::MAX, |t| t.elapsed().as_millis() as u64);
         if stale_for >= CATCH_UP_MS {
+            // The view holds what was durable when the catch-up began: its
+            // age counts from then (never less than it is).
+            let started = Instant::now();
             if let Err(e) = self.engine.catch_up().await {
                 return Reply::now(Err(read_error(self.meta.shard_id, e)));
             }
@@ -994,7 +997,7 @@ where
                 Ok(None) => self.state = ShardState::Deleted,
                 Err(e) => return Reply::now(Err(read_error(self.meta.shard_id, e))),
             }
-            self.caught_up_at = Some(Instant::now());
+            self.caught_up_at = Some(started);
         }
         let age = self.caught_up_at.map_or(0, |t| t.elapsed().as_millis() as u64);
         self.serving_stale = true;
