@@ -96,9 +96,10 @@ impl Default for FailoverTiming {
 }
 
 impl FailoverTiming {
-    /// Checks the settings a volume manager needs: a positive poll period
-    /// and I/O timeout. (A zero takeover or rank delay is allowed: the
-    /// claim's compare-and-swap still keeps one primary per epoch.)
+    /// Checks the settings a volume manager needs: a positive poll period,
+    /// and an I/O timeout of at least one poll period. (A zero takeover or
+    /// rank delay is allowed: the claim's compare-and-swap still keeps one
+    /// primary per epoch.)
     ///
     /// Errors: a message naming the setting.
     pub fn validate(&self) -> Result<(), String> {
