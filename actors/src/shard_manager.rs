@@ -19,7 +19,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::actor::{Actor, Addr, Context, Handler, Message, Reply};
-use crate::engine::{EngineError, EngineFactory, OpenMode};
+use crate::engine::{Engine, EngineError, EngineFactory, OpenMode};
 use crate::error::AttacheError;
 use crate::io_watch::IoWatch;
 use crate::lease::LeaseGate;
@@ -271,6 +271,14 @@ impl ShardManager {
                 meta.shard_id
             )));
         }
+        Ok(self.serve(engine, meta, ctx))
+    }
+
+    /// Starts the shard actor over an open `engine` whose meta is `meta`,
+    /// tied to this manager (its retired flag; as primary, its write watch
+    /// and its failure reports), and routes its shard id to it.
+    fn serve(&mut self, engine: Arc<dyn Engine>, meta: ShardMeta, ctx: &Context<Self>) -> Addr<Shard> {
+        let shard_id = meta.shard_id;
         let shard = if self.cfg.read_only {
             Shard::read_only(engine, meta, self.cfg.limits.clone())
         } else {
@@ -281,7 +289,7 @@ impl ShardManager {
         .with_retired(self.retired.clone());
         let addr = ctx.host().spawn(shard, self.cfg.shard_mailbox);
         self.shards.insert(shard_id, addr.clone());
-        Ok(addr)
+        addr
     }
 }
 
@@ -351,12 +359,7 @@ impl ShardManager {
         drop(in_flight);
         tracing::info!(shard_id = meta.shard_id, owner = %meta.owner, size_limit, volume = %cfg.volume_id, "created shard");
         let info = ShardInfo { shard_id: meta.shard_id, owner: meta.owner.clone(), state: meta.state, size_limit };
-        let shard = Shard::new(engine, meta, self.cfg.limits.clone(), self.gate.clone())
-            .with_io_watch(self.io.clone())
-            .with_retired(self.retired.clone())
-            .with_failure_report(ctx.address().recipient());
-        let addr = ctx.host().spawn(shard, self.cfg.shard_mailbox);
-        self.shards.insert(msg.shard_id, addr);
+        self.serve(engine, meta, ctx);
         Ok(info)
     }
 

@@ -237,12 +237,18 @@ impl SimEbs {
         if !v.attached.iter().any(|n| n == node) {
             return Err(io(format!("volume {volume} is not attached to {node}")));
         }
-        match &v.holder {
-            Some((holder, key)) if ebs.cfg.fencing && holder != node => Err(EngineError::Fenced(format!(
+        match Self::fenced_by(ebs.cfg.fencing, v, node) {
+            Some((holder, key)) => Err(EngineError::Fenced(format!(
                 "volume {volume} is reserved by {holder} (epoch {key}); {node}'s write is rejected"
             ))),
-            _ => Ok(()),
+            None => Ok(()),
         }
+    }
+
+    /// The reservation (holder, key) that fences `node` off `v`, when
+    /// fencing is on and another node holds it.
+    fn fenced_by<'a>(fencing: bool, v: &'a Volume, node: &str) -> Option<&'a (String, u64)> {
+        v.holder.as_ref().filter(|(holder, _)| fencing && holder != node)
     }
 
     /// Waits as long as an operation of `base` µs (plus up to `jitter` µs)
@@ -308,35 +314,27 @@ impl SimEbs {
         };
         self.io_wait(volume, node, base, jitter).await;
         let mut ebs = self.lock();
-        if let Err(e) = Self::check_write(&mut ebs, volume, node) {
-            // The device rejected (or lost) the writes: they never become durable.
-            if let Some(f) = ebs.volumes.get_mut(volume).and_then(|v| v.files.get_mut(path)) {
-                f.pending.retain(|(n, _)| n != node);
-            }
-            return Err(e);
-        }
+        let checked = Self::check_write(&mut ebs, volume, node);
         let now = Instant::now();
-        let failing = ebs.volumes.get(volume).and_then(|v| v.failing_syncs.get(node)).is_some_and(|t| now < *t);
-        // An injected fsync error: the flush reached the device or not, at random.
-        let failed = failing.then(|| ebs.rng.random_bool(0.5));
+        let failing = checked.is_ok()
+            && ebs.volumes.get(volume).and_then(|v| v.failing_syncs.get(node)).is_some_and(|t| now < *t);
+        // An injected fsync error: the flush reached the device (`Some(true)`) or not, at random.
+        let injected = failing.then(|| ebs.rng.random_bool(0.5));
         let at_ms = ebs.start.elapsed().as_millis() as u64;
         let Ebs { volumes, syncs, counts, .. } = &mut *ebs;
-        let v = volumes.get_mut(volume).expect("checked");
-        if let Some(durable) = failed {
+        let Some(v) = volumes.get_mut(volume) else { return checked };
+        if checked.is_ok() && injected != Some(false) {
+            Self::flush(v, syncs, at_ms, volume, node, path, epoch);
+        } else if let Some(f) = v.files.get_mut(path) {
+            // The device rejected (or lost) the writes: they never become durable.
+            f.pending.retain(|(n, _)| n != node);
+        }
+        if let Some(durable) = injected {
             counts.failed_syncs += 1;
             counts.failed_syncs_durable += u64::from(durable);
-            let error = io(format!("volume {volume}: fsync of {path} by {node} failed (injected disk error)"));
-            if !durable {
-                if let Some(f) = v.files.get_mut(path) {
-                    f.pending.retain(|(n, _)| n != node);
-                }
-                return Err(error);
-            }
-            Self::flush(v, syncs, at_ms, volume, node, path, epoch);
-            return Err(error);
+            return Err(io(format!("volume {volume}: fsync of {path} by {node} failed (injected disk error)")));
         }
-        Self::flush(v, syncs, at_ms, volume, node, path, epoch);
-        Ok(())
+        checked
     }
 
     /// Makes `node`'s pending appends to `path` durable, recording the write.
@@ -499,7 +497,7 @@ impl SimEbs {
         for v in volumes.values_mut() {
             // A torn prefix reaches the device only if the device would take
             // the node's writes: not from a node fenced off by a reservation.
-            let fenced_off = fencing && v.holder.as_ref().is_some_and(|(holder, _)| holder != node);
+            let fenced_off = Self::fenced_by(fencing, v, node).is_some();
             for f in v.files.values_mut() {
                 let last = f.pending.iter().rposition(|(n, _)| n == node);
                 if let (true, false, Some(i)) = (torn, fenced_off, last) {

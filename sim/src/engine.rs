@@ -88,18 +88,17 @@ impl EngineFactory for SimVolumes {
         let read_only = mode == OpenMode::ReadOnly;
         // A read-write open holds the directory's lock until the engine
         // closes (or is dropped, or the process ends), as RocksDB's LOCK.
-        let lock = match read_only {
-            true => None,
-            false => {
-                let token = self.ebs.lock_dir(&volume, &self.node, &dir)?;
-                if missing {
-                    if let Err(e) = self.ebs.create(&volume, &self.node, &file, self.epoch(&volume)) {
-                        self.ebs.unlock(&volume, &dir, token);
-                        return Err(e);
-                    }
+        let lock = if read_only {
+            None
+        } else {
+            let token = self.ebs.lock_dir(&volume, &self.node, &dir)?;
+            if missing {
+                if let Err(e) = self.ebs.create(&volume, &self.node, &file, self.epoch(&volume)) {
+                    self.ebs.unlock(&volume, &dir, token);
+                    return Err(e);
                 }
-                Some((dir, token))
             }
+            Some((dir, token))
         };
         let engine = SimEngine {
             vols: self.clone(),
