@@ -212,30 +212,39 @@ const SCAN_PAGE: u64 = 1000;
 /// Streams pages of `page` items: `first` (fetched already, so its errors
 /// become the call's status), then `next(cursor, want)` until a short page
 /// or `limit` items in all (0: no limit). `cursor` is the last item of the
-/// previous page. `page` must not exceed what one shard read returns.
-fn pages<T, R, F, Fut>(page: u64, first: Vec<T>, limit: u64, wrap: fn(Vec<T>) -> R, next: F) -> ResponseStream<R>
+/// previous page. `page` must not exceed what one shard read returns. Each
+/// page comes with the age its read reported (ms; 0 for a linearizable
+/// read), which `wrap` puts in the response.
+fn pages<T, R, F, Fut>(
+    page: u64,
+    first: (Vec<T>, u64),
+    limit: u64,
+    wrap: fn(Vec<T>, u64) -> R,
+    next: F,
+) -> ResponseStream<R>
 where
     T: Clone + Send + 'static,
     R: Send + 'static,
     F: Fn(T, u32) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Result<Vec<T>, Status>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<(Vec<T>, u64), Status>> + Send + 'static,
 {
+    let (first, first_age) = first;
     let mut remaining = if limit == 0 { u64::MAX } else { limit };
     let want = remaining.min(page);
     let more = first.len() as u64 == want && remaining > want;
     remaining -= first.len() as u64;
     let cursor = if more { first.last().cloned() } else { None };
-    let head = stream::iter((!first.is_empty()).then(|| Ok(wrap(first))));
+    let head = stream::iter((!first.is_empty()).then(|| Ok(wrap(first, first_age))));
     let tail = stream::unfold((cursor, remaining, next), move |(cursor, remaining, next)| async move {
         let cursor = cursor?;
         let want = remaining.min(page);
         match next(cursor, want as u32).await {
             Err(e) => Some((Err(e), (None, 0, next))),
-            Ok(page) if page.is_empty() => None,
-            Ok(page) => {
+            Ok((page, _)) if page.is_empty() => None,
+            Ok((page, age)) => {
                 let more = page.len() as u64 == want && remaining > want;
                 let cursor = if more { page.last().cloned() } else { None };
-                Some((Ok(wrap(page)), (cursor, remaining - want.min(remaining), next)))
+                Some((Ok(wrap(page, age)), (cursor, remaining - want.min(remaining), next)))
             }
         }
     });
@@ -351,8 +360,9 @@ impl Attache for AttacheService {
         let (shard_id, client_id, end) = (r.shard_id, r.client_id, r.end);
         let want = if r.limit == 0 { self.scan_page } else { r.limit.min(self.scan_page) } as u32;
         let consistency = r.consistency;
-        let wrap = |page: Vec<(Vec<u8>, Vec<u8>)>| proto::ScanResponse {
+        let wrap = |page: Vec<(Vec<u8>, Vec<u8>)>, age| proto::ScanResponse {
             entries: page.into_iter().map(|(key, value)| proto::KeyValue { key, value }).collect(),
+            max_staleness_ms: age,
         };
         if consistency == proto::ReadConsistency::Linearizable as i32 {
             // Every page from the snapshot the first page read: the scan is
@@ -361,17 +371,19 @@ impl Attache for AttacheService {
             let (first, rest) = self.call("scan", shard_id, op).await?;
             let next = move |(last, _): (Vec<u8>, Vec<u8>), limit| {
                 let rest = rest.clone();
-                async move { timed("scan", rest.page(&successor(&last), limit)).await }
+                async move { timed("scan", rest.page(&successor(&last), limit)).await.map(|page| (page, 0)) }
             };
-            return Ok(Response::new(pages(self.scan_page, first, r.limit, wrap, next)));
+            return Ok(Response::new(pages(self.scan_page, (first, 0), r.limit, wrap, next)));
         }
         let op = shard::Scan { client_id: client_id.clone(), start: r.start, end: end.clone(), limit: want };
-        let first = self.read("scan", shard_id, op, consistency).await?.0;
+        // Stale (or an unknown consistency, refused here): every page is a
+        // read of the serving node's view as it is then, with its own age.
+        let first = self.read("scan", shard_id, op, consistency).await?;
         let service = self.clone();
         let next = move |(last, _): (Vec<u8>, Vec<u8>), limit| {
             let op = shard::Scan { client_id: client_id.clone(), start: successor(&last), end: end.clone(), limit };
             let service = service.clone();
-            async move { service.read("scan", shard_id, op, consistency).await.map(|(page, _)| page) }
+            async move { service.read("scan", shard_id, op, consistency).await }
         };
         Ok(Response::new(pages(self.scan_page, first, r.limit, wrap, next)))
     }
@@ -390,7 +402,7 @@ impl Attache for AttacheService {
             after: None,
             limit: want,
         };
-        let first = self.call("scan_index", shard_id, op).await?;
+        let first = (self.call("scan_index", shard_id, op).await?, 0);
         let service = self.clone();
         let next = move |last: shard::IndexHit, limit| {
             let op = shard::ScanIndex {
@@ -401,9 +413,9 @@ impl Attache for AttacheService {
                 limit,
             };
             let service = service.clone();
-            async move { service.call("scan_index", shard_id, op).await }
+            async move { service.call("scan_index", shard_id, op).await.map(|hits| (hits, 0)) }
         };
-        let wrap = |page: Vec<shard::IndexHit>| proto::ScanIndexResponse {
+        let wrap = |page: Vec<shard::IndexHit>, _age| proto::ScanIndexResponse {
             hits: page.into_iter().map(|h| proto::IndexHit { value: h.value, key: h.key }).collect(),
         };
         Ok(Response::new(pages(self.scan_page, first, r.limit, wrap, next)))

@@ -106,6 +106,12 @@ pub enum ClientCmd {
         /// Most entries; 0: all.
         #[arg(long, default_value_t = 100)]
         limit: u64,
+        /// Accept possibly stale data: any node that has the volume (a
+        /// backup too) answers. Each page of entries is a separate read of
+        /// that node's view and says how old it may be; the pages of one
+        /// stale scan may come from different moments.
+        #[arg(long)]
+        stale: bool,
     },
     /// Read a secondary index: entries whose value starts with a prefix.
     ScanIndex {
@@ -254,11 +260,17 @@ impl fmt::Display for KeyOut {
 struct RecordOut {
     key: String,
     value: String,
+    /// Stale scans: how old the view that served this record's page may be, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_staleness_ms: Option<u64>,
 }
 
 impl fmt::Display for RecordOut {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}\t{}", self.key, self.value)
+        match self.max_staleness_ms {
+            Some(ms) => write!(f, "{}\t{}\t(at most {ms} ms stale)", self.key, self.value),
+            None => write!(f, "{}\t{}", self.key, self.value),
+        }
     }
 }
 
@@ -522,19 +534,23 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 emit(json, &KeyOut::from(r));
             }
         }
-        ClientCmd::Scan { sel, start, end, limit } => {
+        ClientCmd::Scan { sel, start, end, limit, stale } => {
+            let consistency =
+                if stale { proto::ReadConsistency::StaleOk } else { proto::ReadConsistency::Linearizable };
             let req = proto::ScanRequest {
                 shard_id: sel.shard,
                 client_id: sel.client_id,
                 start: start.into(),
                 end: end.into(),
                 limit,
-                consistency: 0,
+                consistency: consistency as i32,
             };
             let mut stream = call!(c, CallSpec::shard(sel.shard), scan, req)?;
             while let Some(page) = stream.next().await {
-                for kv in page.map_err(status_error)?.entries {
-                    emit(json, &RecordOut { key: text(&kv.key), value: text(&kv.value) });
+                let page = page.map_err(status_error)?;
+                let age = stale.then_some(page.max_staleness_ms);
+                for kv in page.entries {
+                    emit(json, &RecordOut { key: text(&kv.key), value: text(&kv.value), max_staleness_ms: age });
                 }
             }
         }

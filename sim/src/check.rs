@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::ebs::SyncRecord;
-use crate::history::{decode_reads, EventType, Op, F};
+use crate::history::{decode_reads, split_aged, EventType, Op, F};
 
 /// One violation: which checker found it and what it is.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -62,8 +62,10 @@ fn known_keys(ops: &[Op]) -> BTreeMap<u64, BTreeSet<String>> {
 /// absent), with the operation's times, outcome and node. An atomic
 /// multi-key operation takes effect at one point, and so does each of its
 /// projections: a history whose projection is not linearizable per key is
-/// not linearizable (the converse needs [`batch_atomicity`] too). Failed
-/// and unknown reads are dropped: they constrain nothing.
+/// not linearizable (the converse needs [`batch_atomicity`] too). A stale
+/// scan becomes a stale read of each key it found, with the age of the page
+/// that held it (a key it did not find is not checked, as for stale reads).
+/// Failed and unknown reads are dropped: they constrain nothing.
 pub fn project(ops: &[Op]) -> Vec<Op> {
     let known = known_keys(ops);
     let mut out = Vec::with_capacity(ops.len());
@@ -87,6 +89,16 @@ pub fn project(ops: &[Op]) -> Vec<Op> {
                 out.extend(keys.into_iter().map(|k| single(F::Read, k, reads.get(k).cloned().flatten())));
             }
             F::BatchRead | F::Scan => {}
+            // Each key found is a stale read of it, as old as its page said.
+            F::StaleScan if o.outcome == EventType::Ok => {
+                // (A value without an age is checked as if fresh: the strictest reading.)
+                for (k, v) in decode_reads(o.value.as_deref().unwrap_or("")) {
+                    let v = v.unwrap_or_default();
+                    let (v, age) = split_aged(&v).unwrap_or((&v, 0));
+                    out.push(Op { staleness_ms: Some(age), ..single(F::StaleRead, &k, Some(v.to_string())) });
+                }
+            }
+            F::StaleScan => {}
             _ => out.push(o.clone()),
         }
     }
@@ -547,10 +559,11 @@ pub fn stale_ages(ops: &[Op]) -> Vec<Violation> {
             out.push(violation(
                 "stale_ages",
                 format!(
-                    "shard {} key {}: a stale read at {} ms returned {v:?} reporting {age} ms of staleness, but a \
+                    "shard {} key {}: a stale {} at {} ms returned {v:?} reporting {age} ms of staleness, but a \
                      {} acknowledged at {} ms had replaced it",
                     r.shard,
                     r.key,
+                    if r.part_of == Some(F::StaleScan) { "scan's page" } else { "read" },
                     r.invoke / ms,
                     if w2.f == F::Delete { "delete" } else { "write" },
                     w2.complete.unwrap_or(0) / ms
@@ -1097,6 +1110,38 @@ mod tests {
         let failed = op(1, F::Write, "k", Some("f"), 0, Some(5), EventType::Fail);
         assert_eq!(stale_reads(&[failed, stale("f", 10, 20)]).len(), 1, "a failed write's value");
         assert_eq!(stale_reads(&[w(1, "late", 60, 70), stale("late", 10, 20)]).len(), 1, "from the future");
+    }
+
+    /// A stale scan is checked key by key, each key with its own page's age.
+    #[test]
+    fn stale_scan_pages_are_checked_with_their_own_ages() {
+        let ms = 1_000_000;
+        let scan = |reads: &[(&str, &str, u64)]| {
+            let values: Vec<(String, String)> =
+                reads.iter().map(|(k, v, age)| (k.to_string(), crate::history::aged(v, *age))).collect();
+            let value = crate::history::encode_reads(values.iter().map(|(k, v)| (k.as_str(), Some(v.as_str()))));
+            let mut o = op(9, F::StaleScan, "", Some(&value), 100 * ms, Some(101 * ms), EventType::Ok);
+            o.staleness_ms = reads.iter().map(|r| r.2).max();
+            o
+        };
+        let at = |key: &str, p, v: &str, i, c| {
+            let mut o = w(p, v, i, c);
+            o.key = key.into();
+            o
+        };
+        // "a" at k0 was replaced at 3 ms, "x" at k1 is current.
+        let writes = vec![at("k0", 1, "a", 0, ms), at("k0", 2, "b", 2 * ms, 3 * ms), at("k1", 3, "x", 0, ms)];
+        let check = |read: Op| {
+            let h = project(&[writes.clone(), vec![read]].concat());
+            [stale_ages(&h), stale_reads(&h)].concat()
+        };
+        assert!(check(scan(&[("k0", "a", 97), ("k1", "x", 0)])).is_empty());
+        // The page holding k0 says 5 ms, the other page's 97 ms does not cover it.
+        let v = check(scan(&[("k0", "a", 5), ("k1", "x", 97)]));
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("key k0") && v[0].message.contains("reporting 5 ms"), "{v:?}");
+        // A value no one wrote is caught too.
+        assert_eq!(check(scan(&[("k1", "zz", 0)])).len(), 1);
     }
 
     /// A stale read may be as old as it says, not older.

@@ -54,6 +54,12 @@ pub enum F {
     /// completion's `value` is every key found with its value (see
     /// [`encode_reads`]); a key not listed was absent.
     Scan,
+    /// Scan the whole shard accepting stale data, at a random node (backups
+    /// serve it): each page is a separate read of that node's view with its
+    /// own age. The completion's `value` lists every key found as
+    /// `key=value@age` (see [`aged`]), `age` being the `max_staleness_ms` of
+    /// the page that held it; its `staleness_ms` is the largest page age.
+    StaleScan,
 }
 
 impl F {
@@ -64,7 +70,7 @@ impl F {
 
     /// Whether it reads keys (linearizable or stale, one key or several).
     pub fn is_read(self) -> bool {
-        matches!(self, F::Read | F::StaleRead | F::BatchRead | F::Scan)
+        matches!(self, F::Read | F::StaleRead | F::BatchRead | F::Scan | F::StaleScan)
     }
 
     /// A short name for summaries, such as `write`.
@@ -81,6 +87,7 @@ impl F {
             F::BatchWrite => "batch_write",
             F::BatchRead => "batch_read",
             F::Scan => "scan",
+            F::StaleScan => "stale_scan",
         }
     }
 }
@@ -109,6 +116,19 @@ pub fn decode_reads(value: &str) -> BTreeMap<String, Option<String>> {
             None => (p.to_string(), None),
         })
         .collect()
+}
+
+/// A value read by a stale scan with the age of the page that held it:
+/// `value@age` (workload values hold no `@`); [`split_aged`] undoes it.
+pub fn aged(value: &str, age_ms: u64) -> String {
+    format!("{value}@{age_ms}")
+}
+
+/// The value and page age (ms) of an [`aged`] value; `None` when it has no
+/// age or the age is not a number.
+pub fn split_aged(value: &str) -> Option<(&str, u64)> {
+    let (v, age) = value.rsplit_once('@')?;
+    Some((v, age.parse().ok()?))
 }
 
 /// One event of the history.

@@ -62,6 +62,9 @@ pub struct Failover {
 pub struct Summary {
     pub scenario: String,
     pub seed: u64,
+    /// A swarm run's drawn configuration (`Scenario::swarm_draw`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swarm: Option<String>,
     pub sim_seconds: u64,
     pub ops: OpCounts,
     pub faults: Vec<String>,
@@ -189,6 +192,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
     let summary = Summary {
         scenario: scenario.to_string(),
         seed,
+        swarm: None,
         sim_seconds: outcome.sim_ms / 1000,
         ops: counts,
         faults,
@@ -219,6 +223,7 @@ pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
     let summary = Summary {
         scenario: scenario.to_string(),
         seed,
+        swarm: None,
         sim_seconds: 0,
         ops: OpCounts::default(),
         faults: Vec::new(),

@@ -23,10 +23,14 @@ use crate::scenario::Scenario;
 pub const HANG_LIMIT: Duration = Duration::from_secs(600);
 
 /// Runs `scenario` with `seed` and checks it; see the module docs for runs
-/// that panic or hang.
+/// that panic or hang. A swarm scenario runs the configuration the seed
+/// draws (`Scenario::for_seed`), named in the summary's `swarm`.
 pub fn run_once(scenario: &Scenario, seed: u64) -> RunReport {
-    let limit = Duration::from_millis(scenario.workload.duration_ms) + HANG_LIMIT;
-    run_guarded(scenario, seed, limit, |s, seed| async move { simulate(&s, seed).await })
+    let drawn = scenario.for_seed(seed);
+    let limit = Duration::from_millis(drawn.workload.duration_ms) + HANG_LIMIT;
+    let mut report = run_guarded(&drawn, seed, limit, |s, seed| async move { simulate(&s, seed).await });
+    report.summary.swarm = scenario.swarm_draw(seed);
+    report
 }
 
 /// Runs `body` for (`scenario`, `seed`) on a fresh runtime seeded with

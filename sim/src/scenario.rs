@@ -6,6 +6,8 @@
 use std::path::Path;
 
 use attache_faults::{Fault, RandomRates, Scheduled};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::ebs::EbsConfig;
@@ -42,6 +44,10 @@ pub struct Scenario {
     /// Seed-driven delays inside the actors (`attache_actors::buggify`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buggify: Option<BuggifySpec>,
+    /// Swarm testing: each seed draws its own cluster shape, fault mix and
+    /// timing (see [`SwarmSpec`] and [`Scenario::for_seed`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swarm: Option<SwarmSpec>,
     #[serde(default)]
     pub expect: Expect,
     #[serde(default)]
@@ -55,6 +61,122 @@ pub struct Scenario {
 pub struct BuggifySpec {
     /// 0 to 1.
     pub probability: f64,
+}
+
+/// Swarm testing (Groce, Zhang, Eide, Chen and Regehr, "Swarm Testing",
+/// ISSTA 2012): rather than one configuration with every feature on, each
+/// seed draws its own: how many storage nodes, volumes and clients, which
+/// fault kinds of `random.rates` occur at all (the others are off for that
+/// run, so a fault kind that masks another is sometimes absent) and how
+/// often, how many nodes may be disrupted at once, the lease timing, the
+/// workload's mix, whether the nodes share one machine's shard locks, and
+/// whether buggify is on. Ranges are inclusive `[min, max]`. The draw uses
+/// its own generator seeded from the run's seed, so (scenario, seed) still
+/// replays bit for bit; the run's summary names what was drawn.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SwarmSpec {
+    pub storage_nodes: [usize; 2],
+    pub volumes: [usize; 2],
+    pub clients: [usize; 2],
+    pub processes_per_client: [usize; 2],
+    pub hot_keys: [usize; 2],
+    /// Most storage nodes disrupted at once (`random.rates.max_concurrent`).
+    pub max_concurrent: [usize; 2],
+    /// Lease TTL, ms; the lease renewal poll is a tenth of it.
+    pub lease_ttl_ms: [u64; 2],
+    /// Chance that each fault kind with a rate above 0 in `random.rates`
+    /// occurs in a run (at least one kind always does).
+    pub fault_kind_ratio: f64,
+    /// Each kept fault kind's rate is multiplied by a factor drawn here.
+    pub rate_scale: [f64; 2],
+    /// Share of runs in which the nodes share one machine's shard locks
+    /// (`ebs.shard_locks`); in the others they are separate machines.
+    pub shard_locks_ratio: f64,
+    /// Share of runs with buggify on, at `buggify_probability`.
+    pub buggify_ratio: f64,
+    pub buggify_probability: f64,
+    /// `workload.write_ratio` is drawn in this range.
+    pub write_ratio: [f64; 2],
+}
+
+impl Default for SwarmSpec {
+    fn default() -> Self {
+        SwarmSpec {
+            storage_nodes: [2, 5],
+            volumes: [1, 6],
+            clients: [1, 4],
+            processes_per_client: [2, 6],
+            hot_keys: [2, 5],
+            max_concurrent: [1, 3],
+            lease_ttl_ms: [1_000, 3_000],
+            fault_kind_ratio: 0.5,
+            rate_scale: [0.5, 2.0],
+            shard_locks_ratio: 0.5,
+            buggify_ratio: 0.3,
+            buggify_probability: 0.1,
+            write_ratio: [0.2, 0.8],
+        }
+    }
+}
+
+/// Liveness bound added per extra ms of lease TTL above 2 s (a failover
+/// waits for the old lease to expire, and a takeover cut short by a second
+/// fault waits for it again), and per node disrupted at once beyond the
+/// first (the next backup in line waits one more rank delay), ms.
+const SWARM_BOUND_PER_TTL_MS: u64 = 2;
+const SWARM_BOUND_PER_CONCURRENT_MS: u64 = 1_000;
+
+/// What a swarm run adds to the scenario's liveness bound for a lease TTL
+/// of `ttl_ms` and `concurrent` nodes disrupted at once, ms.
+fn swarm_extra_bound_ms(ttl_ms: u64, concurrent: usize) -> u64 {
+    SWARM_BOUND_PER_TTL_MS * ttl_ms.saturating_sub(2_000)
+        + SWARM_BOUND_PER_CONCURRENT_MS * (concurrent as u64).saturating_sub(1)
+}
+
+impl SwarmSpec {
+    /// Checks every range is ordered and drawable. Errors: the bad key.
+    fn validate(&self) -> Result<(), String> {
+        let usize_ranges = [
+            ("storage_nodes", self.storage_nodes),
+            ("volumes", self.volumes),
+            ("clients", self.clients),
+            ("processes_per_client", self.processes_per_client),
+            ("hot_keys", self.hot_keys),
+            ("max_concurrent", self.max_concurrent),
+        ];
+        for (name, [lo, hi]) in usize_ranges {
+            if lo == 0 || lo > hi {
+                return Err(format!("swarm.{name} is [{lo}, {hi}]: it needs 1 <= min <= max"));
+            }
+        }
+        if self.storage_nodes[1] > crate::ebs::MAX_ATTACHMENTS {
+            return Err(format!("swarm.storage_nodes: io2 multi-attach allows {} nodes", crate::ebs::MAX_ATTACHMENTS));
+        }
+        let [lo, hi] = self.lease_ttl_ms;
+        if lo > hi {
+            return Err(format!("swarm.lease_ttl_ms is [{lo}, {hi}]: min must not exceed max"));
+        }
+        let ratios = [
+            ("fault_kind_ratio", self.fault_kind_ratio),
+            ("shard_locks_ratio", self.shard_locks_ratio),
+            ("buggify_ratio", self.buggify_ratio),
+            ("buggify_probability", self.buggify_probability),
+        ];
+        for (name, r) in
+            ratios.into_iter().chain([("write_ratio", self.write_ratio[0]), ("write_ratio", self.write_ratio[1])])
+        {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(format!("swarm.{name} is {r}: it must be between 0 and 1"));
+            }
+        }
+        if self.write_ratio[0] > self.write_ratio[1]
+            || !(0.0 < self.rate_scale[0] && self.rate_scale[0] <= self.rate_scale[1])
+        {
+            return Err("swarm.write_ratio and swarm.rate_scale need 0 <= min <= max (rate_scale above 0)".into());
+        }
+        Ok(())
+    }
 }
 
 /// How many of each node.
@@ -116,6 +238,10 @@ pub struct WorkloadSpec {
     pub max_new_shards: usize,
     /// Share of reads that accept stale data, sent to a random node (backups serve them).
     pub stale_read_ratio: f64,
+    /// Share of those stale reads that are a Scan of the whole shard (each
+    /// page a separate read of the serving node's view, with its own age)
+    /// rather than a Get of one key.
+    pub stale_scan_ratio: f64,
     /// Share of operations sent to a random node rather than to the volume's
     /// last known primary (clients that just started or lost their cache).
     pub random_node_ratio: f64,
@@ -143,6 +269,7 @@ impl Default for WorkloadSpec {
             max_new_shards: 3,
             random_node_ratio: 0.05,
             stale_read_ratio: 0.1,
+            stale_scan_ratio: 0.3,
             op_timeout_ms: 1_000,
             think_ms: 20,
         }
@@ -243,8 +370,121 @@ impl Scenario {
         Ok(s)
     }
 
+    /// The scenario that `seed` runs: itself, or with a [`SwarmSpec`] the
+    /// configuration the seed draws (without its `swarm` section, so it can
+    /// be written out and replayed on its own, as `shrink` does). The
+    /// liveness bound grows with the drawn lease TTL and concurrency (see
+    /// `SWARM_BOUND_PER_TTL_MS`). The result passes [`Scenario::validate`]
+    /// whenever the swarm's extremes do (checked by `validate`).
+    pub fn for_seed(&self, seed: u64) -> Scenario {
+        let Some(sw) = &self.swarm else { return self.clone() };
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0073_7761_726d);
+        let mut s = self.clone();
+        s.swarm = None;
+        let mut pick = |[lo, hi]: [usize; 2]| rng.random_range(lo..=hi);
+        s.cluster.storage_nodes = pick(sw.storage_nodes);
+        s.cluster.volumes = pick(sw.volumes);
+        s.cluster.clients = pick(sw.clients);
+        s.workload.processes_per_client = pick(sw.processes_per_client);
+        s.workload.hot_keys = pick(sw.hot_keys);
+        let concurrent = pick(sw.max_concurrent);
+        s.workload.write_ratio = rng.random_range(sw.write_ratio[0]..=sw.write_ratio[1]);
+        let ttl = rng.random_range(sw.lease_ttl_ms[0]..=sw.lease_ttl_ms[1]);
+        s.timing.lease_ttl_ms = ttl;
+        s.timing.poll_ms = (ttl / 10).max(1);
+        s.ebs.shard_locks = rng.random_bool(sw.shard_locks_ratio);
+        if s.buggify.is_none() && rng.random_bool(sw.buggify_ratio) {
+            s.buggify = Some(BuggifySpec { probability: sw.buggify_probability });
+        }
+        if let Some(random) = &mut s.random {
+            let r = &mut random.rates;
+            r.max_concurrent = concurrent;
+            let kinds = [
+                &mut r.node_crash,
+                &mut r.node_pause,
+                &mut r.ebs_detach,
+                &mut r.partition,
+                &mut r.isolate,
+                &mut r.disk_stall,
+                &mut r.metadata_unavailable,
+                &mut r.clock_jitter,
+                &mut r.metadata_crash,
+                &mut r.metadata_disk_errors,
+                &mut r.disk_errors,
+            ];
+            let present: Vec<usize> = (0..kinds.len()).filter(|&i| *kinds[i] > 0.0).collect();
+            let keep: Vec<bool> = present.iter().map(|_| rng.random_bool(sw.fault_kind_ratio)).collect();
+            let always = (!present.is_empty()).then(|| present[rng.random_range(0..present.len())]);
+            for (i, kept) in present.into_iter().zip(keep) {
+                *kinds[i] = if kept || Some(i) == always {
+                    *kinds[i] * rng.random_range(sw.rate_scale[0]..=sw.rate_scale[1])
+                } else {
+                    0.0
+                };
+            }
+        }
+        s.expect.liveness_bound_ms += swarm_extra_bound_ms(ttl, concurrent);
+        s
+    }
+
+    /// What [`Scenario::for_seed`] drew, in one line for a run's summary:
+    /// `None` without a swarm.
+    pub fn swarm_draw(&self, seed: u64) -> Option<String> {
+        self.swarm.as_ref()?;
+        let s = self.for_seed(seed);
+        let mut kinds = Vec::new();
+        if let Some(r) = s.random.as_ref().map(|r| &r.rates) {
+            let rates = [
+                ("node_crash", r.node_crash),
+                ("node_pause", r.node_pause),
+                ("ebs_detach", r.ebs_detach),
+                ("partition", r.partition),
+                ("isolate", r.isolate),
+                ("disk_stall", r.disk_stall),
+                ("metadata_unavailable", r.metadata_unavailable),
+                ("clock_jitter", r.clock_jitter),
+                ("metadata_crash", r.metadata_crash),
+                ("metadata_disk_errors", r.metadata_disk_errors),
+                ("disk_errors", r.disk_errors),
+            ];
+            kinds = rates.iter().filter(|(_, v)| *v > 0.0).map(|(k, v)| format!("{k}={v:.2}")).collect();
+        }
+        Some(format!(
+            "storage_nodes={} volumes={} clients={} processes_per_client={} hot_keys={} write_ratio={:.2} \
+             lease_ttl_ms={} liveness_bound_ms={} max_concurrent={} shard_locks={} buggify={} faults: {}",
+            s.cluster.storage_nodes,
+            s.cluster.volumes,
+            s.cluster.clients,
+            s.workload.processes_per_client,
+            s.workload.hot_keys,
+            s.workload.write_ratio,
+            s.timing.lease_ttl_ms,
+            s.expect.liveness_bound_ms,
+            s.random.as_ref().map_or(0, |r| r.rates.max_concurrent),
+            s.ebs.shard_locks,
+            s.buggify.is_some(),
+            kinds.join(" ")
+        ))
+    }
+
     /// Checks the shape makes sense. Errors: what is wrong.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(sw) = &self.swarm {
+            sw.validate()?;
+            // The extremes of the draw must make valid scenarios.
+            for (nodes, ttl, concurrent) in [
+                (sw.storage_nodes[0], sw.lease_ttl_ms[0], sw.max_concurrent[0]),
+                (sw.storage_nodes[1], sw.lease_ttl_ms[1], sw.max_concurrent[1]),
+            ] {
+                let mut s = self.clone();
+                s.swarm = None;
+                s.cluster.storage_nodes = nodes;
+                s.timing.lease_ttl_ms = ttl;
+                s.timing.poll_ms = (ttl / 10).max(1);
+                s.expect.liveness_bound_ms += swarm_extra_bound_ms(ttl, concurrent);
+                s.validate().map_err(|e| format!("with swarm.lease_ttl_ms = {ttl} and {concurrent} at once: {e}"))?;
+            }
+        }
         let c = &self.cluster;
         if c.scan_page == 0 {
             return Err("cluster.scan_page must be at least 1".into());
@@ -342,12 +582,86 @@ impl Scenario {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     fn with_fault(fault: &str) -> Result<Scenario, String> {
         let text = format!("name = \"t\"\n[workload]\nduration_ms = 30000\n[[faults]]\nat_ms = 1000\n{fault}\n");
         let s: Scenario = toml::from_str(&text).map_err(|e| e.to_string())?;
         s.validate().map(|_| s)
+    }
+
+    fn swarm() -> Scenario {
+        Scenario::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scenarios/random-swarm.toml"))).unwrap()
+    }
+
+    /// Every seed draws a valid configuration inside the swarm's ranges, the
+    /// same one every time, and the draws cover the ranges' ends.
+    #[test]
+    fn swarm_draws_valid_varied_and_repeatable_configurations() {
+        let s = swarm();
+        let sw = s.swarm.clone().unwrap();
+        let (mut nodes, mut volumes, mut kinds_off, mut locks, mut buggify) =
+            (BTreeSet::new(), BTreeSet::new(), 0, 0, 0);
+        for seed in 0..2_000 {
+            let d = s.for_seed(seed);
+            assert_eq!(d, s.for_seed(seed), "seed {seed}");
+            assert!(d.swarm.is_none());
+            d.validate().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            let c = &d.cluster;
+            assert!((sw.storage_nodes[0]..=sw.storage_nodes[1]).contains(&c.storage_nodes));
+            assert!((sw.lease_ttl_ms[0]..=sw.lease_ttl_ms[1]).contains(&d.timing.lease_ttl_ms));
+            nodes.insert(c.storage_nodes);
+            volumes.insert(c.volumes);
+            let r = &d.random.as_ref().unwrap().rates;
+            assert!(
+                r.node_crash
+                    + r.partition
+                    + r.disk_errors
+                    + r.metadata_crash
+                    + r.clock_jitter
+                    + r.node_pause
+                    + r.ebs_detach
+                    + r.isolate
+                    + r.disk_stall
+                    + r.metadata_unavailable
+                    + r.metadata_disk_errors
+                    > 0.0
+            );
+            kinds_off += usize::from(r.node_crash == 0.0);
+            locks += usize::from(d.ebs.shard_locks);
+            buggify += usize::from(d.buggify.is_some());
+        }
+        assert_eq!(nodes, (2..=5).collect());
+        assert_eq!(volumes, (1..=6).collect());
+        // About half of each (fault kinds off, shared locks), about 30% buggify.
+        for (what, n) in [("node_crash off", kinds_off), ("shared locks", locks)] {
+            assert!((800..1_200).contains(&n), "{what}: {n} of 2000");
+        }
+        assert!((450..750).contains(&buggify), "buggify {buggify} of 2000");
+        assert_ne!(s.for_seed(1), s.for_seed(2));
+        assert!(s.swarm_draw(7).unwrap().contains("storage_nodes="));
+    }
+
+    /// A scenario without a swarm runs as written, and a swarm whose ranges
+    /// make no sense is refused at load with the key named.
+    #[test]
+    fn swarm_ranges_are_checked() {
+        let plain = with_fault("type = \"heal\"").unwrap();
+        assert_eq!(plain.for_seed(5), plain);
+        assert_eq!(plain.swarm_draw(5), None);
+        let mut s = swarm();
+        s.swarm.as_mut().unwrap().storage_nodes = [3, 2];
+        assert!(s.validate().unwrap_err().contains("swarm.storage_nodes"));
+        let mut s = swarm();
+        s.swarm.as_mut().unwrap().lease_ttl_ms = [100, 3000];
+        let e = s.validate().unwrap_err();
+        assert!(e.contains("lease_ttl_ms = 100"), "{e}");
+        let mut s = swarm();
+        s.swarm.as_mut().unwrap().lease_ttl_ms = [1000, 9000];
+        let e = s.validate().unwrap_err();
+        assert!(e.contains("liveness bound"), "{e}");
     }
 
     /// An unknown node or volume in a scenario file once panicked in the

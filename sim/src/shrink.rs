@@ -166,6 +166,10 @@ mod runner {
     /// runner's determinism, reported rather than hidden).
     pub fn shrink(s: &Scenario, seed: u64, mut progress: impl FnMut(usize, bool)) -> Result<Shrunk, String> {
         let seed = s.seed.unwrap_or(seed);
+        // A swarm scenario shrinks the configuration this seed drew, written
+        // out in full (no `swarm` section), so the result replays on its own.
+        let drawn = s.for_seed(seed);
+        let s = &drawn;
         let original = run_once(s, seed).summary.violations;
         if original.is_empty() {
             return Err(format!("{} with seed {seed} passes: nothing to shrink", s.name));

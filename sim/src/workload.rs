@@ -22,7 +22,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::time::{Duration, Instant};
 
-use crate::history::{encode_reads, Event, EventType, History, F};
+use crate::history::{aged, encode_reads, Event, EventType, History, F};
 use crate::scenario::WorkloadSpec;
 
 /// One gRPC method through the production client: the same request on
@@ -301,20 +301,37 @@ impl ClientCtx {
                 })
                 .await
             }
-            F::Scan => {
+            F::Scan | F::StaleScan => {
+                let stale = f == F::StaleScan;
                 let req = ScanRequest {
                     shard_id: shard,
                     client_id: self.id.clone(),
                     start: vec![],
                     end: vec![],
                     limit: 0,
-                    consistency: 0,
+                    consistency: if stale { 1 } else { 0 },
                 };
                 let result = call!(self.client, spec, scan, req);
-                multi_read(result, |pages| {
-                    pages.into_iter().flat_map(|p| p.entries).map(|kv| (text(&kv.key), Some(text(&kv.value)))).collect()
+                let mut oldest = None;
+                let mut outcome = multi_read(result, |pages| {
+                    let mut reads = Vec::new();
+                    for page in pages {
+                        let age = page.max_staleness_ms;
+                        if stale {
+                            oldest = Some(oldest.unwrap_or(0).max(age));
+                        }
+                        reads.extend(page.entries.into_iter().map(|kv| {
+                            let v = text(&kv.value);
+                            (text(&kv.key), Some(if stale { aged(&v, age) } else { v }))
+                        }));
+                    }
+                    reads
                 })
-                .await
+                .await;
+                if let Outcome::Ok(_, _, staleness) = &mut outcome {
+                    *staleness = if stale { Some(oldest.unwrap_or(0)) } else { None };
+                }
+                outcome
             }
             F::Read | F::StaleRead | F::NewShard | F::ListShards => {
                 let req = GetRequest {
@@ -495,6 +512,7 @@ pub async fn run_client(
                 let batch = write && !delete && spec.batch_write_ratio > 0.0 && rng.random_bool(spec.batch_write_ratio);
                 let multi = !write && !stale && spec.multi_read_ratio > 0.0 && rng.random_bool(spec.multi_read_ratio);
                 let scan = multi && rng.random_bool(0.5);
+                let stale_scan = stale && spec.stale_scan_ratio > 0.0 && rng.random_bool(spec.stale_scan_ratio);
                 if (batch || multi) && !scan && spec.hot_keys > 1 {
                     key = hot_key_set(&mut rng, spec.hot_keys).join(",");
                 }
@@ -503,6 +521,9 @@ pub async fn run_client(
                 } else if write {
                     n += 1;
                     (if batch { F::BatchWrite } else { F::Write }, Some(format!("{}-p{process}-{n}", ctx.id)))
+                } else if stale_scan {
+                    key.clear();
+                    (F::StaleScan, None)
                 } else if stale {
                     (F::StaleRead, None)
                 } else if scan {

@@ -45,14 +45,16 @@ fn without_storage_fencing_the_pause_scenario_breaks_single_writer_within_5_seed
 /// reads. (Its writes are still stopped by storage fencing. On separate
 /// machines: with shared shard locks, the old primary, whose closed gate
 /// no longer makes it step down, keeps the new one from opening the shards.)
+/// Seed 11 is the first when this was written (about one seed in three
+/// fails).
 #[test]
-fn without_the_lease_gate_a_partitioned_primary_serves_stale_reads_within_5_seeds() {
+fn without_the_lease_gate_a_partitioned_primary_serves_stale_reads_within_20_seeds() {
     let mut s = scenario("partition-from-metadata");
     s.ebs.shard_locks = false;
     clean(&s, 0..3);
     s.sim_only.lease_gate = false;
-    let seed = first_violation(&s, "linearizable", 5);
-    assert!(seed.is_some(), "no linearizability violation in 5 seeds with the lease gate off");
+    let seed = first_violation(&s, "linearizable", 20);
+    assert!(seed.is_some(), "no linearizability violation in 20 seeds with the lease gate off");
 }
 
 /// Layer 1, the compare-and-swap on the owner record: without it, two

@@ -143,6 +143,13 @@ async fn every_operation_and_every_error() {
     assert_eq!(pages.iter().map(|p| p.entries.len()).sum::<usize>(), 10);
     let pages: Vec<ScanResponse> = c.scan(scan("", "", 1500)).await.unwrap().into_inner().try_collect().await.unwrap();
     assert_eq!(pages.iter().map(|p| p.entries.len()).sum::<usize>(), 1500);
+    // A stale scan pages the same way; each page says how old its view is
+    // (0: this node is the primary).
+    let stale = ScanRequest { consistency: 1, ..scan("", "", 0) };
+    let pages: Vec<ScanResponse> = c.scan(stale).await.unwrap().into_inner().try_collect().await.unwrap();
+    assert!(pages.len() >= 3, "{} pages", pages.len());
+    assert_eq!(pages.iter().map(|p| p.entries.len()).sum::<usize>(), 2501);
+    assert!(pages.iter().all(|p| p.max_staleness_ms == 0));
 
     // ScanIndex.
     let req = ScanIndexRequest {
