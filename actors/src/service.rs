@@ -393,32 +393,24 @@ impl Attache for AttacheService {
         req: Request<proto::ScanIndexRequest>,
     ) -> Result<Response<Self::ScanIndexStream>, Status> {
         let r = req.into_inner();
-        let (shard_id, client_id, name, prefix) = (r.shard_id, r.client_id, r.name, r.value_prefix);
         let want = if r.limit == 0 { self.scan_page } else { r.limit.min(self.scan_page) } as u32;
-        let op = shard::ScanIndex {
-            client_id: client_id.clone(),
-            name: name.clone(),
-            value_prefix: prefix.clone(),
-            after: None,
+        // Every page from the snapshot the first page read: the index scan
+        // is one linearizable read, at that page's moment.
+        let op = shard::ScanIndexSnapshot {
+            client_id: r.client_id,
+            name: r.name,
+            value_prefix: r.value_prefix,
             limit: want,
         };
-        let first = (self.call("scan_index", shard_id, op).await?, 0);
-        let service = self.clone();
+        let (first, rest) = self.call("scan_index", r.shard_id, op).await?;
         let next = move |last: shard::IndexHit, limit| {
-            let op = shard::ScanIndex {
-                client_id: client_id.clone(),
-                name: name.clone(),
-                value_prefix: prefix.clone(),
-                after: Some(last),
-                limit,
-            };
-            let service = service.clone();
-            async move { service.call("scan_index", shard_id, op).await.map(|hits| (hits, 0)) }
+            let rest = rest.clone();
+            async move { timed("scan_index", rest.page(Some(&last), limit)).await.map(|hits| (hits, 0)) }
         };
         let wrap = |page: Vec<shard::IndexHit>, _age| proto::ScanIndexResponse {
             hits: page.into_iter().map(|h| proto::IndexHit { value: h.value, key: h.key }).collect(),
         };
-        Ok(Response::new(pages(self.scan_page, first, r.limit, wrap, next)))
+        Ok(Response::new(pages(self.scan_page, (first, 0), r.limit, wrap, next)))
     }
 
     async fn shard_stats(&self, req: Request<proto::ShardRef>) -> Result<Response<proto::ShardStatsResponse>, Status> {

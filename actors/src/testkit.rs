@@ -14,7 +14,9 @@ use crate::actor::{Addr, HostHandle};
 use crate::engine::EngineFactory;
 use crate::error::AttacheError;
 use crate::shard::layout::{IndexEntry, ShardState};
-use crate::shard::{BatchGet, BatchPut, Close, Get, IndexHit, Put, PutEntry, Scan, ScanIndex, ShardId, Stats};
+use crate::shard::{
+    BatchGet, BatchPut, Close, Get, IndexHit, Put, PutEntry, Scan, ScanIndex, ScanIndexSnapshot, ShardId, Stats,
+};
 use crate::shard_manager::{CreateShard, DeleteShard, ShardCall, ShardManager, ShardManagerConfig, ShutdownShards};
 
 /// Writers in the concurrent-put step.
@@ -147,6 +149,17 @@ pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>
     assert!(mgr.send(scan_index("blue", None)).await.unwrap().unwrap().is_empty(), "overwrite removed ink's old entry");
     let rest = mgr.send(scan_index("r", Some(hits[0].clone()))).await.unwrap().unwrap();
     assert_eq!(rest, hits[1..].to_vec(), "paging after a hit");
+    // A snapshot index scan reads its later pages from its first page's
+    // moment: keys moved meanwhile are listed once, under their old value.
+    let op = ScanIndexSnapshot { client_id: OWNER.into(), name: "color".into(), value_prefix: b"r".to_vec(), limit: 1 };
+    let (first, pages) = mgr.send(ShardCall { shard_id: 1, op }).await.unwrap().unwrap();
+    assert_eq!(first, hits[..1].to_vec());
+    put(&mgr, 1, OWNER, with_color("ink", "amber")).await.unwrap();
+    put(&mgr, 1, OWNER, with_color("pen", "ruby")).await.unwrap();
+    let later = pages.page(Some(&first[0]), 0).await.unwrap();
+    assert_eq!(later, hits[1..].to_vec(), "later pages read the first page's snapshot");
+    let now = mgr.send(scan_index("r", None)).await.unwrap().unwrap();
+    assert_eq!(now.iter().map(|h| h.key.as_slice()).collect::<Vec<_>>(), vec![&b"cap"[..], b"pen"], "live: moved");
 
     // An atomic batch.
     let batch: Vec<PutEntry> = (0..10).map(|i| entry(&format!("batch-{i}"), "b")).collect();

@@ -41,6 +41,12 @@ fn violation(checker: &str, message: String) -> Violation {
     Violation { checker: checker.into(), message }
 }
 
+/// Whether `f` reads the whole shard (a Scan, or a ScanIndex of the index
+/// every put writes), so that a key it did not return was absent.
+fn whole_shard(f: F) -> bool {
+    matches!(f, F::Scan | F::ScanIndex)
+}
+
 /// The keys each shard's operations name, for the keys a scan covers.
 fn known_keys(ops: &[Op]) -> BTreeMap<u64, BTreeSet<String>> {
     let mut known: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
@@ -48,7 +54,7 @@ fn known_keys(ops: &[Op]) -> BTreeMap<u64, BTreeSet<String>> {
         for k in o.keys() {
             known.entry(o.shard).or_default().insert(k.to_string());
         }
-        if o.f == F::Scan && o.outcome == EventType::Ok {
+        if whole_shard(o.f) && o.outcome == EventType::Ok {
             known.entry(o.shard).or_default().extend(decode_reads(o.value.as_deref().unwrap_or("")).into_keys());
         }
     }
@@ -79,16 +85,16 @@ pub fn project(ops: &[Op]) -> Vec<Op> {
         };
         match o.f {
             F::BatchWrite => out.extend(o.keys().into_iter().map(|k| single(F::Write, k, o.value.clone()))),
-            F::BatchRead | F::Scan if o.outcome == EventType::Ok => {
+            F::BatchRead | F::Scan | F::ScanIndex if o.outcome == EventType::Ok => {
                 let reads = decode_reads(o.value.as_deref().unwrap_or(""));
-                let keys: Vec<&str> = if o.f == F::Scan {
+                let keys: Vec<&str> = if whole_shard(o.f) {
                     known.get(&o.shard).into_iter().flatten().map(String::as_str).collect()
                 } else {
                     o.keys()
                 };
                 out.extend(keys.into_iter().map(|k| single(F::Read, k, reads.get(k).cloned().flatten())));
             }
-            F::BatchRead | F::Scan => {}
+            F::BatchRead | F::Scan | F::ScanIndex => {}
             // Each key found is a stale read of it, as old as its page said.
             F::StaleScan if o.outcome == EventType::Ok => {
                 // (A value without an age is checked as if fresh: the strictest reading.)
@@ -123,9 +129,9 @@ pub fn batch_atomicity(ops: &[Op]) -> Vec<Violation> {
         .filter_map(|o| Some(((o.shard, o.value.as_deref()?), o)))
         .collect();
     let mut out = Vec::new();
-    for r in ops.iter().filter(|o| matches!(o.f, F::BatchRead | F::Scan) && o.outcome == EventType::Ok) {
+    for r in ops.iter().filter(|o| matches!(o.f, F::BatchRead | F::Scan | F::ScanIndex) && o.outcome == EventType::Ok) {
         let reads = decode_reads(r.value.as_deref().unwrap_or(""));
-        let covered: BTreeSet<&str> = if r.f == F::Scan {
+        let covered: BTreeSet<&str> = if whole_shard(r.f) {
             known.get(&r.shard).into_iter().flatten().map(String::as_str).collect()
         } else {
             r.keys().into_iter().collect()
@@ -569,6 +575,34 @@ pub fn stale_ages(ops: &[Op]) -> Vec<Violation> {
                     w2.complete.unwrap_or(0) / ms
                 ),
             ));
+        }
+    }
+    out
+}
+
+/// Index scans that list a key twice: a put replaces a key's index entry
+/// with its new value's, so any one state of the shard holds one entry per
+/// key of an index every put writes; two hits for one key (under two
+/// values) mean the scan's pages read different states.
+pub fn index_hits(ops: &[Op]) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for r in ops.iter().filter(|o| o.f == F::ScanIndex && o.outcome == EventType::Ok) {
+        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        for part in r.value.as_deref().unwrap_or("").split(' ').filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            if let Some(first) = seen.insert(k, v) {
+                out.push(violation(
+                    "index_hits",
+                    format!(
+                        "shard {}: a ScanIndex by process {} ({} to {} ms) listed key {k} twice, under {first:?} \
+                         and {v:?}",
+                        r.shard,
+                        r.process,
+                        r.invoke / 1_000_000,
+                        r.complete.unwrap_or(0) / 1_000_000
+                    ),
+                ));
+            }
         }
     }
     out
@@ -1110,6 +1144,27 @@ mod tests {
         let failed = op(1, F::Write, "k", Some("f"), 0, Some(5), EventType::Fail);
         assert_eq!(stale_reads(&[failed, stale("f", 10, 20)]).len(), 1, "a failed write's value");
         assert_eq!(stale_reads(&[w(1, "late", 60, 70), stale("late", 10, 20)]).len(), 1, "from the future");
+    }
+
+    /// An index scan that saw one key under two values read two states; one
+    /// that saw each key once is checked like a scan (a key it did not list
+    /// was absent).
+    #[test]
+    fn index_hits_catches_a_key_listed_twice_and_project_reads_the_rest() {
+        let hits = |reads: &[(&str, &str)]| {
+            let value = crate::history::encode_reads(reads.iter().map(|(k, v)| (*k, Some(*v))));
+            op(5, F::ScanIndex, "", Some(&value), 40, Some(50), EventType::Ok)
+        };
+        assert!(index_hits(&[hits(&[("a", "x"), ("b", "y")])]).is_empty());
+        let v = index_hits(&[hits(&[("a", "x"), ("b", "y"), ("a", "z")])]);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("key a twice"), "{v:?}");
+        // "k" was written before the scan began and never deleted: a scan
+        // that did not list it breaks linearizability.
+        let h = vec![w(1, "x", 0, 10), hits(&[])];
+        assert_eq!(linearizable(&project(&h)).len(), 1);
+        let h = vec![w(1, "x", 0, 10), hits(&[("k", "x")])];
+        assert!(linearizable(&project(&h)).is_empty());
     }
 
     /// A stale scan is checked key by key, each key with its own page's age.

@@ -60,6 +60,11 @@ pub enum F {
     /// `key=value@age` (see [`aged`]), `age` being the `max_staleness_ms` of
     /// the page that held it; its `staleness_ms` is the largest page age.
     StaleScan,
+    /// Read the whole secondary index that every put writes its value to
+    /// (`workload::INDEX`), linearizably, through the stream's pages; the
+    /// completion's `value` lists each hit as `key=value` in the order
+    /// returned (see [`encode_reads`]); a key not listed was absent.
+    ScanIndex,
 }
 
 impl F {
@@ -70,7 +75,7 @@ impl F {
 
     /// Whether it reads keys (linearizable or stale, one key or several).
     pub fn is_read(self) -> bool {
-        matches!(self, F::Read | F::StaleRead | F::BatchRead | F::Scan | F::StaleScan)
+        matches!(self, F::Read | F::StaleRead | F::BatchRead | F::Scan | F::StaleScan | F::ScanIndex)
     }
 
     /// A short name for summaries, such as `write`.
@@ -88,6 +93,7 @@ impl F {
             F::BatchRead => "batch_read",
             F::Scan => "scan",
             F::StaleScan => "stale_scan",
+            F::ScanIndex => "scan_index",
         }
     }
 }

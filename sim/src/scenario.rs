@@ -221,6 +221,11 @@ pub struct WorkloadSpec {
     /// Share of linearizable reads that read several keys at once: half a
     /// BatchGet of 2 or 3 hot keys, half a Scan of the whole shard.
     pub multi_read_ratio: f64,
+    /// Share of those BatchGets that are a ScanIndex of the whole index
+    /// instead; above 0, every put and batch put also writes the index
+    /// entry `val = value` for each of its keys (so a ScanIndex sees every
+    /// key present, under its current value).
+    pub scan_index_ratio: f64,
     /// Each client with two shards or more closes its last shard at a time
     /// drawn in the second quarter of the run and deletes it in the third,
     /// while its processes keep using it.
@@ -262,6 +267,7 @@ impl Default for WorkloadSpec {
             delete_ratio: 0.1,
             batch_write_ratio: 0.2,
             multi_read_ratio: 0.3,
+            scan_index_ratio: 0.3,
             lifecycle: true,
             lifecycle_race_ratio: 0.5,
             cross_client_ratio: 0.02,

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 
 use attache_actors::client::{self, CallSpec, Client, ClientSettings, Failure, Served};
 use attache_actors::service::proto::{
-    BatchGetRequest, BatchPutRequest, DeleteRequest, Entry, GetRequest, ListShardsRequest, NewShardRequest, PutRequest,
-    ScanRequest, ShardRef, ShardState as ProtoShardState,
+    BatchGetRequest, BatchPutRequest, DeleteRequest, Entry, GetRequest, IndexEntry, ListShardsRequest, NewShardRequest,
+    PutRequest, ScanIndexRequest, ScanRequest, ShardRef, ShardState as ProtoShardState,
 };
 use futures::TryStreamExt;
 use rand::{Rng, SeedableRng};
@@ -83,6 +83,9 @@ pub type Registry = Arc<Mutex<BTreeMap<u64, (String, String)>>>;
 /// cluster through, and where it records what happened.
 struct ClientCtx {
     id: String,
+    /// Every put also writes the index entry `INDEX = value` for its key
+    /// (when the workload has ScanIndex reads).
+    index_writes: bool,
     nodes: Vec<String>,
     client: Client,
     rec: Arc<Recorder>,
@@ -110,7 +113,19 @@ impl<T> From<Result<Served<T>, Failure>> for Outcome {
     }
 }
 
+/// The secondary index every put writes its value to when the workload
+/// has ScanIndex reads (`WorkloadSpec::scan_index_ratio`).
+pub const INDEX: &str = "val";
+
 impl ClientCtx {
+    /// The index entries of a put of `value`: `INDEX = value`, or none.
+    fn indexes(&self, value: Option<&str>) -> Vec<IndexEntry> {
+        match value {
+            Some(v) if self.index_writes => vec![IndexEntry { name: INDEX.into(), value: v.as_bytes().to_vec() }],
+            _ => Vec::new(),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn event(
         &self,
@@ -271,7 +286,7 @@ impl ClientCtx {
                     client_id: self.id.clone(),
                     key: key.as_bytes().to_vec(),
                     value: value.clone().unwrap_or_default().into_bytes(),
-                    indexes: vec![],
+                    indexes: self.indexes(value.as_deref()),
                     request_id: self.client.request_id(),
                 };
                 let result = call!(self.client, spec, put, req);
@@ -281,7 +296,11 @@ impl ClientCtx {
                 let v = value.clone().unwrap_or_default().into_bytes();
                 let entries = key
                     .split(',')
-                    .map(|k| Entry { key: k.as_bytes().to_vec(), value: v.clone(), indexes: vec![] })
+                    .map(|k| Entry {
+                        key: k.as_bytes().to_vec(),
+                        value: v.clone(),
+                        indexes: self.indexes(value.as_deref()),
+                    })
                     .collect();
                 let req = BatchPutRequest {
                     shard_id: shard,
@@ -332,6 +351,20 @@ impl ClientCtx {
                     *staleness = if stale { Some(oldest.unwrap_or(0)) } else { None };
                 }
                 outcome
+            }
+            F::ScanIndex => {
+                let req = ScanIndexRequest {
+                    shard_id: shard,
+                    client_id: self.id.clone(),
+                    name: INDEX.into(),
+                    value_prefix: vec![],
+                    limit: 0,
+                };
+                let result = call!(self.client, spec, scan_index, req);
+                multi_read(result, |pages| {
+                    pages.into_iter().flat_map(|p| p.hits).map(|h| (text(&h.key), Some(text(&h.value)))).collect()
+                })
+                .await
             }
             F::Read | F::StaleRead | F::NewShard | F::ListShards => {
                 let req = GetRequest {
@@ -427,7 +460,14 @@ pub async fn run_client(
         ..ClientSettings::default()
     };
     let client = Client::new(&nodes, settings).expect("the cluster has storage nodes");
-    let ctx = Arc::new(ClientCtx { id: format!("client-{index}"), nodes, client, rec, registry });
+    let ctx = Arc::new(ClientCtx {
+        id: format!("client-{index}"),
+        index_writes: spec.scan_index_ratio > 0.0,
+        nodes,
+        client,
+        rec,
+        registry,
+    });
     let mut shards = Vec::new();
     for s in 0..spec.shards_per_client {
         if let Some(created) = ctx.create_shard(index + s, end, false).await {
@@ -512,8 +552,10 @@ pub async fn run_client(
                 let batch = write && !delete && spec.batch_write_ratio > 0.0 && rng.random_bool(spec.batch_write_ratio);
                 let multi = !write && !stale && spec.multi_read_ratio > 0.0 && rng.random_bool(spec.multi_read_ratio);
                 let scan = multi && rng.random_bool(0.5);
+                let index_scan =
+                    multi && !scan && spec.scan_index_ratio > 0.0 && rng.random_bool(spec.scan_index_ratio);
                 let stale_scan = stale && spec.stale_scan_ratio > 0.0 && rng.random_bool(spec.stale_scan_ratio);
-                if (batch || multi) && !scan && spec.hot_keys > 1 {
+                if (batch || multi) && !scan && !index_scan && spec.hot_keys > 1 {
                     key = hot_key_set(&mut rng, spec.hot_keys).join(",");
                 }
                 let (f, value) = if delete {
@@ -529,6 +571,9 @@ pub async fn run_client(
                 } else if scan {
                     key.clear();
                     (F::Scan, None)
+                } else if index_scan {
+                    key.clear();
+                    (F::ScanIndex, None)
                 } else if multi {
                     (F::BatchRead, None)
                 } else {

@@ -197,6 +197,22 @@ shard_messages! {
         /// Most hits returned; 0 or over the page limit: the page limit.
         limit: u32,
     } -> Vec<IndexHit>;
+    /// Opens an index scan whose pages all read one snapshot of the shard:
+    /// its first page is what `ScanIndex` with the same fields (and no
+    /// `after`) reads, and the returned [`IndexPages`] reads the next ones
+    /// from the same snapshot. A ScanIndex call streams through it, so that
+    /// a key whose value changes during the scan is listed once, under one
+    /// of its values, never twice or not at all.
+    ScanIndexSnapshot {
+        /// The client id that must own the shard.
+        client_id: String,
+        /// The index name.
+        name: String,
+        /// The prefix of the indexed values to return (empty: all).
+        value_prefix: Vec<u8>,
+        /// Most hits in the first page; 0 or over the page limit: the page limit.
+        limit: u32,
+    } -> (Vec<IndexHit>, IndexPages);
     /// Makes the shard read-only; acknowledged once durable. Idempotent.
     Close {
         /// The client id that must own the shard.
@@ -640,6 +656,69 @@ impl ScanPages {
     }
 }
 
+/// The pages after the first of a snapshot index scan
+/// ([`ScanIndexSnapshot`]): they read the snapshot its first page read.
+/// Cloning shares the snapshot, as for [`ScanPages`].
+#[derive(Clone)]
+pub struct IndexPages {
+    snapshot: Arc<dyn EngineSnapshot>,
+    shard_id: ShardId,
+    name: String,
+    value_prefix: Vec<u8>,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for IndexPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IndexPages").field("shard_id", &self.shard_id).field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl IndexPages {
+    /// Up to `limit` hits (0 or over the page limit: the page limit) after
+    /// `after` (`None`: from the start), in (value, key) order, from the
+    /// scan's snapshot.
+    ///
+    /// Errors: as [`ScanPages::page`].
+    pub async fn page(&self, after: Option<&IndexHit>, limit: u32) -> Result<Vec<IndexHit>, AttacheError> {
+        let (start, end) = index_range(&self.name, &self.value_prefix, after);
+        let limit = self.limits.scan_page(limit);
+        let pairs =
+            self.snapshot.scan(&start, end.as_deref(), limit).await.map_err(|e| read_error(self.shard_id, e))?;
+        index_hits(self.shard_id, &self.name, &pairs)
+    }
+}
+
+/// The engine key range `[start, end)` of index `name`'s entries whose
+/// value starts with `value_prefix`, after the hit `after` (`None`: all);
+/// `end` is `None` when the range has no upper bound.
+fn index_range(name: &str, value_prefix: &[u8], after: Option<&IndexHit>) -> (Vec<u8>, Option<Vec<u8>>) {
+    let prefix = layout::index_prefix(name, value_prefix);
+    let start = match after {
+        // The smallest key after the last hit's key.
+        Some(hit) => {
+            let mut k = layout::index_key(name, &hit.value, &hit.key);
+            k.push(0);
+            k.max(prefix.clone())
+        }
+        None => prefix.clone(),
+    };
+    (start, layout::prefix_end(&prefix))
+}
+
+/// The hits of index `name` that the engine pairs `pairs` hold. Errors:
+/// `Internal` naming the shard when an entry's key is malformed.
+fn index_hits(shard_id: ShardId, name: &str, pairs: &KvPairs) -> Result<Vec<IndexHit>, AttacheError> {
+    pairs
+        .iter()
+        .map(|(k, _)| {
+            let (value, key) = layout::split_index_key(name, k)?;
+            Ok(IndexHit { value, key })
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|e| read_error(shard_id, e))
+}
+
 /// What a client sees when a shard's read failed in its engine.
 fn read_error(shard_id: ShardId, e: EngineError) -> AttacheError {
     match e {
@@ -875,26 +954,30 @@ impl Handler<ScanIndex> for Shard {
         let limit = self.limits.scan_page(msg.limit);
         let (engine, shard_id) = (self.engine.clone(), self.meta.shard_id);
         Reply::later(async move {
-            let prefix = layout::index_prefix(&msg.name, &msg.value_prefix);
-            let start = match &msg.after {
-                // The smallest key after the last hit's key.
-                Some(hit) => {
-                    let mut k = layout::index_key(&msg.name, &hit.value, &hit.key);
-                    k.push(0);
-                    k.max(prefix.clone())
-                }
-                None => prefix.clone(),
-            };
-            let end = layout::prefix_end(&prefix);
+            let (start, end) = index_range(&msg.name, &msg.value_prefix, msg.after.as_ref());
             let pairs = engine.scan(&start, end.as_deref(), limit).await.map_err(|e| read_error(shard_id, e))?;
-            pairs
-                .iter()
-                .map(|(k, _)| {
-                    let (value, key) = layout::split_index_key(&msg.name, k)?;
-                    Ok(IndexHit { value, key })
-                })
-                .collect::<Result<_, _>>()
-                .map_err(|e| read_error(shard_id, e))
+            index_hits(shard_id, &msg.name, &pairs)
+        })
+    }
+}
+
+impl Handler<ScanIndexSnapshot> for Shard {
+    async fn handle(
+        &mut self,
+        msg: ScanIndexSnapshot,
+        _ctx: &Context<Self>,
+    ) -> Reply<Result<(Vec<IndexHit>, IndexPages), AttacheError>> {
+        let checked =
+            self.limits.check_index(&msg.name, &msg.value_prefix).and_then(|_| self.check_readable(&msg.client_id));
+        if let Err(e) = checked {
+            return Reply::now(Err(e));
+        }
+        let (engine, shard_id, limits) = (self.engine.clone(), self.meta.shard_id, self.limits.clone());
+        Reply::later(async move {
+            let snapshot = engine.snapshot().await.map_err(|e| read_error(shard_id, e))?;
+            let pages = IndexPages { snapshot, shard_id, name: msg.name, value_prefix: msg.value_prefix, limits };
+            let first = pages.page(None, msg.limit).await?;
+            Ok((first, pages))
         })
     }
 }
