@@ -608,6 +608,53 @@ pub fn index_hits(ops: &[Op]) -> Vec<Violation> {
     out
 }
 
+/// ShardStats answers that the history contradicts: more live keys than
+/// keys ever written to the shard by then (every write names its keys), or
+/// a shard still `active` although its close was acknowledged before the
+/// stats call began.
+pub fn shard_stats(ops: &[Op]) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for r in ops.iter().filter(|o| o.f == F::ShardStats && o.outcome == EventType::Ok) {
+        let value = r.value.as_deref().unwrap_or("");
+        let field = |name: &str| value.split(' ').find_map(|p| p.strip_prefix(name)?.strip_prefix('='));
+        let live: u64 = field("live_keys").and_then(|n| n.parse().ok()).unwrap_or(u64::MAX);
+        let end = r.complete.unwrap_or(u64::MAX);
+        let written: BTreeSet<&str> = ops
+            .iter()
+            .filter(|w| w.shard == r.shard && matches!(w.f, F::Write | F::BatchWrite) && w.invoke < end)
+            .flat_map(|w| w.keys())
+            .collect();
+        if live > written.len() as u64 {
+            out.push(violation(
+                "shard_stats",
+                format!(
+                    "shard {}: ShardStats at {} ms reported {value:?}, but only {} keys had been written",
+                    r.shard,
+                    r.invoke / 1_000_000,
+                    written.len()
+                ),
+            ));
+        }
+        let closed_before = ops.iter().any(|c| {
+            c.shard == r.shard
+                && c.f == F::CloseShard
+                && c.outcome == EventType::Ok
+                && c.complete.is_some_and(|t| t < r.invoke)
+        });
+        if closed_before && field("state") != Some("read-only") {
+            out.push(violation(
+                "shard_stats",
+                format!(
+                    "shard {}: ShardStats at {} ms reported {value:?} after its close was acknowledged",
+                    r.shard,
+                    r.invoke / 1_000_000
+                ),
+            ));
+        }
+    }
+    out
+}
+
 /// Shard ids unique and increasing in real time.
 pub fn shard_ids(ops: &[Op]) -> Vec<Violation> {
     let created: Vec<&Op> = ops.iter().filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok).collect();
@@ -1165,6 +1212,22 @@ mod tests {
         assert_eq!(linearizable(&project(&h)).len(), 1);
         let h = vec![w(1, "x", 0, 10), hits(&[("k", "x")])];
         assert!(linearizable(&project(&h)).is_empty());
+    }
+
+    /// ShardStats may not count keys never written, nor call a closed shard active.
+    #[test]
+    fn shard_stats_catches_phantom_keys_and_a_closed_shard_reported_active() {
+        let stats = |value: &str, at: u64| op(6, F::ShardStats, "", Some(value), at, Some(at + 5), EventType::Ok);
+        let close = op(7, F::CloseShard, "", None, 20, Some(30), EventType::Ok);
+        let ok = vec![w(1, "x", 0, 10), stats("live_keys=1 state=active", 12), close.clone()];
+        assert!(shard_stats(&ok).is_empty());
+        let v = shard_stats(&[w(1, "x", 0, 10), stats("live_keys=2 state=active", 12)]);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("only 1 keys"), "{v:?}");
+        assert!(shard_stats(&[w(1, "x", 0, 10), close.clone(), stats("live_keys=1 state=read-only", 40)]).is_empty());
+        let v = shard_stats(&[w(1, "x", 0, 10), close, stats("live_keys=1 state=active", 40)]);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("after its close"), "{v:?}");
     }
 
     /// A stale scan is checked key by key, each key with its own page's age.

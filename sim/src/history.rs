@@ -65,6 +65,9 @@ pub enum F {
     /// completion's `value` lists each hit as `key=value` in the order
     /// returned (see [`encode_reads`]); a key not listed was absent.
     ScanIndex,
+    /// ShardStats of the shard; the completion's `value` is
+    /// `live_keys=N state=S` (`active`, `read-only`).
+    ShardStats,
 }
 
 impl F {
@@ -94,6 +97,7 @@ impl F {
             F::Scan => "scan",
             F::StaleScan => "stale_scan",
             F::ScanIndex => "scan_index",
+            F::ShardStats => "shard_stats",
         }
     }
 }
@@ -255,7 +259,7 @@ impl History {
                     if kind != EventType::Info {
                         op.complete = Some(e.time);
                     }
-                    if e.f.is_read() || matches!(e.f, F::NewShard | F::ListShards) {
+                    if e.f.is_read() || matches!(e.f, F::NewShard | F::ListShards | F::ShardStats) {
                         op.value = e.value.clone();
                     }
                     if e.f == F::NewShard {

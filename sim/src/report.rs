@@ -162,6 +162,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
     violations.extend(check::stale_ages(&per_key));
     violations.extend(check::batch_atomicity(&ops));
     violations.extend(check::index_hits(&ops));
+    violations.extend(check::shard_stats(&ops));
     violations.extend(check::single_writer(&outcome.syncs));
     violations.extend(check::shard_ids(&ops));
     violations.extend(check::isolation(&ops));

@@ -226,6 +226,9 @@ pub struct WorkloadSpec {
     /// entry `val = value` for each of its keys (so a ScanIndex sees every
     /// key present, under its current value).
     pub scan_index_ratio: f64,
+    /// Share of the other linearizable reads that are a ShardStats of the
+    /// shard instead of a Get.
+    pub shard_stats_ratio: f64,
     /// Each client with two shards or more closes its last shard at a time
     /// drawn in the second quarter of the run and deletes it in the third,
     /// while its processes keep using it.
@@ -268,6 +271,7 @@ impl Default for WorkloadSpec {
             batch_write_ratio: 0.2,
             multi_read_ratio: 0.3,
             scan_index_ratio: 0.3,
+            shard_stats_ratio: 0.05,
             lifecycle: true,
             lifecycle_race_ratio: 0.5,
             cross_client_ratio: 0.02,

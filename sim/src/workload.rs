@@ -366,6 +366,18 @@ impl ClientCtx {
                 })
                 .await
             }
+            F::ShardStats => {
+                let req = ShardRef { shard_id: shard, client_id: self.id.clone() };
+                match call!(self.client, spec, shard_stats, req) {
+                    Ok(served) => {
+                        let r = served.value;
+                        let read_only = r.info.is_some_and(|i| i.state == ProtoShardState::ReadOnly as i32);
+                        let state = if read_only { "read-only" } else { "active" };
+                        Outcome::Ok(served.addr, Some(format!("live_keys={} state={state}", r.live_keys)), None)
+                    }
+                    Err(e) => Outcome::from(Err::<Served<()>, _>(e)),
+                }
+            }
             F::Read | F::StaleRead | F::NewShard | F::ListShards => {
                 let req = GetRequest {
                     shard_id: shard,
@@ -554,6 +566,11 @@ pub async fn run_client(
                 let scan = multi && rng.random_bool(0.5);
                 let index_scan =
                     multi && !scan && spec.scan_index_ratio > 0.0 && rng.random_bool(spec.scan_index_ratio);
+                let stats = !write
+                    && !stale
+                    && !multi
+                    && spec.shard_stats_ratio > 0.0
+                    && rng.random_bool(spec.shard_stats_ratio);
                 let stale_scan = stale && spec.stale_scan_ratio > 0.0 && rng.random_bool(spec.stale_scan_ratio);
                 if (batch || multi) && !scan && !index_scan && spec.hot_keys > 1 {
                     key = hot_key_set(&mut rng, spec.hot_keys).join(",");
@@ -574,6 +591,9 @@ pub async fn run_client(
                 } else if index_scan {
                     key.clear();
                     (F::ScanIndex, None)
+                } else if stats {
+                    key.clear();
+                    (F::ShardStats, None)
                 } else if multi {
                     (F::BatchRead, None)
                 } else {
