@@ -502,9 +502,16 @@ impl Actor for VolumeManager {
         let me = ctx.address();
         let period = Duration::from_millis(self.timing.poll_ms);
         ctx.host().spawn_detached(async move {
+            // One tick at a time: a check slower than the period (metadata
+            // calls that wait or time out) delays the next tick. Ticks sent
+            // regardless would queue up ahead of `LeaseLapsed` and the
+            // node's other messages, and keep the manager (and, through its
+            // step-down, the node) behind for as long as the queue lasts.
             while !me.is_closed() {
                 tokio::time::sleep(period).await;
-                me.do_send(Tick);
+                if me.send(Tick).await.is_err() {
+                    break;
+                }
             }
         });
     }
