@@ -1,11 +1,14 @@
 //! `IoWatch`: since when the writes in flight to one volume on this node
-//! have been pending, so that a primary whose volume hangs (a stuck
-//! attachment: the write neither completes nor fails) gives the volume up
-//! and a backup takes over (see `crate::volume`).
+//! have been pending, and since when they have been failing, so that a
+//! primary whose volume hangs (a stuck attachment: the write neither
+//! completes nor fails) or keeps failing its syncs (every group commit ends
+//! with an unknown outcome) gives the volume up and a backup takes over
+//! (see `crate::volume`).
 //!
 //! Each group commit, shard creation and read-write open holds an
 //! [`InFlight`] while it waits on the volume; dropping it (the write
-//! completed or failed, or its task ended) removes it.
+//! completed or failed, or its task ended) removes it. A group commit also
+//! reports how it ended ([`InFlight::finish`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -23,6 +26,10 @@ pub struct IoWatch {
 struct Pending {
     next: u64,
     started: BTreeMap<u64, Instant>,
+    /// The first failure since the last write that succeeded.
+    failing_since: Option<Instant>,
+    /// The latest failure.
+    last_failure: Option<Instant>,
 }
 
 /// One write in flight, from [`IoWatch::begin`]; dropping it ends it.
@@ -46,6 +53,33 @@ impl IoWatch {
     pub fn oldest_pending(&self) -> Option<Duration> {
         let p = self.inner.lock().expect("io watch lock");
         p.started.values().min().map(|t| t.elapsed())
+    }
+
+    /// How long the volume's writes have been failing here: since the first
+    /// failure after the last write that succeeded; `None` when the last
+    /// write that ended succeeded (or none failed yet).
+    pub fn failing_for(&self) -> Option<Duration> {
+        self.inner.lock().expect("io watch lock").failing_since.map(|t| t.elapsed())
+    }
+
+    /// How long ago a write to the volume last failed here; `None` if none ever did.
+    pub fn since_last_failure(&self) -> Option<Duration> {
+        self.inner.lock().expect("io watch lock").last_failure.map(|t| t.elapsed())
+    }
+}
+
+impl InFlight {
+    /// The write ended: `ok` if it succeeded, `false` if the volume failed
+    /// it (an I/O error or a failed sync, not a fence or a closed engine).
+    pub fn finish(self, ok: bool) {
+        let mut p = self.watch.inner.lock().expect("io watch lock");
+        if ok {
+            p.failing_since = None;
+        } else {
+            let now = Instant::now();
+            p.failing_since.get_or_insert(now);
+            p.last_failure = Some(now);
+        }
     }
 }
 
@@ -73,5 +107,23 @@ mod tests {
         assert!(left >= Duration::from_millis(20) && left < Duration::from_millis(80), "{left:?}: the second counts");
         drop(second);
         assert_eq!(watch.oldest_pending(), None);
+    }
+
+    #[tokio::test]
+    async fn failures_count_from_the_first_since_the_last_success() {
+        let watch = Arc::new(IoWatch::default());
+        watch.begin().finish(true);
+        assert_eq!((watch.failing_for(), watch.since_last_failure()), (None, None));
+        watch.begin().finish(false);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        watch.begin().finish(false);
+        assert!(watch.failing_for().unwrap() >= Duration::from_millis(50), "from the first failure");
+        assert!(watch.since_last_failure().unwrap() < Duration::from_millis(50), "the latest");
+        watch.begin().finish(true);
+        assert_eq!(watch.failing_for(), None, "a success ends the run of failures");
+        assert!(watch.since_last_failure().is_some());
+        // Dropped without an outcome (a fence, a closed engine): no change.
+        drop(watch.begin());
+        assert_eq!(watch.failing_for(), None);
     }
 }

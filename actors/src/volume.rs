@@ -24,7 +24,12 @@
 //!   (the volume's I/O hangs on this node, see `crate::io_watch`): step
 //!   down, waiting only `poll_ms` for the shards, and vacate the record so
 //!   a backup takes over (again on each check while the record still names
-//!   this node); claim nothing while a write from before is pending.
+//!   this node); claim nothing while a write from before is pending;
+//! - as primary, the volume's writes have been failing for `io_timeout_ms`
+//!   with none succeeding (failed syncs, I/O errors: a failing attachment
+//!   or device here): step down and vacate likewise; claim nothing until
+//!   `io_timeout_ms` after the last failure (then the volume may have
+//!   healed, and a node may need to serve it).
 //!
 //! A claim is a compare-and-swap on the record's revision that bumps the
 //! epoch (layer 1), then the storage fence at that epoch (layer 3: preempts
@@ -230,6 +235,22 @@ impl VolumeManager {
         self.io.oldest_pending().filter(|d| *d >= Duration::from_millis(self.timing.io_timeout_ms))
     }
 
+    /// How long the volume's writes have been failing here (no write
+    /// succeeded since the first failure), when that is `io_timeout_ms` or
+    /// more: its I/O fails on this node (a failing attachment or device).
+    fn io_failing(&self) -> Option<Duration> {
+        self.io.failing_for().filter(|d| *d >= Duration::from_millis(self.timing.io_timeout_ms))
+    }
+
+    /// Whether this node's last write to the volume failed less than
+    /// `io_timeout_ms` ago (and none succeeded since): it does not claim the
+    /// volume then, so a node whose writes keep failing leaves it to a
+    /// backup; after that it may claim again (its volume may have healed).
+    fn recently_failing(&self) -> bool {
+        self.io.failing_for().is_some()
+            && self.io.since_last_failure().is_some_and(|d| d < Duration::from_millis(self.timing.io_timeout_ms))
+    }
+
     fn volume(&self) -> &str {
         &self.cfg.volume_id
     }
@@ -299,6 +320,10 @@ impl VolumeManager {
             // behind by a step-down) could land after this claim's writes.
             tracing::warn!(volume = %self.volume(), pending_ms = pending.as_millis() as u64,
                 "a write to the volume from before is still pending; not claiming");
+            return;
+        }
+        if self.recently_failing() {
+            tracing::warn!(volume = %self.volume(), "writes to the volume failed here lately; not claiming");
             return;
         }
         let takeover = current.is_some_and(|(r, _)| r.primary != self.node_id);
@@ -410,6 +435,17 @@ impl VolumeManager {
             self.step_down(true, &why).await;
             return;
         }
+        if let (Role::Primary { .. }, Some(failing)) = (&self.role, self.io_failing()) {
+            // Every write fails (failed syncs, I/O errors) and none has
+            // succeeded for `io_timeout_ms`: give the volume up, as above.
+            let why = format!(
+                "the volume's writes have been failing for {} ms (io_timeout_ms {}): its I/O fails on this node",
+                failing.as_millis(),
+                self.timing.io_timeout_ms
+            );
+            self.step_down(true, &why).await;
+            return;
+        }
         if matches!(self.role, Role::Primary { .. }) && !self.gate.is_open() {
             // The lease may have expired (the node is cut off from the
             // metadata store, or paused): another node may take the volume
@@ -455,7 +491,7 @@ impl VolumeManager {
                 Role::Primary { .. } => self.step_down(false, "the owner record moved to another epoch").await,
                 // The volume hangs here and the record still names this
                 // node (a vacate failed): vacate again, so a backup takes over.
-                _ if self.io_hung().is_some() => {
+                _ if self.io_hung().is_some() || self.recently_failing() => {
                     if let Err(e) = self.meta.vacate_volume(self.volume(), self.node_id, record.epoch).await {
                         tracing::warn!(volume = %self.volume(), error = %e, "could not vacate a hung volume yet");
                     }

@@ -87,6 +87,19 @@ impl Fault {
         matches!(self, Fault::EbsReattach { .. } | Fault::NodeRestart { .. } | Fault::NodeResume { .. } | Fault::Heal)
     }
 
+    /// When the service must start to recover from the fault, ms after it
+    /// struck: a fault that only slows the volume or the metadata store (a
+    /// disk stall, a metadata outage or metadata disk errors) needs no
+    /// failover, so its end; every other fault, its start. Failing syncs
+    /// count from their start: if they last, the primary must give the
+    /// volume up (see `FailoverTiming::io_timeout_ms`).
+    pub fn recovery_from_ms(&self) -> u64 {
+        match self {
+            Fault::DiskErrors { .. } => 0,
+            _ => self.lasts_ms(),
+        }
+    }
+
     /// How long the fault lasts by itself, ms: `for_ms` of a fault that ends
     /// on its own (a metadata outage, metadata disk errors, a disk stall), 0
     /// for every other (its repair is a separate fault).

@@ -347,7 +347,10 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
         disruptions: schedule
             .faults
             .iter()
-            .map(|f| Disruption { at_ns: (f.at_ms + f.fault.lasts_ms()) * 1_000_000, repair: f.fault.is_repair() })
+            .map(|f| Disruption {
+                at_ns: (f.at_ms + f.fault.recovery_from_ms()) * 1_000_000,
+                repair: f.fault.is_repair(),
+            })
             .collect(),
     }
 }

@@ -572,8 +572,16 @@ impl Shard {
                 // A stall between the check and the write (a GC pause): the
                 // storage fence must stop the write if a new primary exists.
                 crate::buggify::delay("shard.commit.after_gate", 1_500).await;
-                let _in_flight = io.begin();
-                commit::apply_group(&*engine, &meta, requests, wall_clock_ms(), window_ms).await
+                let in_flight = io.begin();
+                let result = commit::apply_group(&*engine, &meta, requests, wall_clock_ms(), window_ms).await;
+                // A failed sync or I/O error counts against the volume here;
+                // a fence, a closed engine or bad data does not.
+                match &result {
+                    Ok(_) => in_flight.finish(true),
+                    Err(EngineError::Indeterminate(_) | EngineError::Io(_)) => in_flight.finish(false),
+                    Err(_) => drop(in_flight),
+                }
+                result
             } else {
                 Err(EngineError::Fenced("this node's lease may have expired; it does not write".into()))
             };
