@@ -379,6 +379,11 @@ impl Attache for AttacheService {
         // Stale (or an unknown consistency, refused here): every page is a
         // read of the serving node's view as it is then, with its own age.
         let first = self.read("scan", shard_id, op, consistency).await?;
+        if first.0.is_empty() {
+            // Nothing in range: one empty page still says how old the view
+            // that found nothing is.
+            return Ok(Response::new(Box::pin(stream::iter([Ok(wrap(Vec::new(), first.1))]))));
+        }
         let service = self.clone();
         let next = move |(last, _): (Vec<u8>, Vec<u8>), limit| {
             let op = shard::Scan { client_id: client_id.clone(), start: successor(&last), end: end.clone(), limit };

@@ -594,8 +594,8 @@ pub fn index_hits(ops: &[Op]) -> Vec<Violation> {
                 out.push(violation(
                     "index_hits",
                     format!(
-                        "shard {}: a ScanIndex by process {} ({} to {} ms) listed key {k} twice, under {first:?} \
-                         and {v:?}",
+                        "shard {}: a ScanIndex by process {} ({} to {} ms) listed key {k} twice, as {first:?} \
+                         and as {v:?}",
                         r.shard,
                         r.process,
                         r.invoke / 1_000_000,
@@ -609,9 +609,12 @@ pub fn index_hits(ops: &[Op]) -> Vec<Violation> {
 }
 
 /// ShardStats answers that the history contradicts: more live keys than
-/// keys ever written to the shard by then (every write names its keys), or
-/// a shard still `active` although its close was acknowledged before the
-/// stats call began.
+/// keys written to the shard by then (by writes that did not fail), fewer
+/// than the keys certainly present (a write acknowledged before the call
+/// began, and no delete of that key that may have taken effect: none
+/// acknowledged or unknown invoked before the call completed), or a shard
+/// still `active` although its close was acknowledged before the call
+/// began. (A ShardStats is served by the shard's primary, linearizably.)
 pub fn shard_stats(ops: &[Op]) -> Vec<Violation> {
     let mut out = Vec::new();
     for r in ops.iter().filter(|o| o.f == F::ShardStats && o.outcome == EventType::Ok) {
@@ -619,28 +622,38 @@ pub fn shard_stats(ops: &[Op]) -> Vec<Violation> {
         let field = |name: &str| value.split(' ').find_map(|p| p.strip_prefix(name)?.strip_prefix('='));
         let live: u64 = field("live_keys").and_then(|n| n.parse().ok()).unwrap_or(u64::MAX);
         let end = r.complete.unwrap_or(u64::MAX);
-        let written: BTreeSet<&str> = ops
+        let of_shard = |w: &&Op| w.shard == r.shard;
+        let writes = || ops.iter().filter(of_shard).filter(|w| matches!(w.f, F::Write | F::BatchWrite));
+        let written: BTreeSet<&str> =
+            writes().filter(|w| w.outcome != EventType::Fail && w.invoke < end).flat_map(|w| w.keys()).collect();
+        let maybe_deleted: BTreeSet<&str> = ops
             .iter()
-            .filter(|w| w.shard == r.shard && matches!(w.f, F::Write | F::BatchWrite) && w.invoke < end)
-            .flat_map(|w| w.keys())
+            .filter(of_shard)
+            .filter(|d| d.f == F::Delete && d.outcome != EventType::Fail && d.invoke < end)
+            .map(|d| d.key.as_str())
             .collect();
-        if live > written.len() as u64 {
+        let present: BTreeSet<&str> = writes()
+            .filter(|w| w.outcome == EventType::Ok && w.complete.is_some_and(|c| c < r.invoke))
+            .flat_map(|w| w.keys())
+            .filter(|k| !maybe_deleted.contains(k))
+            .collect();
+        if live > written.len() as u64 || live < present.len() as u64 {
             out.push(violation(
                 "shard_stats",
                 format!(
-                    "shard {}: ShardStats at {} ms reported {value:?}, but only {} keys had been written",
+                    "shard {}: ShardStats at {} ms reported {value:?}, but {} keys had been written and {} were \
+                     certainly present",
                     r.shard,
                     r.invoke / 1_000_000,
-                    written.len()
+                    written.len(),
+                    present.len()
                 ),
             ));
         }
-        let closed_before = ops.iter().any(|c| {
-            c.shard == r.shard
-                && c.f == F::CloseShard
-                && c.outcome == EventType::Ok
-                && c.complete.is_some_and(|t| t < r.invoke)
-        });
+        let closed_before = ops
+            .iter()
+            .filter(of_shard)
+            .any(|c| c.f == F::CloseShard && c.outcome == EventType::Ok && c.complete.is_some_and(|t| t < r.invoke));
         if closed_before && field("state") != Some("read-only") {
             out.push(violation(
                 "shard_stats",
@@ -1223,7 +1236,15 @@ mod tests {
         assert!(shard_stats(&ok).is_empty());
         let v = shard_stats(&[w(1, "x", 0, 10), stats("live_keys=2 state=active", 12)]);
         assert_eq!(v.len(), 1, "{v:?}");
-        assert!(v[0].message.contains("only 1 keys"), "{v:?}");
+        assert!(v[0].message.contains("1 keys had been written"), "{v:?}");
+        // "k" was acknowledged before and never deleted: it must be counted.
+        let v = shard_stats(&[w(1, "x", 0, 10), stats("live_keys=0 state=active", 12)]);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("1 were certainly present"), "{v:?}");
+        // A delete that may have taken effect, or a write still running, proves nothing.
+        let delete = op(8, F::Delete, "k", None, 11, None, EventType::Info);
+        assert!(shard_stats(&[w(1, "x", 0, 10), delete, stats("live_keys=0 state=active", 12)]).is_empty());
+        assert!(shard_stats(&[w(1, "x", 0, 20), stats("live_keys=0 state=active", 12)]).is_empty());
         assert!(shard_stats(&[w(1, "x", 0, 10), close.clone(), stats("live_keys=1 state=read-only", 40)]).is_empty());
         let v = shard_stats(&[w(1, "x", 0, 10), close, stats("live_keys=1 state=active", 40)]);
         assert_eq!(v.len(), 1, "{v:?}");

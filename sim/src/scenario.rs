@@ -70,9 +70,14 @@ pub struct BuggifySpec {
 /// run, so a fault kind that masks another is sometimes absent) and how
 /// often, how many nodes may be disrupted at once, the lease timing, the
 /// workload's mix, whether the nodes share one machine's shard locks, and
-/// whether buggify is on. Ranges are inclusive `[min, max]`. The draw uses
-/// its own generator seeded from the run's seed, so (scenario, seed) still
-/// replays bit for bit; the run's summary names what was drawn.
+/// whether buggify is on (always, if the scenario has a `[buggify]`
+/// section). Ranges are inclusive `[min, max]`. The draw uses its own
+/// generator seeded from the run's seed, so (scenario, seed) still replays
+/// bit for bit; the run's summary names what was drawn. Which
+/// configuration a seed draws depends on the scenario file as well (how
+/// many fault kinds it has, for one): after editing the file, a seed may
+/// draw another cluster, so a failing seed is kept by shrinking it, which
+/// writes the drawn configuration out.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SwarmSpec {
@@ -171,9 +176,11 @@ impl SwarmSpec {
             }
         }
         if self.write_ratio[0] > self.write_ratio[1]
-            || !(0.0 < self.rate_scale[0] && self.rate_scale[0] <= self.rate_scale[1])
+            || !(0.0 < self.rate_scale[0] && self.rate_scale[0] <= self.rate_scale[1] && self.rate_scale[1] <= 100.0)
         {
-            return Err("swarm.write_ratio and swarm.rate_scale need 0 <= min <= max (rate_scale above 0)".into());
+            return Err(
+                "swarm.write_ratio and swarm.rate_scale need 0 <= min <= max (rate_scale above 0, at most 100)".into(),
+            );
         }
         Ok(())
     }
@@ -482,13 +489,16 @@ impl Scenario {
         if let Some(sw) = &self.swarm {
             sw.validate()?;
             // The extremes of the draw must make valid scenarios.
-            for (nodes, ttl, concurrent) in [
-                (sw.storage_nodes[0], sw.lease_ttl_ms[0], sw.max_concurrent[0]),
-                (sw.storage_nodes[1], sw.lease_ttl_ms[1], sw.max_concurrent[1]),
+            // (The fewest nodes and volumes with the shortest TTL: scripted
+            // faults must name only nodes and volumes every draw has.)
+            for (nodes, volumes, ttl, concurrent) in [
+                (sw.storage_nodes[0], sw.volumes[0], sw.lease_ttl_ms[0], sw.max_concurrent[0]),
+                (sw.storage_nodes[1], sw.volumes[1], sw.lease_ttl_ms[1], sw.max_concurrent[1]),
             ] {
                 let mut s = self.clone();
                 s.swarm = None;
                 s.cluster.storage_nodes = nodes;
+                s.cluster.volumes = volumes;
                 s.timing.lease_ttl_ms = ttl;
                 s.timing.poll_ms = (ttl / 10).max(1);
                 s.expect.liveness_bound_ms += swarm_extra_bound_ms(ttl, concurrent);
@@ -668,6 +678,16 @@ mod tests {
         s.swarm.as_mut().unwrap().lease_ttl_ms = [100, 3000];
         let e = s.validate().unwrap_err();
         assert!(e.contains("lease_ttl_ms = 100"), "{e}");
+        let mut s = swarm();
+        s.swarm.as_mut().unwrap().rate_scale = [0.5, f64::INFINITY];
+        assert!(s.validate().unwrap_err().contains("rate_scale"));
+        // A scripted fault must name a volume every draw has.
+        let mut s = swarm();
+        s.faults = with_fault("type = \"disk_stall\"\nvolume = \"vol-2\"\nnode = \"node-1\"\nms = 10\nfor_ms = 10")
+            .unwrap()
+            .faults;
+        let e = s.validate().unwrap_err();
+        assert!(e.contains("vol-2"), "{e}");
         let mut s = swarm();
         s.swarm.as_mut().unwrap().lease_ttl_ms = [1000, 9000];
         let e = s.validate().unwrap_err();

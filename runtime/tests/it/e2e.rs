@@ -150,6 +150,11 @@ async fn every_operation_and_every_error() {
     assert!(pages.len() >= 3, "{} pages", pages.len());
     assert_eq!(pages.iter().map(|p| p.entries.len()).sum::<usize>(), 2501);
     assert!(pages.iter().all(|p| p.max_staleness_ms == 0));
+    // One that finds nothing still answers one (empty) page with its age.
+    let nothing = ScanRequest { consistency: 1, ..scan("zz", "zzz", 0) };
+    let pages: Vec<ScanResponse> = c.scan(nothing).await.unwrap().into_inner().try_collect().await.unwrap();
+    assert_eq!(pages.len(), 1);
+    assert!(pages[0].entries.is_empty());
 
     // ScanIndex.
     let req = ScanIndexRequest {
