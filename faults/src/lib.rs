@@ -196,6 +196,35 @@ impl Default for RandomRates {
     }
 }
 
+impl RandomRates {
+    /// Each fault kind's name (as [`Fault::kind`] names its fault, except
+    /// `metadata_crash`, a crash of the metadata node) with its rate, in the
+    /// order a schedule draws them (kinds added later go last, so that a
+    /// schedule drawn with their rates at 0 is the one the same seed drew
+    /// before they existed).
+    pub fn kinds(&self) -> [(&'static str, f64); 11] {
+        let mut copy = self.clone();
+        copy.kinds_mut().map(|(name, rate)| (name, *rate))
+    }
+
+    /// As [`RandomRates::kinds`], each rate writable.
+    pub fn kinds_mut(&mut self) -> [(&'static str, &mut f64); 11] {
+        [
+            ("node_crash", &mut self.node_crash),
+            ("node_pause", &mut self.node_pause),
+            ("ebs_detach", &mut self.ebs_detach),
+            ("partition", &mut self.partition),
+            ("isolate", &mut self.isolate),
+            ("disk_stall", &mut self.disk_stall),
+            ("metadata_unavailable", &mut self.metadata_unavailable),
+            ("clock_jitter", &mut self.clock_jitter),
+            ("metadata_crash", &mut self.metadata_crash),
+            ("metadata_disk_errors", &mut self.metadata_disk_errors),
+            ("disk_errors", &mut self.disk_errors),
+        ]
+    }
+}
+
 /// Names a random schedule may pick from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Topology {
@@ -216,21 +245,7 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
     assert!(start_ms < end_ms, "an empty fault window");
     assert!(rates.min_outage_ms <= rates.max_outage_ms, "min outage above max outage");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    // Kinds added later go last, so that a schedule drawn with their rates at
-    // 0 is the schedule the same seed drew before they existed.
-    let kinds: [(&str, f64); 11] = [
-        ("node_crash", rates.node_crash),
-        ("node_pause", rates.node_pause),
-        ("ebs_detach", rates.ebs_detach),
-        ("partition", rates.partition),
-        ("isolate", rates.isolate),
-        ("disk_stall", rates.disk_stall),
-        ("metadata_unavailable", rates.metadata_unavailable),
-        ("clock_jitter", rates.clock_jitter),
-        ("metadata_crash", rates.metadata_crash),
-        ("metadata_disk_errors", rates.metadata_disk_errors),
-        ("disk_errors", rates.disk_errors),
-    ];
+    let kinds = rates.kinds();
     let total: f64 = kinds.iter().map(|k| k.1).sum();
     let mut out = Vec::new();
     if total <= 0.0 || topo.nodes.is_empty() {

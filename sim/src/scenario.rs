@@ -416,25 +416,13 @@ impl Scenario {
         if let Some(random) = &mut s.random {
             let r = &mut random.rates;
             r.max_concurrent = concurrent;
-            let kinds = [
-                &mut r.node_crash,
-                &mut r.node_pause,
-                &mut r.ebs_detach,
-                &mut r.partition,
-                &mut r.isolate,
-                &mut r.disk_stall,
-                &mut r.metadata_unavailable,
-                &mut r.clock_jitter,
-                &mut r.metadata_crash,
-                &mut r.metadata_disk_errors,
-                &mut r.disk_errors,
-            ];
-            let present: Vec<usize> = (0..kinds.len()).filter(|&i| *kinds[i] > 0.0).collect();
+            let kinds = r.kinds_mut();
+            let present: Vec<usize> = (0..kinds.len()).filter(|&i| *kinds[i].1 > 0.0).collect();
             let keep: Vec<bool> = present.iter().map(|_| rng.random_bool(sw.fault_kind_ratio)).collect();
             let always = (!present.is_empty()).then(|| present[rng.random_range(0..present.len())]);
             for (i, kept) in present.into_iter().zip(keep) {
-                *kinds[i] = if kept || Some(i) == always {
-                    *kinds[i] * rng.random_range(sw.rate_scale[0]..=sw.rate_scale[1])
+                *kinds[i].1 = if kept || Some(i) == always {
+                    *kinds[i].1 * rng.random_range(sw.rate_scale[0]..=sw.rate_scale[1])
                 } else {
                     0.0
                 };
@@ -451,19 +439,7 @@ impl Scenario {
         let s = self.for_seed(seed);
         let mut kinds = Vec::new();
         if let Some(r) = s.random.as_ref().map(|r| &r.rates) {
-            let rates = [
-                ("node_crash", r.node_crash),
-                ("node_pause", r.node_pause),
-                ("ebs_detach", r.ebs_detach),
-                ("partition", r.partition),
-                ("isolate", r.isolate),
-                ("disk_stall", r.disk_stall),
-                ("metadata_unavailable", r.metadata_unavailable),
-                ("clock_jitter", r.clock_jitter),
-                ("metadata_crash", r.metadata_crash),
-                ("metadata_disk_errors", r.metadata_disk_errors),
-                ("disk_errors", r.disk_errors),
-            ];
+            let rates = r.kinds();
             kinds = rates.iter().filter(|(_, v)| *v > 0.0).map(|(k, v)| format!("{k}={v:.2}")).collect();
         }
         Some(format!(
@@ -635,20 +611,7 @@ mod tests {
             nodes.insert(c.storage_nodes);
             volumes.insert(c.volumes);
             let r = &d.random.as_ref().unwrap().rates;
-            assert!(
-                r.node_crash
-                    + r.partition
-                    + r.disk_errors
-                    + r.metadata_crash
-                    + r.clock_jitter
-                    + r.node_pause
-                    + r.ebs_detach
-                    + r.isolate
-                    + r.disk_stall
-                    + r.metadata_unavailable
-                    + r.metadata_disk_errors
-                    > 0.0
-            );
+            assert!(r.kinds().iter().map(|(_, rate)| rate).sum::<f64>() > 0.0, "seed {seed}: no fault kind");
             kinds_off += usize::from(r.node_crash == 0.0);
             locks += usize::from(d.ebs.shard_locks);
             buggify += usize::from(d.buggify.is_some());
