@@ -168,13 +168,15 @@ impl AttacheService {
 impl AttacheService {
     /// A read at the requested consistency: linearizable from the primary,
     /// or (`READ_CONSISTENCY_STALE_OK`) from any node that has the volume,
-    /// with the age of its view in ms.
+    /// with the age of its view in ms, no older than `max_staleness_ms`
+    /// (0: any; see `shard::Stale`).
     async fn read<M>(
         &self,
         method: &'static str,
         shard_id: u64,
         op: M,
         consistency: i32,
+        max_staleness_ms: u64,
     ) -> Result<(M::Ok, u64), Status>
     where
         M: shard::StaleRead,
@@ -183,7 +185,7 @@ impl AttacheService {
         match proto::ReadConsistency::try_from(consistency) {
             Ok(proto::ReadConsistency::Linearizable) => Ok((self.call(method, shard_id, op).await?, 0)),
             Ok(proto::ReadConsistency::StaleOk) => {
-                timed(method, async { self.node.send(StaleCall { shard_id, op }).await? }).await
+                timed(method, async { self.node.send(StaleCall { shard_id, op, max_staleness_ms }).await? }).await
             }
             Err(_) => Err(status(AttacheError::InvalidArgument(format!(
                 "unknown read consistency {consistency}: use 0 (linearizable) or 1 (stale ok)"
@@ -330,7 +332,7 @@ impl Attache for AttacheService {
     async fn get(&self, req: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
         let r = req.into_inner();
         let op = shard::Get { client_id: r.client_id, key: r.key.clone() };
-        let (value, age) = self.read("get", r.shard_id, op, r.consistency).await?;
+        let (value, age) = self.read("get", r.shard_id, op, r.consistency, r.max_staleness_ms).await?;
         Ok(Response::new(proto::GetResponse {
             key: r.key,
             found: value.is_some(),
@@ -343,7 +345,7 @@ impl Attache for AttacheService {
         let r = req.into_inner();
         let keys = r.keys.clone();
         let op = shard::BatchGet { client_id: r.client_id, keys: r.keys };
-        let (values, age) = self.read("batch_get", r.shard_id, op, r.consistency).await?;
+        let (values, age) = self.read("batch_get", r.shard_id, op, r.consistency, r.max_staleness_ms).await?;
         let responses = keys.into_iter().zip(values).map(|(key, value)| {
             Ok(proto::GetResponse {
                 key,
@@ -359,7 +361,7 @@ impl Attache for AttacheService {
         let r = req.into_inner();
         let (shard_id, client_id, end) = (r.shard_id, r.client_id, r.end);
         let want = if r.limit == 0 { self.scan_page } else { r.limit.min(self.scan_page) } as u32;
-        let consistency = r.consistency;
+        let (consistency, bound) = (r.consistency, r.max_staleness_ms);
         let wrap = |page: Vec<(Vec<u8>, Vec<u8>)>, age| proto::ScanResponse {
             entries: page.into_iter().map(|(key, value)| proto::KeyValue { key, value }).collect(),
             max_staleness_ms: age,
@@ -378,7 +380,7 @@ impl Attache for AttacheService {
         let op = shard::Scan { client_id: client_id.clone(), start: r.start, end: end.clone(), limit: want };
         // Stale (or an unknown consistency, refused here): every page is a
         // read of the serving node's view as it is then, with its own age.
-        let first = self.read("scan", shard_id, op, consistency).await?;
+        let first = self.read("scan", shard_id, op, consistency, bound).await?;
         if first.0.is_empty() {
             // Nothing in range: one empty page still says how old the view
             // that found nothing is.
@@ -388,7 +390,7 @@ impl Attache for AttacheService {
         let next = move |(last, _): (Vec<u8>, Vec<u8>), limit| {
             let op = shard::Scan { client_id: client_id.clone(), start: successor(&last), end: end.clone(), limit };
             let service = service.clone();
-            async move { service.read("scan", shard_id, op, consistency).await }
+            async move { service.read("scan", shard_id, op, consistency, bound).await }
         };
         Ok(Response::new(pages(self.scan_page, first, r.limit, wrap, next)))
     }

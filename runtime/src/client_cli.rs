@@ -80,6 +80,10 @@ pub enum ClientCmd {
         /// backup too) answers, and says how old its view is.
         #[arg(long)]
         stale: bool,
+        /// With --stale: the oldest view to accept, ms (a node whose view
+        /// is older catches up first, or refuses and the next node is tried).
+        #[arg(long, requires = "stale", value_name = "MS")]
+        max_staleness_ms: Option<u64>,
     },
     /// Delete one key.
     Delete {
@@ -112,6 +116,9 @@ pub enum ClientCmd {
         /// stale scan may come from different moments.
         #[arg(long)]
         stale: bool,
+        /// With --stale: the oldest view to accept for each page, ms.
+        #[arg(long, requires = "stale", value_name = "MS")]
+        max_staleness_ms: Option<u64>,
     },
     /// Read a secondary index: entries whose value starts with a prefix.
     ScanIndex {
@@ -490,7 +497,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
             call!(c, CallSpec::shard(sel.shard), put, req)?;
             emit(json, &Ack { ok: true });
         }
-        ClientCmd::Get { sel, key, stale } => {
+        ClientCmd::Get { sel, key, stale, max_staleness_ms } => {
             let consistency =
                 if stale { proto::ReadConsistency::StaleOk } else { proto::ReadConsistency::Linearizable };
             let req = proto::GetRequest {
@@ -498,6 +505,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 client_id: sel.client_id,
                 key: key.into(),
                 consistency: consistency as i32,
+                max_staleness_ms: max_staleness_ms.unwrap_or(0),
             };
             let r = call!(c, CallSpec::shard(sel.shard), get, req)?;
             if !json && !r.found {
@@ -527,6 +535,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 client_id: sel.client_id,
                 keys: keys.into_iter().map(String::into_bytes).collect(),
                 consistency: 0,
+                max_staleness_ms: 0,
             };
             let stream = call!(c, CallSpec::shard(sel.shard), batch_get, req)?;
             let results: Vec<proto::GetResponse> = stream.try_collect().await.map_err(status_error)?;
@@ -534,7 +543,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 emit(json, &KeyOut::from(r));
             }
         }
-        ClientCmd::Scan { sel, start, end, limit, stale } => {
+        ClientCmd::Scan { sel, start, end, limit, stale, max_staleness_ms } => {
             let consistency =
                 if stale { proto::ReadConsistency::StaleOk } else { proto::ReadConsistency::Linearizable };
             let req = proto::ScanRequest {
@@ -544,6 +553,7 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
                 end: end.into(),
                 limit,
                 consistency: consistency as i32,
+                max_staleness_ms: max_staleness_ms.unwrap_or(0),
             };
             let mut stream = call!(c, CallSpec::shard(sel.shard), scan, req)?;
             while let Some(page) = stream.next().await {
@@ -735,6 +745,7 @@ async fn dump(c: &Client, sel: ShardSel, out: Option<PathBuf>, format: Format, j
         end: vec![],
         limit: 0,
         consistency: 0,
+        max_staleness_ms: 0,
     };
     let mut stream = call!(c, CallSpec::shard(sel.shard), scan, req)?;
     let mut n = 0u64;

@@ -668,6 +668,31 @@ pub fn shard_stats(ops: &[Op]) -> Vec<Violation> {
     out
 }
 
+/// Stale reads and scans served older than they asked: an `ok` answer
+/// whose reported age exceeds the `max_staleness_ms` its request named
+/// (with `stale_ages`, the value was then current within the requested
+/// bound too).
+pub fn stale_bounds(ops: &[Op]) -> Vec<Violation> {
+    ops.iter()
+        .filter(|o| matches!(o.f, F::StaleRead | F::StaleScan) && o.outcome == EventType::Ok)
+        .filter_map(|o| {
+            let (asked, got) = (o.requested_staleness_ms?, o.staleness_ms?);
+            (got > asked).then(|| {
+                violation(
+                    "stale_bounds",
+                    format!(
+                        "shard {}: a stale {} at {} ms asked for a view at most {asked} ms old and was answered \
+                         from one {got} ms old",
+                        o.shard,
+                        if o.f == F::StaleScan { "scan" } else { "read" },
+                        o.invoke / 1_000_000
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
 /// Shard ids unique and increasing in real time.
 pub fn shard_ids(ops: &[Op]) -> Vec<Violation> {
     let created: Vec<&Op> = ops.iter().filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok).collect();
@@ -931,6 +956,7 @@ mod tests {
             complete,
             outcome,
             staleness_ms: None,
+            requested_staleness_ms: None,
             error: None,
             node: "n".into(),
             part_of: None,
@@ -1225,6 +1251,20 @@ mod tests {
         assert_eq!(linearizable(&project(&h)).len(), 1);
         let h = vec![w(1, "x", 0, 10), hits(&[("k", "x")])];
         assert!(linearizable(&project(&h)).is_empty());
+    }
+
+    /// A stale read answered from a view older than it asked for is caught.
+    #[test]
+    fn stale_bounds_catches_an_answer_older_than_asked() {
+        let stale = |asked: Option<u64>, got: u64| {
+            let mut o = op(9, F::StaleRead, "k", Some("a"), 0, Some(1), EventType::Ok);
+            (o.requested_staleness_ms, o.staleness_ms) = (asked, Some(got));
+            o
+        };
+        assert!(stale_bounds(&[stale(Some(50), 50), stale(None, 5_000)]).is_empty());
+        let v = stale_bounds(&[stale(Some(50), 51)]);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("at most 50 ms old") && v[0].message.contains("51 ms old"), "{v:?}");
     }
 
     /// ShardStats may not count keys never written, nor call a closed shard active.

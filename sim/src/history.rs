@@ -161,7 +161,9 @@ pub struct Event {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
     /// For an `ok` stale read: how stale the serving node said its view
-    /// might be, ms (`max_staleness_ms` of the response).
+    /// might be, ms (`max_staleness_ms` of the response). For the
+    /// invocation of a stale read: the oldest view it asked for
+    /// (`max_staleness_ms` of the request), if it asked.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub staleness_ms: Option<u64>,
 }
@@ -181,8 +183,10 @@ pub struct Op {
     pub complete: Option<u64>,
     pub outcome: EventType,
     pub node: String,
-    /// See `Event::staleness_ms`.
+    /// See `Event::staleness_ms`: the reported age.
     pub staleness_ms: Option<u64>,
+    /// The oldest view a stale read asked for, ms (see `Event::staleness_ms`).
+    pub requested_staleness_ms: Option<u64>,
     /// Why it failed (`fail`, `info`).
     pub error: Option<String>,
     /// For a single-key view of a multi-key operation (`check::project`):
@@ -247,6 +251,7 @@ impl History {
                         outcome: EventType::Info,
                         node: e.node.clone(),
                         staleness_ms: None,
+                        requested_staleness_ms: e.staleness_ms,
                         error: None,
                         part_of: None,
                     };

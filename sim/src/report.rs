@@ -160,6 +160,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
     violations.extend(check::lost_writes(&per_key));
     violations.extend(check::stale_reads(&per_key));
     violations.extend(check::stale_ages(&per_key));
+    violations.extend(check::stale_bounds(&ops));
     violations.extend(check::batch_atomicity(&ops));
     violations.extend(check::index_hits(&ops));
     violations.extend(check::shard_stats(&ops));

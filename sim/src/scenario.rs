@@ -257,6 +257,10 @@ pub struct WorkloadSpec {
     /// page a separate read of the serving node's view, with its own age)
     /// rather than a Get of one key.
     pub stale_scan_ratio: f64,
+    /// Above 0: each stale read or scan asks for a view no older than a
+    /// `max_staleness_ms` drawn from 1 to this, ms (a backup's view older
+    /// than that catches up first, or the read is refused and retried).
+    pub stale_bound_ms: u64,
     /// Share of operations sent to a random node rather than to the volume's
     /// last known primary (clients that just started or lost their cache).
     pub random_node_ratio: f64,
@@ -287,6 +291,7 @@ impl Default for WorkloadSpec {
             random_node_ratio: 0.05,
             stale_read_ratio: 0.1,
             stale_scan_ratio: 0.3,
+            stale_bound_ms: 300,
             op_timeout_ms: 1_000,
             think_ms: 20,
         }

@@ -141,7 +141,8 @@ impl ClientCtx {
         self.record(process, kind, f, shard, key, value, node, error, None);
     }
 
-    /// As `event`, with the staleness a stale read's answer reported.
+    /// As `event`, with the staleness of a stale read: requested (its
+    /// invocation) or reported (its completion).
     #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
@@ -246,8 +247,24 @@ impl ClientCtx {
         value: Option<String>,
         at: Option<usize>,
     ) -> (bool, bool) {
+        self.op_bounded(process, f, shard, key, value, at, None).await
+    }
+
+    /// As `op`; a stale read or scan asks for a view no older than `bound`
+    /// ms (`max_staleness_ms`; `None`: any), recorded with its invocation.
+    #[allow(clippy::too_many_arguments)]
+    async fn op_bounded(
+        &self,
+        process: u64,
+        f: F,
+        shard: u64,
+        key: &str,
+        value: Option<String>,
+        at: Option<usize>,
+        bound: Option<u64>,
+    ) -> (bool, bool) {
         let first = at.map_or("", |i| self.nodes[i].as_str());
-        self.event(process, EventType::Invoke, f, shard, key, value.clone(), first, None);
+        self.record(process, EventType::Invoke, f, shard, key, value.clone(), first, None, bound);
         let mut spec = CallSpec::shard(shard);
         if let Some(i) = at {
             spec = spec.starting_at(i);
@@ -313,7 +330,13 @@ impl ClientCtx {
             }
             F::BatchRead => {
                 let keys: Vec<Vec<u8>> = key.split(',').map(|k| k.as_bytes().to_vec()).collect();
-                let req = BatchGetRequest { shard_id: shard, client_id: self.id.clone(), keys, consistency: 0 };
+                let req = BatchGetRequest {
+                    shard_id: shard,
+                    client_id: self.id.clone(),
+                    keys,
+                    consistency: 0,
+                    max_staleness_ms: 0,
+                };
                 let result = call!(self.client, spec, batch_get, req);
                 multi_read(result, |found| {
                     found.into_iter().map(|r| (text(&r.key), r.found.then(|| text(&r.value)))).collect()
@@ -329,6 +352,7 @@ impl ClientCtx {
                     end: vec![],
                     limit: 0,
                     consistency: if stale { 1 } else { 0 },
+                    max_staleness_ms: bound.unwrap_or(0),
                 };
                 let result = call!(self.client, spec, scan, req);
                 let mut oldest = None;
@@ -384,6 +408,7 @@ impl ClientCtx {
                     client_id: self.id.clone(),
                     key: key.as_bytes().to_vec(),
                     consistency: if f == F::StaleRead { 1 } else { 0 },
+                    max_staleness_ms: bound.unwrap_or(0),
                 };
                 let result = call!(self.client, spec, get, req);
                 match result {
@@ -572,6 +597,7 @@ pub async fn run_client(
                     && spec.shard_stats_ratio > 0.0
                     && rng.random_bool(spec.shard_stats_ratio);
                 let stale_scan = stale && spec.stale_scan_ratio > 0.0 && rng.random_bool(spec.stale_scan_ratio);
+                let bound = (stale && spec.stale_bound_ms > 0).then(|| rng.random_range(1..=spec.stale_bound_ms));
                 if (batch || multi) && !scan && !index_scan && spec.hot_keys > 1 {
                     key = hot_key_set(&mut rng, spec.hot_keys).join(",");
                 }
@@ -604,7 +630,7 @@ pub async fn run_client(
                 // reads go to any node: backups serve them.
                 let anywhere = stale || rng.random_bool(spec.random_node_ratio);
                 let at = anywhere.then(|| rng.random_range(0..ctx.nodes.len()));
-                let (renew, ok) = ctx.op(process, f, shard, &key, value, at).await;
+                let (renew, ok) = ctx.op_bounded(process, f, shard, &key, value, at, bound).await;
                 if renew {
                     process = ctx.rec.process();
                 }

@@ -115,6 +115,8 @@ pub struct StaleCall<M> {
     pub shard_id: ShardId,
     /// The read.
     pub op: M,
+    /// The oldest view the caller accepts, ms; 0: any (see [`Stale`]).
+    pub max_staleness_ms: u64,
 }
 
 impl<M: StaleRead> Message for StaleCall<M> {
@@ -139,7 +141,13 @@ where
             }
             _ => return Reply::now(Err(self.not_primary(&volume_id).await)),
         };
-        match shards.enqueue(ShardCall { shard_id: msg.shard_id, op: Stale(msg.op) }).await {
+        match shards
+            .enqueue(ShardCall {
+                shard_id: msg.shard_id,
+                op: Stale { op: msg.op, max_staleness_ms: msg.max_staleness_ms },
+            })
+            .await
+        {
             Ok(pending) => Reply::later(async move { pending.await.unwrap_or_else(|e| Err(e.into())) }),
             Err(e) => Reply::now(Err(e.into())),
         }

@@ -1047,8 +1047,18 @@ impl StaleRead for ScanIndex {}
 /// A read that accepts possibly stale data: a backup serves it from its
 /// read-only view; the answer comes with the age of that view in ms (how long
 /// ago it caught up with the primary; 0 from the primary itself).
+///
+/// A backup catches its view up before serving when it is [`CATCH_UP_MS`]
+/// old, or `max_staleness_ms` if that is smaller. Errors: `Unavailable`
+/// when the view is still older than `max_staleness_ms` after that (its
+/// catch-up took longer: a slow volume); the read had no effect.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stale<M>(pub M);
+pub struct Stale<M> {
+    /// The read.
+    pub op: M,
+    /// The oldest view the caller accepts, ms; 0: any.
+    pub max_staleness_ms: u64,
+}
 
 impl<M: StaleRead> Message for Stale<M> {
     type Reply = Result<(M::Ok, u64), AttacheError>;
@@ -1057,7 +1067,7 @@ impl<M: StaleRead> Message for Stale<M> {
 impl<M: StaleRead> ShardOp for Stale<M> {
     type Ok = (M::Ok, u64);
     fn client_id(&self) -> &str {
-        self.0.client_id()
+        self.op.client_id()
     }
 }
 
@@ -1068,10 +1078,11 @@ where
 {
     async fn handle(&mut self, msg: Stale<M>, ctx: &Context<Self>) -> Reply<Result<(M::Ok, u64), AttacheError>> {
         if !self.read_only {
-            return <Self as Handler<M>>::handle(self, msg.0, ctx).await.map(|r| r.map(|v| (v, 0)));
+            return <Self as Handler<M>>::handle(self, msg.op, ctx).await.map(|r| r.map(|v| (v, 0)));
         }
+        let bound = if msg.max_staleness_ms == 0 { u64::MAX } else { msg.max_staleness_ms };
         let stale_for = self.caught_up_at.map_or(u64::MAX, |t| t.elapsed().as_millis() as u64);
-        if stale_for >= CATCH_UP_MS {
+        if stale_for >= CATCH_UP_MS.min(bound) {
             // The view holds what was durable when the catch-up began: its
             // age counts from then (never less than it is).
             let started = Instant::now();
@@ -1091,8 +1102,15 @@ where
             self.caught_up_at = Some(started);
         }
         let age = self.caught_up_at.map_or(0, |t| t.elapsed().as_millis() as u64);
+        if age > bound {
+            return Reply::now(Err(AttacheError::unavailable(format!(
+                "shard {}: this node's view is {age} ms old, over the requested max_staleness_ms of {bound}; retry \
+                 (another node, or the primary, whose view is never stale)",
+                self.meta.shard_id
+            ))));
+        }
         self.serving_stale = true;
-        let reply = <Self as Handler<M>>::handle(self, msg.0, ctx).await;
+        let reply = <Self as Handler<M>>::handle(self, msg.op, ctx).await;
         self.serving_stale = false;
         reply.map(move |r| r.map(|v| (v, age)))
     }

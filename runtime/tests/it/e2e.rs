@@ -33,7 +33,8 @@ async fn put(c: &mut C, shard: u64, client: &str, key: &[u8], value: &[u8]) -> R
 }
 
 async fn get(c: &mut C, shard: u64, client: &str, key: &[u8]) -> Result<Option<Vec<u8>>, tonic::Status> {
-    let req = GetRequest { shard_id: shard, client_id: client.into(), key: key.into(), consistency: 0 };
+    let req =
+        GetRequest { shard_id: shard, client_id: client.into(), key: key.into(), consistency: 0, max_staleness_ms: 0 };
     let r = c.get(req).await?.into_inner();
     Ok(r.found.then_some(r.value))
 }
@@ -115,7 +116,13 @@ async fn every_operation_and_every_error() {
         .unwrap();
     let keys = vec![b"b00002".to_vec(), b"missing".to_vec(), b"b02499".to_vec()];
     let got: Vec<GetResponse> = c
-        .batch_get(BatchGetRequest { shard_id: s, client_id: "alice".into(), keys, consistency: 0 })
+        .batch_get(BatchGetRequest {
+            shard_id: s,
+            client_id: "alice".into(),
+            keys,
+            consistency: 0,
+            max_staleness_ms: 0,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -133,6 +140,7 @@ async fn every_operation_and_every_error() {
         end: end.into(),
         limit,
         consistency: 0,
+        max_staleness_ms: 0,
     };
     let pages: Vec<ScanResponse> = c.scan(scan("", "", 0)).await.unwrap().into_inner().try_collect().await.unwrap();
     let all: Vec<KeyValue> = pages.into_iter().flat_map(|p| p.entries).collect();
@@ -317,7 +325,13 @@ async fn load_until_signal(
 /// Every acknowledged key is present with its value.
 async fn check_all_present(c: &mut C, shard: u64, keys: &[Vec<u8>]) {
     for chunk in keys.chunks(5000) {
-        let req = BatchGetRequest { shard_id: shard, client_id: "loader".into(), keys: chunk.to_vec(), consistency: 0 };
+        let req = BatchGetRequest {
+            shard_id: shard,
+            client_id: "loader".into(),
+            keys: chunk.to_vec(),
+            consistency: 0,
+            max_staleness_ms: 0,
+        };
         let got: Vec<GetResponse> = c.batch_get(req).await.unwrap().into_inner().try_collect().await.unwrap();
         for r in got {
             assert!(r.found, "acknowledged key {} lost", String::from_utf8_lossy(&r.key));

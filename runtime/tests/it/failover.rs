@@ -86,7 +86,13 @@ async fn wait_for(what: &str, deadline: Duration, cond: impl Fn() -> bool) {
 async fn check_all_present(c: &Client, shard: u64, acks: &[Ack]) {
     let keys: Vec<Vec<u8>> = acks.iter().flat_map(|a| a.keys.clone()).collect();
     for chunk in keys.chunks(5000) {
-        let req = BatchGetRequest { shard_id: shard, client_id: "loader".into(), keys: chunk.to_vec(), consistency: 0 };
+        let req = BatchGetRequest {
+            shard_id: shard,
+            client_id: "loader".into(),
+            keys: chunk.to_vec(),
+            consistency: 0,
+            max_staleness_ms: 0,
+        };
         let stream = c
             .call(CallSpec::shard(shard), |mut c| {
                 let r = req.clone();

@@ -56,6 +56,7 @@ async fn two_nodes_share_one_metadata_store() {
     let err = cb.put(put(on_a)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert_eq!(primary_hint(&err).as_deref(), Some(a.addr.as_str()), "the hint names node a");
-    let get = GetRequest { shard_id: on_a, client_id: "app".into(), key: b"k".to_vec(), consistency: 0 };
+    let get =
+        GetRequest { shard_id: on_a, client_id: "app".into(), key: b"k".to_vec(), consistency: 0, max_staleness_ms: 0 };
     assert_eq!(ca.get(get).await.unwrap().into_inner().value, b"v");
 }
