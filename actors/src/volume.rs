@@ -489,11 +489,12 @@ impl VolumeManager {
             match self.role {
                 Role::Primary { epoch } if epoch == record.epoch => {}
                 Role::Primary { .. } => self.step_down(false, "the owner record moved to another epoch").await,
-                // The volume hangs here and the record still names this
-                // node (a vacate failed): vacate again, so a backup takes over.
+                // The volume hangs or fails here and the record still names
+                // this node (a vacate failed, or it stepped down for another
+                // reason meanwhile): vacate again, so a backup takes over.
                 _ if self.io_hung().is_some() || self.recently_failing() => {
                     if let Err(e) = self.meta.vacate_volume(self.volume(), self.node_id, record.epoch).await {
-                        tracing::warn!(volume = %self.volume(), error = %e, "could not vacate a hung volume yet");
+                        tracing::warn!(volume = %self.volume(), error = %e, "could not vacate the volume yet");
                     }
                 }
                 _ => self.claim(Some(&(record, rev)), ctx).await,
