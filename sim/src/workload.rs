@@ -237,23 +237,11 @@ impl ClientCtx {
 
     /// One read or write through the client, its first attempt at node `at`
     /// when given; returns (the process must take a new id, the operation
-    /// succeeded).
-    async fn op(
-        &self,
-        process: u64,
-        f: F,
-        shard: u64,
-        key: &str,
-        value: Option<String>,
-        at: Option<usize>,
-    ) -> (bool, bool) {
-        self.op_bounded(process, f, shard, key, value, at, None).await
-    }
-
-    /// As `op`; a stale read or scan asks for a view no older than `bound`
-    /// ms (`max_staleness_ms`; `None`: any), recorded with its invocation.
+    /// succeeded). A stale read or scan asks for a view no older than
+    /// `bound` ms (`max_staleness_ms`; `None`: any), recorded with its
+    /// invocation.
     #[allow(clippy::too_many_arguments)]
-    async fn op_bounded(
+    async fn op(
         &self,
         process: u64,
         f: F,
@@ -533,8 +521,8 @@ pub async fn run_client(
                 tokio::time::sleep_until(start + duration.mul_f64(rng.random_range(0.25..0.75))).await;
                 let (close, delete) = (ctx.rec.process(), ctx.rec.process());
                 futures::future::join(
-                    ctx.op(close, F::CloseShard, shard, "", None, None),
-                    ctx.op(delete, F::DeleteShard, shard, "", None, None),
+                    ctx.op(close, F::CloseShard, shard, "", None, None, None),
+                    ctx.op(delete, F::DeleteShard, shard, "", None, None, None),
                 )
                 .await;
                 return;
@@ -542,7 +530,7 @@ pub async fn run_client(
             for (f, from, to) in [(F::CloseShard, 0.25, 0.5), (F::DeleteShard, 0.5, 0.75)] {
                 tokio::time::sleep_until(start + duration.mul_f64(rng.random_range(from..to))).await;
                 let process = ctx.rec.process();
-                ctx.op(process, f, shard, "", None, None).await;
+                ctx.op(process, f, shard, "", None, None, None).await;
             }
         }
     };
@@ -630,7 +618,7 @@ pub async fn run_client(
                 // reads go to any node: backups serve them.
                 let anywhere = stale || rng.random_bool(spec.random_node_ratio);
                 let at = anywhere.then(|| rng.random_range(0..ctx.nodes.len()));
-                let (renew, ok) = ctx.op_bounded(process, f, shard, &key, value, at, bound).await;
+                let (renew, ok) = ctx.op(process, f, shard, &key, value, at, bound).await;
                 if renew {
                     process = ctx.rec.process();
                 }
@@ -648,7 +636,7 @@ pub async fn run_client(
         for k in 0..spec.hot_keys {
             let key = format!("k{k}");
             while Instant::now() < final_deadline {
-                let (renew, ok) = ctx.op(process, F::Read, *shard, &key, None, None).await;
+                let (renew, ok) = ctx.op(process, F::Read, *shard, &key, None, None, None).await;
                 if renew {
                     process = ctx.rec.process();
                 }
