@@ -62,6 +62,13 @@ impl IoWatch {
         self.inner.lock().expect("io watch lock").failing_since.map(|t| t.elapsed())
     }
 
+    /// Forgets past failures (a new term as primary starts afresh).
+    pub fn clear_failures(&self) {
+        let mut p = self.inner.lock().expect("io watch lock");
+        p.failing_since = None;
+        p.last_failure = None;
+    }
+
     /// How long ago a write to the volume last failed here; `None` if none ever did.
     pub fn since_last_failure(&self) -> Option<Duration> {
         self.inner.lock().expect("io watch lock").last_failure.map(|t| t.elapsed())
@@ -125,5 +132,9 @@ mod tests {
         // Dropped without an outcome (a fence, a closed engine): no change.
         drop(watch.begin());
         assert_eq!(watch.failing_for(), None);
+        // A new term forgets the failures of the last.
+        watch.begin().finish(false);
+        watch.clear_failures();
+        assert_eq!((watch.failing_for(), watch.since_last_failure()), (None, None));
     }
 }

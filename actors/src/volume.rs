@@ -237,9 +237,13 @@ impl VolumeManager {
 
     /// How long the volume's writes have been failing here (no write
     /// succeeded since the first failure), when that is `io_timeout_ms` or
-    /// more: its I/O fails on this node (a failing attachment or device).
+    /// more and the latest failure is less than `io_timeout_ms` old: its
+    /// I/O keeps failing on this node (a failing attachment or device). One
+    /// failure followed by no writes at all is not enough.
     fn io_failing(&self) -> Option<Duration> {
-        self.io.failing_for().filter(|d| *d >= Duration::from_millis(self.timing.io_timeout_ms))
+        let timeout = Duration::from_millis(self.timing.io_timeout_ms);
+        let recent = self.io.since_last_failure().is_some_and(|d| d < timeout);
+        self.io.failing_for().filter(|d| recent && *d >= timeout)
     }
 
     /// Whether this node's last write to the volume failed less than
@@ -368,6 +372,10 @@ impl VolumeManager {
         }
         // The read-only view closes before the shards open read-write.
         self.close_shards().await;
+        // A new term judges the volume by its own writes: failures from
+        // before (which made this node give the volume up, at least
+        // `io_timeout_ms` ago) must not make it step down again at once.
+        self.io.clear_failures();
         let manager =
             ShardManager::new(self.cfg.clone(), self.factory.clone(), self.gate.clone()).with_io_watch(self.io.clone());
         self.retire.push(manager.retired_flag());
