@@ -255,6 +255,25 @@ impl VolumeManager {
             && self.io.since_last_failure().is_some_and(|d| d < Duration::from_millis(self.timing.io_timeout_ms))
     }
 
+    /// Why the volume's I/O on this node is unhealthy enough to give the
+    /// volume up ([`Self::io_hung`] or [`Self::io_failing`]); `None` when it is not.
+    fn io_unhealthy(&self) -> Option<String> {
+        if let Some(pending) = self.io_hung() {
+            return Some(format!(
+                "a write to the volume has been pending for {} ms (io_timeout_ms {}): its I/O hangs on this node",
+                pending.as_millis(),
+                self.timing.io_timeout_ms
+            ));
+        }
+        self.io_failing().map(|failing| {
+            format!(
+                "the volume's writes have been failing for {} ms (io_timeout_ms {}): its I/O fails on this node",
+                failing.as_millis(),
+                self.timing.io_timeout_ms
+            )
+        })
+    }
+
     fn volume(&self) -> &str {
         &self.cfg.volume_id
     }
@@ -432,25 +451,10 @@ impl VolumeManager {
             self.set_role(Role::Detached);
             return;
         }
-        if let (Role::Primary { .. }, Some(pending)) = (&self.role, self.io_hung()) {
-            // A write neither completes nor fails: give the volume up so a
-            // backup takes over (it claims a vacant record at once).
-            let why = format!(
-                "a write to the volume has been pending for {} ms (io_timeout_ms {}): its I/O hangs on this node",
-                pending.as_millis(),
-                self.timing.io_timeout_ms
-            );
-            self.step_down(true, &why).await;
-            return;
-        }
-        if let (Role::Primary { .. }, Some(failing)) = (&self.role, self.io_failing()) {
-            // Every write fails (failed syncs, I/O errors) and none has
-            // succeeded for `io_timeout_ms`: give the volume up, as above.
-            let why = format!(
-                "the volume's writes have been failing for {} ms (io_timeout_ms {}): its I/O fails on this node",
-                failing.as_millis(),
-                self.timing.io_timeout_ms
-            );
+        if let (Role::Primary { .. }, Some(why)) = (&self.role, self.io_unhealthy()) {
+            // A write neither completes nor fails, or every write fails:
+            // give the volume up so a backup takes over (it claims a vacant
+            // record at once).
             self.step_down(true, &why).await;
             return;
         }
