@@ -22,6 +22,14 @@ pub trait LocalStore: Send + Sync + 'static {
 #[derive(Clone, Default, Debug)]
 pub struct MemLocalStore(Arc<Mutex<BTreeMap<String, Vec<u8>>>>);
 
+impl MemLocalStore {
+    /// The contents of `name`, if it exists, read without waiting (for the
+    /// simulation's fault driver, which asks which node id a node holds).
+    pub fn get(&self, name: &str) -> Option<Vec<u8>> {
+        self.0.lock().expect("local store lock").get(name).cloned()
+    }
+}
+
 #[async_trait]
 impl LocalStore for MemLocalStore {
     async fn read(&self, name: &str) -> Result<Option<Vec<u8>>, String> {

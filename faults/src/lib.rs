@@ -3,8 +3,11 @@
 //! seed with `rand_chacha`, within rates and limits.
 //!
 //! A fault names nodes and volumes by the names the cluster gives them
-//! (`node-1`, `vol-2`, `meta`); this crate knows nothing about how a fault is
-//! applied. Times are milliseconds of simulated time since the run started.
+//! (`node-1`, `vol-2`, `meta`, and `client-1` for a partition), or names a
+//! storage node by its role when the fault strikes (a [`Target`]:
+//! `primary:vol-2`, `backup:vol-2`); this crate knows nothing about how a
+//! fault is applied. Times are milliseconds of simulated time since the run
+//! started.
 
 use std::collections::BTreeSet;
 
@@ -57,6 +60,43 @@ pub enum Fault {
     /// The node's clock runs fast or slow by up to `ppm` parts per million
     /// (bounded; the lease logic accounts for it).
     ClockJitter { node: String, ppm: i64 },
+    /// For `for_ms` milliseconds every message between any two nodes takes
+    /// `min_ms` to `max_ms` (uniform) to arrive, and each send is lost with
+    /// probability `loss_per_mille` / 1000; connections are reliable, so a
+    /// lost message is sent again after a backoff, as TCP retransmits (the
+    /// backoff doubles from 1 ms up to 10 s), and a connection delivers in
+    /// order, so one lost message holds up those behind it.
+    NetworkSlow { min_ms: u64, max_ms: u64, loss_per_mille: u32, for_ms: u64 },
+}
+
+/// What a fault's node name stands for: a node by name, or the storage node
+/// holding a role on a volume at the moment the fault strikes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// `node-1`, `meta`, `client-2`.
+    Node(&'a str),
+    /// `primary:vol-1`: the node holding the volume's storage fence (its
+    /// primary, or the last one, if it has not been replaced yet).
+    Primary(&'a str),
+    /// `backup:vol-1`: the backup next in line to take the volume over (the
+    /// attached node with the lowest id that does not hold the fence).
+    Backup(&'a str),
+}
+
+impl<'a> Target<'a> {
+    /// Reads a fault's node name.
+    pub fn parse(name: &'a str) -> Target<'a> {
+        match name.split_once(':') {
+            Some(("primary", volume)) => Target::Primary(volume),
+            Some(("backup", volume)) => Target::Backup(volume),
+            _ => Target::Node(name),
+        }
+    }
+
+    /// Whether the name stands for a role rather than a node.
+    pub fn is_role(name: &str) -> bool {
+        !matches!(Target::parse(name), Target::Node(_))
+    }
 }
 
 impl Fault {
@@ -78,7 +118,59 @@ impl Fault {
             Fault::MetadataUnavailable { .. } => "metadata_unavailable",
             Fault::MetadataDiskErrors { .. } => "metadata_disk_errors",
             Fault::ClockJitter { .. } => "clock_jitter",
+            Fault::NetworkSlow { .. } => "network_slow",
         }
+    }
+
+    /// Every node name the fault holds (nodes of a partition: `from`, then `to`).
+    pub fn node_names(&self) -> Vec<&String> {
+        match self {
+            Fault::EbsDetach { node, .. }
+            | Fault::EbsReattach { node, .. }
+            | Fault::DiskStall { node, .. }
+            | Fault::DiskHang { node, .. }
+            | Fault::DiskErrors { node, .. }
+            | Fault::NodeCrash { node }
+            | Fault::NodeRestart { node }
+            | Fault::NodePause { node }
+            | Fault::NodeResume { node }
+            | Fault::Isolate { node }
+            | Fault::ClockJitter { node, .. } => vec![node],
+            Fault::Partition { from, to, .. } => from.iter().chain(to).collect(),
+            Fault::Heal
+            | Fault::MetadataUnavailable { .. }
+            | Fault::MetadataDiskErrors { .. }
+            | Fault::NetworkSlow { .. } => vec![],
+        }
+    }
+
+    /// The fault with every node name replaced by `map(name)`; `None` when
+    /// `map` finds no node for one of them.
+    pub fn map_nodes(&self, mut map: impl FnMut(&str) -> Option<String>) -> Option<Fault> {
+        let mut out = self.clone();
+        match &mut out {
+            Fault::EbsDetach { node, .. }
+            | Fault::EbsReattach { node, .. }
+            | Fault::DiskStall { node, .. }
+            | Fault::DiskHang { node, .. }
+            | Fault::DiskErrors { node, .. }
+            | Fault::NodeCrash { node }
+            | Fault::NodeRestart { node }
+            | Fault::NodePause { node }
+            | Fault::NodeResume { node }
+            | Fault::Isolate { node }
+            | Fault::ClockJitter { node, .. } => *node = map(node)?,
+            Fault::Partition { from, to, .. } => {
+                for n in from.iter_mut().chain(to.iter_mut()) {
+                    *n = map(n)?;
+                }
+            }
+            Fault::Heal
+            | Fault::MetadataUnavailable { .. }
+            | Fault::MetadataDiskErrors { .. }
+            | Fault::NetworkSlow { .. } => {}
+        }
+        Some(out)
     }
 
     /// Whether this fault ends a disruption (restart, resume, reattach, heal)
@@ -108,7 +200,8 @@ impl Fault {
             Fault::MetadataUnavailable { for_ms }
             | Fault::MetadataDiskErrors { for_ms }
             | Fault::DiskStall { for_ms, .. }
-            | Fault::DiskErrors { for_ms, .. } => *for_ms,
+            | Fault::DiskErrors { for_ms, .. }
+            | Fault::NetworkSlow { for_ms, .. } => *for_ms,
             _ => 0,
         }
     }
@@ -164,6 +257,16 @@ pub struct RandomRates {
     /// Windows of failing syncs on a storage node's volume (see
     /// [`Fault::DiskErrors`]).
     pub disk_errors: f64,
+    /// Windows of a slow, lossy network (see [`Fault::NetworkSlow`]): 20 to
+    /// 300 ms per message, up to 5% of sends lost.
+    pub network_slow: f64,
+    /// Partitions between a client and a storage node (one way or both),
+    /// each healed after an outage.
+    pub client_partition: f64,
+    /// The share (0 to 1) of faults on a storage node that aim at a role
+    /// rather than a random node (a [`Target`]): half at the primary of the
+    /// fault's volume, half at the backup next in line.
+    pub targeted: f64,
     /// Shortest and longest disruption (crash to restart, pause to resume,
     /// detach to reattach, partition to heal), ms.
     pub min_outage_ms: u64,
@@ -188,6 +291,9 @@ impl Default for RandomRates {
             metadata_crash: 0.0,
             metadata_disk_errors: 0.0,
             disk_errors: 0.0,
+            network_slow: 0.0,
+            client_partition: 0.0,
+            targeted: 0.0,
             min_outage_ms: 500,
             max_outage_ms: 8_000,
             max_concurrent: 1,
@@ -198,17 +304,19 @@ impl Default for RandomRates {
 
 impl RandomRates {
     /// Each fault kind's name (as [`Fault::kind`] names its fault, except
-    /// `metadata_crash`, a crash of the metadata node) with its rate, in the
+    /// `metadata_crash`, a crash of the metadata node, and
+    /// `client_partition`, a partition between a client and a storage
+    /// node) with its rate, in the
     /// order a schedule draws them (kinds added later go last, so that a
     /// schedule drawn with their rates at 0 is the one the same seed drew
     /// before they existed).
-    pub fn kinds(&self) -> [(&'static str, f64); 11] {
+    pub fn kinds(&self) -> [(&'static str, f64); 13] {
         let mut copy = self.clone();
         copy.kinds_mut().map(|(name, rate)| (name, *rate))
     }
 
     /// As [`RandomRates::kinds`], each rate writable.
-    pub fn kinds_mut(&mut self) -> [(&'static str, &mut f64); 11] {
+    pub fn kinds_mut(&mut self) -> [(&'static str, &mut f64); 13] {
         [
             ("node_crash", &mut self.node_crash),
             ("node_pause", &mut self.node_pause),
@@ -221,6 +329,8 @@ impl RandomRates {
             ("metadata_crash", &mut self.metadata_crash),
             ("metadata_disk_errors", &mut self.metadata_disk_errors),
             ("disk_errors", &mut self.disk_errors),
+            ("network_slow", &mut self.network_slow),
+            ("client_partition", &mut self.client_partition),
         ]
     }
 }
@@ -234,6 +344,8 @@ pub struct Topology {
     pub volumes: Vec<String>,
     /// The metadata node.
     pub meta: String,
+    /// Client nodes (for partitions between a client and storage).
+    pub clients: Vec<String>,
 }
 
 /// Draws a schedule for a run of `duration_ms` from `seed`: faults arrive as
@@ -271,14 +383,33 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
         let kind = kind.map_or("node_crash", |k| k.0);
         let outage = rng.random_range(rates.min_outage_ms..=rates.max_outage_ms);
         let until = (at + outage).min(end_ms.saturating_sub(1)).max(at + 1);
-        let node = topo.nodes[rng.random_range(0..topo.nodes.len())].clone();
+        let mut node = topo.nodes[rng.random_range(0..topo.nodes.len())].clone();
+        // Drawn only when targeting is on, so a schedule without it is the
+        // one the same seed drew before targeting existed.
+        let mut role_volume = None;
+        if rates.targeted > 0.0 && !topo.volumes.is_empty() && rng.random_bool(rates.targeted.min(1.0)) {
+            let v = topo.volumes[rng.random_range(0..topo.volumes.len())].clone();
+            node = if rng.random_bool(0.5) { format!("primary:{v}") } else { format!("backup:{v}") };
+            role_volume = Some(v);
+        }
         let overlapping: BTreeSet<&String> = busy.iter().filter(|b| b.0 < until && at < b.1).map(|b| &b.2).collect();
-        if overlapping.contains(&node) || overlapping.len() >= rates.max_concurrent.max(1) {
+        // A role resolves when the fault strikes, to a node no other fault
+        // holds down then: a role's window overlaps no fault on a named
+        // storage node (two roles may overlap; the second finds another node).
+        let conflict = if role_volume.is_some() {
+            overlapping.iter().any(|n| **n == node || topo.nodes.contains(n))
+        } else {
+            overlapping.contains(&node) || overlapping.iter().any(|n| Target::is_role(n))
+        };
+        if conflict || overlapping.len() >= rates.max_concurrent.max(1) {
             continue;
         }
         // Drawn for every fault, used by those that name a volume, so the
         // sequence of draws does not depend on the kind.
-        let volume = topo.volumes.get(rng.random_range(0..topo.volumes.len().max(1))).cloned().unwrap_or_default();
+        let mut volume = topo.volumes.get(rng.random_range(0..topo.volumes.len().max(1))).cloned().unwrap_or_default();
+        if let Some(v) = role_volume {
+            volume = v;
+        }
         let (start, repair) = match kind {
             "node_crash" => (Fault::NodeCrash { node: node.clone() }, Fault::NodeRestart { node: node.clone() }),
             "node_pause" => (Fault::NodePause { node: node.clone() }, Fault::NodeResume { node: node.clone() }),
@@ -299,6 +430,29 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
                 (Fault::Partition { from: vec![node.clone()], to, both }, Fault::Heal)
             }
             "isolate" => (Fault::Isolate { node: node.clone() }, Fault::Heal),
+            "client_partition" => {
+                let Some(client) = topo.clients.get(rng.random_range(0..topo.clients.len().max(1))).cloned() else {
+                    continue;
+                };
+                let both = rng.random_bool(0.5);
+                let (from, to) = if rng.random_bool(0.5) { (client, node.clone()) } else { (node.clone(), client) };
+                (Fault::Partition { from: vec![from], to: vec![to], both }, Fault::Heal)
+            }
+            "network_slow" => {
+                const NETWORK: &str = "network";
+                if overlapping.iter().any(|n| *n == NETWORK) {
+                    continue;
+                }
+                let min_ms = rng.random_range(20..=100);
+                let max_ms = min_ms + rng.random_range(0..=200);
+                let loss_per_mille = rng.random_range(0..=50);
+                out.push(Scheduled {
+                    at_ms: at,
+                    fault: Fault::NetworkSlow { min_ms, max_ms, loss_per_mille, for_ms: until - at },
+                });
+                busy.push((at, until, NETWORK.to_string()));
+                continue;
+            }
             "disk_stall" => {
                 let ms = rng.random_range(50..=2_000);
                 out.push(Scheduled {
@@ -360,6 +514,7 @@ mod tests {
             nodes: vec!["node-1".into(), "node-2".into(), "node-3".into()],
             volumes: vec!["vol-1".into(), "vol-2".into()],
             meta: "meta".into(),
+            clients: vec!["client-1".into(), "client-2".into()],
         }
     }
 
@@ -419,6 +574,110 @@ mod tests {
         );
         assert_eq!(a, b);
         assert!(a.faults.iter().all(|f| f.fault.kind() != "metadata_disk_errors"));
+    }
+
+    #[test]
+    fn targeting_off_leaves_the_schedule_unchanged_and_roles_never_overlap_named_nodes() {
+        let base = RandomRates { node_crash: 6.0, ebs_detach: 3.0, max_concurrent: 3, ..RandomRates::default() };
+        let targeted = RandomRates { targeted: 0.5, ..base.clone() };
+        let mut roles = 0;
+        for seed in 0..30 {
+            let plain = random_schedule(seed, &base, &topo(), 0, 60_000);
+            assert!(plain.faults.iter().all(|f| f.fault.node_names().iter().all(|n| !Target::is_role(n))));
+            let s = random_schedule(seed, &targeted, &topo(), 0, 60_000);
+            // Open disruptions: a role is never open beside a named storage node.
+            let mut open: Vec<(u64, u64, String)> = Vec::new();
+            for (i, f) in s.faults.iter().enumerate() {
+                if f.fault.is_repair() {
+                    continue;
+                }
+                let Some(name) = f.fault.node_names().first().map(|n| n.to_string()) else { continue };
+                // A fault that ends by itself lasts `lasts_ms`; a crash, a
+                // pause or a detach until the next repair of its node; a
+                // partition until the next heal.
+                let repaired_by = |r: &Scheduled| match &f.fault {
+                    Fault::Partition { .. } | Fault::Isolate { .. } => r.fault == Fault::Heal,
+                    _ => r.fault.is_repair() && r.fault.node_names().first().map(|n| n.as_str()) == Some(&name),
+                };
+                let end = if f.fault.lasts_ms() > 0 || matches!(f.fault, Fault::ClockJitter { .. }) {
+                    f.at_ms + f.fault.lasts_ms()
+                } else {
+                    s.faults[i + 1..].iter().find(|r| repaired_by(r)).map_or(u64::MAX, |r| r.at_ms)
+                };
+                open.retain(|o| o.1 > f.at_ms);
+                if let Target::Primary(v) | Target::Backup(v) = Target::parse(&name) {
+                    roles += 1;
+                    assert!(topo().volumes.iter().any(|x| x == v), "seed {seed}: {name}");
+                    if let Fault::EbsDetach { volume, .. } = &f.fault {
+                        assert_eq!(volume, v, "seed {seed}: a role's detach is of its own volume");
+                    }
+                    assert!(
+                        open.iter().all(|o| Target::is_role(&o.2) && o.2 != name),
+                        "seed {seed}: {name} at {} overlaps {open:?}",
+                        f.at_ms
+                    );
+                } else if topo().nodes.contains(&name) {
+                    assert!(open.iter().all(|o| !Target::is_role(&o.2)), "seed {seed}: {name} overlaps {open:?}");
+                }
+                open.push((f.at_ms, end, name));
+            }
+        }
+        assert!(roles > 20, "{roles} targeted faults in 30 seeds");
+        assert_eq!(Target::parse("primary:vol-2"), Target::Primary("vol-2"));
+        assert_eq!(Target::parse("backup:vol-1"), Target::Backup("vol-1"));
+        assert_eq!(Target::parse("node-1"), Target::Node("node-1"));
+    }
+
+    #[test]
+    fn client_partitions_and_a_slow_network_are_drawn() {
+        let rates = RandomRates {
+            client_partition: 10.0,
+            network_slow: 10.0,
+            node_crash: 0.0,
+            node_pause: 0.0,
+            ebs_detach: 0.0,
+            partition: 0.0,
+            isolate: 0.0,
+            disk_stall: 0.0,
+            metadata_unavailable: 0.0,
+            clock_jitter: 0.0,
+            max_concurrent: 3,
+            ..RandomRates::default()
+        };
+        let s = random_schedule(5, &rates, &topo(), 0, 60_000);
+        let mut slow_until = 0;
+        let (mut partitions, mut slow) = (0, 0);
+        for f in &s.faults {
+            match &f.fault {
+                Fault::Partition { from, to, .. } => {
+                    partitions += 1;
+                    let names: Vec<&String> = from.iter().chain(to).collect();
+                    assert_eq!(names.iter().filter(|n| n.starts_with("client-")).count(), 1, "{f:?}");
+                    assert_eq!(names.iter().filter(|n| n.starts_with("node-")).count(), 1, "{f:?}");
+                }
+                Fault::NetworkSlow { min_ms, max_ms, loss_per_mille, for_ms } => {
+                    slow += 1;
+                    assert!(f.at_ms >= slow_until, "slow windows never overlap");
+                    slow_until = f.at_ms + for_ms;
+                    assert!(20 <= *min_ms && min_ms <= max_ms && *max_ms <= 300 && *loss_per_mille <= 50, "{f:?}");
+                }
+                Fault::Heal => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(partitions > 3 && slow >= 2, "{partitions} partitions, {slow} slow windows");
+    }
+
+    #[test]
+    fn map_nodes_replaces_every_name_or_gives_up() {
+        let p = Fault::Partition { from: vec!["primary:vol-1".into()], to: vec!["node-2".into()], both: true };
+        let mapped = p.map_nodes(|n| Some(if n == "primary:vol-1" { "node-3".into() } else { n.to_string() }));
+        assert_eq!(
+            mapped,
+            Some(Fault::Partition { from: vec!["node-3".into()], to: vec!["node-2".into()], both: true })
+        );
+        assert_eq!(p.map_nodes(|n| (n != "node-2").then(|| n.to_string())), None);
+        assert_eq!(Fault::Heal.map_nodes(|_| None), Some(Fault::Heal));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use attache_actors::retry::RetryPolicy;
 use attache_actors::service::AttacheService;
 use attache_actors::volume::FailoverTiming;
 use attache_actors::HostHandle;
-use attache_faults::{random_schedule, Fault, Schedule, Scheduled, Topology};
+use attache_faults::{random_schedule, Fault, Schedule, Scheduled, Target, Topology};
 use madsim::net::NetSim;
 use madsim::runtime::{Handle, NodeHandle};
 use tokio::time::{Duration, Instant};
@@ -44,15 +44,20 @@ fn storage_addr(i: usize) -> String {
 pub fn schedule(s: &Scenario, seed: u64) -> Schedule {
     let mut faults: Vec<Scheduled> = s.faults.clone();
     if let Some(r) = &s.random {
-        let topo = Topology { nodes: s.nodes(), volumes: s.volumes(), meta: "meta".into() };
+        let clients = (1..=s.cluster.clients).map(|j| format!("client-{j}")).collect();
+        let topo = Topology { nodes: s.nodes(), volumes: s.volumes(), meta: "meta".into(), clients };
         faults.extend(random_schedule(seed, &r.rates, &topo, r.start_ms, r.end_ms).faults);
     }
     Schedule::new(faults)
 }
 
-/// Storage nodes and the metadata node, by name.
+/// Storage nodes and the metadata node, by name, and the client nodes.
 struct Nodes {
     handles: BTreeMap<String, NodeHandle>,
+    /// `client-1`...: faults only partition them.
+    clients: BTreeMap<String, madsim::task::NodeId>,
+    /// Each storage node's local files (its node id, once allocated).
+    locals: BTreeMap<String, MemLocalStore>,
     gates: Arc<Mutex<BTreeMap<String, Arc<LeaseGate>>>>,
     /// Per node, how many scheduled crashes and restarts it has had.
     generations: Arc<Mutex<BTreeMap<String, u64>>>,
@@ -60,8 +65,84 @@ struct Nodes {
 
 impl Nodes {
     fn id(&self, name: &str) -> madsim::task::NodeId {
-        self.handles.get(name).unwrap_or_else(|| panic!("the scenario names an unknown node {name}")).id()
+        match self.handles.get(name) {
+            Some(h) => h.id(),
+            None => *self.clients.get(name).unwrap_or_else(|| panic!("the scenario names an unknown node {name}")),
+        }
     }
+
+    /// The node id the storage node `name` was allocated (`u64::MAX` before
+    /// it has one): backups rank by it for a takeover.
+    fn node_id(&self, name: &str) -> u64 {
+        let file = self.locals.get(name).and_then(|l| l.get(attache_actors::node::NODE_ID_FILE));
+        file.and_then(|b| String::from_utf8(b).ok()?.trim().parse().ok()).unwrap_or(u64::MAX)
+    }
+
+    /// Every node: storage, metadata and clients.
+    fn all_ids(&self) -> Vec<madsim::task::NodeId> {
+        self.handles.values().map(NodeHandle::id).chain(self.clients.values().copied()).collect()
+    }
+}
+
+/// What the fault driver keeps between faults.
+#[derive(Default)]
+struct DriverState {
+    /// Links a partition or isolation cut, for the next heal.
+    clogged: Vec<(madsim::task::NodeId, madsim::task::NodeId)>,
+    /// Storage nodes crashed or paused by a fault, not yet restarted or resumed.
+    down: std::collections::BTreeSet<String>,
+    /// A role (`primary:vol-1`) → the node it named when its disruption struck,
+    /// for its repair.
+    resolved: BTreeMap<String, String>,
+    /// How many slow-network windows started, so only the last one's end
+    /// restores the network.
+    slow_windows: Arc<Mutex<u64>>,
+    /// Faults aimed at a role that no node held (none applied).
+    untargeted: u64,
+}
+
+/// The node a fault's name stands for now (see [`Target`]): a name as it
+/// is; a role, the node holding it that no fault holds down (the primary:
+/// the holder of the volume's storage fence; the backup next in line: the
+/// attached node with the lowest node id other than the holder, as backups
+/// rank for a takeover). `None` when no node holds the role.
+fn resolve(name: &str, nodes: &Nodes, ebs: &SimEbs, down: &std::collections::BTreeSet<String>) -> Option<String> {
+    let holder = |v: &str| ebs.holder(v).map(|(n, _)| n);
+    match Target::parse(name) {
+        Target::Node(n) => Some(n.to_string()),
+        Target::Primary(v) => holder(v).filter(|n| !down.contains(n)),
+        Target::Backup(v) => {
+            let holder = holder(v);
+            ebs.attached(v)
+                .into_iter()
+                .filter(|n| Some(n) != holder.as_ref() && !down.contains(n))
+                .min_by_key(|n| (nodes.node_id(n), n.clone()))
+        }
+    }
+}
+
+/// The fault with its roles replaced by the nodes holding them (see
+/// [`resolve`]); a repair's role by the node its disruption struck. `None`
+/// when a role names no node: the fault (or the repair of a fault that was
+/// not applied) is skipped.
+fn resolve_fault(fault: &Fault, nodes: &Nodes, ebs: &SimEbs, st: &mut DriverState) -> Option<Fault> {
+    if fault.node_names().iter().all(|n| !Target::is_role(n)) {
+        return Some(fault.clone());
+    }
+    if fault.is_repair() {
+        return fault.map_nodes(|n| if Target::is_role(n) { st.resolved.remove(n) } else { Some(n.to_string()) });
+    }
+    let mut named = Vec::new();
+    let out = fault.map_nodes(|n| {
+        let node = resolve(n, nodes, ebs, &st.down)?;
+        named.push((n.to_string(), node.clone()));
+        Some(node)
+    });
+    match &out {
+        Some(_) => st.resolved.extend(named.into_iter().filter(|(n, _)| Target::is_role(n))),
+        None => st.untargeted += 1,
+    }
+    out
 }
 
 fn start_meta(handle: &Handle, log: SimMetaLog) -> NodeHandle {
@@ -98,6 +179,8 @@ fn start_meta(handle: &Handle, log: SimMetaLog) -> NodeHandle {
 /// exits (`attache node` returns the error and the process ends).
 type Exits = tokio::sync::mpsc::UnboundedSender<String>;
 
+/// Starts storage node `i`; returns it and its local files (which survive
+/// its restarts).
 fn start_storage(
     handle: &Handle,
     s: &Scenario,
@@ -106,16 +189,17 @@ fn start_storage(
     seed: u64,
     gates: &Arc<Mutex<BTreeMap<String, Arc<LeaseGate>>>>,
     exits: &Exits,
-) -> NodeHandle {
+) -> (NodeHandle, MemLocalStore) {
     let name = format!("node-{i}");
     let local = MemLocalStore::default();
+    let files = local.clone();
     let (ebs, gates, volumes, nodes) = (ebs.clone(), gates.clone(), s.volumes(), s.cluster.storage_nodes);
     let scan_page = s.cluster.scan_page;
     let t = s.timing.clone();
     let (lease_gate, cas, request_ids) = (s.sim_only.lease_gate, s.sim_only.metadata_cas, s.sim_only.request_ids);
     let node_name = name.clone();
     let exits = exits.clone();
-    handle
+    let node = handle
         .create_node()
         .name(&name)
         .ip(format!("10.0.1.{i}").parse().expect("ip"))
@@ -174,23 +258,20 @@ fn start_storage(
                 tonic::transport::Server::builder().add_service(service).serve(addr).await.expect("attache server");
             }
         })
-        .build()
+        .build();
+    (node, files)
 }
 
-/// Applies one fault.
-fn apply(
-    fault: &Fault,
-    nodes: &Nodes,
-    ebs: &SimEbs,
-    metalog: &SimMetaLog,
-    clogged: &mut Vec<(madsim::task::NodeId, madsim::task::NodeId)>,
-) {
+/// Applies one fault (its roles resolved, see [`resolve_fault`]).
+fn apply(fault: &Fault, nodes: &Nodes, ebs: &SimEbs, metalog: &SimMetaLog, st: &mut DriverState) {
     let handle = Handle::current();
     let net = NetSim::current();
+    let clogged = &mut st.clogged;
     match fault {
         Fault::NodeCrash { node } | Fault::NodeRestart { node } => {
             *nodes.generations.lock().expect("generations lock").entry(node.clone()).or_default() += 1;
             if matches!(fault, Fault::NodeRestart { .. }) {
+                st.down.remove(node);
                 handle.restart(nodes.id(node));
                 return;
             }
@@ -198,14 +279,21 @@ fn apply(
             if node == "meta" {
                 metalog.crash();
             } else {
+                st.down.insert(node.clone());
                 ebs.crash(node);
             }
         }
-        Fault::NodePause { node } => handle.pause(nodes.id(node)),
-        Fault::NodeResume { node } => handle.resume(nodes.id(node)),
+        Fault::NodePause { node } => {
+            st.down.insert(node.clone());
+            handle.pause(nodes.id(node))
+        }
+        Fault::NodeResume { node } => {
+            st.down.remove(node);
+            handle.resume(nodes.id(node))
+        }
         Fault::Partition { from, to, both } => {
             for a in from {
-                for b in to {
+                for b in to.iter().filter(|b| *b != a) {
                     let (a, b) = (nodes.id(a), nodes.id(b));
                     net.clog_link(a, b);
                     clogged.push((a, b));
@@ -218,7 +306,7 @@ fn apply(
         }
         Fault::Isolate { node } => {
             let id = nodes.id(node);
-            for other in nodes.handles.values().map(NodeHandle::id).filter(|o| *o != id) {
+            for other in nodes.all_ids().into_iter().filter(|o| *o != id) {
                 net.clog_link(id, other);
                 net.clog_link(other, id);
                 clogged.extend([(id, other), (other, id)]);
@@ -228,6 +316,27 @@ fn apply(
             for (a, b) in clogged.drain(..) {
                 net.unclog_link(a, b);
             }
+        }
+        Fault::NetworkSlow { min_ms, max_ms, loss_per_mille, for_ms } => {
+            let base = madsim::net::Config::default();
+            let window = {
+                let mut n = st.slow_windows.lock().expect("slow windows lock");
+                *n += 1;
+                *n
+            };
+            let (lo, hi) = (Duration::from_millis(*min_ms), Duration::from_millis((*max_ms).max(*min_ms + 1)));
+            let loss = f64::from(*loss_per_mille) / 1_000.0;
+            net.update_config(|c| {
+                c.send_latency = lo..hi;
+                c.packet_loss_rate = loss;
+            });
+            let (windows, for_) = (st.slow_windows.clone(), Duration::from_millis(*for_ms));
+            madsim::task::spawn(async move {
+                tokio::time::sleep(for_).await;
+                if *windows.lock().expect("slow windows lock") == window {
+                    NetSim::current().update_config(|c| *c = base);
+                }
+            });
         }
         Fault::EbsDetach { volume, node } => ebs.detach(volume, node),
         Fault::EbsReattach { volume, node } => {
@@ -277,10 +386,13 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
     let metalog = SimMetaLog::new(s.metadata.clone(), seed);
     handles.insert("meta".to_string(), start_meta(&handle, metalog.clone()));
     let (exits, mut exited) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut locals = BTreeMap::new();
     for i in 1..=s.cluster.storage_nodes {
-        handles.insert(format!("node-{i}"), start_storage(&handle, s, i, &ebs, seed, &gates, &exits));
+        let (node, local) = start_storage(&handle, s, i, &ebs, seed, &gates, &exits);
+        handles.insert(format!("node-{i}"), node);
+        locals.insert(format!("node-{i}"), local);
     }
-    let nodes = Nodes { handles, gates, generations: Arc::default() };
+    let mut nodes = Nodes { handles, clients: BTreeMap::new(), locals, gates, generations: Arc::default() };
     // The supervisor: a process that exited (its start-up failed) is killed
     // at once and started again a second later, unless a scheduled fault
     // crashed or restarted it meanwhile (`Nodes::generation`).
@@ -312,17 +424,22 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
         let (spec, addrs, rec, registry) = (s.workload.clone(), addrs.clone(), rec.clone(), registry.clone());
         let node =
             handle.create_node().name(format!("client-{j}")).ip(format!("10.0.2.{j}").parse().expect("ip")).build();
+        nodes.clients.insert(format!("client-{j}"), node.id());
         clients.push(node.spawn(run_client(j, spec, addrs, rec, registry, seed, end, final_deadline)));
     }
 
     let schedule = schedule(s, seed);
     let mut applied = Vec::new();
-    let mut clogged = Vec::new();
+    let mut st = DriverState::default();
     for f in &schedule.faults {
         tokio::time::sleep_until(start + Duration::from_millis(f.at_ms)).await;
-        tracing::info!(at_ms = f.at_ms, fault = ?f.fault, "fault");
-        apply(&f.fault, &nodes, &ebs, &metalog, &mut clogged);
-        applied.push(f.clone());
+        let Some(fault) = resolve_fault(&f.fault, &nodes, &ebs, &mut st) else {
+            tracing::info!(at_ms = f.at_ms, fault = ?f.fault, "fault skipped: no node holds its role");
+            continue;
+        };
+        tracing::info!(at_ms = f.at_ms, ?fault, "fault");
+        apply(&fault, &nodes, &ebs, &metalog, &mut st);
+        applied.push(Scheduled { at_ms: f.at_ms, fault });
     }
     for c in clients {
         c.await.expect("client task");
@@ -336,6 +453,11 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
     tokio::time::sleep(Duration::from_millis(1)).await;
     let buggified = attache_actors::buggify::disable().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     let history = rec.history();
+    // Of the faults applied: one aimed at a role no node held struck nobody.
+    let disruptions = applied
+        .iter()
+        .map(|f| Disruption { at_ns: (f.at_ms + f.fault.recovery_from_ms()) * 1_000_000, repair: f.fault.is_repair() })
+        .collect();
     RunOutcome {
         sim_ms: start.elapsed().as_millis() as u64,
         history,
@@ -344,13 +466,7 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
         buggified,
         metadata_disk: metalog.counts(),
         volumes: ebs.counts(),
-        disruptions: schedule
-            .faults
-            .iter()
-            .map(|f| Disruption {
-                at_ns: (f.at_ms + f.fault.recovery_from_ms()) * 1_000_000,
-                repair: f.fault.is_repair(),
-            })
-            .collect(),
+        untargeted_faults: st.untargeted,
+        disruptions,
     }
 }

@@ -218,6 +218,11 @@ impl SimEbs {
         }
     }
 
+    /// The nodes `volume` is attached to, in the order they attached.
+    pub fn attached(&self, volume: &str) -> Vec<String> {
+        self.lock().volumes.get(volume).map(|v| v.attached.clone()).unwrap_or_default()
+    }
+
     /// The reservation holder of `volume` and its key.
     pub fn holder(&self, volume: &str) -> Option<(String, u64)> {
         self.lock().volumes.get(volume).and_then(|v| v.holder.clone())

@@ -13,7 +13,7 @@ use crate::history::{EventType, History, F};
 use crate::metalog::MetaDiskCounts;
 
 /// The raw result of one simulated run.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct RunOutcome {
     /// Simulated ms the run took.
     pub sim_ms: u64,
@@ -30,6 +30,9 @@ pub struct RunOutcome {
     pub metadata_disk: MetaDiskCounts,
     /// What the storage volumes went through.
     pub volumes: VolumeCounts,
+    /// Faults aimed at a role (`primary:vol-1`) that no node held when they
+    /// struck, so not applied.
+    pub untargeted_faults: u64,
 }
 
 /// Operation counts.
@@ -79,6 +82,9 @@ pub struct Summary {
     /// storage volumes (left out when none).
     #[serde(default, skip_serializing_if = "VolumeCounts::is_empty")]
     pub volumes: VolumeCounts,
+    /// Faults aimed at a role no node held when they struck (left out when none).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub untargeted_faults: u64,
     pub violations: Vec<Violation>,
 }
 
@@ -150,6 +156,10 @@ pub fn describe(fault: &attache_faults::Fault) -> String {
     out
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// Runs every checker over `outcome` and summarises the run.
 pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutcome) -> RunReport {
     let ops = outcome.history.ops();
@@ -203,6 +213,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
         buggified: outcome.buggified.clone(),
         metadata_disk: outcome.metadata_disk.clone(),
         volumes: outcome.volumes.clone(),
+        untargeted_faults: outcome.untargeted_faults,
         violations,
     };
     RunReport { summary, outcome, digest }
@@ -212,16 +223,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
 /// history, no checks, only `violation`; its digest is the violation's, so a
 /// replay that fails the same way is "the same run".
 pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
-    let outcome = RunOutcome {
-        sim_ms: 0,
-        history: History::default(),
-        syncs: Vec::new(),
-        faults: Vec::new(),
-        disruptions: Vec::new(),
-        buggified: BTreeMap::new(),
-        metadata_disk: MetaDiskCounts::default(),
-        volumes: VolumeCounts::default(),
-    };
+    let outcome = RunOutcome::default();
     let digest = fnv1a(format!("{}: {}", violation.checker, violation.message).as_bytes(), 0xcbf29ce484222325);
     let summary = Summary {
         scenario: scenario.to_string(),
@@ -234,6 +236,7 @@ pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
         buggified: BTreeMap::new(),
         metadata_disk: MetaDiskCounts::default(),
         volumes: VolumeCounts::default(),
+        untargeted_faults: 0,
         violations: vec![violation],
     };
     RunReport { summary, outcome, digest }

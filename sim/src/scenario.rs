@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use attache_faults::{Fault, RandomRates, Scheduled};
+use attache_faults::{Fault, RandomRates, Scheduled, Target};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -531,32 +531,36 @@ impl Scenario {
     }
 
     /// Checks every node and volume a scripted fault names exists in the
-    /// cluster (`node-1`.., `vol-1`.., `meta`). Errors: the fault and the
-    /// names there are.
+    /// cluster (`node-1`.., `vol-1`.., `meta`; `client-1`.. in a partition
+    /// or an isolation; a role, `primary:vol-1` or `backup:vol-1`, wherever
+    /// a storage node may stand). Errors: the fault and the names there are.
     fn check_names(&self) -> Result<(), String> {
         let nodes = self.nodes();
         let volumes = self.volumes();
-        let node_ok = |n: &String| n == "meta" || nodes.contains(n);
+        let clients: Vec<String> = (1..=self.cluster.clients).map(|j| format!("client-{j}")).collect();
         for f in &self.faults {
-            let (named_nodes, volume): (Vec<&String>, Option<&String>) = match &f.fault {
-                Fault::EbsDetach { volume, node } | Fault::EbsReattach { volume, node } => (vec![node], Some(volume)),
-                Fault::DiskStall { volume, node, .. }
-                | Fault::DiskHang { volume, node }
-                | Fault::DiskErrors { volume, node, .. } => (vec![node], Some(volume)),
-                Fault::NodeCrash { node }
-                | Fault::NodeRestart { node }
-                | Fault::NodePause { node }
-                | Fault::NodeResume { node }
-                | Fault::Isolate { node }
-                | Fault::ClockJitter { node, .. } => (vec![node], None),
-                Fault::Partition { from, to, .. } => (from.iter().chain(to).collect(), None),
-                Fault::Heal | Fault::MetadataUnavailable { .. } | Fault::MetadataDiskErrors { .. } => (vec![], None),
+            let may_be_client = matches!(f.fault, Fault::Partition { .. } | Fault::Isolate { .. });
+            let node_ok = |n: &String| match Target::parse(n) {
+                Target::Node(n) => {
+                    n == "meta" || nodes.iter().any(|x| x == n) || (may_be_client && clients.iter().any(|c| c == n))
+                }
+                Target::Primary(v) | Target::Backup(v) => volumes.iter().any(|x| x == v),
             };
-            if let Some(bad) = named_nodes.into_iter().find(|n| !node_ok(n)) {
+            let volume = match &f.fault {
+                Fault::EbsDetach { volume, .. }
+                | Fault::EbsReattach { volume, .. }
+                | Fault::DiskStall { volume, .. }
+                | Fault::DiskHang { volume, .. }
+                | Fault::DiskErrors { volume, .. } => Some(volume),
+                _ => None,
+            };
+            if let Some(bad) = f.fault.node_names().into_iter().find(|n| !node_ok(n)) {
                 return Err(format!(
-                    "the fault at {} ms names node {bad:?}, but the cluster has {} and meta",
+                    "the fault at {} ms names node {bad:?}, but the cluster has {}, meta{} and the roles \
+                     primary:VOLUME and backup:VOLUME",
                     f.at_ms,
-                    nodes.join(", ")
+                    nodes.join(", "),
+                    if may_be_client { format!(", {}", clients.join(", ")) } else { String::new() }
                 ));
             }
             if let Some(bad) = volume.filter(|v| !volumes.contains(v)) {
@@ -673,5 +677,12 @@ mod tests {
         let e = with_fault("type = \"partition\"\nfrom = [\"node-1\"]\nto = [\"metadata\"]\nboth = true").unwrap_err();
         assert!(e.contains("\"metadata\""), "{e}");
         with_fault("type = \"partition\"\nfrom = [\"node-1\"]\nto = [\"meta\"]\nboth = true").unwrap();
+        // Roles name a volume of the cluster; clients only stand in a partition or an isolation.
+        with_fault("type = \"node_crash\"\nnode = \"primary:vol-1\"").unwrap();
+        with_fault("type = \"partition\"\nfrom = [\"client-1\"]\nto = [\"backup:vol-1\"]\nboth = false").unwrap();
+        let e = with_fault("type = \"node_crash\"\nnode = \"primary:vol-9\"").unwrap_err();
+        assert!(e.contains("\"primary:vol-9\""), "{e}");
+        let e = with_fault("type = \"node_crash\"\nnode = \"client-1\"").unwrap_err();
+        assert!(e.contains("\"client-1\""), "{e}");
     }
 }

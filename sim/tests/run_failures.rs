@@ -15,16 +15,7 @@ fn scenario() -> Scenario {
 }
 
 fn empty() -> RunOutcome {
-    RunOutcome {
-        sim_ms: 0,
-        history: Default::default(),
-        syncs: vec![],
-        faults: vec![],
-        disruptions: vec![],
-        buggified: Default::default(),
-        metadata_disk: Default::default(),
-        volumes: Default::default(),
-    }
+    RunOutcome::default()
 }
 
 #[test]
