@@ -474,36 +474,60 @@ pub fn lost_writes(ops: &[Op]) -> Vec<Violation> {
     out
 }
 
-/// Durable writes of an older epoch after a newer one, or two nodes in one epoch.
+/// Durable writes of an older epoch after a newer one, or two nodes in one
+/// epoch, within one fence scope (`SyncRecord::scope`: the volume under a
+/// reservation, the shard directory under the EPOCH file).
 pub fn single_writer(syncs: &[SyncRecord]) -> Vec<Violation> {
     let mut out = Vec::new();
     let mut newest: BTreeMap<&str, (u64, &str, u64)> = BTreeMap::new();
     let mut owner: BTreeMap<(&str, u64), &str> = BTreeMap::new();
     for s in syncs {
-        if let Some((epoch, node, at)) = newest.get(s.volume.as_str()) {
+        let scope = if s.scope.is_empty() { s.volume.as_str() } else { s.scope.as_str() };
+        if let Some((epoch, node, at)) = newest.get(scope) {
             if s.epoch < *epoch {
                 out.push(violation(
                     "single_writer",
                     format!(
-                        "volume {}: {} wrote at epoch {} at {} ms, after {} wrote at epoch {} at {} ms",
-                        s.volume, s.node, s.epoch, s.at_ms, node, epoch, at
+                        "{}: {} wrote at epoch {} at {} ms, after {} wrote at epoch {} at {} ms",
+                        describe_scope(s, scope),
+                        s.node,
+                        s.epoch,
+                        s.at_ms,
+                        node,
+                        epoch,
+                        at
                     ),
                 ));
             }
         }
-        if newest.get(s.volume.as_str()).is_none_or(|(e, _, _)| s.epoch >= *e) {
-            newest.insert(&s.volume, (s.epoch, &s.node, s.at_ms));
+        if newest.get(scope).is_none_or(|(e, _, _)| s.epoch >= *e) {
+            newest.insert(scope, (s.epoch, &s.node, s.at_ms));
         }
-        if let Some(other) = owner.insert((&s.volume, s.epoch), &s.node) {
+        if let Some(other) = owner.insert((scope, s.epoch), &s.node) {
             if other != s.node {
                 out.push(violation(
                     "single_writer",
-                    format!("volume {}: epoch {} was written by {} and by {}", s.volume, s.epoch, other, s.node),
+                    format!(
+                        "{}: epoch {} was written by {} and by {}",
+                        describe_scope(s, scope),
+                        s.epoch,
+                        other,
+                        s.node
+                    ),
                 ));
             }
         }
     }
     out
+}
+
+/// `volume vol-1`, or `shard directory vol-1/shards/5`.
+fn describe_scope(s: &SyncRecord, scope: &str) -> String {
+    if scope == s.volume {
+        format!("volume {scope}")
+    } else {
+        format!("shard directory {scope}")
+    }
 }
 
 /// Stale reads that return a value no write could have produced: one never
@@ -1219,7 +1243,7 @@ mod tests {
     }
 
     fn sync(volume: &str, node: &str, epoch: u64, at_ms: u64) -> SyncRecord {
-        SyncRecord { at_ms, volume: volume.into(), node: node.into(), epoch, bytes: 1 }
+        SyncRecord { at_ms, volume: volume.into(), node: node.into(), epoch, bytes: 1, scope: volume.into() }
     }
 
     #[test]
@@ -1354,6 +1378,21 @@ mod tests {
         assert_eq!(v.len(), 1);
         assert!(v[0].message.contains("epoch 1"), "{v:?}");
         assert_eq!(single_writer(&[sync("v", "a", 1, 1), sync("v", "b", 1, 2)]).len(), 1);
+    }
+
+    /// Under the EPOCH file the rule is per shard directory: an old epoch
+    /// may still land in a shard the new primary has not opened (its LOCK
+    /// is held), but not in one the new epoch wrote.
+    #[test]
+    fn single_writer_under_the_epoch_file_is_per_shard_directory() {
+        let in_dir = |dir: &str, node: &str, epoch: u64, at_ms: u64| SyncRecord {
+            scope: format!("v/{dir}"),
+            ..sync("v", node, epoch, at_ms)
+        };
+        assert!(single_writer(&[in_dir("s1", "a", 1, 1), in_dir("s2", "b", 2, 2), in_dir("s1", "a", 1, 3)]).is_empty());
+        let v = single_writer(&[in_dir("s1", "a", 1, 1), in_dir("s1", "b", 2, 2), in_dir("s1", "a", 1, 3)]);
+        assert_eq!(v.len(), 1);
+        assert!(v[0].message.contains("shard directory v/s1"), "{v:?}");
     }
 
     fn created(p: u64, client: &str, shard: u64, i: u64, c: u64) -> Op {

@@ -7,11 +7,16 @@
 //!   A node that crashes, or whose volume is detached, loses its pending
 //!   appends; with torn writes on, a crash may keep a random prefix of the
 //!   last append of a file (a torn sector), which readers must detect.
-//! - Reservations in the NVMe style: `reserve(volume, node, key)` registers
-//!   and preempts any holder with a lower key; from then on the volume
-//!   rejects appends and syncs from every other node (`Fenced`). Keys are
-//!   epochs. A sim-only switch turns this fencing off, to show the
-//!   single-writer checker catches what it would let through.
+//! - The storage fence, in one of the two models production ships
+//!   ([`FenceModel`]): reservations in the NVMe style (`reserve(volume,
+//!   node, key)` registers and preempts any holder with a lower key; from
+//!   then on the volume rejects appends and syncs from every other node,
+//!   `Fenced`), or the EPOCH file of `attache dev`'s local volumes (the same
+//!   `reserve` raises the volume's epoch file; the volume takes anyone's
+//!   writes, and each engine checks the file before a write batch, with the
+//!   gap between its check and its write). Keys are epochs. A sim-only
+//!   switch turns fencing off, to show the single-writer checker catches
+//!   what it would let through.
 //! - Shard locks (`shard_locks`, on by default), as RocksDB's `LOCK` file:
 //!   a read-write open of a shard directory takes its lock, and fails (an
 //!   I/O error, as RocksDB's "While lock file") while any process holds it,
@@ -50,8 +55,10 @@ pub struct EbsConfig {
     pub sync_jitter_us: u64,
     /// Whether a crash may leave a torn prefix of the last unsynced append.
     pub torn_writes: bool,
-    /// Storage fencing by reservation (off only to prove the checkers catch its absence).
+    /// Storage fencing (off only to prove the checkers catch its absence).
     pub fencing: bool,
+    /// Which fence production ships that the volumes model.
+    pub fence: FenceModel,
     /// Whether the nodes share shard locks (RocksDB's `LOCK` files), as
     /// processes on one machine serving local directories do; off, as
     /// separate machines on a multi-attached volume, where a node's lock
@@ -68,11 +75,32 @@ impl Default for EbsConfig {
             sync_jitter_us: 1_500,
             torn_writes: true,
             fencing: true,
+            fence: FenceModel::Reservation,
             shard_locks: true,
         }
     }
 }
 
+/// The storage fence a scenario's volumes model: one of those the
+/// production volume providers implement, so a race in the shipped fence is
+/// reachable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FenceModel {
+    /// An NVMe persistent reservation (io2 multi-attach): the device itself
+    /// refuses every write of a node that is not the holder, at the moment
+    /// the write reaches it. One writer per volume.
+    #[default]
+    Reservation,
+    /// The `EPOCH` file of local volumes (`attache-runtime`'s
+    /// `LocalVolumes`): acquiring raises the file's epoch; every write batch
+    /// of an engine opened at epoch `e` first checks the file still says
+    /// `e`, then writes, and nothing stops a write whose check passed before
+    /// a newer epoch was taken. RocksDB's `LOCK` (`shard_locks`) is what
+    /// keeps one writer per shard then, so the single-writer rule holds per
+    /// shard directory, not per volume.
+    EpochFile,
+}
 /// One durable write, for the single-writer checker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncRecord {
@@ -82,6 +110,11 @@ pub struct SyncRecord {
     pub node: String,
     /// The writer's epoch (fencing token) for the volume.
     pub epoch: u64,
+    /// What one writer at a time owns under the volume's fence model: the
+    /// volume (a reservation), or the shard directory `volume/dir` (the
+    /// EPOCH file, where RocksDB's LOCK keeps one writer per shard).
+    #[serde(default)]
+    pub scope: String,
     pub bytes: usize,
 }
 
@@ -144,6 +177,11 @@ impl VolumeCounts {
 /// Shared handle on all volumes; clones share them.
 #[derive(Clone)]
 pub struct SimEbs(Arc<Mutex<Ebs>>);
+
+/// The directory of file `path` (`shards/5/log` → `shards/5`).
+fn dir_of(path: &str) -> &str {
+    path.rsplit_once('/').map_or("", |(d, _)| d)
+}
 
 fn io(msg: String) -> EngineError {
     EngineError::Io(msg)
@@ -242,7 +280,7 @@ impl SimEbs {
         if !v.attached.iter().any(|n| n == node) {
             return Err(io(format!("volume {volume} is not attached to {node}")));
         }
-        match Self::fenced_by(ebs.cfg.fencing, v, node) {
+        match Self::fenced_by(&ebs.cfg, v, node) {
             Some((holder, key)) => Err(EngineError::Fenced(format!(
                 "volume {volume} is reserved by {holder} (epoch {key}); {node}'s write is rejected"
             ))),
@@ -251,9 +289,40 @@ impl SimEbs {
     }
 
     /// The reservation (holder, key) that fences `node` off `v`, when
-    /// fencing is on and another node holds it.
-    fn fenced_by<'a>(fencing: bool, v: &'a Volume, node: &str) -> Option<&'a (String, u64)> {
-        v.holder.as_ref().filter(|(holder, _)| fencing && holder != node)
+    /// fencing by reservation is on and another node holds it. (The EPOCH
+    /// file fences nothing at the device: see [`SimEbs::check_epoch_file`].)
+    fn fenced_by<'a>(cfg: &EbsConfig, v: &'a Volume, node: &str) -> Option<&'a (String, u64)> {
+        let device_fence = cfg.fencing && cfg.fence == FenceModel::Reservation;
+        v.holder.as_ref().filter(|(holder, _)| device_fence && holder != node)
+    }
+
+    /// The EPOCH-file check an engine opened at `epoch` makes before each
+    /// write batch, as `Fence::check` in `attache-runtime`: `Fenced` when
+    /// the volume's epoch file names another epoch (or none). Always `Ok`
+    /// under the reservation model or with fencing off.
+    pub fn check_epoch_file(&self, volume: &str, epoch: u64) -> Result<(), EngineError> {
+        let mut ebs = self.lock();
+        if !(ebs.cfg.fencing && ebs.cfg.fence == FenceModel::EpochFile) {
+            return Ok(());
+        }
+        let file = ebs.volumes.get(volume).and_then(|v| v.holder.as_ref()).map(|(_, e)| *e);
+        if file == Some(epoch) {
+            return Ok(());
+        }
+        ebs.counts.fenced_writes += 1;
+        Err(EngineError::Fenced(match file {
+            Some(e) => format!("volume {volume} epoch is {e}, this writer's is {epoch}"),
+            None => format!("volume {volume} has no epoch file; this writer's epoch is {epoch}"),
+        }))
+    }
+
+    /// The scope of a write in directory `dir` under the fence model (see
+    /// `SyncRecord::scope`).
+    fn scope(cfg: &EbsConfig, volume: &str, dir: &str) -> String {
+        match cfg.fence {
+            FenceModel::Reservation => volume.to_string(),
+            FenceModel::EpochFile => format!("{volume}/{}", dir.trim_end_matches('/')),
+        }
     }
 
     /// Waits as long as an operation of `base` µs (plus up to `jitter` µs)
@@ -326,10 +395,13 @@ impl SimEbs {
         // An injected fsync error: the flush reached the device (`Some(true)`) or not, at random.
         let injected = failing.then(|| ebs.rng.random_bool(0.5));
         let at_ms = ebs.start.elapsed().as_millis() as u64;
+        let scope = Self::scope(&ebs.cfg, volume, dir_of(path));
         let Ebs { volumes, syncs, counts, .. } = &mut *ebs;
         let Some(v) = volumes.get_mut(volume) else { return checked };
         if checked.is_ok() && injected != Some(false) {
-            Self::flush(v, syncs, at_ms, volume, node, path, epoch);
+            let record =
+                SyncRecord { at_ms, volume: volume.to_string(), node: node.to_string(), epoch, bytes: 0, scope };
+            Self::flush(v, syncs, path, record);
         } else if let Some(f) = v.files.get_mut(path) {
             // The device rejected (or lost) the writes: they never become durable.
             f.pending.retain(|(n, _)| n != node);
@@ -342,21 +414,14 @@ impl SimEbs {
         checked
     }
 
-    /// Makes `node`'s pending appends to `path` durable, recording the write.
-    fn flush(
-        v: &mut Volume,
-        syncs: &mut Vec<SyncRecord>,
-        at_ms: u64,
-        volume: &str,
-        node: &str,
-        path: &str,
-        epoch: u64,
-    ) {
+    /// Makes the pending appends of `record.node` to `path` durable,
+    /// recording the write (`record` with its byte count).
+    fn flush(v: &mut Volume, syncs: &mut Vec<SyncRecord>, path: &str, record: SyncRecord) {
         let Some(f) = v.files.get_mut(path) else { return };
         let mut bytes = 0;
         let mut kept = Vec::new();
         for (n, data) in f.pending.drain(..) {
-            if n == node {
+            if n == record.node {
                 bytes += data.len();
                 f.durable.extend_from_slice(&data);
             } else {
@@ -365,7 +430,7 @@ impl SimEbs {
         }
         f.pending = kept;
         if bytes > 0 {
-            syncs.push(SyncRecord { at_ms, volume: volume.to_string(), node: node.to_string(), epoch, bytes });
+            syncs.push(SyncRecord { bytes, ..record });
         }
     }
 
@@ -379,10 +444,18 @@ impl SimEbs {
     }
 
     /// Records a durable change of a file's metadata (create, truncate,
-    /// remove) by `node` at `epoch`, as a write of 0 bytes.
-    fn record_change(ebs: &mut Ebs, volume: &str, node: &str, epoch: u64) {
+    /// remove) in directory `dir` by `node` at `epoch`, as a write of 0 bytes.
+    fn record_change(ebs: &mut Ebs, volume: &str, node: &str, dir: &str, epoch: u64) {
         let at_ms = ebs.start.elapsed().as_millis() as u64;
-        ebs.syncs.push(SyncRecord { at_ms, volume: volume.to_string(), node: node.to_string(), epoch, bytes: 0 });
+        let scope = Self::scope(&ebs.cfg, volume, dir);
+        ebs.syncs.push(SyncRecord {
+            at_ms,
+            volume: volume.to_string(),
+            node: node.to_string(),
+            epoch,
+            bytes: 0,
+            scope,
+        });
     }
 
     /// What `node` reads from `path`: the durable bytes, then its own pending
@@ -410,7 +483,7 @@ impl SimEbs {
         let mut ebs = self.lock();
         Self::check_write(&mut ebs, volume, node)?;
         ebs.volumes.get_mut(volume).expect("checked").files.entry(path.to_string()).or_default();
-        Self::record_change(&mut ebs, volume, node, epoch);
+        Self::record_change(&mut ebs, volume, node, dir_of(path), epoch);
         Ok(())
     }
 
@@ -423,7 +496,7 @@ impl SimEbs {
             f.durable.truncate(len);
             f.pending.clear();
         }
-        Self::record_change(&mut ebs, volume, node, epoch);
+        Self::record_change(&mut ebs, volume, node, dir_of(path), epoch);
         Ok(())
     }
 
@@ -438,7 +511,7 @@ impl SimEbs {
         let mut ebs = self.lock();
         Self::check_write(&mut ebs, volume, node)?;
         ebs.volumes.get_mut(volume).expect("checked").files.retain(|p, _| !p.starts_with(prefix));
-        Self::record_change(&mut ebs, volume, node, epoch);
+        Self::record_change(&mut ebs, volume, node, prefix, epoch);
         Ok(())
     }
 
@@ -497,12 +570,12 @@ impl SimEbs {
     pub fn crash(&self, node: &str) {
         self.release_locks(node);
         let mut ebs = self.lock();
-        let (torn, fencing) = (ebs.cfg.torn_writes, ebs.cfg.fencing);
+        let (torn, cfg) = (ebs.cfg.torn_writes, ebs.cfg.clone());
         let Ebs { volumes, rng, counts, .. } = &mut *ebs;
         for v in volumes.values_mut() {
             // A torn prefix reaches the device only if the device would take
             // the node's writes: not from a node fenced off by a reservation.
-            let fenced_off = Self::fenced_by(fencing, v, node).is_some();
+            let fenced_off = Self::fenced_by(&cfg, v, node).is_some();
             for f in v.files.values_mut() {
                 let last = f.pending.iter().rposition(|(n, _)| n == node);
                 if let (true, false, Some(i)) = (torn, fenced_off, last) {
@@ -571,6 +644,30 @@ mod tests {
         off.append("v", "a", "f", b"late").await.unwrap();
         off.sync("v", "a", "f", 1).await.unwrap();
         assert_eq!(off.syncs()[0].epoch, 1);
+    }
+
+    /// Under the EPOCH file the device takes anyone's write: only the
+    /// writer's own check before the write (`check_epoch_file`) refuses an
+    /// old epoch, so a write checked before the epoch moved on still lands;
+    /// its record is scoped to the shard directory.
+    #[tokio::test]
+    async fn the_epoch_file_is_checked_by_the_writer_not_the_device() {
+        let cfg = EbsConfig { fence: FenceModel::EpochFile, torn_writes: false, ..EbsConfig::default() };
+        let e = SimEbs::new(&["v".into()], cfg, 1);
+        e.attach("v", "a").unwrap();
+        e.attach("v", "b").unwrap();
+        e.reserve("v", "a", 1).unwrap();
+        e.check_epoch_file("v", 1).unwrap();
+        e.append("v", "a", "s1/log", b"x").await.unwrap();
+        e.reserve("v", "b", 2).unwrap();
+        assert!(matches!(e.check_epoch_file("v", 1), Err(EngineError::Fenced(_))), "a new batch is refused");
+        assert!(matches!(e.reserve("v", "a", 1), Err(EngineError::Fenced(_))), "the file's epoch only rises");
+        // The batch checked before the epoch moved on is past the fence.
+        e.sync("v", "a", "s1/log", 1).await.unwrap();
+        assert_eq!(e.read("v", "b", "s1/log").await.unwrap().unwrap(), b"x");
+        let last = e.syncs().pop().unwrap();
+        assert_eq!((last.epoch, last.scope.as_str()), (1, "v/s1"));
+        assert_eq!(e.counts().fenced_writes, 1);
     }
 
     /// A crash leaves a torn prefix only of a node the device takes writes

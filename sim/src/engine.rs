@@ -7,7 +7,9 @@
 //! `SimEbs::sync`, and only then applied to the index, so readers see durable
 //! data only; recovery replays the log and cuts a torn last frame off. Every
 //! write is tagged with the epoch at which this node holds the volume's
-//! fence, for the single-writer checker. Same contract as RocksDB with WAL
+//! fence, for the single-writer checker; under the EPOCH-file fence model
+//! a write batch first checks the volume's epoch against the one the engine
+//! opened at, as RocksDB's engine in `attache-runtime` does. Same contract as RocksDB with WAL
 //! and sync, per the module docs of `attache_actors::engine`.
 
 use std::collections::BTreeMap;
@@ -100,11 +102,13 @@ impl EngineFactory for SimVolumes {
             }
             Some((dir, token))
         };
+        let fence_epoch = if read_only { None } else { self.held_epoch(&volume) };
         let engine = SimEngine {
             vols: self.clone(),
             volume,
             file,
             read_only,
+            fence_epoch,
             lock,
             failed: AtomicBool::new(false),
             state: Mutex::new(State::default()),
@@ -141,6 +145,11 @@ pub struct SimEngine {
     volume: String,
     file: String,
     read_only: bool,
+    /// The epoch this node held the volume's fence at when the engine
+    /// opened: under the EPOCH-file fence, each write batch checks the file
+    /// still says it (as `attache-runtime`'s `Fence`, fixed at open; none,
+    /// and no check, when the node held no epoch then, as there).
+    fence_epoch: Option<u64>,
     /// The shard directory's lock (read-write only) and its token.
     lock: Option<(String, u64)>,
     /// Set when a write failed with an unknown outcome: no more writes.
@@ -205,6 +214,12 @@ impl Engine for SimEngine {
             ));
         }
         let (ebs, node) = (&self.vols.ebs, &self.vols.node);
+        // The EPOCH-file fence (a no-op under a reservation): checked before
+        // the write, and nothing holds the write back if the epoch moves on
+        // between the check and the append or its sync.
+        if let Some(epoch) = self.fence_epoch {
+            ebs.check_epoch_file(&self.volume, epoch)?;
+        }
         ebs.append(&self.volume, node, &self.file, &frame).await?;
         if sync {
             // A failed sync may have made the batch durable (or not): only

@@ -40,6 +40,21 @@ fn without_storage_fencing_the_pause_scenario_breaks_single_writer_within_5_seed
     assert!(seed.is_some(), "no single-writer violation in 5 seeds with storage fencing off");
 }
 
+/// The EPOCH-file fence of local volumes (`ebs.fence = "epoch_file"`) has a
+/// gap between a write batch's check of the file and its write: the paused
+/// primary's write, checked before the pause, lands after the new primary
+/// wrote the same shard, unless a shared shard lock (RocksDB's LOCK on one
+/// machine, where local volumes live) kept the new primary from opening it.
+#[test]
+fn the_epoch_file_fence_leaves_a_gap_that_only_shared_shard_locks_close() {
+    let mut s = scenario("primary-paused-past-lease");
+    s.ebs.fence = attache_sim::ebs::FenceModel::EpochFile;
+    clean(&s, 0..3);
+    s.ebs.shard_locks = false;
+    let seed = first_violation(&s, "single_writer", 5);
+    assert!(seed.is_some(), "no single-writer violation in 5 seeds with the EPOCH file and no shared locks");
+}
+
 /// Layer 2, the lease gate: without it, a primary cut off from the metadata
 /// store keeps serving reads after a backup took over and took writes: stale
 /// reads. (Its writes are still stopped by storage fencing. On separate
