@@ -47,7 +47,9 @@ mod runner {
             /// Scenario files (repeatable).
             #[arg(long)]
             scenario: Vec<PathBuf>,
-            /// Every scenario in `scenarios/` and `scenarios/regressions/`.
+            /// Every scenario in `scenarios/` and `scenarios/regressions/`
+            /// (not `scenarios/assumptions/`, which break an assumption on
+            /// purpose and are expected to fail).
             #[arg(long)]
             all_scenarios: bool,
             /// Seeds, `A..B` (B excluded) or one number.

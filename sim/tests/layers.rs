@@ -55,6 +55,25 @@ fn the_epoch_file_fence_leaves_a_gap_that_only_shared_shard_locks_close() {
     assert!(seed.is_some(), "no single-writer violation in 5 seeds with the EPOCH file and no shared locks");
 }
 
+/// The lease gate's assumption, broken: a primary whose clock runs 40% slow
+/// (the bound is `timing.drift`, 1%) keeps its gate open after a backup
+/// took over, and its linearizable reads go stale
+/// (`scenarios/assumptions/clock-drift-beyond-bound.toml`, which
+/// `run --all-scenarios` leaves out). Within the bound, the same runs are clean.
+#[test]
+fn a_clock_beyond_the_drift_bound_breaks_linearizability_and_one_within_it_does_not() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios/assumptions/clock-drift-beyond-bound.toml");
+    let mut s = Scenario::load(&path).unwrap();
+    let seed = first_violation(&s, "linearizable", 3);
+    assert!(seed.is_some(), "no linearizability violation in 3 seeds with a clock 40% slow");
+    let jitter = s.faults.iter_mut().find_map(|f| match &mut f.fault {
+        attache_faults::Fault::ClockJitter { ppm, .. } => Some(ppm),
+        _ => None,
+    });
+    *jitter.expect("the scenario sets a clock rate") = -5_000;
+    clean(&s, 0..3);
+}
+
 /// Layer 2, the lease gate: without it, a primary cut off from the metadata
 /// store keeps serving reads after a backup took over and took writes: stale
 /// reads. (Its writes are still stopped by storage fencing. On separate
