@@ -213,9 +213,27 @@ const SEARCH_LIMIT: usize = 2_000_000;
 
 /// Checks that every key is a linearizable register (see the module docs).
 pub fn linearizable(ops: &[Op]) -> Vec<Violation> {
+    linearizable_search(ops).0
+}
+
+/// As [`linearizable`], and the most states (linearized set and register
+/// value pairs) one key's search visited: how close the run came to
+/// `SEARCH_LIMIT` (2,000,000), past which a key is reported as a violation
+/// ("search gave up"), never as a pass.
+pub fn linearizable_search(ops: &[Op]) -> (Vec<Violation>, u64) {
+    linearizable_within(ops, SEARCH_LIMIT)
+}
+
+/// As [`linearizable_search`] with a search limit of `limit` states per key.
+fn linearizable_within(ops: &[Op], limit: usize) -> (Vec<Violation>, u64) {
     let mut out = Vec::new();
+    let mut longest = 0;
     for ((shard, key), ops) in by_key(ops) {
-        match register_linearizable(&ops) {
+        let searched = register_linearizable(&ops, limit);
+        longest = longest.max(match searched {
+            Ok((_, states)) | Err(states) => states as u64,
+        });
+        match searched.map(|(ok, _)| ok) {
             Ok(true) => {}
             Ok(false) => out.push(violation(
                 "linearizable",
@@ -231,7 +249,7 @@ pub fn linearizable(ops: &[Op]) -> Vec<Violation> {
             )),
         }
     }
-    out
+    (out, longest)
 }
 
 /// Operations shown before the earliest failing cut of a non-linearizable key.
@@ -269,7 +287,7 @@ fn offending_window(ops: &[&Op]) -> String {
     times.dedup();
     let fails = |cut: u64| {
         let at = history_at(ops, cut);
-        matches!(register_linearizable(&at.iter().collect::<Vec<_>>()), Ok(false))
+        matches!(register_linearizable(&at.iter().collect::<Vec<_>>(), SEARCH_LIMIT), Ok((false, _)))
     };
     let (mut lo, mut hi) = (0, times.len().saturating_sub(1));
     while lo < hi {
@@ -315,7 +333,7 @@ enum Entry {
 
 /// Wing–Gong–Lowe search over one register's operations. `Err(n)`: gave up
 /// after `n` states.
-fn register_linearizable(ops: &[&Op]) -> Result<bool, usize> {
+fn register_linearizable(ops: &[&Op], limit: usize) -> Result<(bool, usize), usize> {
     // Entries by time; a call before a return at the same instant. Unknown
     // writes have no return: they may linearize at any later point, or never.
     let mut timed: Vec<(u64, u8, Entry)> = Vec::new();
@@ -338,7 +356,7 @@ fn register_linearizable(ops: &[&Op]) -> Result<bool, usize> {
     let entries: Vec<Entry> = timed.into_iter().map(|t| t.2).collect();
     let n = entries.len();
     if n == 0 {
-        return Ok(true);
+        return Ok((true, 0));
     }
     // A doubly linked list over the entries, with a head sentinel at index n.
     let end = usize::MAX;
@@ -379,9 +397,9 @@ fn register_linearizable(ops: &[&Op]) -> Result<bool, usize> {
     let mut cursor = next[head];
     loop {
         if done_ok == must {
-            return Ok(true);
+            return Ok((true, cache.len()));
         }
-        if cache.len() > SEARCH_LIMIT {
+        if cache.len() > limit {
             return Err(cache.len());
         }
         let entry = if cursor == end { None } else { Some(entries[cursor]) };
@@ -414,7 +432,7 @@ fn register_linearizable(ops: &[&Op]) -> Result<bool, usize> {
             }
             // A return, or the end, with a pending call not placed: undo the last choice.
             _ => {
-                let Some((i, prev_state)) = stack.pop() else { return Ok(false) };
+                let Some((i, prev_state)) = stack.pop() else { return Ok((false, cache.len())) };
                 linearized[i] = false;
                 state = prev_state;
                 if ops[i].outcome == EventType::Ok {
@@ -1155,6 +1173,22 @@ mod tests {
         ];
         assert!(linearizable(&h).is_empty());
         assert!(linearizable(&[r(1, None, 0, 5), w(2, "a", 10, 20)]).is_empty());
+    }
+
+    /// A search past its budget is reported as a violation ("gave up"),
+    /// never as a pass, even on a history that is linearizable; within the
+    /// budget the same history passes, and the states it took are reported.
+    #[test]
+    fn a_search_past_its_budget_is_reported_not_passed() {
+        // Eight concurrent writes, then a read of one of them: many orders to try.
+        let mut h: Vec<Op> = (0..8).map(|i| w(i, &format!("v{i}"), 0, 100)).collect();
+        h.push(r(9, Some("v3"), 110, 120));
+        let (v, states) = linearizable_within(&h, SEARCH_LIMIT);
+        assert!(v.is_empty(), "{v:?}");
+        assert!(states > 8, "{states} states");
+        let (v, _) = linearizable_within(&h, 5);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("search gave up after"), "{v:?}");
     }
 
     #[test]

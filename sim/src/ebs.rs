@@ -168,6 +168,15 @@ pub struct VolumeCounts {
 }
 
 impl VolumeCounts {
+    /// Adds `other`'s counts to these (a run of many seeds sums them).
+    pub fn add(&mut self, other: &VolumeCounts) {
+        self.fenced_writes += other.fenced_writes;
+        self.torn_tails += other.torn_tails;
+        self.lock_conflicts += other.lock_conflicts;
+        self.failed_syncs += other.failed_syncs;
+        self.failed_syncs_durable += other.failed_syncs_durable;
+    }
+
     /// Whether nothing happened (then the summary leaves the counts out).
     pub fn is_empty(&self) -> bool {
         *self == VolumeCounts::default()

@@ -293,6 +293,11 @@ mod runner {
         // Over every run: successful operations, and faults, by kind.
         let mut ops_by_kind: std::collections::BTreeMap<String, u64> = Default::default();
         let mut faults_by_kind: std::collections::BTreeMap<&'static str, u64> = Default::default();
+        // What the volumes went through, summed; the longest linearizability
+        // search (states, scenario, seed); faults aimed at a role nobody held.
+        let mut volumes = attache_sim::ebs::VolumeCounts::default();
+        let mut longest_search = (0u64, String::new(), 0u64);
+        let mut untargeted = 0u64;
         let total_wall = wall();
         for (path, s) in &scenarios {
             let pb = ProgressBar::new(seeds.end - seeds.start);
@@ -328,6 +333,11 @@ mod runner {
                 }
                 for f in &report.outcome.faults {
                     *faults_by_kind.entry(f.fault.kind()).or_default() += 1;
+                }
+                volumes.add(&report.outcome.volumes);
+                untargeted += report.outcome.untargeted_faults;
+                if report.summary.longest_search > longest_search.0 {
+                    longest_search = (report.summary.longest_search, s.name.clone(), seed);
                 }
                 sim_ms += report.outcome.sim_ms;
                 failovers.extend(report.summary.failovers.iter().cloned());
@@ -377,6 +387,22 @@ mod runner {
             join(ops_by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect())
         );
         println!("faults by kind: {}", join(faults_by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect()));
+        if untargeted > 0 {
+            println!("faults aimed at a role no node held (skipped): {untargeted}");
+        }
+        println!(
+            "volumes: {} writes fenced off, {} torn tails left by crashes, {} shard lock conflicts, {} failed syncs \
+             ({} of them durable anyway)",
+            volumes.fenced_writes,
+            volumes.torn_tails,
+            volumes.lock_conflicts,
+            volumes.failed_syncs,
+            volumes.failed_syncs_durable
+        );
+        println!(
+            "longest linearizability search: {} states for one key ({} seed {}; a key past 2000000 fails its run)",
+            longest_search.0, longest_search.1, longest_search.2
+        );
         if !all_failovers.is_empty() {
             all_failovers.sort_unstable();
             println!(

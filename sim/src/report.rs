@@ -70,6 +70,10 @@ pub struct Summary {
     pub swarm: Option<String>,
     pub sim_seconds: u64,
     pub ops: OpCounts,
+    /// The most states one key's linearizability search visited (see
+    /// `check::linearizable_search`; a key past 2,000,000 is a violation).
+    #[serde(default)]
+    pub longest_search: u64,
     pub faults: Vec<String>,
     pub failovers: Vec<Failover>,
     /// How often each buggify point fired (empty without buggify).
@@ -166,7 +170,8 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
     // Per-key checkers see batch writes and multi-key reads key by key.
     let per_key = check::project(&ops);
     let mut violations = Vec::new();
-    violations.extend(check::linearizable(&per_key));
+    let (linearizable, longest_search) = check::linearizable_search(&per_key);
+    violations.extend(linearizable);
     violations.extend(check::lost_writes(&per_key));
     violations.extend(check::stale_reads(&per_key));
     violations.extend(check::stale_ages(&per_key));
@@ -208,6 +213,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
         swarm: None,
         sim_seconds: outcome.sim_ms / 1000,
         ops: counts,
+        longest_search,
         faults,
         failovers: failovers(&outcome.history),
         buggified: outcome.buggified.clone(),
@@ -231,6 +237,7 @@ pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
         swarm: None,
         sim_seconds: 0,
         ops: OpCounts::default(),
+        longest_search: 0,
         faults: Vec::new(),
         failovers: Vec::new(),
         buggified: BTreeMap::new(),
