@@ -84,9 +84,12 @@ pub enum Target<'a> {
 }
 
 impl<'a> Target<'a> {
-    /// Reads a fault's node name.
+    /// Reads a fault's node name. A role may carry a tag after `#`
+    /// (`primary:vol-1#first`), which only tells two faults on the same role
+    /// apart, so that each repair finds the node its own fault struck.
     pub fn parse(name: &'a str) -> Target<'a> {
-        match name.split_once(':') {
+        let role = name.split_once('#').map_or(name, |(role, _)| role);
+        match role.split_once(':') {
             Some(("primary", volume)) => Target::Primary(volume),
             Some(("backup", volume)) => Target::Backup(volume),
             _ => Target::Node(name),
@@ -215,6 +218,49 @@ pub struct Scheduled {
     /// The fault.
     #[serde(flatten)]
     pub fault: Fault,
+    /// A moment of the system's own to wait for from `at_ms` (see
+    /// [`Moment`], written `"sync:vol-1"`): the fault strikes as it
+    /// happens, or is skipped if it does not within [`MOMENT_WAIT_MS`].
+    /// Faults later in the schedule wait for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
+}
+
+/// How long a fault waits for its moment before it is skipped, ms.
+pub const MOMENT_WAIT_MS: u64 = 10_000;
+
+/// A moment chosen from the system's state, on one volume, at which a
+/// fault strikes (`Scheduled::when`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Moment<'a> {
+    /// `fence:vol-1`: a node takes the volume's storage fence (a claim: at
+    /// start-up, or a takeover), before it opens any shard.
+    Fence(&'a str),
+    /// `sync:vol-1`: a sync (a group commit's fsync) starts on the volume,
+    /// while it is in flight.
+    Sync(&'a str),
+    /// `create:vol-1`: a shard's files are created on the volume (a
+    /// NewShard), before the shard's record says it is active.
+    Create(&'a str),
+}
+
+impl<'a> Moment<'a> {
+    /// Reads `kind:volume`. Errors: what is expected.
+    pub fn parse(text: &'a str) -> Result<Moment<'a>, String> {
+        match text.split_once(':') {
+            Some(("fence", v)) if !v.is_empty() => Ok(Moment::Fence(v)),
+            Some(("sync", v)) if !v.is_empty() => Ok(Moment::Sync(v)),
+            Some(("create", v)) if !v.is_empty() => Ok(Moment::Create(v)),
+            _ => Err(format!("when = {text:?}: expected fence:VOLUME, sync:VOLUME or create:VOLUME")),
+        }
+    }
+
+    /// The volume it happens on.
+    pub fn volume(&self) -> &'a str {
+        match self {
+            Moment::Fence(v) | Moment::Sync(v) | Moment::Create(v) => v,
+        }
+    }
 }
 
 /// Faults in time order.
@@ -267,6 +313,10 @@ pub struct RandomRates {
     /// rather than a random node (a [`Target`]): half at the primary of the
     /// fault's volume, half at the backup next in line.
     pub targeted: f64,
+    /// The share (0 to 1) of those aimed faults that also wait for a moment
+    /// on their volume ([`Moment`]: a fence taken, a sync started, a shard
+    /// created, a third each) before they strike.
+    pub at_moments: f64,
     /// Shortest and longest disruption (crash to restart, pause to resume,
     /// detach to reattach, partition to heal), ms.
     pub min_outage_ms: u64,
@@ -294,6 +344,7 @@ impl Default for RandomRates {
             network_slow: 0.0,
             client_partition: 0.0,
             targeted: 0.0,
+            at_moments: 0.0,
             min_outage_ms: 500,
             max_outage_ms: 8_000,
             max_concurrent: 1,
@@ -361,7 +412,7 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
     let total: f64 = kinds.iter().map(|k| k.1).sum();
     let mut out = Vec::new();
     if total <= 0.0 || topo.nodes.is_empty() {
-        out.push(Scheduled { at_ms: end_ms, fault: Fault::Heal });
+        out.push(Scheduled { at_ms: end_ms, fault: Fault::Heal, when: None });
         return Schedule::new(out);
     }
     // Busy intervals per node, so at most `max_concurrent` overlap.
@@ -387,9 +438,14 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
         // Drawn only when targeting is on, so a schedule without it is the
         // one the same seed drew before targeting existed.
         let mut role_volume = None;
+        let mut when = None;
         if rates.targeted > 0.0 && !topo.volumes.is_empty() && rng.random_bool(rates.targeted.min(1.0)) {
             let v = topo.volumes[rng.random_range(0..topo.volumes.len())].clone();
             node = if rng.random_bool(0.5) { format!("primary:{v}") } else { format!("backup:{v}") };
+            if rates.at_moments > 0.0 && rng.random_bool(rates.at_moments.min(1.0)) {
+                let kind = ["fence", "sync", "create"][rng.random_range(0..3)];
+                when = Some(format!("{kind}:{v}"));
+            }
             role_volume = Some(v);
         }
         let overlapping: BTreeSet<&String> = busy.iter().filter(|b| b.0 < until && at < b.1).map(|b| &b.2).collect();
@@ -449,6 +505,7 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
                 out.push(Scheduled {
                     at_ms: at,
                     fault: Fault::NetworkSlow { min_ms, max_ms, loss_per_mille, for_ms: until - at },
+                    when: None,
                 });
                 busy.push((at, until, NETWORK.to_string()));
                 continue;
@@ -458,6 +515,7 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
                 out.push(Scheduled {
                     at_ms: at,
                     fault: Fault::DiskStall { volume, node: node.clone(), ms, for_ms: until - at },
+                    when,
                 });
                 busy.push((at, until, node));
                 continue;
@@ -466,6 +524,7 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
                 out.push(Scheduled {
                     at_ms: at,
                     fault: Fault::DiskErrors { volume, node: node.clone(), for_ms: until - at },
+                    when,
                 });
                 busy.push((at, until, node));
                 continue;
@@ -478,14 +537,22 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
                 let for_ms = until - at;
                 match kind {
                     "metadata_unavailable" => {
-                        out.push(Scheduled { at_ms: at, fault: Fault::MetadataUnavailable { for_ms } })
+                        out.push(Scheduled { at_ms: at, fault: Fault::MetadataUnavailable { for_ms }, when: None })
                     }
                     "metadata_disk_errors" => {
-                        out.push(Scheduled { at_ms: at, fault: Fault::MetadataDiskErrors { for_ms } })
+                        out.push(Scheduled { at_ms: at, fault: Fault::MetadataDiskErrors { for_ms }, when: None })
                     }
                     _ => {
-                        out.push(Scheduled { at_ms: at, fault: Fault::NodeCrash { node: topo.meta.clone() } });
-                        out.push(Scheduled { at_ms: until, fault: Fault::NodeRestart { node: topo.meta.clone() } });
+                        out.push(Scheduled {
+                            at_ms: at,
+                            fault: Fault::NodeCrash { node: topo.meta.clone() },
+                            when: None,
+                        });
+                        out.push(Scheduled {
+                            at_ms: until,
+                            fault: Fault::NodeRestart { node: topo.meta.clone() },
+                            when: None,
+                        });
                     }
                 }
                 busy.push((at, until, topo.meta.clone()));
@@ -493,15 +560,15 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
             }
             _ => {
                 let ppm = rng.random_range(-rates.max_clock_ppm..=rates.max_clock_ppm);
-                out.push(Scheduled { at_ms: at, fault: Fault::ClockJitter { node: node.clone(), ppm } });
+                out.push(Scheduled { at_ms: at, fault: Fault::ClockJitter { node: node.clone(), ppm }, when: None });
                 continue;
             }
         };
-        out.push(Scheduled { at_ms: at, fault: start });
-        out.push(Scheduled { at_ms: until, fault: repair });
+        out.push(Scheduled { at_ms: at, fault: start, when });
+        out.push(Scheduled { at_ms: until, fault: repair, when: None });
         busy.push((at, until, node));
     }
-    out.push(Scheduled { at_ms: end_ms, fault: Fault::Heal });
+    out.push(Scheduled { at_ms: end_ms, fault: Fault::Heal, when: None });
     Schedule::new(out)
 }
 
@@ -623,6 +690,21 @@ mod tests {
             }
         }
         assert!(roles > 20, "{roles} targeted faults in 30 seeds");
+        // Moments: only on aimed faults, on their own volume, and only when asked for.
+        assert!(random_schedule(4, &targeted, &topo(), 0, 60_000).faults.iter().all(|f| f.when.is_none()));
+        let moments = RandomRates { at_moments: 1.0, ..targeted.clone() };
+        let s = random_schedule(4, &moments, &topo(), 0, 60_000);
+        let timed: Vec<&Scheduled> = s.faults.iter().filter(|f| f.when.is_some()).collect();
+        assert!(!timed.is_empty());
+        for f in timed {
+            let name = f.fault.node_names()[0].clone();
+            let (Target::Primary(v) | Target::Backup(v)) = Target::parse(&name) else { panic!("{f:?}") };
+            assert_eq!(Moment::parse(f.when.as_deref().unwrap()).unwrap().volume(), v, "{f:?}");
+            assert!(!f.fault.is_repair(), "{f:?}");
+        }
+        assert_eq!(Target::parse("primary:vol-2#b"), Target::Primary("vol-2"));
+        assert_eq!(Moment::parse("sync:vol-1"), Ok(Moment::Sync("vol-1")));
+        assert!(Moment::parse("sync:").is_err() && Moment::parse("commit:vol-1").is_err());
         assert_eq!(Target::parse("primary:vol-2"), Target::Primary("vol-2"));
         assert_eq!(Target::parse("backup:vol-1"), Target::Backup("vol-1"));
         assert_eq!(Target::parse("node-1"), Target::Node("node-1"));

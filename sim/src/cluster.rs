@@ -19,7 +19,7 @@ use attache_actors::retry::RetryPolicy;
 use attache_actors::service::AttacheService;
 use attache_actors::volume::FailoverTiming;
 use attache_actors::HostHandle;
-use attache_faults::{random_schedule, Fault, Schedule, Scheduled, Target, Topology};
+use attache_faults::{random_schedule, Fault, Schedule, Scheduled, Target, Topology, MOMENT_WAIT_MS};
 use madsim::net::NetSim;
 use madsim::runtime::{Handle, NodeHandle};
 use tokio::time::{Duration, Instant};
@@ -97,8 +97,15 @@ struct DriverState {
     /// How many slow-network windows started, so only the last one's end
     /// restores the network.
     slow_windows: Arc<Mutex<u64>>,
-    /// Faults aimed at a role that no node held (none applied).
-    untargeted: u64,
+    /// Faults not applied: aimed at a role no node held, or waiting for a
+    /// moment that did not come, and the repairs of the latter.
+    skipped: u64,
+    /// Disruptions skipped because their moment did not come: their repairs
+    /// are skipped too.
+    unapplied: Vec<Fault>,
+    /// When the last wait for a moment ended, ms since the start: a fault
+    /// due before then struck late, and is recorded when it struck.
+    waited_until_ms: u64,
 }
 
 /// The node a fault's name stands for now (see [`Target`]): a name as it
@@ -140,7 +147,7 @@ fn resolve_fault(fault: &Fault, nodes: &Nodes, ebs: &SimEbs, st: &mut DriverStat
     });
     match &out {
         Some(_) => st.resolved.extend(named.into_iter().filter(|(n, _)| Target::is_role(n))),
-        None => st.untargeted += 1,
+        None => st.skipped += 1,
     }
     out
 }
@@ -433,13 +440,35 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
     let mut st = DriverState::default();
     for f in &schedule.faults {
         tokio::time::sleep_until(start + Duration::from_millis(f.at_ms)).await;
+        if let Some(i) = st.unapplied.iter().position(|u| f.fault != Fault::Heal && crate::shrink::repairs(u, &f.fault))
+        {
+            st.unapplied.remove(i);
+            st.skipped += 1;
+            tracing::info!(at_ms = f.at_ms, fault = ?f.fault, "repair skipped: its fault's moment never came");
+            continue;
+        }
+        if let Some(when) = &f.when {
+            let moment = attache_faults::Moment::parse(when).expect("validated with the scenario");
+            let came = tokio::time::timeout(Duration::from_millis(MOMENT_WAIT_MS), ebs.wait_for(&moment)).await;
+            st.waited_until_ms = start.elapsed().as_millis() as u64;
+            if !matches!(came, Ok(Ok(()))) {
+                tracing::info!(at_ms = f.at_ms, fault = ?f.fault, %when, "fault skipped: its moment never came");
+                st.skipped += 1;
+                st.unapplied.push(f.fault.clone());
+                continue;
+            }
+        }
         let Some(fault) = resolve_fault(&f.fault, &nodes, &ebs, &mut st) else {
             tracing::info!(at_ms = f.at_ms, fault = ?f.fault, "fault skipped: no node holds its role");
             continue;
         };
-        tracing::info!(at_ms = f.at_ms, ?fault, "fault");
+        // Later than scheduled when it waited for a moment, or was due
+        // while the driver waited for one.
+        let now_ms = start.elapsed().as_millis() as u64;
+        let at_ms = if f.when.is_some() || f.at_ms < st.waited_until_ms { now_ms } else { f.at_ms };
+        tracing::info!(at_ms, ?fault, when = ?f.when, "fault");
         apply(&fault, &nodes, &ebs, &metalog, &mut st);
-        applied.push(Scheduled { at_ms: f.at_ms, fault });
+        applied.push(Scheduled { at_ms, fault, when: f.when.clone() });
     }
     for c in clients {
         c.await.expect("client task");
@@ -466,7 +495,7 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
         buggified,
         metadata_disk: metalog.counts(),
         volumes: ebs.counts(),
-        untargeted_faults: st.untargeted,
+        skipped_faults: st.skipped,
         disruptions,
     }
 }

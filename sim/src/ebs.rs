@@ -150,6 +150,9 @@ struct Ebs {
     /// The last lock token handed out.
     lock_tokens: u64,
     counts: VolumeCounts,
+    /// Fault driver waits for a moment (`fence`, `sync`, `create`) on a
+    /// volume; see [`SimEbs::wait_for`].
+    waiters: Vec<(&'static str, String, tokio::sync::oneshot::Sender<()>)>,
 }
 
 /// What the volumes went through in a run (a summary's `volumes`).
@@ -209,6 +212,7 @@ impl SimEbs {
             rng: ChaCha8Rng::seed_from_u64(seed),
             lock_tokens: 0,
             counts: VolumeCounts::default(),
+            waiters: Vec::new(),
         })))
     }
 
@@ -260,8 +264,32 @@ impl SimEbs {
             }
             _ => {
                 v.holder = Some((node.to_string(), key));
+                Self::fire(&mut ebs, "fence", volume);
                 Ok(())
             }
+        }
+    }
+
+    /// Resolves when `moment` next happens (for a fault that strikes then,
+    /// `Scheduled::when`): a node takes the volume's fence (`reserve`), a
+    /// sync starts on it, or a shard file is created on it.
+    pub fn wait_for(&self, moment: &attache_faults::Moment) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let kind = match moment {
+            attache_faults::Moment::Fence(_) => "fence",
+            attache_faults::Moment::Sync(_) => "sync",
+            attache_faults::Moment::Create(_) => "create",
+        };
+        self.lock().waiters.push((kind, moment.volume().to_string(), tx));
+        rx
+    }
+
+    /// Wakes the waiters for `kind` on `volume`.
+    fn fire(ebs: &mut Ebs, kind: &str, volume: &str) {
+        let (now, later): (Vec<_>, Vec<_>) = ebs.waiters.drain(..).partition(|(k, v, _)| *k == kind && v == volume);
+        ebs.waiters = later;
+        for (_, _, tx) in now {
+            let _ = tx.send(());
         }
     }
 
@@ -392,7 +420,8 @@ impl SimEbs {
     /// lost, at random.
     pub async fn sync(&self, volume: &str, node: &str, path: &str, epoch: u64) -> Result<(), EngineError> {
         let (base, jitter) = {
-            let ebs = self.lock();
+            let mut ebs = self.lock();
+            Self::fire(&mut ebs, "sync", volume);
             (ebs.cfg.sync_us, ebs.cfg.sync_jitter_us)
         };
         self.io_wait(volume, node, base, jitter).await;
@@ -493,6 +522,7 @@ impl SimEbs {
         Self::check_write(&mut ebs, volume, node)?;
         ebs.volumes.get_mut(volume).expect("checked").files.entry(path.to_string()).or_default();
         Self::record_change(&mut ebs, volume, node, dir_of(path), epoch);
+        Self::fire(&mut ebs, "create", volume);
         Ok(())
     }
 

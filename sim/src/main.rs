@@ -297,7 +297,7 @@ mod runner {
         // search (states, scenario, seed); faults aimed at a role nobody held.
         let mut volumes = attache_sim::ebs::VolumeCounts::default();
         let mut longest_search = (0u64, String::new(), 0u64);
-        let mut untargeted = 0u64;
+        let mut skipped = 0u64;
         let total_wall = wall();
         for (path, s) in &scenarios {
             let pb = ProgressBar::new(seeds.end - seeds.start);
@@ -335,7 +335,7 @@ mod runner {
                     *faults_by_kind.entry(f.fault.kind()).or_default() += 1;
                 }
                 volumes.add(&report.outcome.volumes);
-                untargeted += report.outcome.untargeted_faults;
+                skipped += report.outcome.skipped_faults;
                 if report.summary.longest_search > longest_search.0 {
                     longest_search = (report.summary.longest_search, s.name.clone(), seed);
                 }
@@ -387,8 +387,8 @@ mod runner {
             join(ops_by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect())
         );
         println!("faults by kind: {}", join(faults_by_kind.iter().map(|(k, n)| format!("{k} {n}")).collect()));
-        if untargeted > 0 {
-            println!("faults aimed at a role no node held (skipped): {untargeted}");
+        if skipped > 0 {
+            println!("faults skipped (aimed at a role no node held, or their moment never came): {skipped}");
         }
         println!(
             "volumes: {} writes fenced off, {} torn tails left by crashes, {} shard lock conflicts, {} failed syncs \

@@ -30,9 +30,10 @@ pub struct RunOutcome {
     pub metadata_disk: MetaDiskCounts,
     /// What the storage volumes went through.
     pub volumes: VolumeCounts,
-    /// Faults aimed at a role (`primary:vol-1`) that no node held when they
-    /// struck, so not applied.
-    pub untargeted_faults: u64,
+    /// Faults not applied: aimed at a role (`primary:vol-1`) no node held
+    /// when they struck, or waiting for a moment (`when`) that never came,
+    /// with the repairs of the latter.
+    pub skipped_faults: u64,
 }
 
 /// Operation counts.
@@ -86,9 +87,9 @@ pub struct Summary {
     /// storage volumes (left out when none).
     #[serde(default, skip_serializing_if = "VolumeCounts::is_empty")]
     pub volumes: VolumeCounts,
-    /// Faults aimed at a role no node held when they struck (left out when none).
+    /// Faults not applied (see `RunOutcome::skipped_faults`; left out when none).
     #[serde(default, skip_serializing_if = "is_zero")]
-    pub untargeted_faults: u64,
+    pub skipped_faults: u64,
     pub violations: Vec<Violation>,
 }
 
@@ -203,7 +204,14 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
             _ => counts.info += 1,
         }
     }
-    let faults = outcome.faults.iter().map(|f| format!("{} ms {}", f.at_ms, describe(&f.fault))).collect();
+    let faults = outcome
+        .faults
+        .iter()
+        .map(|f| {
+            let when = f.when.as_ref().map_or(String::new(), |w| format!(" when={w}"));
+            format!("{} ms {}{when}", f.at_ms, describe(&f.fault))
+        })
+        .collect();
     let mut digest = fnv1a(outcome.history.to_jsonl().as_bytes(), 0xcbf29ce484222325);
     digest = fnv1a(serde_json::to_string(&outcome.syncs).expect("syncs serialize").as_bytes(), digest);
     digest = fnv1a(serde_json::to_string(&outcome.faults).expect("faults serialize").as_bytes(), digest);
@@ -219,7 +227,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
         buggified: outcome.buggified.clone(),
         metadata_disk: outcome.metadata_disk.clone(),
         volumes: outcome.volumes.clone(),
-        untargeted_faults: outcome.untargeted_faults,
+        skipped_faults: outcome.skipped_faults,
         violations,
     };
     RunReport { summary, outcome, digest }
@@ -243,7 +251,7 @@ pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
         buggified: BTreeMap::new(),
         metadata_disk: MetaDiskCounts::default(),
         volumes: VolumeCounts::default(),
-        untargeted_faults: 0,
+        skipped_faults: 0,
         violations: vec![violation],
     };
     RunReport { summary, outcome, digest }

@@ -563,6 +563,20 @@ impl Scenario {
                     if may_be_client { format!(", {}", clients.join(", ")) } else { String::new() }
                 ));
             }
+            if let Some(when) = &f.when {
+                let moment =
+                    attache_faults::Moment::parse(when).map_err(|e| format!("the fault at {} ms: {e}", f.at_ms))?;
+                if !volumes.iter().any(|v| v == moment.volume()) {
+                    return Err(format!(
+                        "the fault at {} ms waits for {when:?}, but the cluster has {}",
+                        f.at_ms,
+                        volumes.join(", ")
+                    ));
+                }
+                if f.fault.is_repair() {
+                    return Err(format!("the fault at {} ms is a repair: only a fault waits for a moment", f.at_ms));
+                }
+            }
             if let Some(bad) = volume.filter(|v| !volumes.contains(v)) {
                 return Err(format!(
                     "the fault at {} ms names volume {bad:?}, but the cluster has {}",
@@ -684,5 +698,11 @@ mod tests {
         assert!(e.contains("\"primary:vol-9\""), "{e}");
         let e = with_fault("type = \"node_crash\"\nnode = \"client-1\"").unwrap_err();
         assert!(e.contains("\"client-1\""), "{e}");
+        // A moment names a kind and a volume of the cluster.
+        with_fault("type = \"node_crash\"\nnode = \"primary:vol-1\"\nwhen = \"sync:vol-1\"").unwrap();
+        let e = with_fault("type = \"node_crash\"\nnode = \"node-1\"\nwhen = \"commit:vol-1\"").unwrap_err();
+        assert!(e.contains("expected fence:VOLUME"), "{e}");
+        let e = with_fault("type = \"node_crash\"\nnode = \"node-1\"\nwhen = \"sync:vol-8\"").unwrap_err();
+        assert!(e.contains("\"sync:vol-8\""), "{e}");
     }
 }

@@ -91,7 +91,7 @@ fn split<T: Clone>(items: &[T], n: usize) -> Vec<Vec<T>> {
 /// ends with the restart of that node, a pause with its resume, a detach
 /// with the reattach of that volume to that node, a partition or an
 /// isolation with the next heal.
-fn repairs(start: &Fault, repair: &Fault) -> bool {
+pub(crate) fn repairs(start: &Fault, repair: &Fault) -> bool {
     match (start, repair) {
         (Fault::NodeCrash { node: a }, Fault::NodeRestart { node: b })
         | (Fault::NodePause { node: a }, Fault::NodeResume { node: b }) => a == b,
@@ -271,7 +271,7 @@ mod tests {
     }
 
     fn at(at_ms: u64, fault: Fault) -> Scheduled {
-        Scheduled { at_ms, fault }
+        Scheduled { at_ms, fault, when: None }
     }
 
     #[test]

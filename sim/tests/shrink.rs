@@ -20,9 +20,9 @@ fn shrinking_drops_the_faults_a_failure_does_not_need() {
     s.ebs.fencing = false;
     s.ebs.shard_locks = false;
     for at_ms in [3_000, 5_000, 15_000] {
-        s.faults.push(Scheduled { at_ms, fault: Fault::ClockJitter { node: "node-3".into(), ppm: 300 } });
+        s.faults.push(Scheduled { at_ms, fault: Fault::ClockJitter { node: "node-3".into(), ppm: 300 }, when: None });
     }
-    s.faults.push(Scheduled { at_ms: 4_000, fault: Fault::MetadataUnavailable { for_ms: 200 } });
+    s.faults.push(Scheduled { at_ms: 4_000, fault: Fault::MetadataUnavailable { for_ms: 200 }, when: None });
     s.faults.sort_by_key(|f| f.at_ms);
     let seed = (0..30)
         .find(|&seed| run_once(&s, seed).summary.violations.iter().any(|v| v.checker == "single_writer"))
