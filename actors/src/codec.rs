@@ -28,6 +28,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, String
 }
 
 /// Appends `payload` to `out` as one frame: `u32be len ++ u32be crc32 ++ payload`.
+/// `payload` is never empty (every record encodes to at least one byte):
+/// an empty frame would read like zeros (see [`frames`]).
 pub fn frame(out: &mut Vec<u8>, payload: &[u8]) {
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     out.extend_from_slice(&crc32fast::hash(payload).to_be_bytes());
@@ -35,14 +37,20 @@ pub fn frame(out: &mut Vec<u8>, payload: &[u8]) {
 }
 
 /// Splits `bytes` into frame payloads, stopping at the first incomplete or
-/// corrupt frame (a torn append). Returns the payloads and the length of the
-/// valid prefix of `bytes`.
+/// corrupt frame (a torn append) or at an empty one: a file that grew in a
+/// crash before its new blocks were written reads as zeros there, and eight
+/// zero bytes would otherwise pass as a frame (length 0, and the CRC32 of
+/// nothing is 0). Returns the payloads and the length of the valid prefix
+/// of `bytes`.
 pub fn frames(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
     let mut out = Vec::new();
     let mut at = 0;
     while bytes.len() - at >= 8 {
         let len = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_be_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes"));
+        if len == 0 {
+            break;
+        }
         let Some(payload) = bytes.get(at + 8..at + 8 + len) else { break };
         if crc32fast::hash(payload) != crc {
             break;
@@ -78,5 +86,17 @@ mod tests {
         assert_eq!(frames(&log[..whole - 1]), (vec![&b"one"[..]], 11));
         log[whole - 1] ^= 1;
         assert_eq!(frames(&log).1, 11);
+    }
+
+    /// A tail of zeros (a file that grew before its blocks were written)
+    /// ends the log; it is not read as empty records.
+    #[test]
+    fn a_zeroed_tail_ends_the_log() {
+        let mut log = Vec::new();
+        frame(&mut log, b"one");
+        let valid = log.len();
+        log.extend_from_slice(&[0; 64]);
+        assert_eq!(frames(&log), (vec![&b"one"[..]], valid));
+        assert_eq!(frames(&[0; 8]), (vec![], 0));
     }
 }

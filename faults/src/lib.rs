@@ -220,8 +220,9 @@ pub struct Scheduled {
     pub fault: Fault,
     /// A moment of the system's own to wait for from `at_ms` (see
     /// [`Moment`], written `"sync:vol-1"`): the fault strikes as it
-    /// happens, or is skipped if it does not within [`MOMENT_WAIT_MS`].
-    /// Faults later in the schedule wait for it.
+    /// happens, or is skipped (with its repair) if it does not within
+    /// [`MOMENT_WAIT_MS`] or before the next fault of the schedule is due,
+    /// so the rest of the schedule keeps its times.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<String>,
 }

@@ -492,15 +492,23 @@ pub fn lost_writes(ops: &[Op]) -> Vec<Violation> {
     out
 }
 
-/// Durable writes of an older epoch after a newer one, or two nodes in one
-/// epoch, within one fence scope (`SyncRecord::scope`: the volume under a
-/// reservation, the shard directory under the EPOCH file).
+/// Durable writes of an older epoch after a newer one (written, or opened
+/// read-write: the opener's recovery would miss it), or two nodes writing
+/// in one epoch, within one fence scope (`SyncRecord::scope`: the volume
+/// under a reservation, the shard directory under the EPOCH file).
 pub fn single_writer(syncs: &[SyncRecord]) -> Vec<Violation> {
     let mut out = Vec::new();
     let mut newest: BTreeMap<&str, (u64, &str, u64)> = BTreeMap::new();
     let mut owner: BTreeMap<(&str, u64), &str> = BTreeMap::new();
     for s in syncs {
         let scope = if s.scope.is_empty() { s.volume.as_str() } else { s.scope.as_str() };
+        // An open writes nothing: only what lands after it is checked.
+        if s.open {
+            if newest.get(scope).is_none_or(|(e, _, _)| s.epoch > *e) {
+                newest.insert(scope, (s.epoch, &s.node, s.at_ms));
+            }
+            continue;
+        }
         if let Some((epoch, node, at)) = newest.get(scope) {
             if s.epoch < *epoch {
                 out.push(violation(
@@ -1277,7 +1285,15 @@ mod tests {
     }
 
     fn sync(volume: &str, node: &str, epoch: u64, at_ms: u64) -> SyncRecord {
-        SyncRecord { at_ms, volume: volume.into(), node: node.into(), epoch, bytes: 1, scope: volume.into() }
+        SyncRecord {
+            at_ms,
+            volume: volume.into(),
+            node: node.into(),
+            epoch,
+            bytes: 1,
+            scope: volume.into(),
+            open: false,
+        }
     }
 
     #[test]
@@ -1427,6 +1443,14 @@ mod tests {
         let v = single_writer(&[in_dir("s1", "a", 1, 1), in_dir("s1", "b", 2, 2), in_dir("s1", "a", 1, 3)]);
         assert_eq!(v.len(), 1);
         assert!(v[0].message.contains("shard directory v/s1"), "{v:?}");
+        // A successor that opened the shard at epoch 2, before it wrote: a
+        // write of epoch 1 landing after the open is one its state misses.
+        let open = SyncRecord { open: true, bytes: 0, ..in_dir("s1", "b", 2, 2) };
+        let v = single_writer(&[in_dir("s1", "a", 1, 1), open.clone(), in_dir("s1", "a", 1, 3)]);
+        assert_eq!(v.len(), 1, "{v:?}");
+        // An open of an older epoch writes nothing, so it breaks nothing.
+        let stale_open = SyncRecord { epoch: 1, node: "a".into(), at_ms: 4, ..open };
+        assert!(single_writer(&[in_dir("s1", "b", 2, 1), stale_open, in_dir("s1", "b", 2, 5)]).is_empty());
     }
 
     fn created(p: u64, client: &str, shard: u64, i: u64, c: u64) -> Op {

@@ -103,21 +103,28 @@ struct DriverState {
     /// Disruptions skipped because their moment did not come: their repairs
     /// are skipped too.
     unapplied: Vec<Fault>,
-    /// When the last wait for a moment ended, ms since the start: a fault
-    /// due before then struck late, and is recorded when it struck.
-    waited_until_ms: u64,
 }
 
 /// The node a fault's name stands for now (see [`Target`]): a name as it
 /// is; a role, the node holding it that no fault holds down (the primary:
-/// the holder of the volume's storage fence; the backup next in line: the
-/// attached node with the lowest node id other than the holder, as backups
-/// rank for a takeover). `None` when no node holds the role.
-fn resolve(name: &str, nodes: &Nodes, ebs: &SimEbs, down: &std::collections::BTreeSet<String>) -> Option<String> {
+/// the holder of the volume's storage fence, or, for a fault that waited
+/// for a moment on that volume, the node whose moment it was; the backup
+/// next in line: the attached node with the lowest node id other than the
+/// holder, as backups rank for a takeover). `None` when no node holds the role.
+fn resolve(
+    name: &str,
+    nodes: &Nodes,
+    ebs: &SimEbs,
+    down: &std::collections::BTreeSet<String>,
+    moment: Option<&(String, String)>,
+) -> Option<String> {
     let holder = |v: &str| ebs.holder(v).map(|(n, _)| n);
     match Target::parse(name) {
         Target::Node(n) => Some(n.to_string()),
-        Target::Primary(v) => holder(v).filter(|n| !down.contains(n)),
+        Target::Primary(v) => {
+            let at_moment = moment.filter(|(mv, _)| mv == v).map(|(_, n)| n.clone());
+            at_moment.or_else(|| holder(v)).filter(|n| !down.contains(n))
+        }
         Target::Backup(v) => {
             let holder = holder(v);
             ebs.attached(v)
@@ -129,25 +136,41 @@ fn resolve(name: &str, nodes: &Nodes, ebs: &SimEbs, down: &std::collections::BTr
 }
 
 /// The fault with its roles replaced by the nodes holding them (see
-/// [`resolve`]); a repair's role by the node its disruption struck. `None`
-/// when a role names no node: the fault (or the repair of a fault that was
-/// not applied) is skipped.
-fn resolve_fault(fault: &Fault, nodes: &Nodes, ebs: &SimEbs, st: &mut DriverState) -> Option<Fault> {
+/// [`resolve`]; `moment`: the (volume, node) of the moment it waited for);
+/// a repair's role by the node its disruption struck. `None` when a role
+/// names no node: the fault is skipped, and so is the repair of a fault
+/// that was skipped (whose role then has no node to repair).
+fn resolve_fault(
+    fault: &Fault,
+    nodes: &Nodes,
+    ebs: &SimEbs,
+    st: &mut DriverState,
+    moment: Option<&(String, String)>,
+) -> Option<Fault> {
     if fault.node_names().iter().all(|n| !Target::is_role(n)) {
         return Some(fault.clone());
     }
-    if fault.is_repair() {
-        return fault.map_nodes(|n| if Target::is_role(n) { st.resolved.remove(n) } else { Some(n.to_string()) });
-    }
-    let mut named = Vec::new();
-    let out = fault.map_nodes(|n| {
-        let node = resolve(n, nodes, ebs, &st.down)?;
-        named.push((n.to_string(), node.clone()));
-        Some(node)
-    });
-    match &out {
-        Some(_) => st.resolved.extend(named.into_iter().filter(|(n, _)| Target::is_role(n))),
-        None => st.skipped += 1,
+    let out = if fault.is_repair() {
+        fault.map_nodes(|n| if Target::is_role(n) { st.resolved.remove(n) } else { Some(n.to_string()) })
+    } else {
+        let mut named = Vec::new();
+        let out = fault.map_nodes(|n| {
+            let node = resolve(n, nodes, ebs, &st.down, moment)?;
+            named.push((n.to_string(), node.clone()));
+            Some(node)
+        });
+        // Only a fault whose repair names its node (a crash, a pause, a
+        // detach) leaves the node for that repair; the others end by
+        // themselves or with a heal.
+        let repaired_by_name =
+            matches!(fault, Fault::NodeCrash { .. } | Fault::NodePause { .. } | Fault::EbsDetach { .. });
+        if out.is_some() && repaired_by_name {
+            st.resolved.extend(named.into_iter().filter(|(n, _)| Target::is_role(n)));
+        }
+        out
+    };
+    if out.is_none() {
+        st.skipped += 1;
     }
     out
 }
@@ -438,7 +461,7 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
     let schedule = schedule(s, seed);
     let mut applied = Vec::new();
     let mut st = DriverState::default();
-    for f in &schedule.faults {
+    for (i, f) in schedule.faults.iter().enumerate() {
         tokio::time::sleep_until(start + Duration::from_millis(f.at_ms)).await;
         if let Some(i) = st.unapplied.iter().position(|u| f.fault != Fault::Heal && crate::shrink::repairs(u, &f.fault))
         {
@@ -447,25 +470,30 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
             tracing::info!(at_ms = f.at_ms, fault = ?f.fault, "repair skipped: its fault's moment never came");
             continue;
         }
+        let mut moment_node = None;
         if let Some(when) = &f.when {
             let moment = attache_faults::Moment::parse(when).expect("validated with the scenario");
-            let came = tokio::time::timeout(Duration::from_millis(MOMENT_WAIT_MS), ebs.wait_for(&moment)).await;
-            st.waited_until_ms = start.elapsed().as_millis() as u64;
-            if !matches!(came, Ok(Ok(()))) {
-                tracing::info!(at_ms = f.at_ms, fault = ?f.fault, %when, "fault skipped: its moment never came");
-                st.skipped += 1;
-                st.unapplied.push(f.fault.clone());
-                continue;
+            // Never past the next scheduled fault: the schedule keeps its times.
+            let next_ms = schedule.faults.get(i + 1).map_or(u64::MAX, |n| n.at_ms);
+            let now_ms = start.elapsed().as_millis() as u64;
+            let wait = MOMENT_WAIT_MS.min(next_ms.saturating_sub(now_ms));
+            let came = tokio::time::timeout(Duration::from_millis(wait), ebs.wait_for(&moment)).await;
+            match came {
+                Ok(Ok(node)) => moment_node = Some((moment.volume().to_string(), node)),
+                _ => {
+                    tracing::info!(at_ms = f.at_ms, fault = ?f.fault, %when, "fault skipped: its moment never came");
+                    st.skipped += 1;
+                    st.unapplied.push(f.fault.clone());
+                    continue;
+                }
             }
         }
-        let Some(fault) = resolve_fault(&f.fault, &nodes, &ebs, &mut st) else {
+        let Some(fault) = resolve_fault(&f.fault, &nodes, &ebs, &mut st, moment_node.as_ref()) else {
             tracing::info!(at_ms = f.at_ms, fault = ?f.fault, "fault skipped: no node holds its role");
             continue;
         };
-        // Later than scheduled when it waited for a moment, or was due
-        // while the driver waited for one.
-        let now_ms = start.elapsed().as_millis() as u64;
-        let at_ms = if f.when.is_some() || f.at_ms < st.waited_until_ms { now_ms } else { f.at_ms };
+        // A fault that waited for its moment struck when it came.
+        let at_ms = if f.when.is_some() { start.elapsed().as_millis() as u64 } else { f.at_ms };
         tracing::info!(at_ms, ?fault, when = ?f.when, "fault");
         apply(&fault, &nodes, &ebs, &metalog, &mut st);
         applied.push(Scheduled { at_ms, fault, when: f.when.clone() });

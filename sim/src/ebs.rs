@@ -55,6 +55,9 @@ pub struct EbsConfig {
     pub sync_jitter_us: u64,
     /// Whether a crash may leave a torn prefix of the last unsynced append.
     pub torn_writes: bool,
+    /// Whether the rest of a torn append may read back as zeros or stale
+    /// garbage instead of ending the file (see [`torn_tail`]).
+    pub garbage_tails: bool,
     /// Storage fencing (off only to prove the checkers catch its absence).
     pub fencing: bool,
     /// Which fence production ships that the volumes model.
@@ -74,6 +77,7 @@ impl Default for EbsConfig {
             sync_us: 500,
             sync_jitter_us: 1_500,
             torn_writes: true,
+            garbage_tails: false,
             fencing: true,
             fence: FenceModel::Reservation,
             shard_locks: true,
@@ -101,7 +105,8 @@ pub enum FenceModel {
     /// shard directory, not per volume.
     EpochFile,
 }
-/// One durable write, for the single-writer checker.
+
+/// One durable write (or a read-write open), for the single-writer checker.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncRecord {
     /// Simulated ms since the volumes were created.
@@ -116,6 +121,11 @@ pub struct SyncRecord {
     #[serde(default)]
     pub scope: String,
     pub bytes: usize,
+    /// Not a write but a read-write open (its recovery read the log): no
+    /// write of an older epoch may land in the scope after it, or the
+    /// opener's state misses it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub open: bool,
 }
 
 #[derive(Default)]
@@ -152,7 +162,7 @@ struct Ebs {
     counts: VolumeCounts,
     /// Fault driver waits for a moment (`fence`, `sync`, `create`) on a
     /// volume; see [`SimEbs::wait_for`].
-    waiters: Vec<(&'static str, String, tokio::sync::oneshot::Sender<()>)>,
+    waiters: Vec<(&'static str, String, tokio::sync::oneshot::Sender<String>)>,
 }
 
 /// What the volumes went through in a run (a summary's `volumes`).
@@ -189,6 +199,29 @@ impl VolumeCounts {
 /// Shared handle on all volumes; clones share them.
 #[derive(Clone)]
 pub struct SimEbs(Arc<Mutex<Ebs>>);
+
+/// What a crash leaves of an unsynced append `data` whose first `cut` bytes
+/// reached the device: those bytes, and with `garbage` (half the time) the
+/// rest of the append's length too, reading as zeros (the file grew but
+/// its blocks were never written, as after a crash with delayed
+/// allocation; half of those times not even the first `cut` bytes were)
+/// or as stale bytes (blocks written before the data reached them). Readers must find where the valid
+/// log ends by checksum, not by the file's length.
+pub fn torn_tail(rng: &mut ChaCha8Rng, data: &[u8], cut: usize, garbage: bool) -> Vec<u8> {
+    let mut out = data[..cut].to_vec();
+    if garbage && cut < data.len() && rng.random_bool(0.5) {
+        let rest = data.len() - cut;
+        match rng.random_range(0..3) {
+            // Often none of the append's blocks were written at all.
+            0 if rng.random_bool(0.5) => out = vec![0; data.len()],
+            0 => out.resize(data.len(), 0),
+            1 => out.extend((0..rest).map(|_| rng.random::<u8>())),
+            // Stale bytes that look like the start of a frame: a large length.
+            _ => out.extend((0..rest).map(|i| if i < 4 { 0x7f } else { rng.random::<u8>() })),
+        }
+    }
+    out
+}
 
 /// The directory of file `path` (`shards/5/log` → `shards/5`).
 fn dir_of(path: &str) -> &str {
@@ -264,16 +297,17 @@ impl SimEbs {
             }
             _ => {
                 v.holder = Some((node.to_string(), key));
-                Self::fire(&mut ebs, "fence", volume);
+                Self::fire(&mut ebs, "fence", volume, node);
                 Ok(())
             }
         }
     }
 
     /// Resolves when `moment` next happens (for a fault that strikes then,
-    /// `Scheduled::when`): a node takes the volume's fence (`reserve`), a
-    /// sync starts on it, or a shard file is created on it.
-    pub fn wait_for(&self, moment: &attache_faults::Moment) -> tokio::sync::oneshot::Receiver<()> {
+    /// `Scheduled::when`), with the node whose moment it is: a node takes
+    /// the volume's fence (`reserve`), a sync starts on it, or a shard file
+    /// is created on it.
+    pub fn wait_for(&self, moment: &attache_faults::Moment) -> tokio::sync::oneshot::Receiver<String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let kind = match moment {
             attache_faults::Moment::Fence(_) => "fence",
@@ -284,12 +318,12 @@ impl SimEbs {
         rx
     }
 
-    /// Wakes the waiters for `kind` on `volume`.
-    fn fire(ebs: &mut Ebs, kind: &str, volume: &str) {
+    /// Wakes the waiters for `kind` on `volume`: `node`'s moment.
+    fn fire(ebs: &mut Ebs, kind: &str, volume: &str, node: &str) {
         let (now, later): (Vec<_>, Vec<_>) = ebs.waiters.drain(..).partition(|(k, v, _)| *k == kind && v == volume);
         ebs.waiters = later;
         for (_, _, tx) in now {
-            let _ = tx.send(());
+            let _ = tx.send(node.to_string());
         }
     }
 
@@ -421,7 +455,7 @@ impl SimEbs {
     pub async fn sync(&self, volume: &str, node: &str, path: &str, epoch: u64) -> Result<(), EngineError> {
         let (base, jitter) = {
             let mut ebs = self.lock();
-            Self::fire(&mut ebs, "sync", volume);
+            Self::fire(&mut ebs, "sync", volume, node);
             (ebs.cfg.sync_us, ebs.cfg.sync_jitter_us)
         };
         self.io_wait(volume, node, base, jitter).await;
@@ -437,8 +471,15 @@ impl SimEbs {
         let Ebs { volumes, syncs, counts, .. } = &mut *ebs;
         let Some(v) = volumes.get_mut(volume) else { return checked };
         if checked.is_ok() && injected != Some(false) {
-            let record =
-                SyncRecord { at_ms, volume: volume.to_string(), node: node.to_string(), epoch, bytes: 0, scope };
+            let record = SyncRecord {
+                at_ms,
+                volume: volume.to_string(),
+                node: node.to_string(),
+                epoch,
+                bytes: 0,
+                scope,
+                open: false,
+            };
             Self::flush(v, syncs, path, record);
         } else if let Some(f) = v.files.get_mut(path) {
             // The device rejected (or lost) the writes: they never become durable.
@@ -493,7 +534,30 @@ impl SimEbs {
             epoch,
             bytes: 0,
             scope,
+            open: false,
         });
+    }
+
+    /// Records that `node` opened shard directory `dir` on `volume`
+    /// read-write at `epoch` (see `SyncRecord::open`).
+    pub fn record_open(&self, volume: &str, node: &str, dir: &str, epoch: u64) {
+        let mut ebs = self.lock();
+        let at_ms = ebs.start.elapsed().as_millis() as u64;
+        let scope = Self::scope(&ebs.cfg, volume, dir);
+        ebs.syncs.push(SyncRecord {
+            at_ms,
+            volume: volume.to_string(),
+            node: node.to_string(),
+            epoch,
+            bytes: 0,
+            scope,
+            open: true,
+        });
+    }
+
+    /// The fence model the volumes follow.
+    pub fn fence_model(&self) -> FenceModel {
+        self.lock().cfg.fence
     }
 
     /// What `node` reads from `path`: the durable bytes, then its own pending
@@ -522,7 +586,7 @@ impl SimEbs {
         Self::check_write(&mut ebs, volume, node)?;
         ebs.volumes.get_mut(volume).expect("checked").files.entry(path.to_string()).or_default();
         Self::record_change(&mut ebs, volume, node, dir_of(path), epoch);
-        Self::fire(&mut ebs, "create", volume);
+        Self::fire(&mut ebs, "create", volume, node);
         Ok(())
     }
 
@@ -546,9 +610,15 @@ impl SimEbs {
 
     /// Removes every file under `prefix` on `volume`, as `node` holding the
     /// fence at `epoch`.
+    /// Errors: as a write; and, as RocksDB's `DestroyDB` takes the
+    /// directory's `LOCK`, an I/O error while a read-write open holds it.
     pub fn remove_prefix(&self, volume: &str, node: &str, prefix: &str, epoch: u64) -> Result<(), EngineError> {
         let mut ebs = self.lock();
         Self::check_write(&mut ebs, volume, node)?;
+        let dir = prefix.trim_end_matches('/');
+        if let Some(e) = Self::lock_conflict(&mut ebs, volume, node, dir) {
+            return Err(e);
+        }
         ebs.volumes.get_mut(volume).expect("checked").files.retain(|p, _| !p.starts_with(prefix));
         Self::record_change(&mut ebs, volume, node, prefix, epoch);
         Ok(())
@@ -562,18 +632,27 @@ impl SimEbs {
         let mut ebs = self.lock();
         ebs.lock_tokens += 1;
         let token = ebs.lock_tokens;
-        let shared = ebs.cfg.shard_locks;
-        let v = ebs.volumes.get_mut(volume).ok_or_else(|| io(format!("no volume {volume}")))?;
-        // Without shared locks (separate machines) a process still sees its own.
-        let held = v.locks.get(dir).into_iter().flatten().find(|(holder, _)| shared || holder == node);
-        if let Some((holder, _)) = held {
-            let e =
-                io(format!("while lock file {volume}/{dir}/LOCK: held by {holder} (resource temporarily unavailable)"));
-            ebs.counts.lock_conflicts += 1;
+        if !ebs.volumes.contains_key(volume) {
+            return Err(io(format!("no volume {volume}")));
+        }
+        if let Some(e) = Self::lock_conflict(&mut ebs, volume, node, dir) {
             return Err(e);
         }
+        let v = ebs.volumes.get_mut(volume).expect("checked");
         v.locks.entry(dir.to_string()).or_default().push((node.to_string(), token));
         Ok(token)
+    }
+
+    /// The error `node` gets taking the lock of `dir` on `volume` while
+    /// another open holds it (any process with shared locks; without them,
+    /// on separate machines, only its own), counted as a lock conflict.
+    fn lock_conflict(ebs: &mut Ebs, volume: &str, node: &str, dir: &str) -> Option<EngineError> {
+        let shared = ebs.cfg.shard_locks;
+        let v = ebs.volumes.get(volume)?;
+        let (holder, _) = v.locks.get(dir).into_iter().flatten().find(|(holder, _)| shared || holder == node)?;
+        let e = io(format!("while lock file {volume}/{dir}/LOCK: held by {holder} (resource temporarily unavailable)"));
+        ebs.counts.lock_conflicts += 1;
+        Some(e)
     }
 
     /// Releases the lock of `dir` on `volume` if `token` still holds it.
@@ -609,7 +688,7 @@ impl SimEbs {
     pub fn crash(&self, node: &str) {
         self.release_locks(node);
         let mut ebs = self.lock();
-        let (torn, cfg) = (ebs.cfg.torn_writes, ebs.cfg.clone());
+        let (torn, garbage, cfg) = (ebs.cfg.torn_writes, ebs.cfg.garbage_tails, ebs.cfg.clone());
         let Ebs { volumes, rng, counts, .. } = &mut *ebs;
         for v in volumes.values_mut() {
             // A torn prefix reaches the device only if the device would take
@@ -621,9 +700,9 @@ impl SimEbs {
                     let data = &f.pending[i].1;
                     if rng.random_bool(0.5) && !data.is_empty() {
                         let cut = rng.random_range(0..data.len());
-                        let prefix = data[..cut].to_vec();
-                        f.durable.extend_from_slice(&prefix);
-                        counts.torn_tails += u64::from(cut > 0);
+                        let tail = torn_tail(rng, data, cut, garbage);
+                        counts.torn_tails += u64::from(!tail.is_empty());
+                        f.durable.extend_from_slice(&tail);
                     }
                 }
                 f.pending.retain(|(n, _)| n != node);

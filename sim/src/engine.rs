@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -25,7 +25,7 @@ use attache_actors::engine::{
 use attache_actors::mem_engine::{apply_batch, scan_counted, Tree, TreeSnapshot};
 use attache_actors::provider::VolumeProvider;
 
-use crate::ebs::SimEbs;
+use crate::ebs::{FenceModel, SimEbs};
 
 /// The epochs at which one node holds volume fences; shared by its provider and engines.
 type Epochs = Arc<Mutex<BTreeMap<String, u64>>>;
@@ -103,6 +103,7 @@ impl EngineFactory for SimVolumes {
             Some((dir, token))
         };
         let fence_epoch = if read_only { None } else { self.held_epoch(&volume) };
+        let opened = lock.as_ref().map(|(dir, _)| dir.clone());
         let engine = SimEngine {
             vols: self.clone(),
             volume,
@@ -111,12 +112,16 @@ impl EngineFactory for SimVolumes {
             fence_epoch,
             lock,
             failed: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
             state: Mutex::new(State::default()),
             closed: Arc::default(),
             counters: Arc::default(),
         };
         // A failed recovery drops the engine, which releases the lock.
         engine.recover().await?;
+        if let Some(dir) = opened {
+            self.ebs.record_open(&engine.volume, &self.node, &dir, self.epoch(&engine.volume));
+        }
         Ok(Arc::new(engine))
     }
 
@@ -154,6 +159,9 @@ pub struct SimEngine {
     lock: Option<(String, u64)>,
     /// Set when a write failed with an unknown outcome: no more writes.
     failed: AtomicBool,
+    /// Writes under way: as a RocksDB call in flight holds the database,
+    /// the directory's lock is released only once they end (see `close`).
+    in_flight: AtomicUsize,
     state: Mutex<State>,
     closed: Arc<AtomicBool>,
     counters: Arc<EngineCounters>,
@@ -193,6 +201,28 @@ impl SimEngine {
     }
 }
 
+/// How long `close` waits for writes under way (as `attache-runtime`'s `CLOSE_WAIT`).
+const CLOSE_WAIT: tokio::time::Duration = tokio::time::Duration::from_secs(30);
+
+/// A write under way on an engine (see `SimEngine::in_flight`); the last
+/// one to end after a close releases the shard's lock.
+struct InFlight<'a>(&'a SimEngine);
+
+impl<'a> InFlight<'a> {
+    fn start(engine: &'a SimEngine) -> Self {
+        engine.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(engine)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.closed.load(Ordering::Acquire) {
+            self.0.unlock();
+        }
+    }
+}
+
 impl Drop for SimEngine {
     fn drop(&mut self) {
         self.unlock();
@@ -214,6 +244,13 @@ impl Engine for SimEngine {
             ));
         }
         let (ebs, node) = (&self.vols.ebs, &self.vols.node);
+        let _in_flight = InFlight::start(self);
+        // Under the EPOCH file a write is the engine's, at the epoch it
+        // opened at; under a reservation, the node's, at the one it holds.
+        let epoch = match (ebs.fence_model(), self.fence_epoch) {
+            (FenceModel::EpochFile, Some(e)) => e,
+            _ => self.vols.epoch(&self.volume),
+        };
         // The EPOCH-file fence (a no-op under a reservation): checked before
         // the write, and nothing holds the write back if the epoch moves on
         // between the check and the append or its sync.
@@ -224,7 +261,7 @@ impl Engine for SimEngine {
         if sync {
             // A failed sync may have made the batch durable (or not): only
             // a reservation conflict, refused by the device, wrote nothing.
-            if let Err(e) = ebs.sync(&self.volume, node, &self.file, self.vols.epoch(&self.volume)).await {
+            if let Err(e) = ebs.sync(&self.volume, node, &self.file, epoch).await {
                 if matches!(e, EngineError::Fenced(_)) {
                     return Err(e);
                 }
@@ -274,10 +311,21 @@ impl Engine for SimEngine {
         self.counters.snapshot(keys)
     }
 
+    /// As `RocksEngine::close`: no call starts after it, and the shard's
+    /// lock is released once the writes under way end (after at most 30 s
+    /// it returns anyway, and the last of them releases the lock).
     async fn close(&self) {
-        let _state = self.state.lock().expect("sim engine lock");
-        self.closed.store(true, Ordering::Release);
-        self.unlock();
+        {
+            let _state = self.state.lock().expect("sim engine lock");
+            self.closed.store(true, Ordering::Release);
+        }
+        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        while self.in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(tokio::time::Duration::from_millis(1)).await;
+        }
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            self.unlock();
+        }
     }
 
     /// A read-only engine applies what the writer made durable since.

@@ -38,6 +38,9 @@ pub struct MetaDiskConfig {
     pub append_us: u64,
     /// Latency of the sync that follows it, µs.
     pub sync_us: u64,
+    /// Whether the lost part of a torn tail may read back as zeros or stale
+    /// garbage (see `ebs::torn_tail`).
+    pub garbage_tails: bool,
 }
 
 /// What the disk went through in a run, for the summary.
@@ -119,8 +122,10 @@ impl SimMetaLog {
         let len = d.pending.len();
         let keep = d.rng.random_range(0..=len);
         let pending = std::mem::take(&mut d.pending);
-        d.durable.extend_from_slice(&pending[..keep]);
-        if keep > 0 && keep < pending.len() {
+        let garbage = d.cfg.garbage_tails;
+        let tail = crate::ebs::torn_tail(&mut d.rng, &pending, keep, garbage);
+        d.durable.extend_from_slice(&tail);
+        if !tail.is_empty() && tail != pending {
             d.counts.torn_tails += 1;
         }
     }
@@ -226,7 +231,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_crash_during_an_append_keeps_a_prefix_of_it() {
-        let log = SimMetaLog::new(MetaDiskConfig { append_us: 100, sync_us: 1_000 }, 3);
+        let log = SimMetaLog::new(MetaDiskConfig { append_us: 100, sync_us: 1_000, ..MetaDiskConfig::default() }, 3);
         log.append(b"durable").await.unwrap();
         let writer = log.clone();
         let task = tokio::spawn(async move { writer.append(&[9u8; 64]).await });

@@ -103,6 +103,10 @@ pub struct SwarmSpec {
     pub buggify_probability: f64,
     /// `workload.write_ratio` is drawn in this range.
     pub write_ratio: [f64; 2],
+    /// Share of the runs with shared shard locks whose volumes use the
+    /// EPOCH-file fence of local volumes (`ebs.fence = "epoch_file"`, which
+    /// is sound only with shared locks) instead of a reservation.
+    pub epoch_file_ratio: f64,
 }
 
 impl Default for SwarmSpec {
@@ -121,6 +125,7 @@ impl Default for SwarmSpec {
             buggify_ratio: 0.3,
             buggify_probability: 0.1,
             write_ratio: [0.2, 0.8],
+            epoch_file_ratio: 0.0,
         }
     }
 }
@@ -167,6 +172,7 @@ impl SwarmSpec {
             ("shard_locks_ratio", self.shard_locks_ratio),
             ("buggify_ratio", self.buggify_ratio),
             ("buggify_probability", self.buggify_probability),
+            ("epoch_file_ratio", self.epoch_file_ratio),
         ];
         for (name, r) in
             ratios.into_iter().chain([("write_ratio", self.write_ratio[0]), ("write_ratio", self.write_ratio[1])])
@@ -415,6 +421,10 @@ impl Scenario {
         s.timing.lease_ttl_ms = ttl;
         s.timing.poll_ms = (ttl / 10).max(1);
         s.ebs.shard_locks = rng.random_bool(sw.shard_locks_ratio);
+        // (No draw at ratio 0, so older swarm files draw as before.)
+        if s.ebs.shard_locks && sw.epoch_file_ratio > 0.0 && rng.random_bool(sw.epoch_file_ratio) {
+            s.ebs.fence = crate::ebs::FenceModel::EpochFile;
+        }
         if s.buggify.is_none() && rng.random_bool(sw.buggify_ratio) {
             s.buggify = Some(BuggifySpec { probability: sw.buggify_probability });
         }
@@ -449,7 +459,7 @@ impl Scenario {
         }
         Some(format!(
             "storage_nodes={} volumes={} clients={} processes_per_client={} hot_keys={} write_ratio={:.2} \
-             lease_ttl_ms={} liveness_bound_ms={} max_concurrent={} shard_locks={} buggify={} faults: {}",
+             lease_ttl_ms={} liveness_bound_ms={} max_concurrent={} shard_locks={} fence={:?} buggify={} faults: {}",
             s.cluster.storage_nodes,
             s.cluster.volumes,
             s.cluster.clients,
@@ -460,6 +470,7 @@ impl Scenario {
             s.expect.liveness_bound_ms,
             s.random.as_ref().map_or(0, |r| r.rates.max_concurrent),
             s.ebs.shard_locks,
+            s.ebs.fence,
             s.buggify.is_some(),
             kinds.join(" ")
         ))
