@@ -67,6 +67,11 @@ pub enum Fault {
     /// backoff doubles from 1 ms up to 10 s), and a connection delivers in
     /// order, so one lost message holds up those behind it.
     NetworkSlow { min_ms: u64, max_ms: u64, loss_per_mille: u32, for_ms: u64 },
+    /// For `for_ms` milliseconds the volume has no free space: every append
+    /// to it, from any node, fails (`ENOSPC`) and writes nothing. No
+    /// failover can help (every node sees the same full volume); the
+    /// service must refuse writes cleanly and serve again once space is back.
+    DiskFull { volume: String, for_ms: u64 },
 }
 
 /// What a fault's node name stands for: a node by name, or the storage node
@@ -122,6 +127,7 @@ impl Fault {
             Fault::MetadataDiskErrors { .. } => "metadata_disk_errors",
             Fault::ClockJitter { .. } => "clock_jitter",
             Fault::NetworkSlow { .. } => "network_slow",
+            Fault::DiskFull { .. } => "disk_full",
         }
     }
 
@@ -143,7 +149,8 @@ impl Fault {
             Fault::Heal
             | Fault::MetadataUnavailable { .. }
             | Fault::MetadataDiskErrors { .. }
-            | Fault::NetworkSlow { .. } => vec![],
+            | Fault::NetworkSlow { .. }
+            | Fault::DiskFull { .. } => vec![],
         }
     }
 
@@ -171,7 +178,8 @@ impl Fault {
             Fault::Heal
             | Fault::MetadataUnavailable { .. }
             | Fault::MetadataDiskErrors { .. }
-            | Fault::NetworkSlow { .. } => {}
+            | Fault::NetworkSlow { .. }
+            | Fault::DiskFull { .. } => {}
         }
         Some(out)
     }
@@ -183,9 +191,10 @@ impl Fault {
     }
 
     /// When the service must start to recover from the fault, ms after it
-    /// struck: a fault that only slows the volume or the metadata store (a
-    /// disk stall, a metadata outage or metadata disk errors) needs no
-    /// failover, so its end; every other fault, its start. Failing syncs
+    /// struck: a fault that only slows the volume, the network or the
+    /// metadata store, or that no failover can fix (a disk stall, a slow
+    /// network, a full volume, a metadata outage or metadata disk errors),
+    /// so its end; every other fault, its start. Failing syncs
     /// count from their start: if they last, the primary must give the
     /// volume up (see `FailoverTiming::io_timeout_ms`).
     pub fn recovery_from_ms(&self) -> u64 {
@@ -204,7 +213,8 @@ impl Fault {
             | Fault::MetadataDiskErrors { for_ms }
             | Fault::DiskStall { for_ms, .. }
             | Fault::DiskErrors { for_ms, .. }
-            | Fault::NetworkSlow { for_ms, .. } => *for_ms,
+            | Fault::NetworkSlow { for_ms, .. }
+            | Fault::DiskFull { for_ms, .. } => *for_ms,
             _ => 0,
         }
     }
@@ -310,6 +320,8 @@ pub struct RandomRates {
     /// Partitions between a client and a storage node (one way or both),
     /// each healed after an outage.
     pub client_partition: f64,
+    /// Windows in which a volume is full (see [`Fault::DiskFull`]).
+    pub disk_full: f64,
     /// The share (0 to 1) of faults on a storage node that aim at a role
     /// rather than a random node (a [`Target`]): half at the primary of the
     /// fault's volume, half at the backup next in line.
@@ -344,6 +356,7 @@ impl Default for RandomRates {
             disk_errors: 0.0,
             network_slow: 0.0,
             client_partition: 0.0,
+            disk_full: 0.0,
             targeted: 0.0,
             at_moments: 0.0,
             min_outage_ms: 500,
@@ -362,13 +375,13 @@ impl RandomRates {
     /// order a schedule draws them (kinds added later go last, so that a
     /// schedule drawn with their rates at 0 is the one the same seed drew
     /// before they existed).
-    pub fn kinds(&self) -> [(&'static str, f64); 13] {
+    pub fn kinds(&self) -> [(&'static str, f64); 14] {
         let mut copy = self.clone();
         copy.kinds_mut().map(|(name, rate)| (name, *rate))
     }
 
     /// As [`RandomRates::kinds`], each rate writable.
-    pub fn kinds_mut(&mut self) -> [(&'static str, &mut f64); 13] {
+    pub fn kinds_mut(&mut self) -> [(&'static str, &mut f64); 14] {
         [
             ("node_crash", &mut self.node_crash),
             ("node_pause", &mut self.node_pause),
@@ -383,6 +396,7 @@ impl RandomRates {
             ("disk_errors", &mut self.disk_errors),
             ("network_slow", &mut self.network_slow),
             ("client_partition", &mut self.client_partition),
+            ("disk_full", &mut self.disk_full),
         ]
     }
 }
@@ -494,6 +508,16 @@ pub fn random_schedule(seed: u64, rates: &RandomRates, topo: &Topology, start_ms
                 let both = rng.random_bool(0.5);
                 let (from, to) = if rng.random_bool(0.5) { (client, node.clone()) } else { (node.clone(), client) };
                 (Fault::Partition { from: vec![from], to: vec![to], both }, Fault::Heal)
+            }
+            "disk_full" => {
+                // One full window per volume at a time.
+                let busy_name = format!("full:{volume}");
+                if overlapping.contains(&busy_name) {
+                    continue;
+                }
+                out.push(Scheduled { at_ms: at, fault: Fault::DiskFull { volume, for_ms: until - at }, when: None });
+                busy.push((at, until, busy_name));
+                continue;
             }
             "network_slow" => {
                 const NETWORK: &str = "network";

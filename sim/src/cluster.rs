@@ -389,6 +389,7 @@ fn apply(fault: &Fault, nodes: &Nodes, ebs: &SimEbs, metalog: &SimMetaLog, st: &
             });
         }
         Fault::MetadataDiskErrors { for_ms } => metalog.fail_for(Duration::from_millis(*for_ms)),
+        Fault::DiskFull { volume, for_ms } => ebs.fill(volume, Duration::from_millis(*for_ms)),
         Fault::ClockJitter { node, ppm } => {
             if let Some(g) = nodes.gates.lock().expect("gates lock").get(node) {
                 g.set_clock_rate(1.0 + *ppm as f64 / 1e6);

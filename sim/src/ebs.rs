@@ -146,6 +146,8 @@ struct Volume {
     hung: std::collections::BTreeSet<String>,
     /// Per node: every sync fails until this time (`Fault::DiskErrors`).
     failing_syncs: BTreeMap<String, Instant>,
+    /// The volume is full until this time (`Fault::DiskFull`).
+    full_until: Option<Instant>,
     /// Shard directory → the nodes holding its lock, each with its token
     /// (more than one only without shared locks).
     locks: BTreeMap<String, Vec<(String, u64)>>,
@@ -178,6 +180,13 @@ pub struct VolumeCounts {
     /// their data durable anyway.
     pub failed_syncs: u64,
     pub failed_syncs_durable: u64,
+    /// Appends and file creations refused because the volume was full.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub full_writes: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl VolumeCounts {
@@ -188,6 +197,7 @@ impl VolumeCounts {
         self.lock_conflicts += other.lock_conflicts;
         self.failed_syncs += other.failed_syncs;
         self.failed_syncs_durable += other.failed_syncs_durable;
+        self.full_writes += other.full_writes;
     }
 
     /// Whether nothing happened (then the summary leaves the counts out).
@@ -438,11 +448,14 @@ impl SimEbs {
     }
 
     /// Appends `bytes` to `path` on `volume` as `node` (unsynced).
+    /// Errors: not attached, `Fenced`, and an I/O error (`ENOSPC`, nothing
+    /// written) while the volume is full.
     pub async fn append(&self, volume: &str, node: &str, path: &str, bytes: &[u8]) -> Result<(), EngineError> {
         let cfg_us = self.lock().cfg.append_us;
         self.io_wait(volume, node, cfg_us, 0).await;
         let mut ebs = self.lock();
         Self::check_write(&mut ebs, volume, node)?;
+        Self::check_space(&mut ebs, volume)?;
         let v = ebs.volumes.get_mut(volume).expect("checked");
         v.files.entry(path.to_string()).or_default().pending.push((node.to_string(), bytes.to_vec()));
         Ok(())
@@ -510,6 +523,24 @@ impl SimEbs {
         f.pending = kept;
         if bytes > 0 {
             syncs.push(SyncRecord { bytes, ..record });
+        }
+    }
+
+    /// `ENOSPC` while `volume` is full (counted), else `Ok`.
+    fn check_space(ebs: &mut Ebs, volume: &str) -> Result<(), EngineError> {
+        let full = ebs.volumes.get(volume).and_then(|v| v.full_until).is_some_and(|t| Instant::now() < t);
+        if !full {
+            return Ok(());
+        }
+        ebs.counts.full_writes += 1;
+        Err(io(format!("volume {volume}: No space left on device (os error 28)")))
+    }
+
+    /// `volume` has no free space for `for_` (see `Fault::DiskFull`).
+    pub fn fill(&self, volume: &str, for_: Duration) {
+        if let Some(v) = self.lock().volumes.get_mut(volume) {
+            let until = Instant::now() + for_;
+            v.full_until = Some(v.full_until.map_or(until, |t| t.max(until)));
         }
     }
 
@@ -584,6 +615,7 @@ impl SimEbs {
     pub fn create(&self, volume: &str, node: &str, path: &str, epoch: u64) -> Result<(), EngineError> {
         let mut ebs = self.lock();
         Self::check_write(&mut ebs, volume, node)?;
+        Self::check_space(&mut ebs, volume)?;
         ebs.volumes.get_mut(volume).expect("checked").files.entry(path.to_string()).or_default();
         Self::record_change(&mut ebs, volume, node, dir_of(path), epoch);
         Self::fire(&mut ebs, "create", volume, node);

@@ -392,12 +392,13 @@ mod runner {
         }
         println!(
             "volumes: {} writes fenced off, {} torn tails left by crashes, {} shard lock conflicts, {} failed syncs \
-             ({} of them durable anyway)",
+             ({} of them durable anyway), {} writes refused by a full volume",
             volumes.fenced_writes,
             volumes.torn_tails,
             volumes.lock_conflicts,
             volumes.failed_syncs,
-            volumes.failed_syncs_durable
+            volumes.failed_syncs_durable,
+            volumes.full_writes
         );
         println!(
             "longest linearizability search: {} states for one key ({} seed {}; a key past 2000000 fails its run)",

@@ -562,7 +562,8 @@ impl Scenario {
                 | Fault::EbsReattach { volume, .. }
                 | Fault::DiskStall { volume, .. }
                 | Fault::DiskHang { volume, .. }
-                | Fault::DiskErrors { volume, .. } => Some(volume),
+                | Fault::DiskErrors { volume, .. }
+                | Fault::DiskFull { volume, .. } => Some(volume),
                 _ => None,
             };
             if let Some(bad) = f.fault.node_names().into_iter().find(|n| !node_ok(n)) {
