@@ -132,7 +132,22 @@ impl Fault {
     }
 
     /// Every node name the fault holds (nodes of a partition: `from`, then `to`).
-    pub fn node_names(&self) -> Vec<&String> {
+    pub fn node_names(&self) -> Vec<String> {
+        self.clone().node_slots().into_iter().map(|n| n.clone()).collect()
+    }
+
+    /// The fault with every node name replaced by `map(name)`; `None` when
+    /// `map` finds no node for one of them.
+    pub fn map_nodes(&self, mut map: impl FnMut(&str) -> Option<String>) -> Option<Fault> {
+        let mut out = self.clone();
+        for n in out.node_slots() {
+            *n = map(n)?;
+        }
+        Some(out)
+    }
+
+    /// The fault's node names, writable, in the order of [`Fault::node_names`].
+    fn node_slots(&mut self) -> Vec<&mut String> {
         match self {
             Fault::EbsDetach { node, .. }
             | Fault::EbsReattach { node, .. }
@@ -145,43 +160,13 @@ impl Fault {
             | Fault::NodeResume { node }
             | Fault::Isolate { node }
             | Fault::ClockJitter { node, .. } => vec![node],
-            Fault::Partition { from, to, .. } => from.iter().chain(to).collect(),
+            Fault::Partition { from, to, .. } => from.iter_mut().chain(to.iter_mut()).collect(),
             Fault::Heal
             | Fault::MetadataUnavailable { .. }
             | Fault::MetadataDiskErrors { .. }
             | Fault::NetworkSlow { .. }
             | Fault::DiskFull { .. } => vec![],
         }
-    }
-
-    /// The fault with every node name replaced by `map(name)`; `None` when
-    /// `map` finds no node for one of them.
-    pub fn map_nodes(&self, mut map: impl FnMut(&str) -> Option<String>) -> Option<Fault> {
-        let mut out = self.clone();
-        match &mut out {
-            Fault::EbsDetach { node, .. }
-            | Fault::EbsReattach { node, .. }
-            | Fault::DiskStall { node, .. }
-            | Fault::DiskHang { node, .. }
-            | Fault::DiskErrors { node, .. }
-            | Fault::NodeCrash { node }
-            | Fault::NodeRestart { node }
-            | Fault::NodePause { node }
-            | Fault::NodeResume { node }
-            | Fault::Isolate { node }
-            | Fault::ClockJitter { node, .. } => *node = map(node)?,
-            Fault::Partition { from, to, .. } => {
-                for n in from.iter_mut().chain(to.iter_mut()) {
-                    *n = map(n)?;
-                }
-            }
-            Fault::Heal
-            | Fault::MetadataUnavailable { .. }
-            | Fault::MetadataDiskErrors { .. }
-            | Fault::NetworkSlow { .. }
-            | Fault::DiskFull { .. } => {}
-        }
-        Some(out)
     }
 
     /// Whether this fault ends a disruption (restart, resume, reattach, heal)

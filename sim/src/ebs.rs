@@ -556,34 +556,21 @@ impl SimEbs {
     /// Records a durable change of a file's metadata (create, truncate,
     /// remove) in directory `dir` by `node` at `epoch`, as a write of 0 bytes.
     fn record_change(ebs: &mut Ebs, volume: &str, node: &str, dir: &str, epoch: u64) {
-        let at_ms = ebs.start.elapsed().as_millis() as u64;
-        let scope = Self::scope(&ebs.cfg, volume, dir);
-        ebs.syncs.push(SyncRecord {
-            at_ms,
-            volume: volume.to_string(),
-            node: node.to_string(),
-            epoch,
-            bytes: 0,
-            scope,
-            open: false,
-        });
+        Self::record(ebs, volume, node, dir, epoch, false);
     }
 
     /// Records that `node` opened shard directory `dir` on `volume`
     /// read-write at `epoch` (see `SyncRecord::open`).
     pub fn record_open(&self, volume: &str, node: &str, dir: &str, epoch: u64) {
-        let mut ebs = self.lock();
+        Self::record(&mut self.lock(), volume, node, dir, epoch, true);
+    }
+
+    /// Records a change of 0 bytes, or an open, in `dir` (see `SyncRecord`).
+    fn record(ebs: &mut Ebs, volume: &str, node: &str, dir: &str, epoch: u64, open: bool) {
         let at_ms = ebs.start.elapsed().as_millis() as u64;
         let scope = Self::scope(&ebs.cfg, volume, dir);
-        ebs.syncs.push(SyncRecord {
-            at_ms,
-            volume: volume.to_string(),
-            node: node.to_string(),
-            epoch,
-            bytes: 0,
-            scope,
-            open: true,
-        });
+        let (volume, node) = (volume.to_string(), node.to_string());
+        ebs.syncs.push(SyncRecord { at_ms, volume, node, epoch, bytes: 0, scope, open });
     }
 
     /// The fence model the volumes follow.
