@@ -464,9 +464,9 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
     let mut st = DriverState::default();
     for (i, f) in schedule.faults.iter().enumerate() {
         tokio::time::sleep_until(start + Duration::from_millis(f.at_ms)).await;
-        if let Some(i) = st.unapplied.iter().position(|u| f.fault != Fault::Heal && crate::shrink::repairs(u, &f.fault))
-        {
-            st.unapplied.remove(i);
+        let repairs_unapplied = |u: &Fault| f.fault != Fault::Heal && crate::shrink::repairs(u, &f.fault);
+        if let Some(k) = st.unapplied.iter().position(repairs_unapplied) {
+            st.unapplied.remove(k);
             st.skipped += 1;
             tracing::info!(at_ms = f.at_ms, fault = ?f.fault, "repair skipped: its fault's moment never came");
             continue;

@@ -324,7 +324,10 @@ impl SimEbs {
             attache_faults::Moment::Sync(_) => "sync",
             attache_faults::Moment::Create(_) => "create",
         };
-        self.lock().waiters.push((kind, moment.volume().to_string(), tx));
+        let mut ebs = self.lock();
+        // Waits that timed out left their senders behind.
+        ebs.waiters.retain(|(_, _, tx)| !tx.is_closed());
+        ebs.waiters.push((kind, moment.volume().to_string(), tx));
         rx
     }
 

@@ -8,9 +8,11 @@
 //! data only; recovery replays the log and cuts a torn last frame off. Every
 //! write is tagged with the epoch at which this node holds the volume's
 //! fence, for the single-writer checker; under the EPOCH-file fence model
-//! a write batch first checks the volume's epoch against the one the engine
-//! opened at, as RocksDB's engine in `attache-runtime` does. Same contract as RocksDB with WAL
-//! and sync, per the module docs of `attache_actors::engine`.
+//! a write batch first checks the volume's epoch against the one the
+//! engine opened at, as RocksDB's engine in `attache-runtime` does. As
+//! RocksDB's `LOCK`, a read-write open holds the shard directory's lock
+//! until the engine closes and its writes under way end. Same contract as
+//! RocksDB with WAL and sync, per the module docs of `attache_actors::engine`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
