@@ -58,6 +58,12 @@ pub struct EbsConfig {
     /// Whether the rest of a torn append may read back as zeros or stale
     /// garbage instead of ending the file (see [`torn_tail`]).
     pub garbage_tails: bool,
+    /// Background writeback, as a page cache does: an unsynced append may
+    /// reach the device on its own once older than a delay drawn from 1 ms
+    /// up to this (ms), before any sync, and be read by other nodes from
+    /// then on.
+    /// 0: off (only a sync makes data durable).
+    pub writeback_ms: u64,
     /// Storage fencing (off only to prove the checkers catch its absence).
     pub fencing: bool,
     /// Which fence production ships that the volumes model.
@@ -78,6 +84,7 @@ impl Default for EbsConfig {
             sync_jitter_us: 1_500,
             torn_writes: true,
             garbage_tails: false,
+            writeback_ms: 0,
             fencing: true,
             fence: FenceModel::Reservation,
             shard_locks: true,
@@ -131,8 +138,20 @@ pub struct SyncRecord {
 #[derive(Default)]
 struct File {
     durable: Vec<u8>,
-    /// Unsynced appends, in order, by writing node.
-    pending: Vec<(String, Vec<u8>)>,
+    /// Unsynced appends, in order.
+    pending: Vec<Pending>,
+}
+
+/// One unsynced append: in its node's page cache until a sync, or until
+/// written back on its own (`EbsConfig::writeback_ms`).
+struct Pending {
+    node: String,
+    data: Vec<u8>,
+    /// When background writeback may have put it on the device (none:
+    /// only a sync does).
+    due: Option<Instant>,
+    /// The writer's epoch, for the write's record.
+    epoch: u64,
 }
 
 #[derive(Default)]
@@ -183,6 +202,9 @@ pub struct VolumeCounts {
     /// Appends and file creations refused because the volume was full.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub full_writes: u64,
+    /// Unsynced appends that background writeback put on the device.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub written_back: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -198,6 +220,7 @@ impl VolumeCounts {
         self.failed_syncs += other.failed_syncs;
         self.failed_syncs_durable += other.failed_syncs_durable;
         self.full_writes += other.full_writes;
+        self.written_back += other.written_back;
     }
 
     /// Whether nothing happened (then the summary leaves the counts out).
@@ -283,7 +306,7 @@ impl SimEbs {
         if let Some(v) = ebs.volumes.get_mut(volume) {
             v.attached.retain(|n| n != node);
             for f in v.files.values_mut() {
-                f.pending.retain(|(n, _)| n != node);
+                f.pending.retain(|p| p.node != node);
             }
         }
     }
@@ -297,6 +320,8 @@ impl SimEbs {
     /// Errors: not attached; `Fenced` when the holder's key is higher.
     pub fn reserve(&self, volume: &str, node: &str, key: u64) -> Result<(), EngineError> {
         let mut ebs = self.lock();
+        // What was due reached the device before the reservation changed.
+        Self::writeback(&mut ebs, volume);
         let v = ebs.volumes.get_mut(volume).ok_or_else(|| io(format!("no volume {volume}")))?;
         if !v.attached.iter().any(|n| n == node) {
             return Err(io(format!("volume {volume} is not attached to {node}")));
@@ -453,15 +478,68 @@ impl SimEbs {
     /// Appends `bytes` to `path` on `volume` as `node` (unsynced).
     /// Errors: not attached, `Fenced`, and an I/O error (`ENOSPC`, nothing
     /// written) while the volume is full.
-    pub async fn append(&self, volume: &str, node: &str, path: &str, bytes: &[u8]) -> Result<(), EngineError> {
+    /// `epoch` is the writer's, for the record of a background writeback.
+    pub async fn append(
+        &self,
+        volume: &str,
+        node: &str,
+        path: &str,
+        bytes: &[u8],
+        epoch: u64,
+    ) -> Result<(), EngineError> {
         let cfg_us = self.lock().cfg.append_us;
         self.io_wait(volume, node, cfg_us, 0).await;
         let mut ebs = self.lock();
+        Self::writeback(&mut ebs, volume);
         Self::check_write(&mut ebs, volume, node)?;
         Self::check_space(&mut ebs, volume)?;
+        // (No draw with writeback off, so such runs draw as before.)
+        let wb = ebs.cfg.writeback_ms;
+        let due = (wb > 0).then(|| Instant::now() + Duration::from_millis(ebs.rng.random_range(1..=wb)));
         let v = ebs.volumes.get_mut(volume).expect("checked");
-        v.files.entry(path.to_string()).or_default().pending.push((node.to_string(), bytes.to_vec()));
+        let pending = Pending { node: node.to_string(), data: bytes.to_vec(), due, epoch };
+        v.files.entry(path.to_string()).or_default().pending.push(pending);
         Ok(())
+    }
+
+    /// Background writeback (`EbsConfig::writeback_ms`): on every file of
+    /// `volume`, each node's unsynced appends that are due reach the device,
+    /// in order, up to the first that is not due; recorded as durable writes
+    /// at their writer's epoch. The device refuses them from a node a
+    /// reservation fences off (the data is then lost, as the sync that
+    /// follows fails anyway). Runs at every read, append, sync and
+    /// reservation on the volume (before it), so it depends only on
+    /// simulated time and the order of operations.
+    fn writeback(ebs: &mut Ebs, volume: &str) {
+        if ebs.cfg.writeback_ms == 0 {
+            return;
+        }
+        let now = Instant::now();
+        let at_ms = ebs.start.elapsed().as_millis() as u64;
+        let cfg = ebs.cfg.clone();
+        let Ebs { volumes, syncs, counts, .. } = &mut *ebs;
+        let Some(v) = volumes.get_mut(volume) else { return };
+        let fenced: Vec<String> =
+            v.attached.iter().filter(|n| Self::fenced_by(&cfg, v, n).is_some()).cloned().collect();
+        for (path, f) in v.files.iter_mut() {
+            let mut blocked: Vec<String> = Vec::new();
+            let mut kept = Vec::new();
+            for p in f.pending.drain(..) {
+                let due = p.due.is_some_and(|d| d <= now) && !blocked.contains(&p.node);
+                if !due {
+                    blocked.push(p.node.clone());
+                    kept.push(p);
+                } else if !fenced.contains(&p.node) {
+                    let scope = Self::scope(&cfg, volume, dir_of(path));
+                    let (node, epoch, bytes) = (p.node.clone(), p.epoch, p.data.len());
+                    f.durable.extend_from_slice(&p.data);
+                    counts.written_back += 1;
+                    let volume = volume.to_string();
+                    syncs.push(SyncRecord { at_ms, volume, node, epoch, bytes, scope, open: false });
+                }
+            }
+            f.pending = kept;
+        }
     }
 
     /// Makes `node`'s appends to `path` durable, recording the write at `epoch`.
@@ -476,6 +554,7 @@ impl SimEbs {
         };
         self.io_wait(volume, node, base, jitter).await;
         let mut ebs = self.lock();
+        Self::writeback(&mut ebs, volume);
         let checked = Self::check_write(&mut ebs, volume, node);
         let now = Instant::now();
         let failing = checked.is_ok()
@@ -499,7 +578,7 @@ impl SimEbs {
             Self::flush(v, syncs, path, record);
         } else if let Some(f) = v.files.get_mut(path) {
             // The device rejected (or lost) the writes: they never become durable.
-            f.pending.retain(|(n, _)| n != node);
+            f.pending.retain(|p| p.node != node);
         }
         if let Some(durable) = injected {
             counts.failed_syncs += 1;
@@ -515,12 +594,12 @@ impl SimEbs {
         let Some(f) = v.files.get_mut(path) else { return };
         let mut bytes = 0;
         let mut kept = Vec::new();
-        for (n, data) in f.pending.drain(..) {
-            if n == record.node {
-                bytes += data.len();
-                f.durable.extend_from_slice(&data);
+        for p in f.pending.drain(..) {
+            if p.node == record.node {
+                bytes += p.data.len();
+                f.durable.extend_from_slice(&p.data);
             } else {
-                kept.push((n, data));
+                kept.push(p);
             }
         }
         f.pending = kept;
@@ -586,15 +665,16 @@ impl SimEbs {
     pub async fn read(&self, volume: &str, node: &str, path: &str) -> Result<Option<Vec<u8>>, EngineError> {
         let base = self.lock().cfg.append_us;
         self.io_wait(volume, node, base, 0).await;
-        let ebs = self.lock();
+        let mut ebs = self.lock();
+        Self::writeback(&mut ebs, volume);
         let v = ebs.volumes.get(volume).ok_or_else(|| io(format!("no volume {volume}")))?;
         if !v.attached.iter().any(|n| n == node) {
             return Err(io(format!("volume {volume} is not attached to {node}")));
         }
         Ok(v.files.get(path).map(|f| {
             let mut out = f.durable.clone();
-            for (_, data) in f.pending.iter().filter(|(n, _)| n == node) {
-                out.extend_from_slice(data);
+            for p in f.pending.iter().filter(|p| p.node == node) {
+                out.extend_from_slice(&p.data);
             }
             out
         }))
@@ -717,9 +797,9 @@ impl SimEbs {
             // the node's writes: not from a node fenced off by a reservation.
             let fenced_off = Self::fenced_by(&cfg, v, node).is_some();
             for f in v.files.values_mut() {
-                let last = f.pending.iter().rposition(|(n, _)| n == node);
+                let last = f.pending.iter().rposition(|p| p.node == node);
                 if let (true, false, Some(i)) = (torn, fenced_off, last) {
-                    let data = &f.pending[i].1;
+                    let data = &f.pending[i].data;
                     if rng.random_bool(0.5) && !data.is_empty() {
                         let cut = rng.random_range(0..data.len());
                         let tail = torn_tail(rng, data, cut, garbage);
@@ -727,7 +807,7 @@ impl SimEbs {
                         f.durable.extend_from_slice(&tail);
                     }
                 }
-                f.pending.retain(|(n, _)| n != node);
+                f.pending.retain(|p| p.node != node);
             }
         }
     }
@@ -752,14 +832,14 @@ mod tests {
     #[tokio::test]
     async fn unsynced_appends_are_lost_on_crash_and_detach() {
         let e = ebs(true);
-        e.append("v", "a", "f", b"one").await.unwrap();
+        e.append("v", "a", "f", b"one", 1).await.unwrap();
         e.sync("v", "a", "f", 1).await.unwrap();
-        e.append("v", "a", "f", b"two").await.unwrap();
+        e.append("v", "a", "f", b"two", 1).await.unwrap();
         assert_eq!(e.read("v", "a", "f").await.unwrap().unwrap(), b"onetwo", "a node reads its own pending append");
         assert_eq!(e.read("v", "b", "f").await.unwrap().unwrap(), b"one", "others read durable bytes only");
         e.crash("a");
         assert_eq!(e.read("v", "a", "f").await.unwrap().unwrap(), b"one");
-        e.append("v", "a", "f", b"three").await.unwrap();
+        e.append("v", "a", "f", b"three", 1).await.unwrap();
         e.detach("v", "a");
         assert!(e.sync("v", "a", "f", 1).await.is_err(), "a detached node cannot sync");
         assert_eq!(e.read("v", "b", "f").await.unwrap().unwrap(), b"one");
@@ -770,18 +850,18 @@ mod tests {
     async fn a_preempted_holder_cannot_write() {
         let e = ebs(true);
         e.reserve("v", "a", 1).unwrap();
-        e.append("v", "a", "f", b"x").await.unwrap();
+        e.append("v", "a", "f", b"x", 1).await.unwrap();
         e.reserve("v", "b", 2).unwrap();
         assert!(matches!(e.sync("v", "a", "f", 1).await, Err(EngineError::Fenced(_))));
         assert_eq!(e.read("v", "a", "f").await.unwrap().unwrap(), b"", "a rejected append is gone");
-        assert!(matches!(e.append("v", "a", "f", b"y").await, Err(EngineError::Fenced(_))));
+        assert!(matches!(e.append("v", "a", "f", b"y", 1).await, Err(EngineError::Fenced(_))));
         assert!(matches!(e.reserve("v", "a", 1), Err(EngineError::Fenced(_))), "a stale key cannot preempt");
-        e.append("v", "b", "f", b"z").await.unwrap();
+        e.append("v", "b", "f", b"z", 1).await.unwrap();
         e.sync("v", "b", "f", 2).await.unwrap();
         // Without fencing, the old holder's write lands.
         let off = ebs(false);
         off.reserve("v", "b", 2).unwrap();
-        off.append("v", "a", "f", b"late").await.unwrap();
+        off.append("v", "a", "f", b"late", 1).await.unwrap();
         off.sync("v", "a", "f", 1).await.unwrap();
         assert_eq!(off.syncs()[0].epoch, 1);
     }
@@ -798,7 +878,7 @@ mod tests {
         e.attach("v", "b").unwrap();
         e.reserve("v", "a", 1).unwrap();
         e.check_epoch_file("v", 1).unwrap();
-        e.append("v", "a", "s1/log", b"x").await.unwrap();
+        e.append("v", "a", "s1/log", b"x", 1).await.unwrap();
         e.reserve("v", "b", 2).unwrap();
         assert!(matches!(e.check_epoch_file("v", 1), Err(EngineError::Fenced(_))), "a new batch is refused");
         assert!(matches!(e.reserve("v", "a", 1), Err(EngineError::Fenced(_))), "the file's epoch only rises");
@@ -808,6 +888,28 @@ mod tests {
         let last = e.syncs().pop().unwrap();
         assert_eq!((last.epoch, last.scope.as_str()), (1, "v/s1"));
         assert_eq!(e.counts().fenced_writes, 1);
+    }
+
+    /// Background writeback: an unsynced append reaches the device once
+    /// due, where other nodes read it and a crash keeps it; not from a node
+    /// a newer reservation fenced off.
+    #[tokio::test]
+    async fn writeback_puts_unsynced_appends_on_the_device() {
+        let cfg = EbsConfig { writeback_ms: 10, torn_writes: false, ..EbsConfig::default() };
+        let e = SimEbs::new(&["v".into()], cfg, 1);
+        e.attach("v", "a").unwrap();
+        e.attach("v", "b").unwrap();
+        e.reserve("v", "a", 1).unwrap();
+        e.append("v", "a", "f", b"one", 1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(11)).await;
+        assert_eq!(e.read("v", "b", "f").await.unwrap().unwrap(), b"one", "written back, so b reads it");
+        e.crash("a");
+        assert_eq!(e.read("v", "b", "f").await.unwrap().unwrap(), b"one", "and a crash keeps it");
+        assert_eq!((e.counts().written_back, e.syncs().last().unwrap().epoch), (1, 1));
+        e.append("v", "a", "f", b"two", 1).await.unwrap();
+        e.reserve("v", "b", 2).unwrap();
+        tokio::time::sleep(Duration::from_millis(11)).await;
+        assert_eq!(e.read("v", "b", "f").await.unwrap().unwrap(), b"one", "refused from a fenced-off node");
     }
 
     /// A crash leaves a torn prefix only of a node the device takes writes
@@ -822,7 +924,7 @@ mod tests {
                 e.attach("v", "a").unwrap();
                 e.attach("v", "b").unwrap();
                 e.reserve("v", "a", 1).unwrap();
-                e.append("v", "a", "f", &[7; 64]).await.unwrap();
+                e.append("v", "a", "f", &[7; 64], 1).await.unwrap();
                 if fenced_off {
                     e.reserve("v", "b", 2).unwrap();
                 }

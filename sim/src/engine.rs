@@ -259,7 +259,7 @@ impl Engine for SimEngine {
         if let Some(epoch) = self.fence_epoch {
             ebs.check_epoch_file(&self.volume, epoch)?;
         }
-        ebs.append(&self.volume, node, &self.file, &frame).await?;
+        ebs.append(&self.volume, node, &self.file, &frame, epoch).await?;
         if sync {
             // A failed sync may have made the batch durable (or not): only
             // a reservation conflict, refused by the device, wrote nothing.

@@ -392,13 +392,14 @@ mod runner {
         }
         println!(
             "volumes: {} writes fenced off, {} torn tails left by crashes, {} shard lock conflicts, {} failed syncs \
-             ({} of them durable anyway), {} writes refused by a full volume",
+             ({} of them durable anyway), {} writes refused by a full volume, {} appends written back before a sync",
             volumes.fenced_writes,
             volumes.torn_tails,
             volumes.lock_conflicts,
             volumes.failed_syncs,
             volumes.failed_syncs_durable,
-            volumes.full_writes
+            volumes.full_writes,
+            volumes.written_back
         );
         println!(
             "longest linearizability search: {} states for one key ({} seed {}; a key past 2000000 fails its run)",
