@@ -197,6 +197,57 @@ impl LeaseGate {
         assert!(rate > 0.0, "a clock rate is positive");
         self.gate.lock().expect("lease gate lock").clock_rate = rate;
     }
+
+    /// How much of this node's clock has passed since `since` (true time,
+    /// `Instant`): the elapsed time at the node's clock rate (exactly
+    /// `since.elapsed()` at rate 1, as outside the simulation). The node's
+    /// waits that guard a takeover (`VolumeManager`) are measured with it.
+    pub fn local_elapsed(&self, since: tokio::time::Instant) -> Duration {
+        let rate = self.gate.lock().expect("lease gate lock").clock_rate;
+        let elapsed = since.elapsed();
+        if rate == 1.0 {
+            elapsed
+        } else {
+            elapsed.mul_f64(rate)
+        }
+    }
+}
+
+/// A monotonic clock that may run fast or slow (`set_rate`, simulation
+/// only): the metadata store measures lease expiry with it. At rate 1 it
+/// reads `Instant::now()` exactly. A rate change keeps the clock continuous
+/// (it bends at the moment of the change).
+#[derive(Debug)]
+pub struct DriftClock {
+    /// (true time, this clock's reading then, rate since).
+    anchor: Mutex<(tokio::time::Instant, tokio::time::Instant, f64)>,
+}
+
+impl Default for DriftClock {
+    fn default() -> Self {
+        let now = tokio::time::Instant::now();
+        DriftClock { anchor: Mutex::new((now, now, 1.0)) }
+    }
+}
+
+impl DriftClock {
+    /// Now, by this clock.
+    pub fn now(&self) -> tokio::time::Instant {
+        let (real, local, rate) = *self.anchor.lock().expect("drift clock lock");
+        let since = tokio::time::Instant::now().saturating_duration_since(real);
+        if rate == 1.0 {
+            local + since
+        } else {
+            local + since.mul_f64(rate)
+        }
+    }
+
+    /// Simulation only: from now on the clock runs at `rate` times true speed.
+    pub fn set_rate(&self, rate: f64) {
+        assert!(rate > 0.0, "a clock rate is positive");
+        let local = self.now();
+        *self.anchor.lock().expect("drift clock lock") = (tokio::time::Instant::now(), local, rate);
+    }
 }
 
 #[cfg(test)]
@@ -235,6 +286,34 @@ mod tests {
         assert!(g.is_open());
         g.close();
         assert!(!g.is_open());
+    }
+
+    /// A drifting clock runs at its rate and stays continuous when the rate
+    /// changes; a node's waits are measured at its clock's rate. (Real
+    /// time outside the simulation, so the checks leave room for a slow
+    /// machine.)
+    #[tokio::test]
+    async fn a_drift_clock_runs_at_its_rate_and_bends_continuously() {
+        let c = DriftClock::default();
+        let before = c.now();
+        c.set_rate(1.5);
+        let at_change = c.now();
+        assert!(at_change >= before && at_change - before < Duration::from_millis(50), "no jump at the change");
+        let real = tokio::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (local, real) = (c.now() - at_change, real.elapsed());
+        let ratio = local.as_secs_f64() / real.as_secs_f64();
+        assert!((1.3..1.7).contains(&ratio), "ran at {ratio} times true speed, not 1.5");
+        let g = LeaseGate::new(LeaseTiming::default());
+        let since = tokio::time::Instant::now() - Duration::from_secs(10);
+        let at_one = g.local_elapsed(since);
+        assert!(at_one >= Duration::from_secs(10) && at_one < Duration::from_millis(10_500));
+        g.set_clock_rate(0.5);
+        let slow = g.local_elapsed(since);
+        assert!(
+            slow >= Duration::from_secs(5) && slow < Duration::from_millis(5_500),
+            "a slow node's waits last longer"
+        );
     }
 
     /// Outside the simulation on Linux the gate reads CLOCK_BOOTTIME, the

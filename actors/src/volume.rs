@@ -435,7 +435,8 @@ impl VolumeManager {
         let rank = ranked.iter().position(|&id| id == self.node_id).unwrap_or(ranked.len()) as u64;
         let lease_wait = if old_primary == 0 { 0 } else { self.timing.takeover_delay_ms };
         let wait = lease_wait + rank * self.timing.rank_delay_ms;
-        since.elapsed() >= Duration::from_millis(wait)
+        // Measured on this node's clock, which may drift (see `crate::lease`).
+        self.gate.local_elapsed(since) >= Duration::from_millis(wait)
     }
 
     /// One check of the owner record; see the module docs.
@@ -467,7 +468,7 @@ impl VolumeManager {
             // reopens. (A shorter closure, a renewal that came late, keeps
             // the shards.)
             let since = *self.gate_closed_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= Duration::from_millis(self.timing.takeover_delay_ms) {
+            if self.gate.local_elapsed(since) >= Duration::from_millis(self.timing.takeover_delay_ms) {
                 self.step_down(false, "the lease gate closed: this node's lease may have expired").await;
                 return;
             }
@@ -488,7 +489,8 @@ impl VolumeManager {
         let Some((record, rev)) = current.clone() else {
             // A volume nobody ever held: its home node claims it at once,
             // others only if the home node does not within the takeover delay.
-            let waited = self.gone_since.get_or_insert_with(Instant::now).elapsed();
+            let since = *self.gone_since.get_or_insert_with(Instant::now);
+            let waited = self.gate.local_elapsed(since);
             if self.home || waited >= Duration::from_millis(self.timing.takeover_delay_ms + self.timing.rank_delay_ms) {
                 self.claim(None, ctx).await;
             }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use attache_actors::lease::{LeaseGate, LeaseTiming};
+use attache_actors::lease::{DriftClock, LeaseGate, LeaseTiming};
 use attache_actors::local_store::MemLocalStore;
 use attache_actors::meta::embedded::EmbeddedBackend;
 use attache_actors::meta::remote::{MetadataServer, RemoteBackend};
@@ -58,6 +58,9 @@ struct Nodes {
     clients: BTreeMap<String, madsim::task::NodeId>,
     /// Each storage node's local files (its node id, once allocated).
     locals: BTreeMap<String, MemLocalStore>,
+    /// The metadata node's clock (it measures lease expiry), which survives
+    /// the node's restarts as a machine's clock does.
+    meta_clock: Arc<DriftClock>,
     gates: Arc<Mutex<BTreeMap<String, Arc<LeaseGate>>>>,
     /// Per node, how many scheduled crashes and restarts it has had.
     generations: Arc<Mutex<BTreeMap<String, u64>>>,
@@ -175,18 +178,19 @@ fn resolve_fault(
     out
 }
 
-fn start_meta(handle: &Handle, log: SimMetaLog) -> NodeHandle {
+fn start_meta(handle: &Handle, log: SimMetaLog, clock: Arc<DriftClock>) -> NodeHandle {
     handle
         .create_node()
         .name("meta")
         .ip("10.0.0.1".parse().expect("ip"))
         .init(move || {
-            let log = log.clone();
+            let (log, clock) = (log.clone(), clock.clone());
             async move {
                 // A store that cannot recover (its disk fails) exits with the
                 // error, and its supervisor starts it again a second later.
                 let backend = loop {
-                    match EmbeddedBackend::open(&HostHandle::new(TaskHost), Arc::new(log.clone())).await {
+                    let host = HostHandle::new(TaskHost);
+                    match EmbeddedBackend::open_with_clock(&host, Arc::new(log.clone()), clock.clone()).await {
                         Ok(backend) => break backend,
                         Err(e) => {
                             tracing::warn!(error = %e, "metadata store failed to start; restarting in 1 s");
@@ -391,8 +395,11 @@ fn apply(fault: &Fault, nodes: &Nodes, ebs: &SimEbs, metalog: &SimMetaLog, st: &
         Fault::MetadataDiskErrors { for_ms } => metalog.fail_for(Duration::from_millis(*for_ms)),
         Fault::DiskFull { volume, for_ms } => ebs.fill(volume, Duration::from_millis(*for_ms)),
         Fault::ClockJitter { node, ppm } => {
-            if let Some(g) = nodes.gates.lock().expect("gates lock").get(node) {
-                g.set_clock_rate(1.0 + *ppm as f64 / 1e6);
+            let rate = 1.0 + *ppm as f64 / 1e6;
+            if node == "meta" {
+                nodes.meta_clock.set_rate(rate);
+            } else if let Some(g) = nodes.gates.lock().expect("gates lock").get(node) {
+                g.set_clock_rate(rate);
             }
         }
     }
@@ -415,7 +422,8 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
     let gates = Arc::new(Mutex::new(BTreeMap::new()));
     let mut handles = BTreeMap::new();
     let metalog = SimMetaLog::new(s.metadata.clone(), seed);
-    handles.insert("meta".to_string(), start_meta(&handle, metalog.clone()));
+    let meta_clock = Arc::new(DriftClock::default());
+    handles.insert("meta".to_string(), start_meta(&handle, metalog.clone(), meta_clock.clone()));
     let (exits, mut exited) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut locals = BTreeMap::new();
     for i in 1..=s.cluster.storage_nodes {
@@ -423,7 +431,7 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
         handles.insert(format!("node-{i}"), node);
         locals.insert(format!("node-{i}"), local);
     }
-    let mut nodes = Nodes { handles, clients: BTreeMap::new(), locals, gates, generations: Arc::default() };
+    let mut nodes = Nodes { handles, clients: BTreeMap::new(), locals, meta_clock, gates, generations: Arc::default() };
     // The supervisor: a process that exited (its start-up failed) is killed
     // at once and started again a second later, unless a scheduled fault
     // crashed or restarted it meanwhile (`Nodes::generation`).

@@ -23,11 +23,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tokio::time::{Duration, Instant};
+use tokio::time::Duration;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::actor::{Actor, Addr, Context, Handler, HostHandle, MailboxError, Message, Reply};
 use crate::codec;
+use crate::lease::DriftClock;
 use crate::meta::backend::{
     KeyValue, LeaseId, MetaError, MetadataBackend, RangeResponse, Revision, Txn, TxnOp, TxnResponse, WatchEvent,
     WatchStream,
@@ -123,6 +124,8 @@ pub struct MetadataStore {
     /// the next recovery (which stops at the first bad frame). Until the log
     /// is rewritten as a snapshot of the applied state, nothing is appended.
     log_suspect: bool,
+    /// Lease expiry is measured with it.
+    clock: Arc<DriftClock>,
 }
 
 impl MetadataStore {
@@ -133,13 +136,19 @@ impl MetadataStore {
     /// Errors: `Storage` when the log cannot be read or rewritten, or holds a
     /// record that cannot follow the ones before it (named by its position).
     pub async fn recover(log: Arc<dyn MetaLog>) -> Result<Self, MetaError> {
+        Self::recover_with_clock(log, Arc::default()).await
+    }
+
+    /// As [`MetadataStore::recover`], measuring lease expiry with `clock`
+    /// (the simulation drifts it).
+    pub async fn recover_with_clock(log: Arc<dyn MetaLog>, clock: Arc<DriftClock>) -> Result<Self, MetaError> {
         let bytes = log.load().await?;
         let (records, clean) = parse_log(&bytes);
         if !clean {
             tracing::warn!(records = records.len(), "metadata log ends in a torn or corrupt record; dropping it");
         }
         let mut sm = StateMachine::default();
-        let now = Instant::now();
+        let now = clock.now();
         for (i, r) in records.iter().enumerate() {
             sm.apply(r, now).map_err(|e| {
                 MetaError::Storage(format!(
@@ -152,7 +161,7 @@ impl MetadataStore {
         }
         log.replace(&frame(&[Record::Snapshot(sm.snapshot())])).await?;
         tracing::info!(revision = sm.revision(), records = records.len(), "metadata store recovered");
-        Ok(MetadataStore { sm, log, watchers: Vec::new(), records_since_snapshot: 0, log_suspect: false })
+        Ok(MetadataStore { sm, log, watchers: Vec::new(), records_since_snapshot: 0, log_suspect: false, clock })
     }
 
     /// Logs `records` (synced), then applies them and publishes their events.
@@ -181,7 +190,7 @@ impl MetadataStore {
             tracing::warn!(error = %e, "metadata log append failed; the log is rewritten before the next append");
             return Err(unavailable(e));
         }
-        let now = Instant::now();
+        let now = self.clock.now();
         for r in &records {
             // Planned against this state, so it applies. An error would be a
             // bug; the record is durable but not applied, so the log is
@@ -211,7 +220,7 @@ impl MetadataStore {
 
     /// Ends every lease expired by now (before any call sees the state).
     async fn expire(&mut self) -> Result<(), MetaError> {
-        let expired = self.sm.expired(Instant::now());
+        let expired = self.sm.expired(self.clock.now());
         self.commit(expired).await
     }
 
@@ -241,7 +250,7 @@ impl MetadataStore {
                 self.commit(vec![record]).await?;
                 Answer::Lease(id)
             }
-            Call::LeaseKeepAlive { lease } => Answer::Ttl(self.sm.keep_alive(lease, Instant::now())?),
+            Call::LeaseKeepAlive { lease } => Answer::Ttl(self.sm.keep_alive(lease, self.clock.now())?),
             Call::LeaseRevoke { lease } => {
                 if self.sm.lease_ttl(lease).is_none() {
                     return Err(MetaError::LeaseNotFound(lease));
@@ -358,7 +367,17 @@ impl EmbeddedBackend {
     ///
     /// Errors: `Storage` when the log cannot be read or rewritten.
     pub async fn open(host: &HostHandle, log: Arc<dyn MetaLog>) -> Result<Arc<Self>, MetaError> {
-        let store = host.spawn(MetadataStore::recover(log).await?, MAILBOX_CAPACITY);
+        Self::open_with_clock(host, log, Arc::default()).await
+    }
+
+    /// As [`EmbeddedBackend::open`], measuring lease expiry with `clock`
+    /// (the simulation drifts the metadata node's clock).
+    pub async fn open_with_clock(
+        host: &HostHandle,
+        log: Arc<dyn MetaLog>,
+        clock: Arc<DriftClock>,
+    ) -> Result<Arc<Self>, MetaError> {
+        let store = host.spawn(MetadataStore::recover_with_clock(log, clock).await?, MAILBOX_CAPACITY);
         let sweeper = store.clone();
         host.spawn_detached(async move {
             while !sweeper.is_closed() {
