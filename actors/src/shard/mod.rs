@@ -420,6 +420,11 @@ impl Shard {
         }
         self.check_owner(client_id)?;
         if self.state == ShardState::Deleted {
+            // Only a committed delete is an answer; one still in its group
+            // commit may fail, and then the shard was never deleted.
+            if self.meta.state != ShardState::Deleted {
+                return Err(AttacheError::unavailable(format!("shard {} is being deleted; retry", self.meta.shard_id)));
+            }
             return Err(AttacheError::NotFound(format!("shard {} was deleted", self.meta.shard_id)));
         }
         Ok(())
@@ -435,6 +440,15 @@ impl Shard {
         self.check_readable(client_id)?;
 
         if self.state == ShardState::ReadOnly {
+            // A close still in its group commit may fail, and then the shard
+            // was never closed: refuse as a retry, not as a fact (found by
+            // the simulation: random-swarm seed 5589).
+            if self.meta.state != ShardState::ReadOnly {
+                return Err(AttacheError::unavailable(format!(
+                    "shard {} is closing; retry (it takes no writes once the close commits)",
+                    self.meta.shard_id
+                )));
+            }
             return Err(AttacheError::FailedPrecondition(format!(
                 "shard {} is closed (read-only) and takes no more writes: create a new shard",
                 self.meta.shard_id
@@ -1023,8 +1037,10 @@ impl Handler<MarkDeleted> for Shard {
 
 impl Handler<Stats> for Shard {
     async fn handle(&mut self, msg: Stats, _ctx: &Context<Self>) -> Reply<Result<ShardStats, AttacheError>> {
+        // Committed state only, as the counts: a close still in its group
+        // commit may fail.
         Reply::now(self.check_readable(&msg.client_id).map(|_| ShardStats {
-            info: self.info(),
+            info: ShardInfo { state: self.meta.state, ..self.info() },
             live_bytes: self.meta.live_bytes,
             live_keys: self.meta.live_keys,
             engine: self.engine.stats(),
