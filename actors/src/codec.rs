@@ -31,6 +31,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, String
 /// `payload` is never empty (every record encodes to at least one byte):
 /// an empty frame would read like zeros (see [`frames`]).
 pub fn frame(out: &mut Vec<u8>, payload: &[u8]) {
+    debug_assert!(!payload.is_empty(), "an empty frame reads as the end of a log");
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
     out.extend_from_slice(&crc32fast::hash(payload).to_be_bytes());
     out.extend_from_slice(payload);

@@ -198,10 +198,17 @@ impl LeaseGate {
         self.gate.lock().expect("lease gate lock").clock_rate = rate;
     }
 
+    /// This node's clock rate (1.0 outside the simulation).
+    pub fn clock_rate(&self) -> f64 {
+        self.gate.lock().expect("lease gate lock").clock_rate
+    }
+
     /// How much of this node's clock has passed since `since` (true time,
     /// `Instant`): the elapsed time at the node's clock rate (exactly
     /// `since.elapsed()` at rate 1, as outside the simulation). The node's
     /// waits that guard a takeover (`VolumeManager`) are measured with it.
+    /// The whole wait is scaled by the current rate, so a rate change in
+    /// the middle of a wait applies to all of it (simulation only).
     pub fn local_elapsed(&self, since: tokio::time::Instant) -> Duration {
         let rate = self.gate.lock().expect("lease gate lock").clock_rate;
         let elapsed = since.elapsed();

@@ -229,6 +229,7 @@ fn linearizable_within(ops: &[Op], limit: usize) -> (Vec<Violation>, u64) {
     let mut out = Vec::new();
     let mut longest = 0;
     for ((shard, key), ops) in by_key(ops) {
+        let ops = without_unobserved_unknown_writes(ops);
         let searched = register_linearizable(&ops, limit);
         longest = longest.max(match searched {
             Ok((_, states)) | Err(states) => states as u64,
@@ -287,7 +288,8 @@ fn offending_window(ops: &[&Op]) -> String {
     times.dedup();
     let fails = |cut: u64| {
         let at = history_at(ops, cut);
-        matches!(register_linearizable(&at.iter().collect::<Vec<_>>(), SEARCH_LIMIT), Ok((false, _)))
+        let at = without_unobserved_unknown_writes(at.iter().collect());
+        matches!(register_linearizable(&at, SEARCH_LIMIT), Ok((false, _)))
     };
     let (mut lo, mut hi) = (0, times.len().saturating_sub(1));
     while lo < hi {
@@ -323,6 +325,24 @@ fn offending_window(ops: &[&Op]) -> String {
         ));
     }
     out
+}
+
+/// One register's operations without the writes of unknown outcome whose
+/// value no read returned. Such a write may be taken never to have happened:
+/// in any linearization with it, no read falls between it and the next
+/// write (none returned its value), so dropping it leaves a linearization
+/// of the rest; and one without it is one of the whole, as an unknown write
+/// may never take effect. Values are unique per write, so this is exact; it
+/// keeps the search small when many calls timed out (random-swarm seed 2124
+/// gave up at 2,000,000 states with 22 of them on one key).
+fn without_unobserved_unknown_writes(ops: Vec<&Op>) -> Vec<&Op> {
+    let read: HashSet<&str> = ops.iter().filter(|o| o.f == F::Read).filter_map(|o| o.value.as_deref()).collect();
+    ops.iter()
+        .copied()
+        .filter(|o| {
+            !(o.f == F::Write && o.outcome == EventType::Info && o.value.as_deref().is_some_and(|v| !read.contains(v)))
+        })
+        .collect()
 }
 
 #[derive(Clone, Copy)]
@@ -1186,6 +1206,27 @@ mod tests {
     /// A search past its budget is reported as a violation ("gave up"),
     /// never as a pass, even on a history that is linearizable; within the
     /// budget the same history passes, and the states it took are reported.
+    /// Unknown writes nobody read are dropped before the search: many of
+    /// them no longer blow the budget, and a stale read among them is still
+    /// caught.
+    #[test]
+    fn unread_unknown_writes_do_not_blow_the_search_budget() {
+        let info = |p: u64, v: &str| op(p, F::Write, "k", Some(v), 10, None, EventType::Info);
+        let mut h: Vec<Op> = (0..40).map(|i| info(100 + i, &format!("lost{i}"))).collect();
+        h.extend([w(1, "a", 0, 5), w(2, "b", 20, 30), r(3, Some("b"), 40, 50)]);
+        let (v, states) = linearizable_within(&h, 1_000);
+        assert!(v.is_empty() && states < 100, "{v:?} after {states} states");
+        h.push(r(4, Some("a"), 60, 70));
+        let (v, _) = linearizable_within(&h, 1_000);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("no linearization"), "{v:?}");
+        // An unknown write that a read returned is kept, and may explain it.
+        h.pop();
+        h.push(info(5, "c"));
+        h.push(r(6, Some("c"), 60, 70));
+        assert!(linearizable_within(&h, 1_000).0.is_empty());
+    }
+
     #[test]
     fn a_search_past_its_budget_is_reported_not_passed() {
         // Eight concurrent writes, then a read of one of them: many orders to try.

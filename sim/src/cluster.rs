@@ -253,7 +253,15 @@ fn start_storage(
                 let vols = Arc::new(SimVolumes::new(ebs, name.clone()));
                 let timing = LeaseTiming { drift: t.drift, margin_ms: t.margin_ms };
                 let gate = Arc::new(if lease_gate { LeaseGate::new(timing.clone()) } else { LeaseGate::always_open() });
-                gates.lock().expect("gates lock").insert(name.clone(), gate.clone());
+                // A restarted process runs on the same machine's clock: the
+                // drift its last process had (`Fault::ClockJitter`) still holds.
+                {
+                    let mut all = gates.lock().expect("gates lock");
+                    if let Some(before) = all.get(&name) {
+                        gate.set_clock_rate(before.clock_rate());
+                    }
+                    all.insert(name.clone(), gate.clone());
+                }
                 let mut meta = MetaOps::new(
                     Arc::new(RemoteBackend::new(format!("http://{META_ADDR}"))),
                     RetryPolicy::default(),

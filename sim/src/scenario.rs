@@ -517,6 +517,12 @@ impl Scenario {
             }
         }
         self.check_names()?;
+        if let Some(r) = &self.random {
+            let ppm = r.rates.max_clock_ppm;
+            if !(0..=900_000).contains(&ppm) {
+                return Err(format!("random.rates.max_clock_ppm is {ppm}: between 0 and 900000, please"));
+            }
+        }
         // The rule the nodes check at start-up (`NodeConfig::validate`).
         let t = &self.timing;
         attache_actors::lease::LeaseTiming { drift: t.drift, margin_ms: t.margin_ms }
@@ -574,6 +580,15 @@ impl Scenario {
                     nodes.join(", "),
                     if may_be_client { format!(", {}", clients.join(", ")) } else { String::new() }
                 ));
+            }
+            if let Fault::ClockJitter { ppm, .. } = &f.fault {
+                // A rate of 0.1 to 1.9 times true speed.
+                if !(-900_000..=900_000).contains(ppm) {
+                    return Err(format!(
+                        "the fault at {} ms sets a clock {ppm} ppm off: between -900000 and 900000, please",
+                        f.at_ms
+                    ));
+                }
             }
             if let Some(when) = &f.when {
                 let moment =

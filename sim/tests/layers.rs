@@ -78,10 +78,13 @@ fn a_clock_beyond_the_drift_bound_breaks_linearizability_and_one_within_it_does_
 /// metadata node's and the next backup's clocks 0.9% fast and the primary's
 /// 0.9% slow, a takeover races the old primary's gate and loses
 /// (`scenarios/clocks-drift-within-bound.toml`); with the two fast clocks
-/// 40% fast, leases expire and backups take over while the old gate is
-/// still open, and a checker fails within 10 seeds.
+/// 40% fast, leases expire early and a backup takes over while the old gate
+/// is still open, and a checker fails within 10 seeds. (With this timing the
+/// lease margin alone covers the drift, so the store's fast clock is what
+/// breaks it here; the backup's takeover delay is not load-bearing, and
+/// this test does not show that its clock matters.)
 #[test]
-fn fast_metadata_and_backup_clocks_beyond_the_bound_break_a_checker_and_within_it_do_not() {
+fn fast_clocks_beyond_the_bound_break_a_checker_and_within_it_do_not() {
     let mut s = scenario("clocks-drift-within-bound");
     clean(&s, 0..3);
     for f in &mut s.faults {
