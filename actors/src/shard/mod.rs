@@ -1110,9 +1110,13 @@ where
                     self.state = meta.state;
                     self.meta = meta;
                 }
-                // The primary removed the shard's data: it was deleted. Serve
-                // nothing more (not an empty shard).
-                Ok(None) => self.state = ShardState::Deleted,
+                // The primary removed the shard's data: it was deleted (and
+                // committed: the data is gone). Serve nothing more (not an
+                // empty shard): NOT_FOUND.
+                Ok(None) => {
+                    self.state = ShardState::Deleted;
+                    self.meta.state = ShardState::Deleted;
+                }
                 Err(e) => return Reply::now(Err(read_error(self.meta.shard_id, e))),
             }
             self.caught_up_at = Some(started);
