@@ -207,7 +207,8 @@ pub struct VolumeCounts {
     pub written_back: u64,
 }
 
-fn is_zero(n: &u64) -> bool {
+/// For `skip_serializing_if` on counts that summaries leave out when 0.
+pub(crate) fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 

@@ -88,7 +88,7 @@ pub struct Summary {
     #[serde(default, skip_serializing_if = "VolumeCounts::is_empty")]
     pub volumes: VolumeCounts,
     /// Faults not applied (see `RunOutcome::skipped_faults`; left out when none).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::ebs::is_zero")]
     pub skipped_faults: u64,
     pub violations: Vec<Violation>,
 }
@@ -159,10 +159,6 @@ pub fn describe(fault: &attache_faults::Fault) -> String {
         }
     }
     out
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 /// Runs every checker over `outcome` and summarises the run.
