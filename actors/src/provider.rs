@@ -9,9 +9,16 @@
 //! (attach/detach through the EC2 API, reservations through NVMe) fits the
 //! same calls.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::engine::EngineError;
+
+/// How long a claimant's `acquire` waits for write batches that hold a
+/// fence checked by the writer (the `EPOCH` file of local volumes: a batch
+/// holds it from its check to its sync) before it fails with `Io`.
+pub const FENCE_WAIT: Duration = Duration::from_secs(10);
 
 /// Attachment and fencing of volumes, for one node.
 #[async_trait]

@@ -114,16 +114,49 @@ impl MetaLog for FileMetaLog {
     }
 }
 
-/// Takes an exclusive advisory lock (`flock`) on `path`, waiting for it; held
-/// while the returned file is open.
-pub fn lock_file(path: &Path) -> std::io::Result<File> {
+/// The kind of advisory lock [`flock_file`] takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockKind {
+    /// Many holders at once (`LOCK_SH`), none while an exclusive one is held.
+    Shared,
+    /// One holder (`LOCK_EX`).
+    Exclusive,
+}
+
+/// Takes an advisory lock (`flock(2)`) on `path` (created if missing),
+/// held while the returned file is open. Locks taken through different
+/// opens conflict even within one process. `wait`: how long to keep trying
+/// (every millisecond) while a conflicting lock is held; `None` waits as
+/// long as it takes.
+///
+/// Errors: `ErrorKind::WouldBlock` when `wait` ran out with a conflicting
+/// lock still held; the open's or `flock`'s own errors.
+pub fn flock_file(path: &Path, kind: LockKind, wait: Option<std::time::Duration>) -> std::io::Result<File> {
     use std::os::fd::AsRawFd;
     let file = OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
-    // SAFETY: flock on a file descriptor we own; no memory is shared.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(std::io::Error::last_os_error());
+    let op = match kind {
+        LockKind::Shared => libc::LOCK_SH,
+        LockKind::Exclusive => libc::LOCK_EX,
+    };
+    let Some(wait) = wait else {
+        // SAFETY: flock on a file descriptor we own; no memory is shared.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        return Ok(file);
+    };
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        // SAFETY: as above.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+            return Ok(file);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::WouldBlock || std::time::Instant::now() >= deadline {
+            return Err(e);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    Ok(file)
 }
 
 /// Takes an exclusive advisory lock (`flock`) on `dir/LOCK`, held while the

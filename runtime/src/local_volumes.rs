@@ -5,25 +5,35 @@
 //!
 //! A volume is the directory `{root}/{volume}`; it is "attached" when it
 //! exists. The storage fence is the file `{root}/{volume}/EPOCH`: `acquire`
-//! raises it to the claimant's epoch (never lowers it), under an exclusive
-//! `flock` so two local processes cannot interleave, and every RocksDB write
-//! batch of a shard opened at epoch `e` first checks that the file still says
-//! `e` ([`Fence`]). RocksDB's own LOCK file keeps a second process from
-//! opening a shard read-write while the first still has it open.
+//! raises it to the claimant's epoch (never lowers it), and every RocksDB
+//! write batch of a shard opened at epoch `e` checks that the file still says
+//! `e` ([`Fence`]). The batch holds a shared `flock` on `FENCE.lock` from its
+//! check until its write and sync return, and `acquire` takes it exclusively,
+//! so no batch of an older epoch is written after a newer epoch is: a
+//! writer paused between its check and its write delays the newer epoch
+//! (up to `fence_wait`, after which the claim fails and is retried) instead
+//! of writing after it. RocksDB's own LOCK file keeps a second process from
+//! opening a shard read-write while the first still has it open. `flock` is
+//! one machine's: these volumes fence processes on one machine only.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use attache_actors::engine::{Engine, EngineError, EngineFactory, OpenMode};
 use attache_actors::provider::VolumeProvider;
 
-use crate::files::replace_file;
-use crate::rocks_engine::{Fence, RocksEngineFactory};
+use crate::files::{flock_file, replace_file, LockKind};
+use crate::rocks_engine::{Fence, RocksEngineFactory, FENCE_WAIT};
 
 /// The epoch file in a volume's directory.
 pub const EPOCH_FILE: &str = "EPOCH";
+
+/// The fence lock file in a volume's directory: write batches hold it
+/// shared, `acquire` exclusively (see [`Fence`]).
+pub const FENCE_LOCK_FILE: &str = "FENCE.lock";
 
 /// Local directories as volumes; see the module docs.
 #[derive(Clone)]
@@ -31,12 +41,26 @@ pub struct LocalVolumes {
     root: PathBuf,
     rocks: RocksEngineFactory,
     held: Arc<Mutex<BTreeMap<String, u64>>>,
+    /// How long `acquire` waits for write batches under way.
+    fence_wait: Duration,
 }
 
 impl LocalVolumes {
     /// Volumes under `root`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        LocalVolumes { root: root.into(), rocks: RocksEngineFactory::new(), held: Arc::default() }
+        LocalVolumes {
+            root: root.into(),
+            rocks: RocksEngineFactory::new(),
+            held: Arc::default(),
+            fence_wait: FENCE_WAIT,
+        }
+    }
+
+    /// The same volumes, with `acquire` waiting up to `wait` for write
+    /// batches under way (default [`FENCE_WAIT`]).
+    pub fn with_fence_wait(mut self, wait: Duration) -> Self {
+        self.fence_wait = wait;
+        self
     }
 
     fn volume_of<'a>(&self, path: &'a Path) -> Option<&'a str> {
@@ -46,7 +70,8 @@ impl LocalVolumes {
     fn fence_for(&self, path: &Path) -> Option<Fence> {
         let volume = self.volume_of(path)?;
         let epoch = *self.held.lock().expect("held epochs lock").get(volume)?;
-        Some(Fence { file: self.root.join(volume).join(EPOCH_FILE), epoch })
+        let dir = self.root.join(volume);
+        Some(Fence { file: dir.join(EPOCH_FILE), lock: dir.join(FENCE_LOCK_FILE), epoch })
     }
 }
 
@@ -67,10 +92,23 @@ impl VolumeProvider for LocalVolumes {
 
     async fn acquire(&self, volume: &str, epoch: u64) -> Result<(), EngineError> {
         let dir = self.root.join(volume);
-        let held = self.held.clone();
+        let (held, wait) = (self.held.clone(), self.fence_wait);
         let volume = volume.to_string();
         tokio::task::spawn_blocking(move || {
-            let _lock = crate::files::lock_file(&dir.join("FENCE.lock")).map_err(|e| io(&dir, e))?;
+            // Waits for write batches under way (they hold it shared): each
+            // ends before the new epoch is written, or fails after.
+            let lock_path = dir.join(FENCE_LOCK_FILE);
+            let _lock = flock_file(&lock_path, LockKind::Exclusive, Some(wait)).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    EngineError::Io(format!(
+                        "{}: a write batch has held the fence for over {} ms (a paused writer?); retry",
+                        lock_path.display(),
+                        wait.as_millis()
+                    ))
+                } else {
+                    io(&lock_path, e)
+                }
+            })?;
             let file = dir.join(EPOCH_FILE);
             let current = match std::fs::read_to_string(&file) {
                 Ok(text) => text
@@ -138,5 +176,97 @@ mod tests {
         let new = b.open(&dir.path().join("v/shard-1"), OpenMode::ReadWrite { create: false }).await.unwrap();
         new.put(b"k", b"3", true).await.unwrap();
         assert_eq!(new.get(b"k").await.unwrap(), Some(b"3".to_vec()));
+    }
+
+    /// Pauses the next writer of volume `v` under `root` right after its
+    /// fence check passed; answers (paused, go): `paused` receives once the
+    /// writer is there, a send on `go` lets it write.
+    fn pause_next_writer(root: &Path) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+        let (paused_tx, paused_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (paused_tx, go_rx) = (Mutex::new(paused_tx), Mutex::new(go_rx));
+        let hook = move || {
+            paused_tx.lock().unwrap().send(()).unwrap();
+            go_rx.lock().unwrap().recv_timeout(Duration::from_secs(20)).expect("the test lets the writer go");
+        };
+        crate::rocks_engine::hooks::set_after_fence_check(root.join("v").join(EPOCH_FILE), Arc::new(hook));
+        (paused_rx, go_tx)
+    }
+
+    async fn wait_paused(paused: std::sync::mpsc::Receiver<()>) {
+        tokio::task::spawn_blocking(move || paused.recv_timeout(Duration::from_secs(20)).expect("writer paused"))
+            .await
+            .unwrap();
+    }
+
+    fn epoch_file(root: &Path) -> String {
+        std::fs::read_to_string(root.join("v").join(EPOCH_FILE)).unwrap()
+    }
+
+    /// The gap the fence closes: a writer of epoch 1 pauses between its
+    /// check and its write while another process takes epoch 2. The newer
+    /// epoch waits for it, so the paused batch lands while epoch 1 still
+    /// holds, and the writer's next batch is fenced.
+    #[actix_rt::test]
+    async fn a_writer_paused_after_its_check_holds_the_newer_epoch_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (LocalVolumes::new(dir.path()), LocalVolumes::new(dir.path()));
+        a.attach("v").await.unwrap();
+        a.acquire("v", 1).await.unwrap();
+        let shard = dir.path().join("v/shard-1");
+        let old = a.open(&shard, OpenMode::ReadWrite { create: true }).await.unwrap();
+        let (paused, go) = pause_next_writer(dir.path());
+        let writer = {
+            let old = old.clone();
+            tokio::spawn(async move { old.put(b"k", b"paused", true).await })
+        };
+        wait_paused(paused).await;
+        let acquiring = {
+            let b = b.clone();
+            tokio::spawn(async move { b.acquire("v", 2).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!acquiring.is_finished(), "epoch 2 waits for the paused writer of epoch 1");
+        assert_eq!(epoch_file(dir.path()), "1\n");
+        go.send(()).unwrap();
+        writer.await.unwrap().expect("the paused batch was checked under epoch 1, which still held");
+        acquiring.await.unwrap().expect("epoch 2 is taken once the batch is done");
+        assert_eq!(epoch_file(dir.path()), "2\n");
+        assert!(matches!(old.put(b"k", b"late", true).await, Err(EngineError::Fenced(_))), "epoch 1 is fenced off");
+        old.close().await;
+        let new = b.open(&shard, OpenMode::ReadWrite { create: false }).await.unwrap();
+        assert_eq!(new.get(b"k").await.unwrap(), Some(b"paused".to_vec()), "the batch that ended first is there");
+        new.put(b"k", b"new", true).await.unwrap();
+        new.close().await;
+    }
+
+    /// A writer paused for longer than the claimant waits: the claim fails
+    /// (an I/O error, retried by the claimant later) and the epoch stays
+    /// where it was, so the paused batch is still written under it.
+    #[actix_rt::test]
+    async fn a_claim_gives_up_on_a_writer_paused_too_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = LocalVolumes::new(dir.path());
+        let b = LocalVolumes::new(dir.path()).with_fence_wait(Duration::from_millis(200));
+        a.attach("v").await.unwrap();
+        a.acquire("v", 1).await.unwrap();
+        let old = a.open(&dir.path().join("v/shard-1"), OpenMode::ReadWrite { create: true }).await.unwrap();
+        let (paused, go) = pause_next_writer(dir.path());
+        let writer = {
+            let old = old.clone();
+            tokio::spawn(async move { old.put(b"k", b"paused", true).await })
+        };
+        wait_paused(paused).await;
+        let refused = b.acquire("v", 2).await;
+        assert!(
+            matches!(&refused, Err(EngineError::Io(m)) if m.contains("paused writer")),
+            "the claim gives up: {refused:?}"
+        );
+        assert_eq!(epoch_file(dir.path()), "1\n");
+        go.send(()).unwrap();
+        writer.await.unwrap().expect("epoch 1 still holds");
+        b.acquire("v", 2).await.expect("no writer holds the fence now");
+        assert!(matches!(old.put(b"k", b"late", true).await, Err(EngineError::Fenced(_))));
+        old.close().await;
     }
 }

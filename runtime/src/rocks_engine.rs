@@ -65,25 +65,77 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.expect("RocksDB call panicked")
 }
 
+/// How long a write batch waits for the fence's shared lock, and
+/// `LocalVolumes::acquire` for its exclusive one, before giving up.
+pub use attache_actors::provider::FENCE_WAIT;
+
 /// A storage fence on a local directory: the epoch a writer holds, checked
-/// against the volume's epoch file before every write batch (see `LocalVolumes`).
+/// against the volume's epoch file before every write batch (see
+/// `LocalVolumes`). The check and the write happen under a shared `flock` on
+/// the volume's fence lock file, held until the batch and its sync return;
+/// raising the epoch takes that lock exclusively. So a batch of epoch `e`
+/// either ends before a newer epoch is written, or is checked after it and
+/// fails: a writer paused between its check and its write holds the newer
+/// epoch back until it is done (`local_volumes` tests).
 #[derive(Clone, Debug)]
 pub struct Fence {
     /// The volume's epoch file.
     pub file: PathBuf,
+    /// The volume's fence lock file.
+    pub lock: PathBuf,
     /// The epoch this engine writes at.
     pub epoch: u64,
 }
 
+/// The fence held for one write batch ([`Fence::hold`]); dropping it lets
+/// a newer epoch be taken.
+#[derive(Debug)]
+pub struct FenceHold {
+    _lock: std::fs::File,
+}
+
 impl Fence {
-    /// Errors: `Fenced` when the volume's epoch file names another epoch.
-    pub fn check(&self) -> Result<(), EngineError> {
+    /// Holds the fence for one write batch: takes the shared lock (waiting
+    /// up to [`FENCE_WAIT`] while an epoch is being raised), then checks
+    /// the epoch file. Keep the answer until the write and its sync return.
+    ///
+    /// Errors: `Fenced` when the volume's epoch file names another epoch;
+    /// `Corruption` when it holds no epoch; `Io` when a file cannot be read
+    /// or the lock is not had in time. Nothing is written on an error.
+    pub fn hold(&self) -> Result<FenceHold, EngineError> {
+        let lock = crate::files::flock_file(&self.lock, crate::files::LockKind::Shared, Some(FENCE_WAIT))
+            .map_err(|e| EngineError::Io(format!("{}: {e}", self.lock.display())))?;
         let text = std::fs::read_to_string(&self.file)
             .map_err(|e| EngineError::Io(format!("{}: {e}", self.file.display())))?;
         match text.trim().parse::<u64>() {
-            Ok(e) if e == self.epoch => Ok(()),
+            Ok(e) if e == self.epoch => Ok(FenceHold { _lock: lock }),
             Ok(e) => Err(EngineError::Fenced(format!("volume epoch is {e}, this writer's is {}", self.epoch))),
             Err(_) => Err(EngineError::Corruption(format!("{} holds {text:?}, not an epoch", self.file.display()))),
+        }
+    }
+}
+
+/// Test hooks: a function the next write batch calls right after its fence
+/// check passed, for writers whose epoch file is the key (to pause a writer there).
+#[cfg(test)]
+pub(crate) mod hooks {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
+
+    type Hook = Arc<dyn Fn() + Send + Sync>;
+    static AFTER_FENCE_CHECK: Mutex<BTreeMap<PathBuf, Hook>> = Mutex::new(BTreeMap::new());
+
+    /// Calls `hook` after the next passed fence check of a writer fenced by `epoch_file`.
+    pub(crate) fn set_after_fence_check(epoch_file: PathBuf, hook: Hook) {
+        AFTER_FENCE_CHECK.lock().unwrap().insert(epoch_file, hook);
+    }
+
+    /// Runs (once) the hook set for `epoch_file`, if any.
+    pub(crate) fn after_fence_check(epoch_file: &std::path::Path) {
+        let hook = AFTER_FENCE_CHECK.lock().unwrap().remove(epoch_file);
+        if let Some(hook) = hook {
+            hook();
         }
     }
 }
@@ -252,7 +304,7 @@ where
 }
 
 /// Writes `batch` to `db` (on the calling thread: callers are on the blocking
-/// pool), after checking the fence.
+/// pool), holding the fence (when there is one) until it returns.
 fn write_now(
     db: &DB,
     path: &Path,
@@ -261,8 +313,11 @@ fn write_now(
     batch: &WriteBatch,
     sync: bool,
 ) -> Result<(), EngineError> {
+    // Held until the write (and its sync) returns: see `Fence`.
+    let _held = fence.map(Fence::hold).transpose()?;
+    #[cfg(test)]
     if let Some(f) = fence {
-        f.check()?;
+        hooks::after_fence_check(&f.file);
     }
     let mut rb = rocksdb::WriteBatch::default();
     for op in batch.ops() {
