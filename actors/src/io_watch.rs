@@ -8,7 +8,9 @@
 //! Each group commit, shard creation and read-write open holds an
 //! [`InFlight`] while it waits on the volume; dropping it (the write
 //! completed or failed, or its task ended) removes it. A group commit also
-//! reports how it ended ([`InFlight::finish`]).
+//! reports how it ended ([`InFlight::finish`]), and whether the volume's
+//! storage fence refused it ([`InFlight::fenced`]): then a newer primary
+//! holds the volume and this one steps down at its next check.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -30,6 +32,10 @@ struct Pending {
     failing_since: Option<Instant>,
     /// The latest failure.
     last_failure: Option<Instant>,
+    /// The current term (bumped by `clear_failures`, as a term as primary starts).
+    term: u64,
+    /// Why the volume refused a write of this term (a storage fence).
+    fenced: Option<String>,
 }
 
 /// One write in flight, from [`IoWatch::begin`]; dropping it ends it.
@@ -37,6 +43,7 @@ struct Pending {
 pub struct InFlight {
     watch: Arc<IoWatch>,
     token: u64,
+    term: u64,
 }
 
 impl IoWatch {
@@ -46,7 +53,7 @@ impl IoWatch {
         p.next += 1;
         let token = p.next;
         p.started.insert(token, Instant::now());
-        InFlight { watch: self.clone(), token }
+        InFlight { watch: self.clone(), token, term: p.term }
     }
 
     /// How long the oldest write in flight has been pending; `None` when none is.
@@ -62,11 +69,21 @@ impl IoWatch {
         self.inner.lock().expect("io watch lock").failing_since.map(|t| t.elapsed())
     }
 
-    /// Forgets past failures (a new term as primary starts afresh).
+    /// Forgets past failures and fences (a new term as primary starts
+    /// afresh; writes begun before it no longer count).
     pub fn clear_failures(&self) {
         let mut p = self.inner.lock().expect("io watch lock");
         p.failing_since = None;
         p.last_failure = None;
+        p.term += 1;
+        p.fenced = None;
+    }
+
+    /// Why the volume's storage fence refused a write begun in this term,
+    /// if it did: a newer primary holds the fence, so this node must stop
+    /// serving the volume at once.
+    pub fn fenced(&self) -> Option<String> {
+        self.inner.lock().expect("io watch lock").fenced.clone()
     }
 
     /// How long ago a write to the volume last failed here; `None` if none ever did.
@@ -86,6 +103,16 @@ impl InFlight {
             let now = Instant::now();
             p.failing_since.get_or_insert(now);
             p.last_failure = Some(now);
+        }
+    }
+
+    /// The write ended refused by the volume's storage fence (a reservation
+    /// conflict, or a newer epoch in the EPOCH file), for `why`. Counts only
+    /// if no new term started since the write began.
+    pub fn fenced(self, why: &str) {
+        let mut p = self.watch.inner.lock().expect("io watch lock");
+        if p.term == self.term {
+            p.fenced = Some(why.to_string());
         }
     }
 }
@@ -136,5 +163,18 @@ mod tests {
         watch.begin().finish(false);
         watch.clear_failures();
         assert_eq!((watch.failing_for(), watch.since_last_failure()), (None, None));
+    }
+
+    #[tokio::test]
+    async fn a_fenced_write_counts_only_in_the_term_it_began() {
+        let watch = Arc::new(IoWatch::default());
+        let old_term = watch.begin();
+        watch.clear_failures(); // a new term starts while the write is in flight
+        old_term.fenced("key 2 holds the reservation");
+        assert_eq!(watch.fenced(), None, "a write of the last term says nothing of this one");
+        watch.begin().fenced("key 3 holds the reservation");
+        assert_eq!(watch.fenced().as_deref(), Some("key 3 holds the reservation"));
+        watch.clear_failures();
+        assert_eq!(watch.fenced(), None);
     }
 }

@@ -21,6 +21,7 @@
 //! - [`lease`]: the lease gate (a primary serves only while its lease is certainly valid).
 //! - [`io_watch`]: how long a volume's writes in flight have been pending (a hung volume fails over).
 //! - [`provider`]: the volume provider contract (attach, storage fence).
+//! - [`reservation`]: NVMe reservations, the device fence of shared volumes, and the protocol that takes it.
 //! - [`engine`]: the storage engine contract; [`mem_engine`]: an in-memory engine.
 //! - [`service`]: the gRPC service `attache.v1.Attache` in front of a node.
 //! - [`client`]: the retrying, hint-following client (CLI and simulation).
@@ -47,6 +48,7 @@ pub mod mem_engine;
 pub mod meta;
 pub mod node;
 pub mod provider;
+pub mod reservation;
 pub mod retry;
 pub mod service;
 pub mod shard;

@@ -452,6 +452,12 @@ impl VolumeManager {
             self.set_role(Role::Detached);
             return;
         }
+        if let (Role::Primary { .. }, Some(why)) = (&self.role, self.io.fenced()) {
+            // The device (or the EPOCH file) refused a write: a newer
+            // primary holds the fence. Serve nothing more from this term.
+            self.step_down(false, &format!("the volume's storage fence refused a write ({why})")).await;
+            return;
+        }
         if let (Role::Primary { .. }, Some(why)) = (&self.role, self.io_unhealthy()) {
             // A write neither completes nor fails, or every write fails:
             // give the volume up so a backup takes over (it claims a vacant

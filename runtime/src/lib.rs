@@ -9,6 +9,7 @@ pub mod etcd;
 pub mod files;
 pub mod local_volumes;
 pub mod meta_server;
+pub mod nvme;
 pub mod records;
 pub mod rocks_engine;
 pub mod serve;

@@ -13,8 +13,8 @@
 //!   then on the volume rejects appends and syncs from every other node,
 //!   `Fenced`), or the EPOCH file of `attache dev`'s local volumes (the same
 //!   `reserve` raises the volume's epoch file; the volume takes anyone's
-//!   writes, and each engine checks the file before a write batch, with the
-//!   gap between its check and its write). Keys are epochs. A sim-only
+//!   writes, and each engine checks the file before a write batch, holding
+//!   the fence lock from its check to its sync). Keys are epochs. A sim-only
 //!   switch turns fencing off, to show the single-writer checker catches
 //!   what it would let through.
 //! - Shard locks (`shard_locks`, on by default), as RocksDB's `LOCK` file:
@@ -35,7 +35,12 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use async_trait::async_trait;
 use attache_actors::engine::EngineError;
+use attache_actors::reservation::{
+    AcquireAction, RegisterAction, Registrant, ReleaseAction, ReservationDevice, ReservationError, ReservationStatus,
+    ReservationType,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -68,6 +73,12 @@ pub struct EbsConfig {
     pub fencing: bool,
     /// Which fence production ships that the volumes model.
     pub fence: FenceModel,
+    /// Under the EPOCH-file fence: a write batch holds the volume's fence
+    /// lock (shared) from its check until its sync returns, and raising the
+    /// epoch waits for those holds (`SimEbs::fence_busy`), as the shipped
+    /// `Fence::hold` and `LocalVolumes::acquire` do. Off only to show the
+    /// gap between check and write that the lock closes.
+    pub fence_lock: bool,
     /// Whether the nodes share shard locks (RocksDB's `LOCK` files), as
     /// processes on one machine serving local directories do; off, as
     /// separate machines on a multi-attached volume, where a node's lock
@@ -87,6 +98,7 @@ impl Default for EbsConfig {
             writeback_ms: 0,
             fencing: true,
             fence: FenceModel::Reservation,
+            fence_lock: true,
             shard_locks: true,
         }
     }
@@ -106,10 +118,11 @@ pub enum FenceModel {
     /// The `EPOCH` file of local volumes (`attache-runtime`'s
     /// `LocalVolumes`): acquiring raises the file's epoch; every write batch
     /// of an engine opened at epoch `e` first checks the file still says
-    /// `e`, then writes, and nothing stops a write whose check passed before
-    /// a newer epoch was taken. RocksDB's `LOCK` (`shard_locks`) is what
-    /// keeps one writer per shard then, so the single-writer rule holds per
-    /// shard directory, not per volume.
+    /// `e`, then writes, holding the fence lock (`EbsConfig::fence_lock`)
+    /// from its check to the end of its sync, so a batch checked before a
+    /// newer epoch was taken ends before it is. The device itself takes
+    /// anyone's writes. The single-writer rule is checked per shard
+    /// directory (`SyncRecord::scope`), the scope RocksDB's `LOCK` guards too.
     EpochFile,
 }
 
@@ -157,7 +170,10 @@ struct Pending {
 #[derive(Default)]
 struct Volume {
     attached: Vec<String>,
-    holder: Option<(String, u64)>,
+    /// The EPOCH file (`FenceModel::EpochFile`): who raised it, to what.
+    epoch_file: Option<(String, u64)>,
+    /// The namespace's NVMe reservation state (`FenceModel::Reservation`).
+    resv: Reservations,
     files: BTreeMap<String, File>,
     /// Per node: extra latency (µs) until a time.
     stalls: BTreeMap<String, (Instant, u64)>,
@@ -170,6 +186,81 @@ struct Volume {
     /// Shard directory → the nodes holding its lock, each with its token
     /// (more than one only without shared locks).
     locks: BTreeMap<String, Vec<(String, u64)>>,
+    /// Write batches holding the EPOCH-file fence lock now ([`EpochFileHold`]).
+    fence_holds: usize,
+}
+
+/// A namespace's NVMe reservation state, as the NVM Express Base
+/// Specification defines it (see `attache_actors::reservation`).
+#[derive(Default)]
+struct Reservations {
+    /// Bumped by each successful Register, Preempt and Clear.
+    generation: u32,
+    /// (node, key), in registration order.
+    registrants: Vec<(String, u64)>,
+    /// The holding node and the type (under an all-registrants type, every
+    /// registrant holds; this is the first).
+    holder: Option<(String, ReservationType)>,
+    /// Nodes preempted without abort, and when: their commands that were
+    /// in flight then still complete.
+    preempted: BTreeMap<String, Instant>,
+}
+
+impl Reservations {
+    fn key_of(&self, node: &str) -> Option<u64> {
+        self.registrants.iter().find(|(n, _)| n == node).map(|(_, k)| *k)
+    }
+
+    /// Whether `node`'s write is refused (Reservation Conflict), and by whom.
+    fn conflict(&self, node: &str) -> Option<(String, u64)> {
+        let (holder, rtype) = self.holder.as_ref()?;
+        let registered = self.key_of(node).is_some();
+        let holds = holder == node || (rtype.all_registrants() && registered);
+        if holds || rtype.lets_write(registered) {
+            return None;
+        }
+        Some((holder.clone(), self.key_of(holder).unwrap_or(0)))
+    }
+
+    /// Removes `node`'s registration; a reservation it held is released,
+    /// or passes to the next registrant under an all-registrants type.
+    fn unregister(&mut self, node: &str) {
+        self.registrants.retain(|(n, _)| n != node);
+        if let Some((holder, rtype)) = self.holder.clone() {
+            if holder == node {
+                self.holder = match self.registrants.first() {
+                    Some((next, _)) if rtype.all_registrants() => Some((next.clone(), rtype)),
+                    _ => None,
+                };
+            }
+        }
+    }
+
+    /// Unregisters every registrant with `key` but `except`; whether any had it.
+    fn unregister_key(&mut self, key: u64, except: &str, abort: bool, now: Instant) -> bool {
+        let hit: Vec<String> =
+            self.registrants.iter().filter(|(n, k)| *k == key && n != except).map(|(n, _)| n.clone()).collect();
+        for n in &hit {
+            self.unregister(n);
+            if !abort {
+                self.preempted.insert(n.clone(), now);
+            }
+        }
+        !hit.is_empty()
+    }
+}
+
+/// A node's NVMe Host Identifier in the simulation: its name's bytes.
+pub fn host_id(node: &str) -> u128 {
+    let mut b = [0u8; 16];
+    for (d, s) in b.iter_mut().zip(node.bytes()) {
+        *d = s;
+    }
+    u128::from_be_bytes(b)
+}
+
+fn conflict(msg: String) -> ReservationError {
+    ReservationError::Conflict(msg)
 }
 
 struct Ebs {
@@ -230,6 +321,22 @@ impl VolumeCounts {
     }
 }
 
+/// A write batch's hold on a volume's EPOCH-file fence lock
+/// ([`SimEbs::hold_epoch_file`]); dropping it (the batch ended, or its node
+/// crashed) releases it.
+pub struct EpochFileHold {
+    ebs: SimEbs,
+    volume: String,
+}
+
+impl Drop for EpochFileHold {
+    fn drop(&mut self) {
+        if let Some(v) = self.ebs.lock().volumes.get_mut(&self.volume) {
+            v.fence_holds -= 1;
+        }
+    }
+}
+
 /// Shared handle on all volumes; clones share them.
 #[derive(Clone)]
 pub struct SimEbs(Arc<Mutex<Ebs>>);
@@ -264,6 +371,52 @@ fn dir_of(path: &str) -> &str {
 
 fn io(msg: String) -> EngineError {
     EngineError::Io(msg)
+}
+
+/// One node's NVMe reservation commands on the simulated volumes
+/// ([`SimEbs::nvme`]), as the device trait the shipped protocol runs on.
+pub struct SimNvme<'a> {
+    ebs: &'a SimEbs,
+    node: &'a str,
+}
+
+#[async_trait]
+impl ReservationDevice for SimNvme<'_> {
+    async fn register(
+        &self,
+        volume: &str,
+        action: RegisterAction,
+        crkey: u64,
+        nrkey: u64,
+        ignore_existing_key: bool,
+    ) -> Result<(), ReservationError> {
+        self.ebs.nvme_register(volume, self.node, action, crkey, nrkey, ignore_existing_key).await
+    }
+
+    async fn acquire(
+        &self,
+        volume: &str,
+        action: AcquireAction,
+        rtype: ReservationType,
+        crkey: u64,
+        prkey: u64,
+    ) -> Result<(), ReservationError> {
+        self.ebs.nvme_acquire(volume, self.node, action, rtype, crkey, prkey).await
+    }
+
+    async fn release(
+        &self,
+        volume: &str,
+        action: ReleaseAction,
+        rtype: ReservationType,
+        crkey: u64,
+    ) -> Result<(), ReservationError> {
+        self.ebs.nvme_release(volume, self.node, action, rtype, crkey).await
+    }
+
+    async fn report(&self, volume: &str) -> Result<ReservationStatus, ReservationError> {
+        self.ebs.nvme_report(volume, self.node).await
+    }
 }
 
 impl SimEbs {
@@ -317,26 +470,205 @@ impl SimEbs {
         self.lock().volumes.get(volume).is_some_and(|v| v.attached.iter().any(|n| n == node))
     }
 
-    /// Registers `node` with `key` and preempts the holder if its key is lower.
-    /// Errors: not attached; `Fenced` when the holder's key is higher.
-    pub fn reserve(&self, volume: &str, node: &str, key: u64) -> Result<(), EngineError> {
+    /// Raises the EPOCH file of `volume` to `epoch` as `node`
+    /// (`FenceModel::EpochFile`, as `LocalVolumes::acquire`).
+    /// Errors: not attached; `Fenced` when the file names a higher epoch;
+    /// an I/O error while write batches hold the fence lock
+    /// ([`SimEbs::fence_busy`]).
+    pub fn raise_epoch_file(&self, volume: &str, node: &str, epoch: u64) -> Result<(), EngineError> {
         let mut ebs = self.lock();
-        // What was due reached the device before the reservation changed.
+        // What was due reached the device before the epoch changed.
         Self::writeback(&mut ebs, volume);
-        let v = ebs.volumes.get_mut(volume).ok_or_else(|| io(format!("no volume {volume}")))?;
-        if !v.attached.iter().any(|n| n == node) {
-            return Err(io(format!("volume {volume} is not attached to {node}")));
-        }
-        match &v.holder {
-            Some((holder, k)) if *k > key => {
-                Err(EngineError::Fenced(format!("volume {volume} is reserved by {holder} at epoch {k} > {key}")))
+        let v = Self::attached_volume(&mut ebs, volume, node)?;
+        match &v.epoch_file {
+            Some((holder, k)) if *k > epoch => {
+                Err(EngineError::Fenced(format!("volume {volume} is at epoch {k} (raised by {holder}) > {epoch}")))
             }
+            _ if v.fence_holds > 0 => Err(io(format!("volume {volume}: a write batch holds the fence; retry"))),
             _ => {
-                v.holder = Some((node.to_string(), key));
+                v.epoch_file = Some((node.to_string(), epoch));
                 Self::fire(&mut ebs, "fence", volume, node);
                 Ok(())
             }
         }
+    }
+
+    fn attached_volume<'a>(ebs: &'a mut Ebs, volume: &str, node: &str) -> Result<&'a mut Volume, EngineError> {
+        let v = ebs.volumes.get_mut(volume).ok_or_else(|| io(format!("no volume {volume}")))?;
+        if !v.attached.iter().any(|n| n == node) {
+            return Err(io(format!("volume {volume} is not attached to {node}")));
+        }
+        Ok(v)
+    }
+
+    /// `node`'s reservation commands.
+    pub fn nvme<'a>(&'a self, node: &'a str) -> SimNvme<'a> {
+        SimNvme { ebs: self, node }
+    }
+
+    /// The latency of one reservation command by `node`, or a hang.
+    async fn command_wait(&self, volume: &str, node: &str) {
+        let (base, jitter) = {
+            let ebs = self.lock();
+            (ebs.cfg.append_us, ebs.cfg.sync_jitter_us)
+        };
+        self.io_wait(volume, node, base, jitter).await;
+    }
+
+    /// NVMe Reservation Register by `node` on `volume` (see
+    /// `ReservationDevice::register`), with the specification's rules.
+    pub async fn nvme_register(
+        &self,
+        volume: &str,
+        node: &str,
+        action: RegisterAction,
+        crkey: u64,
+        nrkey: u64,
+        ignore_existing_key: bool,
+    ) -> Result<(), ReservationError> {
+        self.command_wait(volume, node).await;
+        let mut ebs = self.lock();
+        Self::writeback(&mut ebs, volume);
+        let v = Self::attached_volume(&mut ebs, volume, node).map_err(|e| ReservationError::Io(e.to_string()))?;
+        let r = &mut v.resv;
+        let mine = r.key_of(node);
+        let key_ok = ignore_existing_key || mine == Some(crkey);
+        match (action, mine) {
+            (RegisterAction::Register, Some(k)) if k == nrkey => return Ok(()),
+            (RegisterAction::Register, Some(k)) => {
+                return Err(conflict(format!("{node} is registered on {volume} with key {k}, not {nrkey}")))
+            }
+            (RegisterAction::Register, None) => r.registrants.push((node.to_string(), nrkey)),
+            (_, None) => return Err(conflict(format!("{node} is not registered on {volume}"))),
+            (_, Some(k)) if !key_ok => return Err(conflict(format!("{node}'s key on {volume} is {k}, not {crkey}"))),
+            (RegisterAction::Unregister, Some(_)) => r.unregister(node),
+            (RegisterAction::Replace, Some(_)) => {
+                let entry = r.registrants.iter_mut().find(|(n, _)| n == node).expect("registered");
+                entry.1 = nrkey;
+            }
+        }
+        r.generation = r.generation.wrapping_add(1);
+        Ok(())
+    }
+
+    /// NVMe Reservation Acquire by `node` on `volume` (see
+    /// `ReservationDevice::acquire`): the issuer must be registered with
+    /// `crkey`; Acquire takes a free reservation (or confirms its own of the
+    /// same type); Preempt unregisters the registrants with `prkey` and
+    /// takes the reservation if its holder was one of them; with Abort their
+    /// commands in flight fail, without it those already issued complete.
+    pub async fn nvme_acquire(
+        &self,
+        volume: &str,
+        node: &str,
+        action: AcquireAction,
+        rtype: ReservationType,
+        crkey: u64,
+        prkey: u64,
+    ) -> Result<(), ReservationError> {
+        self.command_wait(volume, node).await;
+        let mut ebs = self.lock();
+        Self::writeback(&mut ebs, volume);
+        let v = Self::attached_volume(&mut ebs, volume, node).map_err(|e| ReservationError::Io(e.to_string()))?;
+        let r = &mut v.resv;
+        if r.key_of(node) != Some(crkey) {
+            return Err(conflict(format!("{node} is not registered on {volume} with key {crkey}")));
+        }
+        let abort = action == AcquireAction::PreemptAndAbort;
+        match (action, r.holder.clone()) {
+            (AcquireAction::Acquire, None) => r.holder = Some((node.to_string(), rtype)),
+            (AcquireAction::Acquire, Some((h, t))) if h == node && t == rtype => return Ok(()),
+            (AcquireAction::Acquire, Some((h, _))) => return Err(conflict(format!("{volume} is reserved by {h}"))),
+            (_, None) => {
+                if !r.unregister_key(prkey, node, abort, Instant::now()) {
+                    return Err(conflict(format!("no registrant of {volume} has key {prkey}")));
+                }
+            }
+            (_, Some((h, t))) if t.all_registrants() => {
+                if prkey == 0 {
+                    r.holder = Some((node.to_string(), rtype));
+                    let others: Vec<u64> = r.registrants.iter().filter(|(n, _)| n != node).map(|(_, k)| *k).collect();
+                    for k in others {
+                        r.unregister_key(k, node, abort, Instant::now());
+                    }
+                } else if !r.unregister_key(prkey, node, abort, Instant::now()) {
+                    return Err(conflict(format!("no registrant of {volume} has key {prkey} (holder {h})")));
+                }
+            }
+            (_, Some((h, _))) if h == node => r.holder = Some((h, rtype)),
+            (_, Some((h, _))) if r.key_of(&h) == Some(prkey) => {
+                r.holder = Some((node.to_string(), rtype));
+                r.unregister_key(prkey, node, abort, Instant::now());
+            }
+            (_, Some((h, _))) if prkey != 0 => {
+                if !r.unregister_key(prkey, node, abort, Instant::now()) {
+                    return Err(conflict(format!("no registrant of {volume} has key {prkey} (holder {h})")));
+                }
+            }
+            (_, Some(_)) => return Err(ReservationError::Refused("preempt with key 0".into())),
+        }
+        if action != AcquireAction::Acquire {
+            r.generation = r.generation.wrapping_add(1);
+        }
+        if r.holder.as_ref().is_some_and(|(h, _)| h == node) {
+            Self::fire(&mut ebs, "fence", volume, node);
+        }
+        Ok(())
+    }
+
+    /// NVMe Reservation Release by `node` on `volume` (see
+    /// `ReservationDevice::release`).
+    pub async fn nvme_release(
+        &self,
+        volume: &str,
+        node: &str,
+        action: ReleaseAction,
+        rtype: ReservationType,
+        crkey: u64,
+    ) -> Result<(), ReservationError> {
+        self.command_wait(volume, node).await;
+        let mut ebs = self.lock();
+        let v = Self::attached_volume(&mut ebs, volume, node).map_err(|e| ReservationError::Io(e.to_string()))?;
+        let r = &mut v.resv;
+        if r.key_of(node) != Some(crkey) {
+            return Err(conflict(format!("{node} is not registered on {volume} with key {crkey}")));
+        }
+        match action {
+            ReleaseAction::Release => match r.holder.clone() {
+                Some((h, t)) if h == node || t.all_registrants() => {
+                    if t != rtype {
+                        return Err(conflict(format!("{volume}'s reservation is of type {t:?}, not {rtype:?}")));
+                    }
+                    r.holder = None;
+                }
+                _ => {}
+            },
+            ReleaseAction::Clear => {
+                r.holder = None;
+                r.registrants.clear();
+                r.generation = r.generation.wrapping_add(1);
+            }
+        }
+        Ok(())
+    }
+
+    /// NVMe Reservation Report by `node` on `volume` (extended data structure).
+    pub async fn nvme_report(&self, volume: &str, node: &str) -> Result<ReservationStatus, ReservationError> {
+        self.command_wait(volume, node).await;
+        let mut ebs = self.lock();
+        let v = Self::attached_volume(&mut ebs, volume, node).map_err(|e| ReservationError::Io(e.to_string()))?;
+        let r = &v.resv;
+        let rtype = r.holder.as_ref().map(|(_, t)| *t);
+        let registrants = r
+            .registrants
+            .iter()
+            .map(|(n, key)| Registrant {
+                host_id: host_id(n),
+                key: *key,
+                holds: r.holder.as_ref().is_some_and(|(h, t)| h == n || t.all_registrants()),
+            })
+            .collect();
+        Ok(ReservationStatus { generation: r.generation, rtype, registrants })
     }
 
     /// Resolves when `moment` next happens (for a fault that strikes then,
@@ -371,13 +703,36 @@ impl SimEbs {
         self.lock().volumes.get(volume).map(|v| v.attached.clone()).unwrap_or_default()
     }
 
-    /// The reservation holder of `volume` and its key.
+    /// The holder of `volume`'s fence and its key (epoch): the reservation
+    /// holder, or under the EPOCH file the node that raised it last.
     pub fn holder(&self, volume: &str) -> Option<(String, u64)> {
-        self.lock().volumes.get(volume).and_then(|v| v.holder.clone())
+        let ebs = self.lock();
+        let v = ebs.volumes.get(volume)?;
+        match ebs.cfg.fence {
+            FenceModel::Reservation => {
+                let (h, _) = v.resv.holder.as_ref()?;
+                Some((h.clone(), v.resv.key_of(h).unwrap_or(0)))
+            }
+            FenceModel::EpochFile => v.epoch_file.clone(),
+        }
     }
 
-    /// Checks that `node` may write `volume`, counting a fenced write.
+    /// Checks that `node` may write `volume` now, counting a fenced write.
     fn check_write(ebs: &mut Ebs, volume: &str, node: &str) -> Result<(), EngineError> {
+        Self::check_write_issued(ebs, volume, node, None)
+    }
+
+    /// As `check_write`, for a command issued at `issued`: one in flight
+    /// before a preempt without abort removed `node`'s registration still
+    /// completes.
+    fn check_write_issued(ebs: &mut Ebs, volume: &str, node: &str, issued: Option<Instant>) -> Result<(), EngineError> {
+        let before_preempt = |v: &Volume| {
+            let at = v.resv.preempted.get(node);
+            issued.zip(at).is_some_and(|(issued, at)| issued < *at)
+        };
+        if ebs.volumes.get(volume).is_some_and(before_preempt) {
+            return Ok(());
+        }
         let checked = Self::may_write(ebs, volume, node);
         if matches!(checked, Err(EngineError::Fenced(_))) {
             ebs.counts.fenced_writes += 1;
@@ -392,38 +747,53 @@ impl SimEbs {
         }
         match Self::fenced_by(&ebs.cfg, v, node) {
             Some((holder, key)) => Err(EngineError::Fenced(format!(
-                "volume {volume} is reserved by {holder} (epoch {key}); {node}'s write is rejected"
+                "volume {volume}: reservation conflict: reserved by {holder} (key {key}); {node}'s write is rejected"
             ))),
             None => Ok(()),
         }
     }
 
     /// The reservation (holder, key) that fences `node` off `v`, when
-    /// fencing by reservation is on and another node holds it. (The EPOCH
-    /// file fences nothing at the device: see [`SimEbs::check_epoch_file`].)
-    fn fenced_by<'a>(cfg: &EbsConfig, v: &'a Volume, node: &str) -> Option<&'a (String, u64)> {
+    /// fencing by reservation is on and its type refuses `node`'s writes.
+    /// (The EPOCH file fences nothing at the device: see
+    /// [`SimEbs::hold_epoch_file`].)
+    fn fenced_by(cfg: &EbsConfig, v: &Volume, node: &str) -> Option<(String, u64)> {
         let device_fence = cfg.fencing && cfg.fence == FenceModel::Reservation;
-        v.holder.as_ref().filter(|(holder, _)| device_fence && holder != node)
+        device_fence.then(|| v.resv.conflict(node)).flatten()
     }
 
-    /// The EPOCH-file check an engine opened at `epoch` makes before each
-    /// write batch, as `Fence::check` in `attache-runtime`: `Fenced` when
-    /// the volume's epoch file names another epoch (or none). Always `Ok`
-    /// under the reservation model or with fencing off.
-    pub fn check_epoch_file(&self, volume: &str, epoch: u64) -> Result<(), EngineError> {
+    /// The EPOCH-file fence an engine opened at `epoch` holds for each write
+    /// batch, as `Fence::hold` in `attache-runtime`: the fence lock, shared
+    /// (with `fence_lock` on), then the check that the volume's epoch file
+    /// names `epoch`. Keep the answer until the batch's sync returns.
+    /// `Ok(None)` under the reservation model or with fencing off.
+    /// Errors: `Fenced` when the file names another epoch (or none).
+    pub fn hold_epoch_file(&self, volume: &str, epoch: u64) -> Result<Option<EpochFileHold>, EngineError> {
         let mut ebs = self.lock();
         if !(ebs.cfg.fencing && ebs.cfg.fence == FenceModel::EpochFile) {
-            return Ok(());
+            return Ok(None);
         }
-        let file = ebs.volumes.get(volume).and_then(|v| v.holder.as_ref()).map(|(_, e)| *e);
-        if file == Some(epoch) {
-            return Ok(());
+        let fence_lock = ebs.cfg.fence_lock;
+        let v = ebs.volumes.get_mut(volume).ok_or_else(|| io(format!("no volume {volume}")))?;
+        let file = v.epoch_file.as_ref().map(|(_, e)| *e);
+        if file != Some(epoch) {
+            ebs.counts.fenced_writes += 1;
+            return Err(EngineError::Fenced(match file {
+                Some(e) => format!("volume {volume} epoch is {e}, this writer's is {epoch}"),
+                None => format!("volume {volume} has no epoch file; this writer's epoch is {epoch}"),
+            }));
         }
-        ebs.counts.fenced_writes += 1;
-        Err(EngineError::Fenced(match file {
-            Some(e) => format!("volume {volume} epoch is {e}, this writer's is {epoch}"),
-            None => format!("volume {volume} has no epoch file; this writer's epoch is {epoch}"),
-        }))
+        if !fence_lock {
+            return Ok(None);
+        }
+        v.fence_holds += 1;
+        Ok(Some(EpochFileHold { ebs: self.clone(), volume: volume.to_string() }))
+    }
+
+    /// Whether write batches hold `volume`'s EPOCH-file fence lock now, so
+    /// that raising its epoch must wait (`reserve` refuses meanwhile).
+    pub fn fence_busy(&self, volume: &str) -> bool {
+        self.lock().volumes.get(volume).is_some_and(|v| v.fence_holds > 0)
     }
 
     /// The scope of a write in directory `dir` under the fence model (see
@@ -489,10 +859,11 @@ impl SimEbs {
         epoch: u64,
     ) -> Result<(), EngineError> {
         let cfg_us = self.lock().cfg.append_us;
+        let issued = Instant::now();
         self.io_wait(volume, node, cfg_us, 0).await;
         let mut ebs = self.lock();
         Self::writeback(&mut ebs, volume);
-        Self::check_write(&mut ebs, volume, node)?;
+        Self::check_write_issued(&mut ebs, volume, node, Some(issued))?;
         Self::check_space(&mut ebs, volume)?;
         // (No draw with writeback off, so such runs draw as before.)
         let wb = ebs.cfg.writeback_ms;
@@ -553,10 +924,11 @@ impl SimEbs {
             Self::fire(&mut ebs, "sync", volume, node);
             (ebs.cfg.sync_us, ebs.cfg.sync_jitter_us)
         };
+        let issued = Instant::now();
         self.io_wait(volume, node, base, jitter).await;
         let mut ebs = self.lock();
         Self::writeback(&mut ebs, volume);
-        let checked = Self::check_write(&mut ebs, volume, node);
+        let checked = Self::check_write_issued(&mut ebs, volume, node, Some(issued));
         let now = Instant::now();
         let failing = checked.is_ok()
             && ebs.volumes.get(volume).and_then(|v| v.failing_syncs.get(node)).is_some_and(|t| now < *t);
@@ -823,6 +1195,15 @@ impl SimEbs {
 mod tests {
     use super::*;
 
+    /// Takes the fence as a node's provider does: the shipped reservation
+    /// protocol, or raising the EPOCH file.
+    async fn reserve(e: &SimEbs, node: &str, key: u64) -> Result<(), EngineError> {
+        match e.fence_model() {
+            FenceModel::Reservation => attache_actors::reservation::take_fence(&e.nvme(node), "v", key).await,
+            FenceModel::EpochFile => e.raise_epoch_file("v", node, key),
+        }
+    }
+
     fn ebs(fencing: bool) -> SimEbs {
         let e = SimEbs::new(&["v".into()], EbsConfig { fencing, torn_writes: false, ..EbsConfig::default() }, 1);
         e.attach("v", "a").unwrap();
@@ -850,45 +1231,57 @@ mod tests {
     #[tokio::test]
     async fn a_preempted_holder_cannot_write() {
         let e = ebs(true);
-        e.reserve("v", "a", 1).unwrap();
+        reserve(&e, "a", 1).await.unwrap();
         e.append("v", "a", "f", b"x", 1).await.unwrap();
-        e.reserve("v", "b", 2).unwrap();
+        reserve(&e, "b", 2).await.unwrap();
         assert!(matches!(e.sync("v", "a", "f", 1).await, Err(EngineError::Fenced(_))));
         assert_eq!(e.read("v", "a", "f").await.unwrap().unwrap(), b"", "a rejected append is gone");
         assert!(matches!(e.append("v", "a", "f", b"y", 1).await, Err(EngineError::Fenced(_))));
-        assert!(matches!(e.reserve("v", "a", 1), Err(EngineError::Fenced(_))), "a stale key cannot preempt");
+        assert!(matches!(reserve(&e, "a", 1).await, Err(EngineError::Fenced(_))), "a stale key cannot preempt");
         e.append("v", "b", "f", b"z", 1).await.unwrap();
         e.sync("v", "b", "f", 2).await.unwrap();
         // Without fencing, the old holder's write lands.
         let off = ebs(false);
-        off.reserve("v", "b", 2).unwrap();
+        reserve(&off, "b", 2).await.unwrap();
         off.append("v", "a", "f", b"late", 1).await.unwrap();
         off.sync("v", "a", "f", 1).await.unwrap();
         assert_eq!(off.syncs()[0].epoch, 1);
     }
 
-    /// Under the EPOCH file the device takes anyone's write: only the
-    /// writer's own check before the write (`check_epoch_file`) refuses an
-    /// old epoch, so a write checked before the epoch moved on still lands;
-    /// its record is scoped to the shard directory.
+    /// The EPOCH file is checked by the writer, not the device: the
+    /// writer's hold (`hold_epoch_file`) refuses an old epoch, and while a
+    /// batch holds the fence a newer epoch cannot be taken, so the batch
+    /// checked before lands before the epoch moves on; its record is scoped
+    /// to the shard directory. Without the fence lock the newer epoch is
+    /// taken at once and the old batch lands after it (the gap).
     #[tokio::test]
-    async fn the_epoch_file_is_checked_by_the_writer_not_the_device() {
-        let cfg = EbsConfig { fence: FenceModel::EpochFile, torn_writes: false, ..EbsConfig::default() };
-        let e = SimEbs::new(&["v".into()], cfg, 1);
-        e.attach("v", "a").unwrap();
-        e.attach("v", "b").unwrap();
-        e.reserve("v", "a", 1).unwrap();
-        e.check_epoch_file("v", 1).unwrap();
-        e.append("v", "a", "s1/log", b"x", 1).await.unwrap();
-        e.reserve("v", "b", 2).unwrap();
-        assert!(matches!(e.check_epoch_file("v", 1), Err(EngineError::Fenced(_))), "a new batch is refused");
-        assert!(matches!(e.reserve("v", "a", 1), Err(EngineError::Fenced(_))), "the file's epoch only rises");
-        // The batch checked before the epoch moved on is past the fence.
-        e.sync("v", "a", "s1/log", 1).await.unwrap();
-        assert_eq!(e.read("v", "b", "s1/log").await.unwrap().unwrap(), b"x");
-        let last = e.syncs().pop().unwrap();
-        assert_eq!((last.epoch, last.scope.as_str()), (1, "v/s1"));
-        assert_eq!(e.counts().fenced_writes, 1);
+    async fn the_epoch_file_is_checked_by_the_writer_under_the_fence_lock() {
+        for fence_lock in [true, false] {
+            let cfg =
+                EbsConfig { fence: FenceModel::EpochFile, torn_writes: false, fence_lock, ..EbsConfig::default() };
+            let e = SimEbs::new(&["v".into()], cfg, 1);
+            e.attach("v", "a").unwrap();
+            e.attach("v", "b").unwrap();
+            reserve(&e, "a", 1).await.unwrap();
+            let hold = e.hold_epoch_file("v", 1).unwrap();
+            assert_eq!(hold.is_some(), fence_lock);
+            e.append("v", "a", "s1/log", b"x", 1).await.unwrap();
+            assert_eq!(e.fence_busy("v"), fence_lock);
+            assert_eq!(reserve(&e, "b", 2).await.is_err(), fence_lock, "epoch 2 waits for the batch");
+            e.sync("v", "a", "s1/log", 1).await.unwrap();
+            drop(hold);
+            let synced_at = e.syncs().last().unwrap().at_ms;
+            if fence_lock {
+                assert!(!e.fence_busy("v"));
+                reserve(&e, "b", 2).await.unwrap();
+            }
+            assert!(matches!(e.hold_epoch_file("v", 1), Err(EngineError::Fenced(_))), "a new batch is refused");
+            assert!(matches!(reserve(&e, "a", 1).await, Err(EngineError::Fenced(_))), "the file's epoch only rises");
+            assert_eq!(e.read("v", "b", "s1/log").await.unwrap().unwrap(), b"x");
+            let last = e.syncs().pop().unwrap();
+            assert_eq!((last.epoch, last.scope.as_str(), last.at_ms), (1, "v/s1", synced_at));
+            assert_eq!(e.counts().fenced_writes, 1);
+        }
     }
 
     /// Background writeback: an unsynced append reaches the device once
@@ -900,7 +1293,7 @@ mod tests {
         let e = SimEbs::new(&["v".into()], cfg, 1);
         e.attach("v", "a").unwrap();
         e.attach("v", "b").unwrap();
-        e.reserve("v", "a", 1).unwrap();
+        reserve(&e, "a", 1).await.unwrap();
         e.append("v", "a", "f", b"one", 1).await.unwrap();
         tokio::time::sleep(Duration::from_millis(11)).await;
         assert_eq!(e.read("v", "b", "f").await.unwrap().unwrap(), b"one", "written back, so b reads it");
@@ -908,7 +1301,7 @@ mod tests {
         assert_eq!(e.read("v", "b", "f").await.unwrap().unwrap(), b"one", "and a crash keeps it");
         assert_eq!((e.counts().written_back, e.syncs().last().unwrap().epoch), (1, 1));
         e.append("v", "a", "f", b"two", 1).await.unwrap();
-        e.reserve("v", "b", 2).unwrap();
+        reserve(&e, "b", 2).await.unwrap();
         tokio::time::sleep(Duration::from_millis(11)).await;
         assert_eq!(e.read("v", "b", "f").await.unwrap().unwrap(), b"one", "refused from a fenced-off node");
     }
@@ -924,10 +1317,10 @@ mod tests {
                 let e = SimEbs::new(&["v".into()], EbsConfig { fencing, ..EbsConfig::default() }, seed);
                 e.attach("v", "a").unwrap();
                 e.attach("v", "b").unwrap();
-                e.reserve("v", "a", 1).unwrap();
+                reserve(&e, "a", 1).await.unwrap();
                 e.append("v", "a", "f", &[7; 64], 1).await.unwrap();
                 if fenced_off {
-                    e.reserve("v", "b", 2).unwrap();
+                    reserve(&e, "b", 2).await.unwrap();
                 }
                 e.crash("a");
                 bytes += e.read("v", "b", "f").await.unwrap().unwrap_or_default().len();
@@ -949,5 +1342,102 @@ mod tests {
         }
         assert!(e.attach("v", "one-too-many").is_err());
         e.attach("v", "n0").unwrap();
+    }
+
+    /// The NVMe rules the simulated device keeps (NVM Express Base
+    /// Specification, Reservation Register / Acquire / Release / Report).
+    #[tokio::test]
+    async fn reservation_commands_follow_the_specification() {
+        use AcquireAction::*;
+        let e = ebs(true);
+        let we = ReservationType::WriteExclusive;
+        let conflict = |r: Result<(), ReservationError>| matches!(r, Err(ReservationError::Conflict(_)));
+        // Register: idempotent with the same key, a conflict with another.
+        e.nvme_register("v", "a", RegisterAction::Register, 0, 5, false).await.unwrap();
+        e.nvme_register("v", "a", RegisterAction::Register, 0, 5, false).await.unwrap();
+        assert!(conflict(e.nvme_register("v", "a", RegisterAction::Register, 0, 6, false).await));
+        // Replace needs a registration and (without IEKEY) the current key.
+        assert!(conflict(e.nvme_register("v", "b", RegisterAction::Replace, 0, 7, false).await));
+        assert!(conflict(e.nvme_register("v", "a", RegisterAction::Replace, 4, 6, false).await));
+        e.nvme_register("v", "a", RegisterAction::Replace, 9, 6, true).await.unwrap();
+        // Acquire needs the issuer's current key.
+        assert!(conflict(e.nvme_acquire("v", "a", Acquire, we, 5, 0).await));
+        e.nvme_acquire("v", "a", Acquire, we, 6, 0).await.unwrap();
+        e.nvme_acquire("v", "a", Acquire, we, 6, 0).await.unwrap();
+        e.nvme_register("v", "b", RegisterAction::Register, 0, 7, false).await.unwrap();
+        assert!(conflict(e.nvme_acquire("v", "b", Acquire, we, 7, 0).await), "a held reservation");
+        // A registrant that does not hold a Write Exclusive one cannot write.
+        e.append("v", "b", "f", b"x", 7).await.unwrap_err();
+        assert!(conflict(e.nvme_acquire("v", "b", Preempt, we, 7, 99).await), "no registrant has key 99");
+        let report = e.nvme_report("v", "b").await.unwrap();
+        assert_eq!(report.rtype, Some(we));
+        assert_eq!(report.holder().map(|h| (h.host_id, h.key)), Some((host_id("a"), 6)));
+        assert_eq!(report.registrants.len(), 2);
+        let generation = report.generation;
+        // Preempt names the holder's key: b holds, a is unregistered.
+        e.nvme_acquire("v", "b", PreemptAndAbort, we, 7, 6).await.unwrap();
+        let report = e.nvme_report("v", "a").await.unwrap();
+        assert_eq!(report.holder().map(|h| h.key), Some(7));
+        assert_eq!(report.registrant(6), None);
+        assert!(report.generation > generation);
+        assert!(conflict(e.nvme_release("v", "a", ReleaseAction::Release, we, 6).await), "a has no key");
+        // Release by the holder frees it; Clear drops every registration.
+        e.nvme_release("v", "b", ReleaseAction::Release, we, 7).await.unwrap();
+        assert_eq!(e.nvme_report("v", "a").await.unwrap().rtype, None);
+        e.nvme_release("v", "b", ReleaseAction::Clear, we, 7).await.unwrap();
+        assert!(e.nvme_report("v", "a").await.unwrap().registrants.is_empty());
+    }
+
+    /// Preempt and Abort fails the preempted host's commands in flight; a
+    /// plain Preempt lets those already issued complete (which is why the
+    /// protocol aborts).
+    #[tokio::test]
+    async fn preempt_and_abort_fails_a_sync_in_flight_and_preempt_does_not() {
+        for abort in [true, false] {
+            let e = ebs(true);
+            let we = ReservationType::WriteExclusive;
+            reserve(&e, "a", 1).await.unwrap();
+            e.append("v", "a", "f", b"x", 1).await.unwrap();
+            // The sync takes 50 ms more, so it is in flight at the preempt.
+            e.stall("v", "a", Duration::from_millis(50), Duration::from_secs(1));
+            let sync = {
+                let e = e.clone();
+                tokio::spawn(async move { e.sync("v", "a", "f", 1).await })
+            };
+            tokio::task::yield_now().await;
+            e.nvme_register("v", "b", RegisterAction::Register, 0, 2, false).await.unwrap();
+            let action = if abort { AcquireAction::PreemptAndAbort } else { AcquireAction::Preempt };
+            e.nvme_acquire("v", "b", action, we, 2, 1).await.unwrap();
+            let synced = sync.await.unwrap();
+            assert_eq!(synced.is_err(), abort, "abort {abort}: {synced:?}");
+            assert!(e.append("v", "a", "f", b"y", 1).await.is_err(), "a new write is refused either way");
+        }
+    }
+
+    /// Claimants racing through the shipped protocol: the highest epoch
+    /// ends up holding, whatever the interleaving of their commands, and a
+    /// lower one either fails or is preempted.
+    #[tokio::test]
+    async fn racing_claimants_leave_the_highest_epoch_holding() {
+        for order in 0..3u64 {
+            let e = SimEbs::new(&["v".into()], EbsConfig { torn_writes: false, ..EbsConfig::default() }, order);
+            for n in ["a", "b", "c"] {
+                e.attach("v", n).unwrap();
+            }
+            reserve(&e, "a", 1).await.unwrap();
+            let claim = |node: &'static str, key: u64| {
+                let e = e.clone();
+                tokio::spawn(async move { reserve(&e, node, key).await })
+            };
+            let (b, c) = (claim("b", 2), claim("c", 3));
+            let (b, c) = (b.await.unwrap(), c.await.unwrap());
+            c.unwrap();
+            assert!(matches!(b, Ok(()) | Err(EngineError::Fenced(_)) | Err(EngineError::Io(_))), "{b:?}");
+            assert_eq!(e.holder("v"), Some(("c".to_string(), 3)));
+            assert!(e.append("v", "b", "f", b"x", 2).await.is_err());
+            assert!(e.append("v", "a", "f", b"x", 1).await.is_err());
+            e.append("v", "c", "f", b"x", 3).await.unwrap();
+            assert!(matches!(reserve(&e, "a", 2).await, Err(EngineError::Fenced(_))), "a stale claim");
+        }
     }
 }

@@ -9,7 +9,8 @@
 //! write is tagged with the epoch at which this node holds the volume's
 //! fence, for the single-writer checker; under the EPOCH-file fence model
 //! a write batch first checks the volume's epoch against the one the
-//! engine opened at, as RocksDB's engine in `attache-runtime` does. As
+//! engine opened at and holds the fence until its sync returns, as
+//! RocksDB's engine in `attache-runtime` does. As
 //! RocksDB's `LOCK`, a read-write open holds the shard directory's lock
 //! until the engine closes and its writes under way end. Same contract as
 //! RocksDB with WAL and sync, per the module docs of `attache_actors::engine`.
@@ -26,6 +27,7 @@ use attache_actors::engine::{
 };
 use attache_actors::mem_engine::{apply_batch, scan_counted, Tree, TreeSnapshot};
 use attache_actors::provider::VolumeProvider;
+use attache_actors::reservation::take_fence;
 
 use crate::ebs::{FenceModel, SimEbs};
 
@@ -69,8 +71,23 @@ impl VolumeProvider for SimVolumes {
         self.ebs.is_attached(volume, &self.node)
     }
 
+    /// Under a reservation, the shipped protocol
+    /// (`attache_actors::reservation::take_fence`) against the simulated
+    /// device; under the EPOCH file, as `LocalVolumes::acquire`: waits up
+    /// to `FENCE_WAIT` for write batches holding the fence, then raises it.
     async fn acquire(&self, volume: &str, epoch: u64) -> Result<(), EngineError> {
-        self.ebs.reserve(volume, &self.node, epoch)?;
+        match self.ebs.fence_model() {
+            FenceModel::Reservation => {
+                take_fence(&self.ebs.nvme(&self.node), volume, epoch).await?;
+            }
+            FenceModel::EpochFile => {
+                let deadline = tokio::time::Instant::now() + attache_actors::provider::FENCE_WAIT;
+                while self.ebs.fence_busy(volume) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(tokio::time::Duration::from_millis(1)).await;
+                }
+                self.ebs.raise_epoch_file(volume, &self.node, epoch)?;
+            }
+        }
         self.epochs.lock().expect("epochs lock").insert(volume.to_string(), epoch);
         Ok(())
     }
@@ -254,11 +271,11 @@ impl Engine for SimEngine {
             _ => self.vols.epoch(&self.volume),
         };
         // The EPOCH-file fence (a no-op under a reservation): checked before
-        // the write, and nothing holds the write back if the epoch moves on
-        // between the check and the append or its sync.
-        if let Some(epoch) = self.fence_epoch {
-            ebs.check_epoch_file(&self.volume, epoch)?;
-        }
+        // the write and held until its sync returns, as `Fence::hold`.
+        let _fence_hold = match self.fence_epoch {
+            Some(epoch) => ebs.hold_epoch_file(&self.volume, epoch)?,
+            None => None,
+        };
         ebs.append(&self.volume, node, &self.file, &frame, epoch).await?;
         if sync {
             // A failed sync may have made the batch durable (or not): only

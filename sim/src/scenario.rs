@@ -103,9 +103,9 @@ pub struct SwarmSpec {
     pub buggify_probability: f64,
     /// `workload.write_ratio` is drawn in this range.
     pub write_ratio: [f64; 2],
-    /// Share of the runs with shared shard locks whose volumes use the
-    /// EPOCH-file fence of local volumes (`ebs.fence = "epoch_file"`, which
-    /// is sound only with shared locks) instead of a reservation.
+    /// Share of the runs whose volumes use the EPOCH-file fence of local
+    /// volumes (`ebs.fence = "epoch_file"`, with its fence lock) instead of
+    /// a reservation, with or without shared shard locks.
     pub epoch_file_ratio: f64,
 }
 
@@ -422,7 +422,7 @@ impl Scenario {
         s.timing.poll_ms = (ttl / 10).max(1);
         s.ebs.shard_locks = rng.random_bool(sw.shard_locks_ratio);
         // (No draw at ratio 0, so older swarm files draw as before.)
-        if s.ebs.shard_locks && sw.epoch_file_ratio > 0.0 && rng.random_bool(sw.epoch_file_ratio) {
+        if sw.epoch_file_ratio > 0.0 && rng.random_bool(sw.epoch_file_ratio) {
             s.ebs.fence = crate::ebs::FenceModel::EpochFile;
         }
         if s.buggify.is_none() && rng.random_bool(sw.buggify_ratio) {

@@ -40,19 +40,25 @@ fn without_storage_fencing_the_pause_scenario_breaks_single_writer_within_5_seed
     assert!(seed.is_some(), "no single-writer violation in 5 seeds with storage fencing off");
 }
 
-/// The EPOCH-file fence of local volumes (`ebs.fence = "epoch_file"`) has a
-/// gap between a write batch's check of the file and its write: the paused
-/// primary's write, checked before the pause, lands after the new primary
-/// wrote the same shard, unless a shared shard lock (RocksDB's LOCK on one
-/// machine, where local volumes live) kept the new primary from opening it.
+/// The EPOCH-file fence of local volumes (`ebs.fence = "epoch_file"`): a
+/// write batch holds the fence lock from its check of the file until its
+/// sync returns, so the paused primary's batch, checked before the pause,
+/// holds the new primary's claim back until it is written. Without that
+/// lock (`ebs.fence_lock = false`, the fence before it was added) the batch
+/// lands after the new primary opened the same shard, unless a shared shard
+/// lock (RocksDB's LOCK on one machine) kept the new primary out.
 #[test]
-fn the_epoch_file_fence_leaves_a_gap_that_only_shared_shard_locks_close() {
+fn the_epoch_file_fence_lock_closes_the_gap_between_check_and_write() {
     let mut s = scenario("primary-paused-past-lease");
     s.ebs.fence = attache_sim::ebs::FenceModel::EpochFile;
-    clean(&s, 0..3);
     s.ebs.shard_locks = false;
+    clean(&s, 0..5);
+    s.ebs.fence_lock = false;
     let seed = first_violation(&s, "single_writer", 5);
-    assert!(seed.is_some(), "no single-writer violation in 5 seeds with the EPOCH file and no shared locks");
+    assert!(
+        seed.is_some(),
+        "no single-writer violation in 5 seeds with the EPOCH file, no fence lock, no shared locks"
+    );
 }
 
 /// The lease gate's assumption, broken: a primary whose clock runs 40% slow
@@ -120,10 +126,15 @@ fn without_the_lease_gate_a_partitioned_primary_serves_stale_reads_within_20_see
 
 /// Layer 1, the compare-and-swap on the owner record: without it, two
 /// backups that see the primary gone at once both claim the same epoch.
-/// (It takes a close race: seed 52 is the first when this was written.)
+/// Shown under the `EPOCH` file without shared shard locks, where nothing
+/// else tells the two apart: an NVMe reservation knows its holder, so the
+/// device refuses the second one's writes, and `take_fence` gives up a
+/// claim whose key another host registered too.
 #[test]
 fn without_the_claim_cas_two_backups_share_an_epoch_within_100_seeds() {
     let mut s = scenario("primary-crash");
+    s.ebs.fence = attache_sim::ebs::FenceModel::EpochFile;
+    s.ebs.shard_locks = false;
     s.timing.rank_delay_ms = 0;
     clean(&s, 0..3);
     s.sim_only.metadata_cas = false;

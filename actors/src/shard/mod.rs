@@ -589,10 +589,12 @@ impl Shard {
                 let in_flight = io.begin();
                 let result = commit::apply_group(&*engine, &meta, requests, wall_clock_ms(), window_ms).await;
                 // A failed sync or I/O error counts against the volume here;
-                // a fence, a closed engine or bad data does not.
+                // a closed engine or bad data does not; the storage fence's
+                // refusal makes the volume manager step down.
                 match &result {
                     Ok(_) => in_flight.finish(true),
                     Err(EngineError::Indeterminate(_) | EngineError::Io(_)) => in_flight.finish(false),
+                    Err(EngineError::Fenced(why)) => in_flight.fenced(why),
                     Err(_) => drop(in_flight),
                 }
                 result
