@@ -12,12 +12,14 @@
 #   etcd-server           the etcd conformance and benchmark tests start their
 #                         own etcd on free loopback ports
 #   ca-certificates       cargo's HTTPS to the crate registry
+#   util-linux, mount,    block volumes: losetup, blkid and umount for the
+#   e2fsprogs             loop-device test, mkfs.ext4 for --format-new-volumes
 #
 # Rust itself (rustup, cargo) is not installed here: see the README.
 set -euo pipefail
 sudo=""
 if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
-packages=(clang libclang-dev protobuf-compiler libprotobuf-dev etcd-server ca-certificates)
+packages=(clang libclang-dev protobuf-compiler libprotobuf-dev etcd-server ca-certificates util-linux mount e2fsprogs)
 $sudo apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 if [ ! -f /usr/include/google/protobuf/descriptor.proto ]; then

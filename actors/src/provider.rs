@@ -38,4 +38,21 @@ pub trait VolumeProvider: Send + Sync + 'static {
 
     /// The epoch this node holds the fence at on `volume`, if any.
     fn held_epoch(&self, volume: &str) -> Option<u64>;
+
+    /// Whether a node that is not a volume's primary can read it (a backup's
+    /// read-only view, for stale reads). `false` for block devices with a
+    /// non-cluster filesystem (ext4, XFS), which only the primary mounts:
+    /// backups then serve no reads, and stale reads sent to them answer
+    /// UNAVAILABLE with a hint to the primary.
+    fn backups_read(&self) -> bool {
+        true
+    }
+
+    /// This node's term as `volume`'s primary ended and its shards are
+    /// closed: undo what `acquire` set up to serve it (a block volume's
+    /// filesystem is unmounted). The fence is not released: the next
+    /// primary preempts it. Errors: `Io`; the caller logs it and goes on.
+    async fn release(&self, _volume: &str) -> Result<(), EngineError> {
+        Ok(())
+    }
 }

@@ -148,7 +148,7 @@ impl ReservationStatus {
 /// How a reservation command failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ReservationError {
-    /// Status Reservation Conflict (generic status 18h): the state does not
+    /// Status Reservation Conflict (83h): the state does not
     /// allow it (wrong key, another holder, no registrant with `prkey`).
     #[error("reservation conflict: {0}")]
     Conflict(String),
@@ -216,10 +216,12 @@ pub const TAKE_FENCE_ATTEMPTS: usize = 8;
 ///    (a Conflict), Replace it, ignoring the old key (a holder stays the
 ///    holder).
 /// 3. Report again (two registrants with key `epoch` fail the claim: one
-///    epoch was handed to two claims); then, if nobody holds a reservation, Acquire a Write
-///    Exclusive one; if the holder's key is `k < epoch`, Preempt and Abort
-///    `k`; if it is `epoch`, this host holds it (Preempt its own key
-///    changes the type to Write Exclusive if it differs).
+///    epoch was handed to two claims); then, if nobody holds a reservation,
+///    Acquire a Write Exclusive one; if the holder's key is `k < epoch`,
+///    Preempt and Abort `k`; if it is `epoch`, this host holds it (Preempt
+///    its own key changes the type to Write Exclusive if it differs).
+/// 4. Report once more: the reservation must be Write Exclusive and held
+///    by key `epoch` alone ([`verify`]), else the claim fails.
 ///
 /// A Conflict at step 3 (or a second one at step 2) means the state
 /// changed since the report (a newer claimant preempted the key this one
@@ -228,8 +230,13 @@ pub const TAKE_FENCE_ATTEMPTS: usize = 8;
 /// a key above its own, and a preempt naming a key that a newer claimant
 /// has preempted meanwhile finds no registrant with it and fails.
 ///
+/// One node per machine: hosts are told apart by the device, so two nodes
+/// on one machine would be one registrant, and one would never fence the
+/// other off.
+///
 /// Errors: `Fenced` when a registrant has a higher key; `Io` when the
-/// device fails, or the state kept changing.
+/// device fails, the state kept changing, or the outcome is not the one
+/// asked for.
 pub async fn take_fence(device: &dyn ReservationDevice, volume: &str, epoch: u64) -> Result<(), EngineError> {
     let io = |e: ReservationError| EngineError::Io(format!("volume {volume}: {e}"));
     let stale = |holder: &Registrant| {
@@ -271,14 +278,16 @@ pub async fn take_fence(device: &dyn ReservationDevice, volume: &str, epoch: u64
         let we = ReservationType::WriteExclusive;
         let taken = match status.holder() {
             Some(holder) if holder.key > epoch => return Err(stale(holder)),
-            Some(holder) if holder.key == epoch && status.rtype == Some(we) => return Ok(()),
+            Some(holder) if holder.key == epoch && status.rtype == Some(we) => {
+                return verify(device, volume, epoch).await
+            }
             // Another holder, or this host under another type (preempting
             // its own key changes the type).
             Some(holder) => device.acquire(volume, AcquireAction::PreemptAndAbort, we, epoch, holder.key).await,
             None => device.acquire(volume, AcquireAction::Acquire, we, epoch, 0).await,
         };
         match taken {
-            Ok(()) => return Ok(()),
+            Ok(()) => return verify(device, volume, epoch).await,
             Err(e @ ReservationError::Conflict(_)) => last = Some(e),
             Err(e) => return Err(io(e)),
         }
@@ -287,5 +296,30 @@ pub async fn take_fence(device: &dyn ReservationDevice, volume: &str, epoch: u64
         "volume {volume}: the reservation kept changing while epoch {epoch} was taking it ({TAKE_FENCE_ATTEMPTS} \
          attempts; last: {}); retry",
         last.map_or_else(|| "none".to_string(), |e| e.to_string())
+    )))
+}
+
+/// The last step of [`take_fence`]: a Report showing that the registrant
+/// with key `epoch` alone holds a Write Exclusive reservation (and no key
+/// is higher). Fails closed on anything else: a reservation of another type
+/// left by some other tool, say, where a preempt does not take it over.
+///
+/// Errors: `Fenced` for a higher key; `Io` otherwise.
+async fn verify(device: &dyn ReservationDevice, volume: &str, epoch: u64) -> Result<(), EngineError> {
+    let status = device.report(volume).await.map_err(|e| EngineError::Io(format!("volume {volume}: {e}")))?;
+    if let Some(newer) = status.registrants.iter().find(|r| r.key > epoch) {
+        return Err(EngineError::Fenced(format!(
+            "volume {volume} has a registrant with key {} > this claim's epoch {epoch}",
+            newer.key
+        )));
+    }
+    let holders: Vec<u64> = status.registrants.iter().filter(|r| r.holds).map(|r| r.key).collect();
+    if status.rtype == Some(ReservationType::WriteExclusive) && holders == [epoch] {
+        return Ok(());
+    }
+    Err(EngineError::Io(format!(
+        "volume {volume}: after taking the fence at epoch {epoch} the reservation is {:?} held by keys {holders:?}, \
+         not Write Exclusive held by {epoch} alone",
+        status.rtype
     )))
 }

@@ -318,7 +318,10 @@ impl VolumeManager {
     /// Becomes (or stays) a backup of the record's primary, with a read-only
     /// view of the volume's shards for stale reads.
     fn be_backup(&mut self, primary: NodeId, epoch: u64, ctx: &Context<Self>) {
-        if self.backup_shards.is_none() {
+        // Without a read-only view (block volumes: only the primary mounts
+        // one) the role is reported without shards, and the node answers
+        // stale reads with a hint to the primary.
+        if self.backup_shards.is_none() && self.provider.backups_read() {
             let cfg = ShardManagerConfig { read_only: true, ..self.cfg.clone() };
             let manager = ShardManager::new(cfg, self.factory.clone(), self.gate.clone());
             self.retire.push(manager.retired_flag());
@@ -376,7 +379,18 @@ impl VolumeManager {
             return;
         }
         self.last_epoch = won.epoch;
-        match self.provider.acquire(self.volume(), won.epoch).await {
+        // Bounded: a hung device (or a writer holding the EPOCH file's lock)
+        // must not keep the claim, and the record naming this node, forever.
+        // A fence taken late is harmless: the next claim's epoch preempts it.
+        let limit = Duration::from_millis(self.timing.io_timeout_ms);
+        let acquired =
+            tokio::time::timeout(limit, self.provider.acquire(self.volume(), won.epoch)).await.unwrap_or_else(|_| {
+                Err(EngineError::Io(format!(
+                    "taking the storage fence took over io_timeout_ms ({} ms)",
+                    limit.as_millis()
+                )))
+            });
+        match acquired {
             Ok(()) => {}
             Err(EngineError::Fenced(m)) => {
                 // A newer epoch holds the volume: this claim is already stale.
@@ -386,6 +400,11 @@ impl VolumeManager {
             Err(e) => {
                 tracing::warn!(volume = %self.volume(), error = %e, "cannot take the storage fence; vacating");
                 let _ = self.meta.vacate_volume(self.volume(), self.node_id, won.epoch).await;
+                // Undo what the claim got done, and count the failure: this
+                // node claims nothing for `io_timeout_ms`, so a node that
+                // can take the volume gets the vacant record first.
+                self.release().await;
+                self.io.begin().finish(false);
                 return;
             }
         }
@@ -417,7 +436,20 @@ impl VolumeManager {
                 tracing::warn!(volume = %self.volume(), error = %e, "could not vacate the owner record");
             }
         }
+        self.release().await;
         self.set_role(Role::Unknown);
+    }
+
+    /// Undoes what `acquire` set up (a block volume's mount), after the
+    /// owner record was given up: bounded by `io_timeout_ms`, since an
+    /// unmount of a hung device can block (it goes on in the background).
+    async fn release(&self) {
+        let limit = Duration::from_millis(self.timing.io_timeout_ms);
+        match tokio::time::timeout(limit, self.provider.release(self.volume())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(volume = %self.volume(), error = %e, "could not release the volume"),
+            Err(_) => tracing::warn!(volume = %self.volume(), "releasing the volume is taking over io_timeout_ms"),
+        }
     }
 
     /// Whether this node may claim now that the primary looks gone (or, with

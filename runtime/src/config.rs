@@ -5,6 +5,7 @@
 //! the file into the same shape, and [`NodeArgs::resolve`] layers them.
 //! See `config/example.yaml` for every key.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -14,6 +15,7 @@ use attache_actors::node::NodeConfig;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
+pub use crate::block_volumes::VolumeFence;
 use crate::telemetry::LogFormat;
 
 /// Logging flags shared by every server command.
@@ -49,6 +51,27 @@ pub struct NodeArgs {
     /// Volumes this node attaches, comma-separated.
     #[arg(long, env = "ATTACHE_VOLUMES", value_delimiter = ',')]
     pub volumes: Option<Vec<String>>,
+    /// How volumes are reached: `local` (directories under the volume root;
+    /// every node on one machine) or `block` (block devices that several
+    /// machines attach, such as EBS io2 multi-attach; only the primary
+    /// mounts one; Linux, as root). Default `local`.
+    #[arg(long, env = "ATTACHE_VOLUME_MODE", value_enum)]
+    pub volume_mode: Option<VolumeMode>,
+    /// Block mode: each volume's device, `VOLUME=PATH`, comma-separated. A
+    /// volume without one is the EBS NVMe device of its id
+    /// (`/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol...`).
+    #[arg(long, env = "ATTACHE_VOLUME_DEVICES", value_delimiter = ',')]
+    pub volume_devices: Option<Vec<String>>,
+    /// Block mode: create an ext4 filesystem on a volume's device that holds
+    /// none when this node first takes it over. Off by default: a blank
+    /// device is then an error.
+    #[arg(long, env = "ATTACHE_FORMAT_NEW_VOLUMES", num_args = 0..=1, default_missing_value = "true")]
+    pub format_new_volumes: Option<bool>,
+    /// Block mode: the storage fence, `nvme` (an NVMe reservation on the
+    /// device: machines sharing a volume) or `epoch-file` (a file and a file
+    /// lock: processes on one machine only). Default `nvme`.
+    #[arg(long, env = "ATTACHE_VOLUME_FENCE", value_enum)]
+    pub volume_fence: Option<VolumeFence>,
     /// gRPC listen address. Default `127.0.0.1:7400`; port 0 picks a free port.
     #[arg(long, env = "ATTACHE_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -99,6 +122,30 @@ pub struct NodeArgs {
     pub limits: Option<Limits>,
 }
 
+/// How a node reaches its volumes (`--volume-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeMode {
+    /// Directories under the volume root (`LocalVolumes`).
+    #[default]
+    Local,
+    /// Block devices, mounted by the primary (`BlockVolumes`).
+    Block,
+}
+
+/// How a node's volumes are set up, resolved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolumeSetup {
+    /// Local directories or block devices.
+    pub mode: VolumeMode,
+    /// Block mode: volume → device (volumes not listed use their EBS device).
+    pub devices: BTreeMap<String, PathBuf>,
+    /// Block mode: format a blank device at first takeover.
+    pub format_new: bool,
+    /// Block mode: the storage fence.
+    pub fence: VolumeFence,
+}
+
 /// Everything `attache node` runs with, resolved.
 #[derive(Clone, Debug)]
 pub struct NodeSettings {
@@ -111,6 +158,8 @@ pub struct NodeSettings {
     pub threads: usize,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// How the volumes are reached.
+    pub volume_setup: VolumeSetup,
     /// The node config, with `advertise_addr` set once the listener is bound.
     pub node: NodeConfig,
 }
@@ -134,7 +183,8 @@ impl NodeArgs {
                 Some(path) => format!("invalid config file {}", path.display()),
                 None => "invalid settings".into(),
             })?;
-        let volumes = a.volumes.unwrap_or_default();
+        let volumes = a.volumes.clone().unwrap_or_default();
+        let volume_setup = volume_setup(&a, &volumes)?;
         anyhow::ensure!(
             !volumes.is_empty(),
             "no volumes configured: pass --volumes vol-1,vol-2 or set `volumes:` in the config file"
@@ -160,9 +210,44 @@ impl NodeArgs {
             threads: a.threads.unwrap_or_else(default_threads),
             log_format: a.log_format.unwrap_or_default(),
             log_level: a.log_level.unwrap_or_else(|| "info".into()),
+            volume_setup,
             node,
         })
     }
+}
+
+/// The volume settings of `a` for `volumes`.
+///
+/// Errors: a device entry that is not `VOLUME=PATH` or names a volume the
+/// node does not attach; block-mode settings in local mode.
+fn volume_setup(a: &NodeArgs, volumes: &[String]) -> anyhow::Result<VolumeSetup> {
+    let mode = a.volume_mode.unwrap_or_default();
+    if mode == VolumeMode::Local {
+        anyhow::ensure!(
+            a.volume_devices.is_none() && a.format_new_volumes != Some(true) && a.volume_fence.is_none(),
+            "volume_devices, format_new_volumes and volume_fence apply to block volumes: add --volume-mode block, \
+             or leave them out"
+        );
+        return Ok(VolumeSetup::default());
+    }
+    let mut devices = BTreeMap::new();
+    for entry in a.volume_devices.iter().flatten() {
+        let (volume, path) = entry
+            .split_once('=')
+            .with_context(|| format!("volume device {entry:?} is not VOLUME=PATH (e.g. vol-1=/dev/nvme1n1)"))?;
+        anyhow::ensure!(
+            volumes.iter().any(|v| v == volume),
+            "volume device {entry:?} names {volume:?}, which is not among this node's volumes ({})",
+            volumes.join(", ")
+        );
+        devices.insert(volume.to_string(), PathBuf::from(path));
+    }
+    Ok(VolumeSetup {
+        mode,
+        devices,
+        format_new: a.format_new_volumes.unwrap_or(false),
+        fence: a.volume_fence.unwrap_or_default(),
+    })
 }
 
 /// The config file's keys as a JSON object (an empty file: no keys). The
@@ -260,6 +345,50 @@ mod tests {
         assert_eq!(s.node.volumes, vec!["1", "2"]);
         assert_eq!(s.node.instance_id, "123456");
         assert_eq!(s.data_dir, std::path::PathBuf::from("2024"));
+    }
+
+    #[test]
+    fn block_volume_settings_are_read_and_checked() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "--volumes",
+            "vol-1,vol-2",
+            "--metadata",
+            "embedded:/tmp/m",
+            "--volume-mode",
+            "block",
+            "--volume-devices",
+            "vol-1=/dev/loop7",
+            "--format-new-volumes",
+            "--volume-fence",
+            "epoch-file",
+        ])
+        .unwrap();
+        let s = cli.node.resolve().unwrap();
+        assert_eq!(s.volume_setup.mode, VolumeMode::Block);
+        assert_eq!(s.volume_setup.devices, BTreeMap::from([("vol-1".to_string(), PathBuf::from("/dev/loop7"))]));
+        assert!(s.volume_setup.format_new);
+        assert_eq!(s.volume_setup.fence, VolumeFence::EpochFile);
+        let base = ["x", "--volumes", "vol-1", "--metadata", "embedded:/tmp/m"];
+        let err = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            format!("{:#}", Cli::try_parse_from(args).unwrap().node.resolve().unwrap_err())
+        };
+        assert!(err(&["--volume-devices", "vol-1=/dev/x"]).contains("add --volume-mode block"));
+        assert!(err(&["--volume-mode", "block", "--volume-devices", "/dev/x"]).contains("not VOLUME=PATH"));
+        assert!(err(&["--volume-mode", "block", "--volume-devices", "vol-9=/dev/x"]).contains("not among"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.yaml");
+        std::fs::write(
+            &path,
+            "volumes: [vol-1]\nmetadata: embedded:/tmp/m\nvolume_mode: block\nvolume_fence: nvme\nformat_new_volumes: false\n",
+        )
+        .unwrap();
+        let s = Cli::try_parse_from(["x", "--config", path.to_str().unwrap()]).unwrap().node.resolve().unwrap();
+        assert_eq!(
+            (s.volume_setup.mode, s.volume_setup.fence, s.volume_setup.format_new),
+            (VolumeMode::Block, VolumeFence::Nvme, false)
+        );
     }
 
     #[test]

@@ -63,6 +63,45 @@ impl LocalVolumes {
         self
     }
 
+    /// Raises `volume`'s `EPOCH` file to `epoch` under the fence lock taken
+    /// exclusively, on the calling thread (it blocks: up to `fence_wait`
+    /// for write batches under way, and on fsyncs); `acquire` runs it on the
+    /// blocking pool. Errors: as `VolumeProvider::acquire`.
+    pub fn raise_epoch(&self, volume: &str, epoch: u64) -> Result<(), EngineError> {
+        let dir = self.root.join(volume);
+        let (held, wait) = (&self.held, self.fence_wait);
+        let volume = volume.to_string();
+        // Waits for write batches under way (they hold it shared): each
+        // ends before the new epoch is written, or fails after.
+        let lock_path = dir.join(FENCE_LOCK_FILE);
+        let _lock = flock_file(&lock_path, LockKind::Exclusive, Some(wait)).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                EngineError::Io(format!(
+                    "{}: a write batch has held the fence for over {} ms (a paused writer?); retry",
+                    lock_path.display(),
+                    wait.as_millis()
+                ))
+            } else {
+                io(&lock_path, e)
+            }
+        })?;
+        let file = dir.join(EPOCH_FILE);
+        let current = match std::fs::read_to_string(&file) {
+            Ok(text) => text
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| EngineError::Corruption(format!("{} holds {text:?}", file.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(io(&file, e)),
+        };
+        if current > epoch {
+            return Err(EngineError::Fenced(format!("volume {volume} is at epoch {current} > {epoch}")));
+        }
+        replace_file(&file, format!("{epoch}\n").as_bytes()).map_err(|e| io(&file, e))?;
+        held.lock().expect("held epochs lock").insert(volume, epoch);
+        Ok(())
+    }
+
     fn volume_of<'a>(&self, path: &'a Path) -> Option<&'a str> {
         path.strip_prefix(&self.root).ok()?.components().next()?.as_os_str().to_str()
     }
@@ -91,42 +130,8 @@ impl VolumeProvider for LocalVolumes {
     }
 
     async fn acquire(&self, volume: &str, epoch: u64) -> Result<(), EngineError> {
-        let dir = self.root.join(volume);
-        let (held, wait) = (self.held.clone(), self.fence_wait);
-        let volume = volume.to_string();
-        tokio::task::spawn_blocking(move || {
-            // Waits for write batches under way (they hold it shared): each
-            // ends before the new epoch is written, or fails after.
-            let lock_path = dir.join(FENCE_LOCK_FILE);
-            let _lock = flock_file(&lock_path, LockKind::Exclusive, Some(wait)).map_err(|e| {
-                if e.kind() == std::io::ErrorKind::WouldBlock {
-                    EngineError::Io(format!(
-                        "{}: a write batch has held the fence for over {} ms (a paused writer?); retry",
-                        lock_path.display(),
-                        wait.as_millis()
-                    ))
-                } else {
-                    io(&lock_path, e)
-                }
-            })?;
-            let file = dir.join(EPOCH_FILE);
-            let current = match std::fs::read_to_string(&file) {
-                Ok(text) => text
-                    .trim()
-                    .parse::<u64>()
-                    .map_err(|_| EngineError::Corruption(format!("{} holds {text:?}", file.display())))?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-                Err(e) => return Err(io(&file, e)),
-            };
-            if current > epoch {
-                return Err(EngineError::Fenced(format!("volume {volume} is at epoch {current} > {epoch}")));
-            }
-            replace_file(&file, format!("{epoch}\n").as_bytes()).map_err(|e| io(&file, e))?;
-            held.lock().expect("held epochs lock").insert(volume, epoch);
-            Ok(())
-        })
-        .await
-        .expect("fence task panicked")
+        let (this, volume) = (self.clone(), volume.to_string());
+        tokio::task::spawn_blocking(move || this.raise_epoch(&volume, epoch)).await.expect("fence task panicked")
     }
 
     fn held_epoch(&self, volume: &str) -> Option<u64> {

@@ -19,7 +19,9 @@
 //! (CNTLID 01:00, RCSTS 02 with bit 0 "holds the reservation", RKEY 15:08,
 //! HOSTID 31:16, a 128-bit host identifier). A command that failed with an
 //! NVMe status makes the ioctl return that status (status code type in bits
-//! 10:08, status code in 07:00); Reservation Conflict is generic status 18h.
+//! 10:08, status code in 07:00); Reservation Conflict is status 83h of
+//! status code type 0 (the NVM command set's range; 18h there is Host
+//! Identifier Inconsistent Format).
 //!
 //! Registrations persist through power loss (CPTPL = 11b on Register), so
 //! a host that restarts finds its key where it left it.
@@ -40,8 +42,8 @@ pub const OPC_RESV_REPORT: u8 = 0x0E;
 pub const OPC_RESV_ACQUIRE: u8 = 0x11;
 /// Reservation Release opcode.
 pub const OPC_RESV_RELEASE: u8 = 0x15;
-/// Generic command status: Reservation Conflict.
-pub const SC_RESERVATION_CONFLICT: u16 = 0x18;
+/// Status code (type 0, NVM command set range): Reservation Conflict.
+pub const SC_RESERVATION_CONFLICT: u16 = 0x83;
 /// Bytes of a Reservation Report this module asks for: the header and up
 /// to 31 registrants (io2 allows 16 attachments).
 pub const REPORT_BYTES: usize = 64 * 32;
@@ -94,8 +96,9 @@ pub fn report(bytes: usize) -> Command {
 }
 
 /// Decodes an extended Reservation Report (see the module docs).
-/// Errors: `Refused` for a buffer shorter than its header, or a reserved
-/// reservation type. Registrants past the end of the buffer are left out.
+/// Errors: `Refused` for a buffer shorter than its header, a reserved
+/// reservation type, or more registrants than the buffer holds (nothing is
+/// decided on part of the registrants).
 pub fn parse_report(data: &[u8]) -> Result<ReservationStatus, ReservationError> {
     if data.len() < 64 {
         return Err(ReservationError::Refused(format!("a reservation report of {} bytes has no header", data.len())));
@@ -109,6 +112,12 @@ pub fn parse_report(data: &[u8]) -> Result<ReservationStatus, ReservationError> 
         ),
     };
     let count = u16::from_le_bytes([data[5], data[6]]) as usize;
+    let room = (data.len() - 64) / 64;
+    if count > room {
+        return Err(ReservationError::Refused(format!(
+            "the reservation report lists {count} registrants, more than its buffer holds ({room})"
+        )));
+    }
     let registrants = data[64..]
         .chunks_exact(64)
         .take(count)
@@ -154,6 +163,24 @@ const NVME_IOCTL_IO_CMD: libc::c_ulong =
 /// How long the controller may take over one reservation command, ms.
 const COMMAND_TIMEOUT_MS: u32 = 10_000;
 
+fn ioctl_namespace_id(fd: std::os::fd::RawFd, path: &std::path::Path) -> Result<u32, ReservationError> {
+    // SAFETY: an ioctl without arguments on a descriptor the caller owns.
+    let nsid = unsafe { libc::ioctl(fd, NVME_IOCTL_ID as _) };
+    if nsid < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(ReservationError::Io(format!("{} is not an NVMe namespace: {e}", path.display())));
+    }
+    Ok(nsid as u32)
+}
+
+/// The NVMe namespace id of the block device `path`.
+/// Errors: `Io` when it cannot be opened or is not an NVMe namespace.
+pub fn namespace_id(path: &std::path::Path) -> Result<u32, ReservationError> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).map_err(|e| ReservationError::Io(format!("{}: {e}", path.display())))?;
+    ioctl_namespace_id(file.as_raw_fd(), path)
+}
+
 /// Sends `cmd` to the namespace block device `path`; the filled buffer
 /// comes back in `cmd.data` (Report).
 fn submit(path: &std::path::Path, cmd: &mut Command) -> Result<(), ReservationError> {
@@ -164,15 +191,10 @@ fn submit(path: &std::path::Path, cmd: &mut Command) -> Result<(), ReservationEr
         .open(path)
         .map_err(|e| ReservationError::Io(format!("{}: {e}", path.display())))?;
     let fd = file.as_raw_fd();
-    // SAFETY: an ioctl without arguments on a descriptor we own.
-    let nsid = unsafe { libc::ioctl(fd, NVME_IOCTL_ID as _) };
-    if nsid < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(ReservationError::Io(format!("{} is not an NVMe namespace: {e}", path.display())));
-    }
+    let nsid = ioctl_namespace_id(fd, path)?;
     let mut raw = PassthruCmd {
         opcode: cmd.opcode,
-        nsid: nsid as u32,
+        nsid,
         addr: cmd.data.as_mut_ptr() as u64,
         data_len: cmd.data.len() as u32,
         cdw10: cmd.cdw10,
@@ -351,14 +373,17 @@ mod tests {
         data[4] = 9;
         assert!(matches!(parse_report(&data), Err(ReservationError::Refused(_))), "a reserved type");
         assert!(matches!(parse_report(&data[..63]), Err(ReservationError::Refused(_))));
+        data[4] = 1;
+        assert!(matches!(parse_report(&data[..128]), Err(ReservationError::Refused(_))), "2 registrants, room for 1");
     }
 
-    /// The passthrough answers an NVMe status: 18h is Reservation Conflict.
+    /// The passthrough answers an NVMe status: 83h of type 0 is Reservation Conflict.
     #[test]
     fn a_conflict_status_is_a_conflict() {
-        assert!(matches!(status_error(0x18, 0x11), ReservationError::Conflict(_)));
-        assert!(matches!(status_error(0x4018, 0x11), ReservationError::Conflict(_)), "with the DNR bit");
+        assert!(matches!(status_error(0x83, 0x11), ReservationError::Conflict(_)));
+        assert!(matches!(status_error(0x4083, 0x11), ReservationError::Conflict(_)), "with the DNR bit");
+        assert!(matches!(status_error(0x18, 0x11), ReservationError::Refused(_)), "Host Identifier Inconsistent");
         assert!(matches!(status_error(0x02, 0x11), ReservationError::Refused(_)));
-        assert!(matches!(status_error(0x118, 0x11), ReservationError::Refused(_)), "another status type");
+        assert!(matches!(status_error(0x183, 0x11), ReservationError::Refused(_)), "another status type");
     }
 }

@@ -11,17 +11,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use attache_actors::engine::EngineFactory;
 use attache_actors::lease::LeaseGate;
 use attache_actors::meta::embedded::EmbeddedBackend;
 use attache_actors::meta::{MetaOps, MetadataBackend};
 use attache_actors::node::{numbered_volumes, Node, NodeConfig, NodeParts, ShutdownNode, WaitReady};
+use attache_actors::provider::VolumeProvider;
 use attache_actors::retry::RetryPolicy;
 use attache_actors::service::AttacheService;
 use attache_actors::HostHandle;
 use clap::Args;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::config::{LogArgs, NodeSettings, DEFAULT_LISTEN};
+use crate::block_volumes::BlockVolumes;
+use crate::config::{LogArgs, NodeSettings, VolumeMode, DEFAULT_LISTEN};
 use crate::files::{FileLocalStore, FileMetaLog};
 use crate::local_volumes::LocalVolumes;
 use crate::telemetry::{init_logging, serve_metrics};
@@ -89,6 +92,7 @@ impl DevArgs {
                     threads: crate::config::default_threads(),
                     log_format: self.log.log_format.unwrap_or_default(),
                     log_level: self.log.log_level.clone().unwrap_or_else(|| "info".into()),
+                    volume_setup: Default::default(),
                     node,
                 }
             })
@@ -175,6 +179,27 @@ struct Running {
 /// the embedded store), a gRPC server per node. On the signal every server
 /// stops taking connections and finishes its requests, then every node shuts
 /// down. `banner` gets the listen addresses once all serve.
+/// The engine factory and volume provider of node `s`: local directories,
+/// or block devices (`BlockVolumes`, checked before the node starts).
+///
+/// Errors: block mode's needs are missing (see `BlockVolumes::check`).
+fn volumes_of(s: &NodeSettings) -> anyhow::Result<(Arc<dyn EngineFactory>, Arc<dyn VolumeProvider>)> {
+    let root = s.node.volume_root.clone();
+    Ok(match s.volume_setup.mode {
+        VolumeMode::Local => {
+            let v = Arc::new(LocalVolumes::new(root));
+            (v.clone(), v)
+        }
+        VolumeMode::Block => {
+            let setup = &s.volume_setup;
+            let v = BlockVolumes::new(root, &s.node.volumes, &setup.devices, setup.format_new, setup.fence);
+            v.check()?;
+            let v = Arc::new(v);
+            (v.clone(), v)
+        }
+    })
+}
+
 pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send + 'static) -> anyhow::Result<()> {
     let first = nodes.first().context("no node to run")?.clone();
     init_logging(first.log_format, &first.log_level);
@@ -202,12 +227,12 @@ pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send
                     b
                 }
             };
-            let volumes = Arc::new(LocalVolumes::new(cfg.volume_root.clone()));
+            let (factory, provider) = volumes_of(&s)?;
             let parts = NodeParts {
                 meta: MetaOps::new(backend, RetryPolicy::default(), jitter_seed()),
                 local: Arc::new(FileLocalStore::new(&s.data_dir)),
-                factory: volumes.clone(),
-                provider: volumes,
+                factory,
+                provider,
                 gate: Arc::new(LeaseGate::new(cfg.lease.clone())),
             };
             let (node, service) = AttacheService::start(&host, cfg, parts);

@@ -85,6 +85,12 @@ pub struct EbsConfig {
     /// holds only against itself (RocksDB refuses a second open in one
     /// process).
     pub shard_locks: bool,
+    /// Block volumes with a non-cluster filesystem, as the production
+    /// block mode: only the primary mounts a volume (its provider's
+    /// `acquire` mounts, `release` unmounts, and opening a shard on a
+    /// volume this node has not mounted fails), and backups serve no reads.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub block_mode: bool,
 }
 
 impl Default for EbsConfig {
@@ -100,6 +106,7 @@ impl Default for EbsConfig {
             fence: FenceModel::Reservation,
             fence_lock: true,
             shard_locks: true,
+            block_mode: false,
         }
     }
 }
@@ -822,7 +829,8 @@ impl SimEbs {
                 Some(Duration::from_micros(base + extra + stall))
             }
         };
-        if let Some(d) = latency {
+        // (No sleep at all for no latency: a timer rounds up to its tick.)
+        if let Some(d) = latency.filter(|d| !d.is_zero()) {
             tokio::time::sleep(d).await;
         }
         let hung = self.lock().volumes.get(volume).is_some_and(|v| v.hung.contains(node));
@@ -846,9 +854,10 @@ impl SimEbs {
         }
     }
 
-    /// Appends `bytes` to `path` on `volume` as `node` (unsynced).
-    /// Errors: not attached, `Fenced`, and an I/O error (`ENOSPC`, nothing
-    /// written) while the volume is full.
+    /// Appends `bytes` to `path` on `volume` as `node` (unsynced: into its
+    /// page cache, so a reservation does not refuse it; the sync does).
+    /// Errors: not attached, and an I/O error (`ENOSPC`, nothing written)
+    /// while the volume is full.
     /// `epoch` is the writer's, for the record of a background writeback.
     pub async fn append(
         &self,
@@ -859,11 +868,12 @@ impl SimEbs {
         epoch: u64,
     ) -> Result<(), EngineError> {
         let cfg_us = self.lock().cfg.append_us;
-        let issued = Instant::now();
         self.io_wait(volume, node, cfg_us, 0).await;
         let mut ebs = self.lock();
         Self::writeback(&mut ebs, volume);
-        Self::check_write_issued(&mut ebs, volume, node, Some(issued))?;
+        // The page cache takes it: only a sync (or writeback) reaches the
+        // device, where a reservation can refuse it.
+        Self::attached_volume(&mut ebs, volume, node)?;
         Self::check_space(&mut ebs, volume)?;
         // (No draw with writeback off, so such runs draw as before.)
         let wb = ebs.cfg.writeback_ms;
@@ -1031,6 +1041,11 @@ impl SimEbs {
     /// The fence model the volumes follow.
     pub fn fence_model(&self) -> FenceModel {
         self.lock().cfg.fence
+    }
+
+    /// Whether only the primary mounts a volume (`EbsConfig::block_mode`).
+    pub fn block_mode(&self) -> bool {
+        self.lock().cfg.block_mode
     }
 
     /// What `node` reads from `path`: the durable bytes, then its own pending
@@ -1236,7 +1251,8 @@ mod tests {
         reserve(&e, "b", 2).await.unwrap();
         assert!(matches!(e.sync("v", "a", "f", 1).await, Err(EngineError::Fenced(_))));
         assert_eq!(e.read("v", "a", "f").await.unwrap().unwrap(), b"", "a rejected append is gone");
-        assert!(matches!(e.append("v", "a", "f", b"y", 1).await, Err(EngineError::Fenced(_))));
+        e.append("v", "a", "f", b"y", 1).await.expect("the page cache takes it");
+        assert!(matches!(e.sync("v", "a", "f", 1).await, Err(EngineError::Fenced(_))), "the device does not");
         assert!(matches!(reserve(&e, "a", 1).await, Err(EngineError::Fenced(_))), "a stale key cannot preempt");
         e.append("v", "b", "f", b"z", 1).await.unwrap();
         e.sync("v", "b", "f", 2).await.unwrap();
@@ -1289,7 +1305,10 @@ mod tests {
     /// a newer reservation fenced off.
     #[tokio::test]
     async fn writeback_puts_unsynced_appends_on_the_device() {
-        let cfg = EbsConfig { writeback_ms: 10, torn_writes: false, ..EbsConfig::default() };
+        // Commands take no time, so the preempt below lands before any
+        // writeback is due (at least 1 ms after its append).
+        let cfg =
+            EbsConfig { writeback_ms: 10, torn_writes: false, append_us: 0, sync_jitter_us: 0, ..EbsConfig::default() };
         let e = SimEbs::new(&["v".into()], cfg, 1);
         e.attach("v", "a").unwrap();
         e.attach("v", "b").unwrap();
@@ -1367,7 +1386,8 @@ mod tests {
         e.nvme_register("v", "b", RegisterAction::Register, 0, 7, false).await.unwrap();
         assert!(conflict(e.nvme_acquire("v", "b", Acquire, we, 7, 0).await), "a held reservation");
         // A registrant that does not hold a Write Exclusive one cannot write.
-        e.append("v", "b", "f", b"x", 7).await.unwrap_err();
+        e.append("v", "b", "f", b"x", 7).await.unwrap();
+        e.sync("v", "b", "f", 7).await.unwrap_err();
         assert!(conflict(e.nvme_acquire("v", "b", Preempt, we, 7, 99).await), "no registrant has key 99");
         let report = e.nvme_report("v", "b").await.unwrap();
         assert_eq!(report.rtype, Some(we));
@@ -1410,7 +1430,8 @@ mod tests {
             e.nvme_acquire("v", "b", action, we, 2, 1).await.unwrap();
             let synced = sync.await.unwrap();
             assert_eq!(synced.is_err(), abort, "abort {abort}: {synced:?}");
-            assert!(e.append("v", "a", "f", b"y", 1).await.is_err(), "a new write is refused either way");
+            e.append("v", "a", "f", b"y", 1).await.unwrap();
+            assert!(e.sync("v", "a", "f", 1).await.is_err(), "a new write is refused either way");
         }
     }
 
@@ -1434,9 +1455,12 @@ mod tests {
             c.unwrap();
             assert!(matches!(b, Ok(()) | Err(EngineError::Fenced(_)) | Err(EngineError::Io(_))), "{b:?}");
             assert_eq!(e.holder("v"), Some(("c".to_string(), 3)));
-            assert!(e.append("v", "b", "f", b"x", 2).await.is_err());
-            assert!(e.append("v", "a", "f", b"x", 1).await.is_err());
+            for (node, key) in [("b", 2), ("a", 1)] {
+                e.append("v", node, "f", b"x", key).await.unwrap();
+                assert!(e.sync("v", node, "f", key).await.is_err(), "{node} is fenced off");
+            }
             e.append("v", "c", "f", b"x", 3).await.unwrap();
+            e.sync("v", "c", "f", 3).await.unwrap();
             assert!(matches!(reserve(&e, "a", 2).await, Err(EngineError::Fenced(_))), "a stale claim");
         }
     }

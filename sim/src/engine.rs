@@ -40,12 +40,24 @@ pub struct SimVolumes {
     ebs: SimEbs,
     node: String,
     epochs: Epochs,
+    /// Under `ebs.block_mode`: the volumes whose filesystem this node has
+    /// mounted (from `acquire` until `release`; a restart starts with none).
+    mounted: Arc<Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl SimVolumes {
     /// `node`'s view of `ebs`.
     pub fn new(ebs: SimEbs, node: impl Into<String>) -> Self {
-        SimVolumes { ebs, node: node.into(), epochs: Arc::default() }
+        SimVolumes { ebs, node: node.into(), epochs: Arc::default(), mounted: Arc::default() }
+    }
+
+    /// Under `ebs.block_mode`, an I/O error unless this node has `volume`
+    /// mounted: a block volume's files are reachable only there.
+    fn check_mounted(&self, volume: &str) -> Result<(), EngineError> {
+        if !self.ebs.block_mode() || self.mounted.lock().expect("mounted lock").contains(volume) {
+            return Ok(());
+        }
+        Err(EngineError::Io(format!("volume {volume} is not mounted on {}", self.node)))
     }
 
     fn epoch(&self, volume: &str) -> u64 {
@@ -88,6 +100,10 @@ impl VolumeProvider for SimVolumes {
                 self.ebs.raise_epoch_file(volume, &self.node, epoch)?;
             }
         }
+        // Block mode: the fence first, then the mount (journal recovery).
+        if self.ebs.block_mode() {
+            self.mounted.lock().expect("mounted lock").insert(volume.to_string());
+        }
         self.epochs.lock().expect("epochs lock").insert(volume.to_string(), epoch);
         Ok(())
     }
@@ -95,12 +111,23 @@ impl VolumeProvider for SimVolumes {
     fn held_epoch(&self, volume: &str) -> Option<u64> {
         self.epochs.lock().expect("epochs lock").get(volume).copied()
     }
+
+    fn backups_read(&self) -> bool {
+        !self.ebs.block_mode()
+    }
+
+    /// Block mode: unmounts (opens fail from then on until the next acquire).
+    async fn release(&self, volume: &str) -> Result<(), EngineError> {
+        self.mounted.lock().expect("mounted lock").remove(volume);
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl EngineFactory for SimVolumes {
     async fn open(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn Engine>, EngineError> {
         let (volume, dir) = split(path)?;
+        self.check_mounted(&volume)?;
         let file = format!("{dir}/log");
         let missing = !self.ebs.exists(&volume, &file);
         if missing && mode != (OpenMode::ReadWrite { create: true }) {
@@ -151,6 +178,7 @@ impl EngineFactory for SimVolumes {
 
     async fn destroy(&self, path: &Path) -> Result<(), EngineError> {
         let (volume, dir) = split(path)?;
+        self.check_mounted(&volume)?;
         self.ebs.remove_prefix(&volume, &self.node, &format!("{dir}/"), self.epoch(&volume))
     }
 }
@@ -278,12 +306,10 @@ impl Engine for SimEngine {
         };
         ebs.append(&self.volume, node, &self.file, &frame, epoch).await?;
         if sync {
-            // A failed sync may have made the batch durable (or not): only
-            // a reservation conflict, refused by the device, wrote nothing.
+            // A failed sync may have made the batch durable (or not). A
+            // reservation conflict too reaches RocksDB as a failed fsync
+            // (EIO), whose outcome it cannot know: so it is answered here.
             if let Err(e) = ebs.sync(&self.volume, node, &self.file, epoch).await {
-                if matches!(e, EngineError::Fenced(_)) {
-                    return Err(e);
-                }
                 self.failed.store(true, Ordering::Release);
                 return Err(EngineError::Indeterminate(e.to_string()));
             }

@@ -103,10 +103,14 @@ pub struct SwarmSpec {
     pub buggify_probability: f64,
     /// `workload.write_ratio` is drawn in this range.
     pub write_ratio: [f64; 2],
-    /// Share of the runs whose volumes use the EPOCH-file fence of local
-    /// volumes (`ebs.fence = "epoch_file"`, with its fence lock) instead of
-    /// a reservation, with or without shared shard locks.
+    /// Share of the runs with shared shard locks (one machine) whose
+    /// volumes use the EPOCH-file fence of local volumes (`ebs.fence =
+    /// "epoch_file"`, whose `flock` is one machine's) instead of a reservation.
     pub epoch_file_ratio: f64,
+    /// Share of the runs without shared shard locks (separate machines)
+    /// whose volumes are block volumes only the primary mounts
+    /// (`ebs.block_mode`).
+    pub block_mode_ratio: f64,
 }
 
 impl Default for SwarmSpec {
@@ -126,6 +130,7 @@ impl Default for SwarmSpec {
             buggify_probability: 0.1,
             write_ratio: [0.2, 0.8],
             epoch_file_ratio: 0.0,
+            block_mode_ratio: 0.0,
         }
     }
 }
@@ -173,6 +178,7 @@ impl SwarmSpec {
             ("buggify_ratio", self.buggify_ratio),
             ("buggify_probability", self.buggify_probability),
             ("epoch_file_ratio", self.epoch_file_ratio),
+            ("block_mode_ratio", self.block_mode_ratio),
         ];
         for (name, r) in
             ratios.into_iter().chain([("write_ratio", self.write_ratio[0]), ("write_ratio", self.write_ratio[1])])
@@ -422,8 +428,11 @@ impl Scenario {
         s.timing.poll_ms = (ttl / 10).max(1);
         s.ebs.shard_locks = rng.random_bool(sw.shard_locks_ratio);
         // (No draw at ratio 0, so older swarm files draw as before.)
-        if sw.epoch_file_ratio > 0.0 && rng.random_bool(sw.epoch_file_ratio) {
+        if s.ebs.shard_locks && sw.epoch_file_ratio > 0.0 && rng.random_bool(sw.epoch_file_ratio) {
             s.ebs.fence = crate::ebs::FenceModel::EpochFile;
+        }
+        if !s.ebs.shard_locks && sw.block_mode_ratio > 0.0 && rng.random_bool(sw.block_mode_ratio) {
+            s.ebs.block_mode = true;
         }
         if s.buggify.is_none() && rng.random_bool(sw.buggify_ratio) {
             s.buggify = Some(BuggifySpec { probability: sw.buggify_probability });
@@ -459,7 +468,8 @@ impl Scenario {
         }
         Some(format!(
             "storage_nodes={} volumes={} clients={} processes_per_client={} hot_keys={} write_ratio={:.2} \
-             lease_ttl_ms={} liveness_bound_ms={} max_concurrent={} shard_locks={} fence={:?} buggify={} faults: {}",
+             lease_ttl_ms={} liveness_bound_ms={} max_concurrent={} shard_locks={} fence={:?} block_mode={} buggify={} \
+             faults: {}",
             s.cluster.storage_nodes,
             s.cluster.volumes,
             s.cluster.clients,
@@ -471,6 +481,7 @@ impl Scenario {
             s.random.as_ref().map_or(0, |r| r.rates.max_concurrent),
             s.ebs.shard_locks,
             s.ebs.fence,
+            s.ebs.block_mode,
             s.buggify.is_some(),
             kinds.join(" ")
         ))

@@ -581,16 +581,19 @@ impl Shard {
         let io = self.io.clone();
         ctx.host().spawn_detached(async move {
             let count = requests.iter().map(|r| r.ops.len()).sum();
+            // In flight from before the gate check, so that no claim of this
+            // node starts while a write that passed the check may still land.
+            let in_flight = io.begin();
             // The last moment to check the lease before the write goes to the volume.
             let result = if gate.is_open() {
                 // A stall between the check and the write (a GC pause): the
                 // storage fence must stop the write if a new primary exists.
                 crate::buggify::delay("shard.commit.after_gate", 1_500).await;
-                let in_flight = io.begin();
                 let result = commit::apply_group(&*engine, &meta, requests, wall_clock_ms(), window_ms).await;
                 // A failed sync or I/O error counts against the volume here;
-                // a closed engine or bad data does not; the storage fence's
-                // refusal makes the volume manager step down.
+                // a closed engine or bad data does not (another node would
+                // read the same data); the storage fence's refusal makes the
+                // volume manager step down.
                 match &result {
                     Ok(_) => in_flight.finish(true),
                     Err(EngineError::Indeterminate(_) | EngineError::Io(_)) => in_flight.finish(false),

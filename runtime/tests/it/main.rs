@@ -1,5 +1,6 @@
 //! The runtime's integration tests, in one test binary so RocksDB and the
 //! rest of the tree are linked once, not once per file:
+//! - [`block`]: block volumes on a loop device with two `attache node` processes (root only);
 //! - [`crash`]: SIGKILL of a process writing through the shard actors and RocksDB;
 //! - [`e2e`]: the real `attache` binary, every operation and error, signals, metrics;
 //! - [`failover`]: `attache meta` and three `attache node` processes, SIGKILL and SIGSTOP of the primary;
@@ -7,6 +8,7 @@
 //! - [`storage`]: the shared storage scenario on actix with RocksDB;
 //! - [`three_process`]: one `attache meta` with two nodes.
 
+mod block;
 mod common;
 mod crash;
 mod e2e;
