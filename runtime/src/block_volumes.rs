@@ -35,23 +35,10 @@ use async_trait::async_trait;
 use attache_actors::engine::{Engine, EngineError, EngineFactory, OpenMode};
 use attache_actors::provider::VolumeProvider;
 use attache_actors::reservation::take_fence;
-use serde::{Deserialize, Serialize};
 
+pub use crate::config::VolumeFence;
 use crate::local_volumes::LocalVolumes;
 use crate::nvme::NvmeReservations;
-
-/// The storage fence of block volumes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum VolumeFence {
-    /// An NVMe reservation on the device (and the `EPOCH` file on it): for
-    /// machines sharing a volume.
-    #[default]
-    Nvme,
-    /// Only the `EPOCH` file and its `flock`: processes on one machine.
-    #[serde(alias = "epoch-file")]
-    EpochFile,
-}
 
 /// The device the kernel names for EBS volume `volume` (NVMe, by id).
 pub fn ebs_device(volume: &str) -> PathBuf {

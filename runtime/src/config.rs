@@ -15,7 +15,6 @@ use attache_actors::node::NodeConfig;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-pub use crate::block_volumes::VolumeFence;
 use crate::telemetry::LogFormat;
 
 /// Logging flags shared by every server command.
@@ -120,6 +119,19 @@ pub struct NodeArgs {
     /// Request limits (config file only); unset keys keep their defaults.
     #[arg(skip)]
     pub limits: Option<Limits>,
+}
+
+/// The storage fence of block volumes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeFence {
+    /// An NVMe reservation on the device (and the `EPOCH` file on it): for
+    /// machines sharing a volume.
+    #[default]
+    Nvme,
+    /// Only the `EPOCH` file and its `flock`: processes on one machine.
+    #[serde(alias = "epoch-file")]
+    EpochFile,
 }
 
 /// How a node reaches its volumes (`--volume-mode`).

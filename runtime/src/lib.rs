@@ -3,6 +3,7 @@
 //! commands and the command-line client of the `attache` binary.
 
 pub mod actix_host;
+#[cfg(target_os = "linux")]
 pub mod block_volumes;
 pub mod client_cli;
 pub mod config;

@@ -23,7 +23,6 @@ use attache_actors::HostHandle;
 use clap::Args;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::block_volumes::BlockVolumes;
 use crate::config::{LogArgs, NodeSettings, VolumeMode, DEFAULT_LISTEN};
 use crate::files::{FileLocalStore, FileMetaLog};
 use crate::local_volumes::LocalVolumes;
@@ -190,13 +189,22 @@ fn volumes_of(s: &NodeSettings) -> anyhow::Result<(Arc<dyn EngineFactory>, Arc<d
             let v = Arc::new(LocalVolumes::new(root));
             (v.clone(), v)
         }
+        #[cfg(target_os = "linux")]
         VolumeMode::Block => {
             let setup = &s.volume_setup;
-            let v = BlockVolumes::new(root, &s.node.volumes, &setup.devices, setup.format_new, setup.fence);
+            let v = crate::block_volumes::BlockVolumes::new(
+                root,
+                &s.node.volumes,
+                &setup.devices,
+                setup.format_new,
+                setup.fence,
+            );
             v.check()?;
             let v = Arc::new(v);
             (v.clone(), v)
         }
+        #[cfg(not(target_os = "linux"))]
+        VolumeMode::Block => anyhow::bail!("--volume-mode block mounts block devices: it runs on Linux only"),
     })
 }
 

@@ -8,6 +8,7 @@
 //! - [`storage`]: the shared storage scenario on actix with RocksDB;
 //! - [`three_process`]: one `attache meta` with two nodes.
 
+#[cfg(target_os = "linux")]
 mod block;
 mod common;
 mod crash;
