@@ -316,7 +316,8 @@ impl VolumeManager {
     }
 
     /// Becomes (or stays) a backup of the record's primary, with a read-only
-    /// view of the volume's shards for stale reads.
+    /// view of the volume's shards for stale reads where the provider's
+    /// backups can read the volume (`VolumeProvider::backups_read`).
     fn be_backup(&mut self, primary: NodeId, epoch: u64, ctx: &Context<Self>) {
         // Without a read-only view (block volumes: only the primary mounts
         // one) the role is reported without shards, and the node answers
@@ -485,8 +486,10 @@ impl VolumeManager {
             return;
         }
         if let (Role::Primary { .. }, Some(why)) = (&self.role, self.io.fenced()) {
-            // The device (or the EPOCH file) refused a write: a newer
-            // primary holds the fence. Serve nothing more from this term.
+            // The storage fence refused a write (the EPOCH file, checked
+            // before writing; a device's conflict reaches RocksDB as a failed
+            // fsync instead): a newer primary holds the fence. Serve nothing
+            // more from this term.
             self.step_down(false, &format!("the volume's storage fence refused a write ({why})")).await;
             return;
         }
