@@ -474,6 +474,25 @@ mod tests {
         assert!(!is_mount_point(&dir.path().join("missing")).unwrap());
     }
 
+    #[test]
+    fn start_up_checks_name_what_is_missing() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED start_up_checks_name_what_is_missing: not root (the root check comes first)");
+            return;
+        }
+        let devices = BTreeMap::from([("a".to_string(), PathBuf::from("/dev/null")), ("b".into(), "/dev/null".into())]);
+        let err = |root: &str, volumes: &[&str], fence| {
+            let volumes: Vec<String> = volumes.iter().map(|v| v.to_string()).collect();
+            BlockVolumes::new(root, &volumes, &devices, false, fence).check().unwrap_err().to_string()
+        };
+        assert!(err("/", &["a"], VolumeFence::EpochFile).contains("--volume-root"));
+        assert!(err("/mnt/x", &["a", "b"], VolumeFence::EpochFile).contains("both on /dev/null"));
+        assert!(err("/mnt/x", &["vol-0abc"], VolumeFence::EpochFile).contains("Amazon_Elastic_Block_Store_vol0abc"));
+        assert!(err("/mnt/x", &["a"], VolumeFence::Nvme).contains("NVMe namespace"));
+        assert!(err("/mnt/x", &[".."], VolumeFence::EpochFile).contains("plain directory name"));
+    }
+
     #[actix_rt::test]
     async fn shards_open_only_on_a_mounted_volume() {
         let dir = tempfile::tempdir().unwrap();
