@@ -18,7 +18,8 @@
 //!   [`ClientSettings::attempt_timeout_ms`] (a retry: or what was left of
 //!   the deadline), has an unknown outcome (the request may have been applied).
 //!   It is retried at the next node for calls marked [`Repeat::Always`]; a
-//!   call marked [`Repeat::Never`] (`NewShard`) is never sent twice.
+//!   call marked [`Repeat::Never`] (`NewShard`) is not sent again after
+//!   such an attempt (it is after a rejection, which had no effect).
 //! - A hint that is not a usable address counts as no hint.
 //! - Retries back off exponentially with full jitter ([`crate::retry`]),
 //!   drawn from a generator seeded by the caller, until
@@ -93,8 +94,9 @@ pub enum Repeat {
     /// repeated delete of a shard whose first attempt applied answers
     /// `NOT_FOUND`.
     Always,
-    /// Sent once (`NewShard`: until the service tells an uncertain failure
-    /// from a rejection, a repeat could create a second shard).
+    /// Not repeated after an attempt whose outcome is unknown (`NewShard`: a
+    /// repeat could create a second shard); repeated after a rejection
+    /// (UNAVAILABLE, known to have had no effect), where its hint says.
     Never,
 }
 
@@ -333,10 +335,12 @@ impl Client {
             };
             let rejected = is_rejection(&status);
             unknown |= !rejected;
-            let retry = if spec.repeat == Repeat::Never {
-                false
-            } else if rejected {
+            // A rejection had no effect, so even a call sent once
+            // (`Repeat::Never`) may go again, where its hint says.
+            let retry = if rejected {
                 status.code() == Code::Unavailable
+            } else if spec.repeat == Repeat::Never {
+                false
             } else {
                 matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
             };

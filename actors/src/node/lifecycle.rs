@@ -63,9 +63,10 @@ impl Handler<NewShard> for Node {
             })
             .min_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         let Some((_, volume_id, shards, placed)) = target else {
-            return Reply::now(Err(AttacheError::unavailable(
-                "this node is primary for no volume now; retry on another node",
-            )));
+            // Answered with a hint to a node that is primary for a volume,
+            // looked up off the mailbox (the metadata store may be slow).
+            let (meta, me) = (self.meta.clone(), self.node_id);
+            return Reply::later(async move { Err(no_volume_here(&meta, me).await) });
         };
         *placed += 1;
         let meta = self.meta.clone();
@@ -96,6 +97,30 @@ impl Handler<NewShard> for Node {
                 }
             }
         })
+    }
+}
+
+/// What a node that is primary for no volume answers a `NewShard`:
+/// UNAVAILABLE, with a hint to a live node that is primary for a volume
+/// (the first such volume in id order) when the metadata store names one.
+async fn no_volume_here(meta: &crate::meta::MetaOps, me: Option<NodeId>) -> AttacheError {
+    let found = async {
+        let volumes = meta.volumes().await.ok()?;
+        let nodes = meta.live_nodes().await.ok()?;
+        volumes.iter().filter(|v| v.primary != 0 && Some(v.primary) != me).find_map(|v| {
+            nodes.iter().find(|n| n.node_id == v.primary).map(|n| (v.volume_id.clone(), n.address.clone()))
+        })
+    }
+    .await;
+    match found {
+        Some((volume, addr)) => AttacheError::Unavailable {
+            message: format!(
+                "this node is primary for no volume now; the node at {addr} is primary for {volume}: create the shard \
+                 there"
+            ),
+            primary_hint: Some(addr),
+        },
+        None => AttacheError::unavailable("this node is primary for no volume now; retry on another node"),
     }
 }
 
