@@ -239,17 +239,11 @@ pub const TAKE_FENCE_ATTEMPTS: usize = 8;
 /// asked for.
 pub async fn take_fence(device: &dyn ReservationDevice, volume: &str, epoch: u64) -> Result<(), EngineError> {
     let io = |e: ReservationError| EngineError::Io(format!("volume {volume}: {e}"));
-    let stale = |holder: &Registrant| {
-        EngineError::Fenced(format!(
-            "volume {volume} has a registrant with key {} (host {:032x}) > this claim's epoch {epoch}",
-            holder.key, holder.host_id
-        ))
-    };
+    let stale = |holder: &Registrant| stale_claim(volume, epoch, holder);
     let mut last = None;
     for _ in 0..TAKE_FENCE_ATTEMPTS {
         let status = device.report(volume).await.map_err(io)?;
-        // A key above `epoch` was registered by the winner of a newer claim.
-        if let Some(newer) = status.registrants.iter().filter(|r| r.key > epoch).max_by_key(|r| r.key) {
+        if let Some(newer) = newer_registrant(&status, epoch) {
             return Err(stale(newer));
         }
         let registered = match device.register(volume, RegisterAction::Register, 0, epoch, false).await {
@@ -299,6 +293,20 @@ pub async fn take_fence(device: &dyn ReservationDevice, volume: &str, epoch: u64
     )))
 }
 
+/// The registrant with the highest key above `epoch`, if any: the winner of
+/// a newer claim registered it, so a claim at `epoch` is stale.
+fn newer_registrant(status: &ReservationStatus, epoch: u64) -> Option<&Registrant> {
+    status.registrants.iter().filter(|r| r.key > epoch).max_by_key(|r| r.key)
+}
+
+/// `Fenced`: `volume`'s registrant `newer` holds a key above this claim's `epoch`.
+fn stale_claim(volume: &str, epoch: u64, newer: &Registrant) -> EngineError {
+    EngineError::Fenced(format!(
+        "volume {volume} has a registrant with key {} (host {:032x}) > this claim's epoch {epoch}",
+        newer.key, newer.host_id
+    ))
+}
+
 /// The last step of [`take_fence`]: a Report showing that the registrant
 /// with key `epoch` alone holds a Write Exclusive reservation (and no key
 /// is higher). Fails closed on anything else: a reservation of another type
@@ -307,11 +315,8 @@ pub async fn take_fence(device: &dyn ReservationDevice, volume: &str, epoch: u64
 /// Errors: `Fenced` for a higher key; `Io` otherwise.
 async fn verify(device: &dyn ReservationDevice, volume: &str, epoch: u64) -> Result<(), EngineError> {
     let status = device.report(volume).await.map_err(|e| EngineError::Io(format!("volume {volume}: {e}")))?;
-    if let Some(newer) = status.registrants.iter().find(|r| r.key > epoch) {
-        return Err(EngineError::Fenced(format!(
-            "volume {volume} has a registrant with key {} > this claim's epoch {epoch}",
-            newer.key
-        )));
+    if let Some(newer) = newer_registrant(&status, epoch) {
+        return Err(stale_claim(volume, epoch, newer));
     }
     let holders: Vec<u64> = status.registrants.iter().filter(|r| r.holds).map(|r| r.key).collect();
     if status.rtype == Some(ReservationType::WriteExclusive) && holders == [epoch] {

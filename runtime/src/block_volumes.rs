@@ -37,6 +37,7 @@ use attache_actors::provider::VolumeProvider;
 use attache_actors::reservation::take_fence;
 
 pub use crate::config::VolumeFence;
+use crate::files::blocking;
 use crate::local_volumes::LocalVolumes;
 use crate::nvme::NvmeReservations;
 
@@ -61,10 +62,6 @@ pub struct BlockVolumes {
 
 fn io(what: impl std::fmt::Display) -> EngineError {
     EngineError::Io(what.to_string())
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("volume task panicked")
 }
 
 impl BlockVolumes {
@@ -142,11 +139,9 @@ impl BlockVolumes {
     /// Checks that the volume a shard path lies on is mounted here, from its
     /// own device (the mount point's filesystem is the device's).
     fn mounted_volume_of(&self, path: &Path) -> Result<(), EngineError> {
-        let volume = path
-            .strip_prefix(&self.root)
-            .ok()
-            .and_then(|p| p.components().next())
-            .and_then(|c| c.as_os_str().to_str())
+        let volume = self
+            .local
+            .volume_of(path)
             .ok_or_else(|| io(format!("{} is on no volume under {}", path.display(), self.root.display())))?;
         let (point, device) = (self.mount_point(volume), self.device(volume)?);
         if mounted_from(&point, device).map_err(|e| io(format!("{}: {e}", point.display())))? {

@@ -102,7 +102,8 @@ impl LocalVolumes {
         Ok(())
     }
 
-    fn volume_of<'a>(&self, path: &'a Path) -> Option<&'a str> {
+    /// The volume `path` lies on: its first component under the root.
+    pub(crate) fn volume_of<'a>(&self, path: &'a Path) -> Option<&'a str> {
         path.strip_prefix(&self.root).ok()?.components().next()?.as_os_str().to_str()
     }
 
@@ -131,7 +132,7 @@ impl VolumeProvider for LocalVolumes {
 
     async fn acquire(&self, volume: &str, epoch: u64) -> Result<(), EngineError> {
         let (this, volume) = (self.clone(), volume.to_string());
-        tokio::task::spawn_blocking(move || this.raise_epoch(&volume, epoch)).await.expect("fence task panicked")
+        crate::files::blocking(move || this.raise_epoch(&volume, epoch)).await
     }
 
     fn held_epoch(&self, volume: &str) -> Option<u64> {

@@ -56,33 +56,19 @@ fn missing_needs() -> Option<String> {
 }
 
 fn start_node(root: &Path, name: &str, device: &str, metadata: &str) -> common::Proc {
-    let (data, mnt) = (root.join(name), root.join(format!("mnt-{name}")));
     let devices = format!("vol-1={device}");
-    common::start(
-        &[
-            "node",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--volume-root",
-            mnt.to_str().unwrap(),
-            "--volumes",
-            "vol-1",
-            "--metadata",
-            metadata,
-            "--lease-ttl-ms",
-            "2000",
-            "--volume-mode",
-            "block",
-            "--volume-devices",
-            &devices,
-            "--format-new-volumes",
-            "--volume-fence",
-            "epoch-file",
-        ],
-        "serving gRPC on ",
-    )
+    let block = [
+        "--lease-ttl-ms",
+        "2000",
+        "--volume-mode",
+        "block",
+        "--volume-devices",
+        &devices,
+        "--format-new-volumes",
+        "--volume-fence",
+        "epoch-file",
+    ];
+    common::start_node_at(root, name, &root.join(format!("mnt-{name}")), "vol-1", metadata, &block)
 }
 
 fn put(shard: u64, key: &str, value: &str) -> PutRequest {

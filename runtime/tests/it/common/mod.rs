@@ -78,7 +78,19 @@ pub fn start_meta(dir: &Path) -> Proc {
 /// Starts `attache node` on a free port: data dir `{root}/{name}`, volumes
 /// (comma-separated) under `{root}/volumes`, metadata `metadata`, and `extra` flags.
 pub fn start_node(root: &Path, name: &str, volumes: &str, metadata: &str, extra: &[&str]) -> Proc {
-    let (data, volume_root) = (root.join(name), root.join("volumes"));
+    start_node_at(root, name, &root.join("volumes"), volumes, metadata, extra)
+}
+
+/// As [`start_node`], with the volumes under `volume_root`.
+pub fn start_node_at(
+    root: &Path,
+    name: &str,
+    volume_root: &Path,
+    volumes: &str,
+    metadata: &str,
+    extra: &[&str],
+) -> Proc {
+    let data = root.join(name);
     let mut args = vec![
         "node",
         "--listen",
