@@ -48,6 +48,16 @@ pub trait VolumeProvider: Send + Sync + 'static {
         true
     }
 
+    /// Bytes free for new data on `volume` as this node sees it now: the
+    /// filesystem's blocks available to unprivileged writers times its
+    /// fragment size (`statvfs`: `f_bavail * f_frsize`). `None` when
+    /// unknown: the volume is not mounted here, or its filesystem did not
+    /// answer. New shards go where there is most room (see
+    /// `node::lifecycle::choose_volume`).
+    async fn free_bytes(&self, _volume: &str) -> Option<u64> {
+        None
+    }
+
     /// This node's term as `volume`'s primary ended and its shards are
     /// closed: undo what `acquire` set up to serve it (a block volume's
     /// filesystem is unmounted). The fence is not released: the next

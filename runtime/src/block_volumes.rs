@@ -409,6 +409,20 @@ impl VolumeProvider for BlockVolumes {
         false
     }
 
+    /// Known only while this node has the volume's filesystem mounted.
+    async fn free_bytes(&self, volume: &str) -> Option<u64> {
+        let device = self.device(volume).ok()?.clone();
+        let point = self.mount_point(volume);
+        let mounted = {
+            let point = point.clone();
+            blocking(move || mounted_from(&point, &device).unwrap_or(false)).await
+        };
+        if !mounted {
+            return None;
+        }
+        crate::files::free_bytes(point).await
+    }
+
     /// Ends the term (a claim still mounting gives up) and unmounts,
     /// lazily if files are still open.
     async fn release(&self, volume: &str) -> Result<(), EngineError> {

@@ -107,6 +107,12 @@ pub struct NodeArgs {
     /// Size limit of new shards, bytes. Default 2 GiB.
     #[arg(long, env = "ATTACHE_SHARD_SIZE_LIMIT")]
     pub shard_size_limit: Option<u64>,
+    /// A new shard goes to the volume with the most free space, except that
+    /// volumes within this many bytes of it count as equally free and the
+    /// one with the fewest shards wins. Default 10 GiB (HDFS's
+    /// balanced-space threshold).
+    #[arg(long, env = "ATTACHE_BALANCED_SPACE_BYTES")]
+    pub balanced_space_bytes: Option<u64>,
     /// Actor threads (actix arbiters). Default: the number of CPUs.
     #[arg(long, env = "ATTACHE_THREADS")]
     pub threads: Option<usize>,
@@ -210,6 +216,7 @@ impl NodeArgs {
         node.lease_ttl_ms = a.lease_ttl_ms.unwrap_or(node.lease_ttl_ms);
         node.failover.io_timeout_ms = a.io_timeout_ms.unwrap_or(node.failover.io_timeout_ms);
         node.default_size_limit = a.shard_size_limit.unwrap_or(DEFAULT_SHARD_SIZE_LIMIT);
+        node.balanced_space_bytes = a.balanced_space_bytes.unwrap_or(node.balanced_space_bytes);
         node.limits = a.limits.unwrap_or_default();
         node.validate().map_err(|e| anyhow::anyhow!("invalid timing settings: {e}"))?;
         Ok(NodeSettings {

@@ -30,6 +30,13 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     sync_dir(dir)
 }
 
+/// Bytes free for unprivileged writers on the filesystem holding `path`
+/// (`statvfs`: `f_bavail * f_frsize`), or `None` when the call fails; run
+/// on the blocking pool. Used by `VolumeProvider::free_bytes`.
+pub(crate) async fn free_bytes(path: PathBuf) -> Option<u64> {
+    blocking(move || rustix::fs::statvfs(&path).ok().map(|s| s.f_bavail.saturating_mul(s.f_frsize))).await
+}
+
 /// Runs `f` on tokio's blocking pool (file and device I/O blocks).
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("file I/O task panicked")

@@ -138,6 +138,10 @@ impl VolumeProvider for LocalVolumes {
     fn held_epoch(&self, volume: &str) -> Option<u64> {
         self.held.lock().expect("held epochs lock").get(volume).copied()
     }
+
+    async fn free_bytes(&self, volume: &str) -> Option<u64> {
+        crate::files::free_bytes(self.root.join(volume)).await
+    }
 }
 
 #[async_trait]
@@ -162,6 +166,19 @@ impl EngineFactory for LocalVolumes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A volume's free space is its filesystem's (statvfs), unknown for a
+    /// volume that is not there.
+    #[actix_rt::test]
+    async fn free_space_is_the_filesystems_and_unknown_without_the_volume() {
+        let dir = tempfile::tempdir().unwrap();
+        let volumes = LocalVolumes::new(dir.path());
+        volumes.attach("vol-1").await.unwrap();
+        let free = volumes.free_bytes("vol-1").await.expect("a directory's filesystem answers statvfs");
+        let fs = rustix::fs::statvfs(dir.path()).unwrap();
+        assert!(free > 0 && free <= fs.f_blocks * fs.f_frsize, "{free} bytes free of {} blocks", fs.f_blocks);
+        assert_eq!(volumes.free_bytes("vol-2").await, None);
+    }
 
     #[actix_rt::test]
     async fn a_writer_of_an_older_epoch_is_fenced() {

@@ -173,11 +173,6 @@ struct Running {
     server: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
-/// Runs `nodes` in this process until SIGINT/SIGTERM: one actix host, one
-/// metadata backend per distinct `--metadata` (so `attache dev` nodes share
-/// the embedded store), a gRPC server per node. On the signal every server
-/// stops taking connections and finishes its requests, then every node shuts
-/// down. `banner` gets the listen addresses once all serve.
 /// The engine factory and volume provider of node `s`: local directories,
 /// or block devices (`BlockVolumes`, checked before the node starts).
 ///
@@ -208,6 +203,11 @@ fn volumes_of(s: &NodeSettings) -> anyhow::Result<(Arc<dyn EngineFactory>, Arc<d
     })
 }
 
+/// Runs `nodes` in this process until SIGINT/SIGTERM: one actix host, one
+/// metadata backend per distinct `--metadata` (so `attache dev` nodes share
+/// the embedded store), a gRPC server per node. On the signal every server
+/// stops taking connections and finishes its requests, then every node shuts
+/// down. `banner` gets the listen addresses once all serve.
 pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send + 'static) -> anyhow::Result<()> {
     let first = nodes.first().context("no node to run")?.clone();
     init_logging(first.log_format, &first.log_level);

@@ -229,6 +229,8 @@ fn start_storage(
     let files = local.clone();
     let (ebs, gates, volumes, nodes) = (ebs.clone(), gates.clone(), s.volumes(), s.cluster.storage_nodes);
     let scan_page = s.cluster.scan_page;
+    // Volumes within 1/16 of their size of the freest count as equally free.
+    let balanced_space = s.ebs.capacity_bytes / 16;
     let t = s.timing.clone();
     let (lease_gate, cas, request_ids) = (s.sim_only.lease_gate, s.sim_only.metadata_cas, s.sim_only.request_ids);
     let node_name = name.clone();
@@ -283,6 +285,7 @@ fn start_storage(
                 cfg.metadata_wait_ms = 600_000;
                 cfg.limits.request_window_ms = if request_ids { t.request_window_ms } else { 0 };
                 cfg.limits.max_scan_page = scan_page;
+                cfg.balanced_space_bytes = balanced_space;
                 let parts = NodeParts { meta, local: Arc::new(local), factory: vols.clone(), provider: vols, gate };
                 let (node, service) = AttacheService::start(&HostHandle::new(TaskHost), cfg, parts);
                 // As `attache node`: when start-up fails, the process exits

@@ -91,6 +91,33 @@ pub struct EbsConfig {
     /// volume this node has not mounted fails), and backups serve no reads.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub block_mode: bool,
+    /// Each volume's size, bytes: its files' bytes (synced, and appends in
+    /// any node's page cache) never exceed it, an append or creation that
+    /// would is refused with `ENOSPC`, and what is left is the free space
+    /// a node sees (`SimEbs::free_bytes`).
+    #[serde(default = "default_capacity", skip_serializing_if = "is_default_capacity")]
+    pub capacity_bytes: u64,
+    /// Volumes whose size differs from `capacity_bytes`: volume → bytes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub capacities: BTreeMap<String, u64>,
+}
+
+impl EbsConfig {
+    /// The size of `volume`, bytes.
+    pub fn capacity_of(&self, volume: &str) -> u64 {
+        self.capacities.get(volume).copied().unwrap_or(self.capacity_bytes)
+    }
+}
+
+/// Default of [`EbsConfig::capacity_bytes`]: 1 GiB, more than any scenario writes.
+pub const DEFAULT_CAPACITY_BYTES: u64 = 1 << 30;
+
+fn default_capacity() -> u64 {
+    DEFAULT_CAPACITY_BYTES
+}
+
+fn is_default_capacity(bytes: &u64) -> bool {
+    *bytes == DEFAULT_CAPACITY_BYTES
 }
 
 impl Default for EbsConfig {
@@ -107,6 +134,8 @@ impl Default for EbsConfig {
             fence_lock: true,
             shard_locks: true,
             block_mode: false,
+            capacity_bytes: DEFAULT_CAPACITY_BYTES,
+            capacities: BTreeMap::new(),
         }
     }
 }
@@ -195,6 +224,14 @@ struct Volume {
     locks: BTreeMap<String, Vec<(String, u64)>>,
     /// Write batches holding the EPOCH-file fence lock now ([`EpochFileHold`]).
     fence_holds: usize,
+}
+
+impl Volume {
+    /// Bytes in the volume's files: synced, and appends in any node's page cache.
+    fn used_bytes(&self) -> u64 {
+        let files = self.files.values();
+        files.map(|f| f.durable.len() + f.pending.iter().map(|p| p.data.len()).sum::<usize>()).sum::<usize>() as u64
+    }
 }
 
 /// A namespace's NVMe reservation state, as the NVM Express Base
@@ -874,7 +911,7 @@ impl SimEbs {
         // The page cache takes it: only a sync (or writeback) reaches the
         // device, where a reservation can refuse it.
         Self::attached_volume(&mut ebs, volume, node)?;
-        Self::check_space(&mut ebs, volume)?;
+        Self::check_space(&mut ebs, volume, bytes.len())?;
         // (No draw with writeback off, so such runs draw as before.)
         let wb = ebs.cfg.writeback_ms;
         let due = (wb > 0).then(|| Instant::now() + Duration::from_millis(ebs.rng.random_range(1..=wb)));
@@ -991,14 +1028,31 @@ impl SimEbs {
         }
     }
 
-    /// `ENOSPC` while `volume` is full (counted), else `Ok`.
-    fn check_space(ebs: &mut Ebs, volume: &str) -> Result<(), EngineError> {
-        let full = ebs.volumes.get(volume).and_then(|v| v.full_until).is_some_and(|t| Instant::now() < t);
+    /// `ENOSPC` (counted) while `volume` is full, or when `len` more bytes
+    /// would not fit in its capacity (a creation asks for 0: it fails only
+    /// while full); else `Ok`.
+    fn check_space(ebs: &mut Ebs, volume: &str, len: usize) -> Result<(), EngineError> {
+        let capacity = ebs.cfg.capacity_of(volume);
+        let full = ebs.volumes.get(volume).is_some_and(|v| {
+            v.full_until.is_some_and(|t| Instant::now() < t) || v.used_bytes().saturating_add(len as u64) > capacity
+        });
         if !full {
             return Ok(());
         }
         ebs.counts.full_writes += 1;
         Err(io(format!("volume {volume}: No space left on device (os error 28)")))
+    }
+
+    /// The bytes free on `volume` as `node` sees them: its capacity less its
+    /// files' bytes, 0 while it is full (`Fault::DiskFull`); `None` when
+    /// the volume is not attached to `node`.
+    pub fn free_bytes(&self, volume: &str, node: &str) -> Option<u64> {
+        let ebs = self.lock();
+        let v = ebs.volumes.get(volume).filter(|v| v.attached.iter().any(|n| n == node))?;
+        if v.full_until.is_some_and(|t| Instant::now() < t) {
+            return Some(0);
+        }
+        Some(ebs.cfg.capacity_of(volume).saturating_sub(v.used_bytes()))
     }
 
     /// `volume` has no free space for `for_` (see `Fault::DiskFull`).
@@ -1073,7 +1127,7 @@ impl SimEbs {
     pub fn create(&self, volume: &str, node: &str, path: &str, epoch: u64) -> Result<(), EngineError> {
         let mut ebs = self.lock();
         Self::check_write(&mut ebs, volume, node)?;
-        Self::check_space(&mut ebs, volume)?;
+        Self::check_space(&mut ebs, volume, 0)?;
         ebs.volumes.get_mut(volume).expect("checked").files.entry(path.to_string()).or_default();
         Self::record_change(&mut ebs, volume, node, dir_of(path), epoch);
         Self::fire(&mut ebs, "create", volume, node);

@@ -116,6 +116,13 @@ impl VolumeProvider for SimVolumes {
         !self.ebs.block_mode()
     }
 
+    /// Known where this node could open the volume's files (block mode:
+    /// only while it has the volume mounted).
+    async fn free_bytes(&self, volume: &str) -> Option<u64> {
+        self.check_mounted(volume).ok()?;
+        self.ebs.free_bytes(volume, &self.node)
+    }
+
     /// Block mode: unmounts (opens fail from then on until the next acquire).
     async fn release(&self, volume: &str) -> Result<(), EngineError> {
         self.mounted.lock().expect("mounted lock").remove(volume);

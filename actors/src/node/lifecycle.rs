@@ -3,6 +3,7 @@
 //! then its record), listings, the cluster status, and shutdown.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
@@ -16,9 +17,9 @@ use crate::volume::{Role, StopVolume};
 
 use super::{meta_unavailable, Node, PlacedShard};
 
-/// Creates a shard for `client_id` on a volume this node is primary for (the
-/// one with the fewest shards, ties to the smallest volume id), with a size
-/// limit in bytes (`None`: the default).
+/// Creates a shard for `client_id` on a volume this node is primary for
+/// (chosen by free space, then number of shards: [`choose_volume`]), with a
+/// size limit in bytes (`None`: the default).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewShard {
     /// The client id that will own the shard.
@@ -52,26 +53,39 @@ impl Handler<NewShard> for Node {
                  another node",
             )));
         }
-        let target = self
+        let candidates: Vec<_> = self
             .volumes
-            .iter_mut()
+            .iter()
             .filter_map(|(id, slot)| match (&slot.role, &slot.shards) {
-                (Role::Primary { .. }, Some(shards)) => {
-                    Some((slot.placed, id.clone(), shards.clone(), &mut slot.placed))
-                }
+                (Role::Primary { .. }, Some(shards)) => Some((id.clone(), shards.clone(), slot.placed.clone())),
                 _ => None,
             })
-            .min_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-        let Some((_, volume_id, shards, placed)) = target else {
+            .collect();
+        if candidates.is_empty() {
             // Answered with a hint to a node that is primary for a volume,
             // looked up off the mailbox (the metadata store may be slow).
             let (meta, me) = (self.meta.clone(), self.node_id);
             return Reply::later(async move { Err(no_volume_here(&meta, me).await) });
-        };
-        *placed += 1;
+        }
+        let provider = self.provider.clone();
+        let balanced = self.cfg.balanced_space_bytes;
         let meta = self.meta.clone();
         let default_limit = self.cfg.default_size_limit;
         Reply::later(async move {
+            // Free space is asked off the mailbox, each volume bounded in
+            // time: a stalled volume answers "unknown" and ranks last.
+            let mut free = Vec::with_capacity(candidates.len());
+            for (volume, _, placed) in &candidates {
+                let bytes = tokio::time::timeout(FREE_BYTES_WAIT, provider.free_bytes(volume)).await.ok().flatten();
+                free.push(VolumeSpace {
+                    volume: volume.clone(),
+                    free_bytes: bytes,
+                    shards: placed.load(Ordering::Relaxed),
+                });
+            }
+            let chosen = choose_volume(&free, balanced).expect("candidates are not empty");
+            let (volume_id, shards, placed) = candidates.into_iter().nth(chosen).expect("chosen among the candidates");
+            placed.fetch_add(1, Ordering::Relaxed);
             let shard_id = meta.allocate_id("shard").await.map_err(meta_unavailable)?;
             let size_limit = msg.size_limit.unwrap_or(default_limit);
             let record = ShardRecord {
@@ -98,6 +112,41 @@ impl Handler<NewShard> for Node {
             }
         })
     }
+}
+
+/// How long a new shard's placement waits for one volume's free space, ms;
+/// past it the volume's free space counts as unknown.
+pub const FREE_BYTES_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// One volume as [`choose_volume`] weighs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeSpace {
+    /// The volume id.
+    pub volume: String,
+    /// Its free space, bytes (`VolumeProvider::free_bytes`); `None` when unknown.
+    pub free_bytes: Option<u64>,
+    /// The shards placed on it.
+    pub shards: u64,
+}
+
+/// The index in `volumes` of the volume a new shard goes to, `None` when
+/// `volumes` is empty. The rule, after HDFS's
+/// `AvailableSpaceVolumeChoosingPolicy` made deterministic: the volumes
+/// whose free space is known and within `balanced_bytes` of the freest
+/// one's are balanced, and of those the one with the fewest shards wins
+/// (ties: the smallest volume id); when no volume's free space is known,
+/// all of them are balanced.
+pub fn choose_volume(volumes: &[VolumeSpace], balanced_bytes: u64) -> Option<usize> {
+    let most = volumes.iter().filter_map(|v| v.free_bytes).max();
+    let balanced = |v: &VolumeSpace| match (most, v.free_bytes) {
+        (None, _) => true,
+        (Some(most), Some(free)) => most - free <= balanced_bytes,
+        (Some(_), None) => false,
+    };
+    (0..volumes.len()).filter(|&i| balanced(&volumes[i])).min_by(|&a, &b| {
+        let (a, b) = (&volumes[a], &volumes[b]);
+        (a.shards, &a.volume).cmp(&(b.shards, &b.volume))
+    })
 }
 
 /// What a node that is primary for no volume answers a `NewShard`:
@@ -314,5 +363,45 @@ impl Handler<ShutdownNode> for Node {
         }
         tracing::info!("node stopped");
         Reply::now(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{choose_volume, VolumeSpace};
+
+    const GIB: u64 = 1 << 30;
+
+    fn vol(volume: &str, free_gib: Option<u64>, shards: u64) -> VolumeSpace {
+        VolumeSpace { volume: volume.into(), free_bytes: free_gib.map(|g| g * GIB), shards }
+    }
+
+    #[test]
+    fn the_freest_volume_wins_when_the_others_are_far_behind() {
+        let vols = [vol("vol-1", Some(5), 0), vol("vol-2", Some(100), 40), vol("vol-3", Some(60), 1)];
+        assert_eq!(choose_volume(&vols, 10 * GIB), Some(1));
+    }
+
+    #[test]
+    fn among_balanced_volumes_the_fewest_shards_win_then_the_smallest_id() {
+        let vols = [vol("vol-1", Some(100), 7), vol("vol-2", Some(95), 3), vol("vol-3", Some(91), 3)];
+        assert_eq!(choose_volume(&vols, 10 * GIB), Some(1), "vol-3 ties on shards; vol-2 has the smaller id");
+        assert_eq!(choose_volume(&vols, 4 * GIB), Some(0), "vol-2 is 5 GiB behind: not balanced");
+        assert_eq!(choose_volume(&vols, 5 * GIB), Some(1), "the bound is inclusive");
+    }
+
+    #[test]
+    fn a_volume_of_unknown_space_loses_to_any_known_one() {
+        let vols = [vol("vol-1", None, 0), vol("vol-2", Some(0), 9)];
+        assert_eq!(choose_volume(&vols, 10 * GIB), Some(1));
+        let unknown = [vol("vol-1", None, 4), vol("vol-2", None, 2)];
+        assert_eq!(choose_volume(&unknown, 10 * GIB), Some(1), "all unknown: by shards");
+        assert_eq!(choose_volume(&[], 10 * GIB), None);
+    }
+
+    #[test]
+    fn a_full_volume_is_passed_over_while_another_has_room() {
+        let vols = [vol("vol-1", Some(0), 0), vol("vol-2", Some(20), 50)];
+        assert_eq!(choose_volume(&vols, 10 * GIB), Some(1));
     }
 }

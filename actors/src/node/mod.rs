@@ -20,6 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,11 @@ pub fn numbered_volumes(n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("vol-{i}")).collect()
 }
 
+/// Default of [`NodeConfig::balanced_space_bytes`]: 10 GiB, the default
+/// balanced-space threshold of HDFS's `AvailableSpaceVolumeChoosingPolicy`
+/// (`dfs.datanode.available-space-volume-choosing-policy.balanced-space-threshold`).
+pub const DEFAULT_BALANCED_SPACE_BYTES: u64 = 10 << 30;
+
 /// The file in the node's data dir that holds its id.
 pub const NODE_ID_FILE: &str = "node-id";
 
@@ -85,6 +91,10 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// Size limit of a new shard when the request names none, bytes.
     pub default_size_limit: u64,
+    /// Volumes whose free space is within this many bytes of the freest
+    /// one count as equally free when a new shard is placed (see
+    /// [`lifecycle::choose_volume`]).
+    pub balanced_space_bytes: u64,
     /// How long start-up waits for the metadata store, ms.
     pub metadata_wait_ms: u64,
     /// Clock error bound and margin of the lease gate.
@@ -116,6 +126,7 @@ impl NodeConfig {
             lease_ttl_ms: 5_000,
             limits: Limits::default(),
             default_size_limit: DEFAULT_SHARD_SIZE_LIMIT,
+            balanced_space_bytes: DEFAULT_BALANCED_SPACE_BYTES,
             metadata_wait_ms: 30_000,
             lease: LeaseTiming::default(),
             failover: FailoverTiming::default(),
@@ -151,8 +162,9 @@ struct VolumeSlot {
     manager: Addr<VolumeManager>,
     role: Role,
     shards: Option<Addr<ShardManager>>,
-    /// Shards placed on the volume (from the metadata store at start, then counted).
-    placed: u64,
+    /// Shards placed on the volume (from the metadata store at start, then
+    /// counted as this node places them; shared with creations under way).
+    placed: Arc<AtomicU64>,
 }
 
 /// What a node sees the outside world through.
@@ -304,8 +316,15 @@ impl Node {
             let vm = VolumeManager::new(vcfg, node_id, parts, ctx.address().recipient());
             let count = placed.iter().filter(|r| r.volume_id == volume_id && r.state != ShardState::Deleted).count();
             let manager = ctx.host().spawn(vm, 64);
-            self.volumes
-                .insert(volume_id, VolumeSlot { manager, role: Role::Unknown, shards: None, placed: count as u64 });
+            self.volumes.insert(
+                volume_id,
+                VolumeSlot {
+                    manager,
+                    role: Role::Unknown,
+                    shards: None,
+                    placed: Arc::new(AtomicU64::new(count as u64)),
+                },
+            );
         }
         Ok(())
     }
