@@ -25,8 +25,9 @@ phase() {
     if [ -n "$phase_name" ]; then echo "== $phase_name"; fi
 }
 
-phase "ARCHITECTURE.md names every module, type and scenario as the code has them"
+phase "ARCHITECTURE.md names every module, type and scenario as the code has them; scripts parse"
 scripts/check-architecture.sh
+for script in scripts/*.sh .ci/run; do bash -n "$script"; done
 
 phase "normal build: cargo test --workspace --all-targets --no-run (RocksDB's C++ is most of a cold build)"
 CARGO_TARGET_DIR="$target" "${cargo[@]}" test --workspace --all-targets --no-run

@@ -36,6 +36,7 @@ use attache_actors::engine::{Engine, EngineError, EngineFactory, OpenMode};
 use attache_actors::provider::VolumeProvider;
 use attache_actors::reservation::take_fence;
 
+use crate::aws::AwsEbs;
 pub use crate::config::VolumeFence;
 use crate::files::blocking;
 use crate::local_volumes::LocalVolumes;
@@ -58,7 +59,13 @@ pub struct BlockVolumes {
     /// abandoned by its caller (a timeout) cannot mount after the release
     /// that followed it.
     terms: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
+    /// `--volume-mode aws`: attaches volumes to this instance through EC2.
+    ec2: Option<Arc<AwsEbs>>,
 }
+
+/// How long `attach` waits for a volume's device to appear once EC2 says
+/// the volume is attached (udev makes the by-id link).
+pub const DEVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn io(what: impl std::fmt::Display) -> EngineError {
     EngineError::Io(what.to_string())
@@ -79,7 +86,33 @@ impl BlockVolumes {
         let devices: BTreeMap<String, PathBuf> =
             volumes.iter().map(|v| (v.clone(), devices.get(v).cloned().unwrap_or_else(|| ebs_device(v)))).collect();
         let nvme = (fence == VolumeFence::Nvme).then(|| NvmeReservations::new(devices.clone()));
-        BlockVolumes { local: LocalVolumes::new(root.clone()), root, devices, format_new, nvme, terms: Arc::default() }
+        BlockVolumes {
+            local: LocalVolumes::new(root.clone()),
+            root,
+            devices,
+            format_new,
+            nvme,
+            terms: Arc::default(),
+            ec2: None,
+        }
+    }
+
+    /// The same, attaching volumes to this instance through `ec2`
+    /// (`--volume-mode aws`).
+    pub fn with_ec2(mut self, ec2: Arc<AwsEbs>) -> Self {
+        self.ec2 = Some(ec2);
+        self
+    }
+
+    /// Attaches every volume (through EC2 in aws mode) and waits for its
+    /// device: what `attache node` does before [`BlockVolumes::check`].
+    ///
+    /// Errors: the first volume that cannot be attached, and why.
+    pub async fn attach_all(&self) -> anyhow::Result<()> {
+        for volume in self.devices.keys() {
+            self.attach(volume).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        Ok(())
     }
 
     /// What the node needs before it starts: root (to mount), each
@@ -87,15 +120,7 @@ impl BlockVolumes {
     ///
     /// Errors: a sentence naming what is missing and what to do.
     pub fn check(&self) -> anyhow::Result<()> {
-        // SAFETY: geteuid has no preconditions.
-        anyhow::ensure!(
-            unsafe { libc::geteuid() } == 0,
-            "--volume-mode block mounts filesystems: run attache node as root"
-        );
-        anyhow::ensure!(
-            self.root != Path::new("/") && self.root.is_absolute(),
-            "--volume-mode block needs --volume-root, an absolute directory other than / (volumes are mounted under it)"
-        );
+        self.check_host()?;
         let mut seen = BTreeMap::new();
         for (volume, device) in &self.devices {
             anyhow::ensure!(
@@ -125,6 +150,25 @@ impl BlockVolumes {
                 })?;
             }
         }
+        Ok(())
+    }
+
+    /// What the node needs of its machine, before any volume is attached:
+    /// root (to mount), and a volume root that is an absolute directory
+    /// other than `/`.
+    ///
+    /// Errors: a sentence naming what is missing.
+    pub fn check_host(&self) -> anyhow::Result<()> {
+        // SAFETY: geteuid has no preconditions.
+        anyhow::ensure!(
+            unsafe { libc::geteuid() } == 0,
+            "--volume-mode block and aws mount filesystems: run attache node as root"
+        );
+        anyhow::ensure!(
+            self.root != Path::new("/") && self.root.is_absolute(),
+            "--volume-mode block and aws need --volume-root, an absolute directory other than / (volumes are \
+             mounted under it)"
+        );
         Ok(())
     }
 
@@ -366,9 +410,19 @@ fn unescape_octal(s: &str) -> String {
 
 #[async_trait]
 impl VolumeProvider for BlockVolumes {
-    /// Attaching is the cloud's (or the operator's): the device must exist.
+    /// A volume whose device exists is attached. Otherwise, in aws mode,
+    /// attaches it to this instance through EC2 (idempotent) and waits up
+    /// to [`DEVICE_WAIT`] for its device; in block mode attaching is the
+    /// operator's, so a missing device is an error.
     async fn attach(&self, volume: &str) -> Result<(), EngineError> {
-        let device = self.device(volume)?;
+        let device = self.device(volume)?.clone();
+        if let (false, Some(ec2)) = (device.exists(), &self.ec2) {
+            ec2.attach(volume).await.map_err(|e| io(format!("{e:#}")))?;
+            let deadline = tokio::time::Instant::now() + DEVICE_WAIT;
+            while !device.exists() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
         if device.exists() {
             Ok(())
         } else {

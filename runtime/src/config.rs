@@ -51,9 +51,11 @@ pub struct NodeArgs {
     #[arg(long, env = "ATTACHE_VOLUMES", value_delimiter = ',')]
     pub volumes: Option<Vec<String>>,
     /// How volumes are reached: `local` (directories under the volume root;
-    /// every node on one machine) or `block` (block devices that several
+    /// every node on one machine), `block` (block devices that several
     /// machines attach, such as EBS io2 multi-attach; only the primary
-    /// mounts one; Linux, as root). Default `local`.
+    /// mounts one; Linux, as root) or `aws` (block mode whose volumes are
+    /// EBS volume ids, attached to this instance through the EC2 API and
+    /// fenced by NVMe reservations). Default `local`.
     #[arg(long, env = "ATTACHE_VOLUME_MODE", value_enum)]
     pub volume_mode: Option<VolumeMode>,
     /// Block mode: each volume's device, `VOLUME=PATH`, comma-separated. A
@@ -149,6 +151,10 @@ pub enum VolumeMode {
     Local,
     /// Block devices, mounted by the primary (`BlockVolumes`).
     Block,
+    /// Block mode on EBS: volumes are EBS volume ids (io2, multi-attach,
+    /// this instance's availability zone), attached through the EC2 API
+    /// (`AwsEbs`), fenced by NVMe reservations.
+    Aws,
 }
 
 /// How a node's volumes are set up, resolved.
@@ -248,6 +254,20 @@ fn volume_setup(a: &NodeArgs, volumes: &[String]) -> anyhow::Result<VolumeSetup>
              or leave them out"
         );
         return Ok(VolumeSetup::default());
+    }
+    if mode == VolumeMode::Aws {
+        anyhow::ensure!(
+            a.volume_fence.unwrap_or_default() == VolumeFence::Nvme,
+            "--volume-mode aws fences volumes shared between instances with NVMe reservations: leave out \
+             --volume-fence epoch-file (it holds only between processes of one machine)"
+        );
+        for volume in volumes {
+            anyhow::ensure!(
+                volume.starts_with("vol-") && volume.len() > 4 && volume[4..].bytes().all(|b| b.is_ascii_hexdigit()),
+                "--volume-mode aws: {volume:?} is not an EBS volume id (vol- and hex digits, e.g. \
+                 vol-0123456789abcdef0)"
+            );
+        }
     }
     let mut devices = BTreeMap::new();
     for entry in a.volume_devices.iter().flatten() {
@@ -408,6 +428,20 @@ mod tests {
             (s.volume_setup.mode, s.volume_setup.fence, s.volume_setup.format_new),
             (VolumeMode::Block, VolumeFence::Nvme, false)
         );
+    }
+
+    #[test]
+    fn aws_mode_takes_ebs_volume_ids_and_only_the_nvme_fence() {
+        let args = |volumes: &str, extra: &[&str]| {
+            let base = ["x", "--metadata", "embedded:/tmp/m", "--volume-mode", "aws", "--volumes", volumes];
+            Cli::try_parse_from(base.iter().chain(extra).copied().collect::<Vec<_>>()).unwrap().node.resolve()
+        };
+        let s = args("vol-0123456789abcdef0,vol-0fedcba9876543210", &[]).unwrap();
+        assert_eq!((s.volume_setup.mode, s.volume_setup.fence), (VolumeMode::Aws, VolumeFence::Nvme));
+        let e = format!("{:#}", args("vol-1x", &[]).unwrap_err());
+        assert!(e.contains("not an EBS volume id"), "{e}");
+        let e = format!("{:#}", args("vol-0abc", &["--volume-fence", "epoch-file"]).unwrap_err());
+        assert!(e.contains("NVMe reservations"), "{e}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! commands and the command-line client of the `attache` binary.
 
 pub mod actix_host;
+pub mod aws;
 #[cfg(target_os = "linux")]
 pub mod block_volumes;
 pub mod client_cli;
@@ -16,6 +17,7 @@ pub mod records;
 pub mod rocks_engine;
 pub mod serve;
 pub mod telemetry;
+pub mod volume_cli;
 
 pub use actix_host::ActixHost;
 pub use rocks_engine::{RocksEngine, RocksEngineFactory};

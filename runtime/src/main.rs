@@ -7,7 +7,7 @@
 //! - `attache meta`: the embedded metadata store, served over gRPC to nodes.
 //! - `attache client ...`: every API operation, `load` and `dump`.
 
-use attache_runtime::{client_cli, config, meta_server, serve};
+use attache_runtime::{client_cli, config, meta_server, serve, volume_cli};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -28,6 +28,8 @@ enum Cmd {
     Meta(meta_server::MetaArgs),
     /// Call a node's API.
     Client(client_cli::ClientArgs),
+    /// Describe, attach or detach this instance's EBS volumes (EC2 API).
+    Volume(volume_cli::VolumeArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -57,6 +59,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             attache_runtime::telemetry::init_logging(attache_runtime::telemetry::LogFormat::Human, "warn");
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(client_cli::run(args))
+        }
+        Cmd::Volume(args) => {
+            attache_runtime::telemetry::init_logging(attache_runtime::telemetry::LogFormat::Human, "warn");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(volume_cli::run(args))
         }
     }
 }

@@ -174,32 +174,57 @@ struct Running {
 }
 
 /// The engine factory and volume provider of node `s`: local directories,
-/// or block devices (`BlockVolumes`, checked before the node starts).
+/// or block devices (`BlockVolumes`, checked before the node starts); in
+/// aws mode the volumes are first checked against EC2 (`AwsEbs::check`)
+/// and attached to this instance.
 ///
-/// Errors: block mode's needs are missing (see `BlockVolumes::check`).
-fn volumes_of(s: &NodeSettings) -> anyhow::Result<(Arc<dyn EngineFactory>, Arc<dyn VolumeProvider>)> {
+/// Errors: block mode's needs are missing (see `BlockVolumes::check`), or
+/// a volume is unfit or cannot be attached (aws mode).
+async fn volumes_of(s: &NodeSettings) -> anyhow::Result<(Arc<dyn EngineFactory>, Arc<dyn VolumeProvider>)> {
     let root = s.node.volume_root.clone();
-    Ok(match s.volume_setup.mode {
+    let setup = &s.volume_setup;
+    #[cfg(target_os = "linux")]
+    let block = || {
+        crate::block_volumes::BlockVolumes::new(
+            root.clone(),
+            &s.node.volumes,
+            &setup.devices,
+            setup.format_new,
+            setup.fence,
+        )
+    };
+    Ok(match setup.mode {
         VolumeMode::Local => {
             let v = Arc::new(LocalVolumes::new(root));
             (v.clone(), v)
         }
         #[cfg(target_os = "linux")]
         VolumeMode::Block => {
-            let setup = &s.volume_setup;
-            let v = crate::block_volumes::BlockVolumes::new(
-                root,
-                &s.node.volumes,
-                &setup.devices,
-                setup.format_new,
-                setup.fence,
-            );
+            let v = block();
+            v.check()?;
+            let v = Arc::new(v);
+            (v.clone(), v)
+        }
+        #[cfg(target_os = "linux")]
+        VolumeMode::Aws => {
+            let v = block();
+            v.check_host()?;
+            let settings = crate::aws::AwsSettings {
+                region: s.region.clone(),
+                instance_id: Some(s.node.instance_id.clone()).filter(|i| !i.is_empty()),
+            };
+            let ec2 = crate::aws::AwsEbs::connect(&settings).await?;
+            ec2.check(&s.node.volumes).await?;
+            let v = v.with_ec2(Arc::new(ec2));
+            v.attach_all().await?;
             v.check()?;
             let v = Arc::new(v);
             (v.clone(), v)
         }
         #[cfg(not(target_os = "linux"))]
-        VolumeMode::Block => anyhow::bail!("--volume-mode block mounts block devices: it runs on Linux only"),
+        VolumeMode::Block | VolumeMode::Aws => {
+            anyhow::bail!("--volume-mode block and aws mount block devices: they run on Linux only")
+        }
     })
 }
 
@@ -235,7 +260,7 @@ pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send
                     b
                 }
             };
-            let (factory, provider) = volumes_of(&s)?;
+            let (factory, provider) = volumes_of(&s).await?;
             let parts = NodeParts {
                 meta: MetaOps::new(backend, RetryPolicy::default(), jitter_seed()),
                 local: Arc::new(FileLocalStore::new(&s.data_dir)),

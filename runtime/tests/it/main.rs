@@ -1,5 +1,6 @@
 //! The runtime's integration tests, in one test binary so RocksDB and the
 //! rest of the tree are linked once, not once per file:
+//! - [`aws`]: the AWS EBS provider and `attache volume` against moto's EC2 API emulator;
 //! - [`block`]: block volumes on a loop device with two `attache node` processes (root only);
 //! - [`crash`]: SIGKILL of a process writing through the shard actors and RocksDB;
 //! - [`e2e`]: the real `attache` binary, every operation and error, signals, metrics;
@@ -8,6 +9,7 @@
 //! - [`storage`]: the shared storage scenario on actix with RocksDB;
 //! - [`three_process`]: one `attache meta` with two nodes.
 
+mod aws;
 #[cfg(target_os = "linux")]
 mod block;
 mod common;
