@@ -97,6 +97,12 @@ impl BlockVolumes {
         }
     }
 
+    /// The same, their shards sharing `budget` (a node's `memory_budget_bytes`).
+    pub fn with_memory_budget(mut self, budget: crate::rocks_engine::MemoryBudget) -> Self {
+        self.local = self.local.with_memory_budget(budget);
+        self
+    }
+
     /// The same, attaching volumes to this instance through `ec2`
     /// (`--volume-mode aws`).
     pub fn with_ec2(mut self, ec2: Arc<AwsEbs>) -> Self {

@@ -115,6 +115,12 @@ pub struct NodeArgs {
     /// balanced-space threshold).
     #[arg(long, env = "ATTACHE_BALANCED_SPACE_BYTES")]
     pub balanced_space_bytes: Option<u64>,
+    /// Memory for RocksDB that all of this node's shards share, bytes: one
+    /// block cache, with every memtable charged to it and memtables held to
+    /// half of it (writes wait for a flush past that). Default 512 MiB;
+    /// at least 1 MiB.
+    #[arg(long, env = "ATTACHE_MEMORY_BUDGET_BYTES")]
+    pub memory_budget_bytes: Option<u64>,
     /// Actor threads (actix arbiters). Default: the number of CPUs.
     #[arg(long, env = "ATTACHE_THREADS")]
     pub threads: Option<usize>,
@@ -184,6 +190,8 @@ pub struct NodeSettings {
     pub log_level: String,
     /// How the volumes are reached.
     pub volume_setup: VolumeSetup,
+    /// RocksDB memory all shards share, bytes (`MemoryBudget`).
+    pub memory_budget_bytes: u64,
     /// The node config, with `advertise_addr` set once the listener is bound.
     pub node: NodeConfig,
 }
@@ -225,6 +233,10 @@ impl NodeArgs {
         node.balanced_space_bytes = a.balanced_space_bytes.unwrap_or(node.balanced_space_bytes);
         node.limits = a.limits.unwrap_or_default();
         node.validate().map_err(|e| anyhow::anyhow!("invalid timing settings: {e}"))?;
+        anyhow::ensure!(
+            a.memory_budget_bytes.is_none_or(|b| b >= 1 << 20),
+            "memory_budget_bytes must be at least 1048576 (1 MiB)"
+        );
         Ok(NodeSettings {
             data_dir: a.data_dir.unwrap_or_else(|| "attache-node".into()),
             listen: a.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
@@ -236,6 +248,7 @@ impl NodeArgs {
             log_format: a.log_format.unwrap_or_default(),
             log_level: a.log_level.unwrap_or_else(|| "info".into()),
             volume_setup,
+            memory_budget_bytes: a.memory_budget_bytes.unwrap_or(crate::rocks_engine::DEFAULT_MEMORY_BUDGET_BYTES),
             node,
         })
     }

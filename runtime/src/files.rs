@@ -37,6 +37,22 @@ pub(crate) async fn free_bytes(path: PathBuf) -> Option<u64> {
     blocking(move || rustix::fs::statvfs(&path).ok().map(|s| s.f_bavail.saturating_mul(s.f_frsize))).await
 }
 
+/// Raises this process's soft limit on open files to its hard limit, as
+/// servers that keep many files open do at start (etcd, TiKV): each open
+/// shard holds several (RocksDB's WAL, MANIFEST, info log, LOCK and its
+/// table files). Returns the limits (soft, hard) before and the soft limit
+/// after; `None` stands for unlimited.
+///
+/// Errors: the limit cannot be read or set.
+pub fn raise_open_file_limit() -> std::io::Result<(Option<u64>, Option<u64>, Option<u64>)> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let before = getrlimit(Resource::Nofile);
+    if before.current != before.maximum {
+        setrlimit(Resource::Nofile, Rlimit { current: before.maximum, maximum: before.maximum })?;
+    }
+    Ok((before.current, before.maximum, getrlimit(Resource::Nofile).current))
+}
+
 /// Runs `f` on tokio's blocking pool (file and device I/O blocks).
 pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("file I/O task panicked")

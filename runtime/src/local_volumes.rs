@@ -56,6 +56,13 @@ impl LocalVolumes {
         }
     }
 
+    /// The same volumes, their shards sharing `budget` (a node's
+    /// `memory_budget_bytes`).
+    pub fn with_memory_budget(mut self, budget: crate::rocks_engine::MemoryBudget) -> Self {
+        self.rocks = RocksEngineFactory::with_memory_budget(budget);
+        self
+    }
+
     /// The same volumes, with `acquire` waiting up to `wait` for write
     /// batches under way (default [`FENCE_WAIT`]).
     pub fn with_fence_wait(mut self, wait: Duration) -> Self {

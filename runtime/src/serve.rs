@@ -92,6 +92,7 @@ impl DevArgs {
                     log_format: self.log.log_format.unwrap_or_default(),
                     log_level: self.log.log_level.clone().unwrap_or_else(|| "info".into()),
                     volume_setup: Default::default(),
+                    memory_budget_bytes: crate::rocks_engine::DEFAULT_MEMORY_BUDGET_BYTES,
                     node,
                 }
             })
@@ -228,6 +229,14 @@ async fn volumes_of(s: &NodeSettings) -> anyhow::Result<(Arc<dyn EngineFactory>,
     })
 }
 
+/// Files an open shard holds, about: its RocksDB WAL, MANIFEST, info log,
+/// LOCK, directory and a few table files (measured: 6–7 for small shards).
+pub const FILES_PER_OPEN_SHARD: u64 = 8;
+
+/// Files a node keeps for everything but its shards: sockets, the metadata
+/// log, node files, the runtime's own.
+pub const RESERVED_FILES: u64 = 256;
+
 /// Runs `nodes` in this process until SIGINT/SIGTERM: one actix host, one
 /// metadata backend per distinct `--metadata` (so `attache dev` nodes share
 /// the embedded store), a gRPC server per node. On the signal every server
@@ -236,6 +245,20 @@ async fn volumes_of(s: &NodeSettings) -> anyhow::Result<(Arc<dyn EngineFactory>,
 pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send + 'static) -> anyhow::Result<()> {
     let first = nodes.first().context("no node to run")?.clone();
     init_logging(first.log_format, &first.log_level);
+    match crate::files::raise_open_file_limit() {
+        Ok((before, _, after)) => {
+            let show = |n: Option<u64>| n.map_or("unlimited".to_string(), |n| n.to_string());
+            let shards = after.map_or("any number of".to_string(), |n| {
+                (n.saturating_sub(RESERVED_FILES) / FILES_PER_OPEN_SHARD).to_string()
+            });
+            println!(
+                "attache: open files: soft limit {} (was {}): room for about {shards} open shards",
+                show(after),
+                show(before)
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     actix_rt::System::new().block_on(async move {
         if let Some(addr) = first.metrics_listen {
             serve_metrics(addr).with_context(|| format!("cannot serve metrics on {addr}"))?;

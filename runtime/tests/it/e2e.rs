@@ -417,3 +417,42 @@ async fn metrics_endpoint_reports_shard_io_latency_and_lease() {
     }
     assert!(body.contains(&format!("shard=\"{s}\"")), "per-shard labels");
 }
+
+/// At start a node raises its soft open-file limit to the hard limit and
+/// says how many shards that leaves room for.
+#[test]
+fn a_node_raises_its_open_file_limit_and_says_so() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 512 && exec '{}' dev --listen 127.0.0.1:0 --data-dir '{}'",
+            env!("CARGO_BIN_EXE_attache"),
+            dir.path().display()
+        ))
+        .env("ATTACHE_LOG_LEVEL", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // The line comes first; give up after 5 lines or 60 s.
+    let said = (0..5)
+        .map_while(|_| rx.recv_timeout(std::time::Duration::from_secs(60)).ok())
+        .find(|l| l.contains("open files"));
+    let _ = child.kill();
+    let _ = child.wait();
+    let said = said.expect("no open-files line among the first lines");
+    let expected = hard.map_or("unlimited".to_string(), |h| h.to_string());
+    assert!(said.contains(&format!("soft limit {expected} (was 512)")), "{said}");
+    assert!(said.contains("room for about"), "{said}");
+}
