@@ -25,7 +25,7 @@ use crate::io_watch::IoWatch;
 use crate::lease::LeaseGate;
 use crate::limits::{Limits, DEFAULT_SHARD_SIZE_LIMIT};
 use crate::shard::layout::{ShardMeta, ShardState};
-use crate::shard::{MarkDeleted, Shard, ShardFailed, ShardId, ShardInfo, ShardOp, Shutdown};
+use crate::shard::{CloseIfIdle, MarkDeleted, Shard, ShardFailed, ShardId, ShardInfo, ShardOp, Shutdown};
 
 /// How a shard manager is set up.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +43,11 @@ pub struct ShardManagerConfig {
     /// A backup's view: shards open read-only, serve stale reads only, and
     /// no shard is created or deleted.
     pub read_only: bool,
+    /// Most shards open at once (0: no limit): past it, idle shards close,
+    /// least recently used first, and reopen on their next request (see
+    /// `ShardManager::make_room`). Each open shard holds a few files and
+    /// some memory.
+    pub max_open_shards: usize,
 }
 
 impl ShardManagerConfig {
@@ -55,6 +60,7 @@ impl ShardManagerConfig {
             default_size_limit: DEFAULT_SHARD_SIZE_LIMIT,
             shard_mailbox: crate::actor::DEFAULT_MAILBOX_CAPACITY,
             read_only: false,
+            max_open_shards: 0,
         }
     }
 
@@ -134,12 +140,24 @@ impl Message for ShutdownShards {
     type Reply = ();
 }
 
+/// An open shard, as its manager tracks it.
+struct OpenShard {
+    addr: Addr<Shard>,
+    /// `ShardManager::uses` at its last request.
+    last_used: u64,
+    /// Held by every request routed to it until its reply: more than one
+    /// holder means a request is unanswered, and the shard stays open.
+    calls: Arc<()>,
+}
+
 /// The shards of one volume; see the module docs.
 pub struct ShardManager {
     cfg: ShardManagerConfig,
     factory: Arc<dyn EngineFactory>,
     gate: Arc<LeaseGate>,
-    shards: BTreeMap<ShardId, Addr<Shard>>,
+    shards: BTreeMap<ShardId, OpenShard>,
+    /// Bumped by every request routed to a shard: the order of last use.
+    uses: u64,
     shut_down: bool,
     /// The volume's writes in flight (group commits, creations, read-write opens).
     io: Arc<IoWatch>,
@@ -165,6 +183,7 @@ impl ShardManager {
             factory,
             gate,
             shards: BTreeMap::new(),
+            uses: 0,
             shut_down: false,
             io: Arc::default(),
             retired: Arc::default(),
@@ -223,13 +242,19 @@ impl ShardManager {
         Ok(())
     }
 
-    /// The open shard `shard_id`, opening it from the volume when needed.
-    async fn shard(&mut self, shard_id: ShardId, ctx: &Context<Self>) -> Result<Addr<Shard>, AttacheError> {
+    /// The open shard `shard_id`, opening it from the volume when needed
+    /// (closing the least recently used idle shards first to stay within
+    /// `max_open_shards`), with a token that marks a request to it as
+    /// unanswered while it is held.
+    async fn shard(&mut self, shard_id: ShardId, ctx: &Context<Self>) -> Result<(Addr<Shard>, Arc<()>), AttacheError> {
         self.check_up()?;
-        if let Some(addr) = self.shards.get(&shard_id) {
-            return Ok(addr.clone());
+        self.uses += 1;
+        if let Some(open) = self.shards.get_mut(&shard_id) {
+            open.last_used = self.uses;
+            return Ok((open.addr.clone(), open.calls.clone()));
         }
         self.check_lease("open shards")?;
+        self.make_room().await;
         let path = self.cfg.shard_path(shard_id);
         let cfg = &self.cfg;
         if !self.factory.exists(&path).await.map_err(|e| volume_error(cfg, "list shards", e))? {
@@ -271,7 +296,50 @@ impl ShardManager {
                 meta.shard_id
             )));
         }
-        Ok(self.serve(engine, meta, ctx))
+        let addr = self.serve(engine, meta, ctx);
+        Ok((addr, self.shards[&shard_id].calls.clone()))
+    }
+
+    /// Closes idle shards, least recently used first, until one more fits
+    /// within `max_open_shards` (0: no limit). A shard with a request
+    /// unanswered, a write staged or committing, or a scan stream open is
+    /// never closed: when every open shard is busy, nothing is closed and
+    /// the manager goes over the limit until some are idle (the limit is
+    /// soft by the shards busy at one moment). Each shard is closed as on
+    /// shutdown ([`CloseIfIdle`]) and reopens on its next request.
+    async fn make_room(&mut self) {
+        let limit = self.cfg.max_open_shards;
+        if limit == 0 || self.shards.len() < limit {
+            return;
+        }
+        let mut idle: Vec<(u64, ShardId)> = self
+            .shards
+            .iter()
+            .filter(|(_, open)| Arc::strong_count(&open.calls) == 1)
+            .map(|(&id, open)| (open.last_used, id))
+            .collect();
+        idle.sort_unstable();
+        for (_, shard_id) in idle {
+            if self.shards.len() < limit {
+                return;
+            }
+            let addr = self.shards[&shard_id].addr.clone();
+            // No request of this manager is queued at the shard (the token
+            // says so), and none is sent while this awaits.
+            if addr.send(CloseIfIdle).await.unwrap_or(false) {
+                self.shards.remove(&shard_id);
+                addr.stop();
+                tracing::debug!(shard_id, volume = %self.cfg.volume_id, "closed an idle shard (open-shard limit)");
+            }
+        }
+        if self.shards.len() >= limit {
+            tracing::debug!(
+                volume = %self.cfg.volume_id,
+                open = self.shards.len(),
+                limit,
+                "every open shard is busy: opening one more than the open-shard limit"
+            );
+        }
     }
 
     /// Starts the shard actor over an open `engine` whose meta is `meta`,
@@ -288,7 +356,9 @@ impl ShardManager {
         }
         .with_retired(self.retired.clone());
         let addr = ctx.host().spawn(shard, self.cfg.shard_mailbox);
-        self.shards.insert(shard_id, addr.clone());
+        self.uses += 1;
+        let open = OpenShard { addr: addr.clone(), last_used: self.uses, calls: Arc::new(()) };
+        self.shards.insert(shard_id, open);
         addr
     }
 }
@@ -299,9 +369,9 @@ impl Actor for ShardManager {
     }
 
     async fn stopped(&mut self) {
-        for (_, addr) in std::mem::take(&mut self.shards) {
-            let _ = addr.send(Shutdown).await;
-            addr.stop();
+        for (_, open) in std::mem::take(&mut self.shards) {
+            let _ = open.addr.send(Shutdown).await;
+            open.addr.stop();
         }
     }
 }
@@ -334,6 +404,8 @@ impl ShardManager {
                 msg.shard_id, cfg.volume_id
             )));
         }
+        self.make_room().await;
+        let cfg = &self.cfg;
         let in_flight = self.io.begin();
         let engine = self
             .factory
@@ -365,7 +437,7 @@ impl ShardManager {
 
     async fn delete(&mut self, msg: DeleteShard, ctx: &Context<Self>) -> Result<ShardInfo, AttacheError> {
         self.check_writable()?;
-        let addr = self.shard(msg.shard_id, ctx).await?;
+        let (addr, _call) = self.shard(msg.shard_id, ctx).await?;
         let info = addr.send(MarkDeleted { client_id: msg.client_id }).await??;
         // The delete is durable: from here on the shard is gone, whatever happens to its files.
         self.shards.remove(&msg.shard_id);
@@ -392,12 +464,17 @@ where
     Shard: Handler<M>,
 {
     async fn handle(&mut self, msg: ShardCall<M>, ctx: &Context<Self>) -> Reply<M::Reply> {
-        let addr = match self.shard(msg.shard_id, ctx).await {
-            Ok(addr) => addr,
+        let (addr, call) = match self.shard(msg.shard_id, ctx).await {
+            Ok(open) => open,
             Err(e) => return Reply::now(Err(e)),
         };
         match addr.enqueue(msg.op).await {
-            Ok(pending) => Reply::later(async move { pending.await.unwrap_or_else(|e| Err(e.into())) }),
+            // The token is held until the reply: the shard stays open meanwhile.
+            Ok(pending) => Reply::later(async move {
+                let reply = pending.await.unwrap_or_else(|e| Err(e.into()));
+                drop(call);
+                reply
+            }),
             Err(e) => Reply::now(Err(e.into())),
         }
     }
@@ -407,7 +484,7 @@ where
 /// for it opens it again from the volume.
 impl Handler<ShardFailed> for ShardManager {
     async fn handle(&mut self, msg: ShardFailed, _ctx: &Context<Self>) -> Reply<()> {
-        let Some(addr) = self.shards.remove(&msg.shard_id) else { return Reply::now(()) };
+        let Some(OpenShard { addr, .. }) = self.shards.remove(&msg.shard_id) else { return Reply::now(()) };
         tracing::warn!(shard_id = msg.shard_id, volume = %self.cfg.volume_id, "closing a shard to reopen it");
         // Closed outside the manager (an engine may wait for its reads);
         // a reopen meanwhile finds the engine locked and is refused, retried.
@@ -431,8 +508,8 @@ impl Handler<ShutdownShards> for ShardManager {
         // Waited for outside the manager, which meanwhile keeps refusing
         // requests (a shard whose write hangs would otherwise stop it).
         Reply::later(async move {
-            futures::future::join_all(shards.values().map(|addr| addr.send(Shutdown))).await;
-            shards.values().for_each(Addr::stop);
+            futures::future::join_all(shards.values().map(|open| open.addr.send(Shutdown))).await;
+            shards.values().for_each(|open| open.addr.stop());
         })
     }
 }

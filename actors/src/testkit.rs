@@ -15,9 +15,12 @@ use crate::engine::EngineFactory;
 use crate::error::AttacheError;
 use crate::shard::layout::{IndexEntry, ShardState};
 use crate::shard::{
-    BatchGet, BatchPut, Close, Get, IndexHit, Put, PutEntry, Scan, ScanIndex, ScanIndexSnapshot, ShardId, Stats,
+    BatchGet, BatchPut, Close, Get, IndexHit, Put, PutEntry, Scan, ScanIndex, ScanIndexSnapshot, ScanSnapshot, ShardId,
+    Stats,
 };
-use crate::shard_manager::{CreateShard, DeleteShard, ShardCall, ShardManager, ShardManagerConfig, ShutdownShards};
+use crate::shard_manager::{
+    CreateShard, DeleteShard, ListOpenShards, ShardCall, ShardManager, ShardManagerConfig, ShutdownShards,
+};
 
 /// Writers in the concurrent-put step.
 pub const WRITERS: usize = 64;
@@ -260,6 +263,72 @@ pub async fn storage_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>
         (reopened.live_keys, reopened.live_bytes, reopened.info.size_limit),
         (accepted, stats2.live_bytes, 4096)
     );
+    mgr.send(ShutdownShards).await.unwrap();
+    mgr.stop();
+}
+
+/// Runs the open-shard limit scenario on `host` over engines from `factory`
+/// under `volume_root`, with a manager that keeps at most 2 shards open:
+/// requests to 5 shards in turn close the least recently used idle ones
+/// and reopen them on their next request (every write read back, request
+/// ids still recognised); a shard with a scan stream open is not closed
+/// under it (its next page reads); a write whose commit is in flight while
+/// other shards open is acknowledged and durable.
+pub async fn open_shard_limit_scenario(host: &HostHandle, factory: Arc<dyn EngineFactory>, volume_root: PathBuf) {
+    let mut cfg = ShardManagerConfig::new("vol-1", volume_root);
+    cfg.max_open_shards = 2;
+    let mgr = host.spawn(ShardManager::new(cfg, factory, open_gate()), 256);
+    let open = || async { mgr.send(ListOpenShards).await.unwrap() };
+    for shard in 1..=5 {
+        mgr.send(CreateShard { shard_id: shard, client_id: OWNER.into(), size_limit: None }).await.unwrap().unwrap();
+        let id = format!("first-{shard}");
+        put_with_id(&mgr, shard, OWNER, entry("k", &format!("v{shard}")), Some(&id)).await.unwrap();
+        assert!(open().await.len() <= 2, "open after creating shard {shard}: {:?}", open().await);
+    }
+    for round in 0..3 {
+        for shard in 1..=5 {
+            let v = get(&mgr, shard, OWNER, "k").await.unwrap();
+            assert_eq!(v, Some(format!("v{shard}").into_bytes()), "round {round}, shard {shard}");
+            assert!(open().await.len() <= 2, "open: {:?}", open().await);
+        }
+    }
+    // A retry of a write applied before its shard closed is recognised after the reopen.
+    put_with_id(&mgr, 1, OWNER, entry("k", "changed"), Some("first-1")).await.unwrap();
+    assert_eq!(get(&mgr, 1, OWNER, "k").await.unwrap(), Some(b"v1".to_vec()), "applied once");
+
+    // A scan stream holds its shard open; once it ends, the shard may close.
+    for i in 0..4 {
+        put(&mgr, 1, OWNER, entry(&format!("s{i}"), "x")).await.unwrap();
+    }
+    let scan = ScanSnapshot { client_id: OWNER.into(), start: b"s".to_vec(), end: Vec::new(), limit: 2 };
+    let (first, pages) = mgr.send(ShardCall { shard_id: 1, op: scan }).await.unwrap().unwrap();
+    assert_eq!(first.len(), 2);
+    for shard in 2..=5 {
+        get(&mgr, shard, OWNER, "k").await.unwrap();
+    }
+    assert!(open().await.contains(&1), "shard 1 closed under its scan stream: {:?}", open().await);
+    let rest = pages.page(b"s2", 10).await.expect("the stream's next page");
+    assert_eq!(rest.len(), 2);
+    drop(pages);
+    for shard in 2..=5 {
+        get(&mgr, shard, OWNER, "k").await.unwrap();
+    }
+    assert!(!open().await.contains(&1), "the idle shard 1 stayed open: {:?}", open().await);
+
+    // A write in flight while other shards open is acknowledged and durable.
+    let pending = mgr.enqueue(ShardCall {
+        shard_id: 1,
+        op: Put { client_id: OWNER.into(), entry: entry("late", "w"), request_id: None },
+    });
+    let pending = pending.await.unwrap();
+    for shard in 2..=5 {
+        get(&mgr, shard, OWNER, "k").await.unwrap();
+    }
+    pending.await.unwrap().expect("the write in flight is acknowledged");
+    for shard in 2..=5 {
+        get(&mgr, shard, OWNER, "k").await.unwrap();
+    }
+    assert_eq!(get(&mgr, 1, OWNER, "late").await.unwrap(), Some(b"w".to_vec()));
     mgr.send(ShutdownShards).await.unwrap();
     mgr.stop();
 }

@@ -7,9 +7,10 @@
 //! start; and the latency of a first read of a shard not open yet against a
 //! read of an open one.
 //!
-//! Run: `cargo run -p attache-runtime --example shard_scale [-- --shards 1,100,1000 --budget-mib 64 --dir DIR]`
-//! (`--dir`: where the volumes go, default a temp dir; the disk figures are
-//! that filesystem's).
+//! Run: `cargo run -p attache-runtime --example shard_scale [-- --shards 1,100,1000 --budget-mib 64
+//! --max-open-shards N --dir DIR]` (`--max-open-shards`: the manager's
+//! limit, default none; `--dir`: where the volumes go, default a temp dir;
+//! the disk figures are that filesystem's).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -56,7 +57,8 @@ fn open_files() -> usize {
 }
 
 fn manager(host: &HostHandle, root: &Path, budget: &MemoryBudget) -> Addr<ShardManager> {
-    let cfg = ShardManagerConfig::new("vol-1", root);
+    let mut cfg = ShardManagerConfig::new("vol-1", root);
+    cfg.max_open_shards = arg("--max-open-shards").map_or(0, |s| s.parse().expect("--max-open-shards takes a number"));
     let factory = Arc::new(RocksEngineFactory::with_memory_budget(budget.clone()));
     host.spawn(ShardManager::new(cfg, factory, Arc::new(LeaseGate::always_open())), 4096)
 }
@@ -158,7 +160,7 @@ fn main() {
         );
     }
     println!(
-        "rss+ and files+: this process's growth with every shard open; budget: bytes charged to the {} KB budget \
+        "rss+ and files+: this process's growth once every shard was written (all open, or the most recent ones within the limit); budget: bytes charged to the {} KB budget \
          then (memtables and cached blocks); start-up: a new manager over the volume, serving; 1st read: of a \
          shard not open yet (open: once it is)",
         budget.bytes() / 1024

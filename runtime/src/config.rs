@@ -121,6 +121,12 @@ pub struct NodeArgs {
     /// at least 1 MiB.
     #[arg(long, env = "ATTACHE_MEMORY_BUDGET_BYTES")]
     pub memory_budget_bytes: Option<u64>,
+    /// Most shards the node keeps open at once (over all its volumes, each
+    /// getting an equal share); idle shards past it close and reopen on
+    /// their next request. Default: what the open-file limit leaves room
+    /// for (about 8 files per shard), printed at start; 0: no limit.
+    #[arg(long, env = "ATTACHE_MAX_OPEN_SHARDS")]
+    pub max_open_shards: Option<usize>,
     /// Actor threads (actix arbiters). Default: the number of CPUs.
     #[arg(long, env = "ATTACHE_THREADS")]
     pub threads: Option<usize>,
@@ -192,6 +198,9 @@ pub struct NodeSettings {
     pub volume_setup: VolumeSetup,
     /// RocksDB memory all shards share, bytes (`MemoryBudget`).
     pub memory_budget_bytes: u64,
+    /// Most open shards (`NodeConfig::max_open_shards`); `None`: from the
+    /// open-file limit at start.
+    pub max_open_shards: Option<usize>,
     /// The node config, with `advertise_addr` set once the listener is bound.
     pub node: NodeConfig,
 }
@@ -249,6 +258,7 @@ impl NodeArgs {
             log_level: a.log_level.unwrap_or_else(|| "info".into()),
             volume_setup,
             memory_budget_bytes: a.memory_budget_bytes.unwrap_or(crate::rocks_engine::DEFAULT_MEMORY_BUDGET_BYTES),
+            max_open_shards: a.max_open_shards,
             node,
         })
     }

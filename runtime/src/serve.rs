@@ -93,6 +93,7 @@ impl DevArgs {
                     log_level: self.log.log_level.clone().unwrap_or_else(|| "info".into()),
                     volume_setup: Default::default(),
                     memory_budget_bytes: crate::rocks_engine::DEFAULT_MEMORY_BUDGET_BYTES,
+                    max_open_shards: None,
                     node,
                 }
             })
@@ -237,6 +238,27 @@ pub const FILES_PER_OPEN_SHARD: u64 = 8;
 /// log, node files, the runtime's own.
 pub const RESERVED_FILES: u64 = 256;
 
+/// Raises the open-file limit (`files::raise_open_file_limit`), prints it,
+/// and returns how many shards each of `nodes` node processes-in-one can
+/// keep open within it (0: no limit, the limit being unlimited).
+fn open_shard_room(nodes: usize) -> usize {
+    let limit = match crate::files::raise_open_file_limit() {
+        Ok((before, _, after)) => {
+            let show = |n: Option<u64>| n.map_or("unlimited".to_string(), |n| n.to_string());
+            println!("attache: open files: soft limit {} (was {})", show(after), show(before));
+            after
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+            rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+        }
+    };
+    let Some(limit) = limit else { return 0 };
+    let room = (limit.saturating_sub(RESERVED_FILES) / FILES_PER_OPEN_SHARD / nodes.max(1) as u64).max(1);
+    println!("attache: room for {room} open shards per node (max_open_shards; idle ones close past it)");
+    usize::try_from(room).unwrap_or(usize::MAX)
+}
+
 /// Runs `nodes` in this process until SIGINT/SIGTERM: one actix host, one
 /// metadata backend per distinct `--metadata` (so `attache dev` nodes share
 /// the embedded store), a gRPC server per node. On the signal every server
@@ -245,20 +267,14 @@ pub const RESERVED_FILES: u64 = 256;
 pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send + 'static) -> anyhow::Result<()> {
     let first = nodes.first().context("no node to run")?.clone();
     init_logging(first.log_format, &first.log_level);
-    match crate::files::raise_open_file_limit() {
-        Ok((before, _, after)) => {
-            let show = |n: Option<u64>| n.map_or("unlimited".to_string(), |n| n.to_string());
-            let shards = after.map_or("any number of".to_string(), |n| {
-                (n.saturating_sub(RESERVED_FILES) / FILES_PER_OPEN_SHARD).to_string()
-            });
-            println!(
-                "attache: open files: soft limit {} (was {}): room for about {shards} open shards",
-                show(after),
-                show(before)
-            );
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
-    }
+    let room = open_shard_room(nodes.len());
+    let nodes: Vec<NodeSettings> = nodes
+        .into_iter()
+        .map(|mut s| {
+            s.node.max_open_shards = s.max_open_shards.unwrap_or(room);
+            s
+        })
+        .collect();
     actix_rt::System::new().block_on(async move {
         if let Some(addr) = first.metrics_listen {
             serve_metrics(addr).with_context(|| format!("cannot serve metrics on {addr}"))?;

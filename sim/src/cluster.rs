@@ -229,6 +229,7 @@ fn start_storage(
     let files = local.clone();
     let (ebs, gates, volumes, nodes) = (ebs.clone(), gates.clone(), s.volumes(), s.cluster.storage_nodes);
     let scan_page = s.cluster.scan_page;
+    let max_open_shards = s.cluster.max_open_shards;
     // Volumes within 1/16 of their size of the freest count as equally free.
     let balanced_space = s.ebs.capacity_bytes / 16;
     let t = s.timing.clone();
@@ -286,6 +287,7 @@ fn start_storage(
                 cfg.limits.request_window_ms = if request_ids { t.request_window_ms } else { 0 };
                 cfg.limits.max_scan_page = scan_page;
                 cfg.balanced_space_bytes = balanced_space;
+                cfg.max_open_shards = max_open_shards;
                 let parts = NodeParts { meta, local: Arc::new(local), factory: vols.clone(), provider: vols, gate };
                 let (node, service) = AttacheService::start(&HostHandle::new(TaskHost), cfg, parts);
                 // As `attache node`: when start-up fails, the process exits

@@ -111,6 +111,10 @@ pub struct SwarmSpec {
     /// whose volumes are block volumes only the primary mounts
     /// (`ebs.block_mode`).
     pub block_mode_ratio: f64,
+    /// Share of runs whose nodes keep one shard open per volume at most
+    /// (`cluster.max_open_shards` = the number of volumes), so idle shards
+    /// close and reopen all through the run.
+    pub open_shard_limit_ratio: f64,
 }
 
 impl Default for SwarmSpec {
@@ -131,6 +135,7 @@ impl Default for SwarmSpec {
             write_ratio: [0.2, 0.8],
             epoch_file_ratio: 0.0,
             block_mode_ratio: 0.0,
+            open_shard_limit_ratio: 0.0,
         }
     }
 }
@@ -179,6 +184,7 @@ impl SwarmSpec {
             ("buggify_probability", self.buggify_probability),
             ("epoch_file_ratio", self.epoch_file_ratio),
             ("block_mode_ratio", self.block_mode_ratio),
+            ("open_shard_limit_ratio", self.open_shard_limit_ratio),
         ];
         for (name, r) in
             ratios.into_iter().chain([("write_ratio", self.write_ratio[0]), ("write_ratio", self.write_ratio[1])])
@@ -210,11 +216,20 @@ pub struct ClusterShape {
     /// (`limits.max_scan_page`): small, so that a scan of a few hot keys
     /// streams several pages, each a separate read.
     pub scan_page: usize,
+    /// Most shards each storage node keeps open at once
+    /// (`NodeConfig::max_open_shards`; 0: no limit): small, so that idle
+    /// shards close and reopen all through a run.
+    #[serde(skip_serializing_if = "is_zero_usize")]
+    pub max_open_shards: usize,
+}
+
+fn is_zero_usize(n: &usize) -> bool {
+    *n == 0
 }
 
 impl Default for ClusterShape {
     fn default() -> Self {
-        ClusterShape { storage_nodes: 3, volumes: 3, clients: 2, scan_page: 2 }
+        ClusterShape { storage_nodes: 3, volumes: 3, clients: 2, scan_page: 2, max_open_shards: 0 }
     }
 }
 
@@ -452,6 +467,10 @@ impl Scenario {
                 };
             }
         }
+        // Drawn last, so runs at ratio 0 draw everything else as before.
+        if sw.open_shard_limit_ratio > 0.0 && rng.random_bool(sw.open_shard_limit_ratio) {
+            s.cluster.max_open_shards = s.cluster.volumes;
+        }
         s.expect.liveness_bound_ms += swarm_extra_bound_ms(ttl, concurrent);
         s
     }
@@ -469,7 +488,7 @@ impl Scenario {
         Some(format!(
             "storage_nodes={} volumes={} clients={} processes_per_client={} hot_keys={} write_ratio={:.2} \
              lease_ttl_ms={} liveness_bound_ms={} max_concurrent={} shard_locks={} fence={:?} block_mode={} buggify={} \
-             faults: {}",
+             faults: {}{}",
             s.cluster.storage_nodes,
             s.cluster.volumes,
             s.cluster.clients,
@@ -483,7 +502,11 @@ impl Scenario {
             s.ebs.fence,
             s.ebs.block_mode,
             s.buggify.is_some(),
-            kinds.join(" ")
+            kinds.join(" "),
+            match s.cluster.max_open_shards {
+                0 => String::new(),
+                n => format!(" max_open_shards={n}"),
+            }
         ))
     }
 

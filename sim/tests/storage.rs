@@ -13,3 +13,9 @@ async fn storage_scenario_on_task_host() {
     let host = HostHandle::new(TaskHost);
     testkit::storage_scenario(&host, Arc::new(MemEngineFactory::new()), "/volumes".into()).await;
 }
+
+#[tokio::test]
+async fn open_shard_limit_scenario_on_task_host() {
+    let host = HostHandle::new(TaskHost);
+    testkit::open_shard_limit_scenario(&host, Arc::new(MemEngineFactory::new()), "/volumes".into()).await;
+}

@@ -95,6 +95,10 @@ pub struct NodeConfig {
     /// one count as equally free when a new shard is placed (see
     /// [`lifecycle::choose_volume`]).
     pub balanced_space_bytes: u64,
+    /// Most shards this node keeps open at once, over all its volumes (0:
+    /// no limit); each volume's shard managers get an equal share, at
+    /// least 1 (see `ShardManagerConfig::max_open_shards`).
+    pub max_open_shards: usize,
     /// How long start-up waits for the metadata store, ms.
     pub metadata_wait_ms: u64,
     /// Clock error bound and margin of the lease gate.
@@ -127,6 +131,7 @@ impl NodeConfig {
             limits: Limits::default(),
             default_size_limit: DEFAULT_SHARD_SIZE_LIMIT,
             balanced_space_bytes: DEFAULT_BALANCED_SPACE_BYTES,
+            max_open_shards: 0,
             metadata_wait_ms: 30_000,
             lease: LeaseTiming::default(),
             failover: FailoverTiming::default(),
@@ -304,6 +309,9 @@ impl Node {
         for volume_id in self.cfg.volumes.clone() {
             let mut vcfg = ShardManagerConfig::new(volume_id.clone(), self.cfg.volume_root.clone());
             vcfg.limits = self.cfg.limits.clone();
+            if self.cfg.max_open_shards > 0 {
+                vcfg.max_open_shards = (self.cfg.max_open_shards / self.cfg.volumes.len().max(1)).max(1);
+            }
             vcfg.default_size_limit = self.cfg.default_size_limit;
             let parts = VolumeParts {
                 factory: self.factory.clone(),

@@ -241,6 +241,19 @@ impl Message for Shutdown {
     type Reply = ();
 }
 
+/// Closes the shard, as [`Shutdown`] does, if it is idle: no write staged,
+/// no group commit in flight, no scan stream open ([`ScanPages`] alive).
+/// Replies `true` when it closed (requests after it get `UNAVAILABLE`),
+/// `false` when busy (nothing changes). Sent by the shard manager to keep
+/// its open shards within `ShardManagerConfig::max_open_shards`; the
+/// manager sends it only when no request it forwarded is unanswered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloseIfIdle;
+
+impl Message for CloseIfIdle {
+    type Reply = bool;
+}
+
 /// The outcome of one group commit, sent by the commit task to its shard.
 struct Committed {
     result: Result<commit::GroupCommitted, EngineError>,
@@ -290,6 +303,9 @@ pub struct Shard {
     failed: bool,
     /// Where a failed shard asks to be reopened (its shard manager).
     on_failure: Option<Recipient<ShardFailed>>,
+    /// Held by every [`ScanPages`] of this shard: more than one holder
+    /// means a scan stream is open, and [`CloseIfIdle`] leaves the shard open.
+    scans: Arc<()>,
 }
 
 /// Sent by a shard whose write failed with an unknown outcome to its shard
@@ -328,6 +344,7 @@ impl Shard {
             retired: Arc::default(),
             failed: false,
             on_failure: None,
+            scans: Arc::new(()),
         }
     }
 
@@ -656,6 +673,8 @@ fn user_pairs(shard_id: ShardId, pairs: KvPairs) -> Result<KvPairs, AttacheError
 #[derive(Clone)]
 pub struct ScanPages {
     snapshot: Arc<dyn EngineSnapshot>,
+    /// The shard's scan token (see `Shard::scans`), held while the stream lives.
+    _open: Arc<()>,
     shard_id: ShardId,
     /// The scan's end in the user key space; empty for no bound.
     end: Vec<u8>,
@@ -846,6 +865,18 @@ impl Handler<Shutdown> for Shard {
     }
 }
 
+impl Handler<CloseIfIdle> for Shard {
+    async fn handle(&mut self, _msg: CloseIfIdle, _ctx: &Context<Self>) -> Reply<bool> {
+        let scanning = Arc::strong_count(&self.scans) > 1;
+        if self.committing || !self.staged.is_empty() || scanning || self.shutdown.is_some() {
+            return Reply::now(false);
+        }
+        self.engine.close().await;
+        self.shutdown = Some(Vec::new());
+        Reply::now(true)
+    }
+}
+
 impl Handler<Put> for Shard {
     async fn handle(&mut self, msg: Put, ctx: &Context<Self>) -> Reply<Result<(), AttacheError>> {
         let Put { client_id, entry, request_id } = msg;
@@ -962,9 +993,10 @@ impl Handler<ScanSnapshot> for Shard {
             return Reply::now(Err(e));
         }
         let (engine, shard_id, limits) = (self.engine.clone(), self.meta.shard_id, self.limits.clone());
+        let open = self.scans.clone();
         Reply::later(async move {
             let snapshot = engine.snapshot().await.map_err(|e| read_error(shard_id, e))?;
-            let pages = ScanPages { snapshot, shard_id, end: msg.end, limits };
+            let pages = ScanPages { snapshot, _open: open, shard_id, end: msg.end, limits };
             let first = pages.page(&msg.start, msg.limit).await?;
             Ok((first, pages))
         })

@@ -13,3 +13,10 @@ async fn storage_scenario_on_actix_with_rocksdb() {
     let host = HostHandle::new(ActixHost::new(2));
     testkit::storage_scenario(&host, Arc::new(RocksEngineFactory::new()), dir.path().to_path_buf()).await;
 }
+
+#[actix_rt::test]
+async fn open_shard_limit_scenario_on_actix_with_rocksdb() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostHandle::new(ActixHost::new(2));
+    testkit::open_shard_limit_scenario(&host, Arc::new(RocksEngineFactory::new()), dir.path().to_path_buf()).await;
+}
