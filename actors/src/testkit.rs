@@ -315,6 +315,23 @@ pub async fn open_shard_limit_scenario(host: &HostHandle, factory: Arc<dyn Engin
     }
     assert!(!open().await.contains(&1), "the idle shard 1 stayed open: {:?}", open().await);
 
+    // So does an index scan stream.
+    for i in 0..4 {
+        let indexes = vec![IndexEntry { name: "tag".into(), value: format!("t{i}").into_bytes() }];
+        put(&mgr, 1, OWNER, PutEntry { key: format!("i{i}").into_bytes(), value: b"x".to_vec(), indexes })
+            .await
+            .unwrap();
+    }
+    let scan = ScanIndexSnapshot { client_id: OWNER.into(), name: "tag".into(), value_prefix: Vec::new(), limit: 2 };
+    let (first, pages) = mgr.send(ShardCall { shard_id: 1, op: scan }).await.unwrap().unwrap();
+    assert_eq!(first.len(), 2);
+    for shard in 2..=5 {
+        get(&mgr, shard, OWNER, "k").await.unwrap();
+    }
+    assert!(open().await.contains(&1), "shard 1 closed under its index scan stream: {:?}", open().await);
+    assert_eq!(pages.page(first.last(), 10).await.expect("the index stream's next page").len(), 2);
+    drop(pages);
+
     // A write in flight while other shards open is acknowledged and durable.
     let pending = mgr.enqueue(ShardCall {
         shard_id: 1,

@@ -242,7 +242,8 @@ impl Message for Shutdown {
 }
 
 /// Closes the shard, as [`Shutdown`] does, if it is idle: no write staged,
-/// no group commit in flight, no scan stream open ([`ScanPages`] alive).
+/// no group commit in flight, no scan stream open ([`ScanPages`] or
+/// [`IndexPages`] alive).
 /// Replies `true` when it closed (requests after it get `UNAVAILABLE`),
 /// `false` when busy (nothing changes). Sent by the shard manager to keep
 /// its open shards within `ShardManagerConfig::max_open_shards`; the
@@ -303,8 +304,9 @@ pub struct Shard {
     failed: bool,
     /// Where a failed shard asks to be reopened (its shard manager).
     on_failure: Option<Recipient<ShardFailed>>,
-    /// Held by every [`ScanPages`] of this shard: more than one holder
-    /// means a scan stream is open, and [`CloseIfIdle`] leaves the shard open.
+    /// Held by every [`ScanPages`] and [`IndexPages`] of this shard: more
+    /// than one holder means a scan stream is open, and [`CloseIfIdle`]
+    /// leaves the shard open.
     scans: Arc<()>,
 }
 
@@ -708,6 +710,8 @@ impl ScanPages {
 #[derive(Clone)]
 pub struct IndexPages {
     snapshot: Arc<dyn EngineSnapshot>,
+    /// The shard's scan token, as in [`ScanPages`].
+    _open: Arc<()>,
     shard_id: ShardId,
     name: String,
     value_prefix: Vec<u8>,
@@ -1032,9 +1036,11 @@ impl Handler<ScanIndexSnapshot> for Shard {
             return Reply::now(Err(e));
         }
         let (engine, shard_id, limits) = (self.engine.clone(), self.meta.shard_id, self.limits.clone());
+        let open = self.scans.clone();
         Reply::later(async move {
             let snapshot = engine.snapshot().await.map_err(|e| read_error(shard_id, e))?;
-            let pages = IndexPages { snapshot, shard_id, name: msg.name, value_prefix: msg.value_prefix, limits };
+            let pages =
+                IndexPages { snapshot, _open: open, shard_id, name: msg.name, value_prefix: msg.value_prefix, limits };
             let first = pages.page(None, msg.limit).await?;
             Ok((first, pages))
         })
