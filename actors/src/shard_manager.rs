@@ -254,12 +254,17 @@ impl ShardManager {
             return Ok((open.addr.clone(), open.calls.clone()));
         }
         self.check_lease("open shards")?;
-        self.make_room().await;
         let path = self.cfg.shard_path(shard_id);
         let cfg = &self.cfg;
         if !self.factory.exists(&path).await.map_err(|e| volume_error(cfg, "list shards", e))? {
             return Err(Self::not_found(shard_id));
         }
+        // Room only for a shard that exists; the checks again after it (closes take time).
+        self.make_room().await;
+        self.check_up()?;
+        self.check_lease("open shards")?;
+        let cfg = &self.cfg;
+        let opened = tokio::time::Instant::now();
         // A read-write open replays the log and may cut a torn tail: a write.
         let in_flight = (!self.cfg.read_only).then(|| self.io.begin());
         let engine = self
@@ -296,7 +301,7 @@ impl ShardManager {
                 meta.shard_id
             )));
         }
-        let addr = self.serve(engine, meta, ctx);
+        let addr = self.serve(engine, meta, opened, ctx);
         Ok((addr, self.shards[&shard_id].calls.clone()))
     }
 
@@ -345,10 +350,17 @@ impl ShardManager {
     /// Starts the shard actor over an open `engine` whose meta is `meta`,
     /// tied to this manager (its retired flag; as primary, its write watch
     /// and its failure reports), and routes its shard id to it.
-    fn serve(&mut self, engine: Arc<dyn Engine>, meta: ShardMeta, ctx: &Context<Self>) -> Addr<Shard> {
+    /// (`opened`: when its engine began to open, the age of a read-only view.)
+    fn serve(
+        &mut self,
+        engine: Arc<dyn Engine>,
+        meta: ShardMeta,
+        opened: tokio::time::Instant,
+        ctx: &Context<Self>,
+    ) -> Addr<Shard> {
         let shard_id = meta.shard_id;
         let shard = if self.cfg.read_only {
-            Shard::read_only(engine, meta, self.cfg.limits.clone())
+            Shard::read_only(engine, meta, self.cfg.limits.clone()).as_of(opened)
         } else {
             Shard::new(engine, meta, self.cfg.limits.clone(), self.gate.clone())
                 .with_io_watch(self.io.clone())
@@ -405,7 +417,11 @@ impl ShardManager {
             )));
         }
         self.make_room().await;
+        // Again after the room was made (closes take time).
+        self.check_up()?;
+        self.check_lease("create shards")?;
         let cfg = &self.cfg;
+        let opened = tokio::time::Instant::now();
         let in_flight = self.io.begin();
         let engine = self
             .factory
@@ -431,7 +447,7 @@ impl ShardManager {
         drop(in_flight);
         tracing::info!(shard_id = meta.shard_id, owner = %meta.owner, size_limit, volume = %cfg.volume_id, "created shard");
         let info = ShardInfo { shard_id: meta.shard_id, owner: meta.owner.clone(), state: meta.state, size_limit };
-        self.serve(engine, meta, ctx);
+        self.serve(engine, meta, opened, ctx);
         Ok(info)
     }
 

@@ -64,6 +64,11 @@ impl std::fmt::Debug for MemoryBudget {
 /// Default node memory budget for RocksDB: 512 MiB.
 pub const DEFAULT_MEMORY_BUDGET_BYTES: u64 = 512 << 20;
 
+/// Table (SST) files one shard keeps open at most; with its WAL, MANIFEST,
+/// info log, LOCK and directory, a shard holds at most about this many
+/// descriptors plus 6.
+pub const MAX_OPEN_TABLE_FILES: i32 = 64;
+
 /// A shard's memtable is flushed at this size, or at a quarter of the
 /// memory budget if less (RocksDB's default write buffer size).
 const MAX_WRITE_BUFFER_BYTES: usize = 64 << 20;
@@ -145,6 +150,9 @@ impl RocksEngineFactory {
         opts.set_max_log_file_size(256 << 10);
         opts.set_write_buffer_size(MAX_WRITE_BUFFER_BYTES.min(self.budget.bytes / 4));
         opts.set_write_buffer_manager(&self.budget.write_buffers);
+        // Table files kept open per shard (RocksDB's default keeps them
+        // all): bounds a large shard's descriptors; others open on demand.
+        opts.set_max_open_files(MAX_OPEN_TABLE_FILES);
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&self.budget.cache);
         table.set_cache_index_and_filter_blocks(true);
@@ -578,7 +586,10 @@ impl Engine for RocksEngine {
         })
         .await;
         let weak = Arc::downgrade(&db);
-        drop(db);
+        // Dropped on the blocking pool: RocksDB's destructor waits for its
+        // background flushes and compactions, which must not stall the
+        // actor thread.
+        blocking(move || drop(db)).await;
         // Calls in flight hold the DB; it closes (and releases its LOCK) when the last one ends.
         let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
         while weak.strong_count() > 0 {

@@ -231,7 +231,9 @@ async fn volumes_of(s: &NodeSettings) -> anyhow::Result<(Arc<dyn EngineFactory>,
 }
 
 /// Files an open shard holds, about: its RocksDB WAL, MANIFEST, info log,
-/// LOCK, directory and a few table files (measured: 6–7 for small shards).
+/// LOCK, directory and a few table files (measured: 6 for small shards; a
+/// large one holds up to `rocks_engine::MAX_OPEN_TABLE_FILES` + 6, so a
+/// node of large shards wants a lower `max_open_shards`).
 pub const FILES_PER_OPEN_SHARD: u64 = 8;
 
 /// Files a node keeps for everything but its shards: sockets, the metadata

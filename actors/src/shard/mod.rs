@@ -243,7 +243,7 @@ impl Message for Shutdown {
 
 /// Closes the shard, as [`Shutdown`] does, if it is idle: no write staged,
 /// no group commit in flight, no scan stream open ([`ScanPages`] or
-/// [`IndexPages`] alive).
+/// [`IndexPages`] alive), and not failed (see [`ShardFailed`]).
 /// Replies `true` when it closed (requests after it get `UNAVAILABLE`),
 /// `false` when busy (nothing changes). Sent by the shard manager to keep
 /// its open shards within `ShardManagerConfig::max_open_shards`; the
@@ -403,13 +403,10 @@ impl Shard {
         Ok(())
     }
 
-    /// Checks a request may be served: the shard is up, this node's lease is
-    /// certainly valid (a primary whose lease may have expired could already
-    /// have been replaced, so it serves neither writes nor linearizable
-    /// reads), the client owns the shard and the shard is not deleted.
     /// A backup's read-only shard over an engine opened read-only, whose meta
     /// (as last made durable by the primary) is `meta`. It serves [`Stale`]
     /// reads, catching up with the primary at most every [`CATCH_UP_MS`].
+    /// Its view counts as caught up now; see [`Shard::as_of`].
     pub fn read_only(engine: Arc<dyn Engine>, meta: ShardMeta, limits: Limits) -> Self {
         let mut shard = Shard::new(engine, meta, limits, Arc::new(LeaseGate::new(Default::default())));
         shard.read_only = true;
@@ -417,6 +414,20 @@ impl Shard {
         shard
     }
 
+    /// The same read-only shard, its view as old as `opened`: the moment
+    /// before its engine began to open (a view is as of its open's read of
+    /// the log, so the age of a stale read counts from before it).
+    pub fn as_of(mut self, opened: Instant) -> Self {
+        if self.read_only {
+            self.caught_up_at = Some(opened);
+        }
+        self
+    }
+
+    /// Checks a request may be served: the shard is up, this node's lease is
+    /// certainly valid (a primary whose lease may have expired could already
+    /// have been replaced, so it serves neither writes nor linearizable
+    /// reads), the client owns the shard and the shard is not deleted.
     fn check_readable(&self, client_id: &str) -> Result<(), AttacheError> {
         if self.read_only && !self.serving_stale {
             return Err(AttacheError::unavailable(format!(
@@ -872,7 +883,9 @@ impl Handler<Shutdown> for Shard {
 impl Handler<CloseIfIdle> for Shard {
     async fn handle(&mut self, _msg: CloseIfIdle, _ctx: &Context<Self>) -> Reply<bool> {
         let scanning = Arc::strong_count(&self.scans) > 1;
-        if self.committing || !self.staged.is_empty() || scanning || self.shutdown.is_some() {
+        // A failed shard is closed by its manager on its `ShardFailed`
+        // (keyed by shard id): closed here, a reopen could be closed by it.
+        if self.committing || !self.staged.is_empty() || scanning || self.shutdown.is_some() || self.failed {
             return Reply::now(false);
         }
         self.engine.close().await;
