@@ -10,7 +10,6 @@ use anyhow::Context as _;
 use attache_actors::meta::remote::MetadataServer;
 use attache_actors::HostHandle;
 use clap::Args;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::LogArgs;
 use crate::serve::{open_metadata, shutdown_signal};
@@ -44,7 +43,7 @@ pub fn run(args: MetaArgs) -> anyhow::Result<()> {
         println!("attache: metadata store serving gRPC on {local} (data in {})", args.data_dir.display());
         tonic::transport::Server::builder()
             .add_service(MetadataServer::new(backend).into_server())
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+            .serve_with_incoming_shutdown(crate::serve::incoming(listener), shutdown_signal())
             .await
             .context("metadata gRPC server failed")?;
         println!("attache: metadata store stopped");

@@ -230,6 +230,23 @@ async fn volumes_of(s: &NodeSettings) -> anyhow::Result<(Arc<dyn EngineFactory>,
     })
 }
 
+/// The connections `listener` accepts, each with `TCP_NODELAY` set:
+/// without it, Nagle's algorithm holds back the last segment of a
+/// response until the client's delayed ACK (up to 40 ms on Linux), which
+/// made reads of 10 KB values take ~44 ms instead of ~0.3 ms.
+pub(crate) fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        if let Err(e) = conn.set_nodelay(true) {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY on a connection");
+        }
+        Ok(conn)
+    })
+}
+
 /// Files an open shard holds, about: its RocksDB WAL, MANIFEST, info log,
 /// LOCK, directory and a few table files (measured: 6 for small shards; a
 /// large one holds up to `rocks_engine::MAX_OPEN_TABLE_FILES` + 6, so a
@@ -320,7 +337,7 @@ pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send
             let server = tokio::spawn(async move {
                 tonic::transport::Server::builder()
                     .add_service(service)
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    .serve_with_incoming_shutdown(incoming(listener), async move {
                         let _ = stop.recv().await;
                     })
                     .await
@@ -348,6 +365,19 @@ pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send
 #[cfg(test)]
 mod tests {
     use clap::Parser;
+
+    /// Accepted connections have TCP_NODELAY set (reads of 10 KB values
+    /// waited ~40 ms for a delayed ACK without it).
+    #[actix_rt::test]
+    async fn accepted_connections_send_without_delay() {
+        use tokio_stream::StreamExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(super::incoming(listener));
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 
     use super::DevArgs;
 
