@@ -75,20 +75,24 @@ impl Moto {
         Client::from_conf(config)
     }
 
-    /// `attache volume ARGS` as `instance`, through the SDK's default
-    /// chain pointed at moto by the environment.
-    fn volume_cli(&self, instance: &str, args: &[&str]) -> std::process::Output {
-        Command::new(env!("CARGO_BIN_EXE_attache"))
-            .arg("volume")
-            .args(args)
+    /// `attache ARGS`, its AWS SDK's default chain pointed at moto by the
+    /// environment (no instance metadata service, no instance id).
+    fn attache(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_attache"));
+        cmd.args(args)
             .env("AWS_ENDPOINT_URL", &self.url)
             .env("AWS_REGION", REGION)
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
             .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("INSTANCE_ID", instance)
-            .output()
-            .expect("run attache volume")
+            .env_remove("INSTANCE_ID");
+        cmd
+    }
+
+    /// `attache volume ARGS` as `instance`.
+    fn volume_cli(&self, instance: &str, args: &[&str]) -> std::process::Output {
+        let mut cmd = self.attache(&["volume"]);
+        cmd.args(args).env("INSTANCE_ID", instance).output().expect("run attache volume")
     }
 }
 
@@ -221,16 +225,7 @@ async fn attache_volume_describes_attaches_and_detaches_through_the_default_chai
     assert!(attachments(&ec2, &good).await.is_empty());
 
     // No instance id and no metadata service: a clear error.
-    let out = Command::new(env!("CARGO_BIN_EXE_attache"))
-        .args(["volume", "describe", &good])
-        .env("AWS_ENDPOINT_URL", &moto.url)
-        .env("AWS_REGION", REGION)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env_remove("INSTANCE_ID")
-        .output()
-        .unwrap();
+    let out = moto.attache(&["volume", "describe", &good]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("set INSTANCE_ID or --instance-id"), "{err}");
 }
@@ -246,18 +241,14 @@ async fn a_node_in_aws_mode_refuses_a_volume_without_multi_attach() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("volumes");
     std::fs::create_dir_all(&root).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_attache"))
-        .args(["node", "--volume-mode", "aws", "--volumes", &single, "--metadata"])
+    let out = moto
+        .attache(&["node", "--volume-mode", "aws", "--volumes", &single, "--listen", "127.0.0.1:0"])
+        .arg("--metadata")
         .arg(format!("embedded:{}", dir.path().join("meta").display()))
         .arg("--volume-root")
         .arg(&root)
         .arg("--data-dir")
         .arg(dir.path().join("node"))
-        .args(["--listen", "127.0.0.1:0"])
-        .env("AWS_ENDPOINT_URL", &moto.url)
-        .env("AWS_REGION", REGION)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
         .env("INSTANCE_ID", &me)
         .stdout(Stdio::null())
         .output()
