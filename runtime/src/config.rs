@@ -478,4 +478,17 @@ mod tests {
         let cli = Cli::try_parse_from(["x", "--metadata", "embedded:/tmp/x"]).unwrap();
         assert!(cli.node.resolve().unwrap_err().to_string().contains("no volumes"));
     }
+
+    /// The example config the README points at is read as it stands, every
+    /// key with the value it shows.
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/example.yaml");
+        let s = Cli::try_parse_from(["x", "--config", path]).unwrap().node.resolve().unwrap();
+        assert_eq!(s.node.volumes, vec!["vol-a", "vol-b"]);
+        assert_eq!(s.node.balanced_space_bytes, 10 << 30);
+        assert_eq!(s.memory_budget_bytes, 512 << 20);
+        assert_eq!(s.node.default_size_limit, 2 << 30);
+        assert_eq!(s.max_open_shards, None);
+    }
 }

@@ -274,7 +274,10 @@ fn open_shard_room(nodes: usize) -> usize {
     };
     let Some(limit) = limit else { return 0 };
     let room = (limit.saturating_sub(RESERVED_FILES) / FILES_PER_OPEN_SHARD / nodes.max(1) as u64).max(1);
-    println!("attache: room for {room} open shards per node (max_open_shards; idle ones close past it)");
+    println!(
+        "attache: room for {room} open shards per node within the open-file limit (--max-open-shards defaults to \
+         it; idle shards close past the limit)"
+    );
     usize::try_from(room).unwrap_or(usize::MAX)
 }
 
