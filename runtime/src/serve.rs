@@ -53,6 +53,13 @@ pub struct DevArgs {
     /// Node lease TTL in milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub lease_ttl_ms: u64,
+    /// RocksDB memory each node's shards share, bytes (as `attache node`).
+    #[arg(long, default_value_t = crate::rocks_engine::DEFAULT_MEMORY_BUDGET_BYTES)]
+    pub memory_budget_bytes: u64,
+    /// Most shards each node keeps open (as `attache node`); default: what
+    /// the open-file limit leaves room for, shared by the nodes.
+    #[arg(long)]
+    pub max_open_shards: Option<usize>,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -60,9 +67,11 @@ pub struct DevArgs {
 impl DevArgs {
     /// The settings of the nodes `attache dev` runs.
     ///
-    /// Errors: the `--listen` port plus the number of nodes goes past 65535.
+    /// Errors: the `--listen` port plus the number of nodes goes past
+    /// 65535; a memory budget under 1 MiB.
     pub fn settings(self) -> anyhow::Result<Vec<NodeSettings>> {
         let n = self.nodes.max(1);
+        anyhow::ensure!(self.memory_budget_bytes >= 1 << 20, "--memory-budget-bytes must be at least 1048576 (1 MiB)");
         let volumes = numbered_volumes(self.volumes.unwrap_or(2.max(n)).max(1));
         let base = self.listen.port();
         if base != 0 && u16::try_from(n - 1).ok().and_then(|extra| base.checked_add(extra)).is_none() {
@@ -92,8 +101,8 @@ impl DevArgs {
                     log_format: self.log.log_format.unwrap_or_default(),
                     log_level: self.log.log_level.clone().unwrap_or_else(|| "info".into()),
                     volume_setup: Default::default(),
-                    memory_budget_bytes: crate::rocks_engine::DEFAULT_MEMORY_BUDGET_BYTES,
-                    max_open_shards: None,
+                    memory_budget_bytes: self.memory_budget_bytes,
+                    max_open_shards: self.max_open_shards,
                     node,
                 }
             })
@@ -293,6 +302,9 @@ pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send
     let nodes: Vec<NodeSettings> = nodes
         .into_iter()
         .map(|mut s| {
+            if let Some(n) = s.max_open_shards {
+                println!("attache: at most {n} open shards per node (--max-open-shards; 0: no limit)");
+            }
             s.node.max_open_shards = s.max_open_shards.unwrap_or(room);
             s
         })
