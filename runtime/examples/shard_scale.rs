@@ -119,7 +119,7 @@ fn main() {
     let budget_mib: u64 = arg("--budget-mib").map_or(64, |s| s.parse().expect("--budget-mib takes a whole number"));
     let base = arg("--dir").map(PathBuf::from);
     let tmp = tempfile::tempdir_in(base.clone().unwrap_or_else(std::env::temp_dir)).unwrap();
-    let (before, _, limit) = attache_runtime::files::raise_open_file_limit().unwrap();
+    let (before, limit) = attache_runtime::files::raise_open_file_limit().unwrap();
     println!("open-file limit {limit:?} (was {before:?}); RocksDB memory budget {budget_mib} MiB");
     let budget = MemoryBudget::new(budget_mib << 20);
     let rows: Vec<Row> = actix_rt::System::new().block_on(async {

@@ -282,11 +282,7 @@ impl AwsEbs {
                     continue;
                 }
             };
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "{why} after {} ms; it is tried again later",
-                self.wait.limit_ms
-            );
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "{why} after {} ms", self.wait.limit_ms);
             tokio::time::sleep(Duration::from_millis(self.wait.poll_ms)).await;
         }
     }

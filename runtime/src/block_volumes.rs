@@ -471,16 +471,10 @@ impl VolumeProvider for BlockVolumes {
 
     /// Known only while this node has the volume's filesystem mounted.
     async fn free_bytes(&self, volume: &str) -> Option<u64> {
-        let device = self.device(volume).ok()?.clone();
-        let point = self.mount_point(volume);
-        let mounted = {
-            let point = point.clone();
-            blocking(move || mounted_from(&point, &device).unwrap_or(false)).await
-        };
-        if !mounted {
-            return None;
-        }
-        crate::files::free_bytes(point).await
+        let (device, point) = (self.device(volume).ok()?.clone(), self.mount_point(volume));
+        blocking(move || mounted_from(&point, &device).unwrap_or(false).then(|| crate::files::free_bytes(&point)))
+            .await
+            .flatten()
     }
 
     /// Ends the term (a claim still mounting gives up) and unmounts,

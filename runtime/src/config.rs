@@ -242,10 +242,9 @@ impl NodeArgs {
         node.balanced_space_bytes = a.balanced_space_bytes.unwrap_or(node.balanced_space_bytes);
         node.limits = a.limits.unwrap_or_default();
         node.validate().map_err(|e| anyhow::anyhow!("invalid timing settings: {e}"))?;
-        anyhow::ensure!(
-            a.memory_budget_bytes.is_none_or(|b| b >= 1 << 20),
-            "memory_budget_bytes must be at least 1048576 (1 MiB)"
-        );
+        if let Some(bytes) = a.memory_budget_bytes {
+            crate::rocks_engine::check_memory_budget(bytes).map_err(anyhow::Error::msg)?;
+        }
         Ok(NodeSettings {
             data_dir: a.data_dir.unwrap_or_else(|| "attache-node".into()),
             listen: a.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),

@@ -31,26 +31,27 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Bytes free for unprivileged writers on the filesystem holding `path`
-/// (`statvfs`: `f_bavail * f_frsize`), or `None` when the call fails; run
-/// on the blocking pool. Used by `VolumeProvider::free_bytes`.
-pub(crate) async fn free_bytes(path: PathBuf) -> Option<u64> {
-    blocking(move || rustix::fs::statvfs(&path).ok().map(|s| s.f_bavail.saturating_mul(s.f_frsize))).await
+/// (`statvfs`: `f_bavail * f_frsize`), or `None` when the call fails. It
+/// blocks: callers run it on the blocking pool. Used by
+/// `VolumeProvider::free_bytes`.
+pub(crate) fn free_bytes(path: &Path) -> Option<u64> {
+    rustix::fs::statvfs(path).ok().map(|s| s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 /// Raises this process's soft limit on open files to its hard limit, as
 /// servers that keep many files open do at start (etcd, TiKV): each open
 /// shard holds several (RocksDB's WAL, MANIFEST, info log, LOCK and its
-/// table files). Returns the limits (soft, hard) before and the soft limit
-/// after; `None` stands for unlimited.
+/// table files). Returns the soft limit before and after; `None` stands
+/// for unlimited.
 ///
 /// Errors: the limit cannot be read or set.
-pub fn raise_open_file_limit() -> std::io::Result<(Option<u64>, Option<u64>, Option<u64>)> {
+pub fn raise_open_file_limit() -> std::io::Result<(Option<u64>, Option<u64>)> {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let before = getrlimit(Resource::Nofile);
     if before.current != before.maximum {
         setrlimit(Resource::Nofile, Rlimit { current: before.maximum, maximum: before.maximum })?;
     }
-    Ok((before.current, before.maximum, getrlimit(Resource::Nofile).current))
+    Ok((before.current, getrlimit(Resource::Nofile).current))
 }
 
 /// Runs `f` on tokio's blocking pool (file and device I/O blocks).

@@ -147,7 +147,8 @@ impl VolumeProvider for LocalVolumes {
     }
 
     async fn free_bytes(&self, volume: &str) -> Option<u64> {
-        crate::files::free_bytes(self.root.join(volume)).await
+        let dir = self.root.join(volume);
+        crate::files::blocking(move || crate::files::free_bytes(&dir)).await
     }
 }
 

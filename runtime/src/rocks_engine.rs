@@ -64,6 +64,19 @@ impl std::fmt::Debug for MemoryBudget {
 /// Default node memory budget for RocksDB: 512 MiB.
 pub const DEFAULT_MEMORY_BUDGET_BYTES: u64 = 512 << 20;
 
+/// The smallest memory budget a node accepts: 1 MiB.
+pub const MIN_MEMORY_BUDGET_BYTES: u64 = 1 << 20;
+
+/// Checks a configured memory budget of `bytes`.
+///
+/// Errors: a message naming the minimum, [`MIN_MEMORY_BUDGET_BYTES`].
+pub fn check_memory_budget(bytes: u64) -> Result<(), String> {
+    if bytes < MIN_MEMORY_BUDGET_BYTES {
+        return Err(format!("memory_budget_bytes must be at least {MIN_MEMORY_BUDGET_BYTES} (1 MiB), not {bytes}"));
+    }
+    Ok(())
+}
+
 /// Table (SST) files one shard keeps open at most; with its WAL, MANIFEST,
 /// info log, LOCK and directory, a shard holds at most about this many
 /// descriptors plus 6.
@@ -74,9 +87,10 @@ pub const MAX_OPEN_TABLE_FILES: i32 = 64;
 const MAX_WRITE_BUFFER_BYTES: usize = 64 << 20;
 
 impl MemoryBudget {
-    /// A budget of `bytes` (at least 1 MiB).
+    /// A budget of `bytes` (raised to [`MIN_MEMORY_BUDGET_BYTES`] if less;
+    /// configurations are checked by [`check_memory_budget`]).
     pub fn new(bytes: u64) -> Self {
-        let bytes = usize::try_from(bytes).unwrap_or(usize::MAX).max(1 << 20);
+        let bytes = usize::try_from(bytes.max(MIN_MEMORY_BUDGET_BYTES)).unwrap_or(usize::MAX);
         let cache = Cache::new_lru_cache(bytes);
         let write_buffers = WriteBufferManager::new_write_buffer_manager_with_cache(bytes / 2, true, cache.clone());
         MemoryBudget { bytes, cache, write_buffers }
@@ -120,11 +134,6 @@ impl RocksEngineFactory {
     /// A factory whose engines share `budget`.
     pub fn with_memory_budget(budget: MemoryBudget) -> Self {
         RocksEngineFactory { budget }
-    }
-
-    /// The budget its engines share.
-    pub fn memory_budget(&self) -> &MemoryBudget {
-        &self.budget
     }
 
     /// Attaché's options. (RocksDB's default `avoid_flush_during_recovery =

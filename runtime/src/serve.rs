@@ -71,7 +71,7 @@ impl DevArgs {
     /// 65535; a memory budget under 1 MiB.
     pub fn settings(self) -> anyhow::Result<Vec<NodeSettings>> {
         let n = self.nodes.max(1);
-        anyhow::ensure!(self.memory_budget_bytes >= 1 << 20, "--memory-budget-bytes must be at least 1048576 (1 MiB)");
+        crate::rocks_engine::check_memory_budget(self.memory_budget_bytes).map_err(anyhow::Error::msg)?;
         let volumes = numbered_volumes(self.volumes.unwrap_or(2.max(n)).max(1));
         let base = self.listen.port();
         if base != 0 && u16::try_from(n - 1).ok().and_then(|extra| base.checked_add(extra)).is_none() {
@@ -271,7 +271,7 @@ pub const RESERVED_FILES: u64 = 256;
 /// keep open within it (0: no limit, the limit being unlimited).
 fn open_shard_room(nodes: usize) -> usize {
     let limit = match crate::files::raise_open_file_limit() {
-        Ok((before, _, after)) => {
+        Ok((before, after)) => {
             let show = |n: Option<u64>| n.map_or("unlimited".to_string(), |n| n.to_string());
             println!("attache: open files: soft limit {} (was {})", show(after), show(before));
             after

@@ -227,6 +227,11 @@ struct Volume {
 }
 
 impl Volume {
+    /// Whether the volume is full now (`Fault::DiskFull`).
+    fn full_now(&self) -> bool {
+        self.full_until.is_some_and(|t| Instant::now() < t)
+    }
+
     /// Bytes in the volume's files: synced, and appends in any node's page cache.
     fn used_bytes(&self) -> u64 {
         let files = self.files.values();
@@ -1033,9 +1038,10 @@ impl SimEbs {
     /// while full); else `Ok`.
     fn check_space(ebs: &mut Ebs, volume: &str, len: usize) -> Result<(), EngineError> {
         let capacity = ebs.cfg.capacity_of(volume);
-        let full = ebs.volumes.get(volume).is_some_and(|v| {
-            v.full_until.is_some_and(|t| Instant::now() < t) || v.used_bytes().saturating_add(len as u64) > capacity
-        });
+        let full = ebs
+            .volumes
+            .get(volume)
+            .is_some_and(|v| v.full_now() || v.used_bytes().saturating_add(len as u64) > capacity);
         if !full {
             return Ok(());
         }
@@ -1049,7 +1055,7 @@ impl SimEbs {
     pub fn free_bytes(&self, volume: &str, node: &str) -> Option<u64> {
         let ebs = self.lock();
         let v = ebs.volumes.get(volume).filter(|v| v.attached.iter().any(|n| n == node))?;
-        if v.full_until.is_some_and(|t| Instant::now() < t) {
+        if v.full_now() {
             return Some(0);
         }
         Some(ebs.cfg.capacity_of(volume).saturating_sub(v.used_bytes()))
