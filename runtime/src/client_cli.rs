@@ -416,7 +416,7 @@ macro_rules! call {
 }
 
 /// The canonical name of a gRPC code, e.g. `NOT_FOUND`.
-fn code_name(code: tonic::Code) -> &'static str {
+pub(crate) fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
     match code {
         Ok => "OK",

@@ -4,6 +4,7 @@
 
 pub mod actix_host;
 pub mod aws;
+pub mod bench;
 #[cfg(target_os = "linux")]
 pub mod block_volumes;
 pub mod client_cli;

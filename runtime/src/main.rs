@@ -6,8 +6,10 @@
 //! - `attache node`: one storage node (flags > environment > `--config` YAML).
 //! - `attache meta`: the embedded metadata store, served over gRPC to nodes.
 //! - `attache client ...`: every API operation, `load` and `dump`.
+//! - `attache bench`: YCSB's workloads against Attaché or etcd.
+//! - `attache volume ...`: this instance's EBS volumes.
 
-use attache_runtime::{client_cli, config, meta_server, serve, volume_cli};
+use attache_runtime::{bench, client_cli, config, meta_server, serve, volume_cli};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -28,6 +30,8 @@ enum Cmd {
     Meta(meta_server::MetaArgs),
     /// Call a node's API.
     Client(client_cli::ClientArgs),
+    /// Load a cluster (or etcd) with YCSB's workloads and print throughput and latency.
+    Bench(bench::BenchArgs),
     /// Describe, attach or detach this instance's EBS volumes (EC2 API).
     Volume(volume_cli::VolumeArgs),
 }
@@ -59,6 +63,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             attache_runtime::telemetry::init_logging(attache_runtime::telemetry::LogFormat::Human, "warn");
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(client_cli::run(args))
+        }
+        Cmd::Bench(args) => {
+            attache_runtime::telemetry::init_logging(attache_runtime::telemetry::LogFormat::Human, "warn");
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(bench::run(args))
         }
         Cmd::Volume(args) => {
             attache_runtime::telemetry::init_logging(attache_runtime::telemetry::LogFormat::Human, "warn");

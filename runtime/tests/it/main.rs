@@ -1,6 +1,7 @@
 //! The runtime's integration tests, in one test binary so RocksDB and the
 //! rest of the tree are linked once, not once per file:
 //! - [`aws`]: the AWS EBS provider and `attache volume` against moto's EC2 API emulator;
+//! - [`bench`]: `attache bench`, every workload against `attache dev` and against etcd;
 //! - [`block`]: block volumes on a loop device with two `attache node` processes (root only);
 //! - [`crash`]: SIGKILL of a process writing through the shard actors and RocksDB;
 //! - [`e2e`]: the real `attache` binary, every operation and error, signals, metrics;
@@ -10,6 +11,7 @@
 //! - [`three_process`]: one `attache meta` with two nodes.
 
 mod aws;
+mod bench;
 #[cfg(target_os = "linux")]
 mod block;
 mod common;

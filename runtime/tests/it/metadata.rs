@@ -109,7 +109,7 @@ fn free_port() -> u16 {
 }
 
 /// An etcd server on free loopback ports, in a temporary data dir.
-struct Etcd {
+pub(crate) struct Etcd {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
@@ -141,7 +141,7 @@ impl Etcd {
     /// Starts etcd on free loopback ports. A port found free may be taken
     /// by another process before etcd binds it; etcd then exits, and the
     /// start is tried again on other ports (up to 5 times).
-    async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         for _ in 0..5 {
             let dir = tempfile::tempdir().unwrap();
             let (client_port, peer_port) = (free_port(), free_port());
@@ -171,7 +171,7 @@ impl Etcd {
         }
     }
 
-    fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("127.0.0.1:{}", self.client_port)
     }
 }
