@@ -1,7 +1,15 @@
 //! Durable puts per second for one shard, with 1, 16 and 128 concurrent
 //! writers, next to raw RocksDB in the same run doing one synced put per write
-//! and synced batches of 100. Keys are 16 bytes, values 100 bytes. Every figure
-//! counts only acknowledged (WAL-synced) writes.
+//! and synced batches of 100, and synced batches of 64 in the shard's own
+//! record layout (per put: the record and its request id's two records
+//! written, the record and the request id read first, as a group commit
+//! does; see `attache_actors::shard::commit`). Keys are 16 bytes, values 100
+//! bytes. Every figure counts only acknowledged (WAL-synced) writes.
+//!
+//! The last column but one compares with the plain synced batches; the
+//! same-layout row shows how much of the gap is the layout (three records
+//! written and two read per put, for exactly-once retries and size
+//! accounting) rather than the shard actors.
 //!
 //! Run: `cargo run -p attache-runtime --example group_commit_bench [-- --scale 2]`
 //! (the workspace's one profile optimizes dependencies and RocksDB; see
@@ -60,6 +68,39 @@ fn raw_rocksdb(dir: &std::path::Path, puts: u64, batch: u64) -> Row {
     Row { case, puts, secs: start.elapsed().as_secs_f64(), per_sync: batch as f64 }
 }
 
+/// Synced batches of `batch` puts in the shard's layout: for each put, the
+/// data record and the request id read (one multi-get per batch), then the
+/// record and the id's two records written, as `commit::apply_group` does.
+fn raw_shard_layout(dir: &std::path::Path, puts: u64, batch: u64) -> Row {
+    use attache_actors::shard::layout;
+    let mut opts = rocksdb::Options::default();
+    opts.create_if_missing(true);
+    let db = rocksdb::DB::open(&opts, dir).unwrap();
+    let mut wo = rocksdb::WriteOptions::default();
+    wo.set_sync(true);
+    let start = Instant::now();
+    let mut i = 0;
+    while i < puts {
+        let ids: Vec<String> = (i..i + batch).map(|n| format!("{n:032x}")).collect();
+        let mut reads: Vec<Vec<u8>> = (i..i + batch).map(|n| layout::data_key(&key(n))).collect();
+        reads.extend(ids.iter().map(|id| layout::request_key(id)));
+        reads.sort();
+        for r in db.multi_get(&reads) {
+            r.unwrap();
+        }
+        let mut wb = rocksdb::WriteBatch::default();
+        for (n, id) in (i..i + batch).zip(&ids) {
+            wb.put(layout::request_key(id), 1u64.to_be_bytes());
+            wb.put(layout::request_time_key(1, id), []);
+            wb.put(layout::data_key(&key(n)), layout::encode_record(&VALUE, &[]));
+        }
+        db.write_opt(wb, &wo).unwrap();
+        i += batch;
+    }
+    let case = format!("raw RocksDB, shard layout, synced batches of {batch}");
+    Row { case, puts, secs: start.elapsed().as_secs_f64(), per_sync: batch as f64 }
+}
+
 async fn shard_writers(host: &HostHandle, dir: &std::path::Path, writers: u64, per_writer: u64) -> Row {
     let cfg = ShardManagerConfig::new("bench", dir);
     let mgr = host
@@ -96,6 +137,7 @@ fn main() {
     let mut rows = vec![
         raw_rocksdb(&root.path().join("raw-1"), 1000 * scale, 1),
         raw_rocksdb(&root.path().join("raw-100"), 50_000 * scale, 100),
+        raw_shard_layout(&root.path().join("raw-layout-64"), 51_200 * scale, 64),
     ];
     actix_rt::System::new().block_on(async {
         let host = HostHandle::new(ActixHost::new(2));
