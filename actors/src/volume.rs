@@ -122,6 +122,43 @@ impl FailoverTiming {
     }
 }
 
+/// One successful claim of a volume, as the claiming node saw it, on its
+/// own clock: what the simulation's failover report is built from, and
+/// what the `attache_takeover_seconds{phase}` metric (`wait`, `cas`,
+/// `fence`, `open`) and the "primary for volume" log line give in
+/// production.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claimed {
+    /// The volume.
+    pub volume_id: String,
+    /// The claiming node.
+    pub node_id: NodeId,
+    /// The epoch claimed (the fencing token).
+    pub epoch: u64,
+    /// Whether the record named another node, or nobody (vacated), before:
+    /// a takeover. A first claim of a volume nobody held, or a node claiming
+    /// again a volume the record still names it for, is not one.
+    pub takeover: bool,
+    /// When this node first saw the record's primary gone (its liveness
+    /// record expired) or the record vacant; the claim's start when it
+    /// waited for neither.
+    pub gone_seen: Instant,
+    /// When the claim's compare-and-swap was sent (after the takeover and
+    /// rank delays and the check that found them over).
+    pub started: Instant,
+    /// When the compare-and-swap came back won.
+    pub cas_done: Instant,
+    /// When the storage fence was taken at the new epoch.
+    pub fenced: Instant,
+    /// When the node began serving the volume read-write (shards open
+    /// lazily, on their first request, so their recovery comes after this).
+    pub serving: Instant,
+}
+
+/// Told of every successful claim on this node (see [`Claimed`]); the
+/// simulation passes one to collect them.
+pub type ClaimLog = Arc<dyn Fn(&Claimed) + Send + Sync>;
+
 /// Sent by a volume manager to its [`Recipient`] when its role changes.
 pub struct VolumeRoleChanged {
     /// The volume.
@@ -166,6 +203,7 @@ pub struct VolumeManager {
     stopped: bool,
     /// The volume's writes in flight on this node (see `crate::io_watch`).
     io: Arc<IoWatch>,
+    claims: Option<ClaimLog>,
 }
 
 /// The parts a volume manager is built from.
@@ -182,6 +220,8 @@ pub struct VolumeParts {
     pub timing: FailoverTiming,
     /// Whether this node is the volume's home (see `VolumeManager`).
     pub home: bool,
+    /// Told of each successful claim, if set.
+    pub claims: Option<ClaimLog>,
 }
 
 /// Periodic check, sent by the manager's own timer.
@@ -226,6 +266,7 @@ impl VolumeManager {
             gone_since: None,
             stopped: false,
             io: Arc::default(),
+            claims: parts.claims,
         }
     }
 
@@ -354,6 +395,7 @@ impl VolumeManager {
             return;
         }
         let takeover = current.is_some_and(|(r, _)| r.primary != self.node_id);
+        let started = Instant::now();
         crate::buggify::delay("volume.claim.before_cas", 500).await;
         let won = match self.meta.claim_volume(self.volume(), self.node_id, current).await {
             Ok(Ok(record)) => record,
@@ -380,6 +422,7 @@ impl VolumeManager {
             return;
         }
         self.last_epoch = won.epoch;
+        let cas_done = Instant::now();
         // Bounded: a hung device (or a writer holding the EPOCH file's lock)
         // must not keep the claim, and the record naming this node, forever.
         // A fence taken late is harmless: the next claim's epoch preempts it.
@@ -409,6 +452,7 @@ impl VolumeManager {
                 return;
             }
         }
+        let fenced = Instant::now();
         // The read-only view closes before the shards open read-write.
         self.close_shards().await;
         // A new term judges the volume by its own writes: failures from
@@ -419,11 +463,36 @@ impl VolumeManager {
             ShardManager::new(self.cfg.clone(), self.factory.clone(), self.gate.clone()).with_io_watch(self.io.clone());
         self.retire.push(manager.retired_flag());
         self.shards = Some(ctx.host().spawn(manager, crate::actor::DEFAULT_MAILBOX_CAPACITY));
+        let claimed = Claimed {
+            volume_id: self.cfg.volume_id.clone(),
+            node_id: self.node_id,
+            epoch: won.epoch,
+            takeover,
+            gone_seen: self.gone_since.take().unwrap_or(started).min(started),
+            started,
+            cas_done,
+            fenced,
+            serving: Instant::now(),
+        };
+        let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_millis() as u64;
         if takeover {
             metrics::counter!("attache_failovers_total", "volume" => self.cfg.volume_id.clone()).increment(1);
+            for (phase, from, to) in [
+                ("wait", claimed.gone_seen, started),
+                ("cas", started, cas_done),
+                ("fence", cas_done, fenced),
+                ("open", fenced, claimed.serving),
+            ] {
+                metrics::histogram!("attache_takeover_seconds", "phase" => phase)
+                    .record(to.saturating_duration_since(from).as_secs_f64());
+            }
         }
-        tracing::info!(volume = %self.volume(), epoch = won.epoch, takeover, "primary for volume");
-        self.gone_since = None;
+        tracing::info!(volume = %self.volume(), epoch = won.epoch, takeover,
+            wait_ms = ms(claimed.gone_seen, started), cas_ms = ms(started, cas_done),
+            fence_ms = ms(cas_done, fenced), open_ms = ms(fenced, claimed.serving), "primary for volume");
+        if let Some(log) = &self.claims {
+            log(&claimed);
+        }
         self.set_role(Role::Primary { epoch: won.epoch });
     }
 

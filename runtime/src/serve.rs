@@ -340,6 +340,7 @@ pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send
                 factory,
                 provider,
                 gate: Arc::new(LeaseGate::new(cfg.lease.clone())),
+                claims: None,
             };
             let (node, service) = AttacheService::start(&host, cfg, parts);
             let record = node.send(WaitReady).await?.context("node start-up failed")?;

@@ -17,7 +17,7 @@ use attache_actors::meta::MetaOps;
 use attache_actors::node::{NodeConfig, NodeParts, WaitReady};
 use attache_actors::retry::RetryPolicy;
 use attache_actors::service::AttacheService;
-use attache_actors::volume::FailoverTiming;
+use attache_actors::volume::{ClaimLog, Claimed, FailoverTiming};
 use attache_actors::HostHandle;
 use attache_faults::{random_schedule, Fault, Schedule, Scheduled, Target, Topology, MOMENT_WAIT_MS};
 use madsim::net::NetSim;
@@ -28,7 +28,7 @@ use crate::check::Disruption;
 use crate::ebs::SimEbs;
 use crate::engine::SimVolumes;
 use crate::metalog::SimMetaLog;
-use crate::report::RunOutcome;
+use crate::report::{ClaimRecord, RunOutcome};
 use crate::scenario::Scenario;
 use crate::workload::{run_client, Recorder, Registry};
 use crate::TaskHost;
@@ -213,6 +213,37 @@ fn start_meta(handle: &Handle, log: SimMetaLog, clock: Arc<DriftClock>) -> NodeH
 /// exits (`attache node` returns the error and the process ends).
 type Exits = tokio::sync::mpsc::UnboundedSender<String>;
 
+/// The claims every storage node made in a run (`Claimed`), collected for
+/// the failover report.
+#[derive(Clone)]
+struct Claims {
+    /// The run's start: claim times are ms since then.
+    start: Instant,
+    list: Arc<Mutex<Vec<ClaimRecord>>>,
+}
+
+impl Claims {
+    /// The claim log of storage node `i` (`node-{i}`).
+    fn log_for(&self, i: usize) -> ClaimLog {
+        let (claims, node, addr) = (self.clone(), format!("node-{i}"), storage_addr(i));
+        Arc::new(move |c: &Claimed| {
+            let ms = |t: Instant| t.saturating_duration_since(claims.start).as_millis() as u64;
+            claims.list.lock().expect("claims lock").push(ClaimRecord {
+                volume: c.volume_id.clone(),
+                node: node.clone(),
+                addr: addr.clone(),
+                epoch: c.epoch,
+                takeover: c.takeover,
+                gone_seen_ms: ms(c.gone_seen),
+                started_ms: ms(c.started),
+                cas_done_ms: ms(c.cas_done),
+                fenced_ms: ms(c.fenced),
+                serving_ms: ms(c.serving),
+            });
+        })
+    }
+}
+
 /// Starts storage node `i`; returns it and its local files (which survive
 /// its restarts).
 fn start_storage(
@@ -222,9 +253,10 @@ fn start_storage(
     ebs: &SimEbs,
     seed: u64,
     gates: &Arc<Mutex<BTreeMap<String, Arc<LeaseGate>>>>,
-    exits: &Exits,
+    (exits, claims): (&Exits, &Claims),
 ) -> (NodeHandle, MemLocalStore) {
     let name = format!("node-{i}");
+    let claim_log = claims.log_for(i);
     let local = MemLocalStore::default();
     let files = local.clone();
     let (ebs, gates, volumes, nodes) = (ebs.clone(), gates.clone(), s.volumes(), s.cluster.storage_nodes);
@@ -241,7 +273,7 @@ fn start_storage(
         .name(&name)
         .ip(format!("10.0.1.{i}").parse().expect("ip"))
         .init(move || {
-            let (local, ebs, gates, volumes, t, name, exits) = (
+            let (local, ebs, gates, volumes, t, name, exits, claim_log) = (
                 local.clone(),
                 ebs.clone(),
                 gates.clone(),
@@ -249,6 +281,7 @@ fn start_storage(
                 t.clone(),
                 node_name.clone(),
                 exits.clone(),
+                claim_log.clone(),
             );
             async move {
                 // A new process: whatever locks the last one held ended with it.
@@ -288,7 +321,14 @@ fn start_storage(
                 cfg.limits.max_scan_page = scan_page;
                 cfg.balanced_space_bytes = balanced_space;
                 cfg.max_open_shards = max_open_shards;
-                let parts = NodeParts { meta, local: Arc::new(local), factory: vols.clone(), provider: vols, gate };
+                let parts = NodeParts {
+                    meta,
+                    local: Arc::new(local),
+                    factory: vols.clone(),
+                    provider: vols,
+                    gate,
+                    claims: Some(claim_log),
+                };
                 let (node, service) = AttacheService::start(&HostHandle::new(TaskHost), cfg, parts);
                 // As `attache node`: when start-up fails, the process exits
                 // (its lease then lapses) and its supervisor starts it again.
@@ -439,8 +479,9 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
     handles.insert("meta".to_string(), start_meta(&handle, metalog.clone(), meta_clock.clone()));
     let (exits, mut exited) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut locals = BTreeMap::new();
+    let claims = Claims { start, list: Arc::default() };
     for i in 1..=s.cluster.storage_nodes {
-        let (node, local) = start_storage(&handle, s, i, &ebs, seed, &gates, &exits);
+        let (node, local) = start_storage(&handle, s, i, &ebs, seed, &gates, (&exits, &claims));
         handles.insert(format!("node-{i}"), node);
         locals.insert(format!("node-{i}"), local);
     }
@@ -537,6 +578,7 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
         .iter()
         .map(|f| Disruption { at_ns: (f.at_ms + f.fault.recovery_from_ms()) * 1_000_000, repair: f.fault.is_repair() })
         .collect();
+    let claims = std::mem::take(&mut *claims.list.lock().expect("claims lock"));
     RunOutcome {
         sim_ms: start.elapsed().as_millis() as u64,
         history,
@@ -547,5 +589,6 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
         volumes: ebs.counts(),
         skipped_faults: st.skipped,
         disruptions,
+        claims,
     }
 }

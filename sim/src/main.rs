@@ -185,6 +185,70 @@ mod runner {
         std::time::Instant::now()
     }
 
+    /// Prints failover time, from the fault that struck the old primary to the
+    /// first write the new one acknowledged, and its parts (see
+    /// `report::Failover`): p50, p99 and max of each, and the slowest failover
+    /// with its cause.
+    fn print_failovers(all: &[(attache_sim::report::Failover, String, u64)]) {
+        let done: Vec<_> = all.iter().filter(|(f, _, _)| f.duration_ms.is_some()).collect();
+        println!(
+        "failovers: {} ({} without a write acknowledged by the new primary, {} without a fault that struck the old one)",
+        all.len(),
+        all.len() - done.len(),
+        all.iter().filter(|(f, _, _)| f.cause.is_none()).count()
+    );
+        type Part = fn(&attache_sim::report::Failover) -> u64;
+        let parts: [(&str, Part); 5] = [
+            ("fault to writes again", |f| f.duration_ms.unwrap_or(0)),
+            ("  detect (lease expiry)", |f| f.detect_ms),
+            ("  wait (takeover, rank)", |f| f.wait_ms),
+            ("  claim (CAS, fence)", |f| f.claim_ms),
+            ("  first write", |f| f.first_write_ms.unwrap_or(0)),
+        ];
+        for (name, part) in parts {
+            let mut ms: Vec<u64> = done.iter().map(|(f, _, _)| part(f)).collect();
+            ms.sort_unstable();
+            if let Some(max) = ms.last() {
+                println!(
+                    "  {name:<24} p50 {:>6} ms  p99 {:>6} ms  max {max:>6} ms",
+                    percentile(&ms, 0.5),
+                    percentile(&ms, 0.99)
+                );
+            }
+        }
+        // The whole time by the kind of fault that caused it.
+        let mut by_cause: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
+        for (f, _, _) in &done {
+            let kind = f.cause.as_deref().and_then(|c| c.split_whitespace().nth(2)).unwrap_or("no fault");
+            by_cause.entry(kind).or_default().push(f.duration_ms.unwrap_or(0));
+        }
+        for (kind, mut ms) in by_cause {
+            ms.sort_unstable();
+            println!(
+                "  after {kind:<20} p50 {:>6} ms  p99 {:>6} ms  max {:>6} ms  ({} failovers)",
+                percentile(&ms, 0.5),
+                percentile(&ms, 0.99),
+                ms.last().unwrap_or(&0),
+                ms.len()
+            );
+        }
+        if let Some((f, scenario, seed)) = done.iter().max_by_key(|(f, _, _)| f.duration_ms) {
+            println!(
+            "  slowest: {scenario} seed {seed}, {} {} -> {} at epoch {}: {} ms (detect {}, wait {}, claim {}, first write {}) after {}",
+            f.volume,
+            f.from,
+            f.to,
+            f.epoch,
+            f.duration_ms.unwrap_or(0),
+            f.detect_ms,
+            f.wait_ms,
+            f.claim_ms,
+            f.first_write_ms.unwrap_or(0),
+            f.cause.as_deref().unwrap_or("no fault")
+        );
+        }
+    }
+
     fn percentile(sorted: &[u64], q: f64) -> u64 {
         sorted.get(((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1))).copied().unwrap_or(0)
     }
@@ -289,7 +353,8 @@ mod runner {
         let mut clean = true;
         let mut rows = Vec::new();
         let mut failing = Vec::new();
-        let mut all_failovers: Vec<u64> = Vec::new();
+        // Every failover, with the scenario and seed of its run.
+        let mut all_failovers: Vec<(Failover, String, u64)> = Vec::new();
         // Over every run: successful operations, and faults, by kind.
         let mut ops_by_kind: std::collections::BTreeMap<String, u64> = Default::default();
         let mut faults_by_kind: std::collections::BTreeMap<&'static str, u64> = Default::default();
@@ -341,6 +406,7 @@ mod runner {
                 }
                 sim_ms += report.outcome.sim_ms;
                 failovers.extend(report.summary.failovers.iter().cloned());
+                all_failovers.extend(report.summary.failovers.iter().map(|f| (f.clone(), s.name.clone(), seed)));
                 if !report.summary.violations.is_empty() {
                     clean = false;
                     violations += report.summary.violations.len();
@@ -355,7 +421,6 @@ mod runner {
             })?;
             pb.finish_and_clear();
             let secs = started.elapsed().as_secs_f64();
-            all_failovers.extend(failovers.iter().map(|f| f.duration_ms));
             rows.push((
                 s.name.clone(),
                 seeds.end - seeds.start,
@@ -406,14 +471,7 @@ mod runner {
             longest_search.0, longest_search.1, longest_search.2
         );
         if !all_failovers.is_empty() {
-            all_failovers.sort_unstable();
-            println!(
-                "failover time (last ack on the old primary to first ack on the new one): p50 {} ms, p99 {} ms, max {} ms over {} failovers",
-                percentile(&all_failovers, 0.5),
-                percentile(&all_failovers, 0.99),
-                all_failovers.last().unwrap(),
-                all_failovers.len()
-            );
+            print_failovers(&all_failovers);
         }
         if !failing.is_empty() {
             failing.sort();

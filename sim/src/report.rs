@@ -34,6 +34,8 @@ pub struct RunOutcome {
     /// when they struck, or waiting for a moment (`when`) that never came,
     /// with the repairs of the latter.
     pub skipped_faults: u64,
+    /// Every successful claim of a volume, in the order made.
+    pub claims: Vec<ClaimRecord>,
 }
 
 /// Operation counts.
@@ -49,16 +51,135 @@ pub struct OpCounts {
     pub ok_by_kind: BTreeMap<String, u64>,
 }
 
-/// A change of the node serving a volume's acknowledged writes.
+/// A successful claim of a volume by a storage node
+/// (`attache_actors::volume::Claimed`), in simulated ms since the run started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimRecord {
+    pub volume: String,
+    /// The claiming node's name (`node-1`).
+    pub node: String,
+    /// Its address, as the history names the node that answered.
+    pub addr: String,
+    pub epoch: u64,
+    /// The record named another node, or nobody, before.
+    pub takeover: bool,
+    pub gone_seen_ms: u64,
+    pub started_ms: u64,
+    pub cas_done_ms: u64,
+    pub fenced_ms: u64,
+    pub serving_ms: u64,
+}
+
+/// A volume moving to another node, and what its time went to.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failover {
     pub volume: String,
+    /// The node that held the volume before (`node-1`).
     pub from: String,
+    /// The node that took it over.
     pub to: String,
-    /// The last acknowledged write on the old node, simulated ms.
+    /// The epoch it claimed.
+    pub epoch: u64,
+    /// The latest fault that struck the old primary (its node, its volume
+    /// there, the metadata store, the whole network) before the new one saw
+    /// it gone, as `faults` lists it; absent when none did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<String>,
+    /// When the cause struck; without one, when the new primary saw the
+    /// old one gone. Simulated ms.
     pub at_ms: u64,
-    /// From that write to the first acknowledged write on the new node, ms.
-    pub duration_ms: u64,
+    /// How long the volume took no writes: `detect_ms + wait_ms + claim_ms +
+    /// first_write_ms`, ms; absent when the new primary acknowledged no
+    /// write on the volume before it moved again or the run ended.
+    pub duration_ms: Option<u64>,
+    /// From `at_ms` to the new primary seeing the old one gone (its liveness
+    /// record expired with its lease) or the owner record vacated, ms.
+    pub detect_ms: u64,
+    /// From then to the claim: takeover delay, rank delay, check period, ms.
+    pub wait_ms: u64,
+    /// The claim: compare-and-swap, storage fence, serving, ms.
+    pub claim_ms: u64,
+    /// The part of the new primary's first acknowledged write on the volume
+    /// that came after serving began (client backoff, the shard's recovery
+    /// on its first open), ms: from serving, or from when the write was
+    /// sent if later (a client with nothing to write meanwhile is no delay).
+    pub first_write_ms: Option<u64>,
+}
+
+/// Whether fault `f` strikes node `node` (directly, through its volume
+/// there, or through the metadata store or network everyone shares). A
+/// clock within its bound and a full volume (every node alike) move no
+/// primary, and are no cause.
+fn strikes(f: &attache_faults::Fault, node: &str) -> bool {
+    use attache_faults::Fault;
+    match f {
+        Fault::ClockJitter { .. } | Fault::DiskFull { .. } => false,
+        Fault::MetadataUnavailable { .. } | Fault::MetadataDiskErrors { .. } | Fault::NetworkSlow { .. } => true,
+        _ => f.node_names().iter().any(|n| n == node || n == "meta"),
+    }
+}
+
+/// The run's failovers: each claim of a volume by a node other than the
+/// one that claimed it before, with its cause among `faults` and its
+/// first acknowledged write in `history`.
+pub fn failovers(history: &History, claims: &[ClaimRecord], faults: &[Scheduled]) -> Vec<Failover> {
+    let ops = history.ops();
+    let volume_of: BTreeMap<u64, String> = ops
+        .iter()
+        .filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok)
+        .filter_map(|o| Some((o.shard, o.value.clone()?)))
+        .collect();
+    // Acknowledged writes by volume: (completion ms, invocation ms, node address).
+    let mut acks: BTreeMap<&str, Vec<(u64, u64, &str)>> = BTreeMap::new();
+    for o in ops.iter().filter(|o| o.f.is_write() && o.outcome == EventType::Ok) {
+        if let (Some(v), Some(c)) = (volume_of.get(&o.shard), o.complete) {
+            acks.entry(v.as_str()).or_default().push((c / 1_000_000, o.invoke / 1_000_000, o.node.as_str()));
+        }
+    }
+    acks.values_mut().for_each(|list| list.sort());
+    let mut by_volume: BTreeMap<&str, Vec<&ClaimRecord>> = BTreeMap::new();
+    for c in claims {
+        by_volume.entry(c.volume.as_str()).or_default().push(c);
+    }
+    let mut out = Vec::new();
+    for (volume, mut list) in by_volume {
+        list.sort_by_key(|c| c.serving_ms);
+        for (i, pair) in list.windows(2).enumerate() {
+            let (before, claim) = (pair[0], pair[1]);
+            if before.node == claim.node {
+                continue;
+            }
+            let cause = faults
+                .iter()
+                .rev()
+                .find(|f| f.at_ms <= claim.gone_seen_ms && !f.fault.is_repair() && strikes(&f.fault, &before.node));
+            let at_ms = cause.map_or(claim.gone_seen_ms, |f| f.at_ms);
+            let next_claim_ms = list.get(i + 2).map_or(u64::MAX, |c| c.serving_ms);
+            // The new primary's first acknowledged write, and how much of it
+            // came after serving began (a write sent later, by a client that
+            // had nothing to write meanwhile, counts from when it was sent).
+            let first_write_ms = acks.get(volume).and_then(|l| {
+                l.iter()
+                    .find(|(t, _, n)| *n == claim.addr && *t >= claim.serving_ms && *t < next_claim_ms)
+                    .map(|(t, invoked, _)| t - claim.serving_ms.max(*invoked).min(*t))
+            });
+            out.push(Failover {
+                volume: volume.to_string(),
+                from: before.node.clone(),
+                to: claim.node.clone(),
+                epoch: claim.epoch,
+                cause: cause.map(|f| format!("{} ms {}", f.at_ms, describe(&f.fault))),
+                at_ms,
+                duration_ms: first_write_ms.map(|w| claim.serving_ms - at_ms + w),
+                detect_ms: claim.gone_seen_ms - at_ms,
+                wait_ms: claim.started_ms - claim.gone_seen_ms,
+                claim_ms: claim.serving_ms - claim.started_ms,
+                first_write_ms,
+            });
+        }
+    }
+    out.sort_by_key(|f| (f.at_ms, f.volume.clone()));
+    out
 }
 
 /// A run's summary.
@@ -109,40 +230,6 @@ fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
         h = h.wrapping_mul(0x100000001b3);
     }
     h
-}
-
-/// Failovers seen in the history: per volume, each change of the node that
-/// acknowledged its writes.
-pub fn failovers(history: &History) -> Vec<Failover> {
-    let ops = history.ops();
-    let volume_of: BTreeMap<u64, String> = ops
-        .iter()
-        .filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok)
-        .filter_map(|o| Some((o.shard, o.value.clone()?)))
-        .collect();
-    let mut acks: BTreeMap<&str, Vec<(u64, &str)>> = BTreeMap::new();
-    for o in ops.iter().filter(|o| o.f.is_write() && o.outcome == EventType::Ok) {
-        if let (Some(v), Some(c)) = (volume_of.get(&o.shard), o.complete) {
-            acks.entry(v.as_str()).or_default().push((c, o.node.as_str()));
-        }
-    }
-    let mut out = Vec::new();
-    for (volume, mut list) in acks {
-        list.sort();
-        for w in list.windows(2) {
-            let ((t0, n0), (t1, n1)) = (w[0], w[1]);
-            if n0 != n1 {
-                out.push(Failover {
-                    volume: volume.to_string(),
-                    from: n0.to_string(),
-                    to: n1.to_string(),
-                    at_ms: t0 / 1_000_000,
-                    duration_ms: (t1 - t0) / 1_000_000,
-                });
-            }
-        }
-    }
-    out
 }
 
 /// A fault as `kind key=value ...`, e.g. `node_crash node=node-1`.
@@ -219,7 +306,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
         ops: counts,
         longest_search,
         faults,
-        failovers: failovers(&outcome.history),
+        failovers: failovers(&outcome.history, &outcome.claims, &outcome.faults),
         buggified: outcome.buggified.clone(),
         metadata_disk: outcome.metadata_disk.clone(),
         volumes: outcome.volumes.clone(),

@@ -89,6 +89,7 @@ impl Cluster {
             meta: self.meta.clone(),
             timing: self.timing.clone(),
             home,
+            claims: None,
         };
         let reports = Reports::default();
         let roles = reports.0.clone();
@@ -245,6 +246,7 @@ async fn a_node_with_invalid_failover_timing_fails_start_up_with_a_message() {
         factory: vols.clone(),
         provider: vols,
         gate: Arc::new(LeaseGate::always_open()),
+        claims: None,
     };
     let node = c.host.spawn(Node::new(cfg, parts), 16);
     let err = node.send(WaitReady).await.unwrap().unwrap_err();

@@ -39,7 +39,7 @@ use crate::retry::{retry, RetryPolicy};
 use crate::shard::layout::ShardState;
 use crate::shard::{ShardId, ShardInfo};
 use crate::shard_manager::{ShardManager, ShardManagerConfig};
-use crate::volume::{FailoverTiming, Role, VolumeManager, VolumeParts, VolumeRoleChanged};
+use crate::volume::{ClaimLog, FailoverTiming, Role, VolumeManager, VolumeParts, VolumeRoleChanged};
 
 pub mod lease;
 pub mod lifecycle;
@@ -184,6 +184,8 @@ pub struct NodeParts {
     pub provider: Arc<dyn VolumeProvider>,
     /// The lease gate, shared with the shards (and, in the simulation, with the fault injector).
     pub gate: Arc<LeaseGate>,
+    /// Told of every volume this node claims (`crate::volume::Claimed`), if set.
+    pub claims: Option<ClaimLog>,
 }
 
 /// The node; see the module docs.
@@ -201,6 +203,7 @@ pub struct Node {
     routes: BTreeMap<ShardId, String>,
     ready_waiters: Vec<oneshot::Sender<Result<NodeRecord, AttacheError>>>,
     stopping: bool,
+    claims: Option<ClaimLog>,
 }
 
 fn meta_unavailable(e: MetaError) -> AttacheError {
@@ -213,7 +216,7 @@ fn meta_unavailable(e: MetaError) -> AttacheError {
 impl Node {
     /// A node that will start up with `parts`.
     pub fn new(cfg: NodeConfig, parts: NodeParts) -> Self {
-        let NodeParts { meta, local, factory, provider, gate } = parts;
+        let NodeParts { meta, local, factory, provider, gate, claims } = parts;
         Node {
             cfg,
             meta,
@@ -228,6 +231,7 @@ impl Node {
             routes: BTreeMap::new(),
             ready_waiters: Vec::new(),
             stopping: false,
+            claims,
         }
     }
 
@@ -320,6 +324,7 @@ impl Node {
                 meta: self.meta.clone(),
                 timing: self.cfg.failover.clone(),
                 home: self.cfg.home_volumes.contains(&volume_id),
+                claims: self.claims.clone(),
             };
             let vm = VolumeManager::new(vcfg, node_id, parts, ctx.address().recipient());
             let count = placed.iter().filter(|r| r.volume_id == volume_id && r.state != ShardState::Deleted).count();
