@@ -12,7 +12,8 @@
 //!   `takeover_delay_ms` more (the old primary's lease gate has closed by
 //!   then, see `lease`) plus `rank_delay_ms` for each live backup ranked
 //!   before this node (rank: ascending node id, a deterministic rule), then
-//!   claim;
+//!   claim (checking again the moment that wait ends, not at the next
+//!   poll);
 //! - the volume is no longer attached to this node (EBS detach): step down
 //!   and vacate the record, so a backup takes over at once;
 //! - as primary, this node's lease gate has been closed `takeover_delay_ms`
@@ -204,6 +205,8 @@ pub struct VolumeManager {
     /// The volume's writes in flight on this node (see `crate::io_watch`).
     io: Arc<IoWatch>,
     claims: Option<ClaimLog>,
+    /// When the check asked for by [`Self::check_again_in`] runs.
+    early_check: Option<Instant>,
 }
 
 /// The parts a volume manager is built from.
@@ -267,6 +270,7 @@ impl VolumeManager {
             stopped: false,
             io: Arc::default(),
             claims: parts.claims,
+            early_check: None,
         }
     }
 
@@ -523,10 +527,12 @@ impl VolumeManager {
     }
 
     /// Whether this node may claim now that the primary looks gone (or, with
-    /// `old_primary` 0, vacated the volume: then no lease needs to run out).
-    async fn my_turn(&mut self, old_primary: NodeId) -> bool {
+    /// `old_primary` 0, vacated the volume: then no lease needs to run out):
+    /// `Ok` when its wait is over, else `Err` with what is left of it on
+    /// this node's clock (`None` when the live nodes cannot be read).
+    async fn my_turn(&mut self, old_primary: NodeId) -> Result<(), Option<Duration>> {
         let since = *self.gone_since.get_or_insert_with(Instant::now);
-        let Ok(nodes) = self.meta.live_nodes().await else { return false };
+        let Ok(nodes) = self.meta.live_nodes().await else { return Err(None) };
         let volume = self.cfg.volume_id.clone();
         let mut ranked: Vec<NodeId> = nodes
             .iter()
@@ -536,9 +542,31 @@ impl VolumeManager {
         ranked.sort_unstable();
         let rank = ranked.iter().position(|&id| id == self.node_id).unwrap_or(ranked.len()) as u64;
         let lease_wait = if old_primary == 0 { 0 } else { self.timing.takeover_delay_ms };
-        let wait = lease_wait + rank * self.timing.rank_delay_ms;
+        let wait = Duration::from_millis(lease_wait + rank * self.timing.rank_delay_ms);
         // Measured on this node's clock, which may drift (see `crate::lease`).
-        self.gate.local_elapsed(since) >= Duration::from_millis(wait)
+        let waited = self.gate.local_elapsed(since);
+        if waited >= wait {
+            Ok(())
+        } else {
+            Err(Some(wait - waited))
+        }
+    }
+
+    /// Checks again in `after` (plus a millisecond), besides the periodic
+    /// ticks: a takeover's wait ends between two ticks, and waiting for the
+    /// next one would add up to `poll_ms` to the failover. One such check
+    /// is pending at a time (the earliest one asked for).
+    fn check_again_in(&mut self, after: Duration, ctx: &Context<Self>) {
+        let at = Instant::now() + after + Duration::from_millis(1);
+        if self.early_check.is_some_and(|pending| pending <= at && pending > Instant::now()) {
+            return;
+        }
+        self.early_check = Some(at);
+        let me = ctx.address();
+        ctx.host().spawn_detached(async move {
+            tokio::time::sleep_until(at).await;
+            let _ = me.send(Tick).await;
+        });
     }
 
     /// One check of the owner record; see the module docs.
@@ -631,11 +659,18 @@ impl VolumeManager {
         let gone = record.primary == 0 || matches!(self.meta.node(record.primary).await, Ok(None));
         if !gone {
             self.gone_since = None;
-        } else if self.my_turn(record.primary).await {
-            tracing::info!(volume = %self.volume(), old = record.primary, epoch = record.epoch, "primary is gone; taking over");
-            self.claim(Some(&(record.clone(), rev)), ctx).await;
-            if matches!(self.role, Role::Primary { .. }) {
-                return;
+        } else {
+            match self.my_turn(record.primary).await {
+                Ok(()) => {
+                    tracing::info!(volume = %self.volume(), old = record.primary, epoch = record.epoch,
+                        "primary is gone; taking over");
+                    self.claim(Some(&(record.clone(), rev)), ctx).await;
+                    if matches!(self.role, Role::Primary { .. }) {
+                        return;
+                    }
+                }
+                Err(Some(left)) => self.check_again_in(left, ctx),
+                Err(None) => {}
             }
         }
         self.be_backup(record.primary, record.epoch, ctx);

@@ -85,8 +85,11 @@ pub struct Failover {
     /// it gone, as `faults` lists it; absent when none did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cause: Option<String>,
-    /// When the cause struck; without one, when the new primary saw the
-    /// old one gone. Simulated ms.
+    /// When the service had to start recovering from the cause
+    /// (`Fault::recovery_from_ms`: the end of a metadata outage or a disk
+    /// stall, when the new primary saw the old one gone after that end;
+    /// else when the cause struck); without a cause, when the new primary
+    /// saw the old one gone. Simulated ms.
     pub at_ms: u64,
     /// How long the volume took no writes: `detect_ms + wait_ms + claim_ms +
     /// first_write_ms`, ms; absent when the new primary acknowledged no
@@ -153,7 +156,17 @@ pub fn failovers(history: &History, claims: &[ClaimRecord], faults: &[Scheduled]
                 .iter()
                 .rev()
                 .find(|f| f.at_ms <= claim.gone_seen_ms && !f.fault.is_repair() && strikes(&f.fault, &before.node));
-            let at_ms = cause.map_or(claim.gone_seen_ms, |f| f.at_ms);
+            // As the liveness checker counts: from the end of a fault no
+            // failover can fix (a metadata outage, a disk stall) if the new
+            // primary saw the old one gone after it, else from its start.
+            let at_ms = cause.map_or(claim.gone_seen_ms, |f| {
+                let recovery = f.at_ms + f.fault.recovery_from_ms();
+                if recovery <= claim.gone_seen_ms {
+                    recovery
+                } else {
+                    f.at_ms
+                }
+            });
             let next_claim_ms = list.get(i + 2).map_or(u64::MAX, |c| c.serving_ms);
             // The new primary's first acknowledged write, and how much of it
             // came after serving began (a write sent later, by a client that
