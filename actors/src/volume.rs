@@ -2,8 +2,10 @@
 //! (primary read-write, or backup), its epoch (the fencing token), and
 //! failover.
 //!
-//! Every `poll_ms` it compares the volume's owner record in the metadata
-//! store with what it is doing, and acts:
+//! Every `poll_ms`, and at once when a watch of the metadata store sees a
+//! node's liveness record deleted or the volume's owner record change, it
+//! compares the volume's owner record in the metadata store with what it is
+//! doing, and acts:
 //! - no record, or the record names this node but not at the epoch it
 //!   serves (a restart): claim;
 //! - the record names another node: be a backup (stepping down first if this
@@ -227,7 +229,11 @@ pub struct VolumeParts {
     pub claims: Option<ClaimLog>,
 }
 
-/// Periodic check, sent by the manager's own timer.
+/// Polls after which a volume manager sets up its metadata watch again
+/// (see `VolumeManager::watch_for_takeovers`).
+const REWATCH_POLLS: u32 = 20;
+
+/// A check, sent by the manager's own timer and by its metadata watch.
 struct Tick;
 
 impl Message for Tick {
@@ -569,6 +575,41 @@ impl VolumeManager {
         });
     }
 
+    /// Checks at once whenever the metadata store says a node's liveness
+    /// record is gone or the volume's owner record changed
+    /// (`MetaOps::watch_takeover_events`), besides the poll: a failover no
+    /// longer waits up to `poll_ms` to notice the old primary's lease
+    /// ended. Each watch is set up again after [`REWATCH_POLLS`] polls (a
+    /// partition can stall a stream without ending it), and after a
+    /// failure, a poll period later.
+    fn watch_for_takeovers(&self, ctx: &Context<Self>) {
+        let (meta, volume, me) = (self.meta.clone(), self.cfg.volume_id.clone(), ctx.address());
+        let period = Duration::from_millis(self.timing.poll_ms);
+        ctx.host().spawn_detached(async move {
+            use futures::StreamExt as _;
+            while !me.is_closed() {
+                let mut failed = true;
+                if let Ok(events) = meta.watch_takeover_events(&volume).await {
+                    let rewatch = Box::pin(tokio::time::sleep(period * REWATCH_POLLS));
+                    let mut events = events.take_until(rewatch);
+                    failed = false;
+                    while let Some(event) = events.next().await {
+                        if event.is_err() {
+                            failed = true;
+                            break;
+                        }
+                        if me.send(Tick).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                if failed {
+                    tokio::time::sleep(period).await;
+                }
+            }
+        });
+    }
+
     /// One check of the owner record; see the module docs.
     async fn check(&mut self, ctx: &Context<Self>) {
         if self.stopped {
@@ -695,6 +736,7 @@ impl Actor for VolumeManager {
                 shards: None,
             });
         }
+        self.watch_for_takeovers(ctx);
         let me = ctx.address();
         let period = Duration::from_millis(self.timing.poll_ms);
         ctx.host().spawn_detached(async move {

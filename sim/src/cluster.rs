@@ -572,7 +572,7 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
     }
     tokio::time::sleep(Duration::from_millis(1)).await;
     let buggified = attache_actors::buggify::disable().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-    let history = rec.history();
+    let history = rec.take_history();
     // Of the faults applied: one aimed at a role no node held struck nobody.
     let disruptions = applied
         .iter()

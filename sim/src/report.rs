@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::check::{self, Disruption, Violation};
 use crate::ebs::{SyncRecord, VolumeCounts};
-use crate::history::{EventType, History, F};
+use crate::history::{EventType, History, Op, F};
 use crate::metalog::MetaDiskCounts;
 
 /// The raw result of one simulated run.
@@ -124,9 +124,8 @@ fn strikes(f: &attache_faults::Fault, node: &str) -> bool {
 
 /// The run's failovers: each claim of a volume by a node other than the
 /// one that claimed it before, with its cause among `faults` and its
-/// first acknowledged write in `history`.
-pub fn failovers(history: &History, claims: &[ClaimRecord], faults: &[Scheduled]) -> Vec<Failover> {
-    let ops = history.ops();
+/// first acknowledged write in `ops` (the run's history).
+pub fn failovers(ops: &[Op], claims: &[ClaimRecord], faults: &[Scheduled]) -> Vec<Failover> {
     let volume_of: BTreeMap<u64, String> = ops
         .iter()
         .filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok)
@@ -319,7 +318,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
         ops: counts,
         longest_search,
         faults,
-        failovers: failovers(&outcome.history, &outcome.claims, &outcome.faults),
+        failovers: failovers(&ops, &outcome.claims, &outcome.faults),
         buggified: outcome.buggified.clone(),
         metadata_disk: outcome.metadata_disk.clone(),
         volumes: outcome.volumes.clone(),

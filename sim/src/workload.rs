@@ -64,9 +64,10 @@ impl Recorder {
         self.history.lock().expect("history lock").push(e);
     }
 
-    /// The history so far.
-    pub fn history(&self) -> History {
-        self.history.lock().expect("history lock").clone()
+    /// The history so far, taken out of the recorder (which is left
+    /// empty): called once, when the run's clients are done.
+    pub fn take_history(&self) -> History {
+        std::mem::take(&mut *self.history.lock().expect("history lock"))
     }
 }
 
@@ -628,7 +629,15 @@ pub async fn run_client(
             process
         }
     });
-    let (processes, ()) = futures::future::join(futures::future::join_all(processes), lifecycle).await;
+    // Each process, and the lifecycle, is a task of its own on the client's
+    // node: under one task, every wake-up would poll every process again
+    // (and each poll of a pending sleep registers another timer), which
+    // cost more than the system under test.
+    let processes: Vec<_> = processes.map(madsim::task::spawn).collect();
+    let lifecycle = madsim::task::spawn(lifecycle);
+    let processes: Vec<u64> =
+        futures::future::join_all(processes).await.into_iter().map(|p| p.expect("a client process panicked")).collect();
+    lifecycle.await.expect("the lifecycle process panicked");
     // Final reads: every key of every live shard, until each succeeds once.
     let mut process = processes.into_iter().max().unwrap_or(0);
     let shards = shards.lock().expect("shards lock").clone();

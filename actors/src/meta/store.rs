@@ -23,7 +23,9 @@ use std::sync::Arc;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::meta::backend::{Compare, CompareOp, KeyValue, LeaseId, MetaError, MetadataBackend, Revision, Txn, TxnOp};
+use crate::meta::backend::{
+    Compare, CompareOp, KeyValue, LeaseId, MetaError, MetadataBackend, Revision, Txn, TxnOp, WatchEvent, WatchStream,
+};
 use crate::retry::{retry, Jitter, RetryPolicy, Transient};
 use crate::shard::layout::ShardState;
 use crate::shard::ShardId;
@@ -369,5 +371,21 @@ impl MetaOps {
     /// The nodes whose lease is live, by id.
     pub async fn live_nodes(&self) -> Result<Vec<NodeRecord>, MetaError> {
         self.range(&format!("{ROOT}nodes/")).await
+    }
+
+    /// From now on, the changes that call for a volume manager's check at
+    /// once: a liveness record deleted (a node's lease expired or was
+    /// revoked) and any change of `volume_id`'s owner record. A wake-up
+    /// call only: the caller reads the records itself, and keeps polling
+    /// (changes made while a watch is being set up are missed, and a
+    /// partition can stall a stream without ending it).
+    ///
+    /// Errors: the backend's, when either watch cannot be set up.
+    pub async fn watch_takeover_events(&self, volume_id: &str) -> Result<WatchStream, MetaError> {
+        use futures::StreamExt as _;
+        let nodes = self.backend.watch(format!("{ROOT}nodes/").as_bytes(), 0).await?;
+        let volume = self.backend.watch(volume_key(volume_id).as_bytes(), 0).await?;
+        let deletes = nodes.filter(|e| std::future::ready(!matches!(e, Ok(WatchEvent::Put(_)))));
+        Ok(Box::pin(futures::stream::select(deletes, volume)))
     }
 }
