@@ -97,9 +97,15 @@ pub struct FailoverTiming {
     pub io_timeout_ms: u64,
 }
 
+/// The takeover and rank delays are the simulation's (`SimTiming`), so the
+/// defaults that ship are the ones the simulated schedules exercise; the
+/// lease math needs no takeover delay at all at the default drift and margin
+/// (`LeaseTiming::validate`), the delay is extra room for the old primary's
+/// step-down. Backups check the owner record on a watch of the metadata
+/// store and when their wait ends, so `poll_ms` is the fallback.
 impl Default for FailoverTiming {
     fn default() -> Self {
-        FailoverTiming { poll_ms: 500, takeover_delay_ms: 500, rank_delay_ms: 1_000, io_timeout_ms: 10_000 }
+        FailoverTiming { poll_ms: 500, takeover_delay_ms: 300, rank_delay_ms: 500, io_timeout_ms: 10_000 }
     }
 }
 
@@ -125,8 +131,9 @@ impl FailoverTiming {
     }
 }
 
-/// One successful claim of a volume, as the claiming node saw it, on its
-/// own clock: what the simulation's failover report is built from, and
+/// One successful claim of a volume, as the claiming node saw it (its
+/// monotonic clock's instants; the waits themselves are measured on its
+/// possibly drifting lease clock): what the simulation's failover report is built from, and
 /// what the `attache_takeover_seconds{phase}` metric (`wait`, `cas`,
 /// `fence`, `open`) and the "primary for volume" log line give in
 /// production.
@@ -201,8 +208,12 @@ pub struct VolumeManager {
     retire: Vec<Arc<AtomicBool>>,
     /// Since when this primary has seen its lease gate closed.
     gate_closed_since: Option<Instant>,
-    /// Since when the primary named by the record has looked gone (or the record vacant).
-    gone_since: Option<Instant>,
+    /// Since when the primary named by the record has looked gone (or the
+    /// record vacant; or, with epoch 0, absent), with that primary and the
+    /// record's epoch: a wait counts for that record only, so a record that
+    /// changed meanwhile (the old primary came back and claimed a new
+    /// epoch) starts the wait again.
+    gone_since: Option<(NodeId, u64, Instant)>,
     stopped: bool,
     /// The volume's writes in flight on this node (see `crate::io_watch`).
     io: Arc<IoWatch>,
@@ -478,7 +489,7 @@ impl VolumeManager {
             node_id: self.node_id,
             epoch: won.epoch,
             takeover,
-            gone_seen: self.gone_since.take().unwrap_or(started).min(started),
+            gone_seen: self.gone_since.take().map_or(started, |(_, _, at)| at).min(started),
             started,
             cas_done,
             fenced,
@@ -532,12 +543,25 @@ impl VolumeManager {
         }
     }
 
+    /// When this node first saw `primary` gone (or the record vacant, or
+    /// absent) at `epoch`: now, if it last saw another record so.
+    fn gone_since_for(&mut self, primary: NodeId, epoch: u64) -> Instant {
+        match self.gone_since {
+            Some((p, e, at)) if p == primary && e == epoch => at,
+            _ => {
+                let now = Instant::now();
+                self.gone_since = Some((primary, epoch, now));
+                now
+            }
+        }
+    }
+
     /// Whether this node may claim now that the primary looks gone (or, with
     /// `old_primary` 0, vacated the volume: then no lease needs to run out):
     /// `Ok` when its wait is over, else `Err` with what is left of it on
     /// this node's clock (`None` when the live nodes cannot be read).
-    async fn my_turn(&mut self, old_primary: NodeId) -> Result<(), Option<Duration>> {
-        let since = *self.gone_since.get_or_insert_with(Instant::now);
+    async fn my_turn(&mut self, old_primary: NodeId, epoch: u64) -> Result<(), Option<Duration>> {
+        let since = self.gone_since_for(old_primary, epoch);
         let Ok(nodes) = self.meta.live_nodes().await else { return Err(None) };
         let volume = self.cfg.volume_id.clone();
         let mut ranked: Vec<NodeId> = nodes
@@ -560,11 +584,16 @@ impl VolumeManager {
 
     /// Checks again in `after` (plus a millisecond), besides the periodic
     /// ticks: a takeover's wait ends between two ticks, and waiting for the
-    /// next one would add up to `poll_ms` to the failover. One such check
-    /// is pending at a time (the earliest one asked for).
+    /// next one would add up to `poll_ms` to the failover. No new check is
+    /// set up while one is pending no later than a quarter poll after this
+    /// one would be.
     fn check_again_in(&mut self, after: Duration, ctx: &Context<Self>) {
         let at = Instant::now() + after + Duration::from_millis(1);
-        if self.early_check.is_some_and(|pending| pending <= at && pending > Instant::now()) {
+        // A pending check at most a quarter poll after this one will do (on
+        // a fast clock the time wanted creeps earlier at every check; each
+        // must not start another task).
+        let slack = Duration::from_millis(self.timing.poll_ms / 4);
+        if self.early_check.is_some_and(|pending| pending <= at + slack && pending > Instant::now()) {
             return;
         }
         self.early_check = Some(at);
@@ -586,24 +615,32 @@ impl VolumeManager {
         let (meta, volume, me) = (self.meta.clone(), self.cfg.volume_id.clone(), ctx.address());
         let period = Duration::from_millis(self.timing.poll_ms);
         ctx.host().spawn_detached(async move {
-            use futures::StreamExt as _;
+            use futures::{FutureExt as _, StreamExt as _};
             while !me.is_closed() {
-                let mut failed = true;
+                let mut rotated = false;
                 if let Ok(events) = meta.watch_takeover_events(&volume).await {
                     let rewatch = Box::pin(tokio::time::sleep(period * REWATCH_POLLS));
                     let mut events = events.take_until(rewatch);
-                    failed = false;
                     while let Some(event) = events.next().await {
                         if event.is_err() {
-                            failed = true;
                             break;
+                        }
+                        // Events that came together make one check (after
+                        // an outage, every lease may expire at once).
+                        while let Some(Some(more)) = events.next().now_or_never() {
+                            if more.is_err() {
+                                break;
+                            }
                         }
                         if me.send(Tick).await.is_err() {
                             return;
                         }
                     }
+                    rotated = events.is_stopped();
                 }
-                if failed {
+                // Set up again at once after a rotation; a poll period
+                // later after a failure or a stream that ended by itself.
+                if !rotated {
                     tokio::time::sleep(period).await;
                 }
             }
@@ -668,7 +705,7 @@ impl VolumeManager {
         let Some((record, rev)) = current.clone() else {
             // A volume nobody ever held: its home node claims it at once,
             // others only if the home node does not within the takeover delay.
-            let since = *self.gone_since.get_or_insert_with(Instant::now);
+            let since = self.gone_since_for(0, 0);
             let waited = self.gate.local_elapsed(since);
             if self.home || waited >= Duration::from_millis(self.timing.takeover_delay_ms + self.timing.rank_delay_ms) {
                 self.claim(None, ctx).await;
@@ -701,7 +738,7 @@ impl VolumeManager {
         if !gone {
             self.gone_since = None;
         } else {
-            match self.my_turn(record.primary).await {
+            match self.my_turn(record.primary, record.epoch).await {
                 Ok(()) => {
                     tracing::info!(volume = %self.volume(), old = record.primary, epoch = record.epoch,
                         "primary is gone; taking over");

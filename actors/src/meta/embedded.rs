@@ -265,6 +265,10 @@ impl MetadataStore {
                 for e in past {
                     let _ = tx.send(Ok(e));
                 }
+                // Watchers whose stream was dropped go now: an event reaches
+                // (and removes) only those under its own prefix, so a
+                // watcher of keys that never change would stay forever.
+                self.watchers.retain(|(_, tx)| !tx.is_closed());
                 self.watchers.push((prefix, tx));
                 Answer::Watch(Box::pin(UnboundedReceiverStream::new(rx)))
             }
@@ -540,6 +544,17 @@ mod tests {
             success: vec![TxnOp::Put { key: key.into(), value: b"v".to_vec(), lease: 0 }],
             ..Default::default()
         })
+    }
+
+    #[tokio::test]
+    async fn a_dropped_watch_of_keys_that_never_change_is_forgotten() {
+        let mut store = MetadataStore::recover(Arc::new(MemMetaLog::default())).await.unwrap();
+        for _ in 0..100 {
+            let w = store.call(Call::Watch { prefix: b"quiet/".to_vec(), from: 0 }).await.unwrap();
+            drop(w);
+        }
+        let _live = store.call(Call::Watch { prefix: b"quiet/".to_vec(), from: 0 }).await.unwrap();
+        assert_eq!(store.watchers.len(), 1, "dropped watches are kept");
     }
 
     #[tokio::test]

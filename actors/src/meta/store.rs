@@ -384,8 +384,12 @@ impl MetaOps {
     pub async fn watch_takeover_events(&self, volume_id: &str) -> Result<WatchStream, MetaError> {
         use futures::StreamExt as _;
         let nodes = self.backend.watch(format!("{ROOT}nodes/").as_bytes(), 0).await?;
-        let volume = self.backend.watch(volume_key(volume_id).as_bytes(), 0).await?;
+        let key = volume_key(volume_id);
+        let volume = self.backend.watch(key.as_bytes(), 0).await?;
         let deletes = nodes.filter(|e| std::future::ready(!matches!(e, Ok(WatchEvent::Put(_)))));
-        Ok(Box::pin(futures::stream::select(deletes, volume)))
+        // A watch is of a prefix: `vol-1`'s also sees `vol-10`.
+        let this_volume =
+            volume.filter(move |e| std::future::ready(e.as_ref().map_or(true, |e| e.key() == key.as_bytes())));
+        Ok(Box::pin(futures::stream::select(deletes, this_volume)))
     }
 }
