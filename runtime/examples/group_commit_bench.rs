@@ -44,12 +44,17 @@ impl Row {
     }
 }
 
-fn raw_rocksdb(dir: &std::path::Path, puts: u64, batch: u64) -> Row {
+/// A RocksDB with default options in `dir`, and write options that sync.
+fn open_synced(dir: &std::path::Path) -> (rocksdb::DB, rocksdb::WriteOptions) {
     let mut opts = rocksdb::Options::default();
     opts.create_if_missing(true);
-    let db = rocksdb::DB::open(&opts, dir).unwrap();
     let mut wo = rocksdb::WriteOptions::default();
     wo.set_sync(true);
+    (rocksdb::DB::open(&opts, dir).unwrap(), wo)
+}
+
+fn raw_rocksdb(dir: &std::path::Path, puts: u64, batch: u64) -> Row {
+    let (db, wo) = open_synced(dir);
     let start = Instant::now();
     let mut i = 0;
     while i < puts {
@@ -73,11 +78,7 @@ fn raw_rocksdb(dir: &std::path::Path, puts: u64, batch: u64) -> Row {
 /// record and the id's two records written, as `commit::apply_group` does.
 fn raw_shard_layout(dir: &std::path::Path, puts: u64, batch: u64) -> Row {
     use attache_actors::shard::layout;
-    let mut opts = rocksdb::Options::default();
-    opts.create_if_missing(true);
-    let db = rocksdb::DB::open(&opts, dir).unwrap();
-    let mut wo = rocksdb::WriteOptions::default();
-    wo.set_sync(true);
+    let (db, wo) = open_synced(dir);
     let start = Instant::now();
     let mut i = 0;
     while i < puts {
