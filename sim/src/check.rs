@@ -687,18 +687,22 @@ pub fn index_hits(ops: &[Op]) -> Vec<Violation> {
 /// began. (A ShardStats is served by the shard's primary, linearizably.)
 pub fn shard_stats(ops: &[Op]) -> Vec<Violation> {
     let mut out = Vec::new();
+    // Each stats read is checked against its own shard's operations.
+    let mut by_shard: BTreeMap<u64, Vec<&Op>> = BTreeMap::new();
+    for o in ops {
+        by_shard.entry(o.shard).or_default().push(o);
+    }
     for r in ops.iter().filter(|o| o.f == F::ShardStats && o.outcome == EventType::Ok) {
         let value = r.value.as_deref().unwrap_or("");
         let field = |name: &str| value.split(' ').find_map(|p| p.strip_prefix(name)?.strip_prefix('='));
         let live: u64 = field("live_keys").and_then(|n| n.parse().ok()).unwrap_or(u64::MAX);
         let end = r.complete.unwrap_or(u64::MAX);
-        let of_shard = |w: &&Op| w.shard == r.shard;
-        let writes = || ops.iter().filter(of_shard).filter(|w| matches!(w.f, F::Write | F::BatchWrite));
+        let shard_ops = &by_shard[&r.shard];
+        let writes = || shard_ops.iter().copied().filter(|w| matches!(w.f, F::Write | F::BatchWrite));
         let written: BTreeSet<&str> =
             writes().filter(|w| w.outcome != EventType::Fail && w.invoke < end).flat_map(|w| w.keys()).collect();
-        let maybe_deleted: BTreeSet<&str> = ops
+        let maybe_deleted: BTreeSet<&str> = shard_ops
             .iter()
-            .filter(of_shard)
             .filter(|d| d.f == F::Delete && d.outcome != EventType::Fail && d.invoke < end)
             .map(|d| d.key.as_str())
             .collect();
@@ -720,9 +724,8 @@ pub fn shard_stats(ops: &[Op]) -> Vec<Violation> {
                 ),
             ));
         }
-        let closed_before = ops
+        let closed_before = shard_ops
             .iter()
-            .filter(of_shard)
             .any(|c| c.f == F::CloseShard && c.outcome == EventType::Ok && c.complete.is_some_and(|t| t < r.invoke));
         if closed_before && field("state") != Some("read-only") {
             out.push(violation(

@@ -231,9 +231,24 @@ pub struct Summary {
 pub struct RunReport {
     pub summary: Summary,
     pub outcome: RunOutcome,
-    /// FNV-1a over the history, the volume write log and the faults: equal
-    /// digests mean the same run.
-    pub digest: u64,
+    /// A run that did not finish: the digest of its violation (see [`RunReport::digest`]).
+    failed_digest: Option<u64>,
+}
+
+impl RunReport {
+    /// FNV-1a over the history, the volume write log and the faults (for a
+    /// run that did not finish, over its violation): equal digests mean the
+    /// same run. Computed on each call: it serializes the whole history, so
+    /// only the runs whose determinism is checked pay for it.
+    pub fn digest(&self) -> u64 {
+        if let Some(d) = self.failed_digest {
+            return d;
+        }
+        let o = &self.outcome;
+        let mut digest = fnv1a(o.history.to_jsonl().as_bytes(), 0xcbf29ce484222325);
+        digest = fnv1a(serde_json::to_string(&o.syncs).expect("syncs serialize").as_bytes(), digest);
+        fnv1a(serde_json::to_string(&o.faults).expect("faults serialize").as_bytes(), digest)
+    }
 }
 
 fn fnv1a(bytes: &[u8], mut h: u64) -> u64 {
@@ -307,9 +322,6 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
             format!("{} ms {}{when}", f.at_ms, describe(&f.fault))
         })
         .collect();
-    let mut digest = fnv1a(outcome.history.to_jsonl().as_bytes(), 0xcbf29ce484222325);
-    digest = fnv1a(serde_json::to_string(&outcome.syncs).expect("syncs serialize").as_bytes(), digest);
-    digest = fnv1a(serde_json::to_string(&outcome.faults).expect("faults serialize").as_bytes(), digest);
     let summary = Summary {
         scenario: scenario.to_string(),
         seed,
@@ -325,7 +337,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
         skipped_faults: outcome.skipped_faults,
         violations,
     };
-    RunReport { summary, outcome, digest }
+    RunReport { summary, outcome, failed_digest: None }
 }
 
 /// The report of a run that did not finish (it panicked or hung): no
@@ -349,5 +361,5 @@ pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
         skipped_faults: 0,
         violations: vec![violation],
     };
-    RunReport { summary, outcome, digest }
+    RunReport { summary, outcome, failed_digest: Some(digest) }
 }
