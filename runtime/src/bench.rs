@@ -550,6 +550,10 @@ pub struct Report {
     pub mix: String,
     pub distribution: KeyDistribution,
     pub records: u64,
+    /// The records reads drew from at the end: loaded, then inserted by the
+    /// run and acknowledged without a gap (`records` plus the run's inserts
+    /// when all succeeded).
+    pub records_after: u64,
     /// Value size, bytes.
     pub value_size: usize,
     pub connections: usize,
@@ -893,6 +897,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
     let mut phases = vec![];
     if loaded {
         phases.push(run_phase(&shared, Phase::Load, "load").await?);
+        // Each load task's last draw went past the records: the run's
+        // inserts go on from the first record not loaded, so the
+        // acknowledged limit (`Acknowledged`) can pass them.
+        shared.next_insert.store(args.records, Ordering::Relaxed);
     }
     let phase = match args.duration {
         Some(secs) => Phase::Run { operations: u64::MAX, until: Some(Instant::now() + Duration::from_secs_f64(secs)) },
@@ -909,6 +917,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<Report> {
         mix: args.workload.describe(),
         distribution,
         records: args.records,
+        records_after: shared.acknowledged.limit(),
         value_size: args.value_size,
         connections: args.connections,
         in_flight: args.in_flight,

@@ -74,6 +74,16 @@ fn check_report(r: &Value, target: &str, workload: &str, run_operations: u64) {
             assert!(q[0] > 0.0 && q.windows(2).all(|w| w[0] <= w[1]), "quantiles out of order: {o:#}");
         }
     }
+    // Reads draw from every record loaded or inserted: each acknowledged
+    // insert of the run extends them.
+    let inserted: u64 = phases[1]["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["op"] == "insert")
+        .map(|o| o["ok"].as_u64().unwrap())
+        .sum();
+    assert_eq!(r["records_after"].as_u64().unwrap(), 200 + inserted, "{workload}");
     // The mix shows: workload a's run has both reads and updates.
     if workload == "a" {
         assert_eq!(phases[1]["ops"].as_array().unwrap().len(), 2);
