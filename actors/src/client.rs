@@ -25,7 +25,8 @@
 //!   drawn from a generator seeded by the caller, until
 //!   [`ClientSettings::deadline_ms`] after the call began; except that a
 //!   rejection whose hint names a node tried neither in that attempt nor
-//!   in the one before is followed at once (the primary moved there).
+//!   in the one before is followed at once (the primary moved there), at
+//!   most twice in a row.
 //! - A failed call reports [`Outcome::Rejected`] only when no attempt may
 //!   have taken effect; once one attempt's outcome was unknown, the call's is
 //!   [`Outcome::Unknown`], whatever later attempts answered.
@@ -313,8 +314,9 @@ impl Client {
         };
         let mut attempts = 0u32;
         let mut unknown = false;
-        // The node the attempt before this one went to.
-        let mut before: Option<usize> = None;
+        // The node the attempt before this one went to, and how many
+        // retries in a row went without a pause.
+        let (mut before, mut in_a_row): (Option<usize>, u32) = (None, 0);
         loop {
             attempts += 1;
             let (addr, stub) = {
@@ -376,10 +378,11 @@ impl Client {
             };
             // A rejection that names a primary tried neither now nor just
             // before is followed at once (the primary moved; TiKV's client
-            // likewise retries a NotLeader with a new leader at once);
-            // anything else backs off, so two nodes naming each other cannot
-            // make a loop without pauses.
-            let at_once = rejected && hinted && next != at && Some(next) != before;
+            // likewise retries a NotLeader with a new leader at once), at
+            // most twice in a row; anything else backs off, so nodes whose
+            // views of the primary differ cannot make a loop without pauses.
+            let at_once = rejected && hinted && next != at && Some(next) != before && in_a_row < 2;
+            in_a_row = if at_once { in_a_row + 1 } else { 0 };
             (before, at) = (Some(at), next);
             let sleep = if at_once { Duration::ZERO } else { self.jitter.below(self.policy.cap(attempts)) };
             if Instant::now() + sleep + MIN_RETRY_ATTEMPT > deadline {
