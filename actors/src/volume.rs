@@ -133,10 +133,10 @@ impl FailoverTiming {
 
 /// One successful claim of a volume, as the claiming node saw it (its
 /// monotonic clock's instants; the waits themselves are measured on its
-/// possibly drifting lease clock): what the simulation's failover report is built from, and
-/// what the `attache_takeover_seconds{phase}` metric (`wait`, `cas`,
-/// `fence`, `open`) and the "primary for volume" log line give in
-/// production.
+/// possibly drifting lease clock): what the simulation's failover report
+/// is built from, and what the `attache_takeover_seconds{phase}` metric
+/// (`wait`, `cas`, `fence`, `open`) and the "primary for volume" log line
+/// give in production.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Claimed {
     /// The volume.
