@@ -321,7 +321,7 @@ fn volume_setup(a: &NodeArgs, volumes: &[String]) -> anyhow::Result<VolumeSetup>
 fn file_layer(path: &std::path::Path) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
     let file: Option<NodeArgs> =
-        serde_yaml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+        yaml_serde::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
     to_layer(&file.unwrap_or_default()).with_context(|| format!("config file {}", path.display()))
 }
 
