@@ -65,6 +65,8 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution as _, Zipf};
 use serde::Serialize;
 
+use crate::client_cli::code_name;
+
 /// YCSB's zipfian constant.
 const ZIPFIAN_EXPONENT: f64 = 0.99;
 
@@ -427,16 +429,11 @@ impl Target {
     }
 }
 
-/// The first key after every key that starts with `prefix` (etcd's range end for a prefix).
+/// The first key after every key that starts with `prefix` (etcd's range
+/// end for a prefix): `layout::prefix_end`, or `\0` (etcd's "no end") for a
+/// prefix of 0xff bytes only.
 fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
+    attache_actors::shard::layout::prefix_end(prefix.as_bytes()).unwrap_or_else(|| vec![0])
 }
 
 fn failure_name(f: Failure) -> OpError {
@@ -448,10 +445,6 @@ fn etcd_error_name(e: etcd_client::Error) -> OpError {
         etcd_client::Error::GRpcStatus(s) => code_name(s.code()).to_string(),
         _ => "TRANSPORT".into(),
     }
-}
-
-fn code_name(code: tonic::Code) -> &'static str {
-    crate::client_cli::code_name(code)
 }
 
 /// Latencies and errors of one operation type in one task (merged at the end).

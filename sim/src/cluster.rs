@@ -233,11 +233,8 @@ impl Claims {
                 node: node.clone(),
                 addr: addr.clone(),
                 epoch: c.epoch,
-                takeover: c.takeover,
                 gone_seen_ms: ms(c.gone_seen),
                 started_ms: ms(c.started),
-                cas_done_ms: ms(c.cas_done),
-                fenced_ms: ms(c.fenced),
                 serving_ms: ms(c.serving),
             });
         })

@@ -214,16 +214,9 @@ mod runner {
             ("  claim (CAS, fence)", |f| f.claim_ms),
             ("  first write", |f| f.first_write_ms.unwrap_or(0)),
         ];
-        for (name, part) in parts {
-            let mut ms: Vec<u64> = done.iter().map(|(f, _, _)| part(f)).collect();
-            ms.sort_unstable();
-            if let Some(max) = ms.last() {
-                println!(
-                    "  {name:<24} p50 {:>6} ms  p99 {:>6} ms  max {max:>6} ms",
-                    percentile(&ms, 0.5),
-                    percentile(&ms, 0.99)
-                );
-            }
+        for (name, part) in parts.into_iter().filter(|_| !done.is_empty()) {
+            let (p50, p99, max) = spread(done.iter().map(|(f, _, _)| part(f)).collect());
+            println!("  {name:<24} p50 {p50:>6} ms  p99 {p99:>6} ms  max {max:>6} ms");
         }
         // The whole time by the kind of fault that caused it.
         let mut by_cause: std::collections::BTreeMap<&str, Vec<u64>> = Default::default();
@@ -231,15 +224,10 @@ mod runner {
             let kind = f.cause.as_deref().and_then(|c| c.split_whitespace().nth(2)).unwrap_or("no fault");
             by_cause.entry(kind).or_default().push(f.duration_ms.unwrap_or(0));
         }
-        for (kind, mut ms) in by_cause {
-            ms.sort_unstable();
-            println!(
-                "  after {kind:<20} p50 {:>6} ms  p99 {:>6} ms  max {:>6} ms  ({} failovers)",
-                percentile(&ms, 0.5),
-                percentile(&ms, 0.99),
-                ms.last().unwrap_or(&0),
-                ms.len()
-            );
+        for (kind, ms) in by_cause {
+            let n = ms.len();
+            let (p50, p99, max) = spread(ms);
+            println!("  after {kind:<20} p50 {p50:>6} ms  p99 {p99:>6} ms  max {max:>6} ms  ({n} failovers)");
         }
         if let Some((f, scenario, seed)) = done.iter().max_by_key(|(f, _, _)| f.duration_ms) {
             println!(
@@ -256,6 +244,12 @@ mod runner {
             f.cause.as_deref().unwrap_or("no fault")
         );
         }
+    }
+
+    /// p50, p99 and max of `ms` (0s when empty).
+    fn spread(mut ms: Vec<u64>) -> (u64, u64, u64) {
+        ms.sort_unstable();
+        (percentile(&ms, 0.5), percentile(&ms, 0.99), ms.last().copied().unwrap_or(0))
     }
 
     fn percentile(sorted: &[u64], q: f64) -> u64 {

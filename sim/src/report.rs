@@ -52,7 +52,9 @@ pub struct OpCounts {
 }
 
 /// A successful claim of a volume by a storage node
-/// (`attache_actors::volume::Claimed`), in simulated ms since the run started.
+/// (`attache_actors::volume::Claimed`), in simulated ms since the run
+/// started: what [`failovers`] needs of it (a failover is a claim by
+/// another node than the one before, whatever the claim's `takeover` flag).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClaimRecord {
     pub volume: String,
@@ -61,12 +63,8 @@ pub struct ClaimRecord {
     /// Its address, as the history names the node that answered.
     pub addr: String,
     pub epoch: u64,
-    /// The record named another node, or nobody, before.
-    pub takeover: bool,
     pub gone_seen_ms: u64,
     pub started_ms: u64,
-    pub cas_done_ms: u64,
-    pub fenced_ms: u64,
     pub serving_ms: u64,
 }
 
