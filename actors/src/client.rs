@@ -21,6 +21,24 @@
 //!   call marked [`Repeat::Never`] (`NewShard`) is not sent again after
 //!   such an attempt (it is after a rejection, which had no effect).
 //! - A hint that is not a usable address counts as no hint.
+//! - Hedging: a call that may be repeated ([`Repeat::Always`]) whose
+//!   attempt has had no answer for [`ClientSettings::hedge_after_ms`] is
+//!   also sent to the next node (each hedge to the node after the last one
+//!   asked), again every `hedge_after_ms` while that attempt is out; at most
+//!   two attempts are in flight. The first answer that serves the call wins.
+//!   A hedge's rejection that names a node not being asked is followed at
+//!   once (the rule below); one that names the node being asked, or none,
+//!   leaves the call waiting on that node. A paused or partitioned primary
+//!   thus holds a call up for about `hedge_after_ms` past the moment a new
+//!   primary serves, not for the whole attempt timeout (unless the hedge
+//!   hangs too: the next node is asked only when one of them answers or
+//!   times out). A write's hedge carries the same request id: a shard that
+//!   applied it acknowledges it without applying it again, and an old
+//!   primary still committing it is fenced off the volume before a new one
+//!   opens it, so it cannot apply twice. A final answer from one attempt
+//!   (a rejection other than `UNAVAILABLE`) ends the call only once the
+//!   other has answered too, and a call sent to a node of the caller's
+//!   choice does not move the shard's route when it is served elsewhere.
 //! - Retries back off exponentially with full jitter ([`crate::retry`]),
 //!   drawn from a generator seeded by the caller, until
 //!   [`ClientSettings::deadline_ms`] after the call began; except that a
@@ -28,7 +46,8 @@
 //!   in the one before is followed at once (the primary moved there), at
 //!   most twice in a row.
 //! - A failed call reports [`Outcome::Rejected`] only when no attempt may
-//!   have taken effect; once one attempt's outcome was unknown, the call's is
+//!   have taken effect; once one attempt's outcome was unknown (or one was
+//!   still in flight when the call ended), the call's is
 //!   [`Outcome::Unknown`], whatever later attempts answered.
 //! - Writes (put, batch put, delete) carry a request id from
 //!   [`Client::request_id`], made once per write and kept in every attempt's
@@ -40,6 +59,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -48,6 +68,7 @@ use crate::retry::{Jitter, RetryPolicy};
 use crate::service::proto::attache_client::AttacheClient;
 use crate::service::{is_rejection, primary_hint};
 use crate::shard::ShardId;
+use crate::timer::{self, Alarm};
 
 /// A retry starts only if at least this much of the call's deadline is left
 /// for it (a shorter attempt would mostly end in a timeout, turning a clean
@@ -73,6 +94,10 @@ pub struct ClientSettings {
     /// One attempt is abandoned (outcome unknown) after this long, ms; the
     /// next attempt goes to the next node.
     pub attempt_timeout_ms: u64,
+    /// An attempt with no answer after this long is hedged, ms: the same
+    /// request goes to another node as well, and the first answer that
+    /// serves it wins (0: never). See [`DEFAULT_HEDGE_AFTER_MS`].
+    pub hedge_after_ms: u64,
     /// Seed of the backoff jitter (a simulation seed; anything in production).
     pub seed: u64,
 }
@@ -85,6 +110,16 @@ pub struct ClientSettings {
 /// on the new primary took 3.5-4.2 s at lease TTL 2 s.
 pub const DEFAULT_MAX_BACKOFF_MS: u64 = 500;
 
+/// Default of [`ClientSettings::hedge_after_ms`]. A hedged request goes to
+/// a second server once the first has been outstanding for longer than the
+/// latency most requests see (Dean and Barroso, "The Tail at Scale", CACM
+/// 2013, "hedged requests"). A put here answers in milliseconds (p99 6 ms at
+/// 64 in flight, `attache bench`), so 250 ms is far past that: a call
+/// hedges when its node is paused, partitioned or dead, and then learns of
+/// a new primary within about 250 ms instead of after the whole attempt
+/// timeout (10 s by default).
+pub const DEFAULT_HEDGE_AFTER_MS: u64 = 250;
+
 impl Default for ClientSettings {
     fn default() -> Self {
         ClientSettings {
@@ -92,6 +127,7 @@ impl Default for ClientSettings {
             max_backoff_ms: DEFAULT_MAX_BACKOFF_MS,
             deadline_ms: 30_000,
             attempt_timeout_ms: 10_000,
+            hedge_after_ms: DEFAULT_HEDGE_AFTER_MS,
             seed: 0,
         }
     }
@@ -246,6 +282,8 @@ pub struct Client {
     routes: Arc<Mutex<Routes>>,
     policy: RetryPolicy,
     attempt_timeout: Duration,
+    /// `None`: calls are not hedged.
+    hedge_after: Option<Duration>,
     jitter: Jitter,
     /// The generator of request ids, apart from `jitter` so that ids do not
     /// shift the backoff sequence a seed gives.
@@ -270,6 +308,7 @@ impl Client {
                 deadline_ms: settings.deadline_ms,
             },
             attempt_timeout: Duration::from_millis(settings.attempt_timeout_ms),
+            hedge_after: (settings.hedge_after_ms > 0).then(|| Duration::from_millis(settings.hedge_after_ms)),
             jitter: Jitter::new(settings.seed),
             ids: Jitter::new(settings.seed ^ REQUEST_ID_SEED),
         })
@@ -303,93 +342,204 @@ impl Client {
     {
         let start = Instant::now();
         let deadline = start + Duration::from_millis(self.policy.deadline_ms);
-        let mut at = {
+        let (first, nodes) = {
             let routes = self.lock();
             // A first node chosen by the caller (a stale read sent to a
             // backup) does not change the shard's route; a reroute does.
-            match spec.first_node {
+            let first = match spec.first_node {
                 Some(i) => i % routes.addrs.len(),
                 None => routes.route(spec.shard),
-            }
+            };
+            (first, routes.addrs.len())
         };
+        // Only a call that may be repeated is hedged, and only when there
+        // is another node to ask.
+        let hedge = self.hedge_after.filter(|_| spec.repeat == Repeat::Always && nodes > 1);
+        let timed = |at: usize, addr: String, timeout: Duration, attempt: Fut| async move {
+            let result: Result<tonic::Response<T>, Status> = match timer::timeout(timeout, attempt).await {
+                Ok(result) => result,
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "no answer from {addr} within {} ms; the call may have been applied",
+                    timeout.as_millis()
+                ))),
+            };
+            (at, addr, result)
+        };
+        let mut flying = FuturesUnordered::new();
+        // The nodes of the attempts in flight (at most two: one and its hedge).
+        let mut in_flight: Vec<usize> = Vec::new();
         let mut attempts = 0u32;
         let mut unknown = false;
-        // The node the attempt before this one went to, and how many
-        // retries in a row went without a pause.
+        // The node the failed attempt before the last one went to, and how
+        // many retries in a row went without a pause.
         let (mut before, mut in_a_row): (Option<usize>, u32) = (None, 0);
+        // The next attempt (when, to which node), and the next hedge.
+        let mut next: Option<(Instant, usize)> = Some((start, first));
+        let mut hedge_at: Option<Instant> = None;
+        let mut hedge_to = first;
+        // A final failure that came while another attempt was in flight.
+        let mut settled: Option<(Status, String)> = None;
+        // The timer of `next` or else of `hedge_at`, made anew only when
+        // that instant changes.
+        let (mut alarm, mut alarm_for) = (Alarm::at(start), None);
         loop {
-            attempts += 1;
-            let (addr, stub) = {
-                let mut routes = self.lock();
-                (routes.addrs[at].clone(), routes.stub(at))
-            };
-            // The first attempt gets the whole attempt timeout; a retry no
-            // more than what is left of the deadline.
-            let timeout = if attempts == 1 {
-                self.attempt_timeout
-            } else {
-                self.attempt_timeout.min(deadline.saturating_duration_since(Instant::now()))
-            };
-            let result = match stub {
-                Ok(stub) => match tokio::time::timeout(timeout, call(stub)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(Status::deadline_exceeded(format!(
-                        "no answer from {addr} within {} ms; the call may have been applied",
-                        timeout.as_millis()
-                    ))),
-                },
-                Err(status) => {
-                    let outcome = if unknown { Outcome::Unknown } else { Outcome::Rejected };
-                    return Err(Failure { status, outcome, addr, attempts });
+            let now = Instant::now();
+            let launch = match next {
+                Some((t, to)) if t <= now => {
+                    next = None;
+                    Some(to)
                 }
+                None if hedge_at.is_some_and(|t| t <= now) => {
+                    // A hedge: the attempt in flight has had no answer for
+                    // `hedge_after`; ask the next node after the last one
+                    // asked, as well.
+                    hedge_at = None;
+                    match in_flight[..] {
+                        [only] if now + MIN_RETRY_ATTEMPT <= deadline => {
+                            let to = (1..=nodes).map(|k| (hedge_to + k) % nodes).find(|&n| n != only).unwrap_or(only);
+                            tracing::debug!(attempts, to, "hedging");
+                            Some(to)
+                        }
+                        _ => None,
+                    }
+                }
+                _ => None,
             };
-            let status = match result {
-                Ok(resp) => return Ok(Served { value: resp.into_inner(), addr, attempts }),
-                Err(status) => status,
-            };
-            let rejected = is_rejection(&status);
-            unknown |= !rejected;
-            // A rejection had no effect, so even a call sent once
-            // (`Repeat::Never`) may go again, where its hint says.
-            let retry = if rejected {
-                status.code() == Code::Unavailable
-            } else if spec.repeat == Repeat::Never {
-                false
-            } else {
-                matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
-            };
-            let outcome = if unknown { Outcome::Unknown } else { Outcome::Rejected };
-            if !retry {
-                return Err(Failure { status, outcome, addr, attempts });
-            }
-            let (next, hinted) = {
-                let mut routes = self.lock();
-                // A hint that is no valid address (a misconfigured
-                // advertise address) is no hint.
-                let (next, hinted) = match primary_hint(&status).filter(|h| endpoint(h).is_ok()) {
-                    Some(hint) => (routes.index_of(&hint), true),
-                    None => ((at + 1) % routes.addrs.len(), false),
+            if let Some(to) = launch {
+                hedge_to = to;
+                attempts += 1;
+                let (addr, stub) = {
+                    let mut routes = self.lock();
+                    (routes.addrs[to].clone(), routes.stub(to))
                 };
-                if next != at {
-                    tracing::debug!(from = %addr, to = %routes.addrs[next], shard = ?spec.shard, "rerouting");
-                }
-                routes.set_route(spec.shard, next);
-                (next, hinted)
-            };
-            // A rejection that names a primary tried neither now nor just
-            // before is followed at once (the primary moved; TiKV's client
-            // likewise retries a NotLeader with a new leader at once), at
-            // most twice in a row; anything else backs off, so nodes whose
-            // views of the primary differ cannot make a loop without pauses.
-            let at_once = rejected && hinted && next != at && Some(next) != before && in_a_row < 2;
-            in_a_row = if at_once { in_a_row + 1 } else { 0 };
-            (before, at) = (Some(at), next);
-            let sleep = if at_once { Duration::ZERO } else { self.jitter.below(self.policy.cap(attempts)) };
-            if Instant::now() + sleep + MIN_RETRY_ATTEMPT > deadline {
-                return Err(Failure { status, outcome, addr, attempts });
+                let stub = match stub {
+                    Ok(stub) => stub,
+                    // Not sent (an address that is no URI): while another
+                    // attempt is in flight, wait for it instead.
+                    Err(_) if !in_flight.is_empty() => continue,
+                    Err(status) => {
+                        let outcome = if unknown { Outcome::Unknown } else { Outcome::Rejected };
+                        return Err(Failure { status, outcome, addr, attempts });
+                    }
+                };
+                // The first attempt gets the whole attempt timeout; a retry
+                // or hedge no more than what is left of the deadline.
+                let timeout = if attempts == 1 {
+                    self.attempt_timeout
+                } else {
+                    self.attempt_timeout.min(deadline.saturating_duration_since(now))
+                };
+                in_flight.push(to);
+                flying.push(timed(to, addr, timeout, call(stub)));
+                hedge_at = hedge.filter(|_| in_flight.len() == 1).map(|h| now + h);
+                continue;
             }
-            tracing::debug!(attempts, ?sleep, code = ?status.code(), message = status.message(), "retrying");
-            tokio::time::sleep(sleep).await;
+            let timer = next.map(|(t, _)| t).or(hedge_at);
+            if let Some(t) = timer.filter(|&t| Some(t) != alarm_for) {
+                (alarm, alarm_for) = (Alarm::at(t), Some(t));
+            }
+            tokio::select! {
+                // Answers first, so that a timer due at the same instant
+                // cannot start an attempt an answer makes needless.
+                biased;
+                Some((at, addr, result)) = flying.next(), if !flying.is_empty() => {
+                    if let Some(i) = in_flight.iter().position(|&n| n == at) {
+                        in_flight.swap_remove(i);
+                    }
+                    let status = match result {
+                        Ok(resp) => {
+                            // The node that served is the route for later
+                            // calls; not for a call sent to a node of the
+                            // caller's choice (a stale read at a backup).
+                            if spec.first_node.is_none() {
+                                self.lock().set_route(spec.shard, at);
+                            }
+                            return Ok(Served { value: tonic::Response::into_inner(resp), addr, attempts });
+                        }
+                        Err(status) => status,
+                    };
+                    let rejected = is_rejection(&status);
+                    unknown |= !rejected;
+                    // A rejection had no effect, so even a call sent once
+                    // (`Repeat::Never`) may go again, where its hint says.
+                    let retry = if rejected {
+                        status.code() == Code::Unavailable
+                    } else if spec.repeat == Repeat::Never {
+                        false
+                    } else {
+                        matches!(status.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
+                    };
+                    // An attempt still in flight is abandoned if the call
+                    // ends now, so it may yet take effect.
+                    let outcome = if unknown || !in_flight.is_empty() { Outcome::Unknown } else { Outcome::Rejected };
+                    if let Some(last) = settled.as_mut() {
+                        // The call has its final answer and waits only for
+                        // the other attempt: it ends with that answer.
+                        if in_flight.is_empty() {
+                            let (status, addr) = last.clone();
+                            return Err(Failure { status, outcome, addr, attempts });
+                        }
+                        continue;
+                    }
+                    if !retry {
+                        if in_flight.is_empty() {
+                            return Err(Failure { status, outcome, addr, attempts });
+                        }
+                        // The other attempt may still serve the call (a
+                        // hedge found the shard deleted while the primary
+                        // deleting it has not answered yet): wait for it,
+                        // starting nothing more.
+                        (settled, next, hedge_at) = (Some((status, addr)), None, None);
+                        continue;
+                    }
+                    let (to, hinted) = {
+                        let mut routes = self.lock();
+                        // A hint that is no valid address (a misconfigured
+                        // advertise address) is no hint.
+                        let (to, hinted) = match primary_hint(&status).filter(|h| endpoint(h).is_ok()) {
+                            Some(hint) => (routes.index_of(&hint), true),
+                            None => ((at + 1) % routes.addrs.len(), false),
+                        };
+                        if to != at {
+                            tracing::debug!(from = %addr, to = %routes.addrs[to], shard = ?spec.shard, "rerouting");
+                        }
+                        routes.set_route(spec.shard, to);
+                        (to, hinted)
+                    };
+                    if in_flight.contains(&to) {
+                        // The node to ask next is being asked: wait for it,
+                        // hedging again later.
+                        hedge_at = hedge.map(|h| Instant::now() + h);
+                        continue;
+                    }
+                    // A rejection that names a primary tried neither now nor
+                    // just before is followed at once (the primary moved;
+                    // TiKV's client likewise retries a NotLeader with a new
+                    // leader at once), at most twice in a row; anything else
+                    // backs off, so nodes whose views of the primary differ
+                    // cannot make a loop without pauses.
+                    let at_once = rejected && hinted && to != at && Some(to) != before && in_a_row < 2;
+                    in_a_row = if at_once { in_a_row + 1 } else { 0 };
+                    before = Some(at);
+                    if !in_flight.is_empty() && !at_once {
+                        // The other attempt may yet answer; the hedge timer
+                        // goes on asking the other nodes meanwhile.
+                        hedge_at = hedge.map(|h| Instant::now() + h);
+                        continue;
+                    }
+                    let sleep = if at_once { Duration::ZERO } else { self.jitter.below(self.policy.cap(attempts)) };
+                    if Instant::now() + sleep + MIN_RETRY_ATTEMPT > deadline {
+                        if in_flight.is_empty() {
+                            return Err(Failure { status, outcome, addr, attempts });
+                        }
+                        continue;
+                    }
+                    tracing::debug!(attempts, ?sleep, code = ?status.code(), message = status.message(), "retrying");
+                    next = Some((Instant::now() + sleep, to));
+                }
+                // Due: the loop's top starts it.
+                _ = &mut alarm, if timer.is_some() => {}
+            }
         }
     }
 }

@@ -25,7 +25,7 @@
 //! - [`engine`]: the storage engine contract; [`mem_engine`]: an in-memory engine.
 //! - [`service`]: the gRPC service `attache.v1.Attache` in front of a node.
 //! - [`client`]: the retrying, hint-following client (CLI and simulation).
-//! - [`retry`]: the one backoff with seeded jitter.
+//! - [`retry`]: the one backoff with seeded jitter; [`timer`]: timers that register once per wait.
 //! - [`buggify`]: seed-driven delays at chosen points, in the simulation only.
 //! - [`codec`]: framing and encoding of records at rest.
 //! - [`limits`]: request limits; [`error`]: the errors clients see.
@@ -54,6 +54,7 @@ pub mod service;
 pub mod shard;
 pub mod shard_manager;
 pub mod task_host;
+pub mod timer;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod volume;

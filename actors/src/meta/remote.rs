@@ -272,7 +272,7 @@ impl RemoteBackend {
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
         let client = self.client().await?;
-        match tokio::time::timeout(CALL_TIMEOUT, f(client)).await {
+        match crate::timer::timeout(CALL_TIMEOUT, f(client)).await {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
             Ok(Err(status)) => Err(from_status(status)),
             Err(_) => Err(MetaError::Timeout(format!("{what} took over {CALL_TIMEOUT:?}"))),
