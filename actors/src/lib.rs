@@ -54,9 +54,9 @@ pub mod service;
 pub mod shard;
 pub mod shard_manager;
 pub mod task_host;
-pub mod timer;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod timer;
 pub mod volume;
 
 pub use actor::{Actor, Addr, Context, Handler, HostHandle, Message, Recipient, Reply};

@@ -251,12 +251,7 @@ async fn a_hedge_follows_a_hint_to_a_third_node_at_once() {
     // Node 0 is silent; node 1 no longer names it (its lease ended) but
     // names node 2, which serves. The first hedge (250 ms) is rejected
     // with that hint and the call goes to node 2 at once.
-    let (addrs, calls) = scripted(&[
-        SILENT,
-        Script { hint: Some(2), ..Script::default() },
-        Script::default(),
-    ])
-    .await;
+    let (addrs, calls) = scripted(&[SILENT, Script { hint: Some(2), ..Script::default() }, Script::default()]).await;
     let settings = ClientSettings { initial_backoff_ms: 10_000, max_backoff_ms: 10_000, ..Default::default() };
     let (failed, took) = get(&client_node(), addrs, settings).await;
     assert_eq!(failed, None);
@@ -272,7 +267,8 @@ async fn a_final_answer_from_a_hedge_waits_for_the_attempt_still_out() {
     // while the primary deleting it has not answered): the call waits for
     // node 0, which serves it.
     let slow = Script { delay: Some(Duration::from_millis(400)), ..Script::default() };
-    let not_found = Script { fails: Some(|| AttacheError::NotFound("shard 1 was deleted".into())), ..Script::default() };
+    let not_found =
+        Script { fails: Some(|| AttacheError::NotFound("shard 1 was deleted".into())), ..Script::default() };
     let (addrs, calls) = scripted(&[slow, not_found]).await;
     let (failed, took) = get(&client_node(), addrs, ClientSettings::default()).await;
     assert_eq!(failed, None);
@@ -295,7 +291,8 @@ async fn after_a_hedged_call_the_route_is_the_node_that_served() {
     client_node()
         .spawn(async move {
             let c = Client::new(&addrs, ClientSettings::default()).unwrap();
-            let req = proto::GetRequest { shard_id: 1, client_id: "c".into(), key: b"k".to_vec(), ..Default::default() };
+            let req =
+                proto::GetRequest { shard_id: 1, client_id: "c".into(), key: b"k".to_vec(), ..Default::default() };
             for _ in 0..2 {
                 let served = c
                     .call(CallSpec::shard(1), |mut s| {
