@@ -1,28 +1,53 @@
 //! The one place that knows the binary encoding of stored records and
-//! persisted state: bincode 2 (standard config) over serde, and the framing
-//! (length + CRC32) of logs that may end in a torn append.
+//! persisted state: a format byte, then postcard 1 over serde, and the
+//! framing (length + CRC32) of logs that may end in a torn append.
 //!
-//! bincode is pinned to 2.x in the workspace: 3.0.0 on crates.io does not
-//! compile. Everything encoded here is versioned by its caller (a tag byte or
-//! a versioned struct), so the codec can change behind this module.
+//! postcard's wire format is specified (postcard.jamesmunns.com, "Wire
+//! format") and stable across its 1.x releases: varint integers, length-
+//! prefixed sequences, enums as a varint variant index. What is encoded here
+//! is versioned twice: by its caller (a tag byte or a versioned struct), and
+//! by [`FORMAT`], the first byte of everything [`encode`] writes, which
+//! names the codec. Builds before the format byte wrote bincode 2 with no
+//! such byte; [`decode`] refuses their data by name (see [`FORMAT`]) rather
+//! than misread it. A new codec gets a new byte, and `decode` may then read
+//! both.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-/// Encodes `value` to bytes. Encoding plain data cannot fail; a failure is a bug.
+/// The first byte of every value [`encode`] writes: postcard 1, this
+/// module's format 2. Format 1 (bincode 2, standard config) had no format
+/// byte: its values begin with a varint, for our types a small one (a
+/// struct's version, an enum's variant index, a list's length, all far
+/// below 0xc1), so format 1 data never begins with this byte.
+pub const FORMAT: u8 = 0xc1;
+
+/// Encodes `value` to bytes: [`FORMAT`], then postcard. Encoding plain data
+/// cannot fail; a failure is a bug.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    bincode::serde::encode_to_vec(value, bincode::config::standard()).expect("bincode encodes plain data")
+    postcard::to_extend(value, vec![FORMAT]).expect("postcard encodes plain data")
 }
 
-/// Decodes a `T` from exactly `bytes`.
+/// Decodes a `T` from exactly `bytes`, as [`encode`] wrote it.
 ///
-/// Errors: a message naming `what` when the bytes are not a valid `T` or have
-/// bytes left over.
+/// Errors: a message naming `what` when the bytes do not begin with
+/// [`FORMAT`] (data of an older build, or damage), are not a valid `T`, or
+/// have bytes left over.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, String> {
-    let (value, used) = bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map_err(|e| format!("cannot decode {what}: {e}"))?;
-    if used != bytes.len() {
-        return Err(format!("cannot decode {what}: {} trailing bytes", bytes.len() - used));
+    let body = match bytes.split_first() {
+        Some((&FORMAT, body)) => body,
+        Some((first, _)) => {
+            return Err(format!(
+                "cannot decode {what}: it begins with byte 0x{first:02x}, not 0x{FORMAT:02x}, the format byte of \
+                 this build: it was written by an older build of Attaché (bincode, before format bytes), which \
+                 this one does not read, or it is damaged"
+            ))
+        }
+        None => return Err(format!("cannot decode {what}: no bytes")),
+    };
+    let (value, rest) = postcard::take_from_bytes(body).map_err(|e| format!("cannot decode {what}: {e}"))?;
+    if !rest.is_empty() {
+        return Err(format!("cannot decode {what}: {} trailing bytes", rest.len()));
     }
     Ok(value)
 }
@@ -75,6 +100,20 @@ mod tests {
         longer.push(0);
         assert!(decode::<(u64, String, Vec<u8>)>(&longer, "t").unwrap_err().contains("trailing"));
         assert!(decode::<(u64, String, Vec<u8>)>(&bytes[..2], "t").is_err());
+        assert_eq!(bytes[0], FORMAT);
+        assert!(decode::<(u64, String, Vec<u8>)>(&[], "t").unwrap_err().contains("no bytes"));
+    }
+
+    /// Shard meta as the previous build wrote it (bincode 2, no format
+    /// byte: `ShardMeta::new(7, "c", 1000)`, captured from that build) is
+    /// refused with a message that says why, not misread.
+    #[test]
+    fn data_of_the_previous_format_is_refused_by_name() {
+        let old = [0x01, 0x07, 0x01, 0x63, 0x00, 0xfb, 0xe8, 0x03, 0x00, 0x00];
+        let e = crate::shard::layout::ShardMeta::decode(&old).unwrap_err().to_string();
+        assert!(e.contains("older build of Attaché") && e.contains("0x01"), "{e}");
+        let now = crate::shard::layout::ShardMeta::new(7, "c".into(), 1000);
+        assert_eq!(crate::shard::layout::ShardMeta::decode(&now.encode()).unwrap(), now);
     }
 
     #[test]

@@ -93,18 +93,23 @@ fn frame(records: &[Record]) -> Vec<u8> {
     out
 }
 
-/// Parses framed records; stops at the first incomplete or corrupt one.
-/// Returns the records and whether the whole input was valid.
-pub fn parse_log(bytes: &[u8]) -> (Vec<Record>, bool) {
+/// Parses framed records; stops at the first incomplete or corrupt frame
+/// (a torn append). Returns the records and whether the whole input was
+/// valid.
+///
+/// Errors: a frame whose checksum holds but whose record does not decode.
+/// That is no torn append but a log of another format (an older build's)
+/// or damage the checksum missed; dropping it and what follows would lose
+/// acknowledged metadata, so the caller must refuse the log. The message
+/// names the record.
+pub fn parse_log(bytes: &[u8]) -> Result<(Vec<Record>, bool), String> {
     let (payloads, valid) = codec::frames(bytes);
     let mut records = Vec::with_capacity(payloads.len());
-    for p in payloads {
-        match codec::decode::<Record>(p, "metadata log record") {
-            Ok(r) => records.push(r),
-            Err(_) => return (records, false),
-        }
+    for (i, p) in payloads.iter().enumerate() {
+        let r = codec::decode::<Record>(p, "metadata log record").map_err(|e| format!("record {}: {e}", i + 1))?;
+        records.push(r);
     }
-    (records, valid == bytes.len())
+    Ok((records, valid == bytes.len()))
 }
 
 /// A live watch: its key prefix and where its events go.
@@ -143,7 +148,9 @@ impl MetadataStore {
     /// (the simulation drifts it).
     pub async fn recover_with_clock(log: Arc<dyn MetaLog>, clock: Arc<DriftClock>) -> Result<Self, MetaError> {
         let bytes = log.load().await?;
-        let (records, clean) = parse_log(&bytes);
+        let (records, clean) = parse_log(&bytes).map_err(|e| {
+            MetaError::Storage(format!("{} cannot be read, so the store does not start on it: {e}", log.describe()))
+        })?;
         if !clean {
             tracing::warn!(records = records.len(), "metadata log ends in a torn or corrupt record; dropping it");
         }
@@ -485,11 +492,28 @@ mod tests {
     fn torn_tail_is_dropped() {
         let records = vec![Record::LeaseGrant { id: 1, ttl_ms: 10 }, Record::LeaseEnd { id: 1 }];
         let bytes = frame(&records);
-        assert_eq!(parse_log(&bytes), (records.clone(), true));
-        assert_eq!(parse_log(&bytes[..bytes.len() - 1]), (records[..1].to_vec(), false));
+        assert_eq!(parse_log(&bytes), Ok((records.clone(), true)));
+        assert_eq!(parse_log(&bytes[..bytes.len() - 1]), Ok((records[..1].to_vec(), false)));
         let mut corrupt = bytes.clone();
         *corrupt.last_mut().unwrap() ^= 0xff;
-        assert_eq!(parse_log(&corrupt), (records[..1].to_vec(), false));
+        assert_eq!(parse_log(&corrupt), Ok((records[..1].to_vec(), false)));
+    }
+
+    /// A log the previous build wrote (bincode 2, no format byte: one
+    /// `LeaseGrant { id: 1, ttl_ms: 2000 }` frame, captured from that build)
+    /// is refused with a message naming the log and the record, not dropped
+    /// as a torn tail (which would start an empty store over it).
+    #[tokio::test]
+    async fn a_log_of_the_previous_format_is_refused_not_dropped() {
+        let old = [0x00, 0x00, 0x00, 0x05, 0xf7, 0x86, 0xda, 0xab, 0x01, 0x02, 0xfb, 0xd0, 0x07];
+        let log = MemMetaLog::default();
+        log.append(&old).await.unwrap();
+        let Err(e) = MetadataStore::recover(Arc::new(log.clone())).await else {
+            panic!("a log of the previous format was recovered");
+        };
+        let e = e.to_string();
+        assert!(e.contains("record 1") && e.contains("older build of Attaché"), "{e}");
+        assert_eq!(log.load().await.unwrap(), old, "the log is left as it was");
     }
 
     #[tokio::test]
@@ -575,6 +599,6 @@ mod tests {
         let recovered = MetadataStore::recover(Arc::new(log.clone())).await.unwrap();
         let keys: Vec<Vec<u8>> = recovered.sm.range(b"").kvs.into_iter().map(|kv| kv.key).collect();
         assert_eq!(keys, vec![b"a".to_vec(), b"d".to_vec()], "every acknowledged record, and nothing else");
-        assert!(parse_log(&log.load().await.unwrap()).1, "the log holds no partial record");
+        assert!(parse_log(&log.load().await.unwrap()).unwrap().1, "the log holds no partial record");
     }
 }
