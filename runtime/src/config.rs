@@ -127,6 +127,14 @@ pub struct NodeArgs {
     /// for (about 8 files per shard), printed at start; 0: no limit.
     #[arg(long, env = "ATTACHE_MAX_OPEN_SHARDS")]
     pub max_open_shards: Option<usize>,
+    /// Most client connections open at once; one past it is closed when
+    /// accepted (the client tries another node). Default 1024.
+    #[arg(long, env = "ATTACHE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most concurrent calls on one client connection (HTTP/2 streams); a
+    /// client past it waits for one of its calls to end. Default 256.
+    #[arg(long, env = "ATTACHE_MAX_STREAMS_PER_CONNECTION")]
+    pub max_streams_per_connection: Option<u32>,
     /// Actor threads (actix arbiters). Default: the number of CPUs.
     #[arg(long, env = "ATTACHE_THREADS")]
     pub threads: Option<usize>,
@@ -201,6 +209,8 @@ pub struct NodeSettings {
     /// Most open shards (`NodeConfig::max_open_shards`); `None`: from the
     /// open-file limit at start.
     pub max_open_shards: Option<usize>,
+    /// Limits of the gRPC listener.
+    pub connections: crate::serve::ConnectionLimits,
     /// The node config, with `advertise_addr` set once the listener is bound.
     pub node: NodeConfig,
 }
@@ -242,6 +252,12 @@ impl NodeArgs {
         node.balanced_space_bytes = a.balanced_space_bytes.unwrap_or(node.balanced_space_bytes);
         node.limits = a.limits.unwrap_or_default();
         node.validate().map_err(|e| anyhow::anyhow!("invalid timing settings: {e}"))?;
+        let defaults = crate::serve::ConnectionLimits::default();
+        let connections = crate::serve::ConnectionLimits {
+            max_connections: a.max_connections.unwrap_or(defaults.max_connections),
+            max_streams_per_connection: a.max_streams_per_connection.unwrap_or(defaults.max_streams_per_connection),
+        };
+        connections.validate()?;
         if let Some(bytes) = a.memory_budget_bytes {
             crate::rocks_engine::check_memory_budget(bytes).map_err(anyhow::Error::msg)?;
         }
@@ -258,6 +274,7 @@ impl NodeArgs {
             volume_setup,
             memory_budget_bytes: a.memory_budget_bytes.unwrap_or(crate::rocks_engine::DEFAULT_MEMORY_BUDGET_BYTES),
             max_open_shards: a.max_open_shards,
+            connections,
             node,
         })
     }
@@ -489,5 +506,20 @@ mod tests {
         assert_eq!(s.memory_budget_bytes, 512 << 20);
         assert_eq!(s.node.default_size_limit, 2 << 30);
         assert_eq!(s.max_open_shards, None);
+        assert_eq!(s.connections, crate::serve::ConnectionLimits::default());
+    }
+
+    #[test]
+    fn connection_limits_come_from_flags_and_zero_is_refused() {
+        let base = ["x", "--volumes", "a", "--metadata", "embedded:/tmp/m"];
+        let flags = ["--max-connections", "10", "--max-streams-per-connection", "4"];
+        let s = Cli::try_parse_from(base.iter().chain(&flags)).unwrap().node.resolve().unwrap();
+        assert_eq!(
+            s.connections,
+            crate::serve::ConnectionLimits { max_connections: 10, max_streams_per_connection: 4 }
+        );
+        let zero = Cli::try_parse_from(base.iter().chain(&["--max-connections", "0"])).unwrap();
+        let e = zero.node.resolve().unwrap_err().to_string();
+        assert!(e.contains("max_connections must be at least 1"), "{e}");
     }
 }

@@ -41,9 +41,10 @@ pub fn run(args: MetaArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let local = listener.local_addr()?;
         println!("attache: metadata store serving gRPC on {local} (data in {})", args.data_dir.display());
-        tonic::transport::Server::builder()
+        let limits = crate::serve::ConnectionLimits::default();
+        crate::serve::grpc_server(limits)
             .add_service(MetadataServer::new(backend).into_server())
-            .serve_with_incoming_shutdown(crate::serve::incoming(listener), shutdown_signal())
+            .serve_with_incoming_shutdown(crate::serve::incoming(listener, limits.max_connections), shutdown_signal())
             .await
             .context("metadata gRPC server failed")?;
         println!("attache: metadata store stopped");

@@ -8,7 +8,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use attache_actors::engine::EngineFactory;
@@ -103,6 +106,7 @@ impl DevArgs {
                     volume_setup: Default::default(),
                     memory_budget_bytes: self.memory_budget_bytes,
                     max_open_shards: self.max_open_shards,
+                    connections: ConnectionLimits::default(),
                     node,
                 }
             })
@@ -239,20 +243,153 @@ async fn volumes_of(s: &NodeSettings) -> anyhow::Result<(Arc<dyn EngineFactory>,
     })
 }
 
-/// The connections `listener` accepts, each with `TCP_NODELAY` set:
+/// Default of [`ConnectionLimits::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// Default of [`ConnectionLimits::max_streams_per_connection`]: twice the
+/// most calls `attache bench` puts on one connection in its largest
+/// documented run (128 in flight over 4 connections is 32 each; 256 leaves
+/// room for one client with one connection and 128 in flight, doubled).
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// The server pings each connection this often (HTTP/2 PING) ...
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// ... and closes it when a ping goes unanswered this long, so a client
+/// that vanished without closing (its machine died, a partition) frees its
+/// connection slot within about 50 s.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Limits of one gRPC listener (`attache node`, `attache dev`, `attache meta`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Most connections open at once. A connection past it is closed as
+    /// soon as it is accepted (the client sees `UNAVAILABLE` and its next
+    /// attempt goes to another node), counted in
+    /// `attache_connections_refused_total`. Default
+    /// [`DEFAULT_MAX_CONNECTIONS`]; at least 1.
+    pub max_connections: usize,
+    /// Most concurrent calls (HTTP/2 streams) on one connection, announced
+    /// to the client in `SETTINGS_MAX_CONCURRENT_STREAMS`: a client past it
+    /// waits for one of its calls to end. Default
+    /// [`DEFAULT_MAX_STREAMS_PER_CONNECTION`]; at least 1.
+    pub max_streams_per_connection: u32,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// Errors: a limit of 0 (it would refuse every connection or call).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.max_connections >= 1, "max_connections must be at least 1");
+        anyhow::ensure!(self.max_streams_per_connection >= 1, "max_streams_per_connection must be at least 1");
+        Ok(())
+    }
+}
+
+/// A gRPC server builder with `limits` and HTTP/2 keepalive pings; serve it
+/// with [`incoming`] to cap its connections.
+pub(crate) fn grpc_server(limits: ConnectionLimits) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+}
+
+/// An accepted connection, holding one of its listener's connection slots
+/// until it is dropped (closed).
+pub(crate) struct Limited {
+    conn: tokio::net::TcpStream,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for Limited {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().conn).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Limited {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().conn).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().conn).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.conn.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().conn).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().conn).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Limited {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.conn.connect_info()
+    }
+}
+
+/// The connections `listener` accepts, at most `max_connections` open at
+/// once (one past it is closed at once; see
+/// [`ConnectionLimits::max_connections`]), each with `TCP_NODELAY` set:
 /// without it, Nagle's algorithm holds back the last segment of a
 /// response until the client's delayed ACK (up to 40 ms on Linux), which
 /// made reads of 10 KB values take ~44 ms instead of ~0.3 ms.
 pub(crate) fn incoming(
     listener: tokio::net::TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    max_connections: usize,
+) -> impl tokio_stream::Stream<Item = std::io::Result<Limited>> {
     use tokio_stream::StreamExt as _;
-    TcpListenerStream::new(listener).map(|conn| {
-        let conn = conn?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.min(tokio::sync::Semaphore::MAX_PERMITS)));
+    let mut refused = 0u64;
+    TcpListenerStream::new(listener).filter_map(move |conn| {
+        let conn = match conn {
+            Ok(conn) => conn,
+            Err(e) => return Some(Err(e)),
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused += 1;
+            metrics::counter!("attache_connections_refused_total").increment(1);
+            // One line at the 1st, 2nd, 4th, 8th, ... refusal: a flood of
+            // connections does not become a flood of log lines.
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    peer = ?conn.peer_addr().ok(),
+                    max_connections,
+                    refused,
+                    "closed a new connection: this listener has max_connections open"
+                );
+            }
+            return None;
+        };
         if let Err(e) = conn.set_nodelay(true) {
             tracing::warn!(error = %e, "cannot set TCP_NODELAY on a connection");
         }
-        Ok(conn)
+        Some(Ok(Limited { conn, _slot: slot }))
     })
 }
 
@@ -323,6 +460,7 @@ pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send
                 .await
                 .with_context(|| format!("cannot listen on {}", s.listen))?;
             let local = listener.local_addr()?;
+            let connections = s.connections;
             let mut cfg = s.node.clone();
             cfg.advertise_addr = s.advertise.clone().unwrap_or_else(|| local.to_string());
             let backend = match backends.get(&s.metadata) {
@@ -351,9 +489,9 @@ pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send
             );
             let mut stop = stop_tx.subscribe();
             let server = tokio::spawn(async move {
-                tonic::transport::Server::builder()
+                grpc_server(connections)
                     .add_service(service)
-                    .serve_with_incoming_shutdown(incoming(listener), async move {
+                    .serve_with_incoming_shutdown(incoming(listener, connections.max_connections), async move {
                         let _ = stop.recv().await;
                     })
                     .await
@@ -389,10 +527,103 @@ mod tests {
         use tokio_stream::StreamExt as _;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut incoming = Box::pin(super::incoming(listener));
+        let mut incoming = Box::pin(super::incoming(listener, 16));
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let accepted = incoming.next().await.unwrap().unwrap();
-        assert!(accepted.nodelay().unwrap());
+        assert!(accepted.conn.nodelay().unwrap());
+    }
+
+    /// Whether the server closed `conn` (a read ends) within 500 ms; an open
+    /// connection that sends nothing keeps the read waiting.
+    async fn closed_by_server(conn: &mut tokio::net::TcpStream) -> bool {
+        use tokio::io::AsyncReadExt as _;
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(std::time::Duration::from_millis(500), conn.read(&mut byte)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => true,
+            Ok(Ok(_)) => panic!("the server sent bytes on a raw connection"),
+            Err(_) => false,
+        }
+    }
+
+    /// With `max_connections` 2, a third connection is closed as soon as it
+    /// is accepted while the first two stay open; once one of those closes,
+    /// its slot takes a new connection.
+    #[tokio::test]
+    async fn a_connection_past_max_connections_is_closed_and_a_freed_slot_is_reused() {
+        use tokio_stream::StreamExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+        let server = tokio::spawn(async move {
+            let mut incoming = Box::pin(super::incoming(listener, 2));
+            while let Some(conn) = incoming.next().await {
+                if accepted_tx.send(conn.unwrap()).is_err() {
+                    break;
+                }
+            }
+        });
+        let connect = || tokio::net::TcpStream::connect(addr);
+        let (mut a, mut b) = (connect().await.unwrap(), connect().await.unwrap());
+        let held = [accepted.recv().await.unwrap(), accepted.recv().await.unwrap()];
+        let mut c = connect().await.unwrap();
+        assert!(closed_by_server(&mut c).await, "a third connection was kept open");
+        assert!(!closed_by_server(&mut a).await && !closed_by_server(&mut b).await);
+        // The server side of one connection closes: its slot is free.
+        let [first, second] = held;
+        drop(first);
+        let mut d = connect().await.unwrap();
+        let _held_d = accepted.recv().await.unwrap();
+        assert!(!closed_by_server(&mut d).await, "a connection in a freed slot was closed");
+        drop(second);
+        server.abort();
+    }
+
+    /// `max_streams_per_connection` reaches the client: at 1, a call waits
+    /// while a watch stream holds the connection's only stream, and runs
+    /// once the watch ends; at 2 it runs beside the watch.
+    #[tokio::test]
+    async fn a_call_past_max_streams_per_connection_waits_for_a_stream_to_end() {
+        use attache_actors::meta::embedded::{EmbeddedBackend, MemMetaLog};
+        use attache_actors::meta::remote::{MetadataServer, RemoteBackend};
+        use attache_actors::meta::MetadataBackend;
+        use attache_actors::task_host::TaskHost;
+        use attache_actors::HostHandle;
+        use std::sync::Arc;
+        for streams in [1u32, 2] {
+            let backend: Arc<dyn MetadataBackend> =
+                EmbeddedBackend::open(&HostHandle::new(TaskHost), Arc::new(MemMetaLog::default())).await.unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let limits = super::ConnectionLimits { max_connections: 16, max_streams_per_connection: streams };
+            let server = tokio::spawn(
+                super::grpc_server(limits)
+                    .add_service(MetadataServer::new(backend).into_server())
+                    .serve_with_incoming(super::incoming(listener, limits.max_connections)),
+            );
+            // One client: one connection for both calls.
+            let client = RemoteBackend::new(format!("http://{addr}"));
+            let watch = client.watch(b"k", 0).await.unwrap();
+            let get = tokio::time::timeout(std::time::Duration::from_millis(500), client.get(b"k")).await;
+            if streams == 1 {
+                assert!(get.is_err(), "a second call ran on a connection limited to one stream");
+                drop(watch);
+                let get = tokio::time::timeout(std::time::Duration::from_secs(5), client.get(b"k")).await;
+                assert!(matches!(get, Ok(Ok(None))), "the call did not run once the watch ended: {get:?}");
+            } else {
+                assert!(matches!(get, Ok(Ok(None))), "a second stream was refused: {get:?}");
+                drop(watch);
+            }
+            server.abort();
+        }
+    }
+
+    #[test]
+    fn connection_limits_of_zero_are_refused() {
+        let zero = super::ConnectionLimits { max_connections: 0, ..Default::default() };
+        assert!(zero.validate().unwrap_err().to_string().contains("max_connections"));
+        let zero = super::ConnectionLimits { max_streams_per_connection: 0, ..Default::default() };
+        assert!(zero.validate().unwrap_err().to_string().contains("max_streams_per_connection"));
+        super::ConnectionLimits::default().validate().unwrap();
     }
 
     use super::DevArgs;
