@@ -509,6 +509,32 @@ mod tests {
         assert_eq!(s.connections, crate::serve::ConnectionLimits::default());
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
+            std::env::var("ATTACHE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(500)
+        ))]
+
+        /// Fuzzing of the node config file: the example config with one
+        /// byte changed and maybe cut short resolves or is refused with a
+        /// message; nothing panics.
+        #[test]
+        fn a_damaged_config_file_resolves_or_says_why(at in 0usize..4096, byte in proptest::prelude::any::<u8>(), cut in 0usize..4096) {
+            let example = include_bytes!("../../config/example.yaml");
+            let mut text = example.to_vec();
+            let at = at % text.len();
+            text[at] = byte;
+            text.truncate(cut % (text.len() + 1));
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("node.yaml");
+            std::fs::write(&path, &text).unwrap();
+            let cli = Cli::try_parse_from(["x", "--config", path.to_str().unwrap()]).unwrap();
+            if let Err(e) = cli.node.resolve() {
+                let message = format!("{e:#}");
+                proptest::prop_assert!(!message.is_empty());
+            }
+        }
+    }
+
     #[test]
     fn connection_limits_come_from_flags_and_zero_is_refused() {
         let base = ["x", "--volumes", "a", "--metadata", "embedded:/tmp/m"];

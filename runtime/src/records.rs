@@ -196,6 +196,47 @@ mod tests {
         }
     }
 
+    fn fuzz_cases() -> u32 {
+        std::env::var("ATTACHE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000)
+    }
+
+    /// A line to parse: random bytes, or a valid line of some format with
+    /// one byte changed and maybe cut short (inputs near the valid ones
+    /// reach deeper than random bytes do).
+    fn line() -> impl Strategy<Value = Vec<u8>> {
+        let bytes = |n| proptest::collection::vec(any::<u8>(), 0..n);
+        prop_oneof![
+            bytes(120),
+            (bytes(20), bytes(40), 0usize..3, any::<usize>(), any::<u8>(), any::<usize>()).prop_map(
+                |(key, value, f, at, byte, cut)| {
+                    let f = [Format::Tsv, Format::TsvEscaped, Format::Jsonl][f];
+                    let mut line = format_line(f, &key, &value).unwrap_or_default();
+                    if !line.is_empty() {
+                        let at = at % line.len();
+                        line[at] = byte;
+                        line.truncate(cut % (line.len() + 1));
+                    }
+                    line
+                }
+            ),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(fuzz_cases()))]
+
+        /// Fuzzing of `load`'s record parsers: any line parses or is
+        /// refused with a message; none panics.
+        #[test]
+        fn any_line_parses_or_says_why(line in line()) {
+            for f in [Format::Tsv, Format::TsvEscaped, Format::Jsonl] {
+                if let Err(e) = parse_line(f, &line) {
+                    prop_assert!(!e.is_empty());
+                }
+            }
+        }
+    }
+
     #[test]
     fn bad_lines_say_what_is_wrong() {
         assert!(parse_line(Format::Tsv, b"no-tab").unwrap_err().contains("no tab"));
