@@ -6,6 +6,7 @@
 //! - [`crash`]: SIGKILL of a process writing through the shard actors and RocksDB;
 //! - [`e2e`]: the real `attache` binary, every operation and error, signals, metrics;
 //! - [`failover`]: `attache meta` and three `attache node` processes, SIGKILL and SIGSTOP of the primary;
+//! - [`fuzz_api`]: generated requests of every type against `attache dev`;
 //! - [`metadata`]: the metadata conformance suite on embedded, embedded over gRPC, and etcd;
 //! - [`storage`]: the shared storage scenario on actix with RocksDB;
 //! - [`three_process`]: one `attache meta` with two nodes.
@@ -18,6 +19,7 @@ mod common;
 mod crash;
 mod e2e;
 mod failover;
+mod fuzz_api;
 mod metadata;
 mod storage;
 mod three_process;
