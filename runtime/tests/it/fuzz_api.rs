@@ -91,7 +91,7 @@ fn call() -> impl Strategy<Value = Call> {
     let limit = prop_oneof![Just(0u64), 1u64..20, any::<u64>()];
     prop_oneof![
         (client_id(), any::<u64>()).prop_map(|(client, size_limit)| Call::NewShard { client, size_limit }),
-        (shard.clone(), client_id(), key(), value(), indexes(), request_id()).prop_map(
+        (shard, client_id(), key(), value(), indexes(), request_id()).prop_map(
             |(shard, client, key, value, indexes, request_id)| Call::Put {
                 shard,
                 client,
@@ -101,26 +101,26 @@ fn call() -> impl Strategy<Value = Call> {
                 request_id
             }
         ),
-        (shard.clone(), client_id(), proptest::collection::vec((key(), value()), 0..4), request_id())
+        (shard, client_id(), proptest::collection::vec((key(), value()), 0..4), request_id())
             .prop_map(|(shard, client, entries, request_id)| Call::BatchPut { shard, client, entries, request_id }),
-        (shard.clone(), client_id(), key(), request_id()).prop_map(|(shard, client, key, request_id)| Call::Delete {
+        (shard, client_id(), key(), request_id()).prop_map(|(shard, client, key, request_id)| Call::Delete {
             shard,
             client,
             key,
             request_id
         }),
-        (shard.clone(), client_id(), key(), stale.clone()).prop_map(|(shard, client, key, stale)| Call::Get {
+        (shard, client_id(), key(), stale.clone()).prop_map(|(shard, client, key, stale)| Call::Get {
             shard,
             client,
             key,
             stale
         }),
-        (shard.clone(), client_id(), proptest::collection::vec(key(), 0..5), stale.clone())
+        (shard, client_id(), proptest::collection::vec(key(), 0..5), stale.clone())
             .prop_map(|(shard, client, keys, stale)| Call::BatchGet { shard, client, keys, stale }),
-        (shard.clone(), client_id(), key(), key(), limit.clone(), stale).prop_map(
+        (shard, client_id(), key(), key(), limit.clone(), stale).prop_map(
             |(shard, client, start, end, limit, stale)| Call::Scan { shard, client, start, end, limit, stale }
         ),
-        (shard.clone(), client_id(), "[a-z]{0,4}", proptest::collection::vec(any::<u8>(), 0..4), limit)
+        (shard, client_id(), "[a-z]{0,4}", proptest::collection::vec(any::<u8>(), 0..4), limit)
             .prop_map(|(shard, client, name, prefix, limit)| Call::ScanIndex { shard, client, name, prefix, limit }),
         (shard, client_id()).prop_map(|(shard, client)| Call::Stats { shard, client }),
         client_id().prop_map(|client| Call::ListShards { client }),
