@@ -221,7 +221,6 @@ impl Fuzz {
                     name,
                     value_prefix: prefix,
                     limit,
-                    ..Default::default()
                 };
                 (drain(self.c.scan_index(req).await).await, other)
             }
