@@ -342,19 +342,20 @@ impl Client {
     {
         let start = Instant::now();
         let deadline = start + Duration::from_millis(self.policy.deadline_ms);
-        let (first, nodes) = {
+        let first = {
             let routes = self.lock();
             // A first node chosen by the caller (a stale read sent to a
             // backup) does not change the shard's route; a reroute does.
-            let first = match spec.first_node {
+            match spec.first_node {
                 Some(i) => i % routes.addrs.len(),
                 None => routes.route(spec.shard),
-            };
-            (first, routes.addrs.len())
+            }
         };
         // Only a call that may be repeated is hedged, and only when there
-        // is another node to ask.
-        let hedge = self.hedge_after.filter(|_| spec.repeat == Repeat::Always && nodes > 1);
+        // is another node to ask (counted when the hedge is due: hints may
+        // have taught the client new addresses meanwhile).
+        let hedge = self.hedge_after.filter(|_| spec.repeat == Repeat::Always);
+        let may_hedge = || hedge.filter(|_| self.lock().addrs.len() > 1);
         let timed = |at: usize, addr: String, timeout: Duration, attempt: Fut| async move {
             let result: Result<tonic::Response<T>, Status> = match timer::timeout(timeout, attempt).await {
                 Ok(result) => result,
@@ -394,8 +395,9 @@ impl Client {
                     // `hedge_after`; ask the next node after the last one
                     // asked, as well.
                     hedge_at = None;
+                    let nodes = self.lock().addrs.len();
                     match in_flight[..] {
-                        [only] if now + MIN_RETRY_ATTEMPT <= deadline => {
+                        [only] if nodes > 1 && now + MIN_RETRY_ATTEMPT <= deadline => {
                             let to = (1..=nodes).map(|k| (hedge_to + k) % nodes).find(|&n| n != only).unwrap_or(only);
                             tracing::debug!(attempts, to, "hedging");
                             Some(to)
@@ -431,7 +433,7 @@ impl Client {
                 };
                 in_flight.push(to);
                 flying.push(timed(to, addr, timeout, call(stub)));
-                hedge_at = hedge.filter(|_| in_flight.len() == 1).map(|h| now + h);
+                hedge_at = may_hedge().filter(|_| in_flight.len() == 1).map(|h| now + h);
                 continue;
             }
             let timer = next.map(|(t, _)| t).or(hedge_at);
@@ -509,7 +511,7 @@ impl Client {
                     if in_flight.contains(&to) {
                         // The node to ask next is being asked: wait for it,
                         // hedging again later.
-                        hedge_at = hedge.map(|h| Instant::now() + h);
+                        hedge_at = may_hedge().map(|h| Instant::now() + h);
                         continue;
                     }
                     // A rejection that names a primary tried neither now nor
@@ -524,7 +526,7 @@ impl Client {
                     if !in_flight.is_empty() && !at_once {
                         // The other attempt may yet answer; the hedge timer
                         // goes on asking the other nodes meanwhile.
-                        hedge_at = hedge.map(|h| Instant::now() + h);
+                        hedge_at = may_hedge().map(|h| Instant::now() + h);
                         continue;
                     }
                     let sleep = if at_once { Duration::ZERO } else { self.jitter.below(self.policy.cap(attempts)) };

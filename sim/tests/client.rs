@@ -309,3 +309,19 @@ async fn after_a_hedged_call_the_route_is_the_node_that_served() {
     let calls: Vec<u64> = calls.iter().map(|c| c.load(Ordering::Relaxed)).collect();
     assert_eq!(calls, [2, 2, 0]);
 }
+
+#[tokio::test]
+async fn a_client_given_one_address_hedges_to_the_nodes_hints_taught_it() {
+    // The client knows only node 1 at first. A call to it is rejected with
+    // a hint naming node 0 (learned), which is silent; the hedge that then
+    // falls due goes back to node 1, which by then serves (it took over).
+    let (addrs, calls) = scripted(&[
+        SILENT,
+        Script { hint: Some(0), serves_after: Some(Duration::from_millis(600)), ..Script::default() },
+    ])
+    .await;
+    let (failed, took) = get(&client_node(), vec![addrs[1].clone()], ClientSettings::default()).await;
+    assert_eq!(failed, None);
+    assert!(took < Duration::from_millis(1_000), "served after {took:?}");
+    assert_eq!(calls[0].load(Ordering::Relaxed), 1);
+}
