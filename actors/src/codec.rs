@@ -17,9 +17,15 @@ use serde::Serialize;
 
 /// The first byte of every value [`encode`] writes: postcard 1, this
 /// module's format 2. Format 1 (bincode 2, standard config) had no format
-/// byte: its values begin with a varint, for our types a small one (a
-/// struct's version, an enum's variant index, a list's length, all far
-/// below 0xc1), so format 1 data never begins with this byte.
+/// byte: its values begin with a varint, for our types a small one (shard
+/// meta's version 1, a log record's variant index), so format 1 data does
+/// not begin with this byte. The one exception is a list of exactly 193
+/// index entries, which the default `max_indexes_per_put` (16) rules out;
+/// and a shard's meta, refused first, is read before any of its records.
+///
+/// No downgrade: a build before the format byte treats a log record it
+/// cannot decode as a torn tail and drops it, so starting one on a metadata
+/// log this build wrote would start an empty store over it.
 pub const FORMAT: u8 = 0xc1;
 
 /// Encodes `value` to bytes: [`FORMAT`], then postcard. Encoding plain data

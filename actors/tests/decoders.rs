@@ -19,7 +19,7 @@
 //! fix, and it is replayed first on every run (none found so far).
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::cell::Cell;
 
 use attache_actors::codec;
 use attache_actors::meta::embedded::parse_log;
@@ -30,14 +30,24 @@ use proptest::prelude::*;
 /// The largest single allocation a decoder may make for a small input, bytes.
 const MAX_ALLOCATION: usize = 16 << 20;
 
-/// The system allocator, remembering the largest single allocation.
+/// The system allocator, remembering per thread the largest single
+/// allocation (so that tests running beside each other do not count each
+/// other's, and each case starts from 0).
 struct Counting;
 
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
+fn note(size: usize) {
+    // `try_with`: an allocation while the thread's locals are torn down is
+    // not counted.
+    let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        note(layout.size());
         // SAFETY: the caller's contract is passed on unchanged.
         unsafe { System.alloc(layout) }
     }
@@ -48,7 +58,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        note(new_size);
         // SAFETY: the caller's contract is passed on unchanged.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -168,8 +178,8 @@ proptest! {
         damage in damage(),
     ) {
         let (log, ends) = log_of(&records);
-        let (damaged, first_bad) = damage.apply(log);
-        let (got, _clean) = match parse_log(&damaged) {
+        let (damaged, first_bad) = damage.apply(log.clone());
+        let (got, clean) = match parse_log(&damaged) {
             Ok(parsed) => parsed,
             Err(e) => return Err(TestCaseError::fail(format!("a damaged log was refused: {e}"))),
         };
@@ -177,6 +187,9 @@ proptest! {
         prop_assert_eq!(&got[..], &records[..got.len()], "a recovered record was never written");
         let intact = ends.iter().filter(|&&end| end <= first_bad).count();
         prop_assert!(got.len() >= intact, "{} records recovered, {intact} preceded the damage", got.len());
+        if damaged == log {
+            prop_assert!(clean && got == records, "an undamaged log did not read back whole");
+        }
     }
 
     #[test]
@@ -184,6 +197,7 @@ proptest! {
         // Half the inputs begin with the format byte, so that they reach
         // postcard rather than stopping at the format check.
         let input = if marked { [&[codec::FORMAT][..], &raw].concat() } else { raw };
+        LARGEST.with(|l| l.set(0));
         let _ = codec::decode::<Record>(&input, "metadata log record");
         let _ = codec::decode::<Vec<IndexEntry>>(&input, "index entries");
         let _ = ShardMeta::decode(&input);
@@ -196,7 +210,7 @@ proptest! {
             codec::frame(&mut framed, &input);
         }
         let _ = parse_log(&framed);
-        let largest = LARGEST.load(Ordering::Relaxed);
+        let largest = LARGEST.with(Cell::get);
         prop_assert!(largest <= MAX_ALLOCATION, "an allocation of {largest} bytes");
     }
 

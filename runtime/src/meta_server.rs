@@ -25,6 +25,14 @@ pub struct MetaArgs {
     /// Where the metadata log lives.
     #[arg(long, default_value = "attache-meta", env = "ATTACHE_META_DIR")]
     pub data_dir: PathBuf,
+    /// Most connections open at once (each node process holds one); one
+    /// past it is closed when accepted.
+    #[arg(long, default_value_t = crate::serve::DEFAULT_MAX_CONNECTIONS, env = "ATTACHE_META_MAX_CONNECTIONS")]
+    pub max_connections: usize,
+    /// Most concurrent calls on one connection (HTTP/2 streams): a node's
+    /// lease, calls and two watches per volume share its one connection.
+    #[arg(long, default_value_t = crate::serve::DEFAULT_META_STREAMS_PER_CONNECTION, env = "ATTACHE_META_MAX_STREAMS_PER_CONNECTION")]
+    pub max_streams_per_connection: u32,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -41,7 +49,16 @@ pub fn run(args: MetaArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let local = listener.local_addr()?;
         println!("attache: metadata store serving gRPC on {local} (data in {})", args.data_dir.display());
-        let limits = crate::serve::ConnectionLimits::default();
+        let limits = crate::serve::ConnectionLimits {
+            max_connections: args.max_connections,
+            max_streams_per_connection: args.max_streams_per_connection,
+        };
+        limits.validate()?;
+        // Each connection is a file descriptor: raise the soft limit to the
+        // hard one, as nodes do.
+        if let Err(e) = crate::files::raise_open_file_limit() {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+        }
         crate::serve::grpc_server(limits)
             .add_service(MetadataServer::new(backend).into_server())
             .serve_with_incoming_shutdown(crate::serve::incoming(listener, limits.max_connections), shutdown_signal())

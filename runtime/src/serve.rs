@@ -246,6 +246,12 @@ async fn volumes_of(s: &NodeSettings) -> anyhow::Result<(Arc<dyn EngineFactory>,
 /// Default of [`ConnectionLimits::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
+/// Default of `--max-streams-per-connection` for `attache meta`: a node
+/// process keeps its lease, its calls and two watches per volume on one
+/// connection to the metadata store, so 256 would stall a node of 127
+/// volumes or more.
+pub const DEFAULT_META_STREAMS_PER_CONNECTION: u32 = 4096;
+
 /// Default of [`ConnectionLimits::max_streams_per_connection`]: twice the
 /// most calls `attache bench` puts on one connection in its largest
 /// documented run (128 in flight over 4 connections is 32 each; 256 leaves
@@ -302,20 +308,50 @@ pub(crate) fn grpc_server(limits: ConnectionLimits) -> tonic::transport::Server 
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
 }
 
+/// A new connection that sends nothing for this long is closed: HTTP/2
+/// keepalive pings start only after the client's preface, so without it a
+/// silent connection would hold its slot for good.
+pub const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(10);
+
+/// After a failed accept (out of file descriptors: the listener stays
+/// readable), the listener waits this long before accepting again, instead
+/// of spinning.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
 /// An accepted connection, holding one of its listener's connection slots
 /// until it is dropped (closed).
 pub(crate) struct Limited {
     conn: tokio::net::TcpStream,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Until the first bytes arrive: when the connection is closed if none
+    /// have.
+    first_bytes: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl tokio::io::AsyncRead for Limited {
+    /// Errors: `TimedOut` when no byte came within [`FIRST_BYTES_WITHIN`]
+    /// of the accept (the server then closes the connection).
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().conn).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.conn).poll_read(cx, buf);
+        if let Some(deadline) = this.first_bytes.as_mut() {
+            match &read {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => this.first_bytes = None,
+                Poll::Pending if std::future::Future::poll(deadline.as_mut(), cx).is_ready() => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no bytes within {FIRST_BYTES_WITHIN:?} of connecting"),
+                    )));
+                }
+                _ => {}
+            }
+        }
+        read
     }
 }
 
@@ -355,42 +391,71 @@ impl tonic::transport::server::Connected for Limited {
 
 /// The connections `listener` accepts, at most `max_connections` open at
 /// once (one past it is closed at once; see
-/// [`ConnectionLimits::max_connections`]), each with `TCP_NODELAY` set:
-/// without it, Nagle's algorithm holds back the last segment of a
-/// response until the client's delayed ACK (up to 40 ms on Linux), which
-/// made reads of 10 KB values take ~44 ms instead of ~0.3 ms.
+/// [`ConnectionLimits::max_connections`]), each closed if it sends nothing
+/// within [`FIRST_BYTES_WITHIN`], each with `TCP_NODELAY` set: without it,
+/// Nagle's algorithm holds back the last segment of a response until the
+/// client's delayed ACK (up to 40 ms on Linux), which made reads of 10 KB
+/// values take ~44 ms instead of ~0.3 ms. A failed accept pauses the
+/// listener for 100 ms (tonic skips the error and accepts again at once).
 pub(crate) fn incoming(
     listener: tokio::net::TcpListener,
     max_connections: usize,
 ) -> impl tokio_stream::Stream<Item = std::io::Result<Limited>> {
-    use tokio_stream::StreamExt as _;
+    incoming_within(listener, max_connections, FIRST_BYTES_WITHIN)
+}
+
+/// [`incoming`], with `first_bytes_within` for [`FIRST_BYTES_WITHIN`].
+fn incoming_within(
+    listener: tokio::net::TcpListener,
+    max_connections: usize,
+    first_bytes_within: Duration,
+) -> impl tokio_stream::Stream<Item = std::io::Result<Limited>> {
+    use futures::StreamExt as _;
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.min(tokio::sync::Semaphore::MAX_PERMITS)));
-    let mut refused = 0u64;
+    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
     TcpListenerStream::new(listener).filter_map(move |conn| {
-        let conn = match conn {
-            Ok(conn) => conn,
-            Err(e) => return Some(Err(e)),
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refused += 1;
-            metrics::counter!("attache_connections_refused_total").increment(1);
-            // One line at the 1st, 2nd, 4th, 8th, ... refusal: a flood of
-            // connections does not become a flood of log lines.
-            if refused.is_power_of_two() {
-                tracing::warn!(
-                    peer = ?conn.peer_addr().ok(),
-                    max_connections,
-                    refused,
-                    "closed a new connection: this listener has max_connections open"
-                );
-            }
-            return None;
-        };
-        if let Err(e) = conn.set_nodelay(true) {
-            tracing::warn!(error = %e, "cannot set TCP_NODELAY on a connection");
-        }
-        Some(Ok(Limited { conn, _slot: slot }))
+        let (slots, refused) = (slots.clone(), refused.clone());
+        async move { accepted(conn, &slots, &refused, max_connections, first_bytes_within).await }
     })
+}
+
+/// One accept of [`incoming_within`]: the connection with its slot, the
+/// accept's error (after a pause), or nothing (refused: closed).
+async fn accepted(
+    conn: std::io::Result<tokio::net::TcpStream>,
+    slots: &Arc<tokio::sync::Semaphore>,
+    refused: &std::sync::atomic::AtomicU64,
+    max_connections: usize,
+    first_bytes_within: Duration,
+) -> Option<std::io::Result<Limited>> {
+    let conn = match conn {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot accept a connection; pausing the listener");
+            tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+            return Some(Err(e));
+        }
+    };
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let refused = refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        metrics::counter!("attache_connections_refused_total").increment(1);
+        // One line at the 1st, 2nd, 4th, 8th, ... refusal: a flood of
+        // connections does not become a flood of log lines.
+        if refused.is_power_of_two() {
+            tracing::warn!(
+                peer = ?conn.peer_addr().ok(),
+                max_connections,
+                refused,
+                "closed a new connection: this listener has max_connections open"
+            );
+        }
+        return None;
+    };
+    if let Err(e) = conn.set_nodelay(true) {
+        tracing::warn!(error = %e, "cannot set TCP_NODELAY on a connection");
+    }
+    let first_bytes = Some(Box::pin(tokio::time::sleep(first_bytes_within)));
+    Some(Ok(Limited { conn, _slot: slot, first_bytes }))
 }
 
 /// Files an open shard holds, about: its RocksDB WAL, MANIFEST, info log,
@@ -405,8 +470,10 @@ pub const RESERVED_FILES: u64 = 256;
 
 /// Raises the open-file limit (`files::raise_open_file_limit`), prints it,
 /// and returns how many shards each of `nodes` node processes-in-one can
-/// keep open within it (0: no limit, the limit being unlimited).
-fn open_shard_room(nodes: usize) -> usize {
+/// keep open within it, after [`RESERVED_FILES`] and one file for each of
+/// the `connections` the nodes' listeners may hold (0: no limit, the limit
+/// being unlimited).
+fn open_shard_room(nodes: usize, connections: usize) -> usize {
     let limit = match crate::files::raise_open_file_limit() {
         Ok((before, after)) => {
             let show = |n: Option<u64>| n.map_or("unlimited".to_string(), |n| n.to_string());
@@ -419,7 +486,8 @@ fn open_shard_room(nodes: usize) -> usize {
         }
     };
     let Some(limit) = limit else { return 0 };
-    let room = (limit.saturating_sub(RESERVED_FILES) / FILES_PER_OPEN_SHARD / nodes.max(1) as u64).max(1);
+    let reserved = RESERVED_FILES + connections as u64;
+    let room = (limit.saturating_sub(reserved) / FILES_PER_OPEN_SHARD / nodes.max(1) as u64).max(1);
     println!(
         "attache: room for {room} open shards per node within the open-file limit (--max-open-shards defaults to \
          it; idle shards close past the limit)"
@@ -435,7 +503,7 @@ fn open_shard_room(nodes: usize) -> usize {
 pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send + 'static) -> anyhow::Result<()> {
     let first = nodes.first().context("no node to run")?.clone();
     init_logging(first.log_format, &first.log_level);
-    let room = open_shard_room(nodes.len());
+    let room = open_shard_room(nodes.len(), nodes.iter().map(|s| s.connections.max_connections).sum());
     let nodes: Vec<NodeSettings> = nodes
         .into_iter()
         .map(|mut s| {
@@ -533,16 +601,65 @@ mod tests {
         assert!(accepted.conn.nodelay().unwrap());
     }
 
-    /// Whether the server closed `conn` (a read ends) within 500 ms; an open
-    /// connection that sends nothing keeps the read waiting.
-    async fn closed_by_server(conn: &mut tokio::net::TcpStream) -> bool {
+    /// Whether the server closed `conn` (a read ends) within `within`; an
+    /// open connection that sends nothing keeps the read waiting. (A closed
+    /// one is seen at once, so a generous bound costs nothing then.)
+    async fn closed_within(conn: &mut tokio::net::TcpStream, within: std::time::Duration) -> bool {
         use tokio::io::AsyncReadExt as _;
         let mut byte = [0u8; 1];
-        match tokio::time::timeout(std::time::Duration::from_millis(500), conn.read(&mut byte)).await {
+        match tokio::time::timeout(within, conn.read(&mut byte)).await {
             Ok(Ok(0)) | Ok(Err(_)) => true,
             Ok(Ok(_)) => panic!("the server sent bytes on a raw connection"),
             Err(_) => false,
         }
+    }
+
+    /// How long a test waits for what should happen at once (a loaded
+    /// machine may be slow), and for what should not happen at all.
+    const LONG: std::time::Duration = std::time::Duration::from_secs(5);
+    const SHORT: std::time::Duration = std::time::Duration::from_millis(500);
+
+    /// A connection that sends nothing is closed after the first-bytes
+    /// deadline (keepalive pings start only after the HTTP/2 preface, so it
+    /// would hold its slot for good), and its slot is free again; one that
+    /// sends bytes in time is kept.
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_closed_and_frees_its_slot() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        use tokio_stream::StreamExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let within = std::time::Duration::from_millis(300);
+        let server = tokio::spawn(async move {
+            let mut incoming = Box::pin(super::incoming_within(listener, 1, within));
+            while let Some(conn) = incoming.next().await {
+                // An echo server: it reads until the connection fails or ends.
+                tokio::spawn(async move {
+                    let mut conn = conn.unwrap();
+                    let mut buf = [0u8; 16];
+                    while let Ok(n @ 1..) = conn.read(&mut buf).await {
+                        if conn.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(!closed_within(&mut silent, std::time::Duration::from_millis(100)).await, "closed before its deadline");
+        assert!(closed_within(&mut silent, LONG).await, "a silent connection was kept");
+        // The slot (one in all) is free: a new connection is served and,
+        // having spoken in time, kept past the deadline.
+        let mut talker = tokio::net::TcpStream::connect(addr).await.unwrap();
+        talker.write_all(b"hi").await.unwrap();
+        let mut echo = [0u8; 2];
+        tokio::time::timeout(LONG, talker.read_exact(&mut echo)).await.unwrap().unwrap();
+        assert_eq!(&echo, b"hi");
+        tokio::time::sleep(2 * within).await;
+        talker.write_all(b"yo").await.unwrap();
+        tokio::time::timeout(LONG, talker.read_exact(&mut echo)).await.unwrap().unwrap();
+        assert_eq!(&echo, b"yo");
+        server.abort();
     }
 
     /// With `max_connections` 2, a third connection is closed as soon as it
@@ -566,14 +683,14 @@ mod tests {
         let (mut a, mut b) = (connect().await.unwrap(), connect().await.unwrap());
         let held = [accepted.recv().await.unwrap(), accepted.recv().await.unwrap()];
         let mut c = connect().await.unwrap();
-        assert!(closed_by_server(&mut c).await, "a third connection was kept open");
-        assert!(!closed_by_server(&mut a).await && !closed_by_server(&mut b).await);
+        assert!(closed_within(&mut c, LONG).await, "a third connection was kept open");
+        assert!(!closed_within(&mut a, SHORT).await && !closed_within(&mut b, SHORT).await);
         // The server side of one connection closes: its slot is free.
         let [first, second] = held;
         drop(first);
         let mut d = connect().await.unwrap();
         let _held_d = accepted.recv().await.unwrap();
-        assert!(!closed_by_server(&mut d).await, "a connection in a freed slot was closed");
+        assert!(!closed_within(&mut d, SHORT).await, "a connection in a freed slot was closed");
         drop(second);
         server.abort();
     }
@@ -603,7 +720,7 @@ mod tests {
             // One client: one connection for both calls.
             let client = RemoteBackend::new(format!("http://{addr}"));
             let watch = client.watch(b"k", 0).await.unwrap();
-            let get = tokio::time::timeout(std::time::Duration::from_millis(500), client.get(b"k")).await;
+            let get = tokio::time::timeout(if streams == 1 { SHORT } else { LONG }, client.get(b"k")).await;
             if streams == 1 {
                 assert!(get.is_err(), "a second call ran on a connection limited to one stream");
                 drop(watch);

@@ -452,6 +452,8 @@ fn a_node_raises_its_open_file_limit_and_says_so() {
     let _ = child.wait();
     let expected = hard.map_or("unlimited".to_string(), |h| h.to_string());
     assert!(lines.iter().any(|l| l.contains(&format!("open files: soft limit {expected} (was 512)"))), "{lines:?}");
-    let room = hard.map_or("0".to_string(), |h| ((h - 256) / 8).to_string());
+    // 256 files for the process, one per connection it may hold, 8 per shard.
+    let connections = attache_runtime::serve::DEFAULT_MAX_CONNECTIONS as u64;
+    let room = hard.map_or("0".to_string(), |h| ((h - 256 - connections) / 8).to_string());
     assert!(lines.iter().any(|l| l.contains(&format!("room for {room} open shards per node"))), "{lines:?}");
 }
