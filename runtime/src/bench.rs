@@ -863,7 +863,27 @@ fn check(args: &BenchArgs) -> anyhow::Result<()> {
             anyhow::bail!("--duration must be a positive number of seconds, not {d}");
         }
     }
+    if let Some(warning) = streams_warning(args) {
+        eprintln!("attache bench: {warning}");
+    }
     Ok(())
+}
+
+/// A warning when more requests are in flight on one connection than a node
+/// lets run at once by default (`--max-streams-per-connection`): the rest
+/// wait in the client, and their latency includes the wait. `None` for etcd
+/// targets and for loads within the limit.
+fn streams_warning(args: &BenchArgs) -> Option<String> {
+    let per_connection = args.in_flight.div_ceil(args.connections.max(1));
+    let limit = crate::serve::DEFAULT_MAX_STREAMS_PER_CONNECTION as usize;
+    (!args.target.starts_with("etcd://") && per_connection > limit).then(|| {
+        format!(
+            "{} requests in flight over {} connections is {per_connection} per connection, more than the {limit} \
+             a node runs at once by default (--max-streams-per-connection); the rest wait in the client and \
+             their latency includes the wait: add --connections",
+            args.in_flight, args.connections
+        )
+    })
 }
 
 /// Runs the bench `args` describe and returns its report. Errors: bad
@@ -934,6 +954,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn more_in_flight_per_connection_than_a_node_runs_is_warned_about() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let args = |target: &str, in_flight: usize, connections: usize| {
+            let mut a = <Cli as clap::Parser>::try_parse_from(["bench", "--target", target]).unwrap().bench;
+            (a.in_flight, a.connections) = (in_flight, connections);
+            a
+        };
+        assert_eq!(streams_warning(&args("127.0.0.1:7400", 256, 1)), None);
+        let w = streams_warning(&args("127.0.0.1:7400", 257, 1)).unwrap();
+        assert!(w.contains("257 per connection") && w.contains("--connections"), "{w}");
+        assert_eq!(streams_warning(&args("127.0.0.1:7400", 1024, 4)), None);
+        assert_eq!(streams_warning(&args("etcd://127.0.0.1:2379", 1024, 1)), None);
+    }
 
     #[test]
     fn every_mix_sums_to_100() {
