@@ -12,8 +12,14 @@
 //! - A write that fails with [`EngineError::Indeterminate`] may or may not be
 //!   durable (its sync failed after the data was handed to the volume, as a
 //!   WAL fsync error): a reopen may show it while this engine's reads do
-//!   not, so the engine is reopened before it is used again. Every other
-//!   error of a write means nothing of its batch was written.
+//!   not, so the engine is reopened before it is used again. So may one
+//!   that fails with [`EngineError::NoSpace`] (the volume is full): the
+//!   engine then takes no more writes, as RocksDB stops writing after a
+//!   failed WAL write. Every other error of a write means nothing of its
+//!   batch was written.
+//! - A read-write open writes to the volume (RocksDB: a new MANIFEST,
+//!   OPTIONS file and WAL), so it fails with `NoSpace` on a full volume; a
+//!   read-only open writes nothing and still works there.
 //! - Keys are compared as unsigned bytes (memcmp order).
 //! - A [`EngineSnapshot`] (from `snapshot`) reads the engine as it was at one
 //!   instant, whatever is written later, until the engine is closed.
@@ -176,6 +182,13 @@ pub enum EngineError {
     /// may not show what a reopen will. Reopen the engine before using it.
     #[error("write outcome unknown: {0}")]
     Indeterminate(String),
+    /// The volume has no free space (`ENOSPC`). A write that fails so may
+    /// or may not be durable (as `Indeterminate`) and the engine takes no
+    /// more writes: reopen it. A read-write open that fails so can be
+    /// replaced by a read-only one, which writes nothing. Failing over does
+    /// not help (every node sees the same volume): space must be freed.
+    #[error("no space left on the volume: {0}")]
+    NoSpace(String),
 }
 
 /// Builds a batch from keys and their current values (`None`: absent); an

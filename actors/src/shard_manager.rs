@@ -10,11 +10,20 @@
 //! Routing keeps order: the manager enqueues a request in the shard's mailbox
 //! before it takes its next message, and waits for the reply outside itself,
 //! so two requests from one caller reach the shard in the order sent.
+//!
+//! A full volume (`EngineError::NoSpace`): a read-write open writes (RocksDB:
+//! a new MANIFEST, OPTIONS file and WAL), so on a full volume the primary
+//! opens the shard read-only instead and serves it full: reads as usual,
+//! every write refused with `RESOURCE_EXHAUSTED` (nothing written). At the
+//! first request [`FULL_VOLUME_RETRY`] or more after that open, it closes
+//! the shard and tries the read-write open again, so writes resume about
+//! a second after space is freed.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +35,11 @@ use crate::lease::LeaseGate;
 use crate::limits::{Limits, DEFAULT_SHARD_SIZE_LIMIT};
 use crate::shard::layout::{ShardMeta, ShardState};
 use crate::shard::{CloseIfIdle, MarkDeleted, Shard, ShardFailed, ShardId, ShardInfo, ShardOp, Shutdown};
+
+/// How long a shard opened read-only because its volume was full is served
+/// so before its next request tries the read-write open again (see the
+/// module docs).
+pub const FULL_VOLUME_RETRY: Duration = Duration::from_secs(1);
 
 /// How a shard manager is set up.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +162,9 @@ struct OpenShard {
     /// Held by every request routed to it until its reply: more than one
     /// holder means a request is unanswered, and the shard stays open.
     calls: Arc<()>,
+    /// Set when the volume was full at open: the shard is served over a
+    /// read-only engine since then, and takes no writes.
+    full_since: Option<tokio::time::Instant>,
 }
 
 /// The shards of one volume; see the module docs.
@@ -170,6 +187,11 @@ pub struct ShardManager {
 fn volume_error(cfg: &ShardManagerConfig, what: &str, e: EngineError) -> AttacheError {
     match e {
         EngineError::Corruption(_) => AttacheError::Internal(format!("volume {}: {what}: {e}", cfg.volume_id)),
+        EngineError::NoSpace(_) => AttacheError::ResourceExhausted(format!(
+            "volume {}: {what}: {e}; nothing was written. The volume needs free space (grow it, or delete data \
+             it holds) before it takes writes again",
+            cfg.volume_id
+        )),
         _ => AttacheError::unavailable(format!("volume {}: {what}: {e}; retry", cfg.volume_id)),
     }
 }
@@ -251,7 +273,17 @@ impl ShardManager {
         self.uses += 1;
         if let Some(open) = self.shards.get_mut(&shard_id) {
             open.last_used = self.uses;
-            return Ok((open.addr.clone(), open.calls.clone()));
+            if open.full_since.is_none_or(|t| t.elapsed() < FULL_VOLUME_RETRY) || !self.gate.is_open() {
+                return Ok((open.addr.clone(), open.calls.clone()));
+            }
+            // Served full for a while: try the read-write open again. The
+            // read-only engine is closed first, so that no read is served
+            // from it once a write may have landed through the new one.
+            let addr = open.addr.clone();
+            self.shards.remove(&shard_id);
+            let _ = addr.send(Shutdown).await;
+            addr.stop();
+            self.check_up()?;
         }
         self.check_lease("open shards")?;
         let path = self.cfg.shard_path(shard_id);
@@ -267,12 +299,23 @@ impl ShardManager {
         let opened = tokio::time::Instant::now();
         // A read-write open replays the log and may cut a torn tail: a write.
         let in_flight = (!self.cfg.read_only).then(|| self.io.begin());
-        let engine = self
+        let opening = self
             .factory
             .open(&path, if self.cfg.read_only { OpenMode::ReadOnly } else { OpenMode::ReadWrite { create: false } })
-            .await
-            .map_err(|e| volume_error(cfg, &format!("open shard {shard_id}"), e))?;
+            .await;
         drop(in_flight);
+        let (engine, full) = match opening {
+            Ok(engine) => (engine, false),
+            Err(EngineError::NoSpace(why)) => {
+                // A read-only open writes nothing: the shard serves reads.
+                tracing::warn!(shard_id, volume = %cfg.volume_id, error = %why, "volume full: serving the shard read-only");
+                let engine = self.factory.open(&path, OpenMode::ReadOnly).await.map_err(|e| {
+                    volume_error(cfg, &format!("open shard {shard_id} read-only (the volume is full)"), e)
+                })?;
+                (engine, true)
+            }
+            Err(e) => return Err(volume_error(cfg, &format!("open shard {shard_id}"), e)),
+        };
         let meta = match Shard::load_meta(&*engine).await {
             Ok(Some(meta)) if meta.state != ShardState::Deleted => meta,
             Ok(_) if self.cfg.read_only => {
@@ -301,7 +344,7 @@ impl ShardManager {
                 meta.shard_id
             )));
         }
-        let addr = self.serve(engine, meta, opened, ctx);
+        let addr = self.serve(engine, meta, opened, full, ctx);
         Ok((addr, self.shards[&shard_id].calls.clone()))
     }
 
@@ -350,12 +393,15 @@ impl ShardManager {
     /// Starts the shard actor over an open `engine` whose meta is `meta`,
     /// tied to this manager (its retired flag; as primary, its write watch
     /// and its failure reports), and routes its shard id to it.
-    /// (`opened`: when its engine began to open, the age of a read-only view.)
+    /// (`opened`: when its engine began to open, the age of a read-only view;
+    /// `full`: a primary's shard over an engine opened read-only because the
+    /// volume was full, which refuses writes.)
     fn serve(
         &mut self,
         engine: Arc<dyn Engine>,
         meta: ShardMeta,
         opened: tokio::time::Instant,
+        full: bool,
         ctx: &Context<Self>,
     ) -> Addr<Shard> {
         let shard_id = meta.shard_id;
@@ -365,11 +411,13 @@ impl ShardManager {
             Shard::new(engine, meta, self.cfg.limits.clone(), self.gate.clone())
                 .with_io_watch(self.io.clone())
                 .with_failure_report(ctx.address().recipient())
+                .volume_full(full)
         }
         .with_retired(self.retired.clone());
         let addr = ctx.host().spawn(shard, self.cfg.shard_mailbox);
         self.uses += 1;
-        let open = OpenShard { addr: addr.clone(), last_used: self.uses, calls: Arc::new(()) };
+        let full_since = full.then(tokio::time::Instant::now);
+        let open = OpenShard { addr: addr.clone(), last_used: self.uses, calls: Arc::new(()), full_since };
         self.shards.insert(shard_id, open);
         addr
     }
@@ -432,7 +480,7 @@ impl ShardManager {
         if let Err(e) = Shard::init_meta(&*engine, &meta).await {
             engine.close().await;
             let what = format!("create shard {}", msg.shard_id);
-            if let EngineError::Indeterminate(_) = e {
+            if let EngineError::Indeterminate(_) | EngineError::NoSpace(_) = e {
                 // The meta may be durable: remove the shard, or the create
                 // may have taken effect.
                 if let Err(d) = self.factory.destroy(&path).await {
@@ -447,7 +495,7 @@ impl ShardManager {
         drop(in_flight);
         tracing::info!(shard_id = meta.shard_id, owner = %meta.owner, size_limit, volume = %cfg.volume_id, "created shard");
         let info = ShardInfo { shard_id: meta.shard_id, owner: meta.owner.clone(), state: meta.state, size_limit };
-        self.serve(engine, meta, opened, ctx);
+        self.serve(engine, meta, opened, false, ctx);
         Ok(info)
     }
 

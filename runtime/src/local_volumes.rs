@@ -15,6 +15,15 @@
 //! of writing after it. RocksDB's own LOCK file keeps a second process from
 //! opening a shard read-write while the first still has it open. `flock` is
 //! one machine's: these volumes fence processes on one machine only.
+//!
+//! The `EPOCH` file is always [`EPOCH_TEXT_LEN`] bytes (the epoch in 20
+//! digits), so that on a full volume, where writing a new file and
+//! renaming it over the old one fails with `ENOSPC`, it is rewritten in
+//! place instead: a write of fewer than 512 bytes at offset 0 of a block
+//! the file already has, which needs no space and which the device
+//! writes whole (PostgreSQL rewrites its `pg_control` file in place on
+//! the same rule). A node can then still take a full volume over and serve
+//! its reads.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +39,34 @@ use crate::rocks_engine::{Fence, RocksEngineFactory, FENCE_WAIT};
 
 /// The epoch file in a volume's directory.
 pub const EPOCH_FILE: &str = "EPOCH";
+
+/// Length of the `EPOCH` file, bytes: 20 digits (every `u64`) and a newline.
+pub const EPOCH_TEXT_LEN: usize = 21;
+
+/// The `EPOCH` file's text for `epoch` ([`EPOCH_TEXT_LEN`] bytes).
+pub fn epoch_text(epoch: u64) -> String {
+    format!("{epoch:020}\n")
+}
+
+/// Writes `text` (of [`EPOCH_TEXT_LEN`] bytes) as the `EPOCH` file
+/// `file`, durably: a new file renamed over the old one; on a full
+/// filesystem, in place over an old one of the same length (see the module
+/// docs). Errors: the rename's when the file cannot be rewritten in place.
+fn write_epoch_file(file: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let replaced = replace_file(file, text.as_bytes());
+    let Err(e) = replaced else { return Ok(()) };
+    if e.kind() != std::io::ErrorKind::StorageFull {
+        return Err(e);
+    }
+    let _ = std::fs::remove_file(file.with_extension("tmp"));
+    let f = match std::fs::OpenOptions::new().write(true).open(file) {
+        Ok(f) if f.metadata().is_ok_and(|m| m.len() == text.len() as u64) => f,
+        _ => return Err(e),
+    };
+    f.write_all_at(text.as_bytes(), 0)?;
+    f.sync_data()
+}
 
 /// The fence lock file in a volume's directory: write batches hold it
 /// shared, `acquire` exclusively (see [`Fence`]).
@@ -104,7 +141,7 @@ impl LocalVolumes {
         if current > epoch {
             return Err(EngineError::Fenced(format!("volume {volume} is at epoch {current} > {epoch}")));
         }
-        replace_file(&file, format!("{epoch}\n").as_bytes()).map_err(|e| io(&file, e))?;
+        write_epoch_file(&file, &epoch_text(epoch)).map_err(|e| io(&file, e))?;
         held.lock().expect("held epochs lock").insert(volume, epoch);
         Ok(())
     }
@@ -209,6 +246,23 @@ mod tests {
         assert_eq!(new.get(b"k").await.unwrap(), Some(b"3".to_vec()));
     }
 
+    /// The `EPOCH` file has one length whatever the epoch (so it can be
+    /// rewritten in place on a full volume); one written by an earlier
+    /// build (the epoch's digits alone) is read and raised the same.
+    #[actix_rt::test]
+    async fn the_epoch_file_keeps_one_length_and_reads_the_old_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = LocalVolumes::new(dir.path());
+        v.attach("v").await.unwrap();
+        std::fs::write(dir.path().join("v").join(EPOCH_FILE), "7\n").unwrap();
+        assert!(matches!(v.acquire("v", 6).await, Err(EngineError::Fenced(_))), "the old form's 7 holds");
+        for epoch in [8, 9, 10, 12345, u64::MAX] {
+            v.acquire("v", epoch).await.unwrap();
+            let text = epoch_file(dir.path());
+            assert_eq!((text.len(), text.trim().parse::<u64>().unwrap()), (EPOCH_TEXT_LEN, epoch), "{text:?}");
+        }
+    }
+
     /// Pauses the next writer of volume `v` under `root` right after its
     /// fence check passed; answers (paused, go): `paused` receives once the
     /// writer is there, a send on `go` lets it write.
@@ -258,11 +312,11 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!acquiring.is_finished(), "epoch 2 waits for the paused writer of epoch 1");
-        assert_eq!(epoch_file(dir.path()), "1\n");
+        assert_eq!(epoch_file(dir.path()), epoch_text(1));
         go.send(()).unwrap();
         writer.await.unwrap().expect("the paused batch was checked under epoch 1, which still held");
         acquiring.await.unwrap().expect("epoch 2 is taken once the batch is done");
-        assert_eq!(epoch_file(dir.path()), "2\n");
+        assert_eq!(epoch_file(dir.path()), epoch_text(2));
         assert!(matches!(old.put(b"k", b"late", true).await, Err(EngineError::Fenced(_))), "epoch 1 is fenced off");
         old.close().await;
         let new = b.open(&shard, OpenMode::ReadWrite { create: false }).await.unwrap();
@@ -293,7 +347,7 @@ mod tests {
             matches!(&refused, Err(EngineError::Io(m)) if m.contains("paused writer")),
             "the claim gives up: {refused:?}"
         );
-        assert_eq!(epoch_file(dir.path()), "1\n");
+        assert_eq!(epoch_file(dir.path()), epoch_text(1));
         go.send(()).unwrap();
         writer.await.unwrap().expect("epoch 1 still holds");
         b.acquire("v", 2).await.expect("no writer holds the fence now");

@@ -35,8 +35,16 @@ fn engine_error(path: &Path, e: rocksdb::Error) -> EngineError {
     match e.kind() {
         ErrorKind::Corruption => EngineError::Corruption(msg),
         ErrorKind::IOError if locked => EngineError::Locked(msg),
+        ErrorKind::IOError if no_space(detail) => EngineError::NoSpace(msg),
         _ => EngineError::Io(msg),
     }
+}
+
+/// Whether a RocksDB error is `ENOSPC`: its `IOStatus::NoSpace` reads "No
+/// space left on device" (strerror's words, which RocksDB's POSIX
+/// environment passes on; the subcode is not exposed by the Rust crate).
+fn no_space(detail: &str) -> bool {
+    detail.contains("No space left on device")
 }
 
 /// Memory that every shard a factory opens shares, so that a node's
@@ -449,7 +457,17 @@ fn write_now(
     // flushes what it replays to a synced table file, RocksDB's default
     // `avoid_flush_during_recovery = false`, so a replayed batch that was
     // only in the page cache is made durable before it is served.)
-    db.write_opt(rb, &wo).map_err(|e| EngineError::Indeterminate(format!("{}: {}", path.display(), e.as_ref())))?;
+    // A full volume is told apart (the shard then reopens read-only, not
+    // the volume given up): RocksDB stops writing after it, and the batch
+    // may be in the WAL all the same.
+    db.write_opt(rb, &wo).map_err(|e| {
+        let msg = format!("{}: {}", path.display(), e.as_ref());
+        if no_space(e.as_ref()) {
+            EngineError::NoSpace(msg)
+        } else {
+            EngineError::Indeterminate(msg)
+        }
+    })?;
     counters.wrote(batch);
     Ok(())
 }

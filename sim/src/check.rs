@@ -19,6 +19,8 @@
 //!   write within the bound.
 //! - [`batch_atomicity`]: a linearizable multi-key read (BatchGet, Scan)
 //!   sees all of a batch write or none of it.
+//! - [`reads_while_full`]: while a volume is full and nothing else is
+//!   wrong, reads are served.
 //!
 //! The per-key checkers (`linearizable`, `lost_writes`, `stale_reads`) see
 //! multi-key operations through [`project`].
@@ -935,6 +937,92 @@ pub fn rejections(ops: &[Op]) -> Vec<Violation> {
     out
 }
 
+/// A window in which a volume was full and nothing else was wrong: from
+/// `start` to `end`, simulated ns; `cut` when another fault ended it
+/// before space came back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FullWindow {
+    pub start: u64,
+    pub end: u64,
+    pub cut: bool,
+}
+
+/// The windows in which a volume was full (`Fault::DiskFull`) and nothing
+/// else was wrong: each full window less the time from when any other
+/// fault struck until `quiet_ms` after it ended (an outage of another
+/// kind, a failover, may refuse reads by design; `quiet_ms` is the time
+/// the service has to recover from it).
+pub fn full_windows(faults: &[attache_faults::Scheduled], quiet_ms: u64) -> Vec<FullWindow> {
+    use attache_faults::Fault;
+    let others: Vec<(u64, u64)> = faults
+        .iter()
+        .filter(|o| !matches!(o.fault, Fault::DiskFull { .. }))
+        .map(|o| (o.at_ms, o.at_ms + o.fault.recovery_from_ms() + quiet_ms))
+        .collect();
+    let mut out = Vec::new();
+    for f in faults {
+        let Fault::DiskFull { for_ms, .. } = f.fault else { continue };
+        let mut windows = vec![FullWindow { start: f.at_ms, end: f.at_ms + for_ms, cut: false }];
+        for &(from, to) in &others {
+            windows = windows
+                .into_iter()
+                .flat_map(|w| {
+                    let before = FullWindow { end: w.end.min(from), cut: w.cut || from < w.end, ..w };
+                    [before, FullWindow { start: w.start.max(to), ..w }]
+                })
+                .filter(|w| w.start < w.end)
+                .collect();
+        }
+        out.extend(windows.into_iter().map(|w| FullWindow { start: w.start * 1_000_000, end: w.end * 1_000_000, ..w }));
+    }
+    out
+}
+
+/// A full volume refuses writes but keeps serving what it holds: every
+/// read invoked inside one of `windows` (see [`full_windows`]) succeeds,
+/// unless it was refused for a reason that has nothing to do with space
+/// (its shard was deleted, or is not its client's), or it was still under
+/// way when another fault cut its window short. Found with RocksDB on
+/// a full filesystem: a group commit's `ENOSPC` made the shard reopen, and
+/// the reopen (which writes) failed until space came back, so reads of
+/// acknowledged data were refused the whole time.
+pub fn reads_while_full(ops: &[Op], windows: &[FullWindow]) -> Vec<Violation> {
+    let mut out = Vec::new();
+    for o in ops.iter().filter(|o| o.f.is_read() && o.outcome != EventType::Ok) {
+        let Some(w) = windows.iter().find(|w| (w.start..w.end).contains(&o.invoke)) else { continue };
+        let (start, end) = (w.start, w.end);
+        if w.cut && o.complete.is_none_or(|c| c >= end) {
+            continue;
+        }
+        let error = o.error.as_deref().unwrap_or("");
+        // Refused for a reason space has nothing to do with: its client
+        // deleted the shard (a delete, not refused, invoked before the read
+        // ended), or does not own it.
+        let ended = o.complete.unwrap_or(u64::MAX);
+        let deleted = ops
+            .iter()
+            .any(|d| d.f == F::DeleteShard && d.shard == o.shard && d.outcome != EventType::Fail && d.invoke < ended);
+        if deleted || error.contains("does not own") {
+            continue;
+        }
+        out.push(violation(
+            "reads_while_full",
+            format!(
+                "shard {}: {:?} key {:?} at {} ms, while a volume was full ({} to {} ms) and nothing else was \
+                 wrong, was not served: {:?} {error}",
+                o.shard,
+                o.f,
+                o.key,
+                o.invoke / 1_000_000,
+                start / 1_000_000,
+                end / 1_000_000,
+                o.outcome
+            ),
+        ));
+    }
+    out
+}
+
 /// A change of the simulated world that may interrupt service: a fault, or
 /// a repair (a restart, a reattach, a heal, which makes nodes claim again).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -1520,6 +1608,50 @@ mod tests {
         assert_eq!(isolation(&[created(1, "c", 1, 0, 10), foreign.clone()]).len(), 1);
         foreign.outcome = EventType::Fail;
         assert!(isolation(&[created(1, "c", 1, 0, 10), foreign]).is_empty());
+    }
+
+    #[test]
+    fn full_windows_leave_out_other_faults_and_the_time_to_recover_from_them() {
+        use attache_faults::{Fault, Scheduled};
+        let at = |at_ms, fault| Scheduled { at_ms, fault, when: None };
+        let full = |for_ms| Fault::DiskFull { volume: "vol-1".into(), for_ms };
+        let crash = Fault::NodeCrash { node: "node-1".into() };
+        let w = |start: u64, end: u64, cut| FullWindow { start: start * 1_000_000, end: end * 1_000_000, cut };
+        assert_eq!(full_windows(&[at(1_000, full(5_000))], 500), vec![w(1_000, 6_000, false)]);
+        // A crash at 2 s: from 2 s to 2.5 s is left out.
+        let windows = full_windows(&[at(1_000, full(5_000)), at(2_000, crash.clone())], 500);
+        assert_eq!(windows, vec![w(1_000, 2_000, true), w(2_500, 6_000, false)]);
+        // An outage counts until it ended: 3 s of metadata outage from 0.
+        let windows = full_windows(&[at(1_000, full(5_000)), at(0, Fault::MetadataUnavailable { for_ms: 3_000 })], 500);
+        assert_eq!(windows, vec![w(3_500, 6_000, false)]);
+        assert!(full_windows(&[at(1_000, full(5_000)), at(900, crash)], 6_000).is_empty());
+    }
+
+    #[test]
+    fn reads_while_full_must_be_served_unless_the_shard_was_deleted() {
+        let windows = [FullWindow { start: 10, end: 20, cut: false }];
+        let mut refused = op(1, F::Read, "k", None, 12, Some(13), EventType::Fail);
+        refused.error = Some("volume vol-1: open shard 1: no space left on the volume; retry".into());
+        let outside = op(1, F::Read, "k", None, 21, Some(22), EventType::Fail);
+        let served = op(2, F::Read, "k", None, 11, Some(12), EventType::Ok);
+        assert_eq!(reads_while_full(&[refused.clone(), outside, served], &windows).len(), 1);
+        let unknown = op(1, F::Scan, "", None, 15, None, EventType::Info);
+        assert_eq!(reads_while_full(&[unknown], &windows).len(), 1, "a read that never ended was not served");
+        // A delete invoked before the read ended explains a refusal.
+        let delete = Op { f: F::DeleteShard, ..op(3, F::DeleteShard, "", None, 12, Some(14), EventType::Ok) };
+        assert!(reads_while_full(&[refused.clone(), delete.clone()], &windows).is_empty());
+        let refused_delete = Op { outcome: EventType::Fail, ..delete };
+        assert_eq!(
+            reads_while_full(&[refused.clone(), refused_delete], &windows).len(),
+            1,
+            "a refused delete did nothing"
+        );
+        // Another fault cut the window at 20: a read still under way then is not counted.
+        let cut = [FullWindow { cut: true, ..windows[0] }];
+        let late = Op { complete: Some(21), ..refused.clone() };
+        assert!(reads_while_full(std::slice::from_ref(&late), &cut).is_empty());
+        assert_eq!(reads_while_full(&[late], &windows).len(), 1);
+        assert_eq!(reads_while_full(&[refused], &cut).len(), 1, "one that ended before the cut counts");
     }
 
     #[test]

@@ -523,7 +523,8 @@ impl SimEbs {
     /// (`FenceModel::EpochFile`, as `LocalVolumes::acquire`).
     /// Errors: not attached; `Fenced` when the file names a higher epoch;
     /// an I/O error while write batches hold the fence lock
-    /// ([`SimEbs::fence_busy`]).
+    /// ([`SimEbs::fence_busy`]); `NoSpace` when the volume is full and the
+    /// file does not exist yet (it is rewritten in place after that).
     pub fn raise_epoch_file(&self, volume: &str, node: &str, epoch: u64) -> Result<(), EngineError> {
         let mut ebs = self.lock();
         // What was due reached the device before the epoch changed.
@@ -535,6 +536,13 @@ impl SimEbs {
             }
             _ if v.fence_holds > 0 => Err(io(format!("volume {volume}: a write batch holds the fence; retry"))),
             _ => {
+                // Created, it needs space; after that it is rewritten in
+                // place at one length and needs none (as `attache-runtime`'s
+                // local volumes write it).
+                if v.epoch_file.is_none() {
+                    Self::check_space(&mut ebs, volume, 0)?;
+                }
+                let v = ebs.volumes.get_mut(volume).expect("checked");
                 v.epoch_file = Some((node.to_string(), epoch));
                 Self::fire(&mut ebs, "fence", volume, node);
                 Ok(())
@@ -898,7 +906,7 @@ impl SimEbs {
 
     /// Appends `bytes` to `path` on `volume` as `node` (unsynced: into its
     /// page cache, so a reservation does not refuse it; the sync does).
-    /// Errors: not attached, and an I/O error (`ENOSPC`, nothing written)
+    /// Errors: not attached, and `NoSpace` (`ENOSPC`, nothing written)
     /// while the volume is full.
     /// `epoch` is the writer's, for the record of a background writeback.
     pub async fn append(
@@ -1046,7 +1054,17 @@ impl SimEbs {
             return Ok(());
         }
         ebs.counts.full_writes += 1;
-        Err(io(format!("volume {volume}: No space left on device (os error 28)")))
+        Err(EngineError::NoSpace(format!("volume {volume}: No space left on device (os error 28)")))
+    }
+
+    /// What a read-write open of an engine on `volume` writes as `node`
+    /// (RocksDB: a new MANIFEST, OPTIONS file and WAL, a few KiB): refused
+    /// with `ENOSPC` (counted) while the volume is full, else nothing. The
+    /// bytes are not modelled; only that such an open needs space.
+    pub fn check_open_for_write(&self, volume: &str, node: &str) -> Result<(), EngineError> {
+        let mut ebs = self.lock();
+        Self::attached_volume(&mut ebs, volume, node)?;
+        Self::check_space(&mut ebs, volume, 0)
     }
 
     /// The bytes free on `volume` as `node` sees them: its capacity less its

@@ -147,6 +147,12 @@ impl EngineFactory for SimVolumes {
             None
         } else {
             let token = self.ebs.lock_dir(&volume, &self.node, &dir)?;
+            // As RocksDB's read-write open writes a new MANIFEST, OPTIONS
+            // file and WAL: refused on a full volume (a read-only open is not).
+            if let Err(e) = self.ebs.check_open_for_write(&volume, &self.node) {
+                self.ebs.unlock(&volume, &dir, token);
+                return Err(e);
+            }
             if missing {
                 if let Err(e) = self.ebs.create(&volume, &self.node, &file, self.epoch(&volume)) {
                     self.ebs.unlock(&volume, &dir, token);
@@ -211,7 +217,8 @@ pub struct SimEngine {
     fence_epoch: Option<u64>,
     /// The shard directory's lock (read-write only) and its token.
     lock: Option<(String, u64)>,
-    /// Set when a write failed with an unknown outcome: no more writes.
+    /// Set when a write failed with an unknown outcome or for want of
+    /// space: no more writes (as RocksDB's background error).
     failed: AtomicBool,
     /// Writes under way: as a RocksDB call in flight holds the database,
     /// the directory's lock is released only once they end (see `close`).
@@ -294,7 +301,7 @@ impl Engine for SimEngine {
         codec::frame(&mut frame, &codec::encode(&batch));
         if self.failed.load(Ordering::Acquire) {
             return Err(EngineError::Io(
-                "an earlier write of this engine failed with an unknown outcome; reopen".into(),
+                "an earlier write of this engine failed (an unknown outcome or a full volume); reopen".into(),
             ));
         }
         let (ebs, node) = (&self.vols.ebs, &self.vols.node);
@@ -311,7 +318,13 @@ impl Engine for SimEngine {
             Some(epoch) => ebs.hold_epoch_file(&self.volume, epoch)?,
             None => None,
         };
-        ebs.append(&self.volume, node, &self.file, &frame, epoch).await?;
+        if let Err(e) = ebs.append(&self.volume, node, &self.file, &frame, epoch).await {
+            // As RocksDB after a failed WAL write: no more writes until a reopen.
+            if matches!(e, EngineError::NoSpace(_)) {
+                self.failed.store(true, Ordering::Release);
+            }
+            return Err(e);
+        }
         if sync {
             // A failed sync may have made the batch durable (or not). A
             // reservation conflict too reaches RocksDB as a failed fsync

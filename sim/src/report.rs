@@ -295,6 +295,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
     violations.extend(check::shard_records(&ops));
     violations.extend(check::rejections(&ops));
     violations.extend(check::liveness(&ops, &outcome.disruptions, liveness_bound_ms * 1_000_000));
+    violations.extend(check::reads_while_full(&ops, &check::full_windows(&outcome.faults, liveness_bound_ms)));
     let mut counts = OpCounts::default();
     for o in &ops {
         counts.invoked += 1;

@@ -11,8 +11,9 @@
 //!
 //! The order of checks on a request, so a rejected request changes nothing:
 //! arguments (`INVALID_ARGUMENT`), owner (`PERMISSION_DENIED`), state
-//! (`NOT_FOUND` when deleted, `FAILED_PRECONDITION` when read-only), size
-//! (`RESOURCE_EXHAUSTED`).
+//! (`NOT_FOUND` when deleted, `FAILED_PRECONDITION` when read-only), space
+//! (`RESOURCE_EXHAUSTED`: a full volume, see `Shard::volume_full`, or the
+//! shard's size limit).
 //!
 //! A write may carry a request id (`Put::request_id`): the shard applies it
 //! at most once within `Limits::request_window_ms` (see [`commit`]). A retry
@@ -304,6 +305,9 @@ pub struct Shard {
     failed: bool,
     /// Where a failed shard asks to be reopened (its shard manager).
     on_failure: Option<Recipient<ShardFailed>>,
+    /// A primary's shard served over a read-only engine because the volume
+    /// was full when it opened: reads as usual, writes refused.
+    full: bool,
     /// Held by every [`ScanPages`] and [`IndexPages`] of this shard: more
     /// than one holder means a scan stream is open, and [`CloseIfIdle`]
     /// leaves the shard open.
@@ -346,6 +350,7 @@ impl Shard {
             retired: Arc::default(),
             failed: false,
             on_failure: None,
+            full: false,
             scans: Arc::new(()),
         }
     }
@@ -355,6 +360,28 @@ impl Shard {
     pub fn with_failure_report(mut self, report: Recipient<ShardFailed>) -> Self {
         self.on_failure = Some(report);
         self
+    }
+
+    /// A shard whose engine was opened read-only because its volume had no
+    /// free space (when `full`): it serves reads, and refuses every write,
+    /// close and delete with `RESOURCE_EXHAUSTED` (nothing written) until
+    /// its manager reopens it read-write.
+    pub fn volume_full(mut self, full: bool) -> Self {
+        self.full = full;
+        self
+    }
+
+    /// Refuses a change of the shard while its volume is full.
+    fn check_space(&self) -> Result<(), AttacheError> {
+        if self.full {
+            return Err(AttacheError::ResourceExhausted(format!(
+                "the volume holding shard {} has no free space: it serves reads but takes no writes, closes or \
+                 deletes, and nothing was written. Retry once the volume has space (grow it, or delete data it \
+                 holds)",
+                self.meta.shard_id
+            )));
+        }
+        Ok(())
     }
 
     /// This shard refuses every request once `retired` is set (its manager's
@@ -484,7 +511,7 @@ impl Shard {
                 self.meta.shard_id
             )));
         }
-        Ok(())
+        self.check_space()
     }
 
     fn check_entry(&self, entry: &PutEntry) -> Result<(), AttacheError> {
@@ -627,6 +654,9 @@ impl Shard {
                 match &result {
                     Ok(_) => in_flight.finish(true),
                     Err(EngineError::Indeterminate(_) | EngineError::Io(_)) => in_flight.finish(false),
+                    // Not the volume failing: another node would find it
+                    // as full, so it is no reason to give the volume up.
+                    Err(EngineError::NoSpace(_)) => drop(in_flight),
                     Err(EngineError::Fenced(why)) => in_flight.fenced(why),
                     Err(_) => drop(in_flight),
                 }
@@ -653,7 +683,7 @@ fn wall_clock_ms() -> u64 {
 fn write_error(shard_id: ShardId, e: &EngineError) -> AttacheError {
     match e {
         EngineError::Corruption(_) => AttacheError::Internal(format!("shard {shard_id}: {e}")),
-        EngineError::Indeterminate(_) => AttacheError::OutcomeUnknown(format!(
+        EngineError::Indeterminate(_) | EngineError::NoSpace(_) => AttacheError::OutcomeUnknown(format!(
             "shard {shard_id}: the write may or may not have been applied ({e}); repeat it (with its request id \
              it applies at most once)"
         )),
@@ -820,17 +850,25 @@ impl Handler<Committed> for Shard {
                 self.group_commits += 1;
                 self.committed_ops += msg.ops as u64;
             }
-            Err(EngineError::Indeterminate(e)) => {
+            Err(failure @ (EngineError::Indeterminate(_) | EngineError::NoSpace(_))) => {
                 // The group may be durable while the engine's reads do not
                 // show it: serve nothing more from this engine. Staged
                 // requests were never written; the shard manager reopens
-                // the shard from the volume (recovery replays what is there).
-                tracing::warn!(shard = self.meta.shard_id, error = %e, "group commit outcome unknown; reopening");
+                // the shard from the volume (recovery replays what is there;
+                // on a full volume, read-only).
+                tracing::warn!(shard = self.meta.shard_id, error = %failure, "group commit failed; reopening the shard");
                 self.failed = true;
-                let why = format!(
-                    "shard {} is being reopened after a write whose outcome is unknown; retry",
-                    self.meta.shard_id
-                );
+                let why = match failure {
+                    EngineError::NoSpace(_) => format!(
+                        "shard {} is being reopened read-only: its volume has no free space; retry (writes will \
+                         be refused until it has)",
+                        self.meta.shard_id
+                    ),
+                    _ => format!(
+                        "shard {} is being reopened after a write whose outcome is unknown; retry",
+                        self.meta.shard_id
+                    ),
+                };
                 for w in std::mem::take(&mut self.waiters) {
                     let _ = w.send(Err(AttacheError::unavailable(why.clone())));
                 }
@@ -1065,6 +1103,11 @@ impl Handler<Close> for Shard {
         if let Err(e) = self.check_readable(&msg.client_id) {
             return Reply::now(Err(e));
         }
+        if self.meta.state != ShardState::ReadOnly {
+            if let Err(e) = self.check_space() {
+                return Reply::now(Err(e));
+            }
+        }
         // Idempotent, but an acknowledgement means durable: only a close
         // already committed answers at once. One still staged or in the
         // group commit in flight (a retry of a close whose reply was slow)
@@ -1081,7 +1124,7 @@ impl Handler<Close> for Shard {
 
 impl Handler<MarkDeleted> for Shard {
     async fn handle(&mut self, msg: MarkDeleted, ctx: &Context<Self>) -> Reply<Result<ShardInfo, AttacheError>> {
-        if let Err(e) = self.check_readable(&msg.client_id) {
+        if let Err(e) = self.check_readable(&msg.client_id).and_then(|_| self.check_space()) {
             return Reply::now(Err(e));
         }
         self.state = ShardState::Deleted;

@@ -3,6 +3,7 @@
 //! - [`aws`]: the AWS EBS provider and `attache volume` against moto's EC2 API emulator;
 //! - [`bench`]: `attache bench`, every workload against `attache dev` and against etcd;
 //! - [`block`]: block volumes on a loop device with two `attache node` processes (root only);
+//! - [`disk_full`]: a full tmpfs under a node: writes refused, reads served, recovery (root only);
 //! - [`crash`]: SIGKILL of a process writing through the shard actors and RocksDB;
 //! - [`e2e`]: the real `attache` binary, every operation and error, signals, metrics;
 //! - [`failover`]: `attache meta` and three `attache node` processes, SIGKILL and SIGSTOP of the primary;
@@ -17,6 +18,8 @@ mod bench;
 mod block;
 mod common;
 mod crash;
+#[cfg(target_os = "linux")]
+mod disk_full;
 mod e2e;
 mod failover;
 mod fuzz_api;
