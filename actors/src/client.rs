@@ -61,7 +61,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::retry::{Jitter, RetryPolicy};
@@ -69,6 +69,7 @@ use crate::service::proto::attache_client::AttacheClient;
 use crate::service::{is_rejection, primary_hint};
 use crate::shard::ShardId;
 use crate::timer::{self, Alarm};
+use crate::tls::ClientTls;
 
 /// A retry starts only if at least this much of the call's deadline is left
 /// for it (a shorter attempt would mostly end in a timeout, turning a clean
@@ -223,6 +224,8 @@ struct Routes {
     current: usize,
     /// Where calls about a shard go, learned from hints and failures.
     shards: BTreeMap<ShardId, usize>,
+    /// TLS for every connection, when set (see [`Client::with_tls`]).
+    tls: Option<Arc<ClientTls>>,
 }
 
 impl Routes {
@@ -253,7 +256,7 @@ impl Routes {
         if let Some(stub) = self.stubs.get(&at) {
             return Ok(stub.clone());
         }
-        let stub = AttacheClient::new(channel(&self.addrs[at])?)
+        let stub = AttacheClient::new(channel_with(&self.addrs[at], self.tls.as_deref())?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         self.stubs.insert(at, stub.clone());
@@ -265,15 +268,16 @@ impl Routes {
 ///
 /// Errors: `INVALID_ARGUMENT` for an address that is not a valid URI.
 pub fn channel(addr: &str) -> Result<Channel, Status> {
-    Ok(endpoint(addr)?.connect_timeout(Duration::from_secs(5)).connect_lazy())
+    channel_with(addr, None)
 }
 
-/// The endpoint of `addr` (`host:port` or a URL), without connecting.
+/// As [`channel`], over TLS when `tls` is given (see [`crate::tls`]).
 ///
-/// Errors: `INVALID_ARGUMENT` for an address that is not a valid URI.
-fn endpoint(addr: &str) -> Result<Endpoint, Status> {
-    let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    Endpoint::from_shared(url).map_err(|e| Status::invalid_argument(format!("node address {addr:?} is not valid: {e}")))
+/// Errors: `INVALID_ARGUMENT` for an address that is not a valid URI, or
+/// TLS settings this build cannot apply.
+pub fn channel_with(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, Status> {
+    let endpoint = crate::tls::endpoint(addr, tls).map_err(|e| Status::invalid_argument(format!("node {e}")))?;
+    Ok(endpoint.connect_timeout(Duration::from_secs(5)).connect_lazy())
 }
 
 /// The client; see the module docs. Clones share routes and the jitter.
@@ -298,7 +302,8 @@ impl Client {
         if addrs.is_empty() {
             return Err(Status::invalid_argument("no node address given"));
         }
-        let routes = Routes { addrs: addrs.to_vec(), stubs: BTreeMap::new(), current: 0, shards: BTreeMap::new() };
+        let routes =
+            Routes { addrs: addrs.to_vec(), stubs: BTreeMap::new(), current: 0, shards: BTreeMap::new(), tls: None };
         Ok(Client {
             routes: Arc::new(Mutex::new(routes)),
             policy: RetryPolicy {
@@ -312,6 +317,17 @@ impl Client {
             jitter: Jitter::new(settings.seed),
             ids: Jitter::new(settings.seed ^ REQUEST_ID_SEED),
         })
+    }
+
+    /// The same client, connecting over TLS with `tls` (to the addresses
+    /// given and those it learns from hints alike).
+    pub fn with_tls(self, tls: ClientTls) -> Self {
+        {
+            let mut routes = self.lock();
+            routes.tls = Some(Arc::new(tls));
+            routes.stubs.clear();
+        }
+        self
     }
 
     /// A new request id for one write: 128 bits from the client's seeded
@@ -498,7 +514,7 @@ impl Client {
                         let mut routes = self.lock();
                         // A hint that is no valid address (a misconfigured
                         // advertise address) is no hint.
-                        let (to, hinted) = match primary_hint(&status).filter(|h| endpoint(h).is_ok()) {
+                        let (to, hinted) = match primary_hint(&status).filter(|h| crate::tls::endpoint(h, None).is_ok()) {
                             Some(hint) => (routes.index_of(&hint), true),
                             None => ((at + 1) % routes.addrs.len(), false),
                         };

@@ -57,6 +57,7 @@ pub mod task_host;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 pub mod timer;
+pub mod tls;
 pub mod volume;
 
 pub use actor::{Actor, Addr, Context, Handler, HostHandle, Message, Recipient, Reply};

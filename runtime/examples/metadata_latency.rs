@@ -97,7 +97,7 @@ async fn main() {
             let endpoint = format!("127.0.0.1:{cp}");
             let mut backend = None;
             for _ in 0..300 {
-                if let Ok(b) = EtcdBackend::connect(std::slice::from_ref(&endpoint)).await {
+                if let Ok(b) = EtcdBackend::connect(std::slice::from_ref(&endpoint), None).await {
                     if b.get(b"/x").await.is_ok() {
                         backend = Some(b);
                         break;

@@ -134,6 +134,9 @@ pub struct BenchArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// TLS to the nodes (`attache://` targets).
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
 }
 
 /// A run phase's mix of operations (see the module docs).
@@ -798,6 +801,10 @@ async fn run_phase(shared: &Arc<Shared>, phase: Phase, name: &str) -> anyhow::Re
 /// Connects to the target and creates the shards (Attaché) the run needs.
 async fn connect(args: &BenchArgs) -> anyhow::Result<(Target, Vec<String>)> {
     if let Some(rest) = args.target.strip_prefix("etcd://") {
+        anyhow::ensure!(
+            args.tls.tls_ca.is_none(),
+            "--tls-ca applies to attache:// targets; the etcd baseline runs plaintext"
+        );
         let endpoints: Vec<String> = rest.split(',').map(String::from).collect();
         let mut clients = vec![];
         for _ in 0..args.connections {
@@ -814,10 +821,15 @@ async fn connect(args: &BenchArgs) -> anyhow::Result<(Target, Vec<String>)> {
         anyhow::bail!("--target {:?}: expected attache://HOST:PORT or etcd://HOST:PORT", args.target);
     }
     let endpoints: Vec<String> = rest.split(',').map(String::from).collect();
+    let tls = args.tls.load()?;
     let clients = (0..args.connections)
         .map(|i| {
             let settings = ClientSettings { seed: args.seed.wrapping_add(i as u64), ..Default::default() };
-            Client::new(&endpoints, settings).map_err(|s| anyhow::anyhow!("{}", s.message()))
+            let c = Client::new(&endpoints, settings).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            Ok(match &tls {
+                Some(tls) => c.with_tls(tls.clone()),
+                None => c,
+            })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let (shards, created) = if !args.shard.is_empty() {

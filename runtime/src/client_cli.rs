@@ -32,6 +32,8 @@ pub struct ClientArgs {
     /// Give up retrying an unavailable node after this many seconds.
     #[arg(long, default_value_t = 30)]
     pub retry_secs: u64,
+    #[command(flatten)]
+    pub tls: crate::tls::ClientTlsArgs,
     #[command(subcommand)]
     pub cmd: ClientCmd,
 }
@@ -466,6 +468,10 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let c = Client::new(&args.addr, settings).map_err(status_error)?;
+    let c = match args.tls.load()? {
+        Some(tls) => c.with_tls(tls),
+        None => c,
+    };
     let json = args.json;
     match args.cmd {
         ClientCmd::NewShard { client_id, size_limit } => {

@@ -135,6 +135,24 @@ pub struct NodeArgs {
     /// client past it waits for one of its calls to end. Default 256.
     #[arg(long, env = "ATTACHE_MAX_STREAMS_PER_CONNECTION")]
     pub max_streams_per_connection: Option<u32>,
+    /// PEM certificate chain to serve the client API with TLS (with
+    /// --tls-key); also this node's identity to a TLS metadata store.
+    #[arg(long, env = "ATTACHE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "ATTACHE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: require every client to present a certificate
+    /// one of them signed (mutual TLS).
+    #[arg(long, env = "ATTACHE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// PEM CA certificates of the metadata store's certificate: call it
+    /// (`grpc://` or `etcd://`) over TLS, presenting --tls-cert when given.
+    #[arg(long, env = "ATTACHE_METADATA_TLS_CA")]
+    pub metadata_tls_ca: Option<PathBuf>,
+    /// Serve plaintext on a non-loopback address (refused without it).
+    #[arg(long, env = "ATTACHE_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure: Option<bool>,
     /// Actor threads (actix arbiters). Default: the number of CPUs.
     #[arg(long, env = "ATTACHE_THREADS")]
     pub threads: Option<usize>,
@@ -211,6 +229,12 @@ pub struct NodeSettings {
     pub max_open_shards: Option<usize>,
     /// Limits of the gRPC listener.
     pub connections: crate::serve::ConnectionLimits,
+    /// TLS of the client API; `None`: plaintext.
+    pub tls: Option<crate::tls::ServerTls>,
+    /// TLS to the metadata store; `None`: plaintext.
+    pub metadata_tls: Option<attache_actors::tls::ClientTls>,
+    /// Plaintext allowed on a non-loopback address (`--insecure`).
+    pub insecure: bool,
     /// The node config, with `advertise_addr` set once the listener is bound.
     pub node: NodeConfig,
 }
@@ -261,9 +285,23 @@ impl NodeArgs {
         if let Some(bytes) = a.memory_budget_bytes {
             crate::rocks_engine::check_memory_budget(bytes).map_err(anyhow::Error::msg)?;
         }
+        let tls = crate::tls::ServerTls::load(a.tls_cert.as_deref(), a.tls_key.as_deref(), a.tls_client_ca.as_deref())?;
+        let metadata_tls = match &a.metadata_tls_ca {
+            Some(ca) => {
+                let ca = crate::tls::read_pem(ca, "--metadata-tls-ca")?;
+                Some(match &tls {
+                    Some(tls) => tls.as_client(ca),
+                    None => attache_actors::tls::ClientTls { ca_pem: ca, ..Default::default() },
+                })
+            }
+            None => None,
+        };
+        let listen = a.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
+        let insecure = a.insecure.unwrap_or(false);
+        crate::tls::check_plaintext("attache node", listen, tls.as_ref(), insecure)?;
         Ok(NodeSettings {
             data_dir: a.data_dir.unwrap_or_else(|| "attache-node".into()),
-            listen: a.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            listen,
             advertise: a.advertise,
             metrics_listen: a.metrics_listen,
             metadata,
@@ -275,6 +313,9 @@ impl NodeArgs {
             memory_budget_bytes: a.memory_budget_bytes.unwrap_or(crate::rocks_engine::DEFAULT_MEMORY_BUDGET_BYTES),
             max_open_shards: a.max_open_shards,
             connections,
+            tls,
+            metadata_tls,
+            insecure,
             node,
         })
     }

@@ -27,12 +27,31 @@ pub struct EtcdBackend {
 }
 
 impl EtcdBackend {
-    /// Connects to `endpoints` (`host:port`).
+    /// Connects to `endpoints` (`host:port`), over TLS with `tls` when given
+    /// (etcd's `--cert-file`; its `--client-cert-auth` wants the identity).
     ///
     /// Errors: `Unavailable` when no endpoint answers.
-    pub async fn connect(endpoints: &[String]) -> Result<Self, MetaError> {
-        let opts = etcd::ConnectOptions::new().with_connect_timeout(CALL_TIMEOUT).with_timeout(CALL_TIMEOUT);
-        let client = etcd::Client::connect(endpoints, Some(opts)).await.map_err(error)?;
+    pub async fn connect(
+        endpoints: &[String],
+        tls: Option<&attache_actors::tls::ClientTls>,
+    ) -> Result<Self, MetaError> {
+        let mut opts = etcd::ConnectOptions::new().with_connect_timeout(CALL_TIMEOUT).with_timeout(CALL_TIMEOUT);
+        let mut endpoints = endpoints.to_vec();
+        if let Some(tls) = tls {
+            // etcd's client TLS (`--cert-file`, `--client-cert-auth` on the server side).
+            let mut options = etcd::TlsOptions::new().ca_certificate(etcd::Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                options = options.identity(etcd::Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = &tls.domain {
+                options = options.domain_name(domain.clone());
+            }
+            opts = opts.with_tls(options);
+            for e in endpoints.iter_mut().filter(|e| !e.contains("://")) {
+                *e = format!("https://{e}");
+            }
+        }
+        let client = etcd::Client::connect(&endpoints, Some(opts)).await.map_err(error)?;
         Ok(EtcdBackend { client })
     }
 }

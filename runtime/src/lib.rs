@@ -18,6 +18,7 @@ pub mod records;
 pub mod rocks_engine;
 pub mod serve;
 pub mod telemetry;
+pub mod tls;
 pub mod volume_cli;
 
 pub use actix_host::ActixHost;

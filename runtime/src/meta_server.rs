@@ -34,6 +34,8 @@ pub struct MetaArgs {
     #[arg(long, default_value_t = crate::serve::DEFAULT_META_STREAMS_PER_CONNECTION, env = "ATTACHE_META_MAX_STREAMS_PER_CONNECTION")]
     pub max_streams_per_connection: u32,
     #[command(flatten)]
+    pub tls: crate::tls::ServerTlsArgs,
+    #[command(flatten)]
     pub log: LogArgs,
 }
 
@@ -41,9 +43,11 @@ pub struct MetaArgs {
 /// on one actix arbiter, the gRPC server on the actix system's runtime.
 pub fn run(args: MetaArgs) -> anyhow::Result<()> {
     init_logging(args.log.log_format.unwrap_or_default(), args.log.log_level.as_deref().unwrap_or("info"));
+    let tls = args.tls.load()?;
+    crate::tls::check_plaintext("attache meta", args.listen, tls.as_ref(), args.tls.insecure)?;
     actix_rt::System::new().block_on(async move {
         let host = HostHandle::new(ActixHost::new(1));
-        let backend = open_metadata(&host, &format!("embedded:{}", args.data_dir.display())).await?;
+        let backend = open_metadata(&host, &format!("embedded:{}", args.data_dir.display()), None).await?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -59,7 +63,7 @@ pub fn run(args: MetaArgs) -> anyhow::Result<()> {
         if let Err(e) = crate::files::raise_open_file_limit() {
             tracing::warn!(error = %e, "cannot raise the open-file limit");
         }
-        crate::serve::grpc_server(limits)
+        crate::serve::grpc_server(limits, tls.as_ref())?
             .add_service(MetadataServer::new(backend).into_server())
             .serve_with_incoming_shutdown(crate::serve::incoming(listener, limits.max_connections), shutdown_signal())
             .await

@@ -63,6 +63,10 @@ pub struct DevArgs {
     /// the open-file limit leaves room for, shared by the nodes.
     #[arg(long)]
     pub max_open_shards: Option<usize>,
+    /// Serve plaintext on a non-loopback --listen address (refused without
+    /// it; `attache dev` has no TLS: run `attache node` for that).
+    #[arg(long)]
+    pub insecure: bool,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -76,6 +80,7 @@ impl DevArgs {
         let n = self.nodes.max(1);
         crate::rocks_engine::check_memory_budget(self.memory_budget_bytes).map_err(anyhow::Error::msg)?;
         let volumes = numbered_volumes(self.volumes.unwrap_or(2.max(n)).max(1));
+        crate::tls::check_plaintext("attache dev", self.listen, None, self.insecure)?;
         let base = self.listen.port();
         if base != 0 && u16::try_from(n - 1).ok().and_then(|extra| base.checked_add(extra)).is_none() {
             anyhow::bail!(
@@ -107,6 +112,9 @@ impl DevArgs {
                     memory_budget_bytes: self.memory_budget_bytes,
                     max_open_shards: self.max_open_shards,
                     connections: ConnectionLimits::default(),
+                    tls: None,
+                    metadata_tls: None,
+                    insecure: self.insecure,
                     node,
                 }
             })
@@ -115,11 +123,18 @@ impl DevArgs {
 }
 
 /// Opens the metadata backend named by `spec` (see `--metadata`); an
-/// embedded store's `MetadataStore` actor runs on `host`.
+/// embedded store's `MetadataStore` actor runs on `host`; an `attache meta`
+/// or etcd is called over TLS with `tls` when given.
 ///
-/// Errors: an unknown scheme, or the backend cannot be opened.
-pub async fn open_metadata(host: &HostHandle, spec: &str) -> anyhow::Result<Arc<dyn MetadataBackend>> {
+/// Errors: an unknown scheme, TLS with an embedded store, or the backend
+/// cannot be opened.
+pub async fn open_metadata(
+    host: &HostHandle,
+    spec: &str,
+    tls: Option<&attache_actors::tls::ClientTls>,
+) -> anyhow::Result<Arc<dyn MetadataBackend>> {
     if let Some(dir) = spec.strip_prefix("embedded:") {
+        anyhow::ensure!(tls.is_none(), "--metadata-tls-ca applies to grpc:// and etcd:// metadata, not {spec}");
         let dir = Path::new(dir);
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create metadata dir {}", dir.display()))?;
         let lock = crate::files::lock_dir(dir)?;
@@ -129,11 +144,15 @@ pub async fn open_metadata(host: &HostHandle, spec: &str) -> anyhow::Result<Arc<
         return Ok(backend);
     }
     if let Some(addr) = spec.strip_prefix("grpc://") {
-        return Ok(Arc::new(attache_actors::meta::remote::RemoteBackend::new(format!("http://{addr}"))));
+        let backend = attache_actors::meta::remote::RemoteBackend::new(addr);
+        return Ok(Arc::new(match tls {
+            Some(tls) => backend.with_tls(tls.clone()),
+            None => backend,
+        }));
     }
     if let Some(endpoints) = spec.strip_prefix("etcd://") {
         let endpoints: Vec<String> = endpoints.split(',').map(str::to_string).collect();
-        return Ok(Arc::new(crate::etcd::EtcdBackend::connect(&endpoints).await?));
+        return Ok(Arc::new(crate::etcd::EtcdBackend::connect(&endpoints, tls).await?));
     }
     anyhow::bail!("unknown metadata store {spec:?}: use embedded:DIR, grpc://HOST:PORT or etcd://HOST:PORT[,HOST:PORT]")
 }
@@ -299,13 +318,22 @@ impl ConnectionLimits {
     }
 }
 
-/// A gRPC server builder with `limits` and HTTP/2 keepalive pings; serve it
-/// with [`incoming`] to cap its connections.
-pub(crate) fn grpc_server(limits: ConnectionLimits) -> tonic::transport::Server {
-    tonic::transport::Server::builder()
+/// A gRPC server builder with `limits`, HTTP/2 keepalive pings and, when
+/// given, `tls`; serve it with [`incoming`] to cap its connections.
+///
+/// Errors: tonic refuses the TLS settings.
+pub(crate) fn grpc_server(
+    limits: ConnectionLimits,
+    tls: Option<&crate::tls::ServerTls>,
+) -> anyhow::Result<tonic::transport::Server> {
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls.config()).context("invalid TLS settings")?;
+    }
+    Ok(server
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT)))
 }
 
 /// A new connection that sends nothing for this long is closed: HTTP/2
@@ -534,7 +562,7 @@ pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send
             let backend = match backends.get(&s.metadata) {
                 Some(b) => b.clone(),
                 None => {
-                    let b = open_metadata(&host, &s.metadata).await?;
+                    let b = open_metadata(&host, &s.metadata, s.metadata_tls.as_ref()).await?;
                     backends.insert(s.metadata.clone(), b.clone());
                     b
                 }
@@ -556,8 +584,9 @@ pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send
                 record.volumes.join(", ")
             );
             let mut stop = stop_tx.subscribe();
+            let mut builder = grpc_server(connections, s.tls.as_ref())?;
             let server = tokio::spawn(async move {
-                grpc_server(connections)
+                builder
                     .add_service(service)
                     .serve_with_incoming_shutdown(incoming(listener, connections.max_connections), async move {
                         let _ = stop.recv().await;
@@ -713,7 +742,8 @@ mod tests {
             let addr = listener.local_addr().unwrap();
             let limits = super::ConnectionLimits { max_connections: 16, max_streams_per_connection: streams };
             let server = tokio::spawn(
-                super::grpc_server(limits)
+                super::grpc_server(limits, None)
+                    .unwrap()
                     .add_service(MetadataServer::new(backend).into_server())
                     .serve_with_incoming(super::incoming(listener, limits.max_connections)),
             );

@@ -244,21 +244,30 @@ impl Metadata for MetadataServer {
 #[derive(Clone)]
 pub struct RemoteBackend {
     endpoint: String,
+    tls: Option<crate::tls::ClientTls>,
     client: Arc<tokio::sync::OnceCell<MetadataClient<tonic::transport::Channel>>>,
 }
 
 impl RemoteBackend {
-    /// A backend calling `endpoint` (`http://host:port`); connects lazily.
+    /// A backend calling `endpoint` (`host:port`, or `http://host:port`);
+    /// connects lazily.
     pub fn new(endpoint: impl Into<String>) -> Self {
-        RemoteBackend { endpoint: endpoint.into(), client: Arc::new(tokio::sync::OnceCell::new()) }
+        RemoteBackend { endpoint: endpoint.into(), tls: None, client: Arc::new(tokio::sync::OnceCell::new()) }
+    }
+
+    /// The same backend, calling over TLS with `tls` (its endpoint then
+    /// `host:port` or `https://host:port`).
+    pub fn with_tls(mut self, tls: crate::tls::ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     async fn client(&self) -> Result<MetadataClient<tonic::transport::Channel>, MetaError> {
         let client = self
             .client
             .get_or_try_init(|| async {
-                let endpoint = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
-                    .map_err(|e| MetaError::Invalid(format!("bad metadata endpoint {}: {e}", self.endpoint)))?;
+                let endpoint = crate::tls::endpoint(&self.endpoint, self.tls.as_ref())
+                    .map_err(|e| MetaError::Invalid(format!("bad metadata endpoint: {e}")))?;
                 Ok::<_, MetaError>(MetadataClient::new(endpoint.connect_lazy()))
             })
             .await?;

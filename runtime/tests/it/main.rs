@@ -10,7 +10,8 @@
 //! - [`fuzz_api`]: generated requests of every type against `attache dev`;
 //! - [`metadata`]: the metadata conformance suite on embedded, embedded over gRPC, and etcd;
 //! - [`storage`]: the shared storage scenario on actix with RocksDB;
-//! - [`three_process`]: one `attache meta` with two nodes.
+//! - [`three_process`]: one `attache meta` with two nodes;
+//! - [`tls`]: mutual TLS between clients, a node and `attache meta`; plaintext only on loopback.
 
 mod aws;
 mod bench;
@@ -26,3 +27,4 @@ mod fuzz_api;
 mod metadata;
 mod storage;
 mod three_process;
+mod tls;

@@ -158,7 +158,7 @@ impl Etcd {
     async fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(b) = EtcdBackend::connect(&[self.endpoint()]).await {
+            if let Ok(b) = EtcdBackend::connect(&[self.endpoint()], None).await {
                 if b.get(b"/ready").await.is_ok() {
                     return true;
                 }
@@ -199,7 +199,7 @@ impl Harness for EtcdHarness {
         self.etcd.child.wait().unwrap();
         self.etcd.child = Etcd::spawn(self.etcd.dir.path(), self.etcd.client_port, self.etcd.peer_port);
         assert!(self.etcd.wait_ready().await, "etcd exited at restart on port {}", self.etcd.client_port);
-        self.backend = Arc::new(EtcdBackend::connect(&[self.etcd.endpoint()]).await.unwrap());
+        self.backend = Arc::new(EtcdBackend::connect(&[self.etcd.endpoint()], None).await.unwrap());
     }
     fn lease_ttl_ms(&self) -> u64 {
         // etcd's minimum TTL with default election timeouts is 2 s.
@@ -210,7 +210,7 @@ impl Harness for EtcdHarness {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_backend_conforms() {
     let etcd = Etcd::start().await;
-    let backend = Arc::new(EtcdBackend::connect(&[etcd.endpoint()]).await.unwrap());
+    let backend = Arc::new(EtcdBackend::connect(&[etcd.endpoint()], None).await.unwrap());
     let mut h = EtcdHarness { etcd, backend };
     conformance::run_all(&mut h, "/conformance").await;
 }

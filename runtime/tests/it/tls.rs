@@ -1,0 +1,194 @@
+//! TLS with real processes: a CA and certificates made in the test
+//! (`rcgen`), `attache meta` and `attache node` both serving mutual TLS
+//! (the node calls its metadata store over TLS with its own certificate).
+//! A client with a certificate from the CA is served, through the library
+//! client and through `attache client`; a client with a certificate from
+//! another CA, one with no certificate, and a plaintext one are refused.
+//! A node or `attache meta` asked to serve plaintext on a non-loopback
+//! address refuses to start unless given `--insecure`.
+
+use crate::common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use attache_actors::client::{CallSpec, Client, ClientSettings};
+use attache_actors::service::proto::{GetRequest, NewShardRequest, PutRequest};
+use attache_actors::tls::ClientTls;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+/// A CA that signs certificates.
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca { issuer: Issuer::new(params, key), pem }
+    }
+
+    /// A certificate for `names` (DNS names or IP addresses) with common
+    /// name `cn`, and its key, both PEM.
+    fn sign(&self, cn: &str, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        (params.signed_by(&key, &self.issuer).unwrap().pem(), key.serialize_pem())
+    }
+}
+
+/// Writes `text` to `dir/name`; its path.
+fn file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+async fn new_shard(c: &Client) -> Result<u64, String> {
+    c.call(CallSpec::any().once().starting_at(0), |mut c| async move {
+        c.new_shard(NewShardRequest { client_id: "tls".into(), size_limit_bytes: 0 }).await
+    })
+    .await
+    .map(|s| s.value.shard_id)
+    .map_err(|f| format!("{:?} {}", f.status.code(), f.status.message()))
+}
+
+fn settings() -> ClientSettings {
+    ClientSettings { deadline_ms: 3_000, ..ClientSettings::default() }
+}
+
+#[actix_rt::test]
+async fn mutual_tls_serves_clients_of_the_ca_and_refuses_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let ca = Ca::new("attache test CA");
+    let ca_file = file(root, "ca.pem", &ca.pem);
+    let (server_cert, server_key) = ca.sign("node", &["localhost", "127.0.0.1"]);
+    let (cert, key) = (file(root, "node.pem", &server_cert), file(root, "node.key", &server_key));
+    let (client_cert, client_key) = ca.sign("client-1", &[]);
+
+    // attache meta and a node, both requiring client certificates of the CA.
+    let tls = ["--tls-cert", s(&cert), "--tls-key", s(&key), "--tls-client-ca", s(&ca_file)];
+    let meta_dir = root.join("meta");
+    let mut meta_args = vec!["meta", "--listen", "127.0.0.1:0", "--data-dir", s(&meta_dir)];
+    meta_args.extend_from_slice(&tls);
+    let meta = common::start(&meta_args, "serving gRPC on ");
+    let metadata = format!("grpc://{}", meta.addr);
+    let mut extra = tls.to_vec();
+    extra.extend_from_slice(&["--metadata-tls-ca", s(&ca_file)]);
+    let node = common::start_node(root, "node-1", "vol-1", &metadata, &extra);
+
+    // A client of the CA: served.
+    let good = ClientTls {
+        ca_pem: ca.pem.clone().into_bytes(),
+        identity: Some((client_cert.clone().into_bytes(), client_key.clone().into_bytes())),
+        domain: None,
+    };
+    let c = Client::new(std::slice::from_ref(&node.addr), settings()).unwrap().with_tls(good.clone());
+    let shard = new_shard(&c).await.expect("a client with a certificate of the CA is served");
+    let put = PutRequest {
+        shard_id: shard,
+        client_id: "tls".into(),
+        key: "k".into(),
+        value: "v".into(),
+        indexes: vec![],
+        request_id: c.request_id(),
+    };
+    c.call(CallSpec::shard(shard), move |mut c| {
+        let r = put.clone();
+        async move { c.put(r).await }
+    })
+    .await
+    .expect("put over mutual TLS");
+    let got = c
+        .call(CallSpec::shard(shard), |mut c| async move {
+            c.get(GetRequest {
+                shard_id: shard,
+                client_id: "tls".into(),
+                key: "k".into(),
+                consistency: 0,
+                max_staleness_ms: 0,
+            })
+            .await
+        })
+        .await
+        .expect("get over mutual TLS");
+    assert_eq!(got.value.value, b"v");
+
+    // Refused: a certificate of another CA, no certificate, plaintext.
+    let other = Ca::new("another CA");
+    let (other_cert, other_key) = other.sign("intruder", &[]);
+    let foreign = ClientTls { identity: Some((other_cert.into_bytes(), other_key.into_bytes())), ..good.clone() };
+    let anonymous = ClientTls { identity: None, ..good.clone() };
+    for (what, tls) in
+        [("another CA's certificate", Some(foreign)), ("no certificate", Some(anonymous)), ("plaintext", None)]
+    {
+        let c = Client::new(std::slice::from_ref(&node.addr), settings()).unwrap();
+        let c = match tls {
+            Some(tls) => c.with_tls(tls),
+            None => c,
+        };
+        let refused = new_shard(&c).await.expect_err(what);
+        eprintln!("{what}: refused: {refused}");
+    }
+    // A client that does not trust the node's CA refuses the node.
+    let untrusting = ClientTls { ca_pem: other.pem.clone().into_bytes(), ..good.clone() };
+    let c = Client::new(std::slice::from_ref(&node.addr), settings()).unwrap().with_tls(untrusting);
+    new_shard(&c).await.expect_err("a server certificate from an unknown CA");
+
+    // attache client with the TLS flags.
+    let (cc, ck) = (file(root, "client.pem", &client_cert), file(root, "client.key", &client_key));
+    let out = Command::new(env!("CARGO_BIN_EXE_attache"))
+        .args(["client", "--addr", &node.addr, "--tls-ca", s(&ca_file), "--tls-cert", s(&cc), "--tls-key", s(&ck)])
+        .args(["get", "--shard", &shard.to_string(), "--client-id", "tls", "k"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "attache client over TLS: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "v");
+    let out = Command::new(env!("CARGO_BIN_EXE_attache"))
+        .args(["client", "--addr", &node.addr, "--retry-secs", "2"])
+        .args(["get", "--shard", &shard.to_string(), "--client-id", "tls", "k"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a plaintext attache client was served by a TLS node");
+    drop((node, meta));
+}
+
+#[test]
+fn plaintext_on_a_non_loopback_address_needs_insecure() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let node = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_attache"))
+            .args(["node", "--listen", "0.0.0.0:0", "--data-dir", s(&data), "--volume-root", s(dir.path())])
+            .args(["--volumes", "vol-1", "--metadata", "grpc://127.0.0.1:1"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = node(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--insecure") && err.contains("--tls-cert"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_attache"))
+        .args(["meta", "--listen", "0.0.0.0:0", "--data-dir", s(&dir.path().join("m"))])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--insecure"), "{err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_attache"))
+        .args(["dev", "--listen", "0.0.0.0:0", "--data-dir", s(&dir.path().join("d"))])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--insecure"), "{err}");
+}
