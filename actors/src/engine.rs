@@ -268,6 +268,16 @@ pub trait Engine: Send + Sync + 'static {
     /// Counters since open.
     fn stats(&self) -> EngineStats;
 
+    /// The position, in the shard's history on its volume, of the last
+    /// write batch this engine's reads show (RocksDB: its latest sequence
+    /// number; `SimEngine`: the log bytes it applied), comparable between
+    /// engines opened on one shard; `None` where the engine keeps none
+    /// (`MemEngine`). A batch whose write failed does not count, so a view
+    /// opened later whose position is higher holds that batch.
+    fn sequence(&self) -> Option<u64> {
+        None
+    }
+
     /// Closes the engine: later calls fail with `Closed`. Idempotent.
     async fn close(&self);
 

@@ -15,9 +15,14 @@
 //! a new MANIFEST, OPTIONS file and WAL), so on a full volume the primary
 //! opens the shard read-only instead and serves it full: reads as usual,
 //! every write refused with `RESOURCE_EXHAUSTED` (nothing written). At the
-//! first request [`FULL_VOLUME_RETRY`] or more after that open, it closes
-//! the shard and tries the read-write open again, so writes resume about
-//! a second after space is freed.
+//! first request [`FULL_VOLUME_RETRY`] or more after that open it tries the
+//! read-write open again, beside the read-only shard (a read-only engine
+//! holds no lock): still full, the read-only shard goes on and the next
+//! try waits twice as long, up to [`FULL_VOLUME_RETRY_MAX`]; opened, the
+//! new shard takes every later request and the read-only one ends once its
+//! reads end (each began before the new engine took a write, so none can
+//! miss one acknowledged before it began). Writes resume within that wait
+//! (at most 8 s) of space being freed.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -40,6 +45,10 @@ use crate::shard::{CloseIfIdle, MarkDeleted, Shard, ShardFailed, ShardId, ShardI
 /// so before its next request tries the read-write open again (see the
 /// module docs).
 pub const FULL_VOLUME_RETRY: Duration = Duration::from_secs(1);
+
+/// The longest wait between two read-write opens of a shard whose volume
+/// stays full (see [`FULL_VOLUME_RETRY`]).
+pub const FULL_VOLUME_RETRY_MAX: Duration = Duration::from_secs(8);
 
 /// How a shard manager is set up.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,8 +172,9 @@ struct OpenShard {
     /// holder means a request is unanswered, and the shard stays open.
     calls: Arc<()>,
     /// Set when the volume was full at open: the shard is served over a
-    /// read-only engine since then, and takes no writes.
-    full_since: Option<tokio::time::Instant>,
+    /// read-only engine since then, and takes no writes, until this time
+    /// is past and it is idle (then it is reopened read-write).
+    full_until: Option<tokio::time::Instant>,
 }
 
 /// The shards of one volume; see the module docs.
@@ -178,6 +188,13 @@ pub struct ShardManager {
     shut_down: bool,
     /// The volume's writes in flight (group commits, creations, read-write opens).
     io: Arc<IoWatch>,
+    /// Shards served read-only because the volume was full: the wait
+    /// before the next read-write open (doubled by each that fails).
+    full_retry: BTreeMap<ShardId, Duration>,
+    /// Shards whose last write failed with an unknown outcome, with what
+    /// their engine had made durable (`ShardFailed::durable_through`),
+    /// until a read-write open (which makes what it replays durable).
+    unsure: BTreeMap<ShardId, u64>,
     /// Set by the volume manager the moment it stops serving through this
     /// manager (a step-down): from then on this manager and its shards
     /// refuse every request, whatever is still queued in their mailboxes.
@@ -188,8 +205,8 @@ fn volume_error(cfg: &ShardManagerConfig, what: &str, e: EngineError) -> Attache
     match e {
         EngineError::Corruption(_) => AttacheError::Internal(format!("volume {}: {what}: {e}", cfg.volume_id)),
         EngineError::NoSpace(_) => AttacheError::ResourceExhausted(format!(
-            "volume {}: {what}: {e}; nothing was written. The volume needs free space (grow it, or delete data \
-             it holds) before it takes writes again",
+            "volume {}: {what}: {e}; nothing was written. The volume takes writes again once it has free \
+             space: grow it (or free space on its filesystem outside Attaché's shards)",
             cfg.volume_id
         )),
         _ => AttacheError::unavailable(format!("volume {}: {what}: {e}; retry", cfg.volume_id)),
@@ -209,6 +226,8 @@ impl ShardManager {
             shut_down: false,
             io: Arc::default(),
             retired: Arc::default(),
+            full_retry: BTreeMap::new(),
+            unsure: BTreeMap::new(),
         }
     }
 
@@ -271,28 +290,27 @@ impl ShardManager {
     async fn shard(&mut self, shard_id: ShardId, ctx: &Context<Self>) -> Result<(Addr<Shard>, Arc<()>), AttacheError> {
         self.check_up()?;
         self.uses += 1;
+        // A shard served read-only on a full volume whose wait is over: the
+        // read-write open is tried beside it (see the module docs).
+        let mut replacing = None;
         if let Some(open) = self.shards.get_mut(&shard_id) {
             open.last_used = self.uses;
-            if open.full_since.is_none_or(|t| t.elapsed() < FULL_VOLUME_RETRY) || !self.gate.is_open() {
+            let due = open.full_until.is_some_and(|t| tokio::time::Instant::now() >= t);
+            if !due || !self.gate.is_open() {
                 return Ok((open.addr.clone(), open.calls.clone()));
             }
-            // Served full for a while: try the read-write open again. The
-            // read-only engine is closed first, so that no read is served
-            // from it once a write may have landed through the new one.
-            let addr = open.addr.clone();
-            self.shards.remove(&shard_id);
-            let _ = addr.send(Shutdown).await;
-            addr.stop();
-            self.check_up()?;
+            replacing = Some(open.addr.clone());
         }
         self.check_lease("open shards")?;
         let path = self.cfg.shard_path(shard_id);
         let cfg = &self.cfg;
-        if !self.factory.exists(&path).await.map_err(|e| volume_error(cfg, "list shards", e))? {
-            return Err(Self::not_found(shard_id));
+        if replacing.is_none() {
+            if !self.factory.exists(&path).await.map_err(|e| volume_error(cfg, "list shards", e))? {
+                return Err(Self::not_found(shard_id));
+            }
+            // Room only for a shard that exists; the checks again after it (closes take time).
+            self.make_room().await;
         }
-        // Room only for a shard that exists; the checks again after it (closes take time).
-        self.make_room().await;
         self.check_up()?;
         self.check_lease("open shards")?;
         let cfg = &self.cfg;
@@ -306,16 +324,48 @@ impl ShardManager {
         drop(in_flight);
         let (engine, full) = match opening {
             Ok(engine) => (engine, false),
+            Err(e) if replacing.is_some() => {
+                // Still full (or the volume failed the open): the read-only
+                // shard goes on serving reads, and the next try waits longer.
+                tracing::debug!(shard_id, volume = %cfg.volume_id, error = %e, "read-write reopen failed; still read-only");
+                return Ok(self.still_full(shard_id));
+            }
             Err(EngineError::NoSpace(why)) => {
                 // A read-only open writes nothing: the shard serves reads.
                 tracing::warn!(shard_id, volume = %cfg.volume_id, error = %why, "volume full: serving the shard read-only");
                 let engine = self.factory.open(&path, OpenMode::ReadOnly).await.map_err(|e| {
                     volume_error(cfg, &format!("open shard {shard_id} read-only (the volume is full)"), e)
                 })?;
+                // A read-only view replays the log as it finds it, page
+                // cache included: past what the failed engine had made
+                // durable, it holds the failed write, whose sync may have
+                // failed. Serving it could show (and acknowledge, by its
+                // request id) a write a crash would take back.
+                if let (Some(&durable), Some(seen)) = (self.unsure.get(&shard_id), engine.sequence()) {
+                    if seen > durable {
+                        engine.close().await;
+                        return Err(AttacheError::unavailable(format!(
+                            "volume {}: shard {shard_id}'s last write may not be durable and the volume is full, \
+                             so it cannot be made durable or served; retry (it is served again once the volume has \
+                             space)",
+                            cfg.volume_id
+                        )));
+                    }
+                }
                 (engine, true)
             }
             Err(e) => return Err(volume_error(cfg, &format!("open shard {shard_id}"), e)),
         };
+        // The read-only shard it replaces ends once its reads end (each
+        // began before this open, so before any write through it) and
+        // takes no request from now on: the manager routes to the new one.
+        if let Some(old) = replacing.take() {
+            self.shards.remove(&shard_id);
+            ctx.host().spawn_detached(async move {
+                let _ = old.send(Shutdown).await;
+                old.stop();
+            });
+        }
         let meta = match Shard::load_meta(&*engine).await {
             Ok(Some(meta)) if meta.state != ShardState::Deleted => meta,
             Ok(_) if self.cfg.read_only => {
@@ -345,7 +395,27 @@ impl ShardManager {
             )));
         }
         let addr = self.serve(engine, meta, opened, full, ctx);
+        if full {
+            let wait = *self.full_retry.entry(shard_id).or_insert(FULL_VOLUME_RETRY);
+            if let Some(open) = self.shards.get_mut(&shard_id) {
+                open.full_until = Some(opened + wait);
+            }
+        } else {
+            self.full_retry.remove(&shard_id);
+            self.unsure.remove(&shard_id);
+        }
         Ok((addr, self.shards[&shard_id].calls.clone()))
+    }
+
+    /// The read-only shard `shard_id` of a volume still full: its next
+    /// read-write open waits twice as long as the last (up to
+    /// [`FULL_VOLUME_RETRY_MAX`]). Returns it, with its request token.
+    fn still_full(&mut self, shard_id: ShardId) -> (Addr<Shard>, Arc<()>) {
+        let wait = self.full_retry.get(&shard_id).map_or(FULL_VOLUME_RETRY, |w| (*w * 2).min(FULL_VOLUME_RETRY_MAX));
+        self.full_retry.insert(shard_id, wait);
+        let open = self.shards.get_mut(&shard_id).expect("the shard being replaced is open");
+        open.full_until = Some(tokio::time::Instant::now() + wait);
+        (open.addr.clone(), open.calls.clone())
     }
 
     /// Closes idle shards, least recently used first, until one more fits
@@ -416,8 +486,7 @@ impl ShardManager {
         .with_retired(self.retired.clone());
         let addr = ctx.host().spawn(shard, self.cfg.shard_mailbox);
         self.uses += 1;
-        let full_since = full.then(tokio::time::Instant::now);
-        let open = OpenShard { addr: addr.clone(), last_used: self.uses, calls: Arc::new(()), full_since };
+        let open = OpenShard { addr: addr.clone(), last_used: self.uses, calls: Arc::new(()), full_until: None };
         self.shards.insert(shard_id, open);
         addr
     }
@@ -548,6 +617,9 @@ where
 /// for it opens it again from the volume.
 impl Handler<ShardFailed> for ShardManager {
     async fn handle(&mut self, msg: ShardFailed, _ctx: &Context<Self>) -> Reply<()> {
+        if let Some(durable) = msg.durable_through {
+            self.unsure.insert(msg.shard_id, durable);
+        }
         let Some(OpenShard { addr, .. }) = self.shards.remove(&msg.shard_id) else { return Reply::now(()) };
         tracing::warn!(shard_id = msg.shard_id, volume = %self.cfg.volume_id, "closing a shard to reopen it");
         // Closed outside the manager (an engine may wait for its reads);

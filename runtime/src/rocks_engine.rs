@@ -152,7 +152,25 @@ impl RocksEngineFactory {
     /// buffers, ~70 MB, for each WAL), the MANIFEST grows in 64 KiB steps
     /// (not 4 MiB), and the info log keeps two files of at most 256 KiB.
     /// Durability is unchanged: every synced write still fsyncs its WAL.
+    /// Memtables are charged to the node's shared write-buffer manager.
     fn options(&self, create: bool) -> Options {
+        let mut opts = self.base_options(create);
+        opts.set_write_buffer_manager(&self.budget.write_buffers);
+        opts
+    }
+
+    /// As `options(false)`, for a read-only open: without the shared
+    /// write-buffer manager. A read-only view's memtable (the WAL it
+    /// replayed) never flushes, so charged to the manager it could only
+    /// stall the writers of every shard of the node once such views held
+    /// half the budget (found in review); each is bounded by about one
+    /// write buffer (`MAX_WRITE_BUFFER_BYTES`) instead: its WAL holds what
+    /// the writer had not flushed yet.
+    fn read_only_options(&self) -> Options {
+        self.base_options(false)
+    }
+
+    fn base_options(&self, create: bool) -> Options {
         // allow_fallocate has no setter in the Rust API; RocksDB's options
         // string sets it.
         let mut opts = Options::default()
@@ -166,7 +184,6 @@ impl RocksEngineFactory {
         opts.set_keep_log_file_num(2);
         opts.set_max_log_file_size(256 << 10);
         opts.set_write_buffer_size(MAX_WRITE_BUFFER_BYTES.min(self.budget.bytes / 4));
-        opts.set_write_buffer_manager(&self.budget.write_buffers);
         // Table files kept open per shard (RocksDB's default keeps them
         // all): bounds a large shard's descriptors; others open on demand.
         opts.set_max_open_files(MAX_OPEN_TABLE_FILES);
@@ -284,7 +301,7 @@ impl RocksEngineFactory {
                     if !path.join("CURRENT").exists() {
                         return Err(EngineError::NotFound(path.display().to_string()));
                     }
-                    DB::open_for_read_only(&options(false), &path, false)
+                    DB::open_for_read_only(&this.read_only_options(), &path, false)
                 }
             }
             .map_err(|e| engine_error(&path, e))?;
@@ -572,6 +589,11 @@ impl Engine for RocksEngine {
         self.counters.snapshot(keys)
     }
 
+    /// RocksDB's latest sequence number (a failed write does not advance it).
+    fn sequence(&self) -> Option<u64> {
+        self.db.read().expect("rocks engine lock").as_ref().map(|db| db.latest_sequence_number())
+    }
+
     /// A read-only engine reopens the database: opening read-only replays the
     /// WAL, so the new view holds everything the primary synced. (A RocksDB
     /// secondary instance's `try_catch_up_with_primary` would be cheaper, but
@@ -583,7 +605,7 @@ impl Engine for RocksEngine {
         }
         let (path, factory) = (self.path.clone(), self.factory.clone());
         let fresh = blocking(move || {
-            DB::open_for_read_only(&factory.options(false), &path, false).map_err(|e| engine_error(&path, e))
+            DB::open_for_read_only(&factory.read_only_options(), &path, false).map_err(|e| engine_error(&path, e))
         })
         .await?;
         let mut db = self.db.write().expect("rocks engine lock");

@@ -376,6 +376,11 @@ impl Engine for SimEngine {
         self.counters.snapshot(keys)
     }
 
+    /// The log bytes applied: a failed write applies none.
+    fn sequence(&self) -> Option<u64> {
+        Some(self.state.lock().expect("sim engine lock").applied as u64)
+    }
+
     /// As `RocksEngine::close`: no call starts after it, and the shard's
     /// lock is released once the writes under way end (after at most 30 s
     /// it returns anyway, and the last of them releases the lock).

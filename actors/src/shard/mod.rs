@@ -319,6 +319,10 @@ pub struct Shard {
 pub struct ShardFailed {
     /// The shard.
     pub shard_id: ShardId,
+    /// The failed engine's [`Engine::sequence`]: what it had made durable.
+    /// A later view past it holds the failed write, which may be in the
+    /// volume's page cache only.
+    pub durable_through: Option<u64>,
 }
 
 impl Message for ShardFailed {
@@ -376,8 +380,8 @@ impl Shard {
         if self.full {
             return Err(AttacheError::ResourceExhausted(format!(
                 "the volume holding shard {} has no free space: it serves reads but takes no writes, closes or \
-                 deletes, and nothing was written. Retry once the volume has space (grow it, or delete data it \
-                 holds)",
+                 deletes, and nothing was written. Retry once the volume has space (grow the volume: deletes \
+                 need space too)",
                 self.meta.shard_id
             )));
         }
@@ -875,7 +879,8 @@ impl Handler<Committed> for Shard {
                 self.staged.clear();
                 self.staged_bytes = 0;
                 if let Some(report) = &self.on_failure {
-                    report.do_send(ShardFailed { shard_id: self.meta.shard_id });
+                    let durable_through = self.engine.sequence();
+                    report.do_send(ShardFailed { shard_id: self.meta.shard_id, durable_through });
                 }
             }
             Err(e) => {

@@ -154,13 +154,14 @@ async fn a_full_volume_refuses_writes_serves_reads_and_recovers_when_space_is_fr
     // Fill the filesystem: writes go on into RocksDB's memtable and WAL
     // until the WAL cannot grow, then the volume refuses them.
     fill(&volumes.join("filler"), 128 << 20);
-    let value = "x".repeat(1024);
     let mut refused = None;
     for i in 0..5_000 {
-        let key = format!("f{}", i % 500);
+        // Each key once, each value its own: an unknown outcome reads back
+        // as this value or as nothing.
+        let (key, value) = (format!("f{i}"), format!("{i}:{}", "x".repeat(1024)));
         match write(&c, shard, &key, &value).await {
             Ok(()) => {
-                acked.insert(key, value.clone());
+                acked.insert(key, value);
             }
             Err((Code::ResourceExhausted, false, message)) => {
                 refused = Some(message);
@@ -169,8 +170,7 @@ async fn a_full_volume_refuses_writes_serves_reads_and_recovers_when_space_is_fr
             Err((code, true, message)) => {
                 // The group commit that met ENOSPC: its outcome is unknown.
                 eprintln!("{key}: unknown outcome, {code:?} {message}");
-                acked.remove(&key);
-                unknown.insert(key, value.clone());
+                unknown.insert(key, value);
             }
             Err((code, false, message)) => panic!("{key}: refused with {code:?}, not RESOURCE_EXHAUSTED: {message}"),
         }
