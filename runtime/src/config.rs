@@ -537,11 +537,25 @@ mod tests {
     }
 
     /// The example config the README points at is read as it stands, every
-    /// key with the value it shows.
+    /// key with the value it shows (the TLS files it names replaced by
+    /// files of this test, through the flags that override them).
     #[test]
     fn the_example_config_is_valid() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/example.yaml");
-        let s = Cli::try_parse_from(["x", "--config", path]).unwrap().node.resolve().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("x.pem");
+        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n").unwrap();
+        let pem = pem.to_str().unwrap();
+        let without_files = Cli::try_parse_from(["x", "--config", path]).unwrap().node.resolve().unwrap_err();
+        assert!(format!("{without_files:#}").contains("/etc/attache/node.pem"), "{without_files:#}");
+        let files = ["--tls-cert", pem, "--tls-key", pem, "--tls-client-ca", pem, "--metadata-tls-ca", pem];
+        let args = ["x", "--config", path].into_iter().chain(files);
+        let s = Cli::try_parse_from(args).unwrap().node.resolve().unwrap();
+        assert!(s.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()) && !s.insecure);
+        assert!(
+            s.metadata_tls.as_ref().is_some_and(|t| t.identity.is_some()),
+            "the node's certificate is its identity"
+        );
         assert_eq!(s.node.volumes, vec!["vol-a", "vol-b"]);
         assert_eq!(s.node.balanced_space_bytes, 10 << 30);
         assert_eq!(s.memory_budget_bytes, 512 << 20);
