@@ -514,7 +514,9 @@ impl Client {
                         let mut routes = self.lock();
                         // A hint that is no valid address (a misconfigured
                         // advertise address) is no hint.
-                        let (to, hinted) = match primary_hint(&status).filter(|h| crate::tls::endpoint(h, None).is_ok()) {
+                        let tls = routes.tls.clone();
+                        let usable = |h: &String| crate::tls::endpoint(h, tls.as_deref()).is_ok();
+                        let (to, hinted) = match primary_hint(&status).filter(usable) {
                             Some(hint) => (routes.index_of(&hint), true),
                             None => ((at + 1) % routes.addrs.len(), false),
                         };

@@ -299,6 +299,12 @@ impl NodeArgs {
         let listen = a.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
         let insecure = a.insecure.unwrap_or(false);
         crate::tls::check_plaintext("attache node", listen, tls.as_ref(), insecure)?;
+        anyhow::ensure!(
+            metadata_tls.is_some() || insecure || crate::tls::metadata_is_local(&metadata),
+            "the metadata store {metadata} is on another machine and would be called in plaintext: anyone on the \
+             way could change leases and volume records. Give --metadata-tls-ca (the CA of its certificate), or \
+             --insecure to call it in plaintext anyway"
+        );
         Ok(NodeSettings {
             data_dir: a.data_dir.unwrap_or_else(|| "attache-node".into()),
             listen,
@@ -543,12 +549,15 @@ mod tests {
     fn the_example_config_is_valid() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/example.yaml");
         let dir = tempfile::tempdir().unwrap();
-        let pem = dir.path().join("x.pem");
-        std::fs::write(&pem, "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n").unwrap();
-        let pem = pem.to_str().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap().self_signed(&key).unwrap();
+        let (cert_file, key_file) = (dir.path().join("node.pem"), dir.path().join("node.key"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let (pem, key) = (cert_file.to_str().unwrap(), key_file.to_str().unwrap());
         let without_files = Cli::try_parse_from(["x", "--config", path]).unwrap().node.resolve().unwrap_err();
         assert!(format!("{without_files:#}").contains("/etc/attache/node.pem"), "{without_files:#}");
-        let files = ["--tls-cert", pem, "--tls-key", pem, "--tls-client-ca", pem, "--metadata-tls-ca", pem];
+        let files = ["--tls-cert", pem, "--tls-key", key, "--tls-client-ca", pem, "--metadata-tls-ca", pem];
         let args = ["x", "--config", path].into_iter().chain(files);
         let s = Cli::try_parse_from(args).unwrap().node.resolve().unwrap();
         assert!(s.tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()) && !s.insecure);

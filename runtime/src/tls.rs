@@ -65,19 +65,37 @@ impl ServerTls {
                 );
                 Ok(None)
             }
-            (Some(cert), Some(key)) => Ok(Some(ServerTls {
-                cert_pem: read_pem(cert, "--tls-cert")?,
-                key_pem: read_pem(key, "--tls-key")?,
-                client_ca_pem: client_ca.map(|p| read_pem(p, "--tls-client-ca")).transpose()?,
-            })),
+            (Some(cert), Some(key)) => {
+                let tls = ServerTls {
+                    cert_pem: read_pem(cert, "--tls-cert")?,
+                    key_pem: read_pem(key, "--tls-key")?,
+                    client_ca_pem: client_ca.map(|p| read_pem(p, "--tls-client-ca")).transpose()?,
+                };
+                // Checked now, before the node takes any volume: a key that
+                // is not the certificate's, a CA file holding no certificate.
+                tonic::transport::Server::builder().tls_config(tls.config()).with_context(|| {
+                    format!(
+                        "--tls-cert {}, --tls-key {}{}: rustls refuses them (does the key belong to the \
+                         certificate?)",
+                        cert.display(),
+                        key.display(),
+                        client_ca.map(|p| format!(", --tls-client-ca {}", p.display())).unwrap_or_default()
+                    )
+                })?;
+                Ok(Some(tls))
+            }
             _ => anyhow::bail!("--tls-cert and --tls-key go together: give both, or neither for plaintext"),
         }
     }
 
-    /// tonic's configuration of this TLS.
+    /// tonic's configuration of this TLS. A handshake not done within
+    /// `FIRST_BYTES_WITHIN` (10 s) is dropped, so a peer that stalls in it
+    /// does not hold a connection slot.
     pub fn config(&self) -> tonic::transport::ServerTlsConfig {
         use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .timeout(crate::serve::FIRST_BYTES_WITHIN);
         if let Some(ca) = &self.client_ca_pem {
             config = config.client_ca_root(Certificate::from_pem(ca));
         }
@@ -134,23 +152,35 @@ impl ServerTlsArgs {
     }
 }
 
-/// Client TLS flags (`attache client`, `attache bench`).
+/// Client TLS flags (`attache client`, `attache bench`). Their environment
+/// variables say `CLIENT`, apart from a node's own `ATTACHE_TLS_*`.
 #[derive(Args, Clone, Debug, Default)]
 pub struct ClientTlsArgs {
     /// PEM CA certificates that sign the nodes' certificates: call them
     /// over TLS (plaintext without it).
-    #[arg(long, env = "ATTACHE_TLS_CA")]
+    #[arg(long, env = "ATTACHE_CLIENT_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
     /// PEM certificate to present to nodes that require one (with --tls-key).
-    #[arg(long, env = "ATTACHE_TLS_CERT")]
+    #[arg(long, env = "ATTACHE_CLIENT_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert.
-    #[arg(long, env = "ATTACHE_TLS_KEY")]
+    #[arg(long, env = "ATTACHE_CLIENT_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// The name the nodes' certificates carry, when it is not the host
     /// called (e.g. the nodes are called by IP address).
-    #[arg(long, env = "ATTACHE_TLS_DOMAIN")]
+    #[arg(long, env = "ATTACHE_CLIENT_TLS_DOMAIN")]
     pub tls_domain: Option<String>,
+}
+
+/// Whether every host in the metadata spec `spec` (`grpc://HOST:PORT`,
+/// `etcd://HOST:PORT[,...]`; `embedded:` has none) is this machine's
+/// loopback (`localhost`, `127.0.0.0/8`, `::1`).
+pub fn metadata_is_local(spec: &str) -> bool {
+    let Some((_, hosts)) = spec.split_once("://") else { return true };
+    hosts.split(',').all(|h| {
+        let host = h.rsplit_once(':').map_or(h, |(host, _)| host).trim_start_matches('[').trim_end_matches(']');
+        host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    })
 }
 
 impl ClientTlsArgs {
@@ -194,6 +224,18 @@ mod tests {
     }
 
     #[test]
+    fn metadata_on_loopback_is_local() {
+        for local in
+            ["embedded:/tmp/m", "grpc://127.0.0.1:7300", "grpc://localhost:7300", "etcd://127.0.0.1:2379,[::1]:2379"]
+        {
+            assert!(metadata_is_local(local), "{local}");
+        }
+        for remote in ["grpc://10.0.0.5:7300", "etcd://127.0.0.1:2379,10.0.0.6:2379", "grpc://meta.internal:7300"] {
+            assert!(!metadata_is_local(remote), "{remote}");
+        }
+    }
+
+    #[test]
     fn tls_flags_go_together_and_files_must_be_pem() {
         let dir = tempfile::tempdir().unwrap();
         let (pem, junk) = (dir.path().join("a.pem"), dir.path().join("b.txt"));
@@ -206,7 +248,8 @@ mod tests {
         assert!(e.contains("--tls-key") && e.contains("not a PEM file"), "{e}");
         let e = ServerTls::load(Some(&dir.path().join("none")), Some(&pem), None).unwrap_err().to_string();
         assert!(e.contains("cannot read"), "{e}");
-        assert!(ServerTls::load(Some(&pem), Some(&pem), Some(&pem)).unwrap().unwrap().client_ca_pem.is_some());
+        let e = ServerTls::load(Some(&pem), Some(&pem), Some(&pem)).unwrap_err();
+        assert!(format!("{e:#}").contains("rustls refuses them"), "not a certificate and key: {e:#}");
         let client = ClientTlsArgs { tls_cert: Some(pem.clone()), tls_key: Some(pem.clone()), ..Default::default() };
         assert!(client.load().unwrap_err().to_string().contains("give --tls-ca"));
         let client = ClientTlsArgs { tls_ca: Some(pem.clone()), ..client };

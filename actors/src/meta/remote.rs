@@ -259,6 +259,7 @@ impl RemoteBackend {
     /// `host:port` or `https://host:port`).
     pub fn with_tls(mut self, tls: crate::tls::ClientTls) -> Self {
         self.tls = Some(tls);
+        self.client = Arc::new(tokio::sync::OnceCell::new());
         self
     }
 

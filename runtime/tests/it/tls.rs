@@ -140,6 +140,8 @@ async fn mutual_tls_serves_clients_of_the_ca_and_refuses_the_rest() {
         };
         let refused = new_shard(&c).await.expect_err(what);
         eprintln!("{what}: refused: {refused}");
+        // Refused by the server, on the wire: not a client-side settings error.
+        assert!(!refused.starts_with("InvalidArgument"), "{what}: {refused}");
     }
     // A client that does not trust the node's CA refuses the node.
     let untrusting = ClientTls { ca_pem: other.pem.clone().into_bytes(), ..good.clone() };
