@@ -172,8 +172,8 @@ struct OpenShard {
     /// holder means a request is unanswered, and the shard stays open.
     calls: Arc<()>,
     /// Set when the volume was full at open: the shard is served over a
-    /// read-only engine since then, and takes no writes, until this time
-    /// is past and it is idle (then it is reopened read-write).
+    /// read-only engine since then, and takes no writes; the first request
+    /// past this time tries the read-write open beside it.
     full_until: Option<tokio::time::Instant>,
 }
 
@@ -328,7 +328,7 @@ impl ShardManager {
                 // Still full (or the volume failed the open): the read-only
                 // shard goes on serving reads, and the next try waits longer.
                 tracing::debug!(shard_id, volume = %cfg.volume_id, error = %e, "read-write reopen failed; still read-only");
-                return Ok(self.still_full(shard_id));
+                return self.still_full(shard_id).ok_or_else(|| volume_error(&self.cfg, "reopen", e));
             }
             Err(EngineError::NoSpace(why)) => {
                 // A read-only open writes nothing: the shard serves reads.
@@ -409,13 +409,14 @@ impl ShardManager {
 
     /// The read-only shard `shard_id` of a volume still full: its next
     /// read-write open waits twice as long as the last (up to
-    /// [`FULL_VOLUME_RETRY_MAX`]). Returns it, with its request token.
-    fn still_full(&mut self, shard_id: ShardId) -> (Addr<Shard>, Arc<()>) {
+    /// [`FULL_VOLUME_RETRY_MAX`]). Returns it, with its request token;
+    /// `None` if it is no longer open.
+    fn still_full(&mut self, shard_id: ShardId) -> Option<(Addr<Shard>, Arc<()>)> {
         let wait = self.full_retry.get(&shard_id).map_or(FULL_VOLUME_RETRY, |w| (*w * 2).min(FULL_VOLUME_RETRY_MAX));
         self.full_retry.insert(shard_id, wait);
-        let open = self.shards.get_mut(&shard_id).expect("the shard being replaced is open");
+        let open = self.shards.get_mut(&shard_id)?;
         open.full_until = Some(tokio::time::Instant::now() + wait);
-        (open.addr.clone(), open.calls.clone())
+        Some((open.addr.clone(), open.calls.clone()))
     }
 
     /// Closes idle shards, least recently used first, until one more fits
