@@ -256,7 +256,7 @@ impl Routes {
         if let Some(stub) = self.stubs.get(&at) {
             return Ok(stub.clone());
         }
-        let stub = AttacheClient::new(channel_with(&self.addrs[at], self.tls.as_deref())?)
+        let stub = AttacheClient::new(channel(&self.addrs[at], self.tls.as_deref())?)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         self.stubs.insert(at, stub.clone());
@@ -264,18 +264,12 @@ impl Routes {
     }
 }
 
-/// A lazily connected channel to `addr` (`host:port` or a URL).
-///
-/// Errors: `INVALID_ARGUMENT` for an address that is not a valid URI.
-pub fn channel(addr: &str) -> Result<Channel, Status> {
-    channel_with(addr, None)
-}
-
-/// As [`channel`], over TLS when `tls` is given (see [`crate::tls`]).
+/// A lazily connected channel to `addr` (`host:port` or a URL), over TLS
+/// when `tls` is given (see [`crate::tls`]).
 ///
 /// Errors: `INVALID_ARGUMENT` for an address that is not a valid URI, or
 /// TLS settings this build cannot apply.
-pub fn channel_with(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, Status> {
+pub fn channel(addr: &str, tls: Option<&ClientTls>) -> Result<Channel, Status> {
     let endpoint = crate::tls::endpoint(addr, tls).map_err(|e| Status::invalid_argument(format!("node {e}")))?;
     Ok(endpoint.connect_timeout(Duration::from_secs(5)).connect_lazy())
 }

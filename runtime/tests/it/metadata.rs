@@ -108,12 +108,22 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// etcd's client TLS: its certificate and key, the CA of its clients'
+/// certificates (`--client-cert-auth`), and what a client of it presents.
+pub(crate) struct EtcdTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub client: attache_actors::tls::ClientTls,
+}
+
 /// An etcd server on free loopback ports, in a temporary data dir.
 pub(crate) struct Etcd {
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
     child: Child,
+    tls: Option<EtcdTls>,
 }
 
 impl Etcd {
@@ -121,35 +131,44 @@ impl Etcd {
         std::env::var("ATTACHE_ETCD_BIN").unwrap_or_else(|_| "etcd".into())
     }
 
-    fn spawn(dir: &Path, client_port: u16, peer_port: u16) -> Child {
-        let client = format!("http://127.0.0.1:{client_port}");
+    fn spawn(dir: &Path, client_port: u16, peer_port: u16, tls: Option<&EtcdTls>) -> Child {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
-        Command::new(Self::binary())
-            .args(["--name", "attache-test", "--data-dir"])
+        let mut cmd = Command::new(Self::binary());
+        cmd.args(["--name", "attache-test", "--data-dir"])
             .arg(dir)
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("attache-test={peer}"), "--log-level", "error"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start etcd ({e}): install it (apt-get install etcd-server) or set ATTACHE_ETCD_BIN")
-            })
+            .args(["--initial-cluster", &format!("attache-test={peer}"), "--log-level", "error"]);
+        if let Some(tls) = tls {
+            cmd.arg("--cert-file").arg(&tls.cert).arg("--key-file").arg(&tls.key);
+            cmd.arg("--client-cert-auth").arg("--trusted-ca-file").arg(&tls.client_ca);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| {
+            panic!("cannot start etcd ({e}): install it (apt-get install etcd-server) or set ATTACHE_ETCD_BIN")
+        })
     }
 
     /// Starts etcd on free loopback ports. A port found free may be taken
     /// by another process before etcd binds it; etcd then exits, and the
     /// start is tried again on other ports (up to 5 times).
     pub(crate) async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// As [`Etcd::start`], serving clients over mutual TLS when `tls` is given.
+    pub(crate) async fn start_with(tls: Option<EtcdTls>) -> Self {
+        let mut tls = tls;
         for _ in 0..5 {
             let dir = tempfile::tempdir().unwrap();
             let (client_port, peer_port) = (free_port(), free_port());
-            let child = Self::spawn(dir.path(), client_port, peer_port);
-            let mut etcd = Etcd { dir, client_port, peer_port, child };
+            let child = Self::spawn(dir.path(), client_port, peer_port, tls.as_ref());
+            let mut etcd = Etcd { dir, client_port, peer_port, child, tls: tls.take() };
             if etcd.wait_ready().await {
                 return etcd;
             }
+            tls = etcd.tls.take();
         }
         panic!("etcd exited at start 5 times (ports taken?)");
     }
@@ -158,7 +177,7 @@ impl Etcd {
     async fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(b) = EtcdBackend::connect(&[self.endpoint()], None).await {
+            if let Ok(b) = EtcdBackend::connect(&[self.endpoint()], self.client_tls()).await {
                 if b.get(b"/ready").await.is_ok() {
                     return true;
                 }
@@ -173,6 +192,11 @@ impl Etcd {
 
     pub(crate) fn endpoint(&self) -> String {
         format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// What a client of this etcd presents (`None`: plaintext).
+    pub(crate) fn client_tls(&self) -> Option<&attache_actors::tls::ClientTls> {
+        self.tls.as_ref().map(|t| &t.client)
     }
 }
 
@@ -197,7 +221,8 @@ impl Harness for EtcdHarness {
         // SAFETY: signalling our own child process.
         unsafe { libc::kill(self.etcd.child.id() as i32, libc::SIGTERM) };
         self.etcd.child.wait().unwrap();
-        self.etcd.child = Etcd::spawn(self.etcd.dir.path(), self.etcd.client_port, self.etcd.peer_port);
+        let etcd = &self.etcd;
+        self.etcd.child = Etcd::spawn(etcd.dir.path(), etcd.client_port, etcd.peer_port, etcd.tls.as_ref());
         assert!(self.etcd.wait_ready().await, "etcd exited at restart on port {}", self.etcd.client_port);
         self.backend = Arc::new(EtcdBackend::connect(&[self.etcd.endpoint()], None).await.unwrap());
     }

@@ -202,48 +202,25 @@ fn plaintext_on_a_non_loopback_address_needs_insecure() {
 /// plaintext, is refused.
 #[actix_rt::test]
 async fn the_etcd_backend_calls_etcd_over_mutual_tls() {
+    use crate::metadata::{Etcd, EtcdTls};
     use attache_actors::meta::MetadataBackend;
     use attache_runtime::etcd::EtcdBackend;
-    use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let ca = Ca::new("attache test CA");
     let ca_file = file(root, "ca.pem", &ca.pem);
     let (server_cert, server_key) = ca.sign("etcd", &["localhost", "127.0.0.1"]);
     let (cert, key) = (file(root, "etcd.pem", &server_cert), file(root, "etcd.key", &server_key));
-    let port = |_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (client_port, peer_port) = (port(0), port(1));
-    let client_url = format!("https://127.0.0.1:{client_port}");
-    let peer_url = format!("http://127.0.0.1:{peer_port}");
-    let etcd_bin = std::env::var("ATTACHE_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
-    let mut etcd = Command::new(etcd_bin)
-        .args(["--name", "tls-test", "--data-dir", s(&root.join("etcd"))])
-        .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("tls-test={peer_url}"), "--log-level", "error"])
-        .args(["--cert-file", s(&cert), "--key-file", s(&key), "--client-cert-auth", "--trusted-ca-file", s(&ca_file)])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start etcd (apt-get install etcd-server, or set ATTACHE_ETCD_BIN)");
-    let endpoint = format!("127.0.0.1:{client_port}");
     let (client_cert, client_key) = ca.sign("node-1", &[]);
     let tls = ClientTls {
         ca_pem: ca.pem.clone().into_bytes(),
         identity: Some((client_cert.into_bytes(), client_key.into_bytes())),
         domain: None,
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let backend = loop {
-        if let Ok(b) = EtcdBackend::connect(std::slice::from_ref(&endpoint), Some(&tls)).await {
-            if b.get(b"/ready").await.is_ok() {
-                break b;
-            }
-        }
-        assert!(etcd.try_wait().unwrap().is_none(), "etcd exited at start");
-        assert!(Instant::now() < deadline, "etcd did not answer over TLS on {endpoint} within 30 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // Ready once a client with the CA's certificate reads from it.
+    let etcd = Etcd::start_with(Some(EtcdTls { cert, key, client_ca: ca_file, client: tls.clone() })).await;
+    let endpoint = etcd.endpoint();
+    let backend = EtcdBackend::connect(std::slice::from_ref(&endpoint), Some(&tls)).await.unwrap();
     backend.put(b"/tls/k", b"v", 0).await.expect("put over mutual TLS");
     assert_eq!(backend.get(b"/tls/k").await.unwrap().map(|kv| kv.value), Some(b"v".to_vec()));
     let anonymous = ClientTls { identity: None, ..tls.clone() };
@@ -254,6 +231,5 @@ async fn the_etcd_backend_calls_etcd_over_mutual_tls() {
         };
         assert!(refused.is_err(), "{what}: etcd served a read");
     }
-    let _ = etcd.kill();
-    let _ = etcd.wait();
+    drop(etcd);
 }
