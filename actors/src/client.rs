@@ -64,6 +64,7 @@ use tokio::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use crate::auth::BearerToken;
 use crate::retry::{Jitter, RetryPolicy};
 use crate::service::proto::attache_client::AttacheClient;
 use crate::service::{is_rejection, primary_hint};
@@ -215,17 +216,28 @@ pub struct Failure {
     pub attempts: u32,
 }
 
+/// A gRPC stub of one node, with the client's bearer token (if any) on
+/// every call.
+#[cfg(not(madsim))]
+pub type Stub = AttacheClient<tonic::service::interceptor::InterceptedService<Channel, BearerToken>>;
+/// A gRPC stub of one node, with the client's bearer token (if any) on
+/// every call.
+#[cfg(madsim)]
+pub type Stub = AttacheClient<Channel, BearerToken>;
+
 struct Routes {
     /// Every node address known: those given, then those learned from hints.
     addrs: Vec<String>,
     /// One gRPC client per address, made when first used.
-    stubs: BTreeMap<usize, AttacheClient<Channel>>,
+    stubs: BTreeMap<usize, Stub>,
     /// Where calls about no particular shard go.
     current: usize,
     /// Where calls about a shard go, learned from hints and failures.
     shards: BTreeMap<ShardId, usize>,
     /// TLS for every connection, when set (see [`Client::with_tls`]).
     tls: Option<Arc<ClientTls>>,
+    /// The bearer token every call carries (see [`Client::with_token`]).
+    token: BearerToken,
 }
 
 impl Routes {
@@ -252,11 +264,11 @@ impl Routes {
         }
     }
 
-    fn stub(&mut self, at: usize) -> Result<AttacheClient<Channel>, Status> {
+    fn stub(&mut self, at: usize) -> Result<Stub, Status> {
         if let Some(stub) = self.stubs.get(&at) {
             return Ok(stub.clone());
         }
-        let stub = AttacheClient::new(channel(&self.addrs[at], self.tls.as_deref())?)
+        let stub = AttacheClient::with_interceptor(channel(&self.addrs[at], self.tls.as_deref())?, self.token.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         self.stubs.insert(at, stub.clone());
@@ -296,8 +308,14 @@ impl Client {
         if addrs.is_empty() {
             return Err(Status::invalid_argument("no node address given"));
         }
-        let routes =
-            Routes { addrs: addrs.to_vec(), stubs: BTreeMap::new(), current: 0, shards: BTreeMap::new(), tls: None };
+        let routes = Routes {
+            addrs: addrs.to_vec(),
+            stubs: BTreeMap::new(),
+            current: 0,
+            shards: BTreeMap::new(),
+            tls: None,
+            token: BearerToken::default(),
+        };
         Ok(Client {
             routes: Arc::new(Mutex::new(routes)),
             policy: RetryPolicy {
@@ -319,6 +337,17 @@ impl Client {
         {
             let mut routes = self.lock();
             routes.tls = Some(Arc::new(tls));
+            routes.stubs.clear();
+        }
+        self
+    }
+
+    /// The same client, sending `token` as its bearer token on every call
+    /// (its identity to nodes with a token file; see [`crate::auth`]).
+    pub fn with_token(self, token: BearerToken) -> Self {
+        {
+            let mut routes = self.lock();
+            routes.token = token;
             routes.stubs.clear();
         }
         self
@@ -347,7 +376,7 @@ impl Client {
     /// taken effect.
     pub async fn call<T, F, Fut>(&self, spec: CallSpec, mut call: F) -> Result<Served<T>, Failure>
     where
-        F: FnMut(AttacheClient<Channel>) -> Fut,
+        F: FnMut(Stub) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let start = Instant::now();

@@ -16,9 +16,14 @@ pub enum AttacheError {
     /// The thing to create exists already: `ALREADY_EXISTS`.
     #[error("{0}")]
     AlreadyExists(String),
-    /// The client id does not own the shard: `PERMISSION_DENIED`.
+    /// The client id does not own the shard, or the caller may not act as
+    /// that client or make that call: `PERMISSION_DENIED`.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The server authenticates callers and this one brought no identity it
+    /// accepts (no token or certificate, an unknown token): `UNAUTHENTICATED`.
+    #[error("{0}")]
+    Unauthenticated(String),
     /// The shard's state forbids the operation (closed, deleted): `FAILED_PRECONDITION`.
     #[error("{0}")]
     FailedPrecondition(String),

@@ -25,6 +25,7 @@
 //! - [`engine`]: the storage engine contract; [`mem_engine`]: an in-memory engine.
 //! - [`service`]: the gRPC service `attache.v1.Attache` in front of a node.
 //! - [`client`]: the retrying, hint-following client (CLI and simulation).
+//! - [`auth`]: who may do what: identities from bearer tokens and client certificates.
 //! - [`retry`]: the one backoff with seeded jitter; [`timer`]: timers that register once per wait.
 //! - [`buggify`]: seed-driven delays at chosen points, in the simulation only.
 //! - [`codec`]: framing and encoding of records at rest.
@@ -35,6 +36,7 @@
 #![warn(missing_docs)]
 
 pub mod actor;
+pub mod auth;
 pub mod buggify;
 pub mod client;
 pub mod codec;

@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::actor::{Addr, HostHandle};
+use crate::auth::{caller_of, Authenticator, NODE_GROUP, OPERATOR_GROUP};
 use crate::error::AttacheError;
 use crate::node::{
     CloseShardCall, DeleteShardCall, GetClusterStatus, ListClientShards, NewShard, Node, NodeConfig, NodeParts,
@@ -61,6 +62,7 @@ fn status_of(e: AttacheError) -> Status {
         AttacheError::NotFound(m) => Status::not_found(m),
         AttacheError::AlreadyExists(m) => Status::already_exists(m),
         AttacheError::PermissionDenied(m) => Status::permission_denied(m),
+        AttacheError::Unauthenticated(m) => Status::unauthenticated(m),
         AttacheError::FailedPrecondition(m) => Status::failed_precondition(m),
         AttacheError::ResourceExhausted(m) => Status::resource_exhausted(m),
         AttacheError::Unavailable { message, primary_hint } => {
@@ -107,14 +109,17 @@ fn request_id(id: String) -> Option<String> {
     (!id.is_empty()).then_some(id)
 }
 
-/// The tonic server wrapper of [`AttacheService`] (madsim-tonic's has an
-/// interceptor parameter more).
+/// The tonic server of [`AttacheService`], behind its [`Authenticator`]
+/// (an interceptor: madsim-tonic's server takes it as a parameter).
 #[cfg(not(madsim))]
-pub type Server = proto::attache_server::AttacheServer<AttacheService>;
-/// The tonic server wrapper of [`AttacheService`] (madsim-tonic's has an
-/// interceptor parameter more).
+pub type Server = tonic::service::interceptor::InterceptedService<
+    proto::attache_server::AttacheServer<AttacheService>,
+    Authenticator,
+>;
+/// The tonic server of [`AttacheService`], behind its [`Authenticator`]
+/// (an interceptor: madsim-tonic's server takes it as a parameter).
 #[cfg(madsim)]
-pub type Server = proto::attache_server::AttacheServer<AttacheService, tonic::codegen::IdentityInterceptor>;
+pub type Server = proto::attache_server::AttacheServer<AttacheService, Authenticator>;
 
 /// A server-streaming response.
 pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -123,6 +128,9 @@ pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send
 #[derive(Clone)]
 pub struct AttacheService {
     node: Addr<Node>,
+    /// Who may call (see [`crate::auth`]): the interceptor of the server
+    /// [`AttacheService::into_server`] makes.
+    auth: Authenticator,
     /// Entries a scan stream asks a shard for at a time: [`SCAN_PAGE`], or
     /// the node's `Limits::max_scan_page` when smaller (a shard returns no
     /// more, and a page shorter than asked ends the stream).
@@ -131,28 +139,60 @@ pub struct AttacheService {
 
 impl AttacheService {
     /// The service in front of `node`, whose shards return at most
-    /// `max_scan_page` entries per read (`Limits::max_scan_page`).
-    pub fn new(node: Addr<Node>, max_scan_page: usize) -> Self {
-        AttacheService { node, scan_page: SCAN_PAGE.min(max_scan_page.max(1) as u64) }
+    /// `max_scan_page` entries per read (`Limits::max_scan_page`), serving
+    /// the callers `auth` admits.
+    pub fn new(node: Addr<Node>, max_scan_page: usize, auth: Authenticator) -> Self {
+        AttacheService { node, auth, scan_page: SCAN_PAGE.min(max_scan_page.max(1) as u64) }
     }
 
     /// Starts a `Node` with `cfg` and `parts` on `host` and returns its
-    /// address with the gRPC server that serves it: how `attache dev`,
-    /// `attache node` and the simulated cluster all start a node.
-    pub fn start(host: &HostHandle, cfg: NodeConfig, parts: NodeParts) -> (Addr<Node>, Server) {
+    /// address with the gRPC server that serves it to the callers `auth`
+    /// admits: how `attache dev`, `attache node` and the simulated cluster
+    /// all start a node.
+    pub fn start(host: &HostHandle, cfg: NodeConfig, parts: NodeParts, auth: Authenticator) -> (Addr<Node>, Server) {
         let (max_batch_bytes, max_scan_page) = (cfg.limits.max_batch_bytes, cfg.limits.max_scan_page);
         let node = host.spawn(Node::new(cfg, parts), NODE_MAILBOX_CAPACITY);
-        (node.clone(), AttacheService::new(node, max_scan_page).into_server(max_batch_bytes))
+        (node.clone(), AttacheService::new(node, max_scan_page, auth).into_server(max_batch_bytes))
+    }
+
+    /// The body of `req` (for `method`), when its caller may act as the
+    /// client it names (`crate::auth::Caller::may_act_as`), or, for a
+    /// listing, may list that client's shards.
+    ///
+    /// Errors: `UNAUTHENTICATED` or `PERMISSION_DENIED`, tagged as
+    /// rejections: nothing was done.
+    fn as_client<T: ClientScoped>(&self, method: &'static str, req: Request<T>) -> Result<T, Status> {
+        let caller = caller_of(&req).inspect_err(|_| denied(method))?;
+        let body = req.into_inner();
+        let allowed = if T::LISTING { caller.may_list(body.client_id()) } else { caller.may_act_as(body.client_id()) };
+        allowed.map_err(|e| {
+            denied(method);
+            status(e)
+        })?;
+        Ok(body)
     }
 
     /// The tonic server wrapper. Requests may be up to twice the largest
     /// batch `Limits` allows (`max_bytes`) plus 1 MiB, so an oversized batch
     /// still reaches the service and gets its `INVALID_ARGUMENT` with the
     /// limit in the message, rather than a transport error.
+    ///
+    /// Every call passes the service's `Authenticator` first, which
+    /// refuses an unauthenticated one before its body is decoded.
     pub fn into_server(self, max_bytes: usize) -> Server {
-        proto::attache_server::AttacheServer::new(self)
+        let auth = self.auth.clone();
+        #[cfg(not(madsim))]
+        let server = tonic::service::interceptor::InterceptedService::new(
+            proto::attache_server::AttacheServer::new(self)
+                .max_decoding_message_size(2 * max_bytes + (1 << 20))
+                .max_encoding_message_size(max_bytes + (1 << 20)),
+            auth,
+        );
+        #[cfg(madsim)]
+        let server = proto::attache_server::AttacheServer::with_interceptor(self, auth)
             .max_decoding_message_size(2 * max_bytes + (1 << 20))
-            .max_encoding_message_size(max_bytes + (1 << 20))
+            .max_encoding_message_size(max_bytes + (1 << 20));
+        server
     }
 
     /// Sends `op` for shard `shard_id` through the node, timing it as `method`.
@@ -191,6 +231,48 @@ impl AttacheService {
                 "unknown read consistency {consistency}: use 0 (linearizable) or 1 (stale ok)"
             )))),
         }
+    }
+}
+
+/// Counts a call refused for its caller's identity.
+fn denied(method: &'static str) {
+    metrics::counter!("attache_requests_denied_total", "method" => method).increment(1);
+}
+
+/// A request that acts as the client it names.
+trait ClientScoped {
+    /// A listing, which an operator may make for any client.
+    const LISTING: bool = false;
+    /// The client the request acts as.
+    fn client_id(&self) -> &str;
+}
+
+macro_rules! client_scoped {
+    ($($t:ty),*) => {$(
+        impl ClientScoped for $t {
+            fn client_id(&self) -> &str {
+                &self.client_id
+            }
+        }
+    )*};
+}
+
+client_scoped!(
+    proto::NewShardRequest,
+    proto::ShardRef,
+    proto::PutRequest,
+    proto::BatchPutRequest,
+    proto::DeleteRequest,
+    proto::GetRequest,
+    proto::BatchGetRequest,
+    proto::ScanRequest,
+    proto::ScanIndexRequest
+);
+
+impl ClientScoped for proto::ListShardsRequest {
+    const LISTING: bool = true;
+    fn client_id(&self) -> &str {
+        &self.client_id
     }
 }
 
@@ -267,7 +349,7 @@ impl Attache for AttacheService {
     type ScanIndexStream = ResponseStream<proto::ScanIndexResponse>;
 
     async fn new_shard(&self, req: Request<proto::NewShardRequest>) -> Result<Response<proto::ShardInfo>, Status> {
-        let r = req.into_inner();
+        let r = self.as_client("new_shard", req)?;
         let size_limit = (r.size_limit_bytes > 0).then_some(r.size_limit_bytes);
         let placed =
             timed("new_shard", async { self.node.send(NewShard { client_id: r.client_id, size_limit }).await? })
@@ -276,14 +358,14 @@ impl Attache for AttacheService {
     }
 
     async fn close_shard(&self, req: Request<proto::ShardRef>) -> Result<Response<proto::ShardInfo>, Status> {
-        let r = req.into_inner();
+        let r = self.as_client("close_shard", req)?;
         let call = CloseShardCall { shard_id: r.shard_id, client_id: r.client_id };
         let placed = timed("close_shard", async { self.node.send(call).await? }).await?;
         Ok(Response::new(proto_info(placed)))
     }
 
     async fn delete_shard(&self, req: Request<proto::ShardRef>) -> Result<Response<proto::ShardInfo>, Status> {
-        let r = req.into_inner();
+        let r = self.as_client("delete_shard", req)?;
         let call = DeleteShardCall { shard_id: r.shard_id, client_id: r.client_id };
         let mut placed = timed("delete_shard", async { self.node.send(call).await? }).await?;
         placed.info.state = ShardState::Deleted;
@@ -291,7 +373,7 @@ impl Attache for AttacheService {
     }
 
     async fn put(&self, req: Request<proto::PutRequest>) -> Result<Response<proto::WriteResponse>, Status> {
-        let r = req.into_inner();
+        let r = self.as_client("put", req)?;
         let entry = PutEntry { key: r.key, value: r.value, indexes: indexes(r.indexes) };
         self.call(
             "put",
@@ -303,7 +385,7 @@ impl Attache for AttacheService {
     }
 
     async fn batch_put(&self, req: Request<proto::BatchPutRequest>) -> Result<Response<proto::WriteResponse>, Status> {
-        let r = req.into_inner();
+        let r = self.as_client("batch_put", req)?;
         let entries = r
             .entries
             .into_iter()
@@ -319,7 +401,7 @@ impl Attache for AttacheService {
     }
 
     async fn delete(&self, req: Request<proto::DeleteRequest>) -> Result<Response<proto::WriteResponse>, Status> {
-        let r = req.into_inner();
+        let r = self.as_client("delete", req)?;
         self.call(
             "delete",
             r.shard_id,
@@ -330,7 +412,7 @@ impl Attache for AttacheService {
     }
 
     async fn get(&self, req: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
-        let r = req.into_inner();
+        let r = self.as_client("get", req)?;
         let op = shard::Get { client_id: r.client_id, key: r.key.clone() };
         let (value, age) = self.read("get", r.shard_id, op, r.consistency, r.max_staleness_ms).await?;
         Ok(Response::new(proto::GetResponse {
@@ -342,7 +424,7 @@ impl Attache for AttacheService {
     }
 
     async fn batch_get(&self, req: Request<proto::BatchGetRequest>) -> Result<Response<Self::BatchGetStream>, Status> {
-        let r = req.into_inner();
+        let r = self.as_client("batch_get", req)?;
         let keys = r.keys.clone();
         let op = shard::BatchGet { client_id: r.client_id, keys: r.keys };
         let (values, age) = self.read("batch_get", r.shard_id, op, r.consistency, r.max_staleness_ms).await?;
@@ -358,7 +440,7 @@ impl Attache for AttacheService {
     }
 
     async fn scan(&self, req: Request<proto::ScanRequest>) -> Result<Response<Self::ScanStream>, Status> {
-        let r = req.into_inner();
+        let r = self.as_client("scan", req)?;
         let (shard_id, client_id, end) = (r.shard_id, r.client_id, r.end);
         let want = if r.limit == 0 { self.scan_page } else { r.limit.min(self.scan_page) } as u32;
         let (consistency, bound) = (r.consistency, r.max_staleness_ms);
@@ -399,7 +481,7 @@ impl Attache for AttacheService {
         &self,
         req: Request<proto::ScanIndexRequest>,
     ) -> Result<Response<Self::ScanIndexStream>, Status> {
-        let r = req.into_inner();
+        let r = self.as_client("scan_index", req)?;
         let want = if r.limit == 0 { self.scan_page } else { r.limit.min(self.scan_page) } as u32;
         // Every page from the snapshot the first page read: the index scan
         // is one linearizable read, at that page's moment.
@@ -421,7 +503,7 @@ impl Attache for AttacheService {
     }
 
     async fn shard_stats(&self, req: Request<proto::ShardRef>) -> Result<Response<proto::ShardStatsResponse>, Status> {
-        let r = req.into_inner();
+        let r = self.as_client("shard_stats", req)?;
         let shard_id = r.shard_id;
         let s = self.call("shard_stats", shard_id, shard::Stats { client_id: r.client_id }).await?;
         let volume_id =
@@ -443,7 +525,7 @@ impl Attache for AttacheService {
         &self,
         req: Request<proto::ListShardsRequest>,
     ) -> Result<Response<proto::ListShardsResponse>, Status> {
-        let r = req.into_inner();
+        let r = self.as_client("list_shards", req)?;
         let records =
             timed("list_shards", async { self.node.send(ListClientShards { client_id: r.client_id }).await? }).await?;
         let shards = records
@@ -461,8 +543,13 @@ impl Attache for AttacheService {
 
     async fn cluster_status(
         &self,
-        _req: Request<proto::ClusterStatusRequest>,
+        req: Request<proto::ClusterStatusRequest>,
     ) -> Result<Response<proto::ClusterStatusResponse>, Status> {
+        let caller = caller_of(&req).inspect_err(|_| denied("cluster_status"))?;
+        caller.needs_group(&[OPERATOR_GROUP, NODE_GROUP], "see the cluster's status").map_err(|e| {
+            denied("cluster_status");
+            status(e)
+        })?;
         let c = timed("cluster_status", async { self.node.send(GetClusterStatus).await? }).await?;
         let address = |id| c.nodes.iter().find(|n| n.node_id == id).map(|n| n.address.clone()).unwrap_or_default();
         let nodes = c

@@ -137,6 +137,10 @@ pub struct BenchArgs {
     /// TLS to the nodes (`attache://` targets).
     #[command(flatten)]
     pub tls: crate::tls::ClientTlsArgs,
+    /// The bearer token to call the nodes with (`attache://` targets): its
+    /// identity must be --client-id.
+    #[command(flatten)]
+    pub auth: crate::auth::ClientAuthArgs,
 }
 
 /// A run phase's mix of operations (see the module docs).
@@ -802,8 +806,8 @@ async fn run_phase(shared: &Arc<Shared>, phase: Phase, name: &str) -> anyhow::Re
 async fn connect(args: &BenchArgs) -> anyhow::Result<(Target, Vec<String>)> {
     if let Some(rest) = args.target.strip_prefix("etcd://") {
         anyhow::ensure!(
-            args.tls.tls_ca.is_none(),
-            "--tls-ca applies to attache:// targets; the etcd baseline runs plaintext"
+            args.tls.tls_ca.is_none() && args.auth.token_file.is_none(),
+            "--tls-ca and --token-file apply to attache:// targets; the etcd baseline runs plaintext"
         );
         let endpoints: Vec<String> = rest.split(',').map(String::from).collect();
         let mut clients = vec![];
@@ -822,12 +826,17 @@ async fn connect(args: &BenchArgs) -> anyhow::Result<(Target, Vec<String>)> {
     }
     let endpoints: Vec<String> = rest.split(',').map(String::from).collect();
     let tls = args.tls.load()?;
+    let token = args.auth.load()?;
     let clients = (0..args.connections)
         .map(|i| {
             let settings = ClientSettings { seed: args.seed.wrapping_add(i as u64), ..Default::default() };
             let c = Client::new(&endpoints, settings).map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-            Ok(match &tls {
+            let c = match &tls {
                 Some(tls) => c.with_tls(tls.clone()),
+                None => c,
+            };
+            Ok(match &token {
+                Some(token) => c.with_token(token.clone()),
                 None => c,
             })
         })

@@ -34,6 +34,8 @@ pub struct ClientArgs {
     pub retry_secs: u64,
     #[command(flatten)]
     pub tls: crate::tls::ClientTlsArgs,
+    #[command(flatten)]
+    pub auth: crate::auth::ClientAuthArgs,
     #[command(subcommand)]
     pub cmd: ClientCmd,
 }
@@ -470,6 +472,10 @@ pub async fn run(args: ClientArgs) -> anyhow::Result<()> {
     let c = Client::new(&args.addr, settings).map_err(status_error)?;
     let c = match args.tls.load()? {
         Some(tls) => c.with_tls(tls),
+        None => c,
+    };
+    let c = match args.auth.load()? {
+        Some(token) => c.with_token(token),
         None => c,
     };
     let json = args.json;

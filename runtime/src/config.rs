@@ -150,6 +150,17 @@ pub struct NodeArgs {
     /// (`grpc://` or `etcd://`) over TLS, presenting --tls-cert when given.
     #[arg(long, env = "ATTACHE_METADATA_TLS_CA")]
     pub metadata_tls_ca: Option<PathBuf>,
+    /// Token file: the SHA-256 of each bearer token clients may call with,
+    /// and the identity it stands for (`attache token` makes its lines).
+    /// With it, or with --tls-client-ca, callers are authenticated: a
+    /// request acts only as its caller's own client id.
+    #[arg(long, env = "ATTACHE_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// A file holding this node's bearer token to a `grpc://` metadata
+    /// store with a token file (an identity of the group `attache:node`).
+    /// Without it, over mutual TLS, --tls-cert is the node's identity.
+    #[arg(long, env = "ATTACHE_METADATA_TOKEN_FILE")]
+    pub metadata_token_file: Option<PathBuf>,
     /// Serve plaintext on a non-loopback address (refused without it).
     #[arg(long, env = "ATTACHE_INSECURE", num_args = 0..=1, default_missing_value = "true")]
     pub insecure: Option<bool>,
@@ -233,6 +244,10 @@ pub struct NodeSettings {
     pub tls: Option<crate::tls::ServerTls>,
     /// TLS to the metadata store; `None`: plaintext.
     pub metadata_tls: Option<attache_actors::tls::ClientTls>,
+    /// Who may call the client API (`--token-file`, `--tls-client-ca`).
+    pub auth: attache_actors::auth::Authenticator,
+    /// The node's bearer token to its metadata store (`--metadata-token-file`).
+    pub metadata_token: Option<attache_actors::auth::BearerToken>,
     /// Plaintext allowed on a non-loopback address (`--insecure`).
     pub insecure: bool,
     /// The node config, with `advertise_addr` set once the listener is bound.
@@ -296,6 +311,20 @@ impl NodeArgs {
             }
             None => None,
         };
+        let auth = crate::auth::authenticator(
+            a.token_file.as_deref(),
+            tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()),
+        )?;
+        let metadata_token = a
+            .metadata_token_file
+            .as_deref()
+            .map(|p| crate::auth::read_token(p, "--metadata-token-file"))
+            .transpose()?;
+        anyhow::ensure!(
+            metadata_token.is_none() || metadata.starts_with("grpc://"),
+            "--metadata-token-file is a token for an `attache meta` (grpc://), not for {metadata}: etcd takes \
+             client certificates (--tls-cert with --metadata-tls-ca)"
+        );
         let listen = a.listen.unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
         let insecure = a.insecure.unwrap_or(false);
         crate::tls::check_plaintext("attache node", listen, tls.as_ref(), insecure)?;
@@ -321,6 +350,8 @@ impl NodeArgs {
             connections,
             tls,
             metadata_tls,
+            auth,
+            metadata_token,
             insecure,
             node,
         })

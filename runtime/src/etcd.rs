@@ -64,6 +64,9 @@ fn error(e: etcd::Error) -> MetaError {
                 MetaError::Invalid(s.message().to_string())
             }
             tonic::Code::OutOfRange => MetaError::Compacted { requested: 0, oldest: 0 },
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+                MetaError::Refused(format!("etcd refused this node: {}", s.message()))
+            }
             _ => MetaError::Unavailable(format!("etcd: {}: {}", s.code(), s.message())),
         },
         e => MetaError::Unavailable(format!("etcd: {e}")),

@@ -3,6 +3,7 @@
 //! commands and the command-line client of the `attache` binary.
 
 pub mod actix_host;
+pub mod auth;
 pub mod aws;
 pub mod bench;
 #[cfg(target_os = "linux")]

@@ -8,8 +8,9 @@
 //! - `attache client ...`: every API operation, `load` and `dump`.
 //! - `attache bench`: YCSB's workloads against Attaché or etcd.
 //! - `attache volume ...`: this instance's EBS volumes.
+//! - `attache token NAME --out FILE`: a bearer token and its token-file line.
 
-use attache_runtime::{bench, client_cli, config, meta_server, serve, volume_cli};
+use attache_runtime::{auth, bench, client_cli, config, meta_server, serve, volume_cli};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -34,6 +35,9 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Describe, attach or detach this instance's EBS volumes (EC2 API).
     Volume(volume_cli::VolumeArgs),
+    /// Make a bearer token: written to --out, its token-file line (hash,
+    /// name, groups) printed for the servers' --token-file.
+    Token(auth::TokenArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -69,6 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(bench::run(args))
         }
+        Cmd::Token(args) => auth::run_token(args),
         Cmd::Volume(args) => {
             attache_runtime::telemetry::init_logging(attache_runtime::telemetry::LogFormat::Human, "warn");
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -35,6 +35,10 @@ pub struct MetaArgs {
     pub max_streams_per_connection: u32,
     #[command(flatten)]
     pub tls: crate::tls::ServerTlsArgs,
+    /// With it (or --tls-client-ca), only identities of the group
+    /// `attache:node` may call.
+    #[command(flatten)]
+    pub auth: crate::auth::ServerAuthArgs,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -44,15 +48,21 @@ pub struct MetaArgs {
 pub fn run(args: MetaArgs) -> anyhow::Result<()> {
     init_logging(args.log.log_format.unwrap_or_default(), args.log.log_level.as_deref().unwrap_or("info"));
     let tls = args.tls.load()?;
+    let auth = crate::auth::authenticator(
+        args.auth.token_file.as_deref(),
+        tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()),
+    )?;
     crate::tls::check_plaintext("attache meta", args.listen, tls.as_ref(), args.tls.insecure)?;
     actix_rt::System::new().block_on(async move {
         let host = HostHandle::new(ActixHost::new(1));
-        let backend = open_metadata(&host, &format!("embedded:{}", args.data_dir.display()), None).await?;
+        let backend = open_metadata(&host, &format!("embedded:{}", args.data_dir.display()), None, None).await?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let local = listener.local_addr()?;
         println!("attache: metadata store serving gRPC on {local} (data in {})", args.data_dir.display());
+        let only = if auth.authenticates() { "; only identities of the group attache:node may call" } else { "" };
+        println!("attache: metadata store: {}{only}", auth.describe());
         let limits = crate::serve::ConnectionLimits {
             max_connections: args.max_connections,
             max_streams_per_connection: args.max_streams_per_connection,
@@ -64,7 +74,7 @@ pub fn run(args: MetaArgs) -> anyhow::Result<()> {
             tracing::warn!(error = %e, "cannot raise the open-file limit");
         }
         crate::serve::grpc_server(limits, tls.as_ref())?
-            .add_service(MetadataServer::new(backend).into_server())
+            .add_service(MetadataServer::new(backend).with_auth(auth).into_server())
             .serve_with_incoming_shutdown(crate::serve::incoming(listener, limits.max_connections), shutdown_signal())
             .await
             .context("metadata gRPC server failed")?;

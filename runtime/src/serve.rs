@@ -67,6 +67,11 @@ pub struct DevArgs {
     /// it; `attache dev` has no TLS: run `attache node` for that).
     #[arg(long)]
     pub insecure: bool,
+    /// Token file (as `attache node --token-file`): authenticate clients by
+    /// bearer token. Without it, `attache dev` authenticates no one: any
+    /// caller may act as any client.
+    #[command(flatten)]
+    pub auth: crate::auth::ServerAuthArgs,
     #[command(flatten)]
     pub log: LogArgs,
 }
@@ -81,6 +86,7 @@ impl DevArgs {
         crate::rocks_engine::check_memory_budget(self.memory_budget_bytes).map_err(anyhow::Error::msg)?;
         let volumes = numbered_volumes(self.volumes.unwrap_or(2.max(n)).max(1));
         crate::tls::check_plaintext("attache dev", self.listen, None, self.insecure)?;
+        let auth = crate::auth::authenticator(self.auth.token_file.as_deref(), false)?;
         let base = self.listen.port();
         if base != 0 && u16::try_from(n - 1).ok().and_then(|extra| base.checked_add(extra)).is_none() {
             anyhow::bail!(
@@ -114,6 +120,8 @@ impl DevArgs {
                     connections: ConnectionLimits::default(),
                     tls: None,
                     metadata_tls: None,
+                    auth: auth.clone(),
+                    metadata_token: None,
                     insecure: self.insecure,
                     node,
                 }
@@ -132,7 +140,12 @@ pub async fn open_metadata(
     host: &HostHandle,
     spec: &str,
     tls: Option<&attache_actors::tls::ClientTls>,
+    token: Option<&attache_actors::auth::BearerToken>,
 ) -> anyhow::Result<Arc<dyn MetadataBackend>> {
+    anyhow::ensure!(
+        token.is_none() || spec.starts_with("grpc://"),
+        "--metadata-token-file applies to grpc:// metadata, not {spec}"
+    );
     if let Some(dir) = spec.strip_prefix("embedded:") {
         anyhow::ensure!(tls.is_none(), "--metadata-tls-ca applies to grpc:// and etcd:// metadata, not {spec}");
         let dir = Path::new(dir);
@@ -144,11 +157,14 @@ pub async fn open_metadata(
         return Ok(backend);
     }
     if let Some(addr) = spec.strip_prefix("grpc://") {
-        let backend = attache_actors::meta::remote::RemoteBackend::new(addr);
-        return Ok(Arc::new(match tls {
-            Some(tls) => backend.with_tls(tls.clone()),
-            None => backend,
-        }));
+        let mut backend = attache_actors::meta::remote::RemoteBackend::new(addr);
+        if let Some(tls) = tls {
+            backend = backend.with_tls(tls.clone());
+        }
+        if let Some(token) = token {
+            backend = backend.with_token(token.clone());
+        }
+        return Ok(Arc::new(backend));
     }
     if let Some(endpoints) = spec.strip_prefix("etcd://") {
         let endpoints: Vec<String> = endpoints.split(',').map(str::to_string).collect();
@@ -562,7 +578,8 @@ pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send
             let backend = match backends.get(&s.metadata) {
                 Some(b) => b.clone(),
                 None => {
-                    let b = open_metadata(&host, &s.metadata, s.metadata_tls.as_ref()).await?;
+                    let b =
+                        open_metadata(&host, &s.metadata, s.metadata_tls.as_ref(), s.metadata_token.as_ref()).await?;
                     backends.insert(s.metadata.clone(), b.clone());
                     b
                 }
@@ -576,13 +593,14 @@ pub fn run_nodes(nodes: Vec<NodeSettings>, banner: impl FnOnce(&[String]) + Send
                 gate: Arc::new(LeaseGate::new(cfg.lease.clone())),
                 claims: None,
             };
-            let (node, service) = AttacheService::start(&host, cfg, parts);
+            let (node, service) = AttacheService::start(&host, cfg, parts, s.auth.clone());
             let record = node.send(WaitReady).await?.context("node start-up failed")?;
             println!(
                 "attache: node {} serving gRPC on {local} (volumes: {})",
                 record.node_id,
                 record.volumes.join(", ")
             );
+            println!("attache: node {}: {}", record.node_id, s.auth.describe());
             let mut stop = stop_tx.subscribe();
             let mut builder = grpc_server(connections, s.tls.as_ref())?;
             let server = tokio::spawn(async move {

@@ -15,6 +15,10 @@
 //!   returns a value some successful or unknown write wrote before it ended.
 //! - [`shard_ids`]: shard ids are unique and increase in real-time order.
 //! - [`isolation`]: no client's operation succeeds on another client's shard.
+//! - [`foreign_values`]: no read of a shard's owner returns a value a request
+//!   on another client's shard wrote, whatever that request answered.
+//! - [`owners_only`] (not a checker): the other checkers see only each
+//!   shard's owner's operations.
 //! - [`liveness`]: after the last fault is repaired, every shard serves a
 //!   write within the bound.
 //! - [`batch_atomicity`]: a linearizable multi-key read (BatchGet, Scan)
@@ -791,13 +795,73 @@ pub fn shard_ids(ops: &[Op]) -> Vec<Violation> {
     out
 }
 
-/// Successful operations of a client on another client's shard.
-pub fn isolation(ops: &[Op]) -> Vec<Violation> {
-    let owners: BTreeMap<u64, &str> = ops
-        .iter()
+/// Whether `error` refused a request for who sent it: the client does not
+/// own the shard, the caller may not act as the client it named, or it
+/// brought no identity the server accepts.
+fn refused_for_identity(error: &str) -> bool {
+    ["does not own", "may not act as", "authenticates its callers"].iter().any(|m| error.contains(m))
+}
+
+/// Each shard's owner: the client whose `NewShard` created it.
+fn owners(ops: &[Op]) -> BTreeMap<u64, &str> {
+    ops.iter()
         .filter(|o| o.f == F::NewShard && o.outcome == EventType::Ok)
         .map(|o| (o.shard, o.client.as_str()))
+        .collect()
+}
+
+/// The operations of each shard's owner, without those a client made on
+/// another client's shard (with its own id, as that client, or with no
+/// identity). Every checker of a shard's data, lifecycle and liveness sees
+/// only these: a foreign request must be refused (which [`isolation`] and
+/// [`foreign_values`] check), and one whose outcome is unknown (a transport
+/// failure before any node refused it) must not count as a write, close
+/// or delete that may have happened, or it would excuse what the owner's
+/// own operations show.
+pub fn owners_only(ops: &[Op]) -> Vec<Op> {
+    let owners = owners(ops);
+    ops.iter().filter(|o| owners.get(&o.shard).is_none_or(|owner| *owner == o.client)).cloned().collect()
+}
+
+/// A value written by a foreign request (see [`owners_only`]), whatever it
+/// answered, that a successful read of the shard's owner returned: the
+/// request was applied. `ops` as [`project`] gives them (values written
+/// are unique: the writer's id, process and count).
+pub fn foreign_values(ops: &[Op]) -> Vec<Violation> {
+    let owners = owners(ops);
+    let foreign = |o: &&Op| owners.get(&o.shard).is_some_and(|owner| *owner != o.client);
+    let written: BTreeMap<(u64, &str), &Op> = ops
+        .iter()
+        .filter(|o| o.f.is_write())
+        .filter(foreign)
+        .filter_map(|o| Some(((o.shard, o.value.as_deref()?), o)))
         .collect();
+    ops.iter()
+        .filter(|o| matches!(o.f, F::Read | F::StaleRead) && o.outcome == EventType::Ok)
+        .filter_map(|o| {
+            let w = written.get(&(o.shard, o.value.as_deref()?))?;
+            Some(violation(
+                "isolation",
+                format!(
+                    "shard {} key {}: {} read {:?}, written by {} ({:?} at {} ms, answered {:?}) on a shard it does \
+                     not own",
+                    o.shard,
+                    o.key,
+                    o.client,
+                    o.value.as_deref().unwrap_or(""),
+                    w.client,
+                    w.f,
+                    w.invoke / 1_000_000,
+                    w.outcome
+                ),
+            ))
+        })
+        .collect()
+}
+
+/// Successful operations of a client on another client's shard.
+pub fn isolation(ops: &[Op]) -> Vec<Violation> {
+    let owners = owners(ops);
     ops.iter()
         .filter(|o| o.f != F::NewShard && o.outcome == EventType::Ok)
         .filter_map(|o| {
@@ -1002,7 +1066,7 @@ pub fn reads_while_full(ops: &[Op], windows: &[FullWindow]) -> Vec<Violation> {
         let deleted = ops
             .iter()
             .any(|d| d.f == F::DeleteShard && d.shard == o.shard && d.outcome != EventType::Fail && d.invoke < ended);
-        if deleted || error.contains("does not own") {
+        if deleted || refused_for_identity(error) {
             continue;
         }
         out.push(violation(
@@ -1048,8 +1112,13 @@ pub fn liveness(ops: &[Op], disruptions: &[Disruption], bound_ns: u64) -> Vec<Vi
         .filter_map(|o| Some((o.shard, o.complete?)))
         .collect();
     // A shard its client closes or deletes stops taking writes by design.
-    let retired: BTreeSet<u64> =
-        ops.iter().filter(|o| matches!(o.f, F::CloseShard | F::DeleteShard)).map(|o| o.shard).collect();
+    // (A close or delete refused for its caller's identity retires nothing.)
+    let retired: BTreeSet<u64> = ops
+        .iter()
+        .filter(|o| matches!(o.f, F::CloseShard | F::DeleteShard))
+        .filter(|o| !(o.outcome == EventType::Fail && refused_for_identity(o.error.as_deref().unwrap_or(""))))
+        .map(|o| o.shard)
+        .collect();
     let created: BTreeMap<u64, u64> = created.into_iter().filter(|(s, _)| !retired.contains(s)).collect();
     let mut writes: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
     for o in ops.iter().filter(|o| o.f.is_write() && o.outcome == EventType::Ok) {
@@ -1608,6 +1677,23 @@ mod tests {
         assert_eq!(isolation(&[created(1, "c", 1, 0, 10), foreign.clone()]).len(), 1);
         foreign.outcome = EventType::Fail;
         assert!(isolation(&[created(1, "c", 1, 0, 10), foreign]).is_empty());
+    }
+
+    #[test]
+    fn a_foreign_write_is_no_owner_operation_and_a_read_of_it_is_caught() {
+        let mut stolen = w(2, "stolen", 20, 30);
+        stolen.client = "mallory".into();
+        stolen.outcome = EventType::Info;
+        stolen.complete = None;
+        let owner = w(3, "mine", 40, 50);
+        let ops = vec![created(1, "c", 1, 0, 10), stolen.clone(), owner.clone()];
+        let kept = owners_only(&ops);
+        assert_eq!(kept.len(), 2, "mallory's write is left to the isolation checks");
+        assert!(kept.iter().all(|o| o.client == "c"));
+        assert!(foreign_values(&ops).is_empty());
+        let seen = r(4, Some("stolen"), 60, 70);
+        assert_eq!(foreign_values(&[ops.clone(), vec![seen]].concat()).len(), 1, "the owner read mallory's value");
+        assert!(foreign_values(&[ops, vec![r(4, Some("mine"), 60, 70)]].concat()).is_empty());
     }
 
     #[test]

@@ -4,11 +4,15 @@
 //! client nodes running the workload, and the fault driver, all on one
 //! seeded madsim runtime. Only the outside world is simulated: network and
 //! time (madsim), volumes ([`SimEbs`]) and the engine ([`SimVolumes`]).
+//! Every server authenticates by bearer token as `--token-file` makes
+//! `attache node` and `attache meta` do ([`token_file`]): clients call as
+//! themselves, storage nodes call the metadata store as nodes.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use attache_actors::auth::{token_hash, Authenticator, BearerToken, TokenFile, NODE_GROUP};
 use attache_actors::lease::{DriftClock, LeaseGate, LeaseTiming};
 use attache_actors::local_store::MemLocalStore;
 use attache_actors::meta::embedded::EmbeddedBackend;
@@ -34,6 +38,26 @@ use crate::workload::{run_client, Recorder, Registry};
 use crate::TaskHost;
 
 const META_ADDR: &str = "10.0.0.1:7300";
+
+/// The bearer token of `name` (`client-{j}`, `node-{i}`) in the simulated
+/// cluster. Fixed strings, not drawn: identities take nothing from the seed.
+pub fn token_of(name: &str) -> String {
+    format!("sim-token-of-{name}")
+}
+
+/// The token file every simulated server reads, as `attache node` and
+/// `attache meta` would with `--token-file`: each client `client-{j}` of
+/// `s` as itself, each storage node `node-{i}` in the group of nodes. Made
+/// as text and parsed, as a server reads its file.
+pub fn token_file(s: &Scenario) -> TokenFile {
+    let clients = (1..=s.cluster.clients).map(|j| (format!("client-{j}"), ""));
+    let nodes = (1..=s.cluster.storage_nodes).map(|i| (format!("node-{i}"), NODE_GROUP));
+    let text: String = clients
+        .chain(nodes)
+        .map(|(name, group)| format!("{} {name} {group}\n", token_hash(&token_of(&name))))
+        .collect();
+    TokenFile::parse(&text).expect("the simulated token file parses")
+}
 
 fn storage_addr(i: usize) -> String {
     format!("10.0.1.{i}:7400")
@@ -178,13 +202,13 @@ fn resolve_fault(
     out
 }
 
-fn start_meta(handle: &Handle, log: SimMetaLog, clock: Arc<DriftClock>) -> NodeHandle {
+fn start_meta(handle: &Handle, log: SimMetaLog, clock: Arc<DriftClock>, auth: Authenticator) -> NodeHandle {
     handle
         .create_node()
         .name("meta")
         .ip("10.0.0.1".parse().expect("ip"))
         .init(move || {
-            let (log, clock) = (log.clone(), clock.clone());
+            let (log, clock, auth) = (log.clone(), clock.clone(), auth.clone());
             async move {
                 // A store that cannot recover (its disk fails) exits with the
                 // error, and its supervisor starts it again a second later.
@@ -200,7 +224,7 @@ fn start_meta(handle: &Handle, log: SimMetaLog, clock: Arc<DriftClock>) -> NodeH
                 };
                 let addr: SocketAddr = META_ADDR.parse().expect("addr");
                 tonic::transport::Server::builder()
-                    .add_service(MetadataServer::new(backend).into_server())
+                    .add_service(MetadataServer::new(backend).with_auth(auth).into_server())
                     .serve(addr)
                     .await
                     .expect("metadata server");
@@ -257,6 +281,8 @@ fn start_storage(
     let local = MemLocalStore::default();
     let files = local.clone();
     let (ebs, gates, volumes, nodes) = (ebs.clone(), gates.clone(), s.volumes(), s.cluster.storage_nodes);
+    let auth = Authenticator::new(Some(token_file(s)), false);
+    let token = BearerToken::new(&token_of(&name)).expect("a simulated token is a valid metadata value");
     let scan_page = s.cluster.scan_page;
     let max_open_shards = s.cluster.max_open_shards;
     // Volumes within 1/16 of their size of the freest count as equally free.
@@ -270,6 +296,7 @@ fn start_storage(
         .name(&name)
         .ip(format!("10.0.1.{i}").parse().expect("ip"))
         .init(move || {
+            let (auth, token) = (auth.clone(), token.clone());
             let (local, ebs, gates, volumes, t, name, exits, claim_log) = (
                 local.clone(),
                 ebs.clone(),
@@ -296,7 +323,7 @@ fn start_storage(
                     all.insert(name.clone(), gate.clone());
                 }
                 let mut meta = MetaOps::new(
-                    Arc::new(RemoteBackend::new(format!("http://{META_ADDR}"))),
+                    Arc::new(RemoteBackend::new(format!("http://{META_ADDR}")).with_token(token)),
                     RetryPolicy::default(),
                     seed ^ i as u64,
                 );
@@ -326,7 +353,7 @@ fn start_storage(
                     gate,
                     claims: Some(claim_log),
                 };
-                let (node, service) = AttacheService::start(&HostHandle::new(TaskHost), cfg, parts);
+                let (node, service) = AttacheService::start(&HostHandle::new(TaskHost), cfg, parts, auth);
                 // As `attache node`: when start-up fails, the process exits
                 // (its lease then lapses) and its supervisor starts it again.
                 // (Unlike `attache node`, the simulated node serves gRPC from
@@ -473,7 +500,8 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
     let mut handles = BTreeMap::new();
     let metalog = SimMetaLog::new(s.metadata.clone(), seed);
     let meta_clock = Arc::new(DriftClock::default());
-    handles.insert("meta".to_string(), start_meta(&handle, metalog.clone(), meta_clock.clone()));
+    let meta_auth = Authenticator::new(Some(token_file(s)), false);
+    handles.insert("meta".to_string(), start_meta(&handle, metalog.clone(), meta_clock.clone(), meta_auth));
     let (exits, mut exited) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut locals = BTreeMap::new();
     let claims = Claims { start, list: Arc::default() };

@@ -275,7 +275,11 @@ pub fn describe(fault: &attache_faults::Fault) -> String {
 
 /// Runs every checker over `outcome` and summarises the run.
 pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutcome) -> RunReport {
-    let ops = outcome.history.ops();
+    let all = outcome.history.ops();
+    // The data, lifecycle and liveness checkers see each shard's owner's
+    // operations only; requests on another client's shard are checked by
+    // `isolation` and `foreign_values`, over every operation.
+    let ops = check::owners_only(&all);
     // Per-key checkers see batch writes and multi-key reads key by key.
     let per_key = check::project(&ops);
     let mut violations = Vec::new();
@@ -290,14 +294,15 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
     violations.extend(check::shard_stats(&ops));
     violations.extend(check::single_writer(&outcome.syncs));
     violations.extend(check::shard_ids(&ops));
-    violations.extend(check::isolation(&ops));
+    violations.extend(check::isolation(&all));
+    violations.extend(check::foreign_values(&check::project(&all)));
     violations.extend(check::shard_lifecycle(&ops));
     violations.extend(check::shard_records(&ops));
     violations.extend(check::rejections(&ops));
     violations.extend(check::liveness(&ops, &outcome.disruptions, liveness_bound_ms * 1_000_000));
     violations.extend(check::reads_while_full(&ops, &check::full_windows(&outcome.faults, liveness_bound_ms)));
     let mut counts = OpCounts::default();
-    for o in &ops {
+    for o in &all {
         counts.invoked += 1;
         match o.outcome {
             EventType::Ok => {
@@ -329,7 +334,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
         ops: counts,
         longest_search,
         faults,
-        failovers: failovers(&ops, &outcome.claims, &outcome.faults),
+        failovers: failovers(&all, &outcome.claims, &outcome.faults),
         buggified: outcome.buggified.clone(),
         metadata_disk: outcome.metadata_disk.clone(),
         volumes: outcome.volumes.clone(),

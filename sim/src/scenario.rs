@@ -272,6 +272,11 @@ pub struct WorkloadSpec {
     pub lifecycle_race_ratio: f64,
     /// Share of operations sent, with the client's own id, to another client's shard.
     pub cross_client_ratio: f64,
+    /// Share of those cross-client operations that name the shard owner's
+    /// client id instead: half with the caller's own token, half with no
+    /// token (recorded as the caller `anonymous`). Every one must be
+    /// refused (`PERMISSION_DENIED`, `UNAUTHENTICATED`) and change nothing.
+    pub impersonate_ratio: f64,
     /// Share of a process's turns in which it creates a shard (NewShard at a
     /// random node, sent once), while the client has tried fewer than
     /// `max_new_shards` times; the client's processes then use it too.
@@ -313,6 +318,7 @@ impl Default for WorkloadSpec {
             lifecycle: true,
             lifecycle_race_ratio: 0.5,
             cross_client_ratio: 0.02,
+            impersonate_ratio: 0.0,
             new_shard_ratio: 0.002,
             max_new_shards: 3,
             random_node_ratio: 0.05,

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use attache_actors::auth::BearerToken;
 use attache_actors::client::{self, CallSpec, Client, ClientSettings, Failure, Served};
 use attache_actors::service::proto::{
     BatchGetRequest, BatchPutRequest, DeleteRequest, Entry, GetRequest, IndexEntry, ListShardsRequest, NewShardRequest,
@@ -22,6 +23,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::time::{Duration, Instant};
 
+use crate::cluster::token_of;
 use crate::history::{aged, encode_reads, Event, EventType, History, F};
 use crate::scenario::WorkloadSpec;
 
@@ -240,7 +242,8 @@ impl ClientCtx {
     /// when given; returns (the process must take a new id, the operation
     /// succeeded). A stale read or scan asks for a view no older than
     /// `bound` ms (`max_staleness_ms`; `None`: any), recorded with its
-    /// invocation.
+    /// invocation. The request names the client `as_client`: this client's
+    /// own id, or another's it tries to act as (recorded as this caller's).
     #[allow(clippy::too_many_arguments)]
     async fn op(
         &self,
@@ -251,6 +254,7 @@ impl ClientCtx {
         value: Option<String>,
         at: Option<usize>,
         bound: Option<u64>,
+        as_client: &str,
     ) -> (bool, bool) {
         let first = at.map_or("", |i| self.nodes[i].as_str());
         self.record(process, EventType::Invoke, f, shard, key, value.clone(), first, None, bound);
@@ -262,7 +266,7 @@ impl ClientCtx {
             F::Delete => {
                 let req = DeleteRequest {
                     shard_id: shard,
-                    client_id: self.id.clone(),
+                    client_id: as_client.to_string(),
                     key: key.as_bytes().to_vec(),
                     request_id: self.client.request_id(),
                 };
@@ -270,7 +274,7 @@ impl ClientCtx {
                 Outcome::from(result)
             }
             F::CloseShard | F::DeleteShard => {
-                let req = ShardRef { shard_id: shard, client_id: self.id.clone() };
+                let req = ShardRef { shard_id: shard, client_id: as_client.to_string() };
                 let result = self
                     .client
                     .call(spec, |mut c| {
@@ -289,7 +293,7 @@ impl ClientCtx {
             F::Write => {
                 let req = PutRequest {
                     shard_id: shard,
-                    client_id: self.id.clone(),
+                    client_id: as_client.to_string(),
                     key: key.as_bytes().to_vec(),
                     value: value.clone().unwrap_or_default().into_bytes(),
                     indexes: self.indexes(value.as_deref()),
@@ -310,7 +314,7 @@ impl ClientCtx {
                     .collect();
                 let req = BatchPutRequest {
                     shard_id: shard,
-                    client_id: self.id.clone(),
+                    client_id: as_client.to_string(),
                     entries,
                     request_id: self.client.request_id(),
                 };
@@ -321,7 +325,7 @@ impl ClientCtx {
                 let keys: Vec<Vec<u8>> = key.split(',').map(|k| k.as_bytes().to_vec()).collect();
                 let req = BatchGetRequest {
                     shard_id: shard,
-                    client_id: self.id.clone(),
+                    client_id: as_client.to_string(),
                     keys,
                     consistency: 0,
                     max_staleness_ms: 0,
@@ -336,7 +340,7 @@ impl ClientCtx {
                 let stale = f == F::StaleScan;
                 let req = ScanRequest {
                     shard_id: shard,
-                    client_id: self.id.clone(),
+                    client_id: as_client.to_string(),
                     start: vec![],
                     end: vec![],
                     limit: 0,
@@ -368,7 +372,7 @@ impl ClientCtx {
             F::ScanIndex => {
                 let req = ScanIndexRequest {
                     shard_id: shard,
-                    client_id: self.id.clone(),
+                    client_id: as_client.to_string(),
                     name: INDEX.into(),
                     value_prefix: vec![],
                     limit: 0,
@@ -380,7 +384,7 @@ impl ClientCtx {
                 .await
             }
             F::ShardStats => {
-                let req = ShardRef { shard_id: shard, client_id: self.id.clone() };
+                let req = ShardRef { shard_id: shard, client_id: as_client.to_string() };
                 match call!(self.client, spec, shard_stats, req) {
                     Ok(served) => {
                         let r = served.value;
@@ -394,7 +398,7 @@ impl ClientCtx {
             F::Read | F::StaleRead | F::NewShard | F::ListShards => {
                 let req = GetRequest {
                     shard_id: shard,
-                    client_id: self.id.clone(),
+                    client_id: as_client.to_string(),
                     key: key.as_bytes().to_vec(),
                     consistency: if f == F::StaleRead { 1 } else { 0 },
                     max_staleness_ms: bound.unwrap_or(0),
@@ -428,6 +432,9 @@ impl ClientCtx {
         }
     }
 }
+
+/// The caller a request without a bearer token is recorded as.
+pub const ANONYMOUS: &str = "anonymous";
 
 /// Bytes the workload wrote, as text.
 fn text(bytes: &[u8]) -> String {
@@ -485,12 +492,25 @@ pub async fn run_client(
         seed: seed ^ ((index as u64) << 48) ^ 0xc11e_u64,
         ..ClientSettings::default()
     };
-    let client = Client::new(&nodes, settings).expect("the cluster has storage nodes");
+    let id = format!("client-{index}");
+    let client = Client::new(&nodes, settings.clone()).expect("the cluster has storage nodes");
+    let token = BearerToken::new(&token_of(&id)).expect("a simulated token is a valid metadata value");
+    // The same machine calling with no token: its requests are recorded as
+    // the caller `anonymous`, so the isolation check fails any it is served.
+    let anonymous = Arc::new(ClientCtx {
+        id: ANONYMOUS.into(),
+        index_writes: spec.scan_index_ratio > 0.0,
+        nodes: nodes.clone(),
+        client: Client::new(&nodes, ClientSettings { seed: settings.seed ^ 0xa707, ..settings })
+            .expect("the cluster has storage nodes"),
+        rec: rec.clone(),
+        registry: registry.clone(),
+    });
     let ctx = Arc::new(ClientCtx {
-        id: format!("client-{index}"),
+        id,
         index_writes: spec.scan_index_ratio > 0.0,
         nodes,
-        client,
+        client: client.with_token(token),
         rec,
         registry,
     });
@@ -522,8 +542,8 @@ pub async fn run_client(
                 tokio::time::sleep_until(start + duration.mul_f64(rng.random_range(0.25..0.75))).await;
                 let (close, delete) = (ctx.rec.process(), ctx.rec.process());
                 futures::future::join(
-                    ctx.op(close, F::CloseShard, shard, "", None, None, None),
-                    ctx.op(delete, F::DeleteShard, shard, "", None, None, None),
+                    ctx.op(close, F::CloseShard, shard, "", None, None, None, &ctx.id),
+                    ctx.op(delete, F::DeleteShard, shard, "", None, None, None, &ctx.id),
                 )
                 .await;
                 return;
@@ -531,12 +551,12 @@ pub async fn run_client(
             for (f, from, to) in [(F::CloseShard, 0.25, 0.5), (F::DeleteShard, 0.5, 0.75)] {
                 tokio::time::sleep_until(start + duration.mul_f64(rng.random_range(from..to))).await;
                 let process = ctx.rec.process();
-                ctx.op(process, f, shard, "", None, None, None).await;
+                ctx.op(process, f, shard, "", None, None, None, &ctx.id).await;
             }
         }
     };
     let processes = (0..spec.processes_per_client).map(|p| {
-        let (ctx, shards, made) = (ctx.clone(), shards.clone(), made.clone());
+        let (ctx, anonymous, shards, made) = (ctx.clone(), anonymous.clone(), shards.clone(), made.clone());
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ ((index as u64) << 32) ^ p as u64);
         async move {
             let mut process = ctx.rec.process();
@@ -557,17 +577,30 @@ pub async fn run_client(
                     let shards = shards.lock().expect("shards lock");
                     shards[rng.random_range(0..shards.len())].0
                 };
+                // Who calls, and the client id the request names: this
+                // client as itself, or (cross-client) on another client's
+                // shard as itself, as that client with its own token, or
+                // as that client with no token at all.
+                let (mut caller, mut as_client) = (&ctx, ctx.id.clone());
                 if rng.random_bool(spec.cross_client_ratio) {
-                    let foreign: Vec<u64> = ctx
+                    let foreign: Vec<(u64, String)> = ctx
                         .registry
                         .lock()
                         .expect("registry lock")
                         .iter()
                         .filter(|(_, (owner, _))| *owner != ctx.id)
-                        .map(|(id, _)| *id)
+                        .map(|(id, (owner, _))| (*id, owner.clone()))
                         .collect();
                     if !foreign.is_empty() {
-                        shard = foreign[rng.random_range(0..foreign.len())];
+                        let owner;
+                        (shard, owner) = foreign[rng.random_range(0..foreign.len())].clone();
+                        // (No draw when the ratio is 0: such a workload draws as before.)
+                        if spec.impersonate_ratio > 0.0 && rng.random_bool(spec.impersonate_ratio) {
+                            as_client = owner;
+                            if rng.random_bool(0.5) {
+                                caller = &anonymous;
+                            }
+                        }
                     }
                 }
                 let mut key = format!("k{}", rng.random_range(0..spec.hot_keys));
@@ -614,12 +647,20 @@ pub async fn run_client(
                 } else {
                     (F::Read, None)
                 };
+                // An impersonation tries, now and then, to close or delete
+                // the other client's shard.
+                let (f, value) = if as_client != ctx.id && rng.random_bool(0.25) {
+                    key.clear();
+                    (if rng.random_bool(0.5) { F::CloseShard } else { F::DeleteShard }, None)
+                } else {
+                    (f, value)
+                };
                 // Now and then a request goes to any node, as from a client that
                 // just started: it finds the primary through the hint. Stale
                 // reads go to any node: backups serve them.
                 let anywhere = stale || rng.random_bool(spec.random_node_ratio);
                 let at = anywhere.then(|| rng.random_range(0..ctx.nodes.len()));
-                let (renew, ok) = ctx.op(process, f, shard, &key, value, at, bound).await;
+                let (renew, ok) = caller.op(process, f, shard, &key, value, at, bound, &as_client).await;
                 if renew {
                     process = ctx.rec.process();
                 }
@@ -645,7 +686,7 @@ pub async fn run_client(
         for k in 0..spec.hot_keys {
             let key = format!("k{k}");
             while Instant::now() < final_deadline {
-                let (renew, ok) = ctx.op(process, F::Read, *shard, &key, None, None, None).await;
+                let (renew, ok) = ctx.op(process, F::Read, *shard, &key, None, None, None, &ctx.id).await;
                 if renew {
                     process = ctx.rec.process();
                 }

@@ -218,6 +218,11 @@ pub enum MetaError {
     /// The backend's own storage failed.
     #[error("metadata storage error: {0}")]
     Storage(String),
+    /// The metadata endpoint refused the caller's identity (no or an
+    /// unknown credential, or not a node's): not retried; fix the node's
+    /// token or certificate.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl crate::retry::Transient for MetaError {

@@ -15,6 +15,7 @@ use futures::StreamExt;
 use tokio::time::Duration;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{caller_of, Authenticator, BearerToken, NODE_GROUP};
 use crate::meta::backend::{
     Compare, CompareOp, CompareTarget, KeyValue, LeaseId, MetaError, MetadataBackend, RangeResponse, Revision, Txn,
     TxnOp, TxnResponse, WatchEvent, WatchStream,
@@ -40,6 +41,7 @@ fn to_status(e: MetaError) -> Status {
         MetaError::Compacted { .. } => tonic::Code::OutOfRange,
         MetaError::Invalid(_) => tonic::Code::InvalidArgument,
         MetaError::Storage(_) => tonic::Code::Internal,
+        MetaError::Refused(_) => tonic::Code::PermissionDenied,
     };
     let details = serde_json::to_vec(&e).expect("errors serialize");
     Status::with_details(code, e.to_string(), details.into())
@@ -50,6 +52,9 @@ fn from_status(s: Status) -> MetaError {
         return e;
     }
     match s.code() {
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            MetaError::Refused(format!("the metadata store refused this caller: {}", s.message()))
+        }
         tonic::Code::DeadlineExceeded => MetaError::Timeout(s.message().to_string()),
         _ => MetaError::Unavailable(format!("{}: {}", s.code(), s.message())),
     }
@@ -153,26 +158,66 @@ fn event_from(e: proto::WatchEvent) -> Result<WatchEvent, MetaError> {
 #[derive(Clone)]
 pub struct MetadataServer {
     backend: Arc<dyn MetadataBackend>,
+    /// Who may call: when it authenticates, only identities of
+    /// [`NODE_GROUP`] (see [`crate::auth`]).
+    auth: Authenticator,
 }
 
 impl MetadataServer {
-    /// The server in front of `backend`.
+    /// The server in front of `backend`, open to every caller.
     pub fn new(backend: Arc<dyn MetadataBackend>) -> Self {
-        MetadataServer { backend }
+        MetadataServer { backend, auth: Authenticator::open() }
+    }
+
+    /// The same server, serving only callers `auth` identifies as nodes
+    /// (group [`NODE_GROUP`]); others get `UNAUTHENTICATED` or
+    /// `PERMISSION_DENIED` and change nothing.
+    pub fn with_auth(self, auth: Authenticator) -> Self {
+        MetadataServer { auth, ..self }
+    }
+
+    /// The body of `req` when its caller is a node.
+    ///
+    /// Errors: `UNAUTHENTICATED` or `PERMISSION_DENIED`.
+    fn node_only<T>(&self, req: Request<T>) -> Result<T, Status> {
+        let refused = |s: Status| {
+            metrics::counter!("attache_metadata_requests_denied_total").increment(1);
+            s
+        };
+        let caller = caller_of(&req).map_err(refused)?;
+        caller
+            .needs_group(&[NODE_GROUP], "call the metadata store (only storage nodes may)")
+            .map_err(|e| refused(crate::service::status(e)))?;
+        Ok(req.into_inner())
     }
 }
 
-/// The tonic server wrapper of [`MetadataServer`].
+/// The tonic server of [`MetadataServer`], behind its [`Authenticator`]
+/// (an interceptor: madsim-tonic's server takes it as a parameter).
 #[cfg(not(madsim))]
-pub type Server = proto::metadata_server::MetadataServer<MetadataServer>;
-/// The tonic server wrapper of [`MetadataServer`].
+pub type Server = tonic::service::interceptor::InterceptedService<
+    proto::metadata_server::MetadataServer<MetadataServer>,
+    Authenticator,
+>;
+/// The tonic server of [`MetadataServer`], behind its [`Authenticator`]
+/// (an interceptor: madsim-tonic's server takes it as a parameter).
 #[cfg(madsim)]
-pub type Server = proto::metadata_server::MetadataServer<MetadataServer, tonic::codegen::IdentityInterceptor>;
+pub type Server = proto::metadata_server::MetadataServer<MetadataServer, Authenticator>;
 
 impl MetadataServer {
-    /// The tonic service.
+    /// The tonic service. Every call passes the server's `Authenticator`
+    /// first, which refuses an unauthenticated one before its body is
+    /// decoded.
     pub fn into_server(self) -> Server {
-        proto::metadata_server::MetadataServer::new(self)
+        let auth = self.auth.clone();
+        #[cfg(not(madsim))]
+        let server = tonic::service::interceptor::InterceptedService::new(
+            proto::metadata_server::MetadataServer::new(self),
+            auth,
+        );
+        #[cfg(madsim)]
+        let server = proto::metadata_server::MetadataServer::with_interceptor(self, auth);
+        server
     }
 }
 
@@ -183,28 +228,28 @@ impl Metadata for MetadataServer {
     type WatchStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::WatchEvent, Status>> + Send>>;
 
     async fn get(&self, req: Request<proto::KeyRequest>) -> Reply<proto::GetResponse> {
-        let kv = self.backend.get(&req.into_inner().key).await.map_err(to_status)?;
+        let kv = self.backend.get(&self.node_only(req)?.key).await.map_err(to_status)?;
         Ok(Response::new(proto::GetResponse { kv: kv.map(kv_to) }))
     }
 
     async fn range(&self, req: Request<proto::KeyRequest>) -> Reply<proto::RangeResponse> {
-        let r = self.backend.range(&req.into_inner().key).await.map_err(to_status)?;
+        let r = self.backend.range(&self.node_only(req)?.key).await.map_err(to_status)?;
         Ok(Response::new(proto::RangeResponse { kvs: r.kvs.into_iter().map(kv_to).collect(), revision: r.revision }))
     }
 
     async fn put(&self, req: Request<proto::PutRequest>) -> Reply<proto::RevisionResponse> {
-        let p = req.into_inner();
+        let p = self.node_only(req)?;
         let revision = self.backend.put(&p.key, &p.value, p.lease).await.map_err(to_status)?;
         Ok(Response::new(proto::RevisionResponse { revision }))
     }
 
     async fn delete(&self, req: Request<proto::KeyRequest>) -> Reply<proto::DeleteResponse> {
-        let (deleted, revision) = self.backend.delete(&req.into_inner().key).await.map_err(to_status)?;
+        let (deleted, revision) = self.backend.delete(&self.node_only(req)?.key).await.map_err(to_status)?;
         Ok(Response::new(proto::DeleteResponse { deleted, revision }))
     }
 
     async fn txn(&self, req: Request<proto::TxnRequest>) -> Reply<proto::TxnResponse> {
-        let t = req.into_inner();
+        let t = self.node_only(req)?;
         let txn = (|| {
             Ok::<_, MetaError>(Txn {
                 compare: t.compare.into_iter().map(compare_from).collect::<Result<_, _>>()?,
@@ -219,40 +264,61 @@ impl Metadata for MetadataServer {
     }
 
     async fn lease_grant(&self, req: Request<proto::LeaseGrantRequest>) -> Reply<proto::LeaseResponse> {
-        let lease = self.backend.lease_grant(req.into_inner().ttl_ms).await.map_err(to_status)?;
+        let lease = self.backend.lease_grant(self.node_only(req)?.ttl_ms).await.map_err(to_status)?;
         Ok(Response::new(proto::LeaseResponse { lease }))
     }
 
     async fn lease_keep_alive(&self, req: Request<proto::LeaseResponse>) -> Reply<proto::LeaseKeepAliveResponse> {
-        let ttl_ms = self.backend.lease_keep_alive(req.into_inner().lease).await.map_err(to_status)?;
+        let ttl_ms = self.backend.lease_keep_alive(self.node_only(req)?.lease).await.map_err(to_status)?;
         Ok(Response::new(proto::LeaseKeepAliveResponse { ttl_ms }))
     }
 
     async fn lease_revoke(&self, req: Request<proto::LeaseResponse>) -> Reply<proto::RevisionResponse> {
-        self.backend.lease_revoke(req.into_inner().lease).await.map_err(to_status)?;
+        self.backend.lease_revoke(self.node_only(req)?.lease).await.map_err(to_status)?;
         Ok(Response::new(proto::RevisionResponse { revision: 0 }))
     }
 
     async fn watch(&self, req: Request<proto::WatchRequest>) -> Reply<Self::WatchStream> {
-        let w = req.into_inner();
+        let w = self.node_only(req)?;
         let stream = self.backend.watch(&w.prefix, w.from_revision).await.map_err(to_status)?;
         Ok(Response::new(Box::pin(stream.map(|e| e.map(event_to).map_err(to_status)))))
     }
 }
+
+/// The metadata client stub, with the caller's bearer token on every call.
+#[cfg(not(madsim))]
+type Stub = MetadataClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>>;
+/// The metadata client stub, with the caller's bearer token on every call.
+#[cfg(madsim)]
+type Stub = MetadataClient<tonic::transport::Channel, BearerToken>;
 
 /// A [`MetadataBackend`] that calls an `attache meta` server.
 #[derive(Clone)]
 pub struct RemoteBackend {
     endpoint: String,
     tls: Option<crate::tls::ClientTls>,
-    client: Arc<tokio::sync::OnceCell<MetadataClient<tonic::transport::Channel>>>,
+    token: BearerToken,
+    client: Arc<tokio::sync::OnceCell<Stub>>,
 }
 
 impl RemoteBackend {
     /// A backend calling `endpoint` (`host:port`, or `http://host:port`);
     /// connects lazily.
     pub fn new(endpoint: impl Into<String>) -> Self {
-        RemoteBackend { endpoint: endpoint.into(), tls: None, client: Arc::new(tokio::sync::OnceCell::new()) }
+        RemoteBackend {
+            endpoint: endpoint.into(),
+            tls: None,
+            token: BearerToken::default(),
+            client: Arc::new(tokio::sync::OnceCell::new()),
+        }
+    }
+
+    /// The same backend, sending `token` as a bearer token on every call
+    /// (the node's identity to a metadata store with a token file).
+    pub fn with_token(mut self, token: BearerToken) -> Self {
+        self.token = token;
+        self.client = Arc::new(tokio::sync::OnceCell::new());
+        self
     }
 
     /// The same backend, calling over TLS with `tls` (its endpoint then
@@ -263,13 +329,13 @@ impl RemoteBackend {
         self
     }
 
-    async fn client(&self) -> Result<MetadataClient<tonic::transport::Channel>, MetaError> {
+    async fn client(&self) -> Result<Stub, MetaError> {
         let client = self
             .client
             .get_or_try_init(|| async {
                 let endpoint = crate::tls::endpoint(&self.endpoint, self.tls.as_ref())
                     .map_err(|e| MetaError::Invalid(format!("bad metadata endpoint: {e}")))?;
-                Ok::<_, MetaError>(MetadataClient::new(endpoint.connect_lazy()))
+                Ok::<_, MetaError>(MetadataClient::with_interceptor(endpoint.connect_lazy(), self.token.clone()))
             })
             .await?;
         Ok(client.clone())
@@ -278,7 +344,7 @@ impl RemoteBackend {
     /// Runs one call with the client timeout.
     async fn call<T, F, Fut>(&self, what: &str, f: F) -> Result<T, MetaError>
     where
-        F: FnOnce(MetadataClient<tonic::transport::Channel>) -> Fut,
+        F: FnOnce(Stub) -> Fut,
         Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
         let client = self.client().await?;

@@ -209,6 +209,10 @@ pub struct Node {
 fn meta_unavailable(e: MetaError) -> AttacheError {
     match e {
         MetaError::Invalid(m) => AttacheError::Internal(m),
+        MetaError::Refused(m) => AttacheError::Internal(format!(
+            "{m}; this node's identity to its metadata store is wrong: fix its --metadata-token-file or its \
+             certificate (group attache:node)"
+        )),
         e => AttacheError::unavailable(format!("{e}; retry")),
     }
 }

@@ -1,5 +1,6 @@
 //! The runtime's integration tests, in one test binary so RocksDB and the
 //! rest of the tree are linked once, not once per file:
+//! - [`auth`]: bearer tokens: who may act as which client, operators, node-only metadata;
 //! - [`aws`]: the AWS EBS provider and `attache volume` against moto's EC2 API emulator;
 //! - [`bench`]: `attache bench`, every workload against `attache dev` and against etcd;
 //! - [`block`]: block volumes on a loop device with two `attache node` processes (root only);
@@ -11,8 +12,9 @@
 //! - [`metadata`]: the metadata conformance suite on embedded, embedded over gRPC, and etcd;
 //! - [`storage`]: the shared storage scenario on actix with RocksDB;
 //! - [`three_process`]: one `attache meta` with two nodes;
-//! - [`tls`]: mutual TLS between clients, a node and `attache meta`; plaintext only on loopback.
+//! - [`tls`]: mutual TLS between clients, a node and `attache meta`, identities by certificate; plaintext only on loopback.
 
+mod auth;
 mod aws;
 mod bench;
 #[cfg(target_os = "linux")]

@@ -1,9 +1,12 @@
 //! TLS with real processes: a CA and certificates made in the test
 //! (`rcgen`), `attache meta` and `attache node` both serving mutual TLS
-//! (the node calls its metadata store over TLS with its own certificate).
-//! A client with a certificate from the CA is served, through the library
-//! client and through `attache client`; a client with a certificate from
-//! another CA, one with no certificate, and a plaintext one are refused.
+//! (the node calls its metadata store over TLS with its own certificate,
+//! whose organization is `attache:node`). A client with a certificate from
+//! the CA is served as the client its common name names, through the
+//! library client and through `attache client`, and refused
+//! (`PERMISSION_DENIED`) as any other client and at the metadata store; a
+//! client with a certificate from another CA, one with no certificate, and
+//! a plaintext one are refused.
 //! A node or `attache meta` asked to serve plaintext on a non-loopback
 //! address refuses to start unless given `--insecure`. The etcd backend
 //! calls an etcd that requires client certificates.
@@ -37,9 +40,18 @@ impl Ca {
     /// A certificate for `names` (DNS names or IP addresses) with common
     /// name `cn`, and its key, both PEM.
     fn sign(&self, cn: &str, names: &[&str]) -> (String, String) {
+        self.sign_in(cn, &[], names)
+    }
+
+    /// As [`Ca::sign`], with the organization (O) of each of `groups`
+    /// (rcgen keeps the last one only: give one).
+    fn sign_in(&self, cn: &str, groups: &[&str], names: &[&str]) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
+        for g in groups {
+            params.distinguished_name.push(DnType::OrganizationName, *g);
+        }
         (params.signed_by(&key, &self.issuer).unwrap().pem(), key.serialize_pem())
     }
 }
@@ -55,9 +67,18 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The client id the test's client certificate names (its CN).
+const CLIENT: &str = "client-1";
+
 async fn new_shard(c: &Client) -> Result<u64, String> {
-    c.call(CallSpec::any().once().starting_at(0), |mut c| async move {
-        c.new_shard(NewShardRequest { client_id: "tls".into(), size_limit_bytes: 0 }).await
+    new_shard_as(c, CLIENT).await
+}
+
+async fn new_shard_as(c: &Client, client_id: &str) -> Result<u64, String> {
+    let client_id = client_id.to_string();
+    c.call(CallSpec::any().once().starting_at(0), |mut c| {
+        let client_id = client_id.clone();
+        async move { c.new_shard(NewShardRequest { client_id, size_limit_bytes: 0 }).await }
     })
     .await
     .map(|s| s.value.shard_id)
@@ -74,9 +95,11 @@ async fn mutual_tls_serves_clients_of_the_ca_and_refuses_the_rest() {
     let root = dir.path();
     let ca = Ca::new("attache test CA");
     let ca_file = file(root, "ca.pem", &ca.pem);
-    let (server_cert, server_key) = ca.sign("node", &["localhost", "127.0.0.1"]);
+    // The node's certificate is also its identity to the metadata store,
+    // which serves only the group attache:node.
+    let (server_cert, server_key) = ca.sign_in("node-1", &["attache:node"], &["localhost", "127.0.0.1"]);
     let (cert, key) = (file(root, "node.pem", &server_cert), file(root, "node.key", &server_key));
-    let (client_cert, client_key) = ca.sign("client-1", &[]);
+    let (client_cert, client_key) = ca.sign(CLIENT, &[]);
 
     // attache meta and a node, both requiring client certificates of the CA.
     let tls = ["--tls-cert", s(&cert), "--tls-key", s(&key), "--tls-client-ca", s(&ca_file)];
@@ -99,7 +122,7 @@ async fn mutual_tls_serves_clients_of_the_ca_and_refuses_the_rest() {
     let shard = new_shard(&c).await.expect("a client with a certificate of the CA is served");
     let put = PutRequest {
         shard_id: shard,
-        client_id: "tls".into(),
+        client_id: CLIENT.into(),
         key: "k".into(),
         value: "v".into(),
         indexes: vec![],
@@ -115,7 +138,7 @@ async fn mutual_tls_serves_clients_of_the_ca_and_refuses_the_rest() {
         .call(CallSpec::shard(shard), |mut c| async move {
             c.get(GetRequest {
                 shard_id: shard,
-                client_id: "tls".into(),
+                client_id: CLIENT.into(),
                 key: "k".into(),
                 consistency: 0,
                 max_staleness_ms: 0,
@@ -125,6 +148,14 @@ async fn mutual_tls_serves_clients_of_the_ca_and_refuses_the_rest() {
         .await
         .expect("get over mutual TLS");
     assert_eq!(got.value.value, b"v");
+
+    // The certificate's CN is the only client it may act as; it is no node
+    // to the metadata store.
+    let denied = new_shard_as(&c, "client-2").await.expect_err("acting as another client");
+    assert!(denied.starts_with("PermissionDenied") && denied.contains("\"client-1\""), "{denied}");
+    let at_meta = attache_actors::meta::remote::RemoteBackend::new(meta.addr.clone()).with_tls(good.clone());
+    let refused = attache_actors::meta::MetadataBackend::get(&at_meta, b"nodes/1").await;
+    assert!(matches!(refused, Err(attache_actors::meta::MetaError::Refused(_))), "a client at meta: {refused:?}");
 
     // Refused: a certificate of another CA, no certificate, plaintext.
     let other = Ca::new("another CA");
@@ -153,14 +184,14 @@ async fn mutual_tls_serves_clients_of_the_ca_and_refuses_the_rest() {
     let (cc, ck) = (file(root, "client.pem", &client_cert), file(root, "client.key", &client_key));
     let out = Command::new(env!("CARGO_BIN_EXE_attache"))
         .args(["client", "--addr", &node.addr, "--tls-ca", s(&ca_file), "--tls-cert", s(&cc), "--tls-key", s(&ck)])
-        .args(["get", "--shard", &shard.to_string(), "--client-id", "tls", "k"])
+        .args(["get", "--shard", &shard.to_string(), "--client-id", CLIENT, "k"])
         .output()
         .unwrap();
     assert!(out.status.success(), "attache client over TLS: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "v");
     let out = Command::new(env!("CARGO_BIN_EXE_attache"))
         .args(["client", "--addr", &node.addr, "--retry-secs", "2"])
-        .args(["get", "--shard", &shard.to_string(), "--client-id", "tls", "k"])
+        .args(["get", "--shard", &shard.to_string(), "--client-id", CLIENT, "k"])
         .output()
         .unwrap();
     assert!(!out.status.success(), "a plaintext attache client was served by a TLS node");
