@@ -36,6 +36,12 @@ pub const MAX_ATTACHMENTS: usize = 16;
 /// volume id whatever the name.
 const DEVICE_LETTERS: std::ops::RangeInclusive<u8> = b'f'..=b'z';
 
+/// Longest one attempt of an EC2 API call may take (then it is retried).
+pub const EC2_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest an EC2 API call may take, retries included (then it fails).
+pub const EC2_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How the EC2 client is set up; unset fields come from the SDK's default
 /// chain or the instance metadata service.
 #[derive(Clone, Debug, Default)]
@@ -158,7 +164,13 @@ impl AwsEbs {
     /// Errors: no region, no instance id (not on EC2 and none given), or
     /// the instance cannot be described (credentials, permissions).
     pub async fn connect(settings: &AwsSettings) -> anyhow::Result<AwsEbs> {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        // Every EC2 call has a deadline: an attempt may take 10 s, a call
+        // with its retries 30 s (the SDK sets none by default).
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .operation_attempt_timeout(EC2_ATTEMPT_TIMEOUT)
+            .operation_timeout(EC2_CALL_TIMEOUT)
+            .build();
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts);
         if let Some(region) = &settings.region {
             loader = loader.region(aws_config::Region::new(region.clone()));
         }
