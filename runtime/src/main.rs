@@ -54,10 +54,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Dev(args) => {
             let data = args.data_dir.display().to_string();
+            // With a token file, the hints call as a token's identity.
+            // (status needs the group attache:operator).
+            let (token, me, operator) = match &args.auth.token_file {
+                Some(_) => (" --token-file NAME.token", "NAME", " --token-file OPERATOR.token"),
+                None => ("", "me", ""),
+            };
             serve::run_nodes(args.settings()?, move |addrs| {
                 println!("attache: dev cluster ready; data in {data}. Try:");
-                println!("  attache client --addr {} new-shard --client-id me", addrs[0]);
-                println!("  attache client --addr {} status", addrs[0]);
+                println!("  attache client --addr {}{token} new-shard --client-id {me}", addrs[0]);
+                println!("  attache client --addr {}{operator} status", addrs[0]);
                 println!("Stop with Ctrl-C.");
             })
         }

@@ -488,9 +488,9 @@ async fn send_raw(
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
     if streaming {
         // A stream that stays open (a watch) has answered: it is drained
-        // for up to 1 s.
+        // for up to 200 ms.
         let answer = grpc.server_streaming(tonic::Request::new(bytes), path, Raw).await;
-        tokio::time::timeout(std::time::Duration::from_secs(1), drain(answer)).await.unwrap_or(Ok(()))
+        tokio::time::timeout(std::time::Duration::from_millis(200), drain(answer)).await.unwrap_or(Ok(()))
     } else {
         grpc.unary(tonic::Request::new(bytes), path, Raw).await.map(drop)
     }
