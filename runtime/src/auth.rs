@@ -12,6 +12,8 @@ use anyhow::Context as _;
 use attache_actors::auth::{new_token, token_hash, Authenticator, BearerToken, TokenFile, TOKEN_BYTES};
 use clap::Args;
 
+use crate::tls::ServerTls;
+
 /// Reads the token file named by `flag` (see `TokenFile` for its lines).
 ///
 /// Errors: the file cannot be read, or a line is malformed (by number).
@@ -35,13 +37,13 @@ pub fn read_token(path: &Path, flag: &str) -> anyhow::Result<BearerToken> {
 }
 
 /// How a server authenticates: by the tokens of `token_file` and, when its
-/// TLS requires client certificates (`client_ca`), by their subject.
+/// `tls` requires client certificates (a client CA), by their subject.
 /// Neither: no authentication (every caller may do everything).
 ///
 /// Errors: the token file cannot be read.
-pub fn authenticator(token_file: Option<&Path>, client_ca: bool) -> anyhow::Result<Authenticator> {
+pub fn authenticator(token_file: Option<&Path>, tls: Option<&ServerTls>) -> anyhow::Result<Authenticator> {
     let tokens = token_file.map(|p| read_token_file(p, "--token-file")).transpose()?;
-    Ok(Authenticator::new(tokens, client_ca))
+    Ok(Authenticator::new(tokens, tls.is_some_and(|t| t.client_ca_pem.is_some())))
 }
 
 /// A server's token flag (`attache meta`; `attache node` has the same key

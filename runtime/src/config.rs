@@ -311,10 +311,7 @@ impl NodeArgs {
             }
             None => None,
         };
-        let auth = crate::auth::authenticator(
-            a.token_file.as_deref(),
-            tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()),
-        )?;
+        let auth = crate::auth::authenticator(a.token_file.as_deref(), tls.as_ref())?;
         let metadata_token = a
             .metadata_token_file
             .as_deref()

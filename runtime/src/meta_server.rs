@@ -48,10 +48,7 @@ pub struct MetaArgs {
 pub fn run(args: MetaArgs) -> anyhow::Result<()> {
     init_logging(args.log.log_format.unwrap_or_default(), args.log.log_level.as_deref().unwrap_or("info"));
     let tls = args.tls.load()?;
-    let auth = crate::auth::authenticator(
-        args.auth.token_file.as_deref(),
-        tls.as_ref().is_some_and(|t| t.client_ca_pem.is_some()),
-    )?;
+    let auth = crate::auth::authenticator(args.auth.token_file.as_deref(), tls.as_ref())?;
     crate::tls::check_plaintext("attache meta", args.listen, tls.as_ref(), args.tls.insecure)?;
     actix_rt::System::new().block_on(async move {
         let host = HostHandle::new(ActixHost::new(1));

@@ -86,7 +86,7 @@ impl DevArgs {
         crate::rocks_engine::check_memory_budget(self.memory_budget_bytes).map_err(anyhow::Error::msg)?;
         let volumes = numbered_volumes(self.volumes.unwrap_or(2.max(n)).max(1));
         crate::tls::check_plaintext("attache dev", self.listen, None, self.insecure)?;
-        let auth = crate::auth::authenticator(self.auth.token_file.as_deref(), false)?;
+        let auth = crate::auth::authenticator(self.auth.token_file.as_deref(), None)?;
         let base = self.listen.port();
         if base != 0 && u16::try_from(n - 1).ok().and_then(|extra| base.checked_add(extra)).is_none() {
             anyhow::bail!(
