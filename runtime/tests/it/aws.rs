@@ -263,3 +263,33 @@ async fn a_node_in_aws_mode_refuses_a_volume_without_multi_attach() {
     }
     assert!(attachments(&ec2, &single).await.is_empty(), "nothing was attached");
 }
+
+/// An EC2 endpoint that accepts connections and never answers: every EC2
+/// call must still end, within `EC2_CALL_TIMEOUT` (attempts of
+/// `EC2_ATTEMPT_TIMEOUT`, retried), with an error that says it timed out.
+/// `attache volume describe` against it (it describes this instance, then
+/// the volume) exits with that error.
+#[test]
+fn ec2_calls_to_an_endpoint_that_never_answers_end_within_their_deadline() {
+    use attache_runtime::aws::{EC2_ATTEMPT_TIMEOUT, EC2_CALL_TIMEOUT};
+    let silent = crate::common::Silent::start();
+    let url = format!("http://{}", silent.addr);
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_attache"))
+        .args(["volume", "--instance-id", "i-0123456789abcdef0", "describe", "vol-0123456789abcdef0"])
+        .env("AWS_ENDPOINT_URL", &url)
+        .env("AWS_REGION", REGION)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .expect("run attache volume");
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "describe against a silent endpoint failed: {stderr}");
+    assert!(stderr.to_lowercase().contains("timeout") || stderr.contains("timed out"), "says it timed out: {stderr}");
+    assert!(took >= EC2_ATTEMPT_TIMEOUT, "the call waited its attempt timeout ({took:?}): {stderr}");
+    assert!(took < EC2_CALL_TIMEOUT + Duration::from_secs(10), "the call ended by its deadline ({took:?}): {stderr}");
+    eprintln!("attache volume describe against a silent endpoint failed after {took:?}: {}", stderr.trim());
+    assert!(silent.stop() >= 1, "the call reached the silent endpoint");
+}

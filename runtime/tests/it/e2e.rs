@@ -217,6 +217,25 @@ async fn every_operation_and_every_error() {
         })
         .await;
     assert_code(r, Code::InvalidArgument, "batch over 16 MiB");
+    // Past the decode limit (twice the batch limit plus 1 MiB: 33 MiB), the
+    // request is refused before it is decoded, with the limit named; the
+    // node serves on (the get after the empty batch below).
+    let past_decode: Vec<Entry> =
+        (0..34).map(|i| Entry { key: format!("d{i}").into(), value: vec![1; 1 << 20], indexes: vec![] }).collect();
+    let r = c
+        .batch_put(BatchPutRequest {
+            shard_id: s,
+            client_id: "alice".into(),
+            entries: past_decode,
+            request_id: String::new(),
+        })
+        .await;
+    let e = r.expect_err("a request past the decode limit is refused");
+    assert!(
+        matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted)
+            && e.message().contains(&(33u64 << 20).to_string()),
+        "refused with the limit named: {e:?}"
+    );
     let r = c
         .batch_put(BatchPutRequest {
             shard_id: s,

@@ -24,7 +24,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 /// The owner of the shards the calls go to.
-const OWNER: &str = "fuzz-owner";
+pub(crate) const OWNER: &str = "fuzz-owner";
 
 fn client_id() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -67,9 +67,9 @@ fn indexes() -> impl Strategy<Value = Vec<IndexEntry>> {
     ]
 }
 
-/// One generated call; `shard` picks the shard id (see [`Fuzz::shard_id`]).
+/// One generated call; `shard` picks the shard id (see [`Shards::shard_id`]).
 #[derive(Clone, Debug)]
-enum Call {
+pub(crate) enum Call {
     NewShard { client: String, size_limit: u64 },
     Put { shard: u8, client: String, key: Vec<u8>, value: Vec<u8>, indexes: Vec<IndexEntry>, request_id: String },
     BatchPut { shard: u8, client: String, entries: Vec<(Vec<u8>, Vec<u8>)>, request_id: String },
@@ -85,7 +85,7 @@ enum Call {
     DeleteShard { client: String },
 }
 
-fn call() -> impl Strategy<Value = Call> {
+pub(crate) fn call() -> impl Strategy<Value = Call> {
     let shard = any::<u8>();
     let stale = prop_oneof![Just(0u64), any::<u64>(), 1u64..10_000];
     let limit = prop_oneof![Just(0u64), 1u64..20, any::<u64>()];
@@ -130,15 +130,59 @@ fn call() -> impl Strategy<Value = Call> {
     ]
 }
 
-struct Fuzz {
-    c: AttacheClient<Channel>,
-    /// The owner's shard most calls go to, and one that close and delete
-    /// calls go to (made anew once deleted).
-    main: u64,
-    victim: u64,
+/// The request of a generated call, typed.
+#[derive(Clone, Debug)]
+pub(crate) enum Message {
+    NewShard(NewShardRequest),
+    Put(PutRequest),
+    BatchPut(BatchPutRequest),
+    Delete(DeleteRequest),
+    Get(GetRequest),
+    BatchGet(BatchGetRequest),
+    Scan(ScanRequest),
+    ScanIndex(ScanIndexRequest),
+    Stats(ShardRef),
+    ListShards(ListShardsRequest),
+    ClusterStatus(ClusterStatusRequest),
+    CloseShard(ShardRef),
+    DeleteShard(ShardRef),
 }
 
-impl Fuzz {
+impl Message {
+    /// The method's path, whether it answers with a stream, and the
+    /// request encoded: what a client sends.
+    pub(crate) fn encoded(&self) -> (&'static str, bool, Vec<u8>) {
+        use prost::Message as _;
+        let (path, streaming, bytes) = match self {
+            Message::NewShard(r) => ("NewShard", false, r.encode_to_vec()),
+            Message::Put(r) => ("Put", false, r.encode_to_vec()),
+            Message::BatchPut(r) => ("BatchPut", false, r.encode_to_vec()),
+            Message::Delete(r) => ("Delete", false, r.encode_to_vec()),
+            Message::Get(r) => ("Get", false, r.encode_to_vec()),
+            Message::BatchGet(r) => ("BatchGet", true, r.encode_to_vec()),
+            Message::Scan(r) => ("Scan", true, r.encode_to_vec()),
+            Message::ScanIndex(r) => ("ScanIndex", true, r.encode_to_vec()),
+            Message::Stats(r) => ("ShardStats", false, r.encode_to_vec()),
+            Message::ListShards(r) => ("ListShards", false, r.encode_to_vec()),
+            Message::ClusterStatus(r) => ("ClusterStatus", false, r.encode_to_vec()),
+            Message::CloseShard(r) => ("CloseShard", false, r.encode_to_vec()),
+            Message::DeleteShard(r) => ("DeleteShard", false, r.encode_to_vec()),
+        };
+        let path = node_methods(0).into_iter().find(|m| m.path.ends_with(&format!("/{path}"))).expect("a method").path;
+        (path, streaming, bytes)
+    }
+}
+
+/// The shards generated calls go to.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Shards {
+    /// The owner's shard most calls go to.
+    pub(crate) main: u64,
+    /// The owner's shard close and delete calls go to (made anew once deleted).
+    pub(crate) victim: u64,
+}
+
+impl Shards {
     /// Most picks are the main shard; some 0, a never-made id, the victim.
     fn shard_id(&self, pick: u8) -> u64 {
         match pick % 8 {
@@ -149,34 +193,29 @@ impl Fuzz {
         }
     }
 
-    /// Runs `call`; returns whether it succeeded, and whether it named
-    /// another client on the owner's shards.
-    async fn run(&mut self, call: Call) -> (Result<(), tonic::Status>, bool) {
-        fn done<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Result<(), tonic::Status> {
-            r.map(|_| ())
-        }
+    /// The request of `call`, and whether it names another client on the
+    /// owner's shards.
+    pub(crate) fn message(&self, call: Call) -> (Message, bool) {
         let foreign = |client: &str| client != OWNER;
         match call {
-            Call::NewShard { client, size_limit } => (
-                done(self.c.new_shard(NewShardRequest { client_id: client, size_limit_bytes: size_limit }).await),
-                false,
-            ),
+            Call::NewShard { client, size_limit } => {
+                (Message::NewShard(NewShardRequest { client_id: client, size_limit_bytes: size_limit }), false)
+            }
             Call::Put { shard, client, key, value, indexes, request_id } => {
                 let other = foreign(&client);
                 let shard_id = self.shard_id(shard);
-                let req = PutRequest { shard_id, client_id: client, key, value, indexes, request_id };
-                (done(self.c.put(req).await), other)
+                (Message::Put(PutRequest { shard_id, client_id: client, key, value, indexes, request_id }), other)
             }
             Call::BatchPut { shard, client, entries, request_id } => {
                 let other = foreign(&client);
                 let entries = entries.into_iter().map(|(key, value)| Entry { key, value, indexes: vec![] }).collect();
                 let req = BatchPutRequest { shard_id: self.shard_id(shard), client_id: client, entries, request_id };
-                (done(self.c.batch_put(req).await), other)
+                (Message::BatchPut(req), other)
             }
             Call::Delete { shard, client, key, request_id } => {
                 let other = foreign(&client);
                 let req = DeleteRequest { shard_id: self.shard_id(shard), client_id: client, key, request_id };
-                (done(self.c.delete(req).await), other)
+                (Message::Delete(req), other)
             }
             Call::Get { shard, client, key, stale } => {
                 let other = foreign(&client);
@@ -187,7 +226,7 @@ impl Fuzz {
                     max_staleness_ms: stale,
                     ..Default::default()
                 };
-                (done(self.c.get(req).await), other)
+                (Message::Get(req), other)
             }
             Call::BatchGet { shard, client, keys, stale } => {
                 let other = foreign(&client);
@@ -198,7 +237,7 @@ impl Fuzz {
                     max_staleness_ms: stale,
                     ..Default::default()
                 };
-                (drain(self.c.batch_get(req).await).await, other)
+                (Message::BatchGet(req), other)
             }
             Call::Scan { shard, client, start, end, limit, stale } => {
                 let other = foreign(&client);
@@ -211,7 +250,7 @@ impl Fuzz {
                     max_staleness_ms: stale,
                     ..Default::default()
                 };
-                (drain(self.c.scan(req).await).await, other)
+                (Message::Scan(req), other)
             }
             Call::ScanIndex { shard, client, name, prefix, limit } => {
                 let other = foreign(&client);
@@ -222,29 +261,62 @@ impl Fuzz {
                     value_prefix: prefix,
                     limit,
                 };
-                (drain(self.c.scan_index(req).await).await, other)
+                (Message::ScanIndex(req), other)
             }
             Call::Stats { shard, client } => {
                 let other = foreign(&client);
-                (done(self.c.shard_stats(ShardRef { shard_id: self.shard_id(shard), client_id: client }).await), other)
+                (Message::Stats(ShardRef { shard_id: self.shard_id(shard), client_id: client }), other)
             }
-            Call::ListShards { client } => {
-                (done(self.c.list_shards(ListShardsRequest { client_id: client }).await), false)
-            }
-            Call::ClusterStatus => (done(self.c.cluster_status(ClusterStatusRequest {}).await), false),
+            Call::ListShards { client } => (Message::ListShards(ListShardsRequest { client_id: client }), false),
+            Call::ClusterStatus => (Message::ClusterStatus(ClusterStatusRequest {}), false),
             Call::CloseShard { client } => {
                 let other = foreign(&client);
-                (done(self.c.close_shard(ShardRef { shard_id: self.victim, client_id: client }).await), other)
+                (Message::CloseShard(ShardRef { shard_id: self.victim, client_id: client }), other)
             }
             Call::DeleteShard { client } => {
                 let other = foreign(&client);
-                let r = done(self.c.delete_shard(ShardRef { shard_id: self.victim, client_id: client }).await);
-                if r.is_ok() {
-                    self.victim = new_shard(&mut self.c).await;
-                }
-                (r, other)
+                (Message::DeleteShard(ShardRef { shard_id: self.victim, client_id: client }), other)
             }
         }
+    }
+}
+
+struct Fuzz {
+    c: AttacheClient<Channel>,
+    shards: Shards,
+}
+
+impl Fuzz {
+    /// Runs `call`; returns whether it succeeded, and whether it named
+    /// another client on the owner's shards.
+    async fn run(&mut self, call: Call) -> (Result<(), tonic::Status>, bool) {
+        fn done<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Result<(), tonic::Status> {
+            r.map(|_| ())
+        }
+        let (message, foreign) = self.shards.message(call);
+        let c = &mut self.c;
+        let result = match message {
+            Message::NewShard(r) => done(c.new_shard(r).await),
+            Message::Put(r) => done(c.put(r).await),
+            Message::BatchPut(r) => done(c.batch_put(r).await),
+            Message::Delete(r) => done(c.delete(r).await),
+            Message::Get(r) => done(c.get(r).await),
+            Message::BatchGet(r) => drain(c.batch_get(r).await).await,
+            Message::Scan(r) => drain(c.scan(r).await).await,
+            Message::ScanIndex(r) => drain(c.scan_index(r).await).await,
+            Message::Stats(r) => done(c.shard_stats(r).await),
+            Message::ListShards(r) => done(c.list_shards(r).await),
+            Message::ClusterStatus(r) => done(c.cluster_status(r).await),
+            Message::CloseShard(r) => done(c.close_shard(r).await),
+            Message::DeleteShard(r) => {
+                let r = done(c.delete_shard(r).await);
+                if r.is_ok() {
+                    self.shards.victim = new_shard(c).await;
+                }
+                r
+            }
+        };
+        (result, foreign)
     }
 }
 
@@ -267,7 +339,7 @@ async fn generated_requests_of_every_type_get_an_answer_a_person_can_act_on() {
     let p = common::start_dev(dir.path(), &[]);
     let mut c = p.client().await;
     let (main, victim) = (new_shard(&mut c).await, new_shard(&mut c).await);
-    let mut fuzz = Fuzz { c, main, victim };
+    let mut fuzz = Fuzz { c, shards: Shards { main, victim } };
     let cases: usize = std::env::var("ATTACHE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300);
     let mut runner = TestRunner::deterministic();
     let strategy = call();
@@ -355,10 +427,13 @@ impl tonic::codec::Decoder for Raw {
 
 /// One method of a gRPC service: its path, whether it streams its
 /// answer, and a valid request of it (encoded), to mutate.
-struct Method {
-    path: &'static str,
-    streaming: bool,
-    valid: Vec<u8>,
+pub(crate) struct Method {
+    /// The method's path, `/package.Service/Method`.
+    pub(crate) path: &'static str,
+    /// Whether it answers with a stream.
+    pub(crate) streaming: bool,
+    /// A valid request, encoded.
+    pub(crate) valid: Vec<u8>,
 }
 
 fn encoded(m: impl prost::Message) -> Vec<u8> {
@@ -366,14 +441,12 @@ fn encoded(m: impl prost::Message) -> Vec<u8> {
 }
 
 /// Every method of `attache.v1.Attache`, with a valid request on `shard`.
-fn node_methods(shard: u64) -> Vec<Method> {
+pub(crate) fn node_methods(shard: u64) -> Vec<Method> {
     let id = || OWNER.to_string();
     let m = |path, streaming, valid| Method { path, streaming, valid };
     let shard_ref = ShardRef { shard_id: shard, client_id: id() };
     vec![
         m("/attache.v1.Attache/NewShard", false, encoded(NewShardRequest { client_id: id(), size_limit_bytes: 0 })),
-        m("/attache.v1.Attache/CloseShard", false, encoded(shard_ref.clone())),
-        m("/attache.v1.Attache/DeleteShard", false, encoded(shard_ref.clone())),
         m(
             "/attache.v1.Attache/Put",
             false,
@@ -419,14 +492,17 @@ fn node_methods(shard: u64) -> Vec<Method> {
             true,
             encoded(ScanIndexRequest { shard_id: shard, client_id: id(), name: "i".into(), ..Default::default() }),
         ),
-        m("/attache.v1.Attache/ShardStats", false, encoded(shard_ref)),
+        m("/attache.v1.Attache/ShardStats", false, encoded(shard_ref.clone())),
         m("/attache.v1.Attache/ListShards", false, encoded(ListShardsRequest { client_id: id() })),
         m("/attache.v1.Attache/ClusterStatus", false, encoded(ClusterStatusRequest {})),
+        // Last, as they close and delete the shard the others go to.
+        m("/attache.v1.Attache/CloseShard", false, encoded(shard_ref.clone())),
+        m("/attache.v1.Attache/DeleteShard", false, encoded(shard_ref)),
     ]
 }
 
 /// Every method of `attache.meta.v1.Metadata`, with a valid request.
-fn metadata_methods() -> Vec<Method> {
+pub(crate) fn metadata_methods() -> Vec<Method> {
     use attache_actors::meta::remote::proto as meta;
     let key = || meta::KeyRequest { key: b"fuzz/k".to_vec() };
     let m = |path, streaming, valid| Method { path, streaming, valid };
@@ -453,7 +529,7 @@ fn metadata_methods() -> Vec<Method> {
 
 /// Bytes of a request: arbitrary, or a valid request with bytes flipped,
 /// cut off, or appended.
-fn raw_request(valid: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
+pub(crate) fn raw_request(valid: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
     let flips = proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4);
     let v = valid.clone();
     prop_oneof![
@@ -496,6 +572,38 @@ async fn send_raw(
     }
 }
 
+/// At most 600 characters of `s`, for a failure message.
+pub(crate) fn brief(s: String) -> String {
+    match s.char_indices().nth(600) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s,
+    }
+}
+
+/// The code of a raw call's answer (`what` describes the call), checked: a status that is not
+/// UNKNOWN, with a message, and INTERNAL only for a request that does not
+/// parse: a message that fails to decode, a gRPC frame that breaks the
+/// protocol (tonic's "protocol error: ..."), or no message at all, which
+/// is the code gRPC gives each. Panics,
+/// naming `what`, otherwise.
+pub(crate) fn checked_answer(result: &Result<(), tonic::Status>, what: impl Fn() -> String) -> Code {
+    match result {
+        Ok(()) => Code::Ok,
+        Err(s) => {
+            assert!(!s.message().is_empty(), "{:?} without a message for {}", s.code(), what());
+            assert_ne!(s.code(), Code::Unknown, "{}: {}", what(), s.message());
+            if s.code() == Code::Internal {
+                let m = s.message();
+                let request_did_not_parse = m.to_lowercase().contains("decod")
+                    || m.starts_with("protocol error: ")
+                    || m == "Missing request message.";
+                assert!(request_did_not_parse, "INTERNAL that is no decode or framing error for {}: {s:?}", what());
+            }
+            s.code()
+        }
+    }
+}
+
 /// Sends `cases` generated byte strings to each of `methods` at `addr`.
 /// Every call must answer within 10 s with a status that is not UNKNOWN,
 /// and INTERNAL only for a request that is not protobuf (the code gRPC
@@ -511,23 +619,14 @@ async fn raw_calls(addr: &str, methods: &[Method], cases: usize) -> std::collect
         for i in 0..cases {
             let bytes = strategy.new_tree(&mut runner).unwrap().current();
             let what = format!("{} case {i}: {bytes:02x?}", m.path);
+            let what = || what.clone();
             let result = tokio::time::timeout(
                 std::time::Duration::from_secs(10),
                 send_raw(&mut grpc, m.path, m.streaming, bytes),
             )
             .await
-            .unwrap_or_else(|_| panic!("no answer in 10 s to {what}"));
-            let code = match &result {
-                Ok(()) => Code::Ok,
-                Err(s) => {
-                    assert!(!s.message().is_empty(), "{:?} without a message for {what}", s.code());
-                    assert_ne!(s.code(), Code::Unknown, "{what}: {}", s.message());
-                    if s.code() == Code::Internal {
-                        assert!(s.message().contains("decode"), "INTERNAL that is no decode error for {what}: {s:?}");
-                    }
-                    s.code()
-                }
-            };
+            .unwrap_or_else(|_| panic!("no answer in 10 s to {}", what()));
+            let code = checked_answer(&result, what);
             *by_code.entry(format!("{code:?}")).or_default() += 1;
         }
     }

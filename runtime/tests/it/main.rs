@@ -8,7 +8,8 @@
 //! - [`crash`]: SIGKILL of a process writing through the shard actors and RocksDB;
 //! - [`e2e`]: the real `attache` binary, every operation and error, signals, metrics;
 //! - [`failover`]: `attache meta` and three `attache node` processes, SIGKILL and SIGSTOP of the primary;
-//! - [`fuzz_api`]: generated requests of every type against `attache dev`;
+//! - [`fuzz_api`]: generated requests of every type, and raw bytes to every method, against `attache dev` and `attache meta`;
+//! - [`fuzz_in_process`]: raw bytes, frames and credentials to both gRPC servers in process, a MemEngine node behind one;
 //! - [`metadata`]: the metadata conformance suite on embedded, embedded over gRPC, and etcd;
 //! - [`storage`]: the shared storage scenario on actix with RocksDB;
 //! - [`three_process`]: one `attache meta` with two nodes;
@@ -26,6 +27,7 @@ mod disk_full;
 mod e2e;
 mod failover;
 mod fuzz_api;
+mod fuzz_in_process;
 mod metadata;
 mod storage;
 mod three_process;

@@ -239,3 +239,33 @@ async fn etcd_backend_conforms() {
     let mut h = EtcdHarness { etcd, backend };
     conformance::run_all(&mut h, "/conformance").await;
 }
+
+/// A metadata store that accepts connections and never answers: a node's
+/// calls to it still end, each within its deadline
+/// (`attache_actors::meta::remote::CALL_TIMEOUT` for `attache meta`, 3 s
+/// for etcd), as an error that says so, not a hang.
+#[tokio::test]
+async fn metadata_calls_to_a_store_that_never_answers_end_within_their_deadline() {
+    use attache_actors::meta::remote::CALL_TIMEOUT;
+    let silent = crate::common::Silent::start();
+    let remote = RemoteBackend::new(silent.addr.clone());
+    let started = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(30), remote.get(b"k")).await.expect("the call ended");
+    let took = started.elapsed();
+    assert!(got.is_err(), "a silent store gives no value: {got:?}");
+    assert!(took < CALL_TIMEOUT + Duration::from_secs(2), "attache meta call ended by its deadline: {took:?}, {got:?}");
+    eprintln!("get from a silent attache meta: {got:?} after {took:?}");
+
+    let started = Instant::now();
+    let etcd = tokio::time::timeout(Duration::from_secs(30), async {
+        let backend = EtcdBackend::connect(std::slice::from_ref(&silent.addr), None).await?;
+        backend.get(b"k").await
+    })
+    .await
+    .expect("the etcd connect or call ended");
+    let took = started.elapsed();
+    assert!(etcd.is_err(), "a silent etcd gives no value: {etcd:?}");
+    assert!(took < Duration::from_secs(3 * 2 + 2), "etcd connect and call ended by their deadlines: {took:?}");
+    eprintln!("get from a silent etcd: {etcd:?} after {took:?}");
+    assert!(silent.stop() >= 2, "both reached the silent store");
+}

@@ -137,3 +137,48 @@ impl Drop for Proc {
         let _ = self.child.wait();
     }
 }
+
+/// A server on a free loopback port that accepts connections and never
+/// answers (reads nothing, writes nothing): what a hung peer looks like.
+/// It holds at most 100 connections and stops when dropped, or after 60 s.
+pub struct Silent {
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    held: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Silent {
+    pub fn start() -> Silent {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let held = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while std::time::Instant::now() < until && !stopped.load(Ordering::Relaxed) && held.len() < 100 {
+                match listener.accept() {
+                    Ok((conn, _)) => held.push(conn),
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+            held.len()
+        });
+        Silent { addr, stop, held: Some(held) }
+    }
+
+    /// Stops it; how many connections it was sent.
+    pub fn stop(mut self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.held.take().expect("running").join().unwrap()
+    }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
