@@ -182,7 +182,8 @@ pub enum EngineError {
     /// may not show what a reopen will. Reopen the engine before using it.
     #[error("write outcome unknown: {0}")]
     Indeterminate(String),
-    /// The volume has no free space (`ENOSPC`). A write that fails so may
+    /// The volume has no free space (`ENOSPC`, or a quota reached:
+    /// `EDQUOT`). A write that fails so may
     /// or may not be durable (as `Indeterminate`) and the engine takes no
     /// more writes: reopen it. A read-write open that fails so can be
     /// replaced by a read-only one, which writes nothing. Failing over does

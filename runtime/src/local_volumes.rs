@@ -56,7 +56,8 @@ fn write_epoch_file(file: &Path, text: &str) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     let replaced = replace_file(file, text.as_bytes());
     let Err(e) = replaced else { return Ok(()) };
-    if e.kind() != std::io::ErrorKind::StorageFull {
+    // EDQUOT (a quota reached) is met as a full filesystem is.
+    if !matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded) {
         return Err(e);
     }
     let _ = std::fs::remove_file(file.with_extension("tmp"));

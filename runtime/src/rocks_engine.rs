@@ -40,11 +40,13 @@ fn engine_error(path: &Path, e: rocksdb::Error) -> EngineError {
     }
 }
 
-/// Whether a RocksDB error is `ENOSPC`: its `IOStatus::NoSpace` reads "No
-/// space left on device" (strerror's words, which RocksDB's POSIX
-/// environment passes on; the subcode is not exposed by the Rust crate).
+/// Whether a RocksDB error is `ENOSPC`, or `EDQUOT` (a filesystem quota
+/// reached, which a node meets as it meets a full volume): RocksDB's POSIX
+/// environment passes on strerror's words, "No space left on device" (its
+/// `IOStatus::NoSpace`) and "Disk quota exceeded" (glibc's and musl's
+/// text); the subcode is not exposed by the Rust crate.
 fn no_space(detail: &str) -> bool {
-    detail.contains("No space left on device")
+    detail.contains("No space left on device") || detail.contains("Disk quota exceeded")
 }
 
 /// Memory that every shard a factory opens shares, so that a node's
@@ -653,6 +655,17 @@ impl Engine for RocksEngine {
 
 #[cfg(test)]
 mod tests {
+    /// ENOSPC and EDQUOT, in the words RocksDB's POSIX environment
+    /// reports them, are a full volume; other I/O errors are not.
+    #[test]
+    fn a_full_volume_and_a_reached_quota_are_no_space() {
+        let enospc =
+            "IO error: No space left on device: While appending to file: /v/s/000012.log: No space left on device";
+        let edquot = "IO error: While appending to file: /v/s/000012.log: Disk quota exceeded";
+        assert!(super::no_space(enospc) && super::no_space(edquot));
+        assert!(!super::no_space("IO error: While fsync: /v/s/000012.log: Input/output error"));
+    }
+
     use super::*;
 
     /// Bytes the filesystem allocated under `dir` (blocks, not apparent sizes).
