@@ -11,7 +11,7 @@ use crate::lease::GateTime;
 use crate::meta::backend::{LeaseId, MetaError};
 use crate::volume::LeaseLapsed;
 
-use super::Node;
+use super::{meta_unavailable, Node};
 
 impl Node {
     /// Renews the lease every third of its TTL, from a task outside the actor.
@@ -50,6 +50,18 @@ pub(super) struct LeaseLost {
 
 impl Message for LeaseLost {
     type Reply = ();
+}
+
+/// Of failed attempts in a row to register again after the lease lapsed,
+/// the first and every this many are logged (at 200 ms apart: every 10 s).
+pub const LOG_EVERY_RETRIES: u64 = 50;
+
+impl Node {
+    /// Counts a failed attempt to register again; whether to log it.
+    fn count_lease_retry(&mut self) -> bool {
+        self.lease_retries += 1;
+        self.lease_retries == 1 || self.lease_retries.is_multiple_of(LOG_EVERY_RETRIES)
+    }
 }
 
 impl Handler<LeaseLost> for Node {
@@ -91,19 +103,29 @@ impl Handler<LeaseLost> for Node {
                     // starts, only once the node is visible as live again: a
                     // backup that sees no record may take the volumes over.
                     Ok(()) => {
+                        if self.lease_retries > 0 {
+                            tracing::info!(retries = self.lease_retries, "node record published again");
+                        }
+                        self.lease_retries = 0;
                         self.gate.renewed(sent, self.cfg.lease_ttl_ms);
                         self.spawn_heartbeat(ctx);
                     }
                     Err(e) => {
                         // Never serve under a lease without a node record:
                         // start over with a new lease (this one expires).
-                        tracing::warn!(error = %e, "could not publish the node record; retrying with a new lease");
+                        if self.count_lease_retry() {
+                            let error = meta_unavailable(e);
+                            tracing::warn!(%error, retries = self.lease_retries, "could not publish the node record; retrying with a new lease every 200 ms");
+                        }
                         retry_later(ctx, lease);
                     }
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "could not get a new lease; retrying");
+                if self.count_lease_retry() {
+                    let error = meta_unavailable(e);
+                    tracing::warn!(%error, retries = self.lease_retries, "could not get a new lease; retrying every 200 ms");
+                }
                 retry_later(ctx, self.lease);
             }
         }

@@ -204,6 +204,12 @@ pub struct Node {
     ready_waiters: Vec<oneshot::Sender<Result<NodeRecord, AttacheError>>>,
     stopping: bool,
     claims: Option<ClaimLog>,
+    /// Failed attempts in a row to get a lease and publish the node record
+    /// after the lease lapsed (see `lease::LeaseLost`): every one is
+    /// retried after 200 ms, and logged only as the first and each
+    /// [`lease::LOG_EVERY_RETRIES`]th, so a long outage or a refusal does
+    /// not write five lines a second.
+    lease_retries: u64,
 }
 
 fn meta_unavailable(e: MetaError) -> AttacheError {
@@ -236,6 +242,7 @@ impl Node {
             ready_waiters: Vec::new(),
             stopping: false,
             claims,
+            lease_retries: 0,
         }
     }
 
