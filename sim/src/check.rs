@@ -47,6 +47,36 @@ fn violation(checker: &str, message: String) -> Violation {
     Violation { checker: checker.into(), message }
 }
 
+/// One call of the intruder to the metadata endpoint (see
+/// `WorkloadSpec::metadata_intrusion_ms`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intrusion {
+    /// When it was answered, ms since the run began.
+    pub at_ms: u64,
+    /// Who it claimed to be and what it tried, e.g. `token of client-1:
+    /// delete /attache/nodes/...01`.
+    pub call: String,
+    /// How it was answered: `refused`, `served`, or the transport's error
+    /// (the endpoint was cut off: neither).
+    pub answer: String,
+}
+
+/// `metadata_isolation`: the metadata endpoint serves node identities only,
+/// so every call of the intruder (a client's token, an unknown token or
+/// none) is refused; one that was served is a violation, whatever it did.
+pub fn metadata_intrusions(intrusions: &[Intrusion]) -> Vec<Violation> {
+    intrusions
+        .iter()
+        .filter(|i| i.answer == "served")
+        .map(|i| {
+            violation(
+                "metadata_isolation",
+                format!("at {} ms the metadata endpoint served a caller that is no node: {}", i.at_ms, i.call),
+            )
+        })
+        .collect()
+}
+
 /// Whether `f` reads the whole shard (a Scan, or a ScanIndex of the index
 /// every put writes), so that a key it did not return was absent.
 fn whole_shard(f: F) -> bool {

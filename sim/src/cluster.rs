@@ -546,6 +546,13 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
         clients.push(node.spawn(run_client(j, spec, addrs, rec, registry, seed, end, final_deadline)));
     }
 
+    let intrusions: Arc<Mutex<Vec<crate::check::Intrusion>>> = Arc::default();
+    if s.workload.metadata_intrusion_ms > 0 {
+        let node = handle.create_node().name("intruder").ip("10.0.3.1".parse().expect("ip")).build();
+        let every = Duration::from_millis(s.workload.metadata_intrusion_ms);
+        node.spawn(intrude(s.cluster.clients, every, seed, start, end, intrusions.clone()));
+    }
+
     let schedule = schedule(s, seed);
     let mut applied = Vec::new();
     let mut st = DriverState::default();
@@ -604,6 +611,7 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
         .map(|f| Disruption { at_ns: (f.at_ms + f.fault.recovery_from_ms()) * 1_000_000, repair: f.fault.is_repair() })
         .collect();
     let claims = std::mem::take(&mut *claims.list.lock().expect("claims lock"));
+    let intrusions_made = std::mem::take(&mut *intrusions.lock().expect("intrusions lock"));
     RunOutcome {
         sim_ms: start.elapsed().as_millis() as u64,
         history,
@@ -615,5 +623,72 @@ pub async fn simulate(s: &Scenario, seed: u64) -> RunOutcome {
         skipped_faults: st.skipped,
         disruptions,
         claims,
+        intrusions: intrusions_made,
+    }
+}
+
+/// The intruder (see `WorkloadSpec::metadata_intrusion_ms`): every `every`
+/// until `end`, one call to the metadata endpoint as a client of the run
+/// with its token (of `clients`), with an unknown token, or with none,
+/// drawn from its own generator (seeded from `seed`), recorded in `log`.
+async fn intrude(
+    clients: usize,
+    every: Duration,
+    seed: u64,
+    start: Instant,
+    end: Instant,
+    log: Arc<Mutex<Vec<crate::check::Intrusion>>>,
+) {
+    use attache_actors::meta::backend::{Txn, TxnOp};
+    use attache_actors::meta::store::{node_key, volume_key, ROOT};
+    use attache_actors::meta::{MetaError, MetadataBackend as _};
+    use rand::{Rng as _, SeedableRng as _};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x1a7d_0e5c_a11e_d0ff);
+    let endpoint = format!("http://{META_ADDR}");
+    while Instant::now() + every < end {
+        tokio::time::sleep(every).await;
+        let client = format!("client-{}", rng.random_range(1..=clients.max(1)));
+        let (who, backend) = match rng.random_range(0..3) {
+            0 => {
+                let token = BearerToken::new(&token_of(&client)).expect("a valid token");
+                (format!("token of {client}"), RemoteBackend::new(endpoint.clone()).with_token(token))
+            }
+            1 => {
+                let token = BearerToken::new("sim-token-of-nobody").expect("a valid token");
+                ("an unknown token".to_string(), RemoteBackend::new(endpoint.clone()).with_token(token))
+            }
+            _ => ("no token".to_string(), RemoteBackend::new(endpoint.clone())),
+        };
+        let volume = volume_key(&format!("vol-{}", rng.random_range(1..=3)));
+        let node = node_key(rng.random_range(1..=5));
+        let (what, result): (String, Result<(), MetaError>) = match rng.random_range(0..6) {
+            0 => {
+                let owner = br#"{"volume_id":"vol-1","node_id":999,"epoch":999999}"#;
+                (format!("put {volume}"), backend.put(volume.as_bytes(), owner, 0).await.map(drop))
+            }
+            1 => (format!("delete {node}"), backend.delete(node.as_bytes()).await.map(drop)),
+            2 => {
+                let lease = rng.random_range(1..=20);
+                (format!("revoke lease {lease}"), backend.lease_revoke(lease).await)
+            }
+            3 => {
+                let success = (1..=3).map(|v| TxnOp::Delete { key: volume_key(&format!("vol-{v}")).into() }).collect();
+                let txn = Txn { compare: Vec::new(), success, failure: Vec::new() };
+                ("a txn deleting every volume's owner record".to_string(), backend.txn(txn).await.map(drop))
+            }
+            4 => (format!("range {ROOT}"), backend.range(ROOT.as_bytes()).await.map(drop)),
+            _ => ("lease grant".to_string(), backend.lease_grant(60_000).await.map(drop)),
+        };
+        let answer = match result {
+            Ok(()) => "served".to_string(),
+            Err(MetaError::Refused(_)) => "refused".to_string(),
+            Err(e) => format!("unanswered: {e}"),
+        };
+        let at_ms = start.elapsed().as_millis() as u64;
+        log.lock().expect("intrusions lock").push(crate::check::Intrusion {
+            at_ms,
+            call: format!("{who}: {what}"),
+            answer,
+        });
     }
 }

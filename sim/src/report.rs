@@ -36,6 +36,9 @@ pub struct RunOutcome {
     pub skipped_faults: u64,
     /// Every successful claim of a volume, in the order made.
     pub claims: Vec<ClaimRecord>,
+    /// The intruder's calls to the metadata endpoint (empty when the
+    /// scenario has none: `WorkloadSpec::metadata_intrusion_ms`).
+    pub intrusions: Vec<check::Intrusion>,
 }
 
 /// Operation counts.
@@ -221,6 +224,10 @@ pub struct Summary {
     /// Faults not applied (see `RunOutcome::skipped_faults`; left out when none).
     #[serde(default, skip_serializing_if = "crate::ebs::is_zero")]
     pub skipped_faults: u64,
+    /// The intruder's calls the metadata endpoint refused (left out when
+    /// the scenario has no intruder).
+    #[serde(default, skip_serializing_if = "crate::ebs::is_zero")]
+    pub intrusions_refused: u64,
     pub violations: Vec<Violation>,
 }
 
@@ -301,6 +308,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
     violations.extend(check::rejections(&ops));
     violations.extend(check::liveness(&ops, &outcome.disruptions, liveness_bound_ms * 1_000_000));
     violations.extend(check::reads_while_full(&ops, &check::full_windows(&outcome.faults, liveness_bound_ms)));
+    violations.extend(check::metadata_intrusions(&outcome.intrusions));
     let mut counts = OpCounts::default();
     for o in &all {
         counts.invoked += 1;
@@ -339,6 +347,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
         metadata_disk: outcome.metadata_disk.clone(),
         volumes: outcome.volumes.clone(),
         skipped_faults: outcome.skipped_faults,
+        intrusions_refused: outcome.intrusions.iter().filter(|i| i.answer == "refused").count() as u64,
         violations,
     };
     RunReport { summary, outcome, failed_digest: None }
@@ -363,6 +372,7 @@ pub fn failed(scenario: &str, seed: u64, violation: Violation) -> RunReport {
         metadata_disk: MetaDiskCounts::default(),
         volumes: VolumeCounts::default(),
         skipped_faults: 0,
+        intrusions_refused: 0,
         violations: vec![violation],
     };
     RunReport { summary, outcome, failed_digest: Some(digest) }

@@ -277,6 +277,15 @@ pub struct WorkloadSpec {
     /// token (recorded as the caller `anonymous`). Every one must be
     /// refused (`PERMISSION_DENIED`, `UNAUTHENTICATED`) and change nothing.
     pub impersonate_ratio: f64,
+    /// Every this many ms (0: never), an intruder, a machine on the
+    /// network that is no storage node, calls the metadata endpoint
+    /// directly (`attache meta`'s `Metadata` service), as a client with
+    /// its token, with an unknown token, or with none, trying what would
+    /// move a volume or take a node down: put a volume's owner record,
+    /// delete a node's liveness record, revoke a lease, a transaction that
+    /// deletes every record, or read the records. Every call must be
+    /// refused (`check::metadata_intrusions`).
+    pub metadata_intrusion_ms: u64,
     /// Share of a process's turns in which it creates a shard (NewShard at a
     /// random node, sent once), while the client has tried fewer than
     /// `max_new_shards` times; the client's processes then use it too.
@@ -319,6 +328,7 @@ impl Default for WorkloadSpec {
             lifecycle_race_ratio: 0.5,
             cross_client_ratio: 0.02,
             impersonate_ratio: 0.0,
+            metadata_intrusion_ms: 0,
             new_shard_ratio: 0.002,
             max_new_shards: 3,
             random_node_ratio: 0.05,
