@@ -125,7 +125,22 @@ pub fn token_hash(token: &str) -> String {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    bytes.iter().flat_map(|b| [DIGITS[usize::from(b >> 4)] as char, DIGITS[usize::from(b & 15)] as char]).collect()
+}
+
+/// The 32 bytes of 64 hex digits (either case); `None` for anything else.
+fn unhex32(digits: &str) -> Option<[u8; 32]> {
+    let digits = digits.as_bytes();
+    if digits.len() != 64 {
+        return None;
+    }
+    let nibble = |d: u8| (d as char).to_digit(16).map(|v| v as u8);
+    let mut out = [0u8; 32];
+    for (i, pair) in digits.chunks_exact(2).enumerate() {
+        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
 }
 
 /// Bytes in a bearer token [`new_token`] makes (before hex).
@@ -150,7 +165,9 @@ pub fn new_token(random: [u8; TOKEN_BYTES]) -> String {
 /// its line.
 #[derive(Clone, Debug, Default)]
 pub struct TokenFile {
-    by_hash: HashMap<String, Identity>,
+    /// By the SHA-256 of the token (its 32 bytes: a lookup hashes the
+    /// token and formats nothing).
+    by_hash: HashMap<[u8; 32], Identity>,
 }
 
 impl TokenFile {
@@ -169,12 +186,11 @@ impl TokenFile {
             let at = |what: String| format!("token file line {}: {what}", n + 1);
             let mut fields = line.split_whitespace();
             let hash = fields.next().unwrap_or_default().to_ascii_lowercase();
-            let digits = hash.strip_prefix("sha256:").unwrap_or("");
-            if digits.len() != 64 || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let Some(digest) = hash.strip_prefix("sha256:").and_then(unhex32) else {
                 return Err(at(format!(
                     "{hash:?} is not a token hash: expected sha256: and 64 hex digits (attache token makes one)"
                 )));
-            }
+            };
             let name = fields.next().ok_or_else(|| at("no name after the hash".into()))?;
             let groups: Vec<String> = match fields.next() {
                 Some(g) => g.split(',').filter(|g| !g.is_empty()).map(str::to_string).collect(),
@@ -187,7 +203,7 @@ impl TokenFile {
                 return Err(at("a name or group holds a control character".into()));
             }
             let id = Identity { name: name.to_string(), groups };
-            if by_hash.insert(hash.clone(), id).is_some() {
+            if by_hash.insert(digest, id).is_some() {
                 return Err(at(format!("the hash {hash} is listed twice")));
             }
         }
@@ -196,7 +212,7 @@ impl TokenFile {
 
     /// The identity `token` stands for, if the file lists its hash.
     pub fn identify(&self, token: &str) -> Option<&Identity> {
-        self.by_hash.get(&token_hash(token))
+        self.by_hash.get(&<[u8; 32]>::from(Sha256::digest(token.as_bytes())))
     }
 
     /// Tokens listed.
@@ -500,6 +516,10 @@ mod tests {
     fn the_hash_is_sha256_of_the_token() {
         // sha256("abc"), FIPS 180-2 appendix B.1.
         assert_eq!(token_hash("abc"), "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        // A line's hash is read in either case and identifies its token only.
+        let f = TokenFile::parse(&format!("{} carol", token_hash("abc").to_ascii_uppercase())).unwrap();
+        assert_eq!(f.identify("abc").map(|i| i.name.as_str()), Some("carol"));
+        assert!(f.identify("abd").is_none() && f.identify("").is_none());
         let t = new_token([7; TOKEN_BYTES]);
         assert!(t.starts_with("attache_") && t.len() == 8 + 2 * TOKEN_BYTES);
         assert!(format!("{:?}", BearerToken::new(&t).unwrap()).contains("redacted"));
