@@ -1146,6 +1146,42 @@ impl SimEbs {
         }))
     }
 
+    /// As [`SimEbs::read`], from offset `from` on when the file is that
+    /// long, else from its start: `(start, length, bytes from start)`.
+    /// What a reader that has the first `from` bytes needs, without copying
+    /// them again.
+    pub async fn read_from(
+        &self,
+        volume: &str,
+        node: &str,
+        path: &str,
+        from: usize,
+    ) -> Result<Option<(usize, usize, Vec<u8>)>, EngineError> {
+        let base = self.lock().cfg.append_us;
+        self.io_wait(volume, node, base, 0).await;
+        let mut ebs = self.lock();
+        Self::writeback(&mut ebs, volume);
+        let v = ebs.volumes.get(volume).ok_or_else(|| io(format!("no volume {volume}")))?;
+        if !v.attached.iter().any(|n| n == node) {
+            return Err(io(format!("volume {volume} is not attached to {node}")));
+        }
+        Ok(v.files.get(path).map(|f| {
+            let mine = f.pending.iter().filter(|p| p.node == node);
+            let len = f.durable.len() + mine.clone().map(|p| p.data.len()).sum::<usize>();
+            let start = if len >= from { from } else { 0 };
+            let mut out = Vec::with_capacity(len - start);
+            let mut at = 0;
+            for part in std::iter::once(f.durable.as_slice()).chain(mine.map(|p| p.data.as_slice())) {
+                let end = at + part.len();
+                if end > start {
+                    out.extend_from_slice(&part[start.saturating_sub(at)..]);
+                }
+                at = end;
+            }
+            (start, len, out)
+        }))
+    }
+
     /// Creates `path` empty if absent (durably, as a directory entry), as
     /// `node` holding the fence at `epoch`.
     pub fn create(&self, volume: &str, node: &str, path: &str, epoch: u64) -> Result<(), EngineError> {
