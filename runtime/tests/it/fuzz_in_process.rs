@@ -30,7 +30,7 @@ use attache_actors::mem_engine::MemEngineFactory;
 use attache_actors::meta::embedded::MemMetaLog;
 use attache_actors::meta::remote::MetadataServer;
 use attache_actors::meta::{EmbeddedBackend, MetaOps};
-use attache_actors::node::{NodeConfig, NodeParts, WaitReady};
+use attache_actors::node::{Node, NodeConfig, NodeParts, ShutdownNode, WaitReady};
 use attache_actors::retry::RetryPolicy;
 use attache_actors::service::proto::{GetRequest, GetResponse, NewShardRequest, PutRequest, ShardInfo, ShardRef};
 use attache_actors::service::AttacheService;
@@ -270,7 +270,12 @@ where
 /// [`checked_answer`]: an unflipped request naming another client on
 /// the owner's shards is never OK, and some request of every method is.
 /// Returns answers by code.
-async fn generated_cases<S, B>(server: &S, shards: &mut Shards, cases: usize) -> BTreeMap<String, usize>
+async fn generated_cases<S, B>(
+    server: &S,
+    shards: &mut Shards,
+    runner: &mut TestRunner,
+    cases: usize,
+) -> BTreeMap<String, usize>
 where
     S: Service<http::Request<tonic::body::Body>, Response = http::Response<B>> + Clone,
     S::Error: std::fmt::Debug,
@@ -279,7 +284,6 @@ where
 {
     let flips = proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4);
     let strategy = (generated_call(), wrapping(), prop::option::weighted(0.25, flips));
-    let mut runner = TestRunner::deterministic();
     let mut by_code = BTreeMap::<String, usize>::new();
     let mut served = BTreeMap::<&str, usize>::new();
     let mut extra = std::collections::VecDeque::new();
@@ -298,7 +302,7 @@ where
                 started.elapsed().as_secs_f64()
             );
         }
-        let (generated, (framing, credential), flips) = strategy.new_tree(&mut runner).unwrap().current();
+        let (generated, (framing, credential), flips) = strategy.new_tree(runner).unwrap().current();
         let (message, foreign) = shards.message(generated);
         let (path, streaming, mut bytes) = message.encoded();
         for (at, x) in flips.iter().flatten() {
@@ -374,6 +378,31 @@ where
     );
 }
 
+/// Most generated requests one node gets (see the test).
+const GENERATED_PER_NODE: usize = 100_000;
+
+/// A node as the test runs it: MemEngine shards on a local volume under
+/// `dir`, an embedded metadata store in memory of its own, behind the
+/// test's tokens; started, with its gRPC server.
+async fn mem_node(
+    host: &HostHandle,
+    dir: &std::path::Path,
+) -> (attache_actors::Addr<Node>, attache_actors::service::Server) {
+    let store = EmbeddedBackend::open(host, Arc::new(MemMetaLog::default())).await.unwrap();
+    let cfg = NodeConfig::new("127.0.0.1:1", dir, vec!["vol-1".to_string()]);
+    let parts = NodeParts {
+        meta: MetaOps::new(store, RetryPolicy::default(), 1),
+        local: Arc::new(MemLocalStore::default()),
+        factory: Arc::new(MemEngineFactory::new()),
+        provider: Arc::new(LocalVolumes::new(dir)),
+        gate: Arc::new(LeaseGate::new(cfg.lease.clone())),
+        claims: None,
+    };
+    let (node, server) = AttacheService::start(host, cfg, parts, tokens());
+    node.send(WaitReady).await.unwrap().expect("the node starts");
+    (node, server)
+}
+
 fn tokens() -> Authenticator {
     let text = format!("{} {OWNER} \n{} node-1 {NODE_GROUP}\n", token_hash(OWNER_TOKEN), token_hash(NODE_TOKEN));
     Authenticator::new(Some(TokenFile::parse(&text).expect("token file")), false)
@@ -385,19 +414,7 @@ async fn raw_bytes_in_process_to_every_method_of_a_mem_engine_node_and_of_attach
     let dir = tempfile::tempdir().unwrap();
     let host = HostHandle::new(ActixHost::new(2));
 
-    // The node: MemEngine shards on a local volume, an embedded store in memory.
-    let store = EmbeddedBackend::open(&host, Arc::new(MemMetaLog::default())).await.unwrap();
-    let cfg = NodeConfig::new("127.0.0.1:1", dir.path(), vec!["vol-1".to_string()]);
-    let parts = NodeParts {
-        meta: MetaOps::new(store, RetryPolicy::default(), 1),
-        local: Arc::new(MemLocalStore::default()),
-        factory: Arc::new(MemEngineFactory::new()),
-        provider: Arc::new(LocalVolumes::new(dir.path())),
-        gate: Arc::new(LeaseGate::new(cfg.lease.clone())),
-        claims: None,
-    };
-    let (node, server) = AttacheService::start(&host, cfg, parts, tokens());
-    node.send(WaitReady).await.unwrap().expect("the node starts");
+    let (_node, server) = mem_node(&host, &dir.path().join("node-0")).await;
     let made: ShardInfo = unary(&server, "/attache.v1.Attache/NewShard", own_shard(), OWNER_TOKEN).await;
 
     let started = Instant::now();
@@ -406,12 +423,33 @@ async fn raw_bytes_in_process_to_every_method_of_a_mem_engine_node_and_of_attach
     eprintln!("node: {calls} calls in {:.1} s; answers by code: {at_node:?}", started.elapsed().as_secs_f64());
     assert!(at_node.contains_key("Internal") && at_node.contains_key("Ok"), "the inputs reach both ends: {at_node:?}");
 
-    // Fresh shards: the raw cases ended by closing and deleting the first one.
-    let main: ShardInfo = unary(&server, "/attache.v1.Attache/NewShard", own_shard(), OWNER_TOKEN).await;
-    let victim: ShardInfo = unary(&server, "/attache.v1.Attache/NewShard", own_shard(), OWNER_TOKEN).await;
-    let mut shards = Shards { main: main.shard_id, victim: victim.shard_id };
-    let generated = generated_cases(&server, &mut shards, cases * 13).await;
-    eprintln!("node: {} generated requests; answers by code: {generated:?}", cases * 13);
+    // Generated requests, in runs of at most GENERATED_PER_NODE, each on a
+    // node and metadata store of its own: ListShards reads every shard
+    // record ever made (deleted shards' too), so on one node the calls
+    // slow down as the run goes on (over 10 s each past ~950,000 cases,
+    // on this machine, loaded).
+    let mut runner = TestRunner::deterministic();
+    let mut generated = BTreeMap::<String, usize>::new();
+    let (total, mut done, mut run) = (cases * 13, 0, 0);
+    while done < total {
+        let n = GENERATED_PER_NODE.min(total - done);
+        let fresh = if run == 0 { None } else { Some(mem_node(&host, &dir.path().join(format!("node-{run}"))).await) };
+        let server = fresh.as_ref().map_or(&server, |(_, s)| s);
+        // Fresh shards (on the first node, the raw cases ended by closing
+        // and deleting the first one).
+        let main: ShardInfo = unary(server, "/attache.v1.Attache/NewShard", own_shard(), OWNER_TOKEN).await;
+        let victim: ShardInfo = unary(server, "/attache.v1.Attache/NewShard", own_shard(), OWNER_TOKEN).await;
+        let mut shards = Shards { main: main.shard_id, victim: victim.shard_id };
+        for (code, count) in generated_cases(server, &mut shards, &mut runner, n).await {
+            *generated.entry(code).or_default() += count;
+        }
+        if let Some((node, _)) = fresh {
+            node.send(ShutdownNode).await.expect("the node answers");
+            node.stop();
+        }
+        (done, run) = (done + n, run + 1);
+    }
+    eprintln!("node: {total} generated requests on {run} nodes; answers by code: {generated:?}");
 
     // The node still takes and serves the owner's writes.
     let shard: ShardInfo = unary(&server, "/attache.v1.Attache/NewShard", own_shard(), OWNER_TOKEN).await;
