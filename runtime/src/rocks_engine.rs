@@ -43,10 +43,10 @@ fn engine_error(path: &Path, e: rocksdb::Error) -> EngineError {
 /// Whether a RocksDB error is `ENOSPC`, or `EDQUOT` (a filesystem quota
 /// reached, which a node meets as it meets a full volume): RocksDB's POSIX
 /// environment passes on strerror's words, "No space left on device" (its
-/// `IOStatus::NoSpace`) and "Disk quota exceeded" (glibc's and musl's
-/// text); the subcode is not exposed by the Rust crate.
+/// `IOStatus::NoSpace`) and, for EDQUOT, "Disk quota exceeded" (glibc) or
+/// "Quota exceeded" (musl); the subcode is not exposed by the Rust crate.
 fn no_space(detail: &str) -> bool {
-    detail.contains("No space left on device") || detail.contains("Disk quota exceeded")
+    detail.contains("No space left on device") || detail.contains("uota exceeded")
 }
 
 /// Memory that every shard a factory opens shares, so that a node's
@@ -662,7 +662,8 @@ mod tests {
         let enospc =
             "IO error: No space left on device: While appending to file: /v/s/000012.log: No space left on device";
         let edquot = "IO error: While appending to file: /v/s/000012.log: Disk quota exceeded";
-        assert!(super::no_space(enospc) && super::no_space(edquot));
+        let musl = "IO error: While appending to file: /v/s/000012.log: Quota exceeded";
+        assert!(super::no_space(enospc) && super::no_space(edquot) && super::no_space(musl));
         assert!(!super::no_space("IO error: While fsync: /v/s/000012.log: Input/output error"));
     }
 

@@ -56,8 +56,9 @@ pub struct Intrusion {
     /// Who it claimed to be and what it tried, e.g. `token of client-1:
     /// delete /attache/nodes/...01`.
     pub call: String,
-    /// How it was answered: `refused`, `served`, or the transport's error
-    /// (the endpoint was cut off: neither).
+    /// How it was answered: `refused`; `unanswered: ...` (cut off, or no
+    /// answer in time); or `served` (with the store's error when it let the
+    /// call in and then failed it, e.g. a lease not found).
     pub answer: String,
 }
 
@@ -67,11 +68,14 @@ pub struct Intrusion {
 pub fn metadata_intrusions(intrusions: &[Intrusion]) -> Vec<Violation> {
     intrusions
         .iter()
-        .filter(|i| i.answer == "served")
+        .filter(|i| i.answer.starts_with("served"))
         .map(|i| {
             violation(
                 "metadata_isolation",
-                format!("at {} ms the metadata endpoint served a caller that is no node: {}", i.at_ms, i.call),
+                format!(
+                    "at {} ms the metadata endpoint served a caller that is no node: {} ({})",
+                    i.at_ms, i.call, i.answer
+                ),
             )
         })
         .collect()

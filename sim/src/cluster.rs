@@ -679,10 +679,14 @@ async fn intrude(
             4 => (format!("range {ROOT}"), backend.range(ROOT.as_bytes()).await.map(drop)),
             _ => ("lease grant".to_string(), backend.lease_grant(60_000).await.map(drop)),
         };
+        // Refused, or not answered (cut off, or no answer in time); any
+        // other answer (a value, or an error the store gave after letting
+        // the call in, such as a lease not found) means it was served.
         let answer = match result {
-            Ok(()) => "served".to_string(),
             Err(MetaError::Refused(_)) => "refused".to_string(),
-            Err(e) => format!("unanswered: {e}"),
+            Err(e @ (MetaError::Unavailable(_) | MetaError::Timeout(_))) => format!("unanswered: {e}"),
+            Ok(()) => "served".to_string(),
+            Err(e) => format!("served: {e}"),
         };
         let at_ms = start.elapsed().as_millis() as u64;
         log.lock().expect("intrusions lock").push(crate::check::Intrusion {

@@ -60,7 +60,7 @@ impl Node {
     /// Counts a failed attempt to register again; whether to log it.
     fn count_lease_retry(&mut self) -> bool {
         self.lease_retries += 1;
-        self.lease_retries == 1 || self.lease_retries.is_multiple_of(LOG_EVERY_RETRIES)
+        self.lease_retries == 1 || self.lease_retries.checked_rem(LOG_EVERY_RETRIES) == Some(0)
     }
 }
 
@@ -69,7 +69,11 @@ impl Handler<LeaseLost> for Node {
         if msg.lease != self.lease || self.stopping {
             return Reply::now(());
         }
-        tracing::warn!(lease = msg.lease, "node lease expired; registering again");
+        // Once per lapse: each failed attempt to register again comes back
+        // here 200 ms later (see `count_lease_retry` for their logs).
+        if self.lease_retries == 0 {
+            tracing::warn!(lease = msg.lease, "node lease expired; registering again");
+        }
         self.gate.close();
         // While the lease was gone, a backup may have taken any of this
         // node's volumes over. Every primary steps down before the gate can
@@ -96,6 +100,7 @@ impl Handler<LeaseLost> for Node {
                 crate::buggify::delay("node.lease_lost.before_register", 1_000).await;
                 let Some(record) = self.record() else {
                     // No node id yet: start-up registers, then opens the gate.
+                    self.lease_retries = 0;
                     return Reply::now(());
                 };
                 match self.meta.register_node(&record, lease).await {

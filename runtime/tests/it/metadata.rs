@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use attache_actors::meta::conformance::{self, Harness};
 use attache_actors::meta::embedded::EmbeddedBackend;
 use attache_actors::meta::remote::{MetadataServer, RemoteBackend};
-use attache_actors::meta::MetadataBackend;
+use attache_actors::meta::{MetaError, MetadataBackend};
 use attache_actors::task_host::TaskHost;
 use attache_actors::HostHandle;
 use attache_runtime::etcd::EtcdBackend;
@@ -252,7 +252,8 @@ async fn metadata_calls_to_a_store_that_never_answers_end_within_their_deadline(
     let started = Instant::now();
     let got = tokio::time::timeout(Duration::from_secs(30), remote.get(b"k")).await.expect("the call ended");
     let took = started.elapsed();
-    assert!(got.is_err(), "a silent store gives no value: {got:?}");
+    assert!(matches!(got, Err(MetaError::Timeout(_))), "a silent store's call times out: {got:?}");
+    assert!(took >= CALL_TIMEOUT, "it waited its deadline: {took:?}");
     assert!(took < CALL_TIMEOUT + Duration::from_secs(2), "attache meta call ended by its deadline: {took:?}, {got:?}");
     eprintln!("get from a silent attache meta: {got:?} after {took:?}");
 
@@ -264,7 +265,11 @@ async fn metadata_calls_to_a_store_that_never_answers_end_within_their_deadline(
     .await
     .expect("the etcd connect or call ended");
     let took = started.elapsed();
-    assert!(etcd.is_err(), "a silent etcd gives no value: {etcd:?}");
+    assert!(
+        matches!(&etcd, Err(MetaError::Timeout(_) | MetaError::Unavailable(_))),
+        "a silent etcd's connect or call fails as unavailable or timed out: {etcd:?}"
+    );
+    assert!(took >= Duration::from_secs(3), "it waited its deadline (3 s): {took:?}");
     assert!(took < Duration::from_secs(3 * 2 + 2), "etcd connect and call ended by their deadlines: {took:?}");
     eprintln!("get from a silent etcd: {etcd:?} after {took:?}");
     assert!(silent.stop() >= 2, "both reached the silent store");
