@@ -1129,21 +1129,7 @@ impl SimEbs {
     /// What `node` reads from `path`: the durable bytes, then its own pending
     /// appends. Errors: not attached. A missing file reads as `None`.
     pub async fn read(&self, volume: &str, node: &str, path: &str) -> Result<Option<Vec<u8>>, EngineError> {
-        let base = self.lock().cfg.append_us;
-        self.io_wait(volume, node, base, 0).await;
-        let mut ebs = self.lock();
-        Self::writeback(&mut ebs, volume);
-        let v = ebs.volumes.get(volume).ok_or_else(|| io(format!("no volume {volume}")))?;
-        if !v.attached.iter().any(|n| n == node) {
-            return Err(io(format!("volume {volume} is not attached to {node}")));
-        }
-        Ok(v.files.get(path).map(|f| {
-            let mut out = f.durable.clone();
-            for p in f.pending.iter().filter(|p| p.node == node) {
-                out.extend_from_slice(&p.data);
-            }
-            out
-        }))
+        Ok(self.read_from(volume, node, path, 0).await?.map(|(_, _, bytes)| bytes))
     }
 
     /// As [`SimEbs::read`], from offset `from` on when the file is that
