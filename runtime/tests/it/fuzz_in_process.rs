@@ -425,13 +425,23 @@ async fn mem_node(
     host: &HostHandle,
     dir: &std::path::Path,
 ) -> (attache_actors::Addr<Node>, attache_actors::service::Server) {
+    mem_node_with(host, dir, Arc::new(LocalVolumes::new(dir))).await
+}
+
+/// As [`mem_node`], its volumes attached and fenced by `provider` (local
+/// volumes under `dir`, or a wrapper of them).
+pub(crate) async fn mem_node_with(
+    host: &HostHandle,
+    dir: &std::path::Path,
+    provider: Arc<dyn attache_actors::provider::VolumeProvider>,
+) -> (attache_actors::Addr<Node>, attache_actors::service::Server) {
     let store = EmbeddedBackend::open(host, Arc::new(MemMetaLog::default())).await.unwrap();
     let cfg = NodeConfig::new("127.0.0.1:1", dir, vec!["vol-1".to_string()]);
     let parts = NodeParts {
         meta: MetaOps::new(store, RetryPolicy::default(), 1),
         local: Arc::new(MemLocalStore::default()),
         factory: Arc::new(MemEngineFactory::new()),
-        provider: Arc::new(LocalVolumes::new(dir)),
+        provider,
         gate: Arc::new(LeaseGate::new(cfg.lease.clone())),
         claims: None,
     };

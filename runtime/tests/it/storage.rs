@@ -20,3 +20,52 @@ async fn open_shard_limit_scenario_on_actix_with_rocksdb() {
     let host = HostHandle::new(ActixHost::new(2));
     testkit::open_shard_limit_scenario(&host, Arc::new(RocksEngineFactory::new()), dir.path().to_path_buf()).await;
 }
+
+/// Local volumes whose free space never answers, as a `statfs` stuck on a
+/// hung filesystem would: everything else as `LocalVolumes`.
+struct FreeSpaceNeverAnswers(attache_runtime::local_volumes::LocalVolumes);
+
+#[async_trait::async_trait]
+impl attache_actors::provider::VolumeProvider for FreeSpaceNeverAnswers {
+    async fn attach(&self, volume: &str) -> Result<(), attache_actors::EngineError> {
+        self.0.attach(volume).await
+    }
+    async fn is_attached(&self, volume: &str) -> bool {
+        self.0.is_attached(volume).await
+    }
+    async fn acquire(&self, volume: &str, epoch: u64) -> Result<(), attache_actors::EngineError> {
+        self.0.acquire(volume, epoch).await
+    }
+    fn held_epoch(&self, volume: &str) -> Option<u64> {
+        self.0.held_epoch(volume)
+    }
+    async fn free_bytes(&self, _volume: &str) -> Option<u64> {
+        std::future::pending().await
+    }
+}
+
+/// Placing a new shard asks each volume for its free space, bounded by
+/// `FREE_BYTES_WAIT` (500 ms): a volume whose answer never comes ranks as
+/// unknown, and the shard is made all the same, well within 5 s.
+#[actix_rt::test]
+async fn a_new_shard_is_placed_when_free_space_never_answers() {
+    use attache_actors::node::lifecycle::FREE_BYTES_WAIT;
+    use attache_actors::node::NewShard;
+    let dir = tempfile::tempdir().unwrap();
+    let host = HostHandle::new(ActixHost::new(2));
+    let provider = Arc::new(FreeSpaceNeverAnswers(attache_runtime::local_volumes::LocalVolumes::new(dir.path())));
+    let (node, _server) = crate::fuzz_in_process::mem_node_with(&host, dir.path(), provider).await;
+    let started = std::time::Instant::now();
+    let placed = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        node.send(NewShard { client_id: "alice".into(), size_limit: None }),
+    )
+    .await
+    .expect("NewShard answered within 5 s")
+    .expect("the node answers")
+    .expect("the shard is made");
+    let took = started.elapsed();
+    assert_eq!(placed.volume_id, "vol-1");
+    assert!(took >= FREE_BYTES_WAIT, "it waited for the free space first: {took:?}");
+    eprintln!("shard {} placed after {took:?} with free space unanswered", placed.info.shard_id);
+}
