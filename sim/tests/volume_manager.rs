@@ -10,6 +10,7 @@ use attache_actors::actor::{Actor, Addr, Context, Handler, Reply};
 use attache_actors::lease::LeaseGate;
 use attache_actors::meta::embedded::{EmbeddedBackend, MemMetaLog};
 use attache_actors::meta::{LeaseId, MetaOps, NodeRecord, VolumeRecord};
+use attache_actors::provider::VolumeProvider;
 use attache_actors::retry::RetryPolicy;
 use attache_actors::shard_manager::ShardManagerConfig;
 use attache_actors::volume::{
@@ -73,6 +74,17 @@ impl Cluster {
 
     /// Publishes node `node_id`'s liveness record and starts its volume manager.
     async fn member(&self, node_id: u64, home: bool) -> Member {
+        self.member_with(node_id, home, |v| v).await
+    }
+
+    /// As [`Cluster::member`], with the node's volumes attached and fenced
+    /// by `provider` made of its simulated volumes.
+    async fn member_with(
+        &self,
+        node_id: u64,
+        home: bool,
+        provider: impl FnOnce(Arc<SimVolumes>) -> Arc<dyn VolumeProvider>,
+    ) -> Member {
         let lease = self.meta.grant_lease(60_000).await.unwrap();
         let record = NodeRecord {
             node_id,
@@ -84,7 +96,7 @@ impl Cluster {
         let vols = Arc::new(SimVolumes::new(self.ebs.clone(), format!("node-{node_id}")));
         let parts = VolumeParts {
             factory: vols.clone(),
-            provider: vols,
+            provider: provider(vols),
             gate: Arc::new(LeaseGate::always_open()),
             meta: self.meta.clone(),
             timing: self.timing.clone(),
@@ -190,6 +202,57 @@ async fn stopping_vacates_the_volume_and_a_backup_claims_it_at_once() {
     // node 2's rank among the live backups counts (it is the first).
     assert_eq!(role_until(&b, "claim after vacate", is_primary).await, Role::Primary { epoch: 2 });
     assert!(stopped.elapsed() < Duration::from_millis(c.timing.takeover_delay_ms + 1_000));
+    assert_epochs_grow(&b);
+}
+
+/// Simulated volumes whose `release` (a block volume's unmount) never ends,
+/// as on a hung device; everything else as `SimVolumes`.
+struct ReleaseNeverEnds(Arc<SimVolumes>);
+
+#[async_trait::async_trait]
+impl VolumeProvider for ReleaseNeverEnds {
+    async fn attach(&self, volume: &str) -> Result<(), attache_actors::EngineError> {
+        self.0.attach(volume).await
+    }
+    async fn is_attached(&self, volume: &str) -> bool {
+        self.0.is_attached(volume).await
+    }
+    async fn acquire(&self, volume: &str, epoch: u64) -> Result<(), attache_actors::EngineError> {
+        self.0.acquire(volume, epoch).await
+    }
+    fn held_epoch(&self, volume: &str) -> Option<u64> {
+        self.0.held_epoch(volume)
+    }
+    fn backups_read(&self) -> bool {
+        self.0.backups_read()
+    }
+    async fn free_bytes(&self, volume: &str) -> Option<u64> {
+        self.0.free_bytes(volume).await
+    }
+    async fn release(&self, _volume: &str) -> Result<(), attache_actors::EngineError> {
+        std::future::pending().await
+    }
+}
+
+/// Releasing a volume is bounded by `io_timeout_ms`: a primary whose
+/// unmount never ends still stops (the node can shut down) once that has
+/// passed, and the backup takes the volume over, which it vacated first.
+#[tokio::test]
+async fn a_release_that_never_ends_keeps_neither_the_volume_nor_the_node_from_stopping() {
+    let c = Cluster::new().await;
+    let a = c.member_with(1, true, |v| Arc::new(ReleaseNeverEnds(v))).await;
+    let b = c.member(2, false).await;
+    role_until(&a, "claim", is_primary).await;
+    role_until(&b, "backup", |r| matches!(r, Role::Backup { primary: 1, .. })).await;
+    let io_timeout = Duration::from_millis(c.timing.io_timeout_ms);
+    let stopping = Instant::now();
+    tokio::time::timeout(3 * io_timeout, a.vm.send(StopVolume))
+        .await
+        .expect("StopVolume ends though the release never does")
+        .unwrap();
+    assert!(stopping.elapsed() >= io_timeout, "it waited the release's bound: {:?}", stopping.elapsed());
+    assert_eq!(a.vm.send(GetRole).await.unwrap(), Role::Stopped);
+    assert_eq!(role_until(&b, "claim after vacate", is_primary).await, Role::Primary { epoch: 2 });
     assert_epochs_grow(&b);
 }
 
