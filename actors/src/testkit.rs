@@ -349,3 +349,52 @@ pub async fn open_shard_limit_scenario(host: &HostHandle, factory: Arc<dyn Engin
     mgr.send(ShutdownShards).await.unwrap();
     mgr.stop();
 }
+
+/// The call of a [`StuckProvider`] that never ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StuckCall {
+    /// `VolumeProvider::free_bytes`: a `statfs` stuck on a hung filesystem.
+    FreeBytes,
+    /// `VolumeProvider::release`: an unmount stuck on a hung device.
+    Release,
+}
+
+/// A volume provider that passes every call to `inner` except `stuck`,
+/// which never ends: for tests of the bound a caller puts on that call.
+pub struct StuckProvider {
+    /// The provider that answers every other call.
+    pub inner: Arc<dyn crate::provider::VolumeProvider>,
+    /// The call that never ends.
+    pub stuck: StuckCall,
+}
+
+#[async_trait::async_trait]
+impl crate::provider::VolumeProvider for StuckProvider {
+    async fn attach(&self, volume: &str) -> Result<(), crate::engine::EngineError> {
+        self.inner.attach(volume).await
+    }
+    async fn is_attached(&self, volume: &str) -> bool {
+        self.inner.is_attached(volume).await
+    }
+    async fn acquire(&self, volume: &str, epoch: u64) -> Result<(), crate::engine::EngineError> {
+        self.inner.acquire(volume, epoch).await
+    }
+    fn held_epoch(&self, volume: &str) -> Option<u64> {
+        self.inner.held_epoch(volume)
+    }
+    fn backups_read(&self) -> bool {
+        self.inner.backups_read()
+    }
+    async fn free_bytes(&self, volume: &str) -> Option<u64> {
+        if self.stuck == StuckCall::FreeBytes {
+            std::future::pending::<()>().await;
+        }
+        self.inner.free_bytes(volume).await
+    }
+    async fn release(&self, volume: &str) -> Result<(), crate::engine::EngineError> {
+        if self.stuck == StuckCall::Release {
+            std::future::pending::<()>().await;
+        }
+        self.inner.release(volume).await
+    }
+}

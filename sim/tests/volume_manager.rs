@@ -13,6 +13,7 @@ use attache_actors::meta::{LeaseId, MetaOps, NodeRecord, VolumeRecord};
 use attache_actors::provider::VolumeProvider;
 use attache_actors::retry::RetryPolicy;
 use attache_actors::shard_manager::ShardManagerConfig;
+use attache_actors::testkit::{StuckCall, StuckProvider};
 use attache_actors::volume::{
     FailoverTiming, GetRole, LeaseLapsed, Role, StopVolume, VolumeManager, VolumeParts, VolumeRoleChanged,
 };
@@ -205,42 +206,13 @@ async fn stopping_vacates_the_volume_and_a_backup_claims_it_at_once() {
     assert_epochs_grow(&b);
 }
 
-/// Simulated volumes whose `release` (a block volume's unmount) never ends,
-/// as on a hung device; everything else as `SimVolumes`.
-struct ReleaseNeverEnds(Arc<SimVolumes>);
-
-#[async_trait::async_trait]
-impl VolumeProvider for ReleaseNeverEnds {
-    async fn attach(&self, volume: &str) -> Result<(), attache_actors::EngineError> {
-        self.0.attach(volume).await
-    }
-    async fn is_attached(&self, volume: &str) -> bool {
-        self.0.is_attached(volume).await
-    }
-    async fn acquire(&self, volume: &str, epoch: u64) -> Result<(), attache_actors::EngineError> {
-        self.0.acquire(volume, epoch).await
-    }
-    fn held_epoch(&self, volume: &str) -> Option<u64> {
-        self.0.held_epoch(volume)
-    }
-    fn backups_read(&self) -> bool {
-        self.0.backups_read()
-    }
-    async fn free_bytes(&self, volume: &str) -> Option<u64> {
-        self.0.free_bytes(volume).await
-    }
-    async fn release(&self, _volume: &str) -> Result<(), attache_actors::EngineError> {
-        std::future::pending().await
-    }
-}
-
 /// Releasing a volume is bounded by `io_timeout_ms`: a primary whose
 /// unmount never ends still stops (the node can shut down) once that has
 /// passed, and the backup takes the volume over, which it vacated first.
 #[tokio::test]
 async fn a_release_that_never_ends_keeps_neither_the_volume_nor_the_node_from_stopping() {
     let c = Cluster::new().await;
-    let a = c.member_with(1, true, |v| Arc::new(ReleaseNeverEnds(v))).await;
+    let a = c.member_with(1, true, |v| Arc::new(StuckProvider { inner: v, stuck: StuckCall::Release })).await;
     let b = c.member(2, false).await;
     role_until(&a, "claim", is_primary).await;
     role_until(&b, "backup", |r| matches!(r, Role::Backup { primary: 1, .. })).await;

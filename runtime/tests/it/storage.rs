@@ -21,29 +21,6 @@ async fn open_shard_limit_scenario_on_actix_with_rocksdb() {
     testkit::open_shard_limit_scenario(&host, Arc::new(RocksEngineFactory::new()), dir.path().to_path_buf()).await;
 }
 
-/// Local volumes whose free space never answers, as a `statfs` stuck on a
-/// hung filesystem would: everything else as `LocalVolumes`.
-struct FreeSpaceNeverAnswers(attache_runtime::local_volumes::LocalVolumes);
-
-#[async_trait::async_trait]
-impl attache_actors::provider::VolumeProvider for FreeSpaceNeverAnswers {
-    async fn attach(&self, volume: &str) -> Result<(), attache_actors::EngineError> {
-        self.0.attach(volume).await
-    }
-    async fn is_attached(&self, volume: &str) -> bool {
-        self.0.is_attached(volume).await
-    }
-    async fn acquire(&self, volume: &str, epoch: u64) -> Result<(), attache_actors::EngineError> {
-        self.0.acquire(volume, epoch).await
-    }
-    fn held_epoch(&self, volume: &str) -> Option<u64> {
-        self.0.held_epoch(volume)
-    }
-    async fn free_bytes(&self, _volume: &str) -> Option<u64> {
-        std::future::pending().await
-    }
-}
-
 /// Placing a new shard asks each volume for its free space, bounded by
 /// `FREE_BYTES_WAIT` (500 ms): a volume whose answer never comes ranks as
 /// unknown, and the shard is made all the same, well within 5 s.
@@ -53,7 +30,10 @@ async fn a_new_shard_is_placed_when_free_space_never_answers() {
     use attache_actors::node::NewShard;
     let dir = tempfile::tempdir().unwrap();
     let host = HostHandle::new(ActixHost::new(2));
-    let provider = Arc::new(FreeSpaceNeverAnswers(attache_runtime::local_volumes::LocalVolumes::new(dir.path())));
+    let provider = Arc::new(testkit::StuckProvider {
+        inner: Arc::new(attache_runtime::local_volumes::LocalVolumes::new(dir.path())),
+        stuck: testkit::StuckCall::FreeBytes,
+    });
     let (node, _server) = crate::fuzz_in_process::mem_node_with(&host, dir.path(), provider).await;
     let started = std::time::Instant::now();
     let placed = tokio::time::timeout(
