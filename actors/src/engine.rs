@@ -192,10 +192,6 @@ pub enum EngineError {
     NoSpace(String),
 }
 
-/// Builds a batch from keys and their current values (`None`: absent); an
-/// error aborts the write.
-pub type BuildBatch = Box<dyn FnOnce(Vec<Vec<u8>>, Vec<Option<Vec<u8>>>) -> Result<WriteBatch, EngineError> + Send>;
-
 /// A scan result: key/value pairs in key order.
 pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
 
@@ -232,19 +228,6 @@ pub trait Engine: Send + Sync + 'static {
     async fn delete(&self, key: &[u8], sync: bool) -> Result<(), EngineError> {
         let mut batch = WriteBatch::new();
         batch.delete(key);
-        self.write(batch, sync).await
-    }
-
-    /// Reads the current values of `keys`, builds a batch from them with
-    /// `build`, and writes it (synced with `sync`). The default does a
-    /// `multi_get` then a `write`; an engine may do both in one call. The
-    /// caller must keep other writers off `keys` meanwhile (a shard has one
-    /// group commit in flight at a time).
-    ///
-    /// Errors: those of `multi_get`, `build` and `write`; on error nothing is written.
-    async fn read_then_write(&self, keys: Vec<Vec<u8>>, build: BuildBatch, sync: bool) -> Result<(), EngineError> {
-        let values = if keys.is_empty() { Vec::new() } else { self.multi_get(keys.clone()).await? };
-        let batch = build(keys, values)?;
         self.write(batch, sync).await
     }
 

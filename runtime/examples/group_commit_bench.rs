@@ -75,7 +75,7 @@ fn raw_rocksdb(dir: &std::path::Path, puts: u64, batch: u64) -> Row {
 
 /// Synced batches of `batch` puts in the shard's layout: for each put, the
 /// data record and the request id read (one multi-get per batch), then the
-/// record and the id's two records written, as `commit::apply_group` does.
+/// record and the id's two records written, as `commit::prepare_group` builds.
 fn raw_shard_layout(dir: &std::path::Path, puts: u64, batch: u64) -> Row {
     use attache_actors::shard::layout;
     let (db, wo) = open_synced(dir);

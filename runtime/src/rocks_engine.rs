@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use attache_actors::engine::{
-    BatchOp, BuildBatch, Engine, EngineCounters, EngineError, EngineFactory, EngineSnapshot, EngineStats, KvPairs,
-    OpenMode, WriteBatch,
+    BatchOp, Engine, EngineCounters, EngineError, EngineFactory, EngineSnapshot, EngineStats, KvPairs, OpenMode,
+    WriteBatch,
 };
 use rocksdb::{
     BlockBasedOptions, Cache, Direction, ErrorKind, IteratorMode, Options, ReadOptions, SnapshotWithThreadMode,
@@ -512,20 +512,6 @@ impl Engine for RocksEngine {
         }
         let (db, path, counters, fence) = (self.db()?, self.path.clone(), self.counters.clone(), self.fence.clone());
         blocking(move || write_now(&db, &path, &counters, fence.as_ref(), &batch, sync)).await
-    }
-
-    /// One trip to the blocking pool for the read and the write.
-    async fn read_then_write(&self, keys: Vec<Vec<u8>>, build: BuildBatch, sync: bool) -> Result<(), EngineError> {
-        if self.read_only {
-            return Err(EngineError::ReadOnly);
-        }
-        let (db, path, counters, fence) = (self.db()?, self.path.clone(), self.counters.clone(), self.fence.clone());
-        blocking(move || {
-            let values = if keys.is_empty() { Vec::new() } else { multi_get_now(&db, &path, &counters, &keys)? };
-            let batch = build(keys, values)?;
-            write_now(&db, &path, &counters, fence.as_ref(), &batch, sync)
-        })
-        .await
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {

@@ -1,10 +1,13 @@
 //! One group commit: the staged writes of many requests become one atomic,
 //! synced engine batch.
 //!
-//! Only one group is in flight per shard at a time (the shard actor sees to
-//! it), so the records a group replaces are read here, right before its write,
-//! and no other writer can change them in between. That is what keeps index
-//! entries and the live byte count exact without a read on the request path.
+//! A group is prepared ([`prepare_group`]: the records it replaces read, its
+//! batch built) and then written. The shard actor keeps at most two groups
+//! in flight: one being written and the next prepared on top of it, its
+//! reads corrected by the first one's [`Overlay`], and written only after
+//! the first one's write succeeded. No other writer changes the records in
+//! between, which keeps index entries and the live byte count exact
+//! without a read on the request path.
 //!
 //! Request ids (at-most-once writes): a request that carries a client-chosen
 //! id is applied only if the shard holds no record of that id; its ops and the
@@ -19,9 +22,9 @@
 //! bounded by time rather than by client.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use crate::engine::{BuildBatch, Engine, EngineError, WriteBatch};
+use crate::engine::{BatchOp, Engine, EngineError, WriteBatch};
 use crate::shard::layout::{self, IndexEntry, ShardMeta, ShardState, META_KEY};
 
 /// A write accepted by the shard and waiting for its group's sync.
@@ -204,38 +207,95 @@ fn apply_ops(
     Ok(())
 }
 
-/// Writes `requests` on top of the shard whose committed meta is `meta`, as
-/// one synced batch committed at `now_ms` (the primary's wall clock, ms
-/// since the Unix epoch), skipping requests whose id the shard already
-/// holds and removing request id records older than `window_ms`. The
-/// records the group replaces are read and the batch written in one engine
-/// call (`Engine::read_then_write`).
+/// What one group's batch leaves under each key it touches: the value
+/// after it, `None` where it deletes. The next group is prepared on top of
+/// it while this one is still being written (see [`prepare_group`]).
+#[derive(Debug, Default)]
+pub struct Overlay(BTreeMap<Vec<u8>, Option<Vec<u8>>>);
+
+impl Overlay {
+    /// The overlay of `batch`: for each key, its last op.
+    fn of(batch: &WriteBatch) -> Self {
+        let mut after = BTreeMap::new();
+        for op in batch.ops() {
+            match op {
+                BatchOp::Put { key, value } => after.insert(key.clone(), Some(value.clone())),
+                BatchOp::Delete { key } => after.insert(key.clone(), None),
+            };
+        }
+        Overlay(after)
+    }
+
+    /// Whether the batch deletes `key`.
+    fn deletes(&self, key: &[u8]) -> bool {
+        matches!(self.0.get(key), Some(None))
+    }
+}
+
+/// A group ready to be written: its engine batch, what it commits, and its
+/// [`Overlay`] for the group prepared after it.
+#[derive(Debug)]
+pub struct PreparedGroup {
+    /// The engine batch: the group's ops, request id records, expired ids removed, meta.
+    pub batch: WriteBatch,
+    /// The meta after it, its bytes, its retries.
+    pub committed: GroupCommitted,
+    /// What the batch changes.
+    pub overlay: Arc<Overlay>,
+}
+
+/// Prepares `requests` as one engine batch committed at `now_ms` (the
+/// primary's wall clock, ms since the Unix epoch): reads the records the
+/// group replaces and the records of its request ids, skips requests whose
+/// id the shard already holds, and removes request id records older than
+/// `window_ms` (at most [`EXPIRE_PER_GROUP`]). Writes nothing.
 ///
-/// Errors: those of the engine's reads and write; on error nothing of the
-/// group was written, except after `EngineError::Indeterminate` (its sync
-/// failed: the group may be durable).
-pub async fn apply_group(
+/// `meta` is the shard's meta before the group. `pending` is the overlay
+/// of the one group that may still be being written (its write returned
+/// neither success nor failure yet; `meta` is then the meta after it): the
+/// engine's reads may or may not show that group yet, and `pending` says
+/// what they will show once it landed. The caller writes the result only
+/// after that group's write succeeded, and drops it if that write failed:
+/// the batch is only right on top of it. Pipelining this way lets the
+/// reads and build of group N + 1 run during the sync of group N, as a
+/// database pipelines its WAL writes (RocksDB's pipelined write;
+/// PostgreSQL's WAL insertion during a flush).
+///
+/// Errors: those of the engine's reads, and `Corruption` when a stored
+/// record does not decode. Nothing is written either way.
+pub async fn prepare_group(
     engine: &dyn Engine,
     meta: &ShardMeta,
-    requests: Arc<Vec<StagedRequest>>,
+    pending: Option<&Overlay>,
+    requests: &[StagedRequest],
     now_ms: u64,
     window_ms: u64,
-) -> Result<GroupCommitted, EngineError> {
+) -> Result<PreparedGroup, EngineError> {
     let (start, end) = layout::request_times_before(now_ms.saturating_sub(window_ms));
-    let expired: Vec<Vec<u8>> =
-        engine.scan(&start, Some(&end), EXPIRE_PER_GROUP).await?.into_iter().map(|(k, _)| k).collect();
-    let keys = group_keys(&requests);
-    let out = Arc::new(Mutex::new(None));
-    let (slot, meta) = (out.clone(), meta.clone());
-    let build: BuildBatch = Box::new(move |keys, olds| {
-        let (batch, after, duplicates) = build_group(&meta, &requests, now_ms, &expired, keys, olds)?;
-        *slot.lock().expect("commit slot") =
-            Some(GroupCommitted { meta: after, bytes: batch.byte_size() as u64, duplicates });
-        Ok(batch)
-    });
-    engine.read_then_write(keys, build, true).await?;
-    let result = out.lock().expect("commit slot").take();
-    Ok(result.expect("a successful write built its batch"))
+    // The pending group removes some of the oldest expired ids; the reads
+    // may still show them, so read as many more as it removes.
+    let removed = pending.map_or(0, |p| p.0.range(start.clone()..end.clone()).filter(|(_, v)| v.is_none()).count());
+    let expired: Vec<Vec<u8>> = engine
+        .scan(&start, Some(&end), EXPIRE_PER_GROUP + removed)
+        .await?
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| !pending.is_some_and(|p| p.deletes(k)))
+        .take(EXPIRE_PER_GROUP)
+        .collect();
+    let keys = group_keys(requests);
+    let mut olds = if keys.is_empty() { Vec::new() } else { engine.multi_get(keys.clone()).await? };
+    if let Some(pending) = pending {
+        for (key, old) in keys.iter().zip(olds.iter_mut()) {
+            if let Some(after) = pending.0.get(key) {
+                old.clone_from(after);
+            }
+        }
+    }
+    let (batch, after, duplicates) = build_group(meta, requests, now_ms, &expired, keys, olds)?;
+    let committed = GroupCommitted { meta: after, bytes: batch.byte_size() as u64, duplicates };
+    let overlay = Arc::new(Overlay::of(&batch));
+    Ok(PreparedGroup { batch, committed, overlay })
 }
 
 #[cfg(test)]
@@ -298,6 +358,19 @@ mod tests {
 
     const WINDOW: u64 = 600_000;
 
+    /// Prepares and writes one group with none in flight, as the shard does.
+    async fn apply_group(
+        engine: &dyn Engine,
+        meta: &ShardMeta,
+        requests: Arc<Vec<StagedRequest>>,
+        now_ms: u64,
+        window_ms: u64,
+    ) -> Result<GroupCommitted, EngineError> {
+        let prepared = prepare_group(engine, meta, None, &requests, now_ms, window_ms).await?;
+        engine.write(prepared.batch, true).await?;
+        Ok(prepared.committed)
+    }
+
     fn one(request_id: Option<&str>, ops: Vec<StagedOp>) -> Arc<Vec<StagedRequest>> {
         Arc::new(vec![StagedRequest { request_id: request_id.map(str::to_string), ops }])
     }
@@ -332,6 +405,89 @@ mod tests {
         let r = apply_group(&*engine, &r.meta, one(None, vec![put("k", "v5", &[])]), 5_003, WINDOW).await.unwrap();
         assert_eq!(r.duplicates, 0);
         assert_eq!(r.meta.live_keys, 1);
+    }
+
+    /// A group prepared on top of one not yet written (its overlay passed
+    /// as pending), whether the engine's reads show the first one or not,
+    /// then written after it, leaves the engine and the meta exactly as the
+    /// two groups prepared and written one after the other: replaced
+    /// records and their index entries, request ids (a retry in the second
+    /// group of an id the first applies), expired ids, live counts.
+    #[tokio::test]
+    async fn a_group_prepared_on_top_of_one_in_flight_commits_as_if_after_it() {
+        let first = || {
+            Arc::new(vec![
+                StagedRequest { request_id: Some("A".into()), ops: vec![put("k", "v1", &[("x", "p")])] },
+                StagedRequest { request_id: None, ops: vec![StagedOp::Delete { key: "gone".into() }] },
+            ])
+        };
+        let second = || {
+            Arc::new(vec![
+                StagedRequest { request_id: Some("A".into()), ops: vec![put("k", "retry", &[])] },
+                StagedRequest { request_id: Some("B".into()), ops: vec![put("k", "v2", &[("x", "q")])] },
+                StagedRequest { request_id: None, ops: vec![put("gone", "back", &[("y", "r")])] },
+            ])
+        };
+        // Before both: k and gone hold records with index entries, and an
+        // id committed long ago is past the window at `NOW`.
+        const NOW: u64 = 10 * WINDOW;
+        let setup = || async {
+            let engine =
+                MemEngineFactory::new().open("/v/s".as_ref(), OpenMode::ReadWrite { create: true }).await.unwrap();
+            let meta = ShardMeta::new(1, "c".into(), 1 << 20);
+            let ops = vec![put("k", "v0", &[("x", "o")]), put("gone", "g", &[("y", "z")])];
+            let meta = apply_group(&*engine, &meta, one(Some("old"), ops), 1_000, WINDOW).await.unwrap().meta;
+            (engine, meta)
+        };
+        let dump = |e: Arc<dyn Engine>| async move { e.scan(b"", None, usize::MAX).await.unwrap() };
+
+        let (serial, meta) = setup().await;
+        let a = apply_group(&*serial, &meta, first(), NOW, WINDOW).await.unwrap();
+        let b = apply_group(&*serial, &a.meta, second(), NOW + 1, WINDOW).await.unwrap();
+        assert_eq!(b.duplicates, 1, "the retry of A is not applied again");
+        assert_eq!(value(&*serial, "k").await.unwrap(), b"v2");
+
+        for first_lands_before_second_reads in [false, true] {
+            let (engine, meta) = setup().await;
+            let n = prepare_group(&*engine, &meta, None, &first(), NOW, WINDOW).await.unwrap();
+            let batch = n.batch.clone();
+            if first_lands_before_second_reads {
+                engine.write(batch.clone(), true).await.unwrap();
+            }
+            let m =
+                prepare_group(&*engine, &n.committed.meta, Some(&n.overlay), &second(), NOW + 1, WINDOW).await.unwrap();
+            if !first_lands_before_second_reads {
+                engine.write(batch, true).await.unwrap();
+            }
+            engine.write(m.batch, true).await.unwrap();
+            assert_eq!(m.committed, b, "landed first: {first_lands_before_second_reads}");
+            assert_eq!(dump(engine.clone()).await, dump(serial.clone()).await);
+        }
+    }
+
+    /// A group prepared on top of one that removes expired ids, while the
+    /// engine does not show that yet, removes the next ones, not the same:
+    /// expiry keeps its pace of `EXPIRE_PER_GROUP` per group.
+    #[tokio::test]
+    async fn a_pipelined_group_removes_the_next_expired_ids() {
+        let engine = MemEngineFactory::new().open("/v/s".as_ref(), OpenMode::ReadWrite { create: true }).await.unwrap();
+        let mut meta = ShardMeta::new(1, "c".into(), 1 << 20);
+        let ids = 2 * EXPIRE_PER_GROUP + 88;
+        for i in 0..ids {
+            meta = apply_group(&*engine, &meta, one(Some(&format!("id-{i}")), vec![]), 1_000 + i as u64, WINDOW)
+                .await
+                .unwrap()
+                .meta;
+        }
+        let now = 10 * WINDOW;
+        let n = prepare_group(&*engine, &meta, None, &one(None, vec![]), now, WINDOW).await.unwrap();
+        let m = prepare_group(&*engine, &n.committed.meta, Some(&n.overlay), &one(None, vec![]), now, WINDOW)
+            .await
+            .unwrap();
+        engine.write(n.batch, true).await.unwrap();
+        engine.write(m.batch, true).await.unwrap();
+        assert_eq!(engine.scan(b"q", Some(b"r"), usize::MAX).await.unwrap().len(), 88);
+        assert_eq!(engine.scan(b"r", Some(b"s"), usize::MAX).await.unwrap().len(), 88);
     }
 
     /// Records older than the window are removed by a later group (at most

@@ -6,8 +6,11 @@
 //! commit that covers them is durable: while one group's synced write is in
 //! flight, new writes are staged for the next group, so concurrent writers
 //! share one WAL sync each (group commit, as in RocksDB's write groups and
-//! PostgreSQL's commit_delay). Reads go to the engine outside the actor and see
-//! only durable, committed data.
+//! PostgreSQL's commit_delay). The next group is prepared (its records read,
+//! its batch built) during that write and written right after it succeeded,
+//! by the write task itself (`commit::prepare_group` says why that is
+//! exact). Reads go to the engine outside the actor and see only durable,
+//! committed data.
 //!
 //! The order of checks on a request, so a rejected request changes nothing:
 //! arguments (`INVALID_ARGUMENT`), owner (`PERMISSION_DENIED`), state
@@ -256,10 +259,31 @@ impl Message for CloseIfIdle {
     type Reply = bool;
 }
 
-/// The outcome of one group commit, sent by the commit task to its shard.
+/// A group's preparation ended, sent by its prepare task to its shard.
+struct Prepared {
+    seq: u64,
+    result: Result<commit::PreparedGroup, EngineError>,
+}
+
+impl Message for Prepared {
+    type Reply = ();
+}
+
+/// The outcome of one group's write, sent by its write task to its shard.
 struct Committed {
-    result: Result<commit::GroupCommitted, EngineError>,
+    seq: u64,
+    outcome: WriteOutcome,
     ops: usize,
+}
+
+/// What became of a group's write.
+enum WriteOutcome {
+    /// Written and synced.
+    Written(commit::GroupCommitted),
+    /// The write failed (after `EngineError::Indeterminate`, it may be durable).
+    Failed(EngineError),
+    /// Not written: the write of the group before it did not succeed.
+    Skipped,
 }
 
 impl Message for Committed {
@@ -267,6 +291,37 @@ impl Message for Committed {
 }
 
 type Waiter = oneshot::Sender<Result<(), AttacheError>>;
+
+/// A group commit in flight (see [`Shard::start_commit`]).
+struct Group {
+    /// Its number, counted from 1 by this actor.
+    seq: u64,
+    requests: Arc<Vec<StagedRequest>>,
+    /// The most live bytes its ops add (`StagedOp::max_added_bytes`).
+    added_bytes: u64,
+    /// Its requests' waiters, until its write task takes them.
+    waiters: Vec<Waiter>,
+    /// Set when the group before it failed: its batch, built on top of
+    /// that one, is never written (its write task, if started, skips it;
+    /// else its requests are refused once it is prepared).
+    doomed: bool,
+    stage: GroupStage,
+}
+
+enum GroupStage {
+    /// Its records are being read and its batch built.
+    Preparing,
+    /// Its write task runs: it writes once the group before it is written.
+    Writing {
+        /// The meta after it.
+        meta: ShardMeta,
+        /// What its batch changes, for the group prepared on top of it.
+        overlay: Arc<commit::Overlay>,
+        /// Whether its write succeeded, for the write task of the group
+        /// after it (taken when that task starts).
+        written: Option<oneshot::Receiver<bool>>,
+    },
+}
 
 /// One shard; see the module docs.
 pub struct Shard {
@@ -282,9 +337,11 @@ pub struct Shard {
     staged: Vec<StagedRequest>,
     staged_bytes: u64,
     waiters: Vec<Waiter>,
-    committing: bool,
-    /// The request ids of the group in flight.
-    committing_ids: Vec<String>,
+    /// The group commits in flight, oldest first: at most two, the older
+    /// one being written and the newer one prepared on top of it.
+    groups: std::collections::VecDeque<Group>,
+    /// The number of the last group started.
+    group_seq: u64,
     group_commits: u64,
     committed_ops: u64,
     /// Set by [`Shutdown`]; its waiters are answered once the engine is closed.
@@ -342,8 +399,8 @@ impl Shard {
             staged: Vec::new(),
             staged_bytes: 0,
             waiters: Vec::new(),
-            committing: false,
-            committing_ids: Vec::new(),
+            groups: std::collections::VecDeque::new(),
+            group_seq: 0,
             group_commits: 0,
             committed_ops: 0,
             shutdown: None,
@@ -536,7 +593,8 @@ impl Shard {
 
     fn check_room(&self, ops: &[StagedOp]) -> Result<(), AttacheError> {
         let need: u64 = ops.iter().map(StagedOp::max_added_bytes).sum();
-        let used = self.meta.live_bytes + self.staged_bytes;
+        let in_flight: u64 = self.groups.iter().filter(|g| !g.doomed).map(|g| g.added_bytes).sum();
+        let used = self.meta.live_bytes + in_flight + self.staged_bytes;
         if used + need > self.meta.size_limit {
             return Err(AttacheError::ResourceExhausted(format!(
                 "shard {} is full: {used} of {} bytes used and this write adds up to {need}: \
@@ -547,9 +605,13 @@ impl Shard {
         Ok(())
     }
 
-    /// Whether a request with `id` is staged or in the group commit in flight.
+    /// Whether a request with `id` is staged or in a group commit in flight.
     fn in_flight(&self, id: &str) -> bool {
-        self.committing_ids.iter().any(|c| c == id) || self.staged.iter().any(|r| r.request_id.as_deref() == Some(id))
+        self.groups
+            .iter()
+            .flat_map(|g| g.requests.iter())
+            .chain(&self.staged)
+            .any(|r| r.request_id.as_deref() == Some(id))
     }
 
     /// Checks a write request `ops` with `request_id` may be staged: `check`
@@ -611,7 +673,10 @@ impl Shard {
         self.staged_bytes += ops.iter().map(StagedOp::max_added_bytes).sum::<u64>();
         self.staged.push(StagedRequest { request_id, ops });
         self.waiters.push(tx);
-        if !self.committing {
+        // With a group in flight, this request waits for the next one to
+        // start (when that group's write starts or ends), so it shares it
+        // with the requests that come meanwhile.
+        if self.groups.is_empty() {
             self.start_commit(ctx);
         }
         let shard_id = self.meta.shard_id;
@@ -622,35 +687,98 @@ impl Shard {
         })
     }
 
-    /// Starts a group commit of everything staged. One at a time per shard.
+    /// Starts a group commit of everything staged, if one may start: none
+    /// is in flight (it is prepared on the committed state), or one is, and
+    /// it is being written (this one is prepared on top of it, and written
+    /// once that write succeeded; see `commit::prepare_group`). So at most
+    /// two are in flight, and their writes are issued one after the other.
+    /// Called when a request is staged with no group in flight, when a
+    /// group's write starts, and when a group ends.
     fn start_commit(&mut self, ctx: &Context<Self>) {
-        assert!(!self.committing, "at most one group commit in flight per shard");
-        if self.staged.is_empty() {
+        if self.staged.is_empty() || self.failed {
             return;
         }
-        self.committing = true;
+        let (meta, pending) = match self.groups.iter().collect::<Vec<_>>().as_slice() {
+            [] => (self.meta.clone(), None),
+            [Group { stage: GroupStage::Writing { meta, overlay, .. }, doomed: false, .. }] => {
+                (meta.clone(), Some(overlay.clone()))
+            }
+            _ => return,
+        };
+        self.group_seq += 1;
+        let seq = self.group_seq;
         let requests = Arc::new(std::mem::take(&mut self.staged));
-        self.committing_ids = requests.iter().filter_map(|r| r.request_id.clone()).collect();
         let waiters = std::mem::take(&mut self.waiters);
-        self.staged_bytes = 0;
-        let engine = self.engine.clone();
-        let meta = self.meta.clone();
-        let me = ctx.address();
-        let shard_id = meta.shard_id;
-        let gate = self.gate.clone();
+        let added_bytes = std::mem::take(&mut self.staged_bytes);
+        let group = Group {
+            seq,
+            requests: requests.clone(),
+            added_bytes,
+            waiters,
+            doomed: false,
+            stage: GroupStage::Preparing,
+        };
+        self.groups.push_back(group);
+        let (engine, io, me) = (self.engine.clone(), self.io.clone(), ctx.address());
         let window_ms = self.limits.request_window_ms;
-        let io = self.io.clone();
         ctx.host().spawn_detached(async move {
-            let count = requests.iter().map(|r| r.ops.len()).sum();
-            // In flight from before the gate check, so that no claim of this
-            // node starts while a write that passed the check may still land.
             let in_flight = io.begin();
-            // The last moment to check the lease before the write goes to the volume.
-            let result = if gate.is_open() {
-                // A stall between the check and the write (a GC pause): the
-                // storage fence must stop the write if a new primary exists.
-                crate::buggify::delay("shard.commit.after_gate", 1_500).await;
-                let result = commit::apply_group(&*engine, &meta, requests, wall_clock_ms(), window_ms).await;
+            let result =
+                commit::prepare_group(&*engine, &meta, pending.as_deref(), &requests, wall_clock_ms(), window_ms).await;
+            // A hung read counts while it is pending, and a failed one
+            // against the volume; reads that succeed say nothing of its
+            // writes (only a write that succeeded does: `start_write`).
+            match &result {
+                Err(EngineError::Io(_)) => in_flight.finish(false),
+                _ => drop(in_flight),
+            }
+            me.do_send(Prepared { seq, result });
+        });
+    }
+
+    /// Starts the write task of the group at `at`, prepared as `prepared`:
+    /// it waits until the write of the group before it (if any) succeeded,
+    /// skips the write if that one did not, else checks the lease gate
+    /// last, writes and syncs; it answers the group's waiters and reports
+    /// `Committed`. Writes never reorder and never pass a failed one, and
+    /// the actor is not on the path from one write to the next.
+    fn start_write(&mut self, at: usize, prepared: commit::PreparedGroup, ctx: &Context<Self>) {
+        let before = match at {
+            0 => None,
+            _ => match &mut self.groups[at - 1].stage {
+                GroupStage::Writing { written, .. } => {
+                    Some(written.take().expect("one group is written after another"))
+                }
+                GroupStage::Preparing => unreachable!("a group is prepared only on top of one being written"),
+            },
+        };
+        let commit::PreparedGroup { batch, committed, overlay } = prepared;
+        let (tx, rx) = oneshot::channel();
+        let group = &mut self.groups[at];
+        group.stage = GroupStage::Writing { meta: committed.meta.clone(), overlay, written: Some(rx) };
+        let (seq, waiters) = (group.seq, std::mem::take(&mut group.waiters));
+        let count = group.requests.iter().map(|r| r.ops.len()).sum();
+        let (engine, gate, io, me) = (self.engine.clone(), self.gate.clone(), self.io.clone(), ctx.address());
+        let shard_id = self.meta.shard_id;
+        ctx.host().spawn_detached(async move {
+            // (A dropped sender, a write task that ended early, counts as a failure.)
+            let go = match before {
+                Some(before) => before.await.unwrap_or(false),
+                None => true,
+            };
+            let outcome = if go {
+                // In flight from before the gate check, so that no claim of this
+                // node starts while a write that passed the check may still land.
+                let in_flight = io.begin();
+                // The last moment to check the lease before the write goes to the volume.
+                let result = if gate.is_open() {
+                    // A stall between the check and the write (a GC pause): the
+                    // storage fence must stop the write if a new primary exists.
+                    crate::buggify::delay("shard.commit.after_gate", 1_500).await;
+                    engine.write(batch, true).await
+                } else {
+                    Err(EngineError::Fenced("this node's lease may have expired; it does not write".into()))
+                };
                 // A failed sync or I/O error counts against the volume here;
                 // a closed engine or bad data does not (another node would
                 // read the same data); the storage fence's refusal makes the
@@ -664,16 +792,60 @@ impl Shard {
                     Err(EngineError::Fenced(why)) => in_flight.fenced(why),
                     Err(_) => drop(in_flight),
                 }
-                result
+                match result {
+                    Ok(()) => WriteOutcome::Written(committed),
+                    Err(e) => WriteOutcome::Failed(e),
+                }
             } else {
-                Err(EngineError::Fenced("this node's lease may have expired; it does not write".into()))
+                WriteOutcome::Skipped
             };
-            let ack = result.as_ref().map(|_| ()).map_err(|e| write_error(shard_id, e));
+            let written = matches!(outcome, WriteOutcome::Written(_));
+            let ack = match &outcome {
+                WriteOutcome::Written(_) => Ok(()),
+                WriteOutcome::Failed(e) => Err(write_error(shard_id, e)),
+                WriteOutcome::Skipped => Err(skipped_error(shard_id)),
+            };
             for w in waiters {
                 let _ = w.send(ack.clone());
             }
-            me.do_send(Committed { result, ops: count });
+            // Enqueued (waiting for room) before the next group's write may
+            // start, so the actor sees the groups end in order. (A stopped
+            // actor's closed mailbox changes nothing for the volume.)
+            let _ = me.enqueue(Committed { seq, outcome, ops: count }).await;
+            let _ = tx.send(written);
         });
+        // The next group is prepared during this write.
+        self.start_commit(ctx);
+    }
+
+    /// Refuses the requests of `group`, which was never written.
+    fn refuse(&self, group: Group, error: AttacheError) {
+        for w in group.waiters {
+            let _ = w.send(Err(error.clone()));
+        }
+    }
+
+    /// The state requests see after a group that did not land: the
+    /// committed state, then the state changes still in flight or staged.
+    fn recompute_state(&mut self) {
+        let ops = self.groups.iter().filter(|g| !g.doomed).flat_map(|g| g.requests.iter());
+        self.state = ops.chain(&self.staged).flat_map(|r| &r.ops).fold(self.meta.state, |s, op| match op {
+            StagedOp::SetState(next) => *next,
+            _ => s,
+        });
+    }
+
+    /// Closes the engine and answers [`Shutdown`] once no group is in flight.
+    async fn finish_shutdown(&mut self) {
+        if self.groups.is_empty() {
+            if let Some(waiters) = self.shutdown.take() {
+                self.engine.close().await;
+                for w in waiters {
+                    let _ = w.send(());
+                }
+                self.shutdown = Some(Vec::new());
+            }
+        }
     }
 }
 
@@ -681,6 +853,14 @@ impl Shard {
 /// madsim, which intercepts `clock_gettime`); 0 before the epoch.
 fn wall_clock_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a client sees when a group was not written because the one before
+/// it failed (nothing of it was written).
+fn skipped_error(shard_id: ShardId) -> AttacheError {
+    AttacheError::unavailable(format!(
+        "shard {shard_id}: the group commit before this write failed, so it was not written; retry"
+    ))
 }
 
 /// What a client sees when a shard's write failed in its engine.
@@ -833,13 +1013,37 @@ impl Actor for Shard {
     }
 }
 
+impl Handler<Prepared> for Shard {
+    async fn handle(&mut self, msg: Prepared, ctx: &Context<Self>) -> Reply<()> {
+        let at = self.groups.iter().position(|g| g.seq == msg.seq).expect("a prepared group is in flight");
+        match msg.result {
+            Ok(_) if self.groups[at].doomed => {
+                let group = self.groups.remove(at).expect("found");
+                self.refuse(group, skipped_error(self.meta.shard_id));
+            }
+            Ok(prepared) => self.start_write(at, prepared, ctx),
+            Err(e) => {
+                // Nothing of it was written. No group was started after it
+                // (one starts only on top of a group being written).
+                tracing::warn!(shard = self.meta.shard_id, error = %e, "group commit failed");
+                let group = self.groups.remove(at).expect("found");
+                self.refuse(group, write_error(self.meta.shard_id, &e));
+                self.recompute_state();
+            }
+        }
+        self.start_commit(ctx);
+        self.finish_shutdown().await;
+        Reply::now(())
+    }
+}
+
 impl Handler<Committed> for Shard {
     async fn handle(&mut self, msg: Committed, ctx: &Context<Self>) -> Reply<()> {
-        assert!(self.committing, "a commit completed that was never started");
-        self.committing = false;
-        self.committing_ids.clear();
-        match msg.result {
-            Ok(commit::GroupCommitted { meta, bytes, duplicates }) => {
+        let group = self.groups.pop_front().expect("a commit completed that was never started");
+        assert_eq!(group.seq, msg.seq, "groups are written in order");
+        let landed = matches!(msg.outcome, WriteOutcome::Written(_));
+        match msg.outcome {
+            WriteOutcome::Written(commit::GroupCommitted { meta, bytes, duplicates }) => {
                 assert_eq!(meta.shard_id, self.meta.shard_id);
                 if duplicates > 0 {
                     metrics::counter!("attache_write_retries_deduplicated_total").increment(duplicates as u64);
@@ -854,7 +1058,7 @@ impl Handler<Committed> for Shard {
                 self.group_commits += 1;
                 self.committed_ops += msg.ops as u64;
             }
-            Err(failure @ (EngineError::Indeterminate(_) | EngineError::NoSpace(_))) => {
+            WriteOutcome::Failed(failure @ (EngineError::Indeterminate(_) | EngineError::NoSpace(_))) => {
                 // The group may be durable while the engine's reads do not
                 // show it: serve nothing more from this engine. Staged
                 // requests were never written; the shard manager reopens
@@ -883,34 +1087,30 @@ impl Handler<Committed> for Shard {
                     report.do_send(ShardFailed { shard_id: self.meta.shard_id, durable_through });
                 }
             }
-            Err(e) => {
+            WriteOutcome::Failed(e) => {
                 tracing::warn!(shard = self.meta.shard_id, error = %e, "group commit failed");
-                // The failed group's state change did not land; later staged ones still may.
-                self.state = self.staged.iter().flat_map(|r| &r.ops).fold(self.meta.state, |s, op| match op {
-                    StagedOp::SetState(next) => *next,
-                    _ => s,
-                });
             }
+            WriteOutcome::Skipped => {}
         }
-        if !self.failed {
-            self.start_commit(ctx);
-        }
-        if !self.committing {
-            if let Some(waiters) = self.shutdown.take() {
-                self.engine.close().await;
-                for w in waiters {
-                    let _ = w.send(());
-                }
-                self.shutdown = Some(Vec::new());
+        if !landed {
+            // The group prepared on top of this one must not be written:
+            // its write task (if started) skips it, else it is refused once
+            // prepared. The state changes of both did not land; staged
+            // ones still may.
+            if let Some(next) = self.groups.front_mut() {
+                next.doomed = true;
             }
+            self.recompute_state();
         }
+        self.start_commit(ctx);
+        self.finish_shutdown().await;
         Reply::now(())
     }
 }
 
 impl Handler<Shutdown> for Shard {
     async fn handle(&mut self, _msg: Shutdown, _ctx: &Context<Self>) -> Reply<()> {
-        if !self.committing {
+        if self.groups.is_empty() {
             self.engine.close().await;
             self.shutdown = Some(Vec::new());
             return Reply::now(());
@@ -928,7 +1128,7 @@ impl Handler<CloseIfIdle> for Shard {
         let scanning = Arc::strong_count(&self.scans) > 1;
         // A failed shard is closed by its manager on its `ShardFailed`
         // (keyed by shard id): closed here, a reopen could be closed by it.
-        if self.committing || !self.staged.is_empty() || scanning || self.shutdown.is_some() || self.failed {
+        if !self.groups.is_empty() || !self.staged.is_empty() || scanning || self.shutdown.is_some() || self.failed {
             return Reply::now(false);
         }
         self.engine.close().await;
