@@ -8,8 +8,8 @@
 //! share one WAL sync each (group commit, as in RocksDB's write groups and
 //! PostgreSQL's commit_delay). The next group is prepared (its records read,
 //! its batch built) during that write and written right after it succeeded,
-//! by the write task itself (`commit::prepare_group` says why that is
-//! exact). Reads go to the engine outside the actor and see only durable,
+//! its commit task told so by the previous one's (`commit::prepare_group`
+//! says why that is exact). Reads go to the engine outside the actor and see only durable,
 //! committed data.
 //!
 //! The order of checks on a request, so a rejected request changes nothing:
@@ -259,30 +259,36 @@ impl Message for CloseIfIdle {
     type Reply = bool;
 }
 
-/// A group's preparation ended, sent by its prepare task to its shard.
+/// A group's batch is built, sent by its commit task to its shard: the
+/// meta after it and its overlay, on top of which the next group is
+/// prepared while this one is written.
 struct Prepared {
     seq: u64,
-    result: Result<commit::PreparedGroup, EngineError>,
+    meta: ShardMeta,
+    overlay: Arc<commit::Overlay>,
 }
 
 impl Message for Prepared {
     type Reply = ();
 }
 
-/// The outcome of one group's write, sent by its write task to its shard.
+/// How a group's commit task ended, sent to its shard.
 struct Committed {
     seq: u64,
     outcome: WriteOutcome,
     ops: usize,
 }
 
-/// What became of a group's write.
+/// What became of a group.
 enum WriteOutcome {
     /// Written and synced.
     Written(commit::GroupCommitted),
-    /// The write failed (after `EngineError::Indeterminate`, it may be durable).
+    /// Not prepared: its reads failed, or a record did not decode. Nothing
+    /// of it was written.
+    NotPrepared(EngineError),
+    /// Its write failed (after `EngineError::Indeterminate`, it may be durable).
     Failed(EngineError),
-    /// Not written: the write of the group before it did not succeed.
+    /// Not written: the group before it did not land.
     Skipped,
 }
 
@@ -299,28 +305,14 @@ struct Group {
     requests: Arc<Vec<StagedRequest>>,
     /// The most live bytes its ops add (`StagedOp::max_added_bytes`).
     added_bytes: u64,
-    /// Its requests' waiters, until its write task takes them.
-    waiters: Vec<Waiter>,
-    /// Set when the group before it failed: its batch, built on top of
-    /// that one, is never written (its write task, if started, skips it;
-    /// else its requests are refused once it is prepared).
+    /// Set when the group before it did not land: its commit task, which
+    /// finds out by itself, skips its write.
     doomed: bool,
-    stage: GroupStage,
-}
-
-enum GroupStage {
-    /// Its records are being read and its batch built.
-    Preparing,
-    /// Its write task runs: it writes once the group before it is written.
-    Writing {
-        /// The meta after it.
-        meta: ShardMeta,
-        /// What its batch changes, for the group prepared on top of it.
-        overlay: Arc<commit::Overlay>,
-        /// Whether its write succeeded, for the write task of the group
-        /// after it (taken when that task starts).
-        written: Option<oneshot::Receiver<bool>>,
-    },
+    /// Once it is prepared: the meta after it and its overlay.
+    prepared: Option<(ShardMeta, Arc<commit::Overlay>)>,
+    /// Whether it landed, for the commit task of the group after it (taken
+    /// when that task starts).
+    landed: Option<oneshot::Receiver<bool>>,
 }
 
 /// One shard; see the module docs.
@@ -337,8 +329,8 @@ pub struct Shard {
     staged: Vec<StagedRequest>,
     staged_bytes: u64,
     waiters: Vec<Waiter>,
-    /// The group commits in flight, oldest first: at most two, the older
-    /// one being written and the newer one prepared on top of it.
+    /// The group commits in flight, oldest first: at most two, the newer
+    /// one started on top of the older one once that one was prepared.
     groups: std::collections::VecDeque<Group>,
     /// The number of the last group started.
     group_seq: u64,
@@ -674,7 +666,7 @@ impl Shard {
         self.staged.push(StagedRequest { request_id, ops });
         self.waiters.push(tx);
         // With a group in flight, this request waits for the next one to
-        // start (when that group's write starts or ends), so it shares it
+        // start (when that group is prepared, or ends), so it shares it
         // with the requests that come meanwhile.
         if self.groups.is_empty() {
             self.start_commit(ctx);
@@ -689,19 +681,27 @@ impl Shard {
 
     /// Starts a group commit of everything staged, if one may start: none
     /// is in flight (it is prepared on the committed state), or one is, and
-    /// it is being written (this one is prepared on top of it, and written
-    /// once that write succeeded; see `commit::prepare_group`). So at most
-    /// two are in flight, and their writes are issued one after the other.
-    /// Called when a request is staged with no group in flight, when a
-    /// group's write starts, and when a group ends.
+    /// it is prepared and not doomed (this one is prepared on top of it,
+    /// and written once that one landed; see `commit::prepare_group`). So
+    /// at most two are in flight, and their writes are issued one after the
+    /// other. Called when a request is staged with no group in flight, when
+    /// a group is prepared, and when a group ends.
+    ///
+    /// One task commits the group ([`GroupTask::run`]): it prepares it
+    /// (reporting `Prepared`), waits until the group before it (if any)
+    /// landed, skips the write if that one did not, else checks the lease
+    /// gate last, writes and syncs; then it answers the group's waiters,
+    /// reports `Committed`, and tells the next group's task whether this
+    /// one landed. The actor is not on the path from one write to the next.
     fn start_commit(&mut self, ctx: &Context<Self>) {
         if self.staged.is_empty() || self.failed {
             return;
         }
-        let (meta, pending) = match self.groups.iter().collect::<Vec<_>>().as_slice() {
-            [] => (self.meta.clone(), None),
-            [Group { stage: GroupStage::Writing { meta, overlay, .. }, doomed: false, .. }] => {
-                (meta.clone(), Some(overlay.clone()))
+        let (meta, pending, before) = match self.groups.iter_mut().collect::<Vec<_>>().as_mut_slice() {
+            [] => (self.meta.clone(), None, None),
+            [Group { prepared: Some((meta, overlay)), doomed: false, landed, .. }] => {
+                let before = landed.take().expect("one group is committed on top of another");
+                (meta.clone(), Some(overlay.clone()), Some(before))
             }
             _ => return,
         };
@@ -710,98 +710,30 @@ impl Shard {
         let requests = Arc::new(std::mem::take(&mut self.staged));
         let waiters = std::mem::take(&mut self.waiters);
         let added_bytes = std::mem::take(&mut self.staged_bytes);
-        let group = Group {
-            seq,
-            requests: requests.clone(),
-            added_bytes,
-            waiters,
-            doomed: false,
-            stage: GroupStage::Preparing,
-        };
-        self.groups.push_back(group);
-        let (engine, io, me) = (self.engine.clone(), self.io.clone(), ctx.address());
-        let window_ms = self.limits.request_window_ms;
-        ctx.host().spawn_detached(async move {
-            let in_flight = io.begin();
-            let result =
-                commit::prepare_group(&*engine, &meta, pending.as_deref(), &requests, wall_clock_ms(), window_ms).await;
-            // A hung read counts while it is pending, and a failed one
-            // against the volume; reads that succeed say nothing of its
-            // writes (only a write that succeeded does: `start_write`).
-            match &result {
-                Err(EngineError::Io(_)) => in_flight.finish(false),
-                _ => drop(in_flight),
-            }
-            me.do_send(Prepared { seq, result });
-        });
-    }
-
-    /// Starts the write task of the group at `at`, prepared as `prepared`:
-    /// it waits until the write of the group before it (if any) succeeded,
-    /// skips the write if that one did not, else checks the lease gate
-    /// last, writes and syncs; it answers the group's waiters and reports
-    /// `Committed`. Writes never reorder and never pass a failed one, and
-    /// the actor is not on the path from one write to the next.
-    fn start_write(&mut self, at: usize, prepared: commit::PreparedGroup, ctx: &Context<Self>) {
-        let before = match at {
-            0 => None,
-            _ => match &mut self.groups[at - 1].stage {
-                GroupStage::Writing { written, .. } => {
-                    Some(written.take().expect("one group is written after another"))
-                }
-                GroupStage::Preparing => unreachable!("a group is prepared only on top of one being written"),
-            },
-        };
-        let commit::PreparedGroup { batch, committed, overlay } = prepared;
         let (tx, rx) = oneshot::channel();
-        let group = &mut self.groups[at];
-        group.stage = GroupStage::Writing { meta: committed.meta.clone(), overlay, written: Some(rx) };
-        let (seq, waiters) = (group.seq, std::mem::take(&mut group.waiters));
-        let count = group.requests.iter().map(|r| r.ops.len()).sum();
-        let (engine, gate, io, me) = (self.engine.clone(), self.gate.clone(), self.io.clone(), ctx.address());
+        let group =
+            Group { seq, requests: requests.clone(), added_bytes, doomed: false, prepared: None, landed: Some(rx) };
+        self.groups.push_back(group);
+        let task = GroupTask {
+            engine: self.engine.clone(),
+            gate: self.gate.clone(),
+            io: self.io.clone(),
+            me: ctx.address(),
+            seq,
+            meta,
+            pending,
+            requests,
+            window_ms: self.limits.request_window_ms,
+            before,
+        };
         let shard_id = self.meta.shard_id;
         ctx.host().spawn_detached(async move {
-            // (A dropped sender, a write task that ended early, counts as a failure.)
-            let go = match before {
-                Some(before) => before.await.unwrap_or(false),
-                None => true,
-            };
-            let outcome = if go {
-                // In flight from before the gate check, so that no claim of this
-                // node starts while a write that passed the check may still land.
-                let in_flight = io.begin();
-                // The last moment to check the lease before the write goes to the volume.
-                let result = if gate.is_open() {
-                    // A stall between the check and the write (a GC pause): the
-                    // storage fence must stop the write if a new primary exists.
-                    crate::buggify::delay("shard.commit.after_gate", 1_500).await;
-                    engine.write(batch, true).await
-                } else {
-                    Err(EngineError::Fenced("this node's lease may have expired; it does not write".into()))
-                };
-                // A failed sync or I/O error counts against the volume here;
-                // a closed engine or bad data does not (another node would
-                // read the same data); the storage fence's refusal makes the
-                // volume manager step down.
-                match &result {
-                    Ok(_) => in_flight.finish(true),
-                    Err(EngineError::Indeterminate(_) | EngineError::Io(_)) => in_flight.finish(false),
-                    // Not the volume failing: another node would find it
-                    // as full, so it is no reason to give the volume up.
-                    Err(EngineError::NoSpace(_)) => drop(in_flight),
-                    Err(EngineError::Fenced(why)) => in_flight.fenced(why),
-                    Err(_) => drop(in_flight),
-                }
-                match result {
-                    Ok(()) => WriteOutcome::Written(committed),
-                    Err(e) => WriteOutcome::Failed(e),
-                }
-            } else {
-                WriteOutcome::Skipped
-            };
-            let written = matches!(outcome, WriteOutcome::Written(_));
+            let (me, ops) = (task.me.clone(), task.requests.iter().map(|r| r.ops.len()).sum());
+            let outcome = task.run().await;
+            let landed = matches!(outcome, WriteOutcome::Written(_));
             let ack = match &outcome {
                 WriteOutcome::Written(_) => Ok(()),
+                WriteOutcome::NotPrepared(e) => Err(read_error(shard_id, e.clone())),
                 WriteOutcome::Failed(e) => Err(write_error(shard_id, e)),
                 WriteOutcome::Skipped => Err(skipped_error(shard_id)),
             };
@@ -809,20 +741,11 @@ impl Shard {
                 let _ = w.send(ack.clone());
             }
             // Enqueued (waiting for room) before the next group's write may
-            // start, so the actor sees the groups end in order. (A stopped
-            // actor's closed mailbox changes nothing for the volume.)
-            let _ = me.enqueue(Committed { seq, outcome, ops: count }).await;
-            let _ = tx.send(written);
+            // start, so the actor sees the groups end in order; a stopped
+            // actor's next group is not written.
+            let enqueued = me.enqueue(Committed { seq, outcome, ops }).await.is_ok();
+            let _ = tx.send(landed && enqueued);
         });
-        // The next group is prepared during this write.
-        self.start_commit(ctx);
-    }
-
-    /// Refuses the requests of `group`, which was never written.
-    fn refuse(&self, group: Group, error: AttacheError) {
-        for w in group.waiters {
-            let _ = w.send(Err(error.clone()));
-        }
     }
 
     /// The state requests see after a group that did not land: the
@@ -845,6 +768,86 @@ impl Shard {
                 }
                 self.shutdown = Some(Vec::new());
             }
+        }
+    }
+}
+
+/// One group's commit task (see `Shard::start_commit`).
+struct GroupTask {
+    engine: Arc<dyn Engine>,
+    gate: Arc<LeaseGate>,
+    io: Arc<IoWatch>,
+    me: crate::actor::Addr<Shard>,
+    seq: u64,
+    /// The meta before the group.
+    meta: ShardMeta,
+    /// The overlay of the group before it, if that one may still be landing.
+    pending: Option<Arc<commit::Overlay>>,
+    requests: Arc<Vec<StagedRequest>>,
+    window_ms: u64,
+    /// Whether the group before it landed, if one may still be landing.
+    before: Option<oneshot::Receiver<bool>>,
+}
+
+impl GroupTask {
+    /// Prepares the group (reporting `Prepared`), waits until the group
+    /// before it landed, and writes it if that one did.
+    async fn run(self) -> WriteOutcome {
+        let GroupTask { engine, gate, io, me, seq, meta, pending, requests, window_ms, before } = self;
+        let reading = io.begin();
+        let prepared =
+            commit::prepare_group(&*engine, &meta, pending.as_deref(), &requests, wall_clock_ms(), window_ms).await;
+        // A hung read counts while it is pending, and a failed one against
+        // the volume; reads that succeed say nothing of its writes (only a
+        // write that succeeded does).
+        match &prepared {
+            Err(EngineError::Io(_)) => reading.finish(false),
+            _ => drop(reading),
+        }
+        if let Ok(p) = &prepared {
+            me.do_send(Prepared { seq, meta: p.committed.meta.clone(), overlay: p.overlay.clone() });
+        }
+        // Whatever its own outcome, a group ends after the one before it.
+        // (A dropped sender, a task that ended early, counts as not landed.)
+        let landed_before = match before {
+            Some(before) => before.await.unwrap_or(false),
+            None => true,
+        };
+        let prepared = match prepared {
+            Ok(prepared) if landed_before => prepared,
+            Ok(_) => return WriteOutcome::Skipped,
+            Err(e) => return WriteOutcome::NotPrepared(e),
+        };
+        // In flight from before the gate check, so that no claim of this
+        // node starts while a write that passed the check may still land.
+        let in_flight = io.begin();
+        // The last moment to check the lease before the write goes to the volume.
+        if !gate.is_open() {
+            drop(in_flight);
+            return WriteOutcome::Failed(EngineError::Fenced(
+                "this node's lease may have expired; it does not write".into(),
+            ));
+        }
+        // A stall between the check and the write (a GC pause): the storage
+        // fence must stop the write if a new primary exists.
+        crate::buggify::delay("shard.commit.after_gate", 1_500).await;
+        let result = engine.write(prepared.batch, true).await;
+        // A failed sync or I/O error counts against the volume here; a
+        // closed engine or bad data does not (another node would read the
+        // same data); the storage fence's refusal makes the volume manager
+        // step down.
+        match &result {
+            Ok(_) => in_flight.finish(true),
+            Err(EngineError::Indeterminate(_) | EngineError::Io(_)) => in_flight.finish(false),
+            // Not the volume failing: another node would find it as full,
+            // so it is no reason to give the volume up.
+            Err(EngineError::NoSpace(_)) => drop(in_flight),
+            Err(EngineError::Fenced(why)) => in_flight.fenced(why),
+            Err(_) => drop(in_flight),
+        }
+        match result {
+            Ok(()) => WriteOutcome::Written(prepared.committed),
+            Err(e) => WriteOutcome::Failed(e),
         }
     }
 }
@@ -1015,24 +1018,11 @@ impl Actor for Shard {
 
 impl Handler<Prepared> for Shard {
     async fn handle(&mut self, msg: Prepared, ctx: &Context<Self>) -> Reply<()> {
-        let at = self.groups.iter().position(|g| g.seq == msg.seq).expect("a prepared group is in flight");
-        match msg.result {
-            Ok(_) if self.groups[at].doomed => {
-                let group = self.groups.remove(at).expect("found");
-                self.refuse(group, skipped_error(self.meta.shard_id));
-            }
-            Ok(prepared) => self.start_write(at, prepared, ctx),
-            Err(e) => {
-                // Nothing of it was written. No group was started after it
-                // (one starts only on top of a group being written).
-                tracing::warn!(shard = self.meta.shard_id, error = %e, "group commit failed");
-                let group = self.groups.remove(at).expect("found");
-                self.refuse(group, write_error(self.meta.shard_id, &e));
-                self.recompute_state();
-            }
+        // (Its group may have ended already.)
+        if let Some(group) = self.groups.iter_mut().find(|g| g.seq == msg.seq) {
+            group.prepared = Some((msg.meta, msg.overlay));
+            self.start_commit(ctx);
         }
-        self.start_commit(ctx);
-        self.finish_shutdown().await;
         Reply::now(())
     }
 }
@@ -1040,7 +1030,7 @@ impl Handler<Prepared> for Shard {
 impl Handler<Committed> for Shard {
     async fn handle(&mut self, msg: Committed, ctx: &Context<Self>) -> Reply<()> {
         let group = self.groups.pop_front().expect("a commit completed that was never started");
-        assert_eq!(group.seq, msg.seq, "groups are written in order");
+        assert_eq!(group.seq, msg.seq, "groups end in order");
         let landed = matches!(msg.outcome, WriteOutcome::Written(_));
         match msg.outcome {
             WriteOutcome::Written(commit::GroupCommitted { meta, bytes, duplicates }) => {
@@ -1087,16 +1077,15 @@ impl Handler<Committed> for Shard {
                     report.do_send(ShardFailed { shard_id: self.meta.shard_id, durable_through });
                 }
             }
-            WriteOutcome::Failed(e) => {
+            WriteOutcome::Failed(e) | WriteOutcome::NotPrepared(e) => {
                 tracing::warn!(shard = self.meta.shard_id, error = %e, "group commit failed");
             }
             WriteOutcome::Skipped => {}
         }
         if !landed {
-            // The group prepared on top of this one must not be written:
-            // its write task (if started) skips it, else it is refused once
-            // prepared. The state changes of both did not land; staged
-            // ones still may.
+            // The group prepared on top of this one must not be written
+            // (its commit task skips it, finding this one did not land).
+            // The state changes of both did not land; staged ones still may.
             if let Some(next) = self.groups.front_mut() {
                 next.doomed = true;
             }
@@ -1437,5 +1426,148 @@ where
         let reply = <Self as Handler<M>>::handle(self, msg.op, ctx).await;
         self.serving_stale = false;
         reply.map(move |r| r.map(|v| (v, age)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::actor::HostHandle;
+    use crate::engine::{EngineFactory, OpenMode, WriteBatch};
+    use crate::mem_engine::MemEngineFactory;
+    use crate::task_host::TaskHost;
+
+    /// An engine whose writes take 50 ms, the first one failing with `Io`
+    /// (nothing written) when `fail_first` is set, and whose multi-get
+    /// number `fail_read` (from 1; 0: none) fails with `NoSpace`, as
+    /// RocksDB reports a read's ENOSPC.
+    struct SlowWrites {
+        inner: Arc<dyn Engine>,
+        fail_first: AtomicBool,
+        fail_read: usize,
+        reads: std::sync::atomic::AtomicUsize,
+    }
+
+    impl SlowWrites {
+        fn new(inner: Arc<dyn Engine>, fail_first: bool, fail_read: usize) -> Arc<Self> {
+            Arc::new(SlowWrites {
+                inner,
+                fail_first: AtomicBool::new(fail_first),
+                fail_read,
+                reads: Default::default(),
+            })
+        }
+    }
+
+    #[async_trait]
+    impl Engine for SlowWrites {
+        async fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if self.fail_first.swap(false, Ordering::SeqCst) {
+                return Err(EngineError::Io("injected write error".into()));
+            }
+            self.inner.write(batch, sync).await
+        }
+        async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError> {
+            self.inner.get(key).await
+        }
+        async fn multi_get(&self, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+            if self.reads.fetch_add(1, Ordering::SeqCst) + 1 == self.fail_read {
+                return Err(EngineError::NoSpace("injected: No space left on device".into()));
+            }
+            self.inner.multi_get(keys).await
+        }
+        async fn scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<KvPairs, EngineError> {
+            self.inner.scan(start, end, limit).await
+        }
+        async fn snapshot(&self) -> Result<Arc<dyn EngineSnapshot>, EngineError> {
+            self.inner.snapshot().await
+        }
+        async fn approximate_size(&self) -> Result<u64, EngineError> {
+            self.inner.approximate_size().await
+        }
+        fn stats(&self) -> EngineStats {
+            self.inner.stats()
+        }
+        async fn close(&self) {
+            self.inner.close().await
+        }
+    }
+
+    fn put(key: &str, id: &str) -> Put {
+        let entry = PutEntry { key: key.into(), value: b"v".to_vec(), indexes: vec![] };
+        Put { client_id: "c".into(), entry, request_id: Some(id.into()) }
+    }
+
+    /// Puts A and B arrive together: A's group is written (50 ms) while B's
+    /// is prepared on top of it. When A's write fails, B's group is not
+    /// written and B is answered UNAVAILABLE, as the commit task promises;
+    /// a later put commits on the state without either. When A's write
+    /// succeeds, both land, in two groups.
+    #[tokio::test]
+    async fn a_group_prepared_on_top_of_one_that_fails_is_not_written() {
+        for fail_first in [true, false] {
+            let inner =
+                MemEngineFactory::new().open("/v/s".as_ref(), OpenMode::ReadWrite { create: true }).await.unwrap();
+            let engine = SlowWrites::new(inner.clone(), fail_first, 0);
+            let meta = ShardMeta::new(1, "c".into(), 1 << 20);
+            let shard = Shard::new(engine, meta, Limits::default(), Arc::new(LeaseGate::always_open()));
+            let shard = HostHandle::new(TaskHost).spawn(shard, 16);
+            let a = shard.enqueue(put("a", "A")).await.unwrap();
+            let b = shard.enqueue(put("b", "B")).await.unwrap();
+            let (a, b) = (a.await.unwrap(), b.await.unwrap());
+            shard.send(put("c", "C")).await.unwrap().unwrap();
+            let present = |k: &'static str| {
+                let inner = inner.clone();
+                async move { inner.get(&layout::data_key(k.as_bytes())).await.unwrap().is_some() }
+            };
+            let stats = shard.send(Stats { client_id: "c".into() }).await.unwrap().unwrap();
+            if fail_first {
+                assert!(
+                    matches!(&a, Err(AttacheError::Unavailable { message: m, .. }) if m.contains("injected")),
+                    "{a:?}"
+                );
+                assert!(
+                    matches!(&b, Err(AttacheError::Unavailable { message: m, .. }) if m.contains("group commit before this write failed")),
+                    "{b:?}"
+                );
+                assert!(!present("a").await && !present("b").await && present("c").await);
+                assert_eq!((stats.live_keys, stats.group_commits, stats.committed_ops), (1, 1, 1));
+            } else {
+                assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+                assert!(present("a").await && present("b").await && present("c").await);
+                assert_eq!((stats.live_keys, stats.group_commits, stats.committed_ops), (3, 3, 3));
+            }
+        }
+    }
+
+    /// Puts A and B arrive together, and B's group's reads fail (with
+    /// `NoSpace`, as RocksDB may report a read): B is answered UNAVAILABLE
+    /// (nothing of it was written, so not "outcome unknown"), A lands, and
+    /// the shard goes on serving writes (a failed read is no failed write).
+    #[tokio::test]
+    async fn a_group_whose_reads_fail_is_refused_and_the_shard_serves_on() {
+        let inner = MemEngineFactory::new().open("/v/s".as_ref(), OpenMode::ReadWrite { create: true }).await.unwrap();
+        let meta = ShardMeta::new(1, "c".into(), 1 << 20);
+        let shard = Shard::new(SlowWrites::new(inner.clone(), false, 2), meta, Limits::default(), {
+            Arc::new(LeaseGate::always_open())
+        });
+        let shard = HostHandle::new(TaskHost).spawn(shard, 16);
+        let a = shard.enqueue(put("a", "A")).await.unwrap();
+        let b = shard.enqueue(put("b", "B")).await.unwrap();
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        assert!(a.is_ok(), "{a:?}");
+        assert!(
+            matches!(&b, Err(AttacheError::Unavailable { message: m, .. }) if m.contains("could not read")),
+            "{b:?}"
+        );
+        shard.send(put("c", "C")).await.unwrap().unwrap();
+        let stats = shard.send(Stats { client_id: "c".into() }).await.unwrap().unwrap();
+        assert_eq!((stats.live_keys, stats.group_commits), (2, 2));
     }
 }
