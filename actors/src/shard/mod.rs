@@ -794,6 +794,11 @@ impl GroupTask {
     /// before it landed, and writes it if that one did.
     async fn run(self) -> WriteOutcome {
         let GroupTask { engine, gate, io, me, seq, meta, pending, requests, window_ms, before } = self;
+        // A slow preparation (RocksDB's reads and the batch's build take
+        // real time; the simulated engine's reads take none): requests that
+        // come meanwhile start the next group on top of this one, so the
+        // simulation runs the pipeline, skips after a failed write included.
+        crate::buggify::delay("shard.commit.prepare", 20).await;
         let reading = io.begin();
         let prepared =
             commit::prepare_group(&*engine, &meta, pending.as_deref(), &requests, wall_clock_ms(), window_ms).await;
@@ -1080,7 +1085,9 @@ impl Handler<Committed> for Shard {
             WriteOutcome::Failed(e) | WriteOutcome::NotPrepared(e) => {
                 tracing::warn!(shard = self.meta.shard_id, error = %e, "group commit failed");
             }
-            WriteOutcome::Skipped => {}
+            WriteOutcome::Skipped => {
+                tracing::debug!(shard = self.meta.shard_id, "group not written: the one before it did not land");
+            }
         }
         if !landed {
             // The group prepared on top of this one must not be written
