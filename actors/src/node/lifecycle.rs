@@ -215,13 +215,11 @@ macro_rules! lifecycle_call {
         }
 
         impl Handler<$name> for Node {
-            async fn handle(&mut self, $msg: $name, _ctx: &Context<Self>) -> Reply<Result<PlacedShard, AttacheError>> {
-                let (volume_id, $shards) = match self.shard_manager($msg.shard_id).await {
-                    Ok(found) => found,
-                    Err(e) => return Reply::now(Err(e)),
-                };
+            async fn handle(&mut self, $msg: $name, ctx: &Context<Self>) -> Reply<Result<PlacedShard, AttacheError>> {
+                let route = self.route_to_primary($msg.shard_id, ctx);
                 let meta = self.meta.clone();
                 Reply::later(async move {
+                    let (volume_id, $shards) = route.resolve().await?;
                     let shard_id = $msg.shard_id;
                     let info = match $forward.await.unwrap_or_else(|e| Err(e.into())) {
                         Ok(info) => info,

@@ -200,7 +200,7 @@ pub struct Node {
     lease: LeaseId,
     startup_error: Option<AttacheError>,
     volumes: BTreeMap<String, VolumeSlot>,
-    routes: BTreeMap<ShardId, String>,
+    routes: BTreeMap<ShardId, routing::Known>,
     ready_waiters: Vec<oneshot::Sender<Result<NodeRecord, AttacheError>>>,
     stopping: bool,
     claims: Option<ClaimLog>,

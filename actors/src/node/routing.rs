@@ -1,15 +1,24 @@
 //! Client requests routed by shard id: the node finds the shard's volume
 //! (from the metadata store, then cached) and forwards the request to that
-//! volume's `ShardManager` when this node is its primary, keeping the
-//! caller's order; stale reads may also go to the read-only view a backup
-//! keeps. Otherwise the client gets `UNAVAILABLE` with the primary's address
-//! as a hint.
+//! volume's `ShardManager` when this node is its primary; stale reads may
+//! also go to the read-only view a backup keeps. Otherwise the client gets
+//! `UNAVAILABLE` with the primary's address as a hint.
+//!
+//! The node actor never waits on the metadata store to route: a shard not
+//! in the cache, and the hint of a refusal, are looked up outside it (see
+//! [`Route`]). Each refusal costs two reads of the metadata store; done in
+//! the actor, they had capped a node at about 30 misrouted requests a
+//! second in the simulation, and under a retry storm its mailbox held
+//! every request (role changes included) for tens of seconds (scenario
+//! `misrouted-requests-under-load`).
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::actor::{Addr, Context, Handler, Message, Reply};
 use crate::error::AttacheError;
-use crate::meta::store::{ShardRecord, VolumeRecord};
+use crate::meta::store::{MetaOps, ShardRecord, VolumeRecord};
 use crate::shard::layout::ShardState;
 use crate::shard::{ShardId, ShardOp, Stale, StaleRead};
 use crate::shard_manager::{ShardCall, ShardManager};
@@ -17,60 +26,174 @@ use crate::volume::Role;
 
 use super::{meta_unavailable, Node, VolumeSlot};
 
+/// What the node knows of a shard's volume: [`Node`]'s route cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Known {
+    /// The shard lives on this volume (a shard never moves).
+    Volume(String),
+    /// The shard was deleted (final: shard ids are never reused).
+    Deleted,
+}
+
+/// Where a request for a shard goes, decided by the node actor without
+/// waiting on the metadata store: a lookup (a shard not cached yet, the
+/// primary's address for a hint) runs outside the actor, so one slow or
+/// misrouted request does not hold up the node's others, nor the volume
+/// role changes queued behind them.
+pub(super) enum Route {
+    /// To this shard manager of the volume (by its id), now.
+    Here(String, Addr<ShardManager>),
+    /// Refused now.
+    Refused(AttacheError),
+    /// Known once the metadata store answers.
+    Later(futures::future::BoxFuture<'static, Result<(String, Addr<ShardManager>), AttacheError>>),
+}
+
+impl Route {
+    /// The volume and shard manager, or why there is none.
+    pub(super) async fn resolve(self) -> Result<(String, Addr<ShardManager>), AttacheError> {
+        match self {
+            Route::Here(volume_id, shards) => Ok((volume_id, shards)),
+            Route::Refused(e) => Err(e),
+            Route::Later(lookup) => lookup.await,
+        }
+    }
+}
+
+/// Tells the node what the metadata store said of a shard's volume, to cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct LearnRoute {
+    shard_id: ShardId,
+    known: Known,
+}
+
+impl Message for LearnRoute {
+    type Reply = ();
+}
+
+impl Handler<LearnRoute> for Node {
+    async fn handle(&mut self, msg: LearnRoute, _ctx: &Context<Self>) -> Reply<()> {
+        self.routes.insert(msg.shard_id, msg.known);
+        Reply::now(())
+    }
+}
+
+fn deleted(shard_id: ShardId) -> AttacheError {
+    AttacheError::NotFound(format!("shard {shard_id} was deleted"))
+}
+
+/// The volume a shard lives on, from the metadata store; the answer is
+/// sent to the node (`me`) to cache. Errors: `NotFound` (deleted, or no
+/// such shard), `Unavailable` (the metadata store did not answer).
+async fn look_up(meta: &MetaOps, me: &Addr<Node>, shard_id: ShardId) -> Result<String, AttacheError> {
+    match meta.shard(shard_id).await.map_err(meta_unavailable)? {
+        Some(ShardRecord { state: ShardState::Deleted, .. }) => {
+            me.do_send(LearnRoute { shard_id, known: Known::Deleted });
+            Err(deleted(shard_id))
+        }
+        Some(record) => {
+            me.do_send(LearnRoute { shard_id, known: Known::Volume(record.volume_id.clone()) });
+            Ok(record.volume_id)
+        }
+        None => Err(AttacheError::NotFound(format!("shard {shard_id} does not exist: check the id NewShard returned"))),
+    }
+}
+
+/// `UNAVAILABLE` for a volume this node does not serve, naming its primary
+/// when the metadata store knows it (two reads: the volume's record, the
+/// live nodes).
+async fn not_primary(meta: &MetaOps, volume_id: &str) -> AttacheError {
+    let hint = match meta.volume(volume_id).await {
+        Ok(Some((VolumeRecord { primary, .. }, _))) => meta
+            .live_nodes()
+            .await
+            .ok()
+            .and_then(|nodes| nodes.into_iter().find(|n| n.node_id == primary))
+            .map(|n| n.address),
+        _ => None,
+    };
+    let message = match &hint {
+        Some(addr) => format!("this node is not the primary for volume {volume_id}; the primary is at {addr}"),
+        None => format!("this node is not the primary for volume {volume_id} and no primary is known yet; retry"),
+    };
+    AttacheError::Unavailable { message, primary_hint: hint }
+}
+
 impl Node {
-    /// The volume a shard lives on, from the cache or the metadata store.
-    pub(super) async fn volume_of(&mut self, shard_id: ShardId) -> Result<String, AttacheError> {
-        if let Some(v) = self.routes.get(&shard_id) {
-            return Ok(v.clone());
-        }
-        match self.meta.shard(shard_id).await.map_err(meta_unavailable)? {
-            Some(ShardRecord { state: ShardState::Deleted, .. }) => {
-                Err(AttacheError::NotFound(format!("shard {shard_id} was deleted")))
-            }
-            Some(record) => {
-                self.routes.insert(shard_id, record.volume_id.clone());
-                Ok(record.volume_id)
-            }
-            None => {
-                Err(AttacheError::NotFound(format!("shard {shard_id} does not exist: check the id NewShard returned")))
-            }
-        }
-    }
-
-    /// `UNAVAILABLE` for a volume this node does not serve, naming its primary when known.
-    pub(super) async fn not_primary(&self, volume_id: &str) -> AttacheError {
-        let hint = match self.meta.volume(volume_id).await {
-            Ok(Some((VolumeRecord { primary, .. }, _))) => self
-                .meta
-                .live_nodes()
-                .await
-                .ok()
-                .and_then(|nodes| nodes.into_iter().find(|n| n.node_id == primary))
-                .map(|n| n.address),
-            _ => None,
-        };
-        let message = match &hint {
-            Some(addr) => format!("this node is not the primary for volume {volume_id}; the primary is at {addr}"),
-            None => format!("this node is not the primary for volume {volume_id} and no primary is known yet; retry"),
-        };
-        AttacheError::Unavailable { message, primary_hint: hint }
-    }
-
-    /// The shard manager serving `shard_id` here, or why there is none.
-    pub(super) async fn shard_manager(
-        &mut self,
+    /// Where a request for `shard_id` goes: to the shard manager that
+    /// `serves` picks from a volume's slot (`None`: this node does not
+    /// serve the request for that volume, and the client gets
+    /// `UNAVAILABLE` with the primary's address as a hint).
+    fn route(
+        &self,
         shard_id: ShardId,
-    ) -> Result<(String, Addr<ShardManager>), AttacheError> {
+        ctx: &Context<Self>,
+        serves: fn(&VolumeSlot) -> Option<&Addr<ShardManager>>,
+    ) -> Route {
         if self.stopping {
-            return Err(AttacheError::unavailable("this node is shutting down; retry on another node"));
+            return Route::Refused(AttacheError::unavailable("this node is shutting down; retry on another node"));
         }
-        let volume_id = self.volume_of(shard_id).await?;
-        match self.volumes.get(&volume_id) {
-            Some(VolumeSlot { role: Role::Primary { .. }, shards: Some(shards), .. }) => {
-                Ok((volume_id, shards.clone()))
+        let meta = self.meta.clone();
+        match self.routes.get(&shard_id) {
+            Some(Known::Deleted) => Route::Refused(deleted(shard_id)),
+            Some(Known::Volume(volume_id)) => match self.volumes.get(volume_id).and_then(serves) {
+                Some(shards) => Route::Here(volume_id.clone(), shards.clone()),
+                None => {
+                    let volume_id = volume_id.clone();
+                    Route::Later(Box::pin(async move { Err(not_primary(&meta, &volume_id).await) }))
+                }
+            },
+            None => {
+                // The managers as of now: a role that changes during the
+                // lookup is one that changes after the request was routed.
+                let here: BTreeMap<String, Addr<ShardManager>> = self
+                    .volumes
+                    .iter()
+                    .filter_map(|(volume_id, slot)| serves(slot).map(|s| (volume_id.clone(), s.clone())))
+                    .collect();
+                let me = ctx.address();
+                Route::Later(Box::pin(async move {
+                    let volume_id = look_up(&meta, &me, shard_id).await?;
+                    match here.get(&volume_id) {
+                        Some(shards) => Ok((volume_id, shards.clone())),
+                        None => Err(not_primary(&meta, &volume_id).await),
+                    }
+                }))
             }
-            _ => Err(self.not_primary(&volume_id).await),
         }
+    }
+
+    /// [`Node::route`] to the volume's primary shard manager on this node.
+    pub(super) fn route_to_primary(&self, shard_id: ShardId, ctx: &Context<Self>) -> Route {
+        self.route(shard_id, ctx, |slot| match slot {
+            VolumeSlot { role: Role::Primary { .. }, shards: Some(shards), .. } => Some(shards),
+            _ => None,
+        })
+    }
+}
+
+/// Forwards `msg` to the shard manager `route` names: enqueued by the
+/// node actor when the route is known now (so requests keep the order of
+/// the node's mailbox), else sent once the lookup answers.
+async fn forward<T, M>(route: Route, msg: M) -> Reply<Result<T, AttacheError>>
+where
+    T: Send + 'static,
+    M: Message<Reply = Result<T, AttacheError>>,
+    ShardManager: Handler<M>,
+{
+    let shards = match route {
+        Route::Here(_, shards) => shards,
+        Route::Refused(e) => return Reply::now(Err(e)),
+        later => {
+            return Reply::later(async move {
+                let (_, shards) = later.resolve().await?;
+                shards.send(msg).await.unwrap_or_else(|e| Err(e.into()))
+            })
+        }
+    };
+    match shards.enqueue(msg).await {
+        Ok(pending) => Reply::later(async move { pending.await.unwrap_or_else(|e| Err(e.into())) }),
+        Err(e) => Reply::now(Err(e.into())),
     }
 }
 
@@ -78,15 +201,8 @@ impl<M: ShardOp> Handler<ShardCall<M>> for Node
 where
     ShardManager: Handler<ShardCall<M>>,
 {
-    async fn handle(&mut self, msg: ShardCall<M>, _ctx: &Context<Self>) -> Reply<M::Reply> {
-        let shards = match self.shard_manager(msg.shard_id).await {
-            Ok((_, shards)) => shards,
-            Err(e) => return Reply::now(Err(e)),
-        };
-        match shards.enqueue(msg).await {
-            Ok(pending) => Reply::later(async move { pending.await.unwrap_or_else(|e| Err(e.into())) }),
-            Err(e) => Reply::now(Err(e.into())),
-        }
+    async fn handle(&mut self, msg: ShardCall<M>, ctx: &Context<Self>) -> Reply<M::Reply> {
+        forward(self.route_to_primary(msg.shard_id, ctx), msg).await
     }
 }
 
@@ -102,8 +218,16 @@ impl Message for VolumeOf {
 }
 
 impl Handler<VolumeOf> for Node {
-    async fn handle(&mut self, msg: VolumeOf, _ctx: &Context<Self>) -> Reply<Result<String, AttacheError>> {
-        Reply::now(self.volume_of(msg.shard_id).await)
+    async fn handle(&mut self, msg: VolumeOf, ctx: &Context<Self>) -> Reply<Result<String, AttacheError>> {
+        let shard_id = msg.shard_id;
+        match self.routes.get(&shard_id) {
+            Some(Known::Volume(volume_id)) => Reply::now(Ok(volume_id.clone())),
+            Some(Known::Deleted) => Reply::now(Err(deleted(shard_id))),
+            None => {
+                let (meta, me) = (self.meta.clone(), ctx.address());
+                Reply::later(async move { look_up(&meta, &me, shard_id).await })
+            }
+        }
     }
 }
 
@@ -127,29 +251,13 @@ impl<M: StaleRead> Handler<StaleCall<M>> for Node
 where
     ShardManager: Handler<ShardCall<Stale<M>>>,
 {
-    async fn handle(&mut self, msg: StaleCall<M>, _ctx: &Context<Self>) -> Reply<Result<(M::Ok, u64), AttacheError>> {
-        if self.stopping {
-            return Reply::now(Err(AttacheError::unavailable("this node is shutting down; retry on another node")));
-        }
-        let volume_id = match self.volume_of(msg.shard_id).await {
-            Ok(v) => v,
-            Err(e) => return Reply::now(Err(e)),
-        };
-        let shards = match self.volumes.get(&volume_id) {
-            Some(VolumeSlot { role: Role::Primary { .. } | Role::Backup { .. }, shards: Some(shards), .. }) => {
-                shards.clone()
-            }
-            _ => return Reply::now(Err(self.not_primary(&volume_id).await)),
-        };
-        match shards
-            .enqueue(ShardCall {
-                shard_id: msg.shard_id,
-                op: Stale { op: msg.op, max_staleness_ms: msg.max_staleness_ms },
-            })
-            .await
-        {
-            Ok(pending) => Reply::later(async move { pending.await.unwrap_or_else(|e| Err(e.into())) }),
-            Err(e) => Reply::now(Err(e.into())),
-        }
+    async fn handle(&mut self, msg: StaleCall<M>, ctx: &Context<Self>) -> Reply<Result<(M::Ok, u64), AttacheError>> {
+        let route = self.route(msg.shard_id, ctx, |slot| match slot {
+            VolumeSlot { role: Role::Primary { .. } | Role::Backup { .. }, shards: Some(shards), .. } => Some(shards),
+            _ => None,
+        });
+        let call =
+            ShardCall { shard_id: msg.shard_id, op: Stale { op: msg.op, max_staleness_ms: msg.max_staleness_ms } };
+        forward(route, call).await
     }
 }
