@@ -336,8 +336,10 @@ impl Handler<GetClusterStatus> for Node {
     }
 }
 
-/// Shuts the node down: stops taking requests, lets in-flight writes finish,
-/// closes every volume, and revokes the lease. Replies when done.
+/// Shuts the node down: stops taking requests (one whose route lookup was
+/// under way is refused by its volume's shard manager once that volume is
+/// closed), lets in-flight writes finish, closes every volume, and revokes
+/// the lease. Replies when done.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShutdownNode;
 

@@ -201,6 +201,8 @@ pub struct Node {
     startup_error: Option<AttacheError>,
     volumes: BTreeMap<String, VolumeSlot>,
     routes: BTreeMap<ShardId, routing::Known>,
+    /// Permits for route lookups outside the actor ([`routing::MAX_ROUTE_LOOKUPS`]).
+    lookups: Arc<tokio::sync::Semaphore>,
     ready_waiters: Vec<oneshot::Sender<Result<NodeRecord, AttacheError>>>,
     stopping: bool,
     claims: Option<ClaimLog>,
@@ -239,6 +241,7 @@ impl Node {
             startup_error: None,
             volumes: BTreeMap::new(),
             routes: BTreeMap::new(),
+            lookups: Arc::new(tokio::sync::Semaphore::new(routing::MAX_ROUTE_LOOKUPS)),
             ready_waiters: Vec::new(),
             stopping: false,
             claims,

@@ -73,9 +73,40 @@ impl Message for LearnRoute {
 
 impl Handler<LearnRoute> for Node {
     async fn handle(&mut self, msg: LearnRoute, _ctx: &Context<Self>) -> Reply<()> {
-        self.routes.insert(msg.shard_id, msg.known);
+        // Deleted is final: an older lookup's answer does not undo it.
+        if self.routes.get(&msg.shard_id) != Some(&Known::Deleted) {
+            self.routes.insert(msg.shard_id, msg.known);
+        }
         Reply::now(())
     }
+}
+
+/// Most route lookups (a shard's volume, a refusal's primary hint) a node
+/// runs at once; past that a request that needs one is refused at once
+/// with `UNAVAILABLE` (no hint), so a storm of misrouted requests neither
+/// holds requests in memory without bound nor floods the metadata store
+/// that also renews the nodes' leases.
+pub const MAX_ROUTE_LOOKUPS: usize = 64;
+
+/// How long a route lookup may take, ms; past that the request is refused
+/// with `UNAVAILABLE` (a refusal's hint is left out) and has had no
+/// effect. Half the shortest attempt timeout a client uses (the
+/// simulation's `op_timeout_ms`, 1000 ms; `ClientSettings` defaults to 10
+/// s), so the client still gets the answer; and a request must not linger
+/// in the node past its client's retry: a write forwarded after its retry
+/// was applied and its request id forgotten (`request_window_ms`) would
+/// apply twice.
+pub const ROUTE_LOOKUP_TIMEOUT_MS: u64 = 500;
+
+/// `lookup`, given at most [`ROUTE_LOOKUP_TIMEOUT_MS`].
+async fn bounded<T>(lookup: impl std::future::Future<Output = Result<T, AttacheError>>) -> Result<T, AttacheError> {
+    let limit = std::time::Duration::from_millis(ROUTE_LOOKUP_TIMEOUT_MS);
+    tokio::time::timeout(limit, lookup).await.unwrap_or_else(|_| {
+        tracing::debug!(ms = ROUTE_LOOKUP_TIMEOUT_MS, "route lookup gave up: the metadata store did not answer");
+        Err(AttacheError::unavailable(format!(
+            "the metadata store did not say within {ROUTE_LOOKUP_TIMEOUT_MS} ms where this shard lives; retry"
+        )))
+    })
 }
 
 fn deleted(shard_id: ShardId) -> AttacheError {
@@ -102,16 +133,22 @@ async fn look_up(meta: &MetaOps, me: &Addr<Node>, shard_id: ShardId) -> Result<S
 /// `UNAVAILABLE` for a volume this node does not serve, naming its primary
 /// when the metadata store knows it (two reads: the volume's record, the
 /// live nodes).
+/// The hint is left out when the reads take over [`ROUTE_LOOKUP_TIMEOUT_MS`].
 async fn not_primary(meta: &MetaOps, volume_id: &str) -> AttacheError {
-    let hint = match meta.volume(volume_id).await {
-        Ok(Some((VolumeRecord { primary, .. }, _))) => meta
-            .live_nodes()
-            .await
-            .ok()
-            .and_then(|nodes| nodes.into_iter().find(|n| n.node_id == primary))
-            .map(|n| n.address),
-        _ => None,
-    };
+    let hint = bounded(async {
+        Ok(match meta.volume(volume_id).await {
+            Ok(Some((VolumeRecord { primary, .. }, _))) => meta
+                .live_nodes()
+                .await
+                .ok()
+                .and_then(|nodes| nodes.into_iter().find(|n| n.node_id == primary))
+                .map(|n| n.address),
+            _ => None,
+        })
+    })
+    .await
+    .ok()
+    .flatten();
     let message = match &hint {
         Some(addr) => format!("this node is not the primary for volume {volume_id}; the primary is at {addr}"),
         None => format!("this node is not the primary for volume {volume_id} and no primary is known yet; retry"),
@@ -134,18 +171,35 @@ impl Node {
             return Route::Refused(AttacheError::unavailable("this node is shutting down; retry on another node"));
         }
         let meta = self.meta.clone();
+        let permit = self.lookups.clone().try_acquire_owned();
         match self.routes.get(&shard_id) {
             Some(Known::Deleted) => Route::Refused(deleted(shard_id)),
-            Some(Known::Volume(volume_id)) => match self.volumes.get(volume_id).and_then(serves) {
-                Some(shards) => Route::Here(volume_id.clone(), shards.clone()),
-                None => {
+            Some(Known::Volume(volume_id)) => match (self.volumes.get(volume_id).and_then(serves), permit) {
+                (Some(shards), _) => Route::Here(volume_id.clone(), shards.clone()),
+                (None, Ok(permit)) => {
                     let volume_id = volume_id.clone();
-                    Route::Later(Box::pin(async move { Err(not_primary(&meta, &volume_id).await) }))
+                    Route::Later(Box::pin(async move {
+                        let refusal = not_primary(&meta, &volume_id).await;
+                        drop(permit);
+                        Err(refusal)
+                    }))
                 }
+                (None, Err(_)) => Route::Refused(AttacheError::Unavailable {
+                    message: format!(
+                        "this node is not the primary for volume {volume_id} (too busy to look the primary up); \
+                         retry at the primary"
+                    ),
+                    primary_hint: None,
+                }),
             },
+            None if permit.is_err() => Route::Refused(AttacheError::unavailable(format!(
+                "this node is looking up {MAX_ROUTE_LOOKUPS} shards' volumes at once and cannot look up shard \
+                 {shard_id}'s now; retry"
+            ))),
             None => {
                 // The managers as of now: a role that changes during the
-                // lookup is one that changes after the request was routed.
+                // lookup is one that changes after the request was routed
+                // (its manager, retired first, refuses it).
                 let here: BTreeMap<String, Addr<ShardManager>> = self
                     .volumes
                     .iter()
@@ -153,7 +207,8 @@ impl Node {
                     .collect();
                 let me = ctx.address();
                 Route::Later(Box::pin(async move {
-                    let volume_id = look_up(&meta, &me, shard_id).await?;
+                    let _permit = permit;
+                    let volume_id = bounded(look_up(&meta, &me, shard_id)).await?;
                     match here.get(&volume_id) {
                         Some(shards) => Ok((volume_id, shards.clone())),
                         None => Err(not_primary(&meta, &volume_id).await),
@@ -173,8 +228,11 @@ impl Node {
 }
 
 /// Forwards `msg` to the shard manager `route` names: enqueued by the
-/// node actor when the route is known now (so requests keep the order of
-/// the node's mailbox), else sent once the lookup answers.
+/// node actor when the route is known now (requests with a known route
+/// keep the order of the node's mailbox), else sent once the lookup
+/// answers (within [`ROUTE_LOOKUP_TIMEOUT_MS`]; a request sent meanwhile
+/// may overtake it). A manager whose volume changed role in the meantime
+/// refuses it: it was retired first (`ShardManager::retired_flag`).
 async fn forward<T, M>(route: Route, msg: M) -> Reply<Result<T, AttacheError>>
 where
     T: Send + 'static,
@@ -225,7 +283,7 @@ impl Handler<VolumeOf> for Node {
             Some(Known::Deleted) => Reply::now(Err(deleted(shard_id))),
             None => {
                 let (meta, me) = (self.meta.clone(), ctx.address());
-                Reply::later(async move { look_up(&meta, &me, shard_id).await })
+                Reply::later(async move { bounded(look_up(&meta, &me, shard_id)).await })
             }
         }
     }

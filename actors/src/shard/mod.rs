@@ -697,9 +697,9 @@ impl Shard {
         if self.staged.is_empty() || self.failed {
             return;
         }
-        let (meta, pending, before) = match self.groups.iter_mut().collect::<Vec<_>>().as_mut_slice() {
-            [] => (self.meta.clone(), None, None),
-            [Group { prepared: Some((meta, overlay)), doomed: false, landed, .. }] => {
+        let (meta, pending, before) = match (self.groups.len(), self.groups.front_mut()) {
+            (0, _) => (self.meta.clone(), None, None),
+            (1, Some(Group { prepared: Some((meta, overlay)), doomed: false, landed, .. })) => {
                 let before = landed.take().expect("one group is committed on top of another");
                 (meta.clone(), Some(overlay.clone()), Some(before))
             }
