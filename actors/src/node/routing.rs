@@ -132,8 +132,7 @@ async fn look_up(meta: &MetaOps, me: &Addr<Node>, shard_id: ShardId) -> Result<S
 
 /// `UNAVAILABLE` for a volume this node does not serve, naming its primary
 /// when the metadata store knows it (two reads: the volume's record, the
-/// live nodes).
-/// The hint is left out when the reads take over [`ROUTE_LOOKUP_TIMEOUT_MS`].
+/// live nodes), left out when the reads take over [`ROUTE_LOOKUP_TIMEOUT_MS`].
 async fn not_primary(meta: &MetaOps, volume_id: &str) -> AttacheError {
     let hint = bounded(async {
         Ok(match meta.volume(volume_id).await {
@@ -171,32 +170,36 @@ impl Node {
             return Route::Refused(AttacheError::unavailable("this node is shutting down; retry on another node"));
         }
         let meta = self.meta.clone();
-        let permit = self.lookups.clone().try_acquire_owned();
+        let permit = || self.lookups.clone().try_acquire_owned();
         match self.routes.get(&shard_id) {
             Some(Known::Deleted) => Route::Refused(deleted(shard_id)),
-            Some(Known::Volume(volume_id)) => match (self.volumes.get(volume_id).and_then(serves), permit) {
-                (Some(shards), _) => Route::Here(volume_id.clone(), shards.clone()),
-                (None, Ok(permit)) => {
-                    let volume_id = volume_id.clone();
-                    Route::Later(Box::pin(async move {
-                        let refusal = not_primary(&meta, &volume_id).await;
-                        drop(permit);
-                        Err(refusal)
-                    }))
-                }
-                (None, Err(_)) => Route::Refused(AttacheError::Unavailable {
-                    message: format!(
-                        "this node is not the primary for volume {volume_id} (too busy to look the primary up); \
-                         retry at the primary"
-                    ),
-                    primary_hint: None,
-                }),
+            Some(Known::Volume(volume_id)) => match self.volumes.get(volume_id).and_then(serves) {
+                Some(shards) => Route::Here(volume_id.clone(), shards.clone()),
+                None => match permit() {
+                    Ok(permit) => {
+                        let volume_id = volume_id.clone();
+                        Route::Later(Box::pin(async move {
+                            let refusal = not_primary(&meta, &volume_id).await;
+                            drop(permit);
+                            Err(refusal)
+                        }))
+                    }
+                    Err(_) => Route::Refused(AttacheError::Unavailable {
+                        message: format!(
+                            "this node is not the primary for volume {volume_id} (too busy to look the primary up); \
+                             retry at the primary"
+                        ),
+                        primary_hint: None,
+                    }),
+                },
             },
-            None if permit.is_err() => Route::Refused(AttacheError::unavailable(format!(
-                "this node is looking up {MAX_ROUTE_LOOKUPS} shards' volumes at once and cannot look up shard \
-                 {shard_id}'s now; retry"
-            ))),
             None => {
+                let Ok(permit) = permit() else {
+                    return Route::Refused(AttacheError::unavailable(format!(
+                        "this node is looking up {MAX_ROUTE_LOOKUPS} shards' volumes at once and cannot look up \
+                         shard {shard_id}'s now; retry"
+                    )));
+                };
                 // The managers as of now: a role that changes during the
                 // lookup is one that changes after the request was routed
                 // (its manager, retired first, refuses it).
