@@ -81,32 +81,63 @@ impl Handler<LearnRoute> for Node {
     }
 }
 
-/// Most route lookups (a shard's volume, a refusal's primary hint) a node
-/// runs at once; past that a request that needs one is refused at once
-/// with `UNAVAILABLE` (no hint), so a storm of misrouted requests neither
-/// holds requests in memory without bound nor floods the metadata store
-/// that also renews the nodes' leases.
+/// Most route lookups (a shard's volume, a refusal's primary hint, a
+/// `VolumeOf`) a node runs at once; past that a request that needs one is
+/// refused at once with `UNAVAILABLE` (no hint). So a storm of misrouted
+/// requests holds at most this many requests waiting on a lookup, and
+/// sends at most this many reads at once to the metadata store, which also
+/// renews the nodes' leases.
 pub const MAX_ROUTE_LOOKUPS: usize = 64;
 
-/// How long a route lookup may take, ms; past that the request is refused
-/// with `UNAVAILABLE` (a refusal's hint is left out) and has had no
-/// effect. Half the shortest attempt timeout a client uses (the
+/// How long the lookups for one request may take together, ms (a soft
+/// bound: a lookup ready when the timer fires still wins); past that the
+/// request is refused with `UNAVAILABLE` (a refusal's hint is left out) and
+/// has had no effect. Half the shortest attempt timeout a client uses (the
 /// simulation's `op_timeout_ms`, 1000 ms; `ClientSettings` defaults to 10
-/// s), so the client still gets the answer; and a request must not linger
-/// in the node past its client's retry: a write forwarded after its retry
-/// was applied and its request id forgotten (`request_window_ms`) would
-/// apply twice.
+/// s), so the client still gets the answer. It must stay well under the
+/// request-id window (`request_window_ms`: 5 s in the simulation, 600 s by
+/// default): a write forwarded after its retry was applied and its request
+/// id forgotten would apply twice. (A retry or a hedged attempt may still
+/// overtake a write waiting on its lookup; within the window its request id
+/// makes that harmless.)
 pub const ROUTE_LOOKUP_TIMEOUT_MS: u64 = 500;
 
-/// `lookup`, given at most [`ROUTE_LOOKUP_TIMEOUT_MS`].
-async fn bounded<T>(lookup: impl std::future::Future<Output = Result<T, AttacheError>>) -> Result<T, AttacheError> {
-    let limit = std::time::Duration::from_millis(ROUTE_LOOKUP_TIMEOUT_MS);
-    tokio::time::timeout(limit, lookup).await.unwrap_or_else(|_| {
+/// When the lookups of a request that starts now must end.
+fn lookup_deadline() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_millis(ROUTE_LOOKUP_TIMEOUT_MS)
+}
+
+/// `lookup`, or `None` when it has not ended by `deadline`.
+async fn bounded<T>(deadline: tokio::time::Instant, lookup: impl std::future::Future<Output = T>) -> Option<T> {
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let done = tokio::time::timeout(left, lookup).await.ok();
+    if done.is_none() {
         tracing::debug!(ms = ROUTE_LOOKUP_TIMEOUT_MS, "route lookup gave up: the metadata store did not answer");
+    }
+    done
+}
+
+/// The volume of `shard_id`, looked up by `deadline` ([`look_up`]).
+async fn look_up_by(
+    deadline: tokio::time::Instant,
+    meta: &MetaOps,
+    me: &Addr<Node>,
+    shard_id: ShardId,
+) -> Result<String, AttacheError> {
+    bounded(deadline, look_up(meta, me, shard_id)).await.unwrap_or_else(|| {
         Err(AttacheError::unavailable(format!(
-            "the metadata store did not say within {ROUTE_LOOKUP_TIMEOUT_MS} ms where this shard lives; retry"
+            "the metadata store did not say within {ROUTE_LOOKUP_TIMEOUT_MS} ms where shard {shard_id} lives; retry"
         )))
     })
+}
+
+/// Why a request that needs a route lookup is refused when every permit
+/// ([`MAX_ROUTE_LOOKUPS`]) is taken.
+fn too_busy(what: &str) -> AttacheError {
+    AttacheError::unavailable(format!(
+        "this node has {MAX_ROUTE_LOOKUPS} route lookups under way and does not look up {what} now; retry, on \
+         another node if this one stays busy"
+    ))
 }
 
 fn deleted(shard_id: ShardId) -> AttacheError {
@@ -132,10 +163,10 @@ async fn look_up(meta: &MetaOps, me: &Addr<Node>, shard_id: ShardId) -> Result<S
 
 /// `UNAVAILABLE` for a volume this node does not serve, naming its primary
 /// when the metadata store knows it (two reads: the volume's record, the
-/// live nodes), left out when the reads take over [`ROUTE_LOOKUP_TIMEOUT_MS`].
-async fn not_primary(meta: &MetaOps, volume_id: &str) -> AttacheError {
-    let hint = bounded(async {
-        Ok(match meta.volume(volume_id).await {
+/// live nodes) by `deadline`.
+async fn not_primary(deadline: tokio::time::Instant, meta: &MetaOps, volume_id: &str) -> AttacheError {
+    let hint = bounded(deadline, async {
+        match meta.volume(volume_id).await {
             Ok(Some((VolumeRecord { primary, .. }, _))) => meta
                 .live_nodes()
                 .await
@@ -143,16 +174,20 @@ async fn not_primary(meta: &MetaOps, volume_id: &str) -> AttacheError {
                 .and_then(|nodes| nodes.into_iter().find(|n| n.node_id == primary))
                 .map(|n| n.address),
             _ => None,
-        })
+        }
     })
-    .await
-    .ok()
-    .flatten();
+    .await;
     let message = match &hint {
-        Some(addr) => format!("this node is not the primary for volume {volume_id}; the primary is at {addr}"),
-        None => format!("this node is not the primary for volume {volume_id} and no primary is known yet; retry"),
+        Some(Some(addr)) => format!("this node is not the primary for volume {volume_id}; the primary is at {addr}"),
+        Some(None) => {
+            format!("this node is not the primary for volume {volume_id} and no primary is known yet; retry")
+        }
+        None => format!(
+            "this node is not the primary for volume {volume_id}, and the metadata store did not say within \
+             {ROUTE_LOOKUP_TIMEOUT_MS} ms which node is; retry on another node"
+        ),
     };
-    AttacheError::Unavailable { message, primary_hint: hint }
+    AttacheError::Unavailable { message, primary_hint: hint.flatten() }
 }
 
 impl Node {
@@ -179,26 +214,19 @@ impl Node {
                     Ok(permit) => {
                         let volume_id = volume_id.clone();
                         Route::Later(Box::pin(async move {
-                            let refusal = not_primary(&meta, &volume_id).await;
+                            let refusal = not_primary(lookup_deadline(), &meta, &volume_id).await;
                             drop(permit);
                             Err(refusal)
                         }))
                     }
-                    Err(_) => Route::Refused(AttacheError::Unavailable {
-                        message: format!(
-                            "this node is not the primary for volume {volume_id} (too busy to look the primary up); \
-                             retry at the primary"
-                        ),
-                        primary_hint: None,
-                    }),
+                    Err(_) => Route::Refused(too_busy(&format!(
+                        "which node is the primary for volume {volume_id}, which this node is not"
+                    ))),
                 },
             },
             None => {
                 let Ok(permit) = permit() else {
-                    return Route::Refused(AttacheError::unavailable(format!(
-                        "this node is looking up {MAX_ROUTE_LOOKUPS} shards' volumes at once and cannot look up \
-                         shard {shard_id}'s now; retry"
-                    )));
+                    return Route::Refused(too_busy(&format!("which volume shard {shard_id} is on")));
                 };
                 // The managers as of now: a role that changes during the
                 // lookup is one that changes after the request was routed
@@ -211,10 +239,11 @@ impl Node {
                 let me = ctx.address();
                 Route::Later(Box::pin(async move {
                     let _permit = permit;
-                    let volume_id = bounded(look_up(&meta, &me, shard_id)).await?;
+                    let deadline = lookup_deadline();
+                    let volume_id = look_up_by(deadline, &meta, &me, shard_id).await?;
                     match here.get(&volume_id) {
                         Some(shards) => Ok((volume_id, shards.clone())),
-                        None => Err(not_primary(&meta, &volume_id).await),
+                        None => Err(not_primary(deadline, &meta, &volume_id).await),
                     }
                 }))
             }
@@ -285,8 +314,14 @@ impl Handler<VolumeOf> for Node {
             Some(Known::Volume(volume_id)) => Reply::now(Ok(volume_id.clone())),
             Some(Known::Deleted) => Reply::now(Err(deleted(shard_id))),
             None => {
+                let Ok(permit) = self.lookups.clone().try_acquire_owned() else {
+                    return Reply::now(Err(too_busy(&format!("which volume shard {shard_id} is on"))));
+                };
                 let (meta, me) = (self.meta.clone(), ctx.address());
-                Reply::later(async move { bounded(look_up(&meta, &me, shard_id)).await })
+                Reply::later(async move {
+                    let _permit = permit;
+                    look_up_by(lookup_deadline(), &meta, &me, shard_id).await
+                })
             }
         }
     }
