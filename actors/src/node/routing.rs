@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::actor::{Addr, Context, Handler, Message, Reply};
 use crate::error::AttacheError;
@@ -131,15 +132,6 @@ async fn look_up_by(
     })
 }
 
-/// Why a request that needs a route lookup is refused when every permit
-/// ([`MAX_ROUTE_LOOKUPS`]) is taken.
-fn too_busy(what: &str) -> AttacheError {
-    AttacheError::unavailable(format!(
-        "this node has {MAX_ROUTE_LOOKUPS} route lookups under way and does not look up {what} now; retry, on \
-         another node if this one stays busy"
-    ))
-}
-
 fn deleted(shard_id: ShardId) -> AttacheError {
     AttacheError::NotFound(format!("shard {shard_id} was deleted"))
 }
@@ -191,6 +183,19 @@ async fn not_primary(deadline: tokio::time::Instant, meta: &MetaOps, volume_id: 
 }
 
 impl Node {
+    /// A permit for one more route lookup outside the actor, held until the
+    /// lookup ends. Errors: `UNAVAILABLE` when [`MAX_ROUTE_LOOKUPS`] are
+    /// under way, naming `what` would have been looked up.
+    fn lookup_permit(&self, what: impl FnOnce() -> String) -> Result<OwnedSemaphorePermit, AttacheError> {
+        self.lookups.clone().try_acquire_owned().map_err(|_| {
+            AttacheError::unavailable(format!(
+                "this node has {MAX_ROUTE_LOOKUPS} route lookups under way and does not look up {} now; retry, on \
+                 another node if this one stays busy",
+                what()
+            ))
+        })
+    }
+
     /// Where a request for `shard_id` goes: to the shard manager that
     /// `serves` picks from a volume's slot (`None`: this node does not
     /// serve the request for that volume, and the client gets
@@ -205,28 +210,27 @@ impl Node {
             return Route::Refused(AttacheError::unavailable("this node is shutting down; retry on another node"));
         }
         let meta = self.meta.clone();
-        let permit = || self.lookups.clone().try_acquire_owned();
         match self.routes.get(&shard_id) {
             Some(Known::Deleted) => Route::Refused(deleted(shard_id)),
             Some(Known::Volume(volume_id)) => match self.volumes.get(volume_id).and_then(serves) {
                 Some(shards) => Route::Here(volume_id.clone(), shards.clone()),
-                None => match permit() {
+                None => match self.lookup_permit(|| {
+                    format!("which node is the primary for volume {volume_id}, which this node is not")
+                }) {
                     Ok(permit) => {
                         let volume_id = volume_id.clone();
                         Route::Later(Box::pin(async move {
-                            let refusal = not_primary(lookup_deadline(), &meta, &volume_id).await;
-                            drop(permit);
-                            Err(refusal)
+                            let _permit = permit;
+                            Err(not_primary(lookup_deadline(), &meta, &volume_id).await)
                         }))
                     }
-                    Err(_) => Route::Refused(too_busy(&format!(
-                        "which node is the primary for volume {volume_id}, which this node is not"
-                    ))),
+                    Err(busy) => Route::Refused(busy),
                 },
             },
             None => {
-                let Ok(permit) = permit() else {
-                    return Route::Refused(too_busy(&format!("which volume shard {shard_id} is on")));
+                let permit = match self.lookup_permit(|| format!("which volume shard {shard_id} is on")) {
+                    Ok(permit) => permit,
+                    Err(busy) => return Route::Refused(busy),
                 };
                 // The managers as of now: a role that changes during the
                 // lookup is one that changes after the request was routed
@@ -314,8 +318,9 @@ impl Handler<VolumeOf> for Node {
             Some(Known::Volume(volume_id)) => Reply::now(Ok(volume_id.clone())),
             Some(Known::Deleted) => Reply::now(Err(deleted(shard_id))),
             None => {
-                let Ok(permit) = self.lookups.clone().try_acquire_owned() else {
-                    return Reply::now(Err(too_busy(&format!("which volume shard {shard_id} is on"))));
+                let permit = match self.lookup_permit(|| format!("which volume shard {shard_id} is on")) {
+                    Ok(permit) => permit,
+                    Err(busy) => return Reply::now(Err(busy)),
                 };
                 let (meta, me) = (self.meta.clone(), ctx.address());
                 Reply::later(async move {
