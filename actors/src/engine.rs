@@ -51,6 +51,15 @@ pub enum BatchOp {
     },
 }
 
+impl BatchOp {
+    /// The key it changes.
+    pub fn key(&self) -> &[u8] {
+        match self {
+            BatchOp::Put { key, .. } | BatchOp::Delete { key } => key,
+        }
+    }
+}
+
 /// Operations applied atomically, in order (a later op on the same key wins).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriteBatch {
@@ -81,6 +90,16 @@ impl WriteBatch {
     /// The operations, in order.
     pub fn ops(&self) -> &[BatchOp] {
         &self.ops
+    }
+
+    /// Orders the operations by key, keeping the order of those on the same
+    /// key, which leaves what the batch does unchanged (ops on different keys
+    /// commute). RocksDB inserts a batch into its memtable skip list in
+    /// order, reusing the last insert's position ("splice") when the next key
+    /// follows it, so a sorted batch inserts with fewer key comparisons
+    /// (RocksDB `InlineSkipList::Insert`, `memtable/inlineskiplist.h`).
+    pub fn sort_by_key(&mut self) {
+        self.ops.sort_by(|a, b| a.key().cmp(b.key()));
     }
 
     /// Takes the operations out.

@@ -75,7 +75,8 @@ fn raw_rocksdb(dir: &std::path::Path, puts: u64, batch: u64) -> Row {
 
 /// Synced batches of `batch` puts in the shard's layout: for each put, the
 /// data record and the request id read (one multi-get per batch), then the
-/// record and the id's two records written, as `commit::prepare_group` builds.
+/// record and the id's two records written in key order, as
+/// `commit::prepare_group` builds them.
 fn raw_shard_layout(dir: &std::path::Path, puts: u64, batch: u64) -> Row {
     use attache_actors::shard::layout;
     let (db, wo) = open_synced(dir);
@@ -89,11 +90,17 @@ fn raw_shard_layout(dir: &std::path::Path, puts: u64, batch: u64) -> Row {
         for r in db.multi_get(&reads) {
             r.unwrap();
         }
-        let mut wb = rocksdb::WriteBatch::default();
+        let mut puts = Vec::with_capacity(3 * batch as usize);
         for (n, id) in (i..i + batch).zip(&ids) {
-            wb.put(layout::request_key(id), 1u64.to_be_bytes());
-            wb.put(layout::request_time_key(1, id), []);
-            wb.put(layout::data_key(&key(n)), layout::encode_record(&VALUE, &[]));
+            puts.push((layout::request_key(id), 1u64.to_be_bytes().to_vec()));
+            puts.push((layout::request_time_key(1, id), Vec::new()));
+            puts.push((layout::data_key(&key(n)), layout::encode_record(&VALUE, &[])));
+        }
+        // In key order, as a group commit's batch is (`WriteBatch::sort_by_key`).
+        puts.sort();
+        let mut wb = rocksdb::WriteBatch::default();
+        for (k, v) in puts {
+            wb.put(k, v);
         }
         db.write_opt(wb, &wo).unwrap();
         i += batch;

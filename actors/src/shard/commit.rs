@@ -164,6 +164,7 @@ fn build_group(
         apply_ops(&mut batch, &mut meta, &mut current, &request.ops)?;
     }
     batch.put(META_KEY, meta.encode());
+    batch.sort_by_key();
     Ok((batch, meta, duplicates))
 }
 
@@ -216,14 +217,22 @@ pub struct Overlay(BTreeMap<Vec<u8>, Option<Vec<u8>>>);
 impl Overlay {
     /// The overlay of `batch`: for each key, its last op.
     fn of(batch: &WriteBatch) -> Self {
-        let mut after = BTreeMap::new();
-        for op in batch.ops() {
-            match op {
-                BatchOp::Put { key, value } => after.insert(key.clone(), Some(value.clone())),
-                BatchOp::Delete { key } => after.insert(key.clone(), None),
+        let mut ops: Vec<&BatchOp> = batch.ops().iter().collect();
+        // Stable: the ops on one key stay in batch order, the last one last.
+        ops.sort_by(|a, b| a.key().cmp(b.key()));
+        let mut after: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::with_capacity(ops.len());
+        for op in ops {
+            let value = match op {
+                BatchOp::Put { value, .. } => Some(value.clone()),
+                BatchOp::Delete { .. } => None,
             };
+            match after.last_mut() {
+                Some((key, last)) if key.as_slice() == op.key() => *last = value,
+                _ => after.push((op.key().to_vec(), value)),
+            }
         }
-        Overlay(after)
+        // Sorted without repeats: built in one pass.
+        Overlay(after.into_iter().collect())
     }
 
     /// Whether the batch deletes `key`.

@@ -327,6 +327,9 @@ pub struct Shard {
     limits: Limits,
     /// Requests for the next group, each with its waiter.
     staged: Vec<StagedRequest>,
+    /// The request ids of `staged` and of every group in `groups`, each
+    /// once: a retry is admitted only when its id is not here.
+    in_flight_ids: std::collections::BTreeSet<String>,
     staged_bytes: u64,
     waiters: Vec<Waiter>,
     /// The group commits in flight, oldest first: at most two, the newer
@@ -389,6 +392,7 @@ impl Shard {
             meta,
             limits,
             staged: Vec::new(),
+            in_flight_ids: std::collections::BTreeSet::new(),
             staged_bytes: 0,
             waiters: Vec::new(),
             groups: std::collections::VecDeque::new(),
@@ -599,11 +603,14 @@ impl Shard {
 
     /// Whether a request with `id` is staged or in a group commit in flight.
     fn in_flight(&self, id: &str) -> bool {
-        self.groups
-            .iter()
-            .flat_map(|g| g.requests.iter())
-            .chain(&self.staged)
-            .any(|r| r.request_id.as_deref() == Some(id))
+        self.in_flight_ids.contains(id)
+    }
+
+    /// Forgets the ids of `requests`, which are no longer staged or in flight.
+    fn settled(&mut self, requests: &[StagedRequest]) {
+        for id in requests.iter().filter_map(|r| r.request_id.as_deref()) {
+            assert!(self.in_flight_ids.remove(id), "request id {id:?} was in flight");
+        }
     }
 
     /// Checks a write request `ops` with `request_id` may be staged: `check`
@@ -663,6 +670,10 @@ impl Shard {
     ) -> Reply<Result<(), AttacheError>> {
         let (tx, rx) = oneshot::channel();
         self.staged_bytes += ops.iter().map(StagedOp::max_added_bytes).sum::<u64>();
+        if let Some(id) = &request_id {
+            // `admit_write` refuses a retry while its first attempt is here.
+            assert!(self.in_flight_ids.insert(id.clone()), "request id {id:?} staged twice");
+        }
         self.staged.push(StagedRequest { request_id, ops });
         self.waiters.push(tx);
         // With a group in flight, this request waits for the next one to
@@ -1036,6 +1047,7 @@ impl Handler<Committed> for Shard {
     async fn handle(&mut self, msg: Committed, ctx: &Context<Self>) -> Reply<()> {
         let group = self.groups.pop_front().expect("a commit completed that was never started");
         assert_eq!(group.seq, msg.seq, "groups end in order");
+        self.settled(&group.requests);
         let landed = matches!(msg.outcome, WriteOutcome::Written(_));
         match msg.outcome {
             WriteOutcome::Written(commit::GroupCommitted { meta, bytes, duplicates }) => {
@@ -1075,7 +1087,8 @@ impl Handler<Committed> for Shard {
                 for w in std::mem::take(&mut self.waiters) {
                     let _ = w.send(Err(AttacheError::unavailable(why.clone())));
                 }
-                self.staged.clear();
+                let staged = std::mem::take(&mut self.staged);
+                self.settled(&staged);
                 self.staged_bytes = 0;
                 if let Some(report) = &self.on_failure {
                     let durable_through = self.engine.sequence();
