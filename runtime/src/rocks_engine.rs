@@ -192,6 +192,15 @@ impl RocksEngineFactory {
         let mut table = BlockBasedOptions::default();
         table.set_block_cache(&self.budget.cache);
         table.set_cache_index_and_filter_blocks(true);
+        // Whole-key Bloom filters in table files: a group commit reads the
+        // record of every request id it writes, and the first attempt of a
+        // request never finds one, nor a put of a new key its old record.
+        // Without a filter each such miss reads an index and a data block
+        // of every level that may hold the key. 10 bits per key: ~1% false
+        // positives (RocksDB wiki, "RocksDB Bloom Filter"). (A memtable
+        // filter, `memtable_prefix_bloom_size_ratio`, stalled the writers of
+        // `shards_share_one_memory_budget` for good: left off.)
+        table.set_bloom_filter(10.0, false);
         opts.set_block_based_table_factory(&table);
         opts
     }
