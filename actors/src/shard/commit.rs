@@ -324,6 +324,39 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Sorting a batch by key leaves what it does unchanged, and its
+        /// overlay holds each key's last op, as the batch applied in its
+        /// original order leaves it.
+        #[test]
+        fn sorted_batch_and_overlay_match_the_batch_in_order(
+            ops in proptest::collection::vec((0u8..6, proptest::option::of(0u8..4)), 0..40)
+        ) {
+            let mut batch = WriteBatch::new();
+            for (key, value) in &ops {
+                match value {
+                    Some(v) => batch.put(vec![*key], vec![*v]),
+                    None => batch.delete(vec![*key]),
+                }
+            }
+            let mut in_order = BTreeMap::new();
+            let mut last_ops = BTreeMap::new();
+            crate::mem_engine::apply_batch(&mut in_order, &batch);
+            for (key, value) in &ops {
+                last_ops.insert(vec![*key], value.map(|v| vec![v]));
+            }
+            let mut sorted = batch.clone();
+            sorted.sort_by_key();
+            let mut applied = BTreeMap::new();
+            crate::mem_engine::apply_batch(&mut applied, &sorted);
+            proptest::prop_assert_eq!(&applied, &in_order);
+            proptest::prop_assert_eq!(sorted.byte_size(), batch.byte_size());
+            proptest::prop_assert!(sorted.ops().windows(2).all(|w| w[0].key() <= w[1].key()));
+            proptest::prop_assert_eq!(&Overlay::of(&batch).0, &last_ops);
+            proptest::prop_assert_eq!(&Overlay::of(&sorted).0, &last_ops);
+        }
+    }
+
     /// The live byte count equals the bytes of the entries in the engine,
     /// through overwrites, index changes and deletes.
     #[tokio::test]
