@@ -26,6 +26,10 @@ use attache_actors::shard_manager::{CreateShard, ShardCall, ShardManager, ShardM
 use attache_actors::HostHandle;
 use attache_runtime::{ActixHost, RocksEngineFactory};
 
+/// The `attache` binary's allocator, so the figures are those of a node.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const VALUE: [u8; 100] = [b'v'; 100];
 
 fn key(i: u64) -> Vec<u8> {

@@ -24,6 +24,10 @@ use attache_actors::HostHandle;
 use attache_runtime::rocks_engine::MemoryBudget;
 use attache_runtime::{ActixHost, RocksEngineFactory};
 
+/// The `attache` binary's allocator, so the figures are those of a node.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn arg(name: &str) -> Option<String> {
     std::env::args().skip_while(|a| a != name).nth(1)
 }
