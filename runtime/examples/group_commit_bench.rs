@@ -98,18 +98,18 @@ fn raw_shard_layout(dir: &std::path::Path, puts: u64, batch: u64, request_ids: b
         for r in db.multi_get(&reads) {
             r.unwrap();
         }
-        let mut puts = Vec::with_capacity(3 * batch as usize);
+        let mut records = Vec::with_capacity(3 * batch as usize);
         for n in i..i + batch {
-            puts.push((layout::data_key(&key(n)), layout::encode_record(&VALUE, &[])));
+            records.push((layout::data_key(&key(n)), layout::encode_record(&VALUE, &[])));
         }
         for id in &ids {
-            puts.push((layout::request_key(id), 1u64.to_be_bytes().to_vec()));
-            puts.push((layout::request_time_key(1, id), Vec::new()));
+            records.push((layout::request_key(id), 1u64.to_be_bytes().to_vec()));
+            records.push((layout::request_time_key(1, id), Vec::new()));
         }
         // In key order, as a group commit's batch is (`WriteBatch::sort_by_key`).
-        puts.sort();
+        records.sort();
         let mut wb = rocksdb::WriteBatch::default();
-        for (k, v) in puts {
+        for (k, v) in records {
             wb.put(k, v);
         }
         db.write_opt(wb, &wo).unwrap();
