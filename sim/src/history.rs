@@ -235,7 +235,8 @@ impl History {
     /// in the workload, not in the system.
     pub fn ops(&self) -> Vec<Op> {
         let mut open: BTreeMap<u64, Op> = BTreeMap::new();
-        let mut done = Vec::new();
+        // An invocation and its completion for nearly every operation.
+        let mut done = Vec::with_capacity(self.events.len() / 2 + 1);
         for e in &self.events {
             match e.kind {
                 EventType::Invoke => {

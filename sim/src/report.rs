@@ -283,10 +283,15 @@ pub fn describe(fault: &attache_faults::Fault) -> String {
 /// Runs every checker over `outcome` and summarises the run.
 pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutcome) -> RunReport {
     let all = outcome.history.ops();
+    // What needs every operation, before `owners_only` keeps the owners'.
+    let isolation = check::isolation(&all);
+    let foreign_values = check::foreign_values(&check::project(&all));
+    let counts = op_counts(&all);
+    let failovers = failovers(&all, &outcome.claims, &outcome.faults);
     // The data, lifecycle and liveness checkers see each shard's owner's
     // operations only; requests on another client's shard are checked by
     // `isolation` and `foreign_values`, over every operation.
-    let ops = check::owners_only(&all);
+    let ops = check::owners_only(all);
     // Per-key checkers see batch writes and multi-key reads key by key.
     let per_key = check::project(&ops);
     let mut violations = Vec::new();
@@ -301,31 +306,14 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
     violations.extend(check::shard_stats(&ops));
     violations.extend(check::single_writer(&outcome.syncs));
     violations.extend(check::shard_ids(&ops));
-    violations.extend(check::isolation(&all));
-    violations.extend(check::foreign_values(&check::project(&all)));
+    violations.extend(isolation);
+    violations.extend(foreign_values);
     violations.extend(check::shard_lifecycle(&ops));
     violations.extend(check::shard_records(&ops));
     violations.extend(check::rejections(&ops));
     violations.extend(check::liveness(&ops, &outcome.disruptions, liveness_bound_ms * 1_000_000));
     violations.extend(check::reads_while_full(&ops, &check::full_windows(&outcome.faults, liveness_bound_ms)));
     violations.extend(check::metadata_intrusions(&outcome.intrusions));
-    let mut counts = OpCounts::default();
-    for o in &all {
-        counts.invoked += 1;
-        match o.outcome {
-            EventType::Ok => {
-                counts.ok += 1;
-                *counts.ok_by_kind.entry(o.f.name().to_string()).or_default() += 1;
-                if o.f.is_write() {
-                    counts.writes_ok += 1;
-                } else if o.f.is_read() {
-                    counts.reads_ok += 1;
-                }
-            }
-            EventType::Fail => counts.fail += 1,
-            _ => counts.info += 1,
-        }
-    }
     let faults = outcome
         .faults
         .iter()
@@ -342,7 +330,7 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
         ops: counts,
         longest_search,
         faults,
-        failovers: failovers(&all, &outcome.claims, &outcome.faults),
+        failovers,
         buggified: outcome.buggified.clone(),
         metadata_disk: outcome.metadata_disk.clone(),
         volumes: outcome.volumes.clone(),
@@ -351,6 +339,28 @@ pub fn check(scenario: &str, seed: u64, liveness_bound_ms: u64, outcome: RunOutc
         violations,
     };
     RunReport { summary, outcome, failed_digest: None }
+}
+
+/// How many operations were invoked, and how each ended, by kind.
+fn op_counts(all: &[Op]) -> OpCounts {
+    let mut counts = OpCounts::default();
+    for o in all {
+        counts.invoked += 1;
+        match o.outcome {
+            EventType::Ok => {
+                counts.ok += 1;
+                *counts.ok_by_kind.entry(o.f.name().to_string()).or_default() += 1;
+                if o.f.is_write() {
+                    counts.writes_ok += 1;
+                } else if o.f.is_read() {
+                    counts.reads_ok += 1;
+                }
+            }
+            EventType::Fail => counts.fail += 1,
+            _ => counts.info += 1,
+        }
+    }
+    counts
 }
 
 /// The report of a run that did not finish (it panicked or hung): no
