@@ -44,6 +44,7 @@ phase "simulation tests: RUSTFLAGS='$sim_flags' cargo test ${sim_crates[*]}"
 RUSTFLAGS="$sim_flags" CARGO_TARGET_DIR="$target/madsim" "${cargo[@]}" test "${sim_crates[@]}"
 
 phase "simulation runs: every scenario (random-swarm too: 22 drawn clusters), 22 seeds each (over 450 runs), the first 2 replayed to check determinism"
-CARGO_TARGET_DIR="$target" scripts/sim.sh run --all-scenarios --seeds 0..22 --check-determinism 2
+# The test build's binary, built above (not the `sim` profile's: one build less).
+ATTACHE_SIM_PROFILE=dev CARGO_TARGET_DIR="$target" scripts/sim.sh run --all-scenarios --seeds 0..22 --check-determinism 2
 
 phase ""
