@@ -471,7 +471,9 @@ impl Client {
                     self.attempt_timeout.min(deadline.saturating_duration_since(now))
                 };
                 in_flight.push(to);
-                flying.push(timed(to, addr, timeout, call(stub)));
+                // Boxed: an attempt is a large future, and the set would hold (and
+                // copy) one of its size for its own bookkeeping too.
+                flying.push(Box::pin(timed(to, addr, timeout, call(stub))));
                 hedge_at = may_hedge().filter(|_| in_flight.len() == 1).map(|h| now + h);
                 continue;
             }
