@@ -7,7 +7,7 @@
 #
 # The binary is built in the `sim` profile (Cargo.toml: every crate
 # optimized, debug assertions and overflow checks on), which runs seeds about
-# 1.5 times as fast as the test build; its first build takes a few minutes
+# 1.3 times as fast as the test build; its first build takes a few minutes
 # more. ATTACHE_SIM_PROFILE=dev reuses the test build instead (scripts/test.sh
 # does). A run is the same in either: same histories, same digests.
 set -euo pipefail
